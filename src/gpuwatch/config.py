@@ -1,0 +1,743 @@
+"""YAML config -> frozen dataclasses, with one ConfigError that names the key path.
+
+The key names are a public interface (README, config.example.yaml). The predecessor's flat
+config (``ip_list``, ``port``, ``user``, ``password``, ``feishu_url``, ``feishu_keyword``)
+is accepted unchanged and mapped onto the same structure.
+
+Nothing here opens a connection or reads a secret from the environment: secrets named by
+``*_env`` keys are read when they are used, so a rotated secret needs no config change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+CONFIG_ENV = "GPUWATCH_CONFIG"
+HOST_KEY_POLICIES = ("accept-new", "strict", "off")
+FEISHU_FORMATS = ("text", "post", "card")
+REPORT_KINDS = ("overview", "user", "free")
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "local"})
+
+
+class ConfigError(Exception):
+    """A config problem, said once, with the file and key path. The CLI exits 2 on it."""
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How to reach a host. Every key can be set under ``ssh:`` and overridden per host."""
+
+    user: str | None = None  # None: ~/.ssh/config's User, else the local user
+    port: int | None = None  # None: ~/.ssh/config's Port, else 22
+    key_file: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_env: str | None = None
+    known_hosts: str | None = "~/.ssh/known_hosts"
+    host_key_policy: str = "accept-new"
+    connect_timeout: float = 10.0
+    command_timeout: float = 30.0
+    keepalive: float = 30.0
+    proxy_jump: str | None = None
+    nvidia_smi: str = "nvidia-smi"
+    use_ssh_config: bool = True
+
+    def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The password: from ``password_env`` when it is set in the environment, else ``password``."""
+        env = os.environ if environ is None else environ
+        if self.password_env and env.get(self.password_env):
+            return env[self.password_env]
+        return self.password
+
+
+SSH_KEYS = tuple(f for f in SshSettings.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """One configured host. ``explicit`` holds the ssh keys set for this host or under ``ssh:``."""
+
+    name: str
+    address: str | None  # None: resolve ``name`` through ~/.ssh/config, then DNS
+    ssh: SshSettings
+    explicit: frozenset[str] = frozenset()
+    local: bool = False  # polled on this machine, without SSH
+
+    @property
+    def display_address(self) -> str:
+        return "local" if self.local else (self.address or self.name)
+
+
+@dataclass(frozen=True)
+class FeishuConfig:
+    url: str | None = field(default=None, repr=False)  # the token in it is a secret
+    url_env: str | None = None
+    keyword: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    secret_env: str | None = None
+    format: str = "post"
+    mentions: Mapping[str, str] = field(default_factory=dict)
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        env = os.environ if environ is None else environ
+        if self.url_env and env.get(self.url_env):
+            return env[self.url_env]
+        return self.url
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        env = os.environ if environ is None else environ
+        if self.secret_env and env.get(self.secret_env):
+            return env[self.secret_env]
+        return self.secret
+
+
+@dataclass(frozen=True)
+class ReportSchedule:
+    report: str  # overview | user | free
+    every: float | None = None  # seconds
+    at: str | None = None  # "HH:MM", daily
+    user: str | None = None  # for report: user
+
+    def describe(self) -> str:
+        when = f"every {format_duration(self.every)}" if self.every else f"daily at {self.at}"
+        who = f" for {self.user}" if self.user else ""
+        return f"{self.report}{who} {when}"
+
+
+DEFAULT_REPORTS = (ReportSchedule(report="overview", every=3600.0),)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    poll_every: float = 60.0
+    reports: tuple[ReportSchedule, ...] = DEFAULT_REPORTS
+
+
+@dataclass(frozen=True)
+class FreeGpuConfig:
+    """When a GPU counts as free: both below their thresholds."""
+
+    memory_below_mib: int = 1024
+    util_below_percent: int = 10
+
+
+@dataclass(frozen=True)
+class IdleGpuRule:
+    """Memory held, no work done, for ``after`` seconds."""
+
+    after: float = 1800.0
+    util_below: int = 5
+    memory_above_mib: int = 1024
+
+
+ALERT_RULES = (
+    "max_gpus_per_user",
+    "max_gpus_per_user_fleet",
+    "max_runtime",
+    "idle_gpu",
+    "host_down",
+    "gpu_missing",
+    "gpu_error",
+    "temperature_above",
+    "gpu_freed",
+)
+CHANNEL_NAMES = ("feishu", "email")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """Alert rules (each optional) and the Alertmanager-style lifecycle settings.
+
+    Without an ``alerts:`` section, the alerts admins want most are on: a host down for 3
+    polls, a GPU missing, a GPU error.
+    """
+
+    max_gpus_per_user: int | None = None
+    max_gpus_per_user_fleet: int | None = None
+    max_runtime: float | None = None
+    idle_gpu: IdleGpuRule | None = None
+    host_down_after: int | None = 3
+    gpu_missing: bool = True
+    gpu_error: bool = True
+    temperature_above: int | None = None
+    gpu_freed_users: tuple[str, ...] = ()
+    for_seconds: float = 0.0
+    repeat_every: float = 4 * 3600.0
+    send_resolved: bool = True
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rule (or "default") -> channels
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    to: tuple[str, ...]
+    sender: str
+    smtp_host: str
+    smtp_port: int = 587
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_env: str | None = None
+    tls: str = "starttls"
+    ca_file: str | None = None
+
+    def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        env = os.environ if environ is None else environ
+        if self.password_env and env.get(self.password_env):
+            return env[self.password_env]
+        return self.password
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    hosts: tuple[HostConfig, ...]
+    ssh: SshSettings = SshSettings()
+    state_dir: Path = Path("logs")
+    feishu: FeishuConfig | None = None
+    schedule: ScheduleConfig = ScheduleConfig()
+    free_gpu: FreeGpuConfig = FreeGpuConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    email: EmailConfig | None = None
+    max_parallel: int = 32
+    log_level: str = "INFO"
+    warnings: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object, path: str = "duration") -> float:
+    """``30s``, ``5m``, ``1h``, ``2d``, ``1h30m`` or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a duration such as 30s, 5m, 1h, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{path}: a duration cannot be negative ({value})")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return float(text)
+        if text and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+", text):
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_RE.findall(text))
+    raise ConfigError(f"{path}: {value!r} is not a duration; use a number of seconds or 30s, 5m, 1h, 2d")
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds -> the shortest readable form: ``90`` -> ``1m30s``, ``86400`` -> ``1d``."""
+    if seconds is None:
+        return "?"
+    total = round(seconds)
+    if total < 60:
+        return f"{total}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, total = divmod(total, size)
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts[:2])
+
+
+# ---------------------------------------------------------------- checking helpers
+
+T = TypeVar("T")
+
+
+def _type_name(value: object) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        type(None): "empty",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path or 'top level'}: key {key!r} must be a string")
+        if key not in allowed:
+            where = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"{where}: unknown key{hint}")
+
+
+def _mapping(value: object, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping (key: value lines), got {_type_name(value)}")
+    return value
+
+
+def _str(value: object, path: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{path}: expected a string, got {_type_name(value)}")
+    text = str(value).strip()
+    if not text:
+        raise ConfigError(f"{path}: must not be empty")
+    return text
+
+
+def _int(value: object, path: str, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        else:
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+    assert isinstance(value, int)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{path}: {value} is out of range ({low}..{high})")
+    return value
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    return value
+
+
+def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
+    text = _str(value, path)
+    if text not in choices:
+        raise ConfigError(f"{path}: {text!r} is not one of {', '.join(choices)}")
+    return text
+
+
+def _positive_duration(value: object, path: str) -> float:
+    seconds = parse_duration(value, path)
+    if seconds <= 0:
+        raise ConfigError(f"{path}: must be longer than 0s")
+    return seconds
+
+
+_SSH_PARSERS: dict[str, Callable[[object, str], object]] = {
+    "user": _str,
+    "port": lambda v, p: _int(v, p, 1, 65535),
+    "key_file": _str,
+    "password": _str,
+    "password_env": _str,
+    "known_hosts": lambda v, p: None if v is None or v is False else _str(v, p),
+    "host_key_policy": lambda v, p: _choice(v, p, HOST_KEY_POLICIES),
+    "connect_timeout": _positive_duration,
+    "command_timeout": _positive_duration,
+    "keepalive": parse_duration,
+    "proxy_jump": _str,
+    "nvidia_smi": _str,
+    "use_ssh_config": _bool,
+}
+
+
+def _ssh_overrides(raw: Mapping[str, Any], path: str) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        values[key] = _SSH_PARSERS[key](value, f"{path}.{key}" if path else key)
+    return values
+
+
+def _expand_path(value: str, base: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
+
+
+# ---------------------------------------------------------------- sections
+
+TOP_KEYS = (
+    "hosts",
+    "ssh",
+    "state_dir",
+    "feishu",
+    "schedule",
+    "free_gpu",
+    "alerts",
+    "email",
+    "max_parallel",
+    "log_level",
+)
+LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
+HOST_KEYS = ("name", "address", *SSH_KEYS)
+FEISHU_KEYS = ("url", "url_env", "keyword", "secret", "secret_env", "format", "mentions")
+
+
+def _parse_ssh(raw: object, base: Path) -> tuple[SshSettings, frozenset[str]]:
+    section = _mapping(raw, "ssh")
+    _check_keys(section, SSH_KEYS, "ssh")
+    values = _ssh_overrides(section, "ssh")
+    for key in ("key_file", "known_hosts"):
+        if isinstance(values.get(key), str):
+            values[key] = _expand_path(str(values[key]), base)
+    return replace(SshSettings(), **values), frozenset(values)  # type: ignore[arg-type]
+
+
+def _parse_host(raw: object, index: int, defaults: SshSettings, default_keys: frozenset[str], base: Path) -> HostConfig:
+    path = f"hosts[{index}]"
+    if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        name = _str(raw, path)
+        return HostConfig(
+            name=name,
+            address=None,
+            ssh=defaults,
+            explicit=default_keys,
+            local=name in LOCAL_NAMES,
+        )
+    entry = _mapping(raw, path)
+    if not entry:
+        raise ConfigError(f"{path}: empty host entry; give a name, e.g. '- gpu-a'")
+    _check_keys(entry, HOST_KEYS, path)
+    if "name" not in entry and "address" not in entry:
+        raise ConfigError(f"{path}: a host mapping needs 'name' (or 'address')")
+    address = _str(entry["address"], f"{path}.address") if "address" in entry else None
+    name = _str(entry["name"], f"{path}.name") if "name" in entry else str(address)
+    overrides = _ssh_overrides({k: v for k, v in entry.items() if k in SSH_KEYS}, path)
+    for key in ("key_file", "known_hosts"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = _expand_path(str(overrides[key]), base)
+    settings = replace(defaults, **overrides)  # type: ignore[arg-type]
+    local = (address or name) in LOCAL_NAMES
+    return HostConfig(
+        name=name,
+        address=address,
+        ssh=settings,
+        explicit=default_keys | frozenset(overrides),
+        local=local,
+    )
+
+
+def _parse_feishu(raw: object) -> FeishuConfig:
+    section = _mapping(raw, "feishu")
+    _check_keys(section, FEISHU_KEYS, "feishu")
+    values: dict[str, Any] = {}
+    for key in ("url", "url_env", "keyword", "secret", "secret_env"):
+        if section.get(key) is not None:
+            values[key] = _str(section[key], f"feishu.{key}")
+    if "format" in section:
+        values["format"] = _choice(section["format"], "feishu.format", FEISHU_FORMATS)
+    if "mentions" in section:
+        mentions = _mapping(section["mentions"], "feishu.mentions")
+        values["mentions"] = {_str(k, "feishu.mentions"): _str(v, f"feishu.mentions.{k}") for k, v in mentions.items()}
+    if "url" in values and not re.match(r"https?://", values["url"]):
+        raise ConfigError(f"feishu.url: expected an http(s):// webhook URL, got {values['url'][:40]!r}")
+    if "url" not in values and "url_env" not in values:
+        raise ConfigError("feishu: needs 'url' (the bot's webhook) or 'url_env'")
+    return FeishuConfig(**values)
+
+
+_AT_RE = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
+
+
+def _parse_schedule(raw: object) -> ScheduleConfig:
+    section = _mapping(raw, "schedule")
+    _check_keys(section, ("poll_every", "reports"), "schedule")
+    poll_every = (
+        _positive_duration(section["poll_every"], "schedule.poll_every")
+        if "poll_every" in section
+        else ScheduleConfig.poll_every
+    )
+    if "reports" not in section:
+        return ScheduleConfig(poll_every=poll_every)
+    raw_reports = section["reports"]
+    if raw_reports is None:
+        raw_reports = []
+    if not isinstance(raw_reports, list):
+        raise ConfigError(f"schedule.reports: expected a list, got {_type_name(raw_reports)}")
+    reports = []
+    for i, item in enumerate(raw_reports):
+        path = f"schedule.reports[{i}]"
+        entry = _mapping(item, path)
+        _check_keys(entry, ("report", "every", "at", "user"), path)
+        if "report" not in entry:
+            raise ConfigError(f"{path}: needs 'report' ({', '.join(REPORT_KINDS)})")
+        kind = _choice(entry["report"], f"{path}.report", REPORT_KINDS)
+        every = _positive_duration(entry["every"], f"{path}.every") if "every" in entry else None
+        at = _str(entry["at"], f"{path}.at") if "at" in entry else None
+        if at is not None and not _AT_RE.fullmatch(at):
+            raise ConfigError(f'{path}.at: {at!r} is not a time of day like "09:00"')
+        if (every is None) == (at is None):
+            raise ConfigError(f"{path}: give exactly one of 'every' (e.g. 1h) or 'at' (e.g. \"09:00\")")
+        user = _str(entry["user"], f"{path}.user") if "user" in entry else None
+        if kind == "user" and not user:
+            raise ConfigError(f"{path}: report 'user' needs 'user: <name>'")
+        if kind != "user" and user:
+            raise ConfigError(f"{path}.user: only report 'user' takes a user")
+        reports.append(ReportSchedule(report=kind, every=every, at=at, user=user))
+    return ScheduleConfig(poll_every=poll_every, reports=tuple(reports))
+
+
+def _parse_free(raw: object) -> FreeGpuConfig:
+    section = _mapping(raw, "free_gpu")
+    _check_keys(section, ("memory_below_mib", "util_below_percent"), "free_gpu")
+    values: dict[str, int] = {}
+    if "memory_below_mib" in section:
+        values["memory_below_mib"] = _int(section["memory_below_mib"], "free_gpu.memory_below_mib", 0)
+    if "util_below_percent" in section:
+        values["util_below_percent"] = _int(section["util_below_percent"], "free_gpu.util_below_percent", 0, 101)
+    return FreeGpuConfig(**values)
+
+
+def _optional_int(value: object, path: str, low: int = 0) -> int | None:
+    if value is None or value is False:
+        return None
+    return _int(value, path, low)
+
+
+def _parse_alerts(raw: object) -> AlertsConfig:
+    if raw is None:
+        return AlertsConfig()
+    section = _mapping(raw, "alerts")
+    _check_keys(section, (*ALERT_RULES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
+    # An alerts: section lists what the admin wants: rules it leaves out are off.
+    v: dict[str, Any] = {"host_down_after": None, "gpu_missing": False, "gpu_error": False}
+    if "max_gpus_per_user" in section:
+        v["max_gpus_per_user"] = _optional_int(section["max_gpus_per_user"], "alerts.max_gpus_per_user", 1)
+    if "max_gpus_per_user_fleet" in section:
+        v["max_gpus_per_user_fleet"] = _optional_int(
+            section["max_gpus_per_user_fleet"], "alerts.max_gpus_per_user_fleet", 1
+        )
+    if section.get("max_runtime") not in (None, False):
+        v["max_runtime"] = _positive_duration(section["max_runtime"], "alerts.max_runtime")
+    if section.get("idle_gpu") not in (None, False):
+        idle = _mapping(section["idle_gpu"], "alerts.idle_gpu") if section["idle_gpu"] is not True else {}
+        _check_keys(idle, ("after", "util_below", "memory_above_mib"), "alerts.idle_gpu")
+        rule = IdleGpuRule()
+        v["idle_gpu"] = IdleGpuRule(
+            after=parse_duration(idle["after"], "alerts.idle_gpu.after") if "after" in idle else rule.after,
+            util_below=_int(idle.get("util_below", rule.util_below), "alerts.idle_gpu.util_below", 0, 101),
+            memory_above_mib=_int(
+                idle.get("memory_above_mib", rule.memory_above_mib), "alerts.idle_gpu.memory_above_mib", 0
+            ),
+        )
+    if section.get("host_down") not in (None, False):
+        down = section["host_down"]
+        if down is True:
+            v["host_down_after"] = 3
+        else:
+            down_map = _mapping(down, "alerts.host_down")
+            _check_keys(down_map, ("after",), "alerts.host_down")
+            v["host_down_after"] = _int(down_map.get("after", 3), "alerts.host_down.after", 1)
+    for flag in ("gpu_missing", "gpu_error", "send_resolved"):
+        if flag in section:
+            v[flag] = _bool(section[flag], f"alerts.{flag}")
+    if "temperature_above" in section:
+        v["temperature_above"] = _optional_int(section["temperature_above"], "alerts.temperature_above", 1)
+    if section.get("gpu_freed") not in (None, False):
+        freed = _mapping(section["gpu_freed"], "alerts.gpu_freed")
+        _check_keys(freed, ("users",), "alerts.gpu_freed")
+        users = freed.get("users") or []
+        if not isinstance(users, list) or not users:
+            raise ConfigError("alerts.gpu_freed.users: expected a list of user names, e.g. [alice]")
+        v["gpu_freed_users"] = tuple(_str(u, f"alerts.gpu_freed.users[{i}]") for i, u in enumerate(users))
+    if "for" in section:
+        v["for_seconds"] = parse_duration(section["for"], "alerts.for")
+    if "repeat_every" in section:
+        v["repeat_every"] = _positive_duration(section["repeat_every"], "alerts.repeat_every")
+    if "routes" in section:
+        routes = _mapping(section["routes"], "alerts.routes")
+        _check_keys(routes, (*ALERT_RULES, "default"), "alerts.routes")
+        parsed: dict[str, tuple[str, ...]] = {}
+        for name, targets in routes.items():
+            items = [targets] if isinstance(targets, str) else targets
+            if not isinstance(items, list) or not items:
+                raise ConfigError(f"alerts.routes.{name}: expected a list of channels, e.g. [feishu, email]")
+            parsed[name] = tuple(_choice(t, f"alerts.routes.{name}", CHANNEL_NAMES) for t in items)
+        v["routes"] = parsed
+    return AlertsConfig(**v)
+
+
+def _parse_email(raw: object, base: Path) -> EmailConfig:
+    section = _mapping(raw, "email")
+    keys = ("to", "from", "smtp_host", "smtp_port", "username", "password", "password_env", "tls", "ca_file")
+    _check_keys(section, keys, "email")
+    for required in ("to", "from", "smtp_host"):
+        if required not in section:
+            raise ConfigError(f"email: needs '{required}'")
+    to = section["to"]
+    to_list = [to] if isinstance(to, str) else to
+    if not isinstance(to_list, list) or not to_list:
+        raise ConfigError("email.to: expected a list of addresses")
+    addresses = tuple(_str(a, f"email.to[{i}]") for i, a in enumerate(to_list))
+    for i, address in enumerate(addresses):
+        if "@" not in address:
+            raise ConfigError(f"email.to[{i}]: {address!r} is not an e-mail address")
+    tls = _choice(section.get("tls", "starttls"), "email.tls", ("starttls", "tls", "none"))
+    port_default = 465 if tls == "tls" else 587
+    values: dict[str, Any] = {
+        "to": addresses,
+        "sender": _str(section["from"], "email.from"),
+        "smtp_host": _str(section["smtp_host"], "email.smtp_host"),
+        "smtp_port": _int(section.get("smtp_port", port_default), "email.smtp_port", 1, 65535),
+        "tls": tls,
+    }
+    for key in ("username", "password", "password_env"):
+        if section.get(key) is not None:
+            values[key] = _str(section[key], f"email.{key}")
+    if section.get("ca_file") is not None:
+        values["ca_file"] = _expand_path(_str(section["ca_file"], "email.ca_file"), base)
+    if tls == "none" and (values.get("password") or values.get("password_env")):
+        raise ConfigError("email.tls: 'none' would send the SMTP password in clear text; use starttls or tls")
+    return EmailConfig(**values)
+
+
+def _merge_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """Map the predecessor's flat keys onto the structured ones (refusing contradictions)."""
+    legacy = {k: doc.pop(k) for k in LEGACY_KEYS if k in doc}
+    if not legacy:
+        return doc
+    if "ip_list" in legacy:
+        if "hosts" in doc:
+            raise ConfigError("ip_list and hosts: give one list of hosts, not both")
+        doc["hosts"] = legacy.pop("ip_list")
+    ssh = dict(_mapping(doc.get("ssh"), "ssh"))
+    for old in ("port", "user", "password"):
+        if old in legacy:
+            if old in ssh:
+                raise ConfigError(f"{old} and ssh.{old}: set it in one place")
+            ssh[old] = legacy.pop(old)
+    if ssh:
+        doc["ssh"] = ssh
+    feishu_old = {k[len("feishu_") :]: legacy.pop(k) for k in ("feishu_url", "feishu_keyword") if k in legacy}
+    if feishu_old:
+        feishu = dict(_mapping(doc.get("feishu"), "feishu"))
+        for key, value in feishu_old.items():
+            if key in feishu:
+                raise ConfigError(f"feishu_{key} and feishu.{key}: set it in one place")
+            feishu[key] = value
+        doc["feishu"] = feishu
+    return doc
+
+
+def _secret_keys(doc: Mapping[str, Any]) -> list[str]:
+    found = []
+    ssh = doc.get("ssh")
+    if isinstance(ssh, Mapping) and ssh.get("password"):
+        found.append("ssh.password")
+    hosts = doc.get("hosts")
+    if isinstance(hosts, list):
+        for i, host in enumerate(hosts):
+            if isinstance(host, Mapping) and host.get("password"):
+                found.append(f"hosts[{i}].password")
+    feishu = doc.get("feishu")
+    if isinstance(feishu, Mapping):
+        found += [f"feishu.{k}" for k in ("secret", "url") if feishu.get(k)]
+    email = doc.get("email")
+    if isinstance(email, Mapping) and email.get("password"):
+        found.append("email.password")
+    return found
+
+
+def parse_config(doc: object, path: Path | None = None) -> Config:
+    """Validate a parsed YAML document. Raises ConfigError naming the key path."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"top level: expected a mapping of keys (hosts:, ssh:, ...), got {_type_name(doc)}")
+    doc = _merge_legacy(dict(doc))
+    _check_keys(doc, TOP_KEYS, "")
+    base = path.parent if path else Path.cwd()
+    ssh, ssh_keys = _parse_ssh(doc.get("ssh"), base)
+    raw_hosts = doc.get("hosts")
+    if raw_hosts is None:
+        raise ConfigError("hosts: missing; list your GPU servers, e.g.\nhosts:\n  - gpu-a\n  - gpu-b")
+    if not isinstance(raw_hosts, list):
+        raise ConfigError(f"hosts: expected a list of hosts, got {_type_name(raw_hosts)}")
+    if not raw_hosts:
+        raise ConfigError("hosts: the list is empty; add at least one GPU server")
+    hosts = tuple(_parse_host(h, i, ssh, ssh_keys, base) for i, h in enumerate(raw_hosts))
+    seen: dict[str, int] = {}
+    for i, host in enumerate(hosts):
+        if host.name in seen:
+            raise ConfigError(
+                f"hosts[{i}]: the name {host.name!r} is already used by hosts[{seen[host.name]}]; "
+                "give each host its own name"
+            )
+        seen[host.name] = i
+    state_dir = Path(_expand_path(_str(doc["state_dir"], "state_dir"), base)) if "state_dir" in doc else base / "logs"
+    feishu = _parse_feishu(doc["feishu"]) if doc.get("feishu") is not None else None
+    schedule = _parse_schedule(doc.get("schedule"))
+    free_gpu = _parse_free(doc.get("free_gpu"))
+    alerts = _parse_alerts(doc["alerts"]) if "alerts" in doc else AlertsConfig()
+    email = _parse_email(doc["email"], base) if doc.get("email") is not None else None
+    for rule, targets in alerts.routes.items():
+        for target in targets:
+            if target == "email" and email is None:
+                raise ConfigError(f"alerts.routes.{rule}: routes to email, but there is no email: section")
+            if target == "feishu" and feishu is None:
+                raise ConfigError(f"alerts.routes.{rule}: routes to feishu, but there is no feishu: section")
+    max_parallel = _int(doc.get("max_parallel", 32), "max_parallel", 1, 1024)
+    log_level = _choice(str(doc.get("log_level", "INFO")).upper(), "log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    warnings = []
+    secrets = _secret_keys(doc)
+    if secrets and path is not None and _readable_by_others(path):
+        warnings.append(
+            f"{path} is readable by other users and holds secrets ({', '.join(secrets)}); "
+            f"run 'chmod 600 {path}' or move them to the environment (password_env, secret_env)"
+        )
+    return Config(
+        path=path,
+        hosts=hosts,
+        ssh=ssh,
+        state_dir=state_dir,
+        feishu=feishu,
+        schedule=schedule,
+        free_gpu=free_gpu,
+        alerts=alerts,
+        email=email,
+        max_parallel=max_parallel,
+        log_level=log_level,
+        warnings=tuple(warnings),
+    )
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def find_config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``-c FILE``, else ``$GPUWATCH_CONFIG``, else ``./config.yaml``."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file. Every failure is a ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; copy config.example.yaml to {path} and list your hosts, "
+            f"or pass -c FILE / set ${CONFIG_ENV}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    try:
+        return parse_config(doc, path.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

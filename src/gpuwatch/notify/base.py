@@ -1,0 +1,61 @@
+"""What every notification channel shares: the message record and the delivery error.
+
+A report or alert becomes a :class:`Message` (channel-neutral); each channel turns it into
+its own payloads (splitting to its own size limit) and delivers one payload at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Message:
+    """A channel-neutral message.
+
+    ``blocks`` are whole units of plain text (one host's lines, one alert): a channel that
+    must split a long message splits between blocks, never inside one.
+    """
+
+    title: str
+    blocks: tuple[str, ...]
+    severity: str = "info"  # info | firing | resolved: colours a card
+    mentions: tuple[str, ...] = ()  # Feishu open_ids to @-mention
+    kind: str = "report"  # report | alert | test: for logs and the outbox
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join((self.title, *self.blocks)) if self.blocks else self.title
+
+
+class DeliveryError(Exception):
+    """A payload was not accepted. ``permanent`` errors are not retried: they need a fix.
+
+    ``message_fault``: the payload itself was refused (malformed, too large), so sending it
+    again can never work, while later messages still can.
+    """
+
+    def __init__(self, message: str, *, permanent: bool, code: int | None = None, message_fault: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.code = code
+        self.message_fault = message_fault
+
+
+class Channel(Protocol):
+    """One destination (a Feishu bot, a mailbox, the console)."""
+
+    name: str
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        """Turn a message into payloads that each fit this channel's limits (in order)."""
+        ...
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        """Send one payload; return when accepted, raise DeliveryError when not."""
+        ...
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        """The payload as a person reads it (for --dry-run)."""
+        ...

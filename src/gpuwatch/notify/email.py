@@ -1,0 +1,427 @@
+"""The e-mail channel: one plain-text UTF-8 mail per message, over SMTP that is encrypted and verified.
+
+It owns everything specific to sending mail:
+
+* turning a :class:`~gpuwatch.notify.base.Message` into one payload (subject with the
+  configured prefix, the message text, the recipients), JSON-serialisable for the outbox;
+* connecting with STARTTLS (port 587) or implicit TLS (port 465), always verifying the server's
+  certificate and host name; a server that does not offer STARTTLS is an error, never a reason
+  to fall back to plain text. ``tls = none`` is only for a relay on this machine, and never
+  carries a password;
+* telling transient failures (network, timeouts, disconnects, 4xx replies) from permanent ones
+  (certificate, login, refused addresses, 5xx replies) and retrying the transient ones with
+  backoff.
+
+The password is a secret: it never appears in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import email.utils
+import ipaddress
+import logging
+import random
+import smtplib
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any, TypeAlias
+
+from gpuwatch.notify.base import DeliveryError, Message
+
+logger = logging.getLogger(__name__)
+
+TLS_MODES = ("starttls", "tls", "none")
+
+# Backoff between attempts: base * 2**(attempt-1), capped, with jitter in [50 %, 100 %].
+_BACKOFF_BASE_SECONDS = 2.0
+_BACKOFF_CAP_SECONDS = 60.0
+_MAX_SERVER_TEXT_CHARS = 200
+# CRLF line ends, and 7-bit safe: a UTF-8 body goes base64 or quoted-printable (whichever is
+# shorter), so a relay without 8BITMIME passes it intact.
+_POLICY = email.policy.SMTP.clone(cte_type="7bit")
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(text: str, key: str) -> str:
+    """The bare address (``a@b``) of ``text`` (``a@b`` or ``Name <a@b>``); ValueError naming ``key``."""
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"{key}: an address must be on one line, got {text!r}")
+    _, addr = email.utils.parseaddr(text)
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in addr):
+        raise ValueError(f"{key}: expected an e-mail address such as ops@example.com, got {text!r}")
+    return addr
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    """One SMTP submission account and its recipients. ``password`` never shows in the repr."""
+
+    to: tuple[str, ...]
+    sender: str  # config key `from`; "ops@example.com" or "GPU watch <ops@example.com>"
+    smtp_host: str
+    smtp_port: int = 587
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # resolved from password_env by the caller
+    tls: str = "starttls"  # starttls | tls (implicit, port 465) | none (a relay on localhost only)
+    ca_file: str | None = None  # extra CA bundle (private CA); verification is always on
+    timeout_seconds: float = 20.0
+    subject_prefix: str = "[gpuwatch]"
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        to = (self.to,) if isinstance(self.to, str) else tuple(self.to)
+        object.__setattr__(self, "to", to)
+        if not to:
+            raise ValueError("email.to: at least one recipient is needed")
+        for index, recipient in enumerate(to):
+            _address(recipient, f"email.to[{index}]")
+        _address(self.sender, "email.from")
+        if not self.smtp_host.strip():
+            raise ValueError("email.smtp_host: must not be empty")
+        if not 0 < self.smtp_port < 65536:
+            raise ValueError(f"email.smtp_port: expected 1-65535, got {self.smtp_port}")
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"email.tls: expected one of {', '.join(TLS_MODES)}, got {self.tls!r}")
+        if self.password is not None and not self.username:
+            raise ValueError("email.username: a password is set but no username to log in with")
+        if self.username and not self.password:
+            raise ValueError(
+                "email.password_env: email.username is set but no password was given "
+                "(set the environment variable that email.password_env names)"
+            )
+        if self.tls == "none":
+            if self.password:
+                raise ValueError(
+                    "email.tls: 'none' would send the password in plain text; "
+                    "use starttls (port 587) or tls (port 465), or a local relay without a login"
+                )
+            if not _is_loopback(self.smtp_host):
+                raise ValueError(
+                    f"email.tls: 'none' is only allowed for a relay on this machine (localhost), "
+                    f"not {self.smtp_host!r}; use starttls (port 587) or tls (port 465)"
+                )
+        if "\r" in self.subject_prefix or "\n" in self.subject_prefix:
+            raise ValueError("email.subject_prefix: must be on one line")
+        if self.timeout_seconds <= 0:
+            raise ValueError("email.timeout_seconds: must be positive")
+        if self.max_attempts <= 0:
+            raise ValueError("email.max_attempts: must be positive")
+
+
+#: Opens the connection (connected, before EHLO): ``(settings, ssl_context) -> smtplib.SMTP``.
+#: The context is None for ``tls = none``.
+SmtpFactory: TypeAlias = Callable[[EmailSettings, "ssl.SSLContext | None"], smtplib.SMTP]
+
+
+def default_smtp_factory(settings: EmailSettings, context: ssl.SSLContext | None) -> smtplib.SMTP:
+    """``smtplib.SMTP_SSL`` for implicit TLS, else ``smtplib.SMTP`` (STARTTLS follows later)."""
+    if settings.tls == "tls":
+        return smtplib.SMTP_SSL(
+            settings.smtp_host, settings.smtp_port, context=context, timeout=settings.timeout_seconds
+        )
+    return smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds)
+
+
+class _Transient(Exception):
+    """One attempt failed in a way a later attempt may not."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class EmailChannel:
+    """Sends each message as one e-mail through an SMTP submission server.
+
+    Implements :class:`gpuwatch.notify.base.Channel`. The connection comes from
+    ``smtp_factory`` and waits between attempts go through ``sleep``, so tests can count and
+    skip them. Every ``deliver`` opens its own connection (reports are rare; a kept-open
+    connection would mostly be a dead one). Delivery is at-least-once: a connection lost after
+    the server accepted the data leads to a retry; the retry carries the same Message-ID.
+    """
+
+    name = "email"
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        *,
+        smtp_factory: SmtpFactory | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._factory = smtp_factory if smtp_factory is not None else default_smtp_factory
+        self._sleep = sleep
+        self._where = f"email via {settings.smtp_host}:{settings.smtp_port}"
+        self._secrets = _secret_forms(settings.username, settings.password)
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return f"EmailChannel({s.smtp_host}:{s.smtp_port}, tls={s.tls!r}, to={list(s.to)!r})"
+
+    # ------------------------------------------------------------------ prepare / describe
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        """One payload: ``{"subject", "text", "to"}``. Mail has no size limit worth splitting for."""
+        title = " ".join(message.title.split())  # a header is one line
+        prefix = self._settings.subject_prefix.strip()
+        subject = f"{prefix} {title}" if prefix else title
+        return [{"subject": subject, "text": message.text, "to": list(self._settings.to)}]
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        """The mail as a person reads it: a few headers, a blank line, the body."""
+        to = ", ".join(str(t) for t in payload.get("to", ()))
+        return f"To: {to}\nSubject: {payload.get('subject', '')}\n\n{payload.get('text', '')}"
+
+    # ------------------------------------------------------------------ deliver
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        """Send one payload; retry transient failures; raise DeliveryError when not accepted."""
+        mail, recipients = self._build(payload)
+        sender = _address(self._settings.sender, "email.from")
+        attempts = self._settings.max_attempts
+        last = _Transient("no attempt made")
+        for attempt in range(1, attempts + 1):
+            try:
+                self._attempt(mail, sender, recipients)
+            except _Transient as failure:
+                last = failure
+            else:
+                logger.debug("%s: %r accepted for %s (attempt %d)", self._where, mail["Subject"], recipients, attempt)
+                return
+            if attempt == attempts:
+                break
+            delay = _backoff(attempt)
+            logger.warning(
+                "%s: attempt %d/%d failed (%s); retrying in %.1f s", self._where, attempt, attempts, last.reason, delay
+            )
+            self._sleep(delay)
+        raise DeliveryError(
+            f"{self._where}: not accepted after {attempts} attempts; last: {last.reason}",
+            permanent=False,
+            code=last.code,
+        )
+
+    def _build(self, payload: dict[str, Any]) -> tuple[EmailMessage, list[str]]:
+        """The mail (UTF-8, Date, Message-ID) and the envelope recipients; permanent error if malformed."""
+        try:
+            subject = str(payload["subject"])
+            text = str(payload["text"])
+            to = payload["to"]
+            if isinstance(to, str) or not isinstance(to, Sequence) or not to:
+                raise ValueError("'to' must be a non-empty list of addresses")
+            recipients = [_address(str(t), "payload to") for t in to]
+            mail = EmailMessage(policy=_POLICY)
+            mail["From"] = self._settings.sender
+            mail["To"] = ", ".join(str(t) for t in to)
+            mail["Subject"] = " ".join(subject.split())
+            mail["Date"] = email.utils.formatdate(localtime=True)
+            domain = _address(self._settings.sender, "email.from").rpartition("@")[2]
+            mail["Message-ID"] = email.utils.make_msgid(idstring="gpuwatch", domain=domain)
+            mail.set_content(text, charset="utf-8")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeliveryError(
+                f"{self._where}: payload cannot be made into a mail: {type(exc).__name__}: {exc}",
+                permanent=True,
+                message_fault=True,
+            ) from None
+        return mail, recipients
+
+    def _context(self) -> ssl.SSLContext | None:
+        """A verifying client context (host name checked) plus the extra CAs of ``ca_file``."""
+        if self._settings.tls == "none":
+            return None
+        context = ssl.create_default_context()
+        if self._settings.ca_file:
+            try:
+                context.load_verify_locations(cafile=self._settings.ca_file)
+            except (OSError, ValueError) as exc:
+                raise DeliveryError(
+                    f"{self._where}: email.ca_file {self._settings.ca_file!r} cannot be read as a PEM "
+                    f"CA bundle ({type(exc).__name__}: {exc})",
+                    permanent=True,
+                ) from None
+        return context
+
+    def _attempt(self, mail: EmailMessage, sender: str, recipients: list[str]) -> None:
+        """One connection. Returns when accepted; raises _Transient or DeliveryError(permanent)."""
+        s = self._settings
+        context = self._context()
+        smtp: smtplib.SMTP | None = None
+        try:
+            smtp = self._factory(s, context)
+            if s.tls == "starttls":
+                smtp.ehlo()
+                if not smtp.has_extn("starttls"):
+                    raise DeliveryError(
+                        f"{self._where}: the server does not offer STARTTLS, so the mail would go in "
+                        "plain text (not sent); use a server or port with STARTTLS, or email.tls: tls "
+                        "for implicit TLS (usually port 465)",
+                        permanent=True,
+                    )
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            else:
+                smtp.ehlo_or_helo_if_needed()
+            if s.username and s.password:
+                smtp.login(s.username, s.password)
+            refused = smtp.send_message(mail, from_addr=sender, to_addrs=recipients)
+        except DeliveryError:
+            _close(smtp)
+            raise
+        except (smtplib.SMTPException, OSError) as exc:
+            _close(smtp)
+            raise self._classify(exc, sender) from None
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):  # the mail is already accepted
+            _close(smtp)
+        if refused:
+            # Some recipients accepted it: sending again would duplicate it for them.
+            logger.warning(
+                "%s: mail accepted, but these recipients were refused: %s",
+                self._where,
+                self._scrub(_refusals(refused)),
+            )
+
+    def _classify(self, exc: BaseException, sender: str) -> _Transient | DeliveryError:
+        """What one failed attempt means: _Transient (retry) or a permanent DeliveryError."""
+        s = self._settings
+        where = self._where
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            return DeliveryError(
+                f"{where}: the SMTP server's certificate could not be verified ({self._scrub(detail)}); "
+                "set email.ca_file if it uses a private CA",
+                permanent=True,
+            )
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            server = self._server_text(exc.smtp_error)
+            if 400 <= exc.smtp_code < 500:
+                return _Transient(f"temporary login failure ({exc.smtp_code} {server})", exc.smtp_code)
+            return DeliveryError(
+                f"{where}: the server refused the login of {s.username!r} ({exc.smtp_code} {server}); "
+                "check email.username and the password variable",
+                permanent=True,
+                code=exc.smtp_code,
+            )
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            codes = [code for code, _ in exc.recipients.values()]
+            detail = self._scrub(_refusals(exc.recipients))
+            if codes and all(400 <= code < 500 for code in codes):
+                return _Transient(f"recipients temporarily refused: {detail}", codes[0])
+            return DeliveryError(
+                f"{where}: the server refused every recipient ({detail}); check email.to",
+                permanent=True,
+                code=codes[0] if codes else None,
+                message_fault=False,  # the addresses are at fault, not this message
+            )
+        if isinstance(exc, smtplib.SMTPSenderRefused):
+            server = self._server_text(exc.smtp_error)
+            if 400 <= exc.smtp_code < 500:
+                return _Transient(f"sender temporarily refused ({exc.smtp_code} {server})", exc.smtp_code)
+            return DeliveryError(
+                f"{where}: the server refused the sender {sender!r} ({exc.smtp_code} {server}); check "
+                "email.from (the login may not be allowed to send as that address) and email.username",
+                permanent=True,
+                code=exc.smtp_code,
+                message_fault=False,
+            )
+        if isinstance(exc, smtplib.SMTPServerDisconnected):
+            if isinstance(exc.__context__, TimeoutError):  # smtplib turns a read timeout into this
+                return _Transient(f"no answer within {s.timeout_seconds:g} s")
+            return _Transient(f"the server closed the connection ({self._scrub(str(exc))})")
+        if isinstance(exc, smtplib.SMTPResponseException):
+            code = exc.smtp_code
+            server = self._server_text(exc.smtp_error)
+            if 400 <= code < 500:
+                return _Transient(f"temporary failure ({code} {server})", code)
+            what = "refused the mail" if isinstance(exc, smtplib.SMTPDataError) else "answered"
+            return DeliveryError(
+                f"{where}: the server {what} ({code} {server})",
+                permanent=True,
+                code=code,
+                message_fault=isinstance(exc, smtplib.SMTPDataError),
+            )
+        if isinstance(exc, smtplib.SMTPNotSupportedError) and "AUTH" in str(exc):
+            return DeliveryError(
+                f"{where}: the server does not offer a login (AUTH); remove email.username, "
+                "or check email.smtp_host and email.smtp_port",
+                permanent=True,
+            )
+        if isinstance(exc, smtplib.SMTPException):
+            # "No suitable authentication method found", SMTPUTF8 needed but not offered, ...
+            return DeliveryError(f"{where}: {self._scrub(str(exc))}", permanent=True)
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return _Transient(f"the TLS connection was cut ({self._scrub(str(exc))})")
+        if isinstance(exc, ssl.SSLError):
+            return DeliveryError(
+                f"{where}: the TLS handshake failed ({self._scrub(str(exc))}); check email.tls and "
+                "email.smtp_port (tls = implicit TLS, usually port 465; starttls, usually port 587)",
+                permanent=True,
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return _Transient("connection refused (is the SMTP server up, and is email.smtp_port right?)")
+        if isinstance(exc, TimeoutError):
+            return _Transient(f"no answer within {s.timeout_seconds:g} s")
+        return _Transient(f"network error: {type(exc).__name__}: {self._scrub(str(exc))}")
+
+    def _server_text(self, raw: bytes | str) -> str:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return self._scrub(" ".join(text.split()))[:_MAX_SERVER_TEXT_CHARS]
+
+    def _scrub(self, text: str) -> str:
+        """Mask the password (and its base64 forms, as sent in AUTH) wherever a server echoed it."""
+        for secret in self._secrets:
+            text = text.replace(secret, "…(masked)")
+        return text
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _secret_forms(username: str | None, password: str | None) -> tuple[str, ...]:
+    if not password:
+        return ()
+    forms = {password, base64.b64encode(password.encode()).decode("ascii")}
+    if username:
+        forms.add(base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii"))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _refusals(refused: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(
+        f"{addr}: {code} {' '.join(text.decode('utf-8', 'replace').split())[:_MAX_SERVER_TEXT_CHARS]}"
+        for addr, (code, text) in refused.items()
+    )
+
+
+def _close(smtp: smtplib.SMTP | None) -> None:
+    """Drop the connection without QUIT: after a failure the peer may not be listening for it."""
+    if smtp is not None:
+        try:
+            smtp.close()
+        except OSError:  # pragma: no cover - closing a socket that is already gone
+            pass
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: 50-100 % of base * 2**(attempt-1), capped."""
+    ceiling = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
+    return ceiling * (0.5 + random.random() / 2)

@@ -1,0 +1,622 @@
+"""The Feishu (Lark) custom-bot channel: payloads, signing, size splitting, rate limits, retries.
+
+It owns everything specific to one Feishu group bot behind a webhook URL:
+
+* turning a :class:`~gpuwatch.notify.base.Message` into ``text``, ``post`` or ``card`` bodies
+  that each carry the bot's keyword and fit the 20 KB body limit (split between blocks into
+  numbered parts, never inside a block unless one block alone is too big);
+* signing every attempt afresh (``timestamp`` + ``sign``), posting, telling transient failures
+  (network, 5xx, 429, code 11232) from permanent ones (a bot setting to fix);
+* keeping one bot under Feishu's 5/s and 100/min limits on the client side.
+
+The webhook token (last path segment of the URL) and the signing secret are secrets: they never
+appear in a log line, an error message or a repr; :func:`redact_url` masks the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from gpuwatch.notify.base import DeliveryError, Message
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("text", "post", "card")
+
+#: Feishu reply codes that no retry can fix: each needs a change to the bot or the config.
+PERMANENT_CODES = frozenset({9499, 19001, 19021, 19022, 19024, 19036})
+#: "frequency limited": the bot went over 5/s or 100/min (other senders share the budget).
+RATE_LIMITED_CODE = 11232
+#: Codes that condemn one message, not the bot's settings.
+MESSAGE_FAULT_CODES = frozenset({9499, 19036})
+
+_EXPLANATIONS = {
+    0: "accepted",
+    9499: "bad request: Feishu found the message malformed or too large (the body limit is 20 KB)",
+    11232: (
+        "rate limited: more than 5 messages per second or 100 per minute reached this bot "
+        "(other senders to the same bot share the budget)"
+    ),
+    19001: "invalid webhook token: the bot was removed or the URL is wrong",
+    19021: (
+        "signature rejected: the bot's signing secret differs from feishu.secret / $FEISHU_SECRET, "
+        "or this machine's clock is off by more than an hour"
+    ),
+    19022: (
+        "IP not allowed: add this machine's public IP address to the bot's IP allow-list "
+        "(or remove the allow-list from the bot's security settings)"
+    ),
+    19024: "keyword missing: set feishu.keyword to one of the bot's keywords",
+    19036: "message too large: Feishu refused the body size (the limit is 20 KB); lower feishu.max_body_bytes",
+}
+
+_SEVERITY_TEMPLATE = {"firing": "red", "resolved": "green", "info": "blue"}
+
+# Backoff between attempts: base * 2**(attempt-1), capped, with jitter in [50 %, 100 %].
+_BACKOFF_BASE_SECONDS = 1.0
+_BACKOFF_CAP_SECONDS = 30.0
+_RATE_LIMITED_FLOOR_SECONDS = 1.0
+_RETRY_AFTER_CAP_SECONDS = 60.0
+# The limiter's windows are this much longer than 1 s / 60 s, so that network jitter between
+# our clock and Feishu's arrival times cannot squeeze a sixth request into Feishu's second.
+_WINDOW_MARGIN_SECONDS = 0.05
+
+# Stand-ins for the fields deliver() adds, at their widest: a 10-digit timestamp (good until
+# the year 2286) and a base64 SHA-256 digest (always 44 characters).
+_TIMESTAMP_PLACEHOLDER = "9" * 10
+_SIGN_PLACEHOLDER = "A" * 44
+
+_CONTINUED = "(continued)"
+_MAX_REPLY_MSG_CHARS = 200
+
+
+def explain(code: int) -> str:
+    """Plain words for a Feishu reply code: what went wrong and which setting to fix."""
+    try:
+        return _EXPLANATIONS[code]
+    except KeyError:
+        return f"Feishu error code {code} (not one gpuwatch knows; see the bot's documentation)"
+
+
+def sign(secret: str, timestamp: int) -> str:
+    """Feishu's webhook signature: base64(HMAC-SHA256(key=f"{timestamp}\\n{secret}", msg=b"")).
+
+    Note the unusual order: the secret is part of the *key* and the message is empty.
+    """
+    key = f"{timestamp}\n{secret}".encode()
+    digest = hmac.new(key, b"", hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _token_of(url: str) -> str:
+    path = urlsplit(url).path
+    return path.rstrip("/").rsplit("/", 1)[-1] if path.strip("/") else ""
+
+
+def redact_url(url: str) -> str:
+    """The webhook URL with its token (last path segment) masked, safe for logs and errors.
+
+    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12cd...`` becomes
+    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12…(masked)``. Short tokens are masked
+    whole; user info, query and fragment are dropped (they may hold secrets too).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    path = parts.path.rstrip("/")
+    head, _, token = path.rpartition("/")
+    if token:
+        shown = token[:4] if len(token) >= 16 else ""
+        path = f"{head}/{shown}…(masked)"
+    return urlunsplit((parts.scheme, host, path, "", ""))
+
+
+@dataclass(frozen=True, repr=False)
+class FeishuSettings:
+    """One Feishu group bot. ``url`` and ``secret`` are secrets: the repr masks them."""
+
+    url: str
+    keyword: str | None = None
+    secret: str | None = field(default=None, repr=False)  # never in repr or logs
+    format: str = "post"  # text | post | card
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user name -> open_id (for alerts)
+    timeout_seconds: float = 10.0
+    max_body_bytes: int = 20_000  # Feishu's documented limit is 20 KB: UTF-8 bytes as sent
+    per_second: int = 5
+    per_minute: int = 100
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.url).scheme not in ("http", "https") or not _token_of(self.url):
+            raise ValueError("feishu.url: expected https://open.feishu.cn/open-apis/bot/v2/hook/<token>")
+        if self.format not in FORMATS:
+            raise ValueError(f"feishu.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.keyword is not None and not self.keyword.strip():
+            raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
+        for name in ("timeout_seconds", "max_body_bytes", "per_second", "per_minute", "max_attempts"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"feishu.{name}: must be positive")
+
+    def __repr__(self) -> str:
+        return (
+            f"FeishuSettings(url={redact_url(self.url)!r}, keyword={self.keyword!r}, "
+            f"secret={'set' if self.secret else 'unset'}, format={self.format!r}, "
+            f"mentions={dict(self.mentions)!r}, timeout_seconds={self.timeout_seconds!r}, "
+            f"max_body_bytes={self.max_body_bytes!r}, per_second={self.per_second!r}, "
+            f"per_minute={self.per_minute!r}, max_attempts={self.max_attempts!r})"
+        )
+
+
+class RateLimiter:
+    """Sliding windows: at most ``per_second`` sends in any second and ``per_minute`` in any minute.
+
+    Thread-safe; waits with the injected ``sleep`` (outside the lock) until a send is allowed.
+    """
+
+    def __init__(
+        self,
+        per_second: int,
+        per_minute: int,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        margin: float = _WINDOW_MARGIN_SECONDS,
+    ) -> None:
+        self._limits = ((per_second, 1.0 + margin), (per_minute, 60.0 + margin))
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Block until a send is allowed and record it. Returns the seconds spent waiting."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._monotonic()
+                longest = max(window for _, window in self._limits)
+                while self._sent and self._sent[0] <= now - longest:
+                    self._sent.popleft()
+                wait = 0.0
+                for limit, window in self._limits:
+                    if len(self._sent) >= limit:
+                        # The limit-th most recent send must leave the window first.
+                        wait = max(wait, self._sent[-limit] + window - now)
+                if wait <= 1e-6:  # not 0: a fake clock's float sums may never quite get there
+                    self._sent.append(now)
+                    return waited
+            self._sleep(wait)
+            waited += wait
+
+
+class FeishuChannel:
+    """Delivers messages to one Feishu group through its custom-bot webhook.
+
+    Implements :class:`gpuwatch.notify.base.Channel`. All I/O comes in as parameters: the HTTP
+    session, the wall clock (for signatures), the monotonic clock and sleep (for the rate
+    limiter and backoff). One instance shares its rate limiter between all ``deliver`` calls,
+    from any thread. Delivery is at-least-once: a reply lost after Feishu accepted a message
+    (a read timeout) leads to a retry, so the group may rarely see a message twice.
+    """
+
+    name = "feishu"
+
+    def __init__(
+        self,
+        settings: FeishuSettings,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._own_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._clock = clock
+        self._sleep = sleep
+        self._limiter = RateLimiter(settings.per_second, settings.per_minute, monotonic=monotonic, sleep=sleep)
+        self._where = redact_url(settings.url)
+        self._secrets = tuple(s for s in (_token_of(settings.url), settings.secret) if s)
+
+    def __repr__(self) -> str:
+        return f"FeishuChannel({self._where}, format={self._settings.format!r})"
+
+    def close(self) -> None:
+        """Close the HTTP session if this channel created it."""
+        if self._own_session:
+            self._session.close()
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        """Unsigned payloads for ``message``, in order; each fits ``max_body_bytes`` once signed.
+
+        Blocks stay whole; a message too big for one body is split between blocks into parts
+        numbered ``(1/3)``, ``(2/3)``, ... in the title. Only a block too big on its own is cut,
+        at line boundaries (a single overlong line at character boundaries), its later pieces
+        starting with "(continued)". Mentions go into the first part only. Every part carries
+        the keyword: when the title and the part's blocks lack it, the title is prefixed with
+        ``【keyword】``.
+        """
+        keyword = self._settings.keyword
+        mentions = tuple(message.mentions)
+        severity = message.severity
+        marker = f"【{keyword}】" if keyword and keyword not in message.title else ""
+        title = self._fit_title(marker + message.title, mentions, severity)
+
+        parts = self._split(title, list(message.blocks), mentions, severity)
+        if keyword and marker and all(any(keyword in b for b in part) for part in parts):
+            # Every part already carries the keyword in its text: keep the title as written.
+            # (Dropping the prefix only shrinks the bodies, so the split still holds.)
+            title = title.removeprefix(marker)
+        total = len(parts)
+        payloads = []
+        for index, part in enumerate(parts, start=1):
+            part_title = title if total == 1 else f"{title} ({index}/{total})"
+            body = self._render(part_title, part, mentions if index == 1 else (), severity)
+            size = self._signed_size(body)
+            if size > self._settings.max_body_bytes:  # pragma: no cover - the split guarantees it
+                raise AssertionError(f"feishu part {index}/{total} is {size} bytes")
+            payloads.append(body)
+        return payloads
+
+    def _signed_size(self, body: Mapping[str, Any]) -> int:
+        if self._settings.secret:
+            body = {"timestamp": _TIMESTAMP_PLACEHOLDER, "sign": _SIGN_PLACEHOLDER, **body}
+        return len(_encode(body))
+
+    def _fits(
+        self, title: str, blocks: Sequence[str], mentions: Sequence[str], severity: str, budget: int | None = None
+    ) -> bool:
+        body = self._render(title, blocks, mentions, severity)
+        return self._signed_size(body) <= (self._settings.max_body_bytes if budget is None else budget)
+
+    def _fit_title(self, title: str, mentions: Sequence[str], severity: str) -> str:
+        """Shorten an absurdly long title: title and mentions may take at most half a body."""
+        budget = self._settings.max_body_bytes // 2
+        if self._fits(f"{title} (999/999)", [], mentions, severity, budget):
+            return title
+
+        def shortened_fits(n: int) -> bool:
+            return self._fits(f"{title[:n]}… (999/999)", [], mentions, severity, budget)
+
+        keep = _largest(len(title), shortened_fits)
+        if keep == 0:
+            raise ValueError(
+                f"feishu.max_body_bytes={self._settings.max_body_bytes} cannot hold the message "
+                "skeleton (title and mentions) in half a body"
+            )
+        logger.warning("feishu: a title of %d characters was shortened to %d", len(title), keep)
+        return title[:keep] + "…"
+
+    def _split(self, title: str, blocks: list[str], mentions: tuple[str, ...], severity: str) -> list[list[str]]:
+        if self._fits(title, blocks, mentions, severity):
+            return [blocks]
+        # Reserve room for the " (i/n)" suffix; widen it if the count needs more digits.
+        digits = 1
+        while True:
+            parts = self._pack(title, blocks, mentions, severity, digits)
+            if len(parts) < 10**digits:
+                return parts
+            digits += 1
+
+    def _pack(
+        self, title: str, blocks: list[str], mentions: tuple[str, ...], severity: str, digits: int
+    ) -> list[list[str]]:
+        worst_title = f"{title} ({'9' * digits}/{'9' * digits})"
+
+        def fits_alone(block: str) -> bool:
+            # Worst case: the block alone in the first part, which also carries the mentions.
+            return self._fits(worst_title, [block], mentions, severity)
+
+        pieces: list[str] = []
+        for block in blocks:
+            if fits_alone(block):
+                pieces.append(block)
+            else:
+                cut = _cut_block(block, fits_alone)
+                logger.debug("feishu: one block of %d characters cut into %d pieces", len(block), len(cut))
+                pieces.extend(cut)
+
+        # Greedy: each part takes as many pieces as fit (found by galloping, so a long report
+        # costs O(parts * log(blocks)) renders of at most about two bodies' size).
+        parts: list[list[str]] = []
+        start = 0
+        while start < len(pieces):
+            rest = pieces[start:]
+            part_mentions = mentions if not parts else ()
+
+            def fits_first(count: int, rest: list[str] = rest, part_mentions: Sequence[str] = part_mentions) -> bool:
+                return self._fits(worst_title, rest[:count], part_mentions, severity)
+
+            count = max(1, _largest(len(rest), fits_first))  # every piece fits alone
+            parts.append(rest[:count])
+            start += count
+        return parts or [[]]
+
+    def _render(self, title: str, blocks: Sequence[str], mentions: Sequence[str], severity: str) -> dict[str, Any]:
+        fmt = self._settings.format
+        if fmt == "text":
+            head = title
+            if mentions:
+                head += "\n" + " ".join(f'<at user_id="{m}"></at>' for m in mentions)
+            return {"msg_type": "text", "content": {"text": "\n\n".join((head, *blocks))}}
+        if fmt == "post":
+            paragraphs: list[list[dict[str, str]]] = []
+            if mentions:
+                paragraphs.append([{"tag": "at", "user_id": m} for m in mentions])
+            paragraphs.extend([{"tag": "text", "text": block}] for block in blocks)
+            return {"msg_type": "post", "content": {"post": {"zh_cn": {"title": title, "content": paragraphs}}}}
+        elements: list[dict[str, Any]] = []
+        if mentions:
+            ats = " ".join(f"<at id={m}></at>" for m in mentions)
+            elements.append({"tag": "div", "text": {"tag": "lark_md", "content": ats}})
+        elements.extend({"tag": "div", "text": {"tag": "lark_md", "content": block}} for block in blocks)
+        card = {
+            "config": {"wide_screen_mode": True},
+            "header": {
+                "title": {"tag": "plain_text", "content": title},
+                "template": _SEVERITY_TEMPLATE.get(severity, "blue"),
+            },
+            "elements": elements,
+        }
+        return {"msg_type": "interactive", "card": card}
+
+    # ------------------------------------------------------------------ describe
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        """The payload as a person reads it: title, then blocks separated by blank lines."""
+        msg_type = payload.get("msg_type")
+        if msg_type == "text":
+            return _at_names(str(payload["content"]["text"]))
+        if msg_type == "post":
+            post = payload["content"]["post"]
+            lang = post.get("zh_cn") or next(iter(post.values()))
+            paragraphs = ["".join(_tag_text(tag) for tag in para) for para in lang.get("content", [])]
+            return "\n\n".join((str(lang.get("title", "")), *paragraphs))
+        if msg_type == "interactive":
+            card = payload["card"]
+            texts = [str(card.get("header", {}).get("title", {}).get("content", ""))]
+            for element in card.get("elements", []):
+                text = element.get("text", {}).get("content") if element.get("tag") == "div" else element.get("content")
+                if isinstance(text, str):
+                    texts.append(_at_names(text))
+            return "\n\n".join(texts)
+        return json.dumps(payload, ensure_ascii=False, indent=2)
+
+    # ------------------------------------------------------------------ deliver
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        """Sign and post one payload; retry transient failures; raise DeliveryError when not accepted.
+
+        Every attempt waits for the rate limiter and is signed afresh (new timestamp and sign).
+        """
+        attempts = self._settings.max_attempts
+        last_reason = "no attempt made"
+        last_code: int | None = None
+        for attempt in range(1, attempts + 1):
+            self._limiter.acquire()
+            outcome = self._attempt(payload)
+            if outcome is None:
+                logger.debug("feishu %s: %s accepted (attempt %d)", self._where, payload.get("msg_type"), attempt)
+                return
+            last_reason, last_code, floor = outcome
+            if attempt == attempts:
+                break
+            delay = max(_backoff(attempt), floor)
+            logger.warning(
+                "feishu %s: attempt %d/%d failed (%s); retrying in %.1f s",
+                self._where,
+                attempt,
+                attempts,
+                last_reason,
+                delay,
+            )
+            self._sleep(delay)
+        raise DeliveryError(
+            f"feishu {self._where}: not accepted after {attempts} attempts; last: {last_reason}",
+            permanent=False,
+            code=last_code,
+        )
+
+    def _attempt(self, payload: Mapping[str, Any]) -> tuple[str, int | None, float] | None:
+        """One signed POST. None when accepted; (reason, code, minimum delay) when transient.
+
+        Raises DeliveryError(permanent=True) for failures that no retry can fix.
+        """
+        body = self._signed(payload)
+        try:
+            response = self._session.post(
+                self._settings.url,
+                data=_encode(body),
+                headers={"Content-Type": "application/json; charset=utf-8"},
+                timeout=self._settings.timeout_seconds,
+                allow_redirects=False,
+            )
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            return f"network error: {type(exc).__name__}: {self._scrub(str(exc))}", None, 0.0
+        except requests.RequestException as exc:
+            raise DeliveryError(
+                f"feishu {self._where}: request could not be made: {type(exc).__name__}: {self._scrub(str(exc))}",
+                permanent=True,
+            ) from None
+
+        status = response.status_code
+        if status == 429:
+            return "HTTP 429 Too Many Requests", None, max(_RATE_LIMITED_FLOOR_SECONDS, _retry_after(response))
+        if 500 <= status <= 599:
+            return f"HTTP {status} {self._scrub(response.reason or '')}".rstrip(), None, 0.0
+        if status != 200:
+            raise DeliveryError(
+                f"feishu {self._where}: HTTP {status} {self._scrub(response.reason or '')}: "
+                "not a Feishu bot webhook reply (check feishu.url)",
+                permanent=True,
+            )
+        try:
+            reply = json.loads(response.content)
+        except ValueError:
+            reply = None
+        code = _reply_code(reply)
+        if code is None:
+            snippet = self._scrub(response.text[:_MAX_REPLY_MSG_CHARS])
+            raise DeliveryError(
+                f"feishu {self._where}: reply is not a Feishu JSON answer (check feishu.url): {snippet!r}",
+                permanent=True,
+            )
+        if code == 0:
+            return None
+        assert isinstance(reply, dict)
+        server_msg = self._scrub(str(reply.get("msg") or reply.get("StatusMessage") or ""))[:_MAX_REPLY_MSG_CHARS]
+        reason = f"{explain(code)} (code {code}: {server_msg!r})"
+        if code == RATE_LIMITED_CODE:
+            return reason, code, _RATE_LIMITED_FLOOR_SECONDS
+        raise DeliveryError(
+            f"feishu {self._where}: {reason}",
+            permanent=True,
+            code=code,
+            # malformed or too large: this message can never pass, the next ones still can
+            message_fault=code in MESSAGE_FAULT_CODES,
+        )
+
+    def _signed(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        # Drop any stale signature (a payload kept in an outbox) before adding a fresh one.
+        body = {k: v for k, v in payload.items() if k not in ("timestamp", "sign")}
+        secret = self._settings.secret
+        if not secret:
+            return body
+        timestamp = int(self._clock())
+        return {"timestamp": str(timestamp), "sign": sign(secret, timestamp), **body}
+
+    def _scrub(self, text: str) -> str:
+        """Mask the token and the secret wherever a library echoed them (e.g. in an URL)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "…(masked)")
+        return text
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    """The body exactly as sent (and as measured against the size limit)."""
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def _reply_code(reply: object) -> int | None:
+    """Feishu's ``code`` (new replies) or ``StatusCode`` (old replies); None if there is neither."""
+    if not isinstance(reply, dict):
+        return None
+    code = reply.get("code")
+    if code is None:
+        code = reply.get("StatusCode")
+    if isinstance(code, bool) or not isinstance(code, int):
+        return None
+    return code
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        seconds = float(str(response.headers.get("Retry-After") or 0))
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), _RETRY_AFTER_CAP_SECONDS)
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: 50-100 % of base * 2**(attempt-1), capped."""
+    ceiling = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
+    return ceiling * (0.5 + random.random() / 2)
+
+
+def _largest(limit: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in [0, limit] with fits(n), for a fits() that stays false once false.
+
+    Gallops 1, 2, 4, ... then bisects, so it never tries much more than the answer.
+    """
+    if limit <= 0 or not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)  # fits(low) holds; fits(high) fails or high is past the limit
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _cut_block(block: str, fits_alone: Callable[[str], bool]) -> list[str]:
+    """Cut a block that cannot fit any body into pieces that each can: the last resort.
+
+    Cuts at line boundaries; a single line too long for a body is cut between characters
+    (Python strings index code points, so no UTF-8 sequence is ever split). Pieces after the
+    first start with "(continued)".
+    """
+    lines = block.split("\n")
+    pieces: list[str] = []
+
+    def piece(chunk: Sequence[str], index: int) -> str:
+        text = "\n".join(chunk)
+        return f"{_CONTINUED}\n{text}" if index else text
+
+    start = 0
+    while start < len(lines):
+        index = len(pieces)
+        rest = lines[start:]
+
+        def lines_fit(n: int, rest: list[str] = rest, index: int = index) -> bool:
+            return fits_alone(piece(rest[:n], index))
+
+        count = _largest(len(rest), lines_fit)
+        if count:
+            pieces.append(piece(rest[:count], index))
+            start += count
+            continue
+        line = lines[start]  # one line too long on its own
+
+        def chars_fit(n: int, line: str = line, index: int = index) -> bool:
+            return fits_alone(piece([line[:n]], index))
+
+        keep = _largest(len(line), chars_fit)
+        if keep == 0:
+            raise ValueError("feishu.max_body_bytes is too small to hold a single character of a block")
+        pieces.append(piece([line[:keep]], index))
+        lines[start] = line[keep:]
+    return pieces
+
+
+_AT_CARD = re.compile(r"<at id=([^>]*)></at>")
+_AT_TEXT = re.compile(r'<at user_id="([^"]*)">([^<]*)</at>')
+
+
+def _at_names(text: str) -> str:
+    text = _AT_CARD.sub(lambda m: f"@{m.group(1)}", text)
+    return _AT_TEXT.sub(lambda m: f"@{m.group(2) or m.group(1)}", text)
+
+
+def _tag_text(tag: Mapping[str, Any]) -> str:
+    if tag.get("tag") == "at":
+        return f"@{tag.get('user_name') or tag.get('user_id', '')}"
+    if tag.get("tag") == "a":
+        return f"{tag.get('text', '')} <{tag.get('href', '')}>"
+    return str(tag.get("text", ""))

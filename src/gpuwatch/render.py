@@ -1,0 +1,129 @@
+"""Snapshots for people and programs: the terminal fleet table and the JSON document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import FreeGpuConfig, format_duration
+from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .summary import is_free, totals, users_on
+
+
+def _num(value: int | float | None, suffix: str = "") -> str:
+    if value is None:
+        return "?"
+    return f"{value:g}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+
+
+def _memory(gpu: Gpu) -> str:
+    return f"{_num(gpu.memory_used_mib)} / {_num(gpu.memory_total_mib)}"
+
+
+def _users(processes: tuple[GpuProcess, ...]) -> str:
+    parts = []
+    for usage in users_on(processes):
+        mem = f"{usage.memory_mib}M" if usage.memory_mib is not None else "?M"
+        parts.append(f"{usage.label()}({mem})")
+    return " ".join(parts)
+
+
+def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
+    """The fleet as an aligned table: one line per GPU, one line per host that did not answer."""
+    header = ("HOST", "GPU", "NAME", "UTIL", "MEM USED/TOTAL MiB", "TEMP", "USERS", "FREE")
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for host in snapshot.hosts:
+        if not host.ok:
+            kind = host.error_kind.value if host.error_kind else "error"
+            rows.append((host.name, "-", f"DOWN {kind}: {host.error}", "", "", "", "", ""))
+            continue
+        for gpu in host.gpus:
+            procs = host.processes_on(gpu)
+            rows.append(
+                (
+                    host.name,
+                    str(gpu.index),
+                    gpu.name or "?",
+                    _num(gpu.utilization_percent, "%"),
+                    _memory(gpu),
+                    _num(gpu.temperature_c, "C"),
+                    _users(procs),
+                    "free" if is_free(gpu, procs, thresholds) else "",
+                )
+            )
+        orphans = tuple(p for p in host.processes if p.gpu_index is None)
+        if orphans:
+            notes.append(f"{host.name}: processes on an unlisted GPU: {_users(orphans)}")
+        notes.extend(f"{host.name}: warning: {w.message}" for w in host.warnings)
+    widths = [len(h) for h in header]
+    for row in rows:
+        if row[1] == "-":  # a down host's message spans the rest of the line
+            widths[0] = max(widths[0], len(row[0]))
+            continue
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    for row in rows:
+        if row[1] == "-":
+            lines.append(f"{row[0].ljust(widths[0])}  {'-'.ljust(widths[1])}  {row[2]}")
+        else:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    t = totals(snapshot, thresholds)
+    lines.append("")
+    lines.append(
+        f"{t.hosts - t.hosts_down}/{t.hosts} hosts answered, {t.gpus} GPUs, {t.free_gpus} free"
+        f" (taken {snapshot.taken_at.isoformat(timespec='seconds')})"
+    )
+    lines += notes
+    return "\n".join(lines)
+
+
+def gpu_dict(gpu: Gpu) -> dict[str, Any]:
+    return {
+        "index": gpu.index,
+        "uuid": gpu.uuid,
+        "name": gpu.name,
+        "pci_bus_id": gpu.pci_bus_id,
+        "utilization_percent": gpu.utilization_percent,
+        "memory_used_mib": gpu.memory_used_mib,
+        "memory_total_mib": gpu.memory_total_mib,
+        "temperature_c": gpu.temperature_c,
+        "power_w": gpu.power_w,
+    }
+
+
+def process_dict(proc: GpuProcess) -> dict[str, Any]:
+    return {
+        "gpu_index": proc.gpu_index,
+        "gpu_uuid": proc.gpu_uuid,
+        "pid": proc.pid,
+        "user": proc.user,
+        "name": proc.name,
+        "command": proc.command,
+        "used_memory_mib": proc.used_memory_mib,
+        "runtime_seconds": proc.runtime_seconds,
+    }
+
+
+def host_dict(host: HostSnapshot) -> dict[str, Any]:
+    return {
+        "name": host.name,
+        "address": host.address,
+        "ok": host.ok,
+        "error": host.error,
+        "error_kind": host.error_kind.value if host.error_kind else None,
+        "probe_seconds": None if host.probe_seconds is None else round(host.probe_seconds, 3),
+        "gpus": [gpu_dict(g) for g in host.gpus],
+        "processes": [process_dict(p) for p in host.processes],
+        "warnings": [{"kind": w.kind.value, "message": w.message} for w in host.warnings],
+    }
+
+
+def snapshot_dict(snapshot: FleetSnapshot) -> dict[str, Any]:
+    return {
+        "taken_at": snapshot.taken_at.isoformat(timespec="seconds"),
+        "hosts": [host_dict(h) for h in snapshot.hosts],
+    }
+
+
+def runtime(seconds: int | None) -> str:
+    return format_duration(seconds) if seconds is not None else "?"

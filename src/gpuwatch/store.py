@@ -1,0 +1,292 @@
+"""SQLite state under state_dir: the outbox of unsent messages (and, later, alert state).
+
+A message is written to the outbox before it is sent and leaves it only when its channel
+accepted it, so a Feishu outage, a kill or a restart delays messages and loses none. What
+is pending is sent first, oldest first, on the next cycle or run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .notify.base import Channel, DeliveryError
+from .rules import AlertRecord, Memory, Silence
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "gpuwatch.sqlite3"
+
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        dead INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX outbox_pending ON outbox (channel, dead, id);
+    """,
+    """
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE rule_memory (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        memory TEXT NOT NULL
+    );
+    CREATE TABLE silences (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT,
+        host TEXT,
+        user TEXT,
+        gpu INTEGER,
+        ends_at REAL NOT NULL,
+        comment TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+)
+
+
+class Database:
+    """The state database: one connection per process, one lock, explicit transactions."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.lock = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All statements inside commit together or not at all (nesting joins the outer one)."""
+        with self.lock:
+            outer = self._depth == 0
+            if outer:
+                self.connection.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield self.connection
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self.connection.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self.connection.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return self.connection.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.connection.close()
+
+
+def open_db(state_dir: Path | None) -> Database:
+    """Open (creating and migrating) the state database; ``None``: a throw-away one in memory."""
+    if state_dir is None:
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+    else:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(state_dir / DB_NAME, timeout=30, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return Database(db)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    channel: str
+    summary: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    sent: int
+    failed: int  # left in the outbox after a failure this time
+    dead: int  # rejected for good (the message itself was bad); kept for inspection
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.dead == 0
+
+
+class Outbox:
+    """Messages waiting for their channel, in the order they were written."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    def add(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> list[int]:
+        now = self.clock()
+        ids = []
+        with self.db.transaction() as conn:
+            for payload in payloads:
+                cur = conn.execute(
+                    "INSERT INTO outbox (channel, summary, payload, created_at) VALUES (?, ?, ?, ?)",
+                    (channel, summary, json.dumps(payload, ensure_ascii=False), now),
+                )
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def pending(self, channel: str | None = None) -> list[OutboxItem]:
+        query = "SELECT id, channel, summary, payload, created_at, attempts, last_error FROM outbox WHERE dead = 0"
+        args: tuple[str, ...] = ()
+        if channel is not None:
+            query += " AND channel = ?"
+            args = (channel,)
+        rows = self.db.query(query + " ORDER BY id", args)
+        return [OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    def count(self) -> int:
+        return int(self.db.query("SELECT COUNT(*) FROM outbox WHERE dead = 0")[0][0])
+
+    def delivered(self, item_id: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+
+    def failed(self, item_id: int, error: str, *, dead: bool = False) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, dead = ? WHERE id = ?",
+                (error, int(dead), item_id),
+            )
+
+    def flush(self, channels: Mapping[str, Channel]) -> FlushResult:
+        """Deliver what is pending, oldest first. A channel that fails stops for this time,
+        so its messages keep their order; other channels go on."""
+        sent = failed = dead = 0
+        errors: list[str] = []
+        blocked: set[str] = set()
+        for item in self.pending():
+            channel = channels.get(item.channel)
+            if channel is None:
+                if item.channel not in blocked:
+                    errors.append(f"{item.channel}: not configured any more; its messages stay in the outbox")
+                    blocked.add(item.channel)
+                failed += 1
+                continue
+            if item.channel in blocked:
+                failed += 1
+                continue
+            try:
+                channel.deliver(item.payload)
+            except DeliveryError as exc:
+                if exc.message_fault:
+                    # The message itself was refused (malformed, too large): retrying it would
+                    # block every later message forever. Keep it, marked, and go on.
+                    self.failed(item.id, str(exc), dead=True)
+                    dead += 1
+                    log.error("%s refused message %d (%s) for good: %s", item.channel, item.id, item.summary, exc)
+                    errors.append(f"{item.channel}: {exc}")
+                    continue
+                self.failed(item.id, str(exc))
+                blocked.add(item.channel)
+                failed += 1
+                errors.append(f"{item.channel}: {exc}")
+                level = logging.ERROR if exc.permanent else logging.WARNING
+                log.log(level, "%s: message %d (%s) not delivered: %s", item.channel, item.id, item.summary, exc)
+                continue
+            self.delivered(item.id)
+            sent += 1
+            log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
+        return FlushResult(sent=sent, failed=failed, dead=dead, errors=tuple(errors))
+
+
+class AlertStore:
+    """Alert records, rule memory and silences: what makes a restart announce nothing twice."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def records(self) -> dict[str, AlertRecord]:
+        return {
+            row[0]: AlertRecord.from_dict(json.loads(row[1])) for row in self.db.query("SELECT id, record FROM alerts")
+        }
+
+    def memory(self) -> Memory:
+        rows = self.db.query("SELECT memory FROM rule_memory WHERE id = 1")
+        return Memory.from_dict(json.loads(rows[0][0])) if rows else Memory()
+
+    def save(self, records: Mapping[str, AlertRecord], memory: Memory) -> None:
+        """Replace the alert state (call inside the transaction that also queues the messages)."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM alerts")
+            conn.executemany(
+                "INSERT INTO alerts (id, record) VALUES (?, ?)",
+                [(kid, json.dumps(r.as_dict(), ensure_ascii=False)) for kid, r in records.items()],
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO rule_memory (id, memory) VALUES (1, ?)",
+                (json.dumps(memory.as_dict(), ensure_ascii=False),),
+            )
+
+    def add_silence(
+        self,
+        *,
+        ends_at: float,
+        comment: str,
+        now: float,
+        rule: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        gpu: int | None = None,
+    ) -> Silence:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO silences (rule, host, user, gpu, ends_at, comment, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rule, host, user, gpu, ends_at, comment, now),
+            )
+            sid = int(cur.lastrowid or 0)
+        return Silence(
+            id=sid, ends_at=ends_at, comment=comment, created_at=now, rule=rule, host=host, user=user, gpu=gpu
+        )
+
+    def silences(self, now: float | None = None) -> list[Silence]:
+        """Silences, oldest first; with ``now``, only those still in force."""
+        rows = self.db.query("SELECT id, rule, host, user, gpu, ends_at, comment, created_at FROM silences ORDER BY id")
+        found = [
+            Silence(id=r[0], rule=r[1], host=r[2], user=r[3], gpu=r[4], ends_at=r[5], comment=r[6], created_at=r[7])
+            for r in rows
+        ]
+        return [s for s in found if now is None or s.ends_at > now]
+
+    def remove_silence(self, silence_id: int) -> bool:
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM silences WHERE id = ?", (silence_id,)).rowcount > 0

@@ -1,0 +1,71 @@
+"""Pure questions asked of a snapshot: is this GPU free, who is on it, fleet totals.
+
+Shared by the terminal view, the reports and (later) the rules, so that "free" means the
+same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import FreeGpuConfig
+from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+
+
+def is_free(gpu: Gpu, processes: Iterable[GpuProcess], thresholds: FreeGpuConfig) -> bool:
+    """Free: no compute process, memory used and utilization below the thresholds.
+
+    An unknown reading never makes a GPU look free, except utilization in MIG mode, which
+    nvidia-smi never reports ([N/A]): there memory and processes decide.
+    """
+    if any(True for _ in processes):
+        return False
+    if gpu.memory_used_mib is None or gpu.memory_used_mib >= thresholds.memory_below_mib:
+        return False
+    return gpu.utilization_percent is None or gpu.utilization_percent < thresholds.util_below_percent
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    user: str | None  # None: a process ps could not see (another PID namespace, or gone)
+    memory_mib: int | None
+    pids: tuple[int, ...]
+
+    def label(self) -> str:
+        if self.user is not None:
+            return self.user
+        return "pid " + ",".join(str(p) for p in self.pids) + " (owner unknown)"
+
+
+def users_on(processes: Iterable[GpuProcess]) -> list[UserUsage]:
+    """Processes of one GPU grouped by owner, most memory first; unseen PIDs grouped last."""
+    groups: dict[str | None, list[GpuProcess]] = {}
+    for proc in processes:
+        groups.setdefault(proc.user, []).append(proc)
+    usages = []
+    for user, procs in groups.items():
+        known = [p.used_memory_mib for p in procs if p.used_memory_mib is not None]
+        usages.append(UserUsage(user=user, memory_mib=sum(known) if known else None, pids=tuple(p.pid for p in procs)))
+    return sorted(usages, key=lambda u: (u.user is None, -(u.memory_mib or 0), u.user or ""))
+
+
+@dataclass(frozen=True)
+class FleetTotals:
+    hosts: int
+    hosts_down: int
+    gpus: int
+    free_gpus: int
+
+
+def totals(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> FleetTotals:
+    gpus = free = 0
+    for host in snapshot.answered:
+        for gpu in host.gpus:
+            gpus += 1
+            free += is_free(gpu, host.processes_on(gpu), thresholds)
+    return FleetTotals(hosts=len(snapshot.hosts), hosts_down=len(snapshot.down), gpus=gpus, free_gpus=free)
+
+
+def free_gpus(host: HostSnapshot, thresholds: FreeGpuConfig) -> list[Gpu]:
+    return [g for g in host.gpus if is_free(g, host.processes_on(g), thresholds)]

@@ -1,0 +1,409 @@
+"""A local HTTP server that behaves like a Feishu custom-bot webhook, for tests.
+
+It binds 127.0.0.1 on a free port and checks what Feishu checks, answering like Feishu does
+(HTTP 200 with a JSON ``code``) as described in shared/FEISHU.md:
+
+=====  =============================================================================
+code   when
+=====  =============================================================================
+19001  the path's token is not the bot's token
+19022  ``allowed_ips`` is set and the client address is not in it
+19036  the body is larger than ``max_body_bytes`` as received (``too_large_code``)
+9499   not ``application/json``, not a JSON object, or no valid ``msg_type`` body
+11232  more than ``per_second`` requests in any second or ``per_minute`` in any minute
+19021  ``secret`` is set and ``timestamp``/``sign`` are missing, wrong or off by > 1 hour
+19024  ``keywords`` are set and no text value (text, post title/text, card title or
+       text content; never an href) holds one
+=====  =============================================================================
+
+Every request is recorded (thread-safe) with its raw bytes and the answer it got:
+``accepted`` (parsed bodies), ``accepted_raw``, ``rejected`` and ``exchanges``.
+``fail_next([...])`` scripts the next answers, one per request, before any check: an int
+100-599 answers that HTTP status, any other int answers that Feishu code, ``"drop"`` closes
+the connection without an answer, ``"slow:S"`` waits S seconds and then answers normally,
+``"garbage"`` answers HTTP 200 with a non-JSON page, ``"legacy"`` checks as usual but answers
+in the old shape (``StatusCode``/``StatusMessage`` only, no ``code``). Scripted answers (all but
+``"slow:S"`` and ``"legacy"``) do not count towards the rate limits.
+
+Usage::
+
+    with FakeFeishu(keywords=["gpu"], secret="s3cret") as server:
+        post_to(server.url)
+        assert server.accepted[0]["msg_type"] == "post"
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+HOOK_PREFIX = "/open-apis/bot/v2/hook/"
+DEFAULT_TOKEN = "0f5c7e2a-9b41-4d6e-8a3f-5c2d1e0b9a87"
+
+SUCCESS = {"StatusCode": 0, "StatusMessage": "success", "code": 0, "data": {}, "msg": "success"}
+MESSAGES = {
+    9499: "Bad Request",
+    11232: "frequency limited psm[lark.oapi.app_platform_runtime]appID[1]",
+    19001: "param invalid: incoming webhook access token invalid",
+    19021: "sign match fail or timestamp is not within one hour from current time",
+    19022: "Ip Not Allowed",
+    19024: "Key Words Not Found",
+    19036: "request body too large",
+}
+_TEXT_KEYS = frozenset({"text", "title", "content"})  # where keywords count; "href" never does
+
+Fault = int | str
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request as received and the answer it got."""
+
+    path: str
+    headers: dict[str, str]
+    raw: bytes
+    body: dict[str, Any] | None  # the parsed JSON object, when it was one
+    status: int  # HTTP status answered; 0 when the connection was dropped
+    code: int | None  # Feishu code answered (0 = accepted); None for HTTP errors and drops
+    reason: str  # why: "accepted", "scripted", or the check that failed
+    at: float  # the server's monotonic clock on arrival
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 200 and self.code == 0
+
+
+def feishu_sign(secret: str, timestamp: int | str) -> str:
+    """Feishu's signature, written here independently of the code under test."""
+    mac = hmac.new(f"{timestamp}\n{secret}".encode(), b"", hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def text_values(value: Any, key: str | None = None) -> list[str]:
+    """The strings where Feishu looks for keywords: text/title/content values, never hrefs."""
+    if isinstance(value, str):
+        return [value] if key in _TEXT_KEYS else []
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in text_values(v, k)]
+    if isinstance(value, list):
+        return [s for item in value for s in text_values(item, key)]
+    return []
+
+
+class FakeFeishu:
+    """A Feishu custom-bot webhook on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        token: str = DEFAULT_TOKEN,
+        keywords: Sequence[str] = (),
+        secret: str | None = None,
+        allowed_ips: Sequence[str] | None = None,
+        max_body_bytes: int = 20_000,
+        too_large_code: int = 19036,
+        per_second: int = 5,
+        per_minute: int = 100,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.token = token
+        self.keywords = list(keywords)
+        self.secret = secret
+        self.allowed_ips = None if allowed_ips is None else set(allowed_ips)
+        self.max_body_bytes = max_body_bytes
+        self.too_large_code = too_large_code
+        self.per_second = per_second
+        self.per_minute = per_minute
+        self.clock = clock
+        self.monotonic = monotonic
+        self.host = host
+        self._lock = threading.Lock()
+        self._faults: collections.deque[Fault] = collections.deque()
+        self._exchanges: list[Exchange] = []
+        self._window: collections.deque[float] = collections.deque()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> FakeFeishu:
+        if self._httpd is not None:
+            return self
+        self._httpd = _Server((self.host, 0), _Handler, self)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="fakefeishu", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.close_connections()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> FakeFeishu:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- addresses
+
+    @property
+    def base_url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("FakeFeishu is not started")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def url_for(self, token: str) -> str:
+        return f"{self.base_url}{HOOK_PREFIX}{token}"
+
+    @property
+    def url(self) -> str:
+        """The full webhook URL with the valid token."""
+        return self.url_for(self.token)
+
+    # -- scripting and records
+
+    def fail_next(self, faults: Iterable[Fault]) -> None:
+        """Queue scripted answers for the next requests, in order (see the module docstring)."""
+        items = list(faults)
+        for fault in items:
+            if isinstance(fault, str) and not (
+                fault in ("drop", "garbage", "legacy") or (fault.startswith("slow:") and _is_float(fault[5:]))
+            ):
+                raise ValueError(f"unknown fault {fault!r}")
+        with self._lock:
+            self._faults.extend(items)
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        with self._lock:
+            return list(self._exchanges)
+
+    @property
+    def accepted(self) -> list[dict[str, Any]]:
+        return [e.body for e in self.exchanges if e.accepted and e.body is not None]
+
+    @property
+    def accepted_raw(self) -> list[bytes]:
+        return [e.raw for e in self.exchanges if e.accepted]
+
+    @property
+    def rejected(self) -> list[Exchange]:
+        return [e for e in self.exchanges if not e.accepted]
+
+    @property
+    def codes(self) -> list[int | None]:
+        """The Feishu code of every answer in order (None for HTTP errors and drops)."""
+        return [e.code for e in self.exchanges]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._exchanges.clear()
+            self._window.clear()
+
+    # -- the checks, called from handler threads
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def _record(self, exchange: Exchange) -> None:
+        with self._lock:
+            self._exchanges.append(exchange)
+
+    def _over_rate(self, now: float) -> bool:
+        """Sliding windows; every request that reaches this check counts."""
+        with self._lock:
+            while self._window and self._window[0] <= now - 60.0:
+                self._window.popleft()
+            in_second = sum(1 for t in self._window if t > now - 1.0)
+            if in_second >= self.per_second or len(self._window) >= self.per_minute:
+                return True
+            self._window.append(now)
+            return False
+
+    def check(self, path: str, client_ip: str, headers: dict[str, str], raw: bytes, now: float) -> tuple[int, str]:
+        """Feishu's verdict on one request: (code, reason); code 0 is accepted."""
+        if path[len(HOOK_PREFIX) :] != self.token:
+            return 19001, "token"
+        if self.allowed_ips is not None and client_ip not in self.allowed_ips:
+            return 19022, "ip"
+        if len(raw) > self.max_body_bytes:
+            return self.too_large_code, f"body of {len(raw)} bytes"
+        if not headers.get("content-type", "").lower().startswith("application/json"):
+            return 9499, "content-type"
+        body = _parse(raw)
+        if body is None or not _well_formed(body):
+            return 9499, "malformed"
+        if self._over_rate(now):
+            return 11232, "rate"
+        if self.secret is not None:
+            timestamp, signature = body.get("timestamp"), body.get("sign")
+            if not isinstance(timestamp, (str, int)) or not str(timestamp).isdigit() or not isinstance(signature, str):
+                return 19021, "signature missing"
+            if abs(self.clock() - int(timestamp)) > 3600:
+                return 19021, "timestamp off"
+            if not hmac.compare_digest(signature, feishu_sign(self.secret, timestamp)):
+                return 19021, "signature"
+        if self.keywords:
+            texts = text_values(body.get("card") if body.get("msg_type") == "interactive" else body.get("content"))
+            if not any(k in t for k in self.keywords for t in texts):
+                return 19024, "keyword"
+        return 0, "accepted"
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _well_formed(body: dict[str, Any]) -> bool:
+    msg_type = body.get("msg_type")
+    content = body.get("content")
+    if msg_type == "text":
+        return isinstance(content, dict) and isinstance(content.get("text"), str)
+    if msg_type == "post":
+        post = content.get("post") if isinstance(content, dict) else None
+        return isinstance(post, dict) and bool(post) and all(isinstance(v, dict) for v in post.values())
+    if msg_type == "interactive":  # the card goes under "card", not "content"
+        return isinstance(body.get("card"), dict)
+    return msg_type in ("image", "share_chat")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeFeishu) -> None:
+        self.fake = fake
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def close_connections(self) -> None:
+        """Hang up on keep-alive clients so that no handler thread outlives stop()."""
+        with self.connections_lock:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out (see "slow:") leaves a broken pipe behind: that is the point.
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real endpoint
+    timeout = 10
+    # One write per answer, sent at once: otherwise Nagle + delayed ACK add ~40 ms per request.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the path holds the token; tests read the records instead
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        now = fake.monotonic()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+
+        def record(status: int, code: int | None, reason: str) -> None:
+            fake._record(Exchange(self.path, headers, raw, _parse(raw), status, code, reason, now))
+
+        fault = fake._next_fault()
+        legacy = fault == "legacy"
+        if isinstance(fault, str) and fault.startswith("slow:"):
+            time.sleep(float(fault[5:]))
+        if isinstance(fault, str) and fault != "drop" and fault != "garbage":
+            fault = None
+        if fault == "drop":
+            record(0, None, "scripted")
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault == "garbage":
+            record(200, None, "scripted")
+            self._answer(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            return
+        if isinstance(fault, int) and 100 <= fault <= 599:
+            record(fault, None, "scripted")
+            self._answer(fault, f"HTTP {fault}".encode(), "text/plain")
+            return
+        if isinstance(fault, int):
+            record(200, fault, "scripted")
+            self._json({"code": fault, "msg": MESSAGES.get(fault, "scripted error"), "data": {}})
+            return
+
+        if not self.path.startswith(HOOK_PREFIX):
+            record(404, None, "path")
+            self._answer(404, b"404 page not found", "text/plain")
+            return
+        code, reason = fake.check(self.path, self.client_address[0], headers, raw, now)
+        record(200, code, reason)
+        if legacy:
+            self._json({"StatusCode": code, "StatusMessage": "success" if code == 0 else MESSAGES.get(code, "error")})
+        elif code == 0:
+            self._json(SUCCESS)
+        else:
+            self._json({"code": code, "msg": MESSAGES.get(code, "error"), "data": {}})
+
+    def _json(self, reply: dict[str, Any]) -> None:
+        self._answer(200, json.dumps(reply).encode(), "application/json; charset=utf-8")
+
+    def _answer(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

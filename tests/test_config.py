@@ -1,0 +1,182 @@
+"""Config: the public key names, the predecessor's flat file, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gpuwatch.cli import main
+from gpuwatch.config import (
+    ConfigError,
+    find_config_path,
+    format_duration,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml", mode: int = 0o600) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def test_documented_example_parses(tmp_path: Path) -> None:
+    text = """
+hosts:
+  - gpu-a
+  - name: gpu-b
+    address: 10.0.0.12
+    port: 2222
+    user: bob
+  - localhost
+ssh:
+  user: monitor
+  port: 22
+  key_file: ~/.ssh/id_ed25519
+  password_env: GPUWATCH_SSH_PASSWORD
+  known_hosts: ~/.ssh/known_hosts
+  host_key_policy: accept-new
+  connect_timeout: 10s
+  command_timeout: 30s
+state_dir: ./logs
+"""
+    config = load_config(write(tmp_path, text))
+    a, b, local = config.hosts
+    assert (a.name, a.address, a.ssh.user, a.ssh.port, a.local) == ("gpu-a", None, "monitor", 22, False)
+    assert (b.name, b.address, b.ssh.user, b.ssh.port) == ("gpu-b", "10.0.0.12", "bob", 2222)
+    assert {"port", "user"} <= b.explicit
+    assert local.local and local.display_address == "local"
+    assert a.ssh.key_file == os.path.expanduser("~/.ssh/id_ed25519")
+    assert a.ssh.connect_timeout == 10 and a.ssh.command_timeout == 30
+    assert config.state_dir == tmp_path / "logs"
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    config = load_config(example)
+    assert config.hosts and config.feishu is not None
+    assert config.schedule.reports
+
+
+def test_predecessor_flat_config_keeps_working(tmp_path: Path) -> None:
+    text = """
+ip_list:
+  - 192.168.1.10
+  - 192.168.1.11
+port: 2200
+user: root
+password: hunter2hunter2
+feishu_url: https://open.feishu.cn/open-apis/bot/v2/hook/abcdef123456
+feishu_keyword: GPU
+"""
+    config = load_config(write(tmp_path, text))
+    assert [h.name for h in config.hosts] == ["192.168.1.10", "192.168.1.11"]
+    assert config.hosts[0].ssh.port == 2200 and config.hosts[0].ssh.user == "root"
+    assert config.hosts[0].ssh.resolve_password({}) == "hunter2hunter2"
+    assert config.feishu is not None and config.feishu.keyword == "GPU"
+    assert config.feishu.resolve_url({}) == "https://open.feishu.cn/open-apis/bot/v2/hook/abcdef123456"
+    assert "hunter2hunter2" not in repr(config)
+    assert "abcdef123456" not in repr(config)
+
+
+def test_plaintext_password_in_world_readable_file_warns(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "hosts: [a]\nssh: {password: s3cretpw}\n", mode=0o644))
+    assert config.warnings and "chmod 600" in config.warnings[0] and "ssh.password" in config.warnings[0]
+    assert "s3cretpw" not in config.warnings[0]
+    private = load_config(write(tmp_path, "hosts: [a]\nssh: {password: s3cretpw}\n", name="p.yaml", mode=0o600))
+    assert private.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hosts: [a]\nssh: {prot: 22}\n", "ssh.prot: unknown key; did you mean 'port'?"),
+        ("hosts:\n  - name: a\n    adress: x\n", "hosts[0].adress: unknown key; did you mean 'address'?"),
+        ("host: [a]\n", "host: unknown key; did you mean 'hosts'?"),
+        ("hosts: [a]\nssh: {port: twenty}\n", "ssh.port: expected a whole number, got 'twenty'"),
+        ("hosts: [a]\nssh: {port: 70000}\n", "ssh.port: 70000 is out of range"),
+        ("hosts: [a]\nssh: {connect_timeout: soon}\n", "ssh.connect_timeout: 'soon' is not a duration"),
+        ("hosts: [a]\nssh: {host_key_policy: yes-please}\n", "ssh.host_key_policy: 'yes-please' is not one of"),
+        ("hosts: a\n", "hosts: expected a list of hosts, got a string"),
+        ("hosts: []\n", "hosts: the list is empty"),
+        ("ssh: {user: x}\n", "hosts: missing"),
+        ("hosts: [a, a]\n", "hosts[1]: the name 'a' is already used by hosts[0]"),
+        ("hosts: [a]\nfeishu: {keyword: GPU}\n", "feishu: needs 'url'"),
+        ("hosts: [a]\nfeishu: {url: x, format: html}\n", "feishu.format: 'html' is not one of text, post, card"),
+        (
+            "hosts: [a]\nschedule: {reports: [{report: overveiw, every: 1h}]}\n",
+            "schedule.reports[0].report: 'overveiw' is not one of",
+        ),
+        ("hosts: [a]\nschedule: {reports: [{report: user, every: 1h}]}\n", "needs 'user: <name>'"),
+        ("hosts: [a]\nschedule: {reports: [{report: free, at: '25:00'}]}\n", "is not a time of day"),
+        ("ip_list: [a]\nhosts: [b]\n", "ip_list and hosts"),
+        ("- a\n- b\n", "top level: expected a mapping"),
+    ],
+)
+def test_mistakes_name_the_key_path(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_gives_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "hosts:\n  - a\n  - b\nssh:\n  user: x\n    port: 22\n")
+    with pytest.raises(ConfigError, match=r"line 6, column 9: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no such file; copy config\.example\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "hosts: [a]\nssh: {prot: 22}\n")
+    assert main(["status", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'port'" in err
+    assert "Traceback" not in err
+    assert main(["status", "-c", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_config_path_precedence(tmp_path: Path) -> None:
+    assert find_config_path("x.yaml", {"GPUWATCH_CONFIG": "y.yaml"}) == Path("x.yaml")
+    assert find_config_path(None, {"GPUWATCH_CONFIG": "y.yaml"}) == Path("y.yaml")
+    assert find_config_path(None, {}) == Path("config.yaml")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h", 3600), ("2d", 172800), (45, 45), ("90", 90), ("1h30m", 5400), (0.5, 0.5)],
+)
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "5 minutes", "-3", True, "1x", None])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(value, "schedule.poll_every")
+
+
+def test_format_duration_reads_naturally() -> None:
+    assert [format_duration(s) for s in (5, 90, 3600, 93784)] == ["5s", "1m30s", "1h", "1d2h"]
+
+
+def test_schedule_defaults_and_empty_list() -> None:
+    config = parse_config({"hosts": ["a"]})
+    assert [(r.report, r.every) for r in config.schedule.reports] == [("overview", 3600.0)]
+    assert parse_config({"hosts": ["a"], "schedule": {"reports": []}}).schedule.reports == ()
+
+
+def test_password_env_is_read_when_used() -> None:
+    config = parse_config({"hosts": ["a"], "ssh": {"password_env": "PW_FOR_TEST"}})
+    assert config.hosts[0].ssh.resolve_password({"PW_FOR_TEST": "abc"}) == "abc"
+    assert config.hosts[0].ssh.resolve_password({}) is None
