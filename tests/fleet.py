@@ -680,6 +680,8 @@ def _addresses(first: str, count: int) -> list[str]:
 
 def _port_free(address: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as sshd binds: connections of a host just stopped may linger in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
         except OSError:
