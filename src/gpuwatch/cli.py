@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import getpass
 import json
 import logging
 import os
@@ -48,15 +49,20 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # -c and -v are accepted before or after the command; the command's copies default to
+    # SUPPRESS so that they never overwrite a value given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    common.add_argument(
+        "-c", "--config", default=argparse.SUPPRESS, help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more to stderr")
 
     parser = argparse.ArgumentParser(
         prog="gpuwatch",
         description="Watch a fleet of NVIDIA GPU servers over SSH and report to Feishu.",
-        parents=[common],
     )
+    parser.add_argument("-c", "--config", help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     parser.add_argument("--version", action="version", version=f"gpuwatch {__version__}")
     parser.add_argument("--once", dest="once_top", action="store_true", help="same as 'run --once'")
     parser.add_argument("--dry-run", dest="dry_run_top", action="store_true", help="same as 'run --dry-run'")
@@ -154,11 +160,14 @@ def _hint(host: HostConfig, snap: HostSnapshot) -> str:
     template = _HINTS.get(snap.error_kind) if snap.error_kind else None
     if not template:
         return ""
-    return template.format(port=host.ssh.port or 22, user=host.ssh.user or "USER", address=host.address or host.name)
+    return template.format(
+        port=host.ssh.port or 22, user=host.ssh.user or getpass.getuser(), address=host.address or host.name
+    )
 
 
 def cmd_check(config: Config, out: TextIO) -> int:
-    out.write(f"config {config.path}: OK ({len(config.hosts)} hosts)\n")
+    count = len(config.hosts)
+    out.write(f"config {config.path}: OK ({count} host{'s' if count != 1 else ''})\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
     poller = build_poller(config)

@@ -67,7 +67,8 @@ def setup_logging(
         handler.addFilter(secret_filter)
         root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(level), logging.getLevelName(stderr_level)))
-    # paramiko's DEBUG output is protocol noise; its warnings still come through.
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    # paramiko logs every failed connection with a traceback before raising the exception that
+    # gpuwatch classifies and reports itself: keep only its critical messages.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     return log_file
