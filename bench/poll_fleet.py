@@ -27,7 +27,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fleet import Fleet, fleet_unavailable_reason, scenario_sleep  # noqa: E402
+from fleet import (  # noqa: E402
+    Fleet,
+    fleet_unavailable_reason,
+    scenario_healthy_multi_gpu,
+    scenario_sleep,
+    standin_env,
+)
 from gpuwatch.cli import build_poller  # noqa: E402
 from gpuwatch.config import load_config  # noqa: E402
 
@@ -37,7 +43,40 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bench(fleet: Fleet, count: int, sleep: float, rounds: int) -> dict[str, float]:
+LIGHT_SMI = """#!/bin/sh
+# Replays the stand-in's output, pre-rendered from a real capture, after a fixed sleep:
+# a stand-in that costs the 2-core test machine almost no CPU, so that the wall time shows
+# gpuwatch's fan-out rather than 100 Python start-ups competing for the cores.
+sleep __SLEEP__
+case "$*" in
+  *--query-gpu=*) cat __DIR__/gpu.csv ;;
+  *--query-compute-apps=*) cat __DIR__/apps.csv ;;
+esac
+"""
+
+
+def light_standin(directory: Path, sleep: float) -> Path:
+    """A /bin/sh stand-in: the real stand-in's output for the default scenario, after ``sleep``."""
+    scenario_healthy_multi_gpu(directory / "scenarios" / "local")
+    env = standin_env(directory / "scenarios")
+    from gpuwatch import parse
+
+    for name, query in (
+        ("gpu.csv", f"--query-gpu={','.join(parse.GPU_QUERY_FIELDS)}"),
+        ("apps.csv", f"--query-compute-apps={','.join(parse.APP_QUERY_FIELDS)}"),
+    ):
+        out = subprocess.run(["nvidia-smi", query, "--format=csv"], env=env, capture_output=True, check=True)
+        (directory / name).write_bytes(out.stdout)
+    script = directory / "nvidia-smi"
+    script.write_text(LIGHT_SMI.replace("__SLEEP__", str(sleep)).replace("__DIR__", str(directory)))
+    script.chmod(0o755)
+    directory.chmod(0o755)
+    for item in directory.iterdir():
+        item.chmod(item.stat().st_mode | 0o055)
+    return script
+
+
+def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | None) -> dict[str, float]:
     addresses = fleet.addresses[:count]
     for address in addresses:
         scenario_sleep(fleet.scenario_dir(address), sleep)
@@ -53,6 +92,7 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int) -> dict[str, floa
                         "key_file": str(fleet.client_key),
                         "use_ssh_config": False,
                         "known_hosts": None,
+                        **({"nvidia_smi": str(light)} if light else {}),
                     },
                     "max_parallel": 64,
                 }
@@ -103,18 +143,23 @@ def main() -> int:
     parser.add_argument("counts", nargs="*", type=int, default=[1, 10, 50])
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds the stand-in nvidia-smi sleeps per call")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--light", action="store_true", help="use a /bin/sh stand-in (same output) instead of the Python one"
+    )
     args = parser.parse_args()
     reason = fleet_unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    print(f"stand-in nvidia-smi sleeps {args.sleep}s per call (2 calls per probe); best of {args.rounds}")
+    kind = "/bin/sh" if args.light else "Python"
+    print(f"{kind} stand-in nvidia-smi sleeps {args.sleep}s per call (2 calls per probe); best of {args.rounds}")
     columns = ("hosts", "status wall", "status CPU", "CPU/host", "steady wall", "CPU/host")
     widths = (5, 11, 10, 9, 11, 9)
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    with Fleet(max(args.counts)) as fleet:
+    with Fleet(max(args.counts)) as fleet, tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        light = light_standin(Path(tmp), args.sleep) if args.light else None
         for count in args.counts:
-            r = bench(fleet, count, args.sleep, args.rounds)
+            r = bench(fleet, count, args.sleep, args.rounds, light)
             print(
                 f"{count:>5}  {r['status_wall_s']:>10.2f}s  {r['status_cpu_s']:>9.2f}s  "
                 f"{r['status_cpu_per_host_ms']:>7.1f}ms  {r['steady_wall_s']:>10.2f}s  "
