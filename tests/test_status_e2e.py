@@ -327,3 +327,41 @@ def test_console_script_and_python_dash_m(local_standin: Path, tmp_path: Path) -
         )
         assert proc.returncode == 0, proc.stderr
         assert "NVIDIA H100 80GB HBM3" in proc.stdout
+
+
+def test_bare_name_resolved_through_ssh_config(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host gpu-alias\n  HostName {fleet.addresses[1]}\n  Port {fleet.port}\n"
+        f"  User {fleet.monitor_user}\n  IdentityFile {fleet.client_key}\n"
+    )
+    fleet.write_known_hosts(home / ".ssh" / "known_hosts", [fleet.addresses[1]])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    # `ssh:` gives fleet-wide defaults that the host's own ~/.ssh/config entry overrides
+    config = write_config(tmp_path, {"hosts": ["gpu-alias"], "ssh": {"user": "nobody-here", "port": 1}})
+    code, doc = status_json(config)
+    host = doc["hosts"][0]
+    assert code == 0, host
+    assert host["name"] == "gpu-alias" and len(host["gpus"]) == 4
+    # the key came from ~/.ssh/known_hosts: gpuwatch recorded nothing of its own
+    assert not (tmp_path / "logs" / "known_hosts").exists()
+
+
+def test_proxy_jump_through_a_bastion(fleet: Fleet, known_hosts: Path, tmp_path: Path, refused_address: str) -> None:
+    bastion = f"{fleet.monitor_user}@{fleet.addresses[0]}:{fleet.port}"
+    hosts = [
+        {"name": "behind-bastion", "address": fleet.addresses[3], "proxy_jump": bastion},
+        {"name": "bastion-cannot-reach", "address": refused_address, "proxy_jump": bastion},
+        {"name": "no-bastion", "address": fleet.addresses[3], "proxy_jump": f"{refused_address}:{fleet.port}"},
+    ]
+    config = write_config(tmp_path, {"hosts": hosts, "ssh": ssh_defaults(fleet, known_hosts)})
+    code, doc = status_json(config)
+    out = by_name(doc)
+    assert code == 0
+    assert out["behind-bastion"]["ok"] and len(out["behind-bastion"]["gpus"]) == 4
+    assert out["bastion-cannot-reach"]["error_kind"] == "unreachable"
+    assert f"jump host {fleet.addresses[0]} cannot reach {refused_address}" in out["bastion-cannot-reach"]["error"]
+    assert out["no-bastion"]["error_kind"] == "unreachable"
+    assert "refused" in out["no-bastion"]["error"]

@@ -64,7 +64,7 @@ SSH_KEYS = tuple(f for f in SshSettings.__dataclass_fields__)
 
 @dataclass(frozen=True)
 class HostConfig:
-    """One configured host. ``explicit`` holds the ssh keys set for this host or under ``ssh:``."""
+    """One configured host. ``explicit`` holds the ssh keys set on this host's own entry."""
 
     name: str
     address: str | None  # None: resolve ``name`` through ~/.ssh/config, then DNS
@@ -374,27 +374,21 @@ HOST_KEYS = ("name", "address", *SSH_KEYS)
 FEISHU_KEYS = ("url", "url_env", "keyword", "secret", "secret_env", "format", "mentions")
 
 
-def _parse_ssh(raw: object, base: Path) -> tuple[SshSettings, frozenset[str]]:
+def _parse_ssh(raw: object, base: Path) -> SshSettings:
     section = _mapping(raw, "ssh")
     _check_keys(section, SSH_KEYS, "ssh")
     values = _ssh_overrides(section, "ssh")
     for key in ("key_file", "known_hosts"):
         if isinstance(values.get(key), str):
             values[key] = _expand_path(str(values[key]), base)
-    return replace(SshSettings(), **values), frozenset(values)  # type: ignore[arg-type]
+    return replace(SshSettings(), **values)  # type: ignore[arg-type]
 
 
-def _parse_host(raw: object, index: int, defaults: SshSettings, default_keys: frozenset[str], base: Path) -> HostConfig:
+def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> HostConfig:
     path = f"hosts[{index}]"
     if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
         name = _str(raw, path)
-        return HostConfig(
-            name=name,
-            address=None,
-            ssh=defaults,
-            explicit=default_keys,
-            local=name in LOCAL_NAMES,
-        )
+        return HostConfig(name=name, address=None, ssh=defaults, local=name in LOCAL_NAMES)
     entry = _mapping(raw, path)
     if not entry:
         raise ConfigError(f"{path}: empty host entry; give a name, e.g. '- gpu-a'")
@@ -413,7 +407,7 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, default_keys: fr
         name=name,
         address=address,
         ssh=settings,
-        explicit=default_keys | frozenset(overrides),
+        explicit=frozenset(overrides),
         local=local,
     )
 
@@ -648,7 +642,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
     doc = _merge_legacy(dict(doc))
     _check_keys(doc, TOP_KEYS, "")
     base = path.parent if path else Path.cwd()
-    ssh, ssh_keys = _parse_ssh(doc.get("ssh"), base)
+    ssh = _parse_ssh(doc.get("ssh"), base)
     raw_hosts = doc.get("hosts")
     if raw_hosts is None:
         raise ConfigError("hosts: missing; list your GPU servers, e.g.\nhosts:\n  - gpu-a\n  - gpu-b")
@@ -656,7 +650,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
         raise ConfigError(f"hosts: expected a list of hosts, got {_type_name(raw_hosts)}")
     if not raw_hosts:
         raise ConfigError("hosts: the list is empty; add at least one GPU server")
-    hosts = tuple(_parse_host(h, i, ssh, ssh_keys, base) for i, h in enumerate(raw_hosts))
+    hosts = tuple(_parse_host(h, i, ssh, base) for i, h in enumerate(raw_hosts))
     seen: dict[str, int] = {}
     for i, host in enumerate(hosts):
         if host.name in seen:

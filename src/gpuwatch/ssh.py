@@ -96,7 +96,7 @@ def resolve_target(
     ssh_config: paramiko.SSHConfig | None,
     address: str | None = None,
 ) -> Target:
-    """Merge: keys set for the host > ~/.ssh/config for the alias > ``ssh:`` defaults > built-ins.
+    """Merge: keys on the host's entry > ~/.ssh/config for the alias > ``ssh:`` defaults > built-ins.
 
     ``ssh:`` defaults are fleet-wide, ~/.ssh/config entries are host-specific, so the latter
     wins over the former; a key set on the host entry itself wins over both.
@@ -104,11 +104,10 @@ def resolve_target(
     found: dict[str, object] = {}
     if ssh_config is not None and settings.use_ssh_config:
         found = dict(ssh_config.lookup(alias))
-    host_keys_set = explicit  # keys set per host or under ssh:
 
     def pick(key: str, ssh_key: str, default: object) -> object:
         value = getattr(settings, key)
-        if key in host_keys_set and value is not None:
+        if key in explicit and value is not None:
             return value
         if ssh_key in found:
             return found[ssh_key]
@@ -125,9 +124,8 @@ def resolve_target(
         path = os.path.expanduser(str(extra))
         if path not in key_files and os.path.exists(path):
             key_files.append(path)
-    proxy = settings.proxy_jump if "proxy_jump" in host_keys_set else None
-    if proxy is None and "proxyjump" in found and str(found["proxyjump"]).lower() != "none":
-        proxy = str(found["proxyjump"])
+    proxy_value = pick("proxy_jump", "proxyjump", None)
+    proxy = None if proxy_value is None or str(proxy_value).lower() == "none" else str(proxy_value)
     return Target(
         hostname=hostname,
         port=port,
