@@ -70,6 +70,13 @@ def probe_host(host: HostConfig, runner: Runner, script: str) -> HostSnapshot:
     )
 
 
+def _outcome(host: HostSnapshot) -> str:
+    secs = f"{host.probe_seconds:.2f}s" if host.probe_seconds is not None else "?"
+    if host.ok:
+        return f"{host.name} ok ({len(host.gpus)} GPUs, {secs})"
+    return f"{host.name} {host.error_kind.value if host.error_kind else 'failed'} ({secs})"
+
+
 class Poller:
     """Polls every configured host in parallel; owns the runners and the thread pool."""
 
@@ -136,11 +143,13 @@ class Poller:
                     )
                 )
         snapshot = FleetSnapshot(taken_at=taken_at, hosts=tuple(results))
+        outcomes = ", ".join(_outcome(h) for h in snapshot.hosts)
         log.info(
-            "poll: %d/%d hosts answered in %.2fs",
+            "poll: %d/%d hosts answered in %.2fs: %s",
             len(snapshot.answered),
             len(snapshot.hosts),
             time.monotonic() - started,
+            outcomes,
         )
         for host in snapshot.down:
             log.info("poll: %s: %s: %s", host.name, host.error_kind.value if host.error_kind else "?", host.error)
