@@ -33,6 +33,14 @@ class ConfigError(Exception):
     """A config problem, said once, with the file and key path. The CLI exits 2 on it."""
 
 
+def from_env(name: str | None, fallback: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret: the environment variable ``name`` when it is set and not empty, else ``fallback``."""
+    env = os.environ if environ is None else environ
+    if name and env.get(name):
+        return env[name]
+    return fallback
+
+
 @dataclass(frozen=True)
 class SshSettings:
     """How to reach a host. Every key can be set under ``ssh:`` and overridden per host."""
@@ -53,10 +61,7 @@ class SshSettings:
 
     def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
         """The password: from ``password_env`` when it is set in the environment, else ``password``."""
-        env = os.environ if environ is None else environ
-        if self.password_env and env.get(self.password_env):
-            return env[self.password_env]
-        return self.password
+        return from_env(self.password_env, self.password, environ)
 
 
 SSH_KEYS = tuple(f for f in SshSettings.__dataclass_fields__)
@@ -88,16 +93,10 @@ class FeishuConfig:
     mentions: Mapping[str, str] = field(default_factory=dict)
 
     def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
-        env = os.environ if environ is None else environ
-        if self.url_env and env.get(self.url_env):
-            return env[self.url_env]
-        return self.url
+        return from_env(self.url_env, self.url, environ)
 
     def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
-        env = os.environ if environ is None else environ
-        if self.secret_env and env.get(self.secret_env):
-            return env[self.secret_env]
-        return self.secret
+        return from_env(self.secret_env, self.secret, environ)
 
 
 @dataclass(frozen=True)
@@ -189,10 +188,7 @@ class EmailConfig:
     ca_file: str | None = None
 
     def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
-        env = os.environ if environ is None else environ
-        if self.password_env and env.get(self.password_env):
-            return env[self.password_env]
-        return self.password
+        return from_env(self.password_env, self.password, environ)
 
 
 @dataclass(frozen=True)
