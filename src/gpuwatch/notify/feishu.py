@@ -408,6 +408,7 @@ class FeishuChannel:
 
         Every attempt waits for the rate limiter and is signed afresh (new timestamp and sign).
         """
+        payload = self._with_keyword(payload)
         attempts = self._settings.max_attempts
         last_reason = "no attempt made"
         last_code: int | None = None
@@ -495,6 +496,30 @@ class FeishuChannel:
             message_fault=code in MESSAGE_FAULT_CODES,
         )
 
+    def _with_keyword(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload carrying ``feishu.keyword`` as it is now.
+
+        A payload kept in the outbox was prepared with the config of its day: one queued before
+        the keyword was set (or changed) after Feishu refused it with 19024 would be refused
+        again forever, and hold back every later message. Such a payload gets the keyword
+        prefixed to its title, as :meth:`prepare` does.
+        """
+        keyword = self._settings.keyword
+        if not keyword or any(keyword in text for text in _text_values(payload)):
+            return payload
+        marker = f"【{keyword}】"
+        body: dict[str, Any] = json.loads(json.dumps(payload))  # a deep copy: the stored payload stays as it is
+        msg_type = body.get("msg_type")
+        if msg_type == "text" and isinstance(body.get("content"), dict):
+            body["content"]["text"] = marker + str(body["content"].get("text", ""))
+        elif msg_type == "post" and isinstance(body.get("content"), dict):
+            for lang in body["content"].get("post", {}).values():
+                lang["title"] = marker + str(lang.get("title", ""))
+        elif msg_type == "interactive" and isinstance(body.get("card"), dict):
+            title = body["card"].setdefault("header", {}).setdefault("title", {"tag": "plain_text", "content": ""})
+            title["content"] = marker + str(title.get("content", ""))
+        return body
+
     def _signed(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         # Drop any stale signature (a payload kept in an outbox) before adding a fresh one.
         body = {k: v for k, v in payload.items() if k not in ("timestamp", "sign")}
@@ -517,6 +542,17 @@ class FeishuChannel:
 def _encode(body: Mapping[str, Any]) -> bytes:
     """The body exactly as sent (and as measured against the size limit)."""
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def _text_values(value: object, key: str | None = None) -> list[str]:
+    """The strings where Feishu looks for a keyword: text, title and content values (never an href)."""
+    if isinstance(value, str):
+        return [value] if key in ("text", "title", "content") else []
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _text_values(v, k)]
+    if isinstance(value, list):
+        return [s for item in value for s in _text_values(item, key)]
+    return []
 
 
 def _reply_code(reply: object) -> int | None:
