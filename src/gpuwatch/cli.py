@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -194,8 +195,11 @@ def cmd_check(config: Config, out: TextIO) -> int:
     return EXIT_OK if failed == 0 else EXIT_FAILED
 
 
-def build_channels(config: Config) -> dict[str, Channel]:
-    """The configured channels, keyed by name (the outbox remembers each message's channel)."""
+def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) -> dict[str, Channel]:
+    """The configured channels, keyed by name (the outbox remembers each message's channel).
+
+    ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short.
+    """
     channels: dict[str, Channel] = {}
     if config.feishu is not None:
         url = config.feishu.resolve_url()
@@ -214,7 +218,7 @@ def build_channels(config: Config) -> dict[str, Channel]:
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        channels["feishu"] = FeishuChannel(feishu)
+        channels["feishu"] = FeishuChannel(feishu, sleep=sleep)
     if config.email is not None:
         email = config.email
         password = email.resolve_password()
@@ -233,12 +237,17 @@ def build_channels(config: Config) -> dict[str, Channel]:
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        channels["email"] = EmailChannel(settings)
+        channels["email"] = EmailChannel(settings, sleep=sleep)
     return channels
 
 
 def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: TextIO) -> int:
-    channels = build_channels(config)
+    stop = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)  # SIGTERM during a Feishu outage must not wait out the retry backoff
+
+    channels = build_channels(config, sleep)
     if dry_run:
         real = channels or {"console": ConsoleChannel(out)}
         channels = {name: DryRunChannel(ch, out, verbose) for name, ch in real.items()}
@@ -255,7 +264,7 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
         outbox = Outbox(open_db(config.state_dir))
         alert_store = AlertStore(outbox.db)
     poller = build_poller(config)
-    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store)
+    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop)
     try:
         if once or dry_run:
             return daemon.run_once()
@@ -263,6 +272,10 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
     finally:
         poller.close()
         outbox.db.close()
+        for channel in channels.values():
+            close = getattr(channel, "close", None)
+            if callable(close):
+                close()
 
 
 def _copy_alert_state(config: Config, target: AlertStore) -> None:
@@ -324,10 +337,14 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
         return EXIT_OK
     if not rows:
         out.write("no alerts firing\n")
+    by_id = {s.id: s for s in silences}
     for record, by in rows:
         state = record.state.upper() + (f" (silenced by #{', #'.join(map(str, by))})" if by else "")
         out.write(f"{state:<10} {record.key.rule}  {record.summary}\n")
         out.write(f"           since {_fmt_time(record.since)}; threshold: {record.threshold}\n")
+        for sid in by:
+            silence = by_id[sid]
+            out.write(f"           silence #{sid} until {_fmt_time(silence.ends_at)}: {silence.comment}\n")
     return EXIT_OK
 
 
@@ -345,6 +362,8 @@ def cmd_silence(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"silence add --host: {args.host!r} is not a configured host{hint}")
             seconds = parse_duration(args.duration, "--for")
+            if seconds <= 0:
+                raise ConfigError("silence add --for: must be longer than 0s, e.g. 2h, 24h, 7d")
             silence = store.add_silence(
                 ends_at=now + seconds,
                 comment=args.comment,

@@ -636,6 +636,8 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
     if not isinstance(doc, Mapping):
         raise ConfigError(f"top level: expected a mapping of keys (hosts:, ssh:, ...), got {_type_name(doc)}")
     doc = _merge_legacy(dict(doc))
+    if "routes" in doc:
+        raise ConfigError("routes: belongs under alerts: (alerts.routes), e.g. alerts: {routes: {default: [feishu]}}")
     _check_keys(doc, TOP_KEYS, "")
     base = path.parent if path else Path.cwd()
     ssh = _parse_ssh(doc.get("ssh"), base)

@@ -123,9 +123,16 @@ class Daemon:
             log.info("outbox: %d sent, %d still waiting, %d refused for good", result.sent, result.failed, result.dead)
         return result
 
+    def report_channels(self) -> list[str]:
+        """Scheduled reports go to the chat channels: e-mail carries alerts only (as routed), so an
+        inbox gets what the admin asked to be alerted about, not an overview every hour. With
+        e-mail as the only channel, reports go there: a configured report is never dropped."""
+        chat = [name for name in self.channels if name != "email"]
+        return chat or list(self.channels)
+
     def report(self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None) -> None:
         snapshot = snapshot or self.fresh_snapshot()
-        self.enqueue(build_report(spec.report, snapshot, self.config.free_gpu, spec.user))
+        self.enqueue(build_report(spec.report, snapshot, self.config.free_gpu, spec.user), self.report_channels())
 
     # -- jobs (never raise: one failed cycle must not stop the daemon)
 
@@ -138,7 +145,7 @@ class Daemon:
                 func(*args)
             except Exception:
                 log.exception("%s failed; going on with the next cycle", what)
-            log.debug("%s took %.2fs", what, time.monotonic() - started)
+            log.info("cycle: %s took %.2fs", what, time.monotonic() - started)
 
         return job
 

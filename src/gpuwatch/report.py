@@ -168,6 +168,13 @@ def _where(key: AlertKey) -> str:
     return ", ".join(parts)
 
 
+def _key_order(key: AlertKey) -> tuple[str, str, int, str, int, str]:
+    """Rule, host, GPU, user, pid: never comparing an unset field with a set one (None < 1 fails)."""
+    gpu = -1 if key.gpu is None else key.gpu
+    pid = -1 if key.pid is None else key.pid
+    return (key.rule, key.host, gpu, key.user or "", pid, key.detail or "")
+
+
 def alert_block(t: Transition, tz: tzinfo = timezone.utc) -> str:
     r = t.record
     head = f"{_LABELS.get(t.kind, t.kind.upper())} {r.key.rule} ({_where(r.key)})"
@@ -190,7 +197,7 @@ def alert_message(
     if not transitions and not notices:
         return None
     order = {"firing": 0, "reminder": 1, "resolved": 2}
-    ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), t.record.key))
+    ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), _key_order(t.record.key)))
     firing = sum(t.kind != "resolved" for t in ordered)
     resolved = len(ordered) - firing
     counts = [f"{firing} firing"] if firing else []

@@ -28,12 +28,19 @@ GPU_ERROR_KINDS = frozenset(
         HostErrorKind.NO_DEVICES,
     }
 )
-# Failures after which we know what nvidia-smi said (the host was reached).
-REACHED_KINDS = GPU_ERROR_KINDS | {
-    HostErrorKind.NVIDIA_SMI_NOT_FOUND,
-    HostErrorKind.PERMISSION_DENIED,
-    HostErrorKind.PROBE_FAILED,
-}
+# Failures that still say what state the GPUs are in (a GPU error replaces an earlier one). Any
+# other failure (unreachable, a timeout, nvidia-smi failing for another reason, no permission)
+# says nothing about them: it must not resolve a GPU error.
+REACHED_KINDS = GPU_ERROR_KINDS
+# Rules about who runs what: they need the host's full process list and every owner.
+PROCESS_RULES = frozenset({"max_gpus_per_user", "max_gpus_per_user_fleet", "max_runtime"})
+
+
+def processes_known(host: HostSnapshot) -> bool:
+    """Did this poll learn every GPU process and its owner? Not when the host did not answer, nor
+    when its process query or ps failed (a ``probe_failed`` warning beside the GPU rows): then who
+    runs what is unknown, which must never read as "nobody"."""
+    return host.ok and not any(w.kind is HostErrorKind.PROBE_FAILED for w in host.warnings)
 
 
 @dataclass(frozen=True, order=True)
@@ -116,15 +123,19 @@ class Evaluation:
     answered: frozenset[str]
     reached: frozenset[str]
     all_answered: bool
+    known_processes: frozenset[str] = frozenset()  # hosts whose processes and owners are all known
+    all_processes_known: bool = False
 
     def covers(self, key: AlertKey) -> bool:
         """Was this alert's condition actually evaluated? Only then may its absence resolve it."""
         if key.rule == "host_down":
             return True
         if key.host == FLEET:
-            return self.all_answered
+            return self.all_processes_known if key.rule in PROCESS_RULES else self.all_answered
         if key.rule == "gpu_error":
             return key.host in self.reached
+        if key.rule in PROCESS_RULES:
+            return key.host in self.known_processes
         return key.host in self.answered
 
 
@@ -270,7 +281,7 @@ def evaluate(snapshot: FleetSnapshot, cfg: AlertsConfig, memory: Memory, thresho
                     )
                 )
 
-        if cfg.gpu_freed_users:
+        if cfg.gpu_freed_users and processes_known(host):  # unknown processes: neither freed nor ended
             notices += _freed_notices(host, cfg.gpu_freed_users, busy.get(name), jobs.get(name), thresholds)
             busy[name] = tuple(g.index for g in host.gpus if not is_free(g, host.processes_on(g), thresholds))
             jobs[name] = {
@@ -305,6 +316,8 @@ def evaluate(snapshot: FleetSnapshot, cfg: AlertsConfig, memory: Memory, thresho
         answered=answered,
         reached=frozenset(reached),
         all_answered=len(answered) == len(snapshot.hosts),
+        known_processes=frozenset(h.name for h in snapshot.hosts if processes_known(h)),
+        all_processes_known=all(processes_known(h) for h in snapshot.hosts),
     )
 
 

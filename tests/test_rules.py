@@ -1,0 +1,873 @@
+"""The alert rules and their lifecycle as pure timelines: snapshots in, transitions out.
+
+Every snapshot is built from real captures: GPU rows and compute-app rows come from the files in
+tests/fixtures/ (stacked into multi-GPU hosts by the helpers of tests/fleet.py, which rewrite only
+the index/uuid/bus-id cells), error output from the real error captures, and the owners are the
+``PsEntry`` records a test gives (what ``ps`` on the host would say), joined by ``parse.attribute``.
+The clock is explicit: each step says what time it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fleet import (
+    ERR_GPU_LOST,
+    ERR_NO_DRIVER,
+    ERR_UNKNOWN_SPACE,
+    ERR_VERSION_MISMATCH,
+    ERR_VERSION_MISMATCH_NVML,
+    ERROR_EXIT_CODES,
+    H100_IDLE_QUERY,
+    H100_LOAD_APPS,
+    H100_LOAD_QUERY,
+    L40S_APPS,
+    L40S_QUERY,
+    MIG_APPS,
+    MIG_QUERY,
+    _stack_gpus,
+    capture_bytes,
+    capture_pids,
+    gpu_uuid,
+)
+from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, parse_config
+from gpuwatch.model import FleetSnapshot, HostErrorKind, HostSnapshot, PsEntry
+from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
+from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
+from gpuwatch.probe import PROBE_MARKER, snapshot_from_output
+from gpuwatch.report import alert_message
+from gpuwatch.rules import AlertKey, AlertRecord, Memory, Notice, Silence, Transition, advance, evaluate, silence_check
+from gpuwatch.store import AlertStore, open_db
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
+UNRELATED_FAILURE = "errors/nvgpuexp-h100-mig-linux-590.48.01-nvlink-s-mig-not-supported.txt"
+T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+MIN, HOUR, DAY = 60.0, 3600.0, 86400.0
+H100_PIDS = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]: two memhog, one gpu_burn
+
+
+# ---------------------------------------------------------------- snapshots from real captures
+
+
+@dataclass(frozen=True)
+class Job:
+    """A process ps would report: it takes the next captured compute-app row of its GPU."""
+
+    user: str
+    pid: int
+    gpu: int
+    elapsed: int = 600
+    command: str = "python3 train.py --epochs 90"
+
+    def ps(self) -> PsEntry:
+        return PsEntry(pid=self.pid, user=self.user, elapsed_seconds=self.elapsed, command=self.command)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A host's nvidia-smi output stacked from capture rows, and what ps says about its pids."""
+
+    name: str
+    query: str  # --query-gpu CSV
+    apps: str  # --query-compute-apps CSV
+    ps: dict[int, PsEntry]
+
+    def snapshot(self) -> HostSnapshot:
+        gpus, issues = parse_query_gpu(self.query)
+        assert issues == []
+        apps, issues = parse_compute_apps(self.apps)
+        assert issues == []
+        processes = attribute(gpus, apps, self.ps)
+        return HostSnapshot(name=self.name, address=self.name, ok=True, gpus=tuple(gpus), processes=processes)
+
+
+def _stack(name: str, rows: Sequence[tuple[str, int]], apps: Sequence[tuple[str, int]], jobs: Iterable[Job]) -> Stacked:
+    """GPUs and compute apps stacked from capture rows (tests/fleet.py). Job k of a GPU takes that
+    GPU's k-th captured process row: its pid cell is rewritten, as the stand-in's ``pids`` file does.
+    Rows no job takes keep their captured pid, which ps does not see (owner unknown)."""
+    query, compute_apps, _ = _stack_gpus(Path(name), rows, apps)
+    header, *lines = compute_apps.splitlines()
+    columns = [cell.split(" [", 1)[0] for cell in header.split(", ")]
+    pid_col, uuid_col = columns.index("pid"), columns.index("gpu_uuid")
+    by_uuid = {gpu_uuid(Path(name), i): i for i in range(len(rows))}
+    per_gpu: dict[int, list[Job]] = {}
+    for job in jobs:
+        per_gpu.setdefault(job.gpu, []).append(job)
+    taken: dict[int, int] = {}
+    out, ps = [header], {}
+    for line in lines:
+        cells = line.split(", ")  # pid and gpu_uuid come before process_name in these captures
+        gpu = by_uuid[cells[uuid_col]]
+        k = taken[gpu] = taken.get(gpu, -1) + 1
+        mine = per_gpu.get(gpu, [])
+        if k < len(mine):
+            cells[pid_col] = str(mine[k].pid)
+            ps[mine[k].pid] = mine[k].ps()
+        out.append(", ".join(cells))
+    return Stacked(name, query, "\n".join(out) + "\n", ps)
+
+
+def h100_stack(name: str, jobs: Iterable[Job] = (), n_gpus: int = 4) -> Stacked:
+    """An H100 box: a GPU with jobs replays the real *load* rows (100 %, 19818 MiB, 59 C, and the
+    capture's three processes), the others the real *idle* row (0 %, 0 MiB, 41 C, no process)."""
+    jobs = list(jobs)
+    busy = sorted({j.gpu for j in jobs})
+    rows = [((H100_LOAD_QUERY if i in busy else H100_IDLE_QUERY), 0) for i in range(n_gpus)]
+    return _stack(name, rows, [(H100_LOAD_APPS, g) for g in busy], jobs)
+
+
+def h100_host(name: str, jobs: Iterable[Job] = (), n_gpus: int = 4) -> HostSnapshot:
+    return h100_stack(name, jobs, n_gpus).snapshot()
+
+
+def l40s_host(name: str, jobs: Iterable[Job] = ()) -> HostSnapshot:
+    """One L40S under a light load (9 %, 1235 MiB held, two ffmpeg processes)."""
+    return _stack(name, [(L40S_QUERY, 0)], [(L40S_APPS, 0)], jobs).snapshot()
+
+
+def mig_host(name: str, jobs: Iterable[Job] = ()) -> HostSnapshot:
+    """One H100 in MIG mode: utilization [N/A], 11125 MiB held, three processes."""
+    return _stack(name, [(MIG_QUERY, 0)], [(MIG_APPS, 0)], jobs).snapshot()
+
+
+def error_host(name: str, capture: str) -> HostSnapshot:
+    """A host whose nvidia-smi printed a real error capture (classified as the probe does)."""
+    issue = classify_nvidia_smi_error(capture_bytes(capture).decode(), ERROR_EXIT_CODES.get(capture, 255))
+    assert issue is not None
+    return HostSnapshot.failed(name, name, issue.kind, issue.message)
+
+
+def down(name: str) -> HostSnapshot:
+    return HostSnapshot.failed(
+        name, name, HostErrorKind.UNREACHABLE, f"connection refused by {name}:22 (is sshd running on that port?)"
+    )
+
+
+def probe_output(host: Stacked, *, apps_exit: int = 0, ps_exit: int | None = 0, ps_text: str | None = None) -> str:
+    """What the probe script prints for ``host``, with the exit status of its compute-apps and ps
+    steps chosen: to make a host that answers, but only in part (probe.snapshot_from_output reads it)."""
+    apps = "" if apps_exit != 0 else host.apps
+    if ps_text is None:
+        ps_text = "".join(f"{e.pid:>7} {e.user:<64} {e.elapsed_seconds:>8} {e.command}\n" for e in host.ps.values())
+    lines = [PROBE_MARKER, "@@begin gpu", host.query, "@@end gpu 0", "@@begin apps", apps, f"@@end apps {apps_exit}"]
+    lines += ["@@begin ps", ps_text]
+    if ps_exit is not None:
+        lines.append(f"@@end ps {ps_exit}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the engine with an explicit clock
+
+
+def alerts_config(**alerts: Any) -> AlertsConfig:
+    """AlertsConfig exactly as the config file's ``alerts:`` section would give it."""
+    return parse_config({"hosts": ["gpu-a"], "alerts": alerts}).alerts
+
+
+class Engine:
+    """evaluate() + advance() poll after poll, as the daemon runs them, with persistence optional."""
+
+    def __init__(self, cfg: AlertsConfig, *, free: FreeGpuConfig = FreeGpuConfig(), store: AlertStore | None = None):
+        self.cfg = cfg
+        self.free = free
+        self.store = store
+        self.records: dict[str, AlertRecord] = {}
+        self.memory = Memory()
+        self.silences: list[Silence] = []
+        self.notices: list[Notice] = []
+
+    def step(self, now: float, *hosts: HostSnapshot) -> list[Transition]:
+        if self.store is not None:
+            self.records, self.memory = self.store.records(), self.store.memory()
+            self.silences = self.store.silences(now)
+        snapshot = FleetSnapshot(taken_at=datetime.fromtimestamp(now, timezone.utc), hosts=hosts)
+        evaluation = evaluate(snapshot, self.cfg, self.memory, self.free)
+        self.records, transitions = advance(self.records, evaluation, now, self.cfg, silence_check(self.silences))
+        self.memory = evaluation.memory
+        self.notices = list(evaluation.notices)
+        if self.store is not None:
+            self.store.save(self.records, self.memory)
+        return transitions
+
+    def firing(self) -> list[str]:
+        return sorted(k for k, r in self.records.items() if r.state == "firing")
+
+
+def kinds(transitions: Iterable[Transition]) -> list[tuple[str, str]]:
+    return sorted((t.kind, t.record.key.id) for t in transitions)
+
+
+def alice(gpus: Iterable[int], elapsed: int = 600, first_pid: int = 4100) -> list[Job]:
+    return [Job("alice", first_pid + g, g, elapsed) for g in gpus]
+
+
+# ---------------------------------------------------------------- the builders themselves
+
+
+def test_builders_replay_real_rows_and_the_given_owners() -> None:
+    host = h100_host("gpu-a", [Job("alice", 4100, 0, 90), Job("bob", 4200, 0, 30), Job("alice", 4102, 2)])
+    assert [g.index for g in host.gpus] == [0, 1, 2, 3]
+    assert (host.gpus[0].utilization_percent, host.gpus[0].memory_used_mib, host.gpus[0].temperature_c) == (
+        100,
+        19818,
+        59,
+    )
+    assert (host.gpus[1].utilization_percent, host.gpus[1].memory_used_mib) == (0, 0)
+    on0 = {p.pid: p for p in host.processes_on(host.gpus[0])}
+    assert on0[4100].user == "alice" and on0[4100].used_memory_mib == 2566 and on0[4100].runtime_seconds == 90
+    assert on0[4200].user == "bob" and on0[4200].used_memory_mib == 1542
+    assert on0[H100_PIDS[2]].user is None  # the captured gpu_burn: ps does not see it
+    assert host.processes_on(host.gpus[1]) == ()
+    assert {p.pid for p in host.processes_on(host.gpus[2])} == {4102, H100_PIDS[1], H100_PIDS[2]}
+
+
+# ---------------------------------------------------------------- fire once, remind, resolve
+
+
+def test_fires_once_reminds_exactly_after_repeat_every_and_resolves_once() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, max_runtime="72h", repeat_every="4h"))
+    over = h100_host("gpu-a", alice([0, 1, 2]))
+    fired = engine.step(T0, over)
+    assert kinds(fired) == [("firing", "max_gpus_per_user|gpu-a||alice||")]
+    (t,) = fired
+    assert t.record.value == "3 GPUs" and t.record.threshold == "at most 2 per host"
+    assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in t.record.summary
+
+    # every minute for 4 hours minus one poll: nothing at all
+    for minute in range(1, 240):
+        assert engine.step(T0 + minute * MIN, over) == [], minute
+    reminded = engine.step(T0 + 4 * HOUR, over)
+    assert kinds(reminded) == [("reminder", "max_gpus_per_user|gpu-a||alice||")]
+    assert reminded[0].record.since == T0  # the alert's age, not the reminder's
+    assert engine.step(T0 + 4 * HOUR + MIN, over) == []
+    assert engine.step(T0 + 8 * HOUR - MIN, over) == []
+    assert kinds(engine.step(T0 + 8 * HOUR, over)) == [("reminder", "max_gpus_per_user|gpu-a||alice||")]
+
+    fixed = h100_host("gpu-a", alice([0, 1]))  # the admin's rule is kept again
+    resolved = engine.step(T0 + 9 * HOUR, fixed)
+    assert kinds(resolved) == [("resolved", "max_gpus_per_user|gpu-a||alice||")]
+    assert resolved[0].record.fired_at == T0
+    assert engine.records == {}
+    for minute in range(1, 30):
+        assert engine.step(T0 + 9 * HOUR + minute * MIN, fixed) == []
+
+
+def test_send_resolved_false_says_nothing_when_it_clears() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, send_resolved=False))
+    assert len(engine.step(T0, h100_host("gpu-a", alice([0, 1, 2])))) == 1
+    assert engine.step(T0 + MIN, h100_host("gpu-a", alice([0]))) == []
+    assert engine.records == {}
+
+
+def test_identity_ignores_values_that_change_from_poll_to_poll() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, max_runtime="72h", temperature_above=55))
+    three_days = int(3 * DAY)
+    first = engine.step(T0, h100_host("gpu-a", alice([0, 1, 2], elapsed=three_days + 1)))
+    assert kinds(first) == [
+        ("firing", "max_gpus_per_user|gpu-a||alice||"),
+        ("firing", "max_runtime|gpu-a||alice|4100|"),
+        ("firing", "max_runtime|gpu-a||alice|4101|"),
+        ("firing", "max_runtime|gpu-a||alice|4102|"),
+        ("firing", "temperature_above|gpu-a|0|||"),
+        ("firing", "temperature_above|gpu-a|1|||"),
+        ("firing", "temperature_above|gpu-a|2|||"),
+    ]
+    # The runtimes grow, alice takes a fourth GPU (with a young job), the readings move: the same
+    # alerts, nothing new, except the new GPU's own temperature, which is a new alert.
+    second = engine.step(
+        T0 + MIN, h100_host("gpu-a", [*alice([0, 1, 2], elapsed=three_days + 61), Job("alice", 4103, 3, 5)])
+    )
+    assert kinds(second) == [("firing", "temperature_above|gpu-a|3|||")]
+    for minute in range(2, 20):
+        jobs = [*alice([0, 1, 2], elapsed=three_days + 1 + minute * 60), Job("alice", 4103, 3, minute * 60)]
+        assert engine.step(T0 + minute * MIN, h100_host("gpu-a", jobs)) == []
+    record = engine.records["max_gpus_per_user|gpu-a||alice||"]
+    assert record.value == "4 GPUs" and "GPU 0, 1, 2, 3" in record.summary  # the text follows the readings
+    assert record.since == T0 and record.last_sent_at == T0
+    assert engine.records["max_runtime|gpu-a||alice|4100|"].value == "3d19m"
+
+
+def test_max_runtime_is_one_alert_per_process_and_a_new_job_is_a_new_alert() -> None:
+    engine = Engine(alerts_config(max_runtime="72h"))
+    old = Job("alice", 4100, 0, int(3 * DAY) + 5)
+    young = Job("alice", 4101, 1, 3600)
+    assert kinds(engine.step(T0, h100_host("gpu-a", [old, young]))) == [("firing", "max_runtime|gpu-a||alice|4100|")]
+    # alice restarts the long job under a new pid: the old alert resolves, a new one fires only when
+    # the new process has run too long itself.
+    restarted = Job("alice", 4300, 0, 60)
+    assert kinds(engine.step(T0 + MIN, h100_host("gpu-a", [restarted, young]))) == [
+        ("resolved", "max_runtime|gpu-a||alice|4100|")
+    ]
+    assert engine.step(T0 + 2 * MIN, h100_host("gpu-a", [replace(restarted, elapsed=int(3 * DAY)), young])) == []
+    assert kinds(engine.step(T0 + 3 * MIN, h100_host("gpu-a", [replace(restarted, elapsed=int(3 * DAY) + 1)]))) == [
+        ("firing", "max_runtime|gpu-a||alice|4300|")
+    ]
+
+
+# ---------------------------------------------------------------- `for`: flapping is held back
+
+
+def test_for_holds_back_a_flapping_condition_and_fires_once_it_held() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, **{"for": "5m"}))
+    over, ok = h100_host("gpu-a", alice([0, 1, 2])), h100_host("gpu-a", alice([0]))
+    for minute in range(30):  # true / false / true / ... at one-minute polls
+        assert engine.step(T0 + minute * MIN, over if minute % 2 == 0 else ok) == []
+    assert engine.firing() == []
+    start = T0 + 30 * MIN
+    for minute in range(5):  # now it holds: pending from `start`
+        assert engine.step(start + minute * MIN, over) == []
+        assert engine.records["max_gpus_per_user|gpu-a||alice||"].state == "pending"
+    fired = engine.step(start + 5 * MIN, over)
+    assert kinds(fired) == [("firing", "max_gpus_per_user|gpu-a||alice||")]
+    assert fired[0].record.since == start and fired[0].record.fired_at == start + 5 * MIN
+
+
+def test_a_pending_alert_that_clears_is_forgotten_silently() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, **{"for": "5m"}))
+    assert engine.step(T0, h100_host("gpu-a", alice([0, 1, 2]))) == []
+    assert engine.step(T0 + MIN, h100_host("gpu-a", alice([0]))) == []
+    assert engine.records == {}
+
+
+# ---------------------------------------------------------------- hosts that do not answer
+
+
+def test_host_down_after_n_failed_polls_and_resolved_when_back() -> None:
+    engine = Engine(alerts_config(host_down={"after": 3}))
+    assert engine.step(T0, h100_host("gpu-a"), h100_host("gpu-b")) == []
+    assert engine.step(T0 + MIN, h100_host("gpu-a"), down("gpu-b")) == []
+    assert engine.step(T0 + 2 * MIN, h100_host("gpu-a"), down("gpu-b")) == []
+    fired = engine.step(T0 + 3 * MIN, h100_host("gpu-a"), down("gpu-b"))
+    assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
+    assert "connection refused" in fired[0].record.summary and fired[0].record.threshold == "alert after 3"
+    for minute in range(4, 30):
+        assert engine.step(T0 + minute * MIN, h100_host("gpu-a"), down("gpu-b")) == []
+    assert kinds(engine.step(T0 + 30 * MIN, h100_host("gpu-a"), h100_host("gpu-b"))) == [
+        ("resolved", "host_down|gpu-b||||")
+    ]
+    # the count starts again from zero after the host answered
+    assert engine.step(T0 + 31 * MIN, h100_host("gpu-a"), down("gpu-b")) == []
+    assert engine.step(T0 + 32 * MIN, h100_host("gpu-a"), down("gpu-b")) == []
+
+
+def test_a_failed_poll_resolves_nothing() -> None:
+    cfg = alerts_config(
+        max_gpus_per_user=2,
+        max_gpus_per_user_fleet=4,
+        max_runtime="72h",
+        temperature_above=55,
+        idle_gpu={"after": "0s", "util_below": 10, "memory_above_mib": 1024},
+        host_down={"after": 3},
+    )
+    engine = Engine(cfg)
+    old = int(3 * DAY) + 60
+    a_over = h100_host("gpu-a", alice([0, 1, 2], elapsed=old))
+    b_over = h100_host("gpu-b", alice([0, 1], first_pid=5100))
+    c_idle = l40s_host("gpu-c", [Job("bob", 6100, 0)])
+    fired = engine.step(T0, a_over, b_over, c_idle)
+    before = engine.firing()
+    assert "max_gpus_per_user_fleet|*||alice||" in before  # 5 GPUs in the fleet
+    assert {"idle_gpu|gpu-c|0|||", "max_gpus_per_user|gpu-a||alice||", "max_runtime|gpu-a||alice|4100|"} <= set(before)
+    assert len(fired) == len(before)
+
+    # gpu-a stops answering: its GPU alerts stay, and so does the fleet-wide alert (alice's GPUs on
+    # gpu-a are not known to be free); nothing resolves, nothing fires again.
+    for minute in range(1, 3):
+        assert engine.step(T0 + minute * MIN, down("gpu-a"), b_over, c_idle) == []
+    assert engine.firing() == before
+    # gpu-c fails with a GPU error instead: its idle alert stays too (the GPU error is its own alert)
+    steps = engine.step(T0 + 3 * MIN, down("gpu-a"), b_over, error_host("gpu-c", ERR_NO_DRIVER))
+    assert kinds(steps) == [("firing", "host_down|gpu-a||||")]
+    assert set(before) < set(engine.firing())
+
+    # back, unchanged: no duplicate of anything; only host_down resolves
+    back = engine.step(T0 + 4 * MIN, a_over, b_over, c_idle)
+    assert kinds(back) == [("resolved", "host_down|gpu-a||||")]
+    assert engine.firing() == before
+    # back and fixed: now they resolve
+    fixed = engine.step(T0 + 5 * MIN, h100_host("gpu-a", alice([0])), b_over, l40s_host("gpu-c"))
+    assert kinds(fixed) == [
+        ("resolved", "max_gpus_per_user_fleet|*||alice||"),
+        ("resolved", "max_gpus_per_user|gpu-a||alice||"),
+        ("resolved", "max_runtime|gpu-a||alice|4100|"),
+        ("resolved", "max_runtime|gpu-a||alice|4101|"),
+        ("resolved", "max_runtime|gpu-a||alice|4102|"),
+        ("resolved", "temperature_above|gpu-a|1|||"),
+        ("resolved", "temperature_above|gpu-a|2|||"),
+    ]  # still true, still firing: gpu-a GPU 0 and gpu-b's heat, gpu-c's idle memory
+
+
+def test_a_host_whose_ps_or_process_query_failed_resolves_no_process_alert() -> None:
+    """A host that answers but whose process list or owners are unknown (the ps or compute-apps
+    step failed or timed out) is, for the process rules, a failed poll: nothing about who runs
+    what may resolve, and no job has 'ended'."""
+    cfg = alerts_config(
+        max_gpus_per_user=2, max_gpus_per_user_fleet=2, max_runtime="72h", gpu_freed={"users": ["alice"]}
+    )
+    engine = Engine(cfg)
+    over = h100_stack("gpu-a", alice([0, 1, 2], elapsed=int(3 * DAY) + 60))
+    real = snapshot_from_output("gpu-a", "gpu-a", probe_output(over))
+    assert real == replace(over.snapshot(), probe_seconds=None)  # the probe's reading of it: the same
+    assert real.ok and real.warnings == () and {p.user for p in real.processes} == {"alice", None}
+    fired = engine.step(T0, real)
+    assert len(fired) == 5  # per host, fleet-wide, three runtimes
+    before = engine.firing()
+
+    ps_timed_out = snapshot_from_output("gpu-a", "gpu-a", probe_output(over, ps_exit=124, ps_text=""))
+    assert ps_timed_out.ok and {p.user for p in ps_timed_out.processes} == {None}
+    assert [w.kind for w in ps_timed_out.warnings] == [HostErrorKind.PROBE_FAILED]
+    apps_failed = snapshot_from_output("gpu-a", "gpu-a", probe_output(over, apps_exit=124, ps_text=""))
+    assert apps_failed.ok and apps_failed.processes == ()
+    for minute, partial in enumerate([ps_timed_out, apps_failed, ps_timed_out], start=1):
+        assert engine.step(T0 + minute * MIN, partial) == []
+        assert engine.notices == []  # alice's jobs have not "ended", her GPUs are not "free"
+        assert engine.firing() == before
+    assert engine.step(T0 + 5 * MIN, real) == []
+    gone = engine.step(T0 + 6 * MIN, snapshot_from_output("gpu-a", "gpu-a", probe_output(h100_stack("gpu-a"))))
+    assert {k for k, _ in kinds(gone)} == {"resolved"} and len(gone) == 5
+    assert len([n for n in engine.notices if "has ended" in n.text]) == 3
+
+
+# ---------------------------------------------------------------- GPUs: missing, errors, idle, MIG, heat
+
+
+def test_gpu_missing_when_a_host_reports_fewer_gpus() -> None:
+    engine = Engine(alerts_config(gpu_missing=True))
+    assert engine.step(T0, h100_host("gpu-a", n_gpus=4)) == []
+    fired = engine.step(T0 + MIN, h100_host("gpu-a", n_gpus=3))
+    assert kinds(fired) == [("firing", "gpu_missing|gpu-a||||")]
+    assert fired[0].record.value == "3 GPUs" and fired[0].record.threshold == "4 GPUs seen before"
+    assert engine.step(T0 + 2 * MIN, down("gpu-a")) == []  # neither resolved nor a new baseline
+    assert engine.step(T0 + 3 * MIN, h100_host("gpu-a", n_gpus=2)) == []  # the same alert, worse
+    assert kinds(engine.step(T0 + 4 * MIN, h100_host("gpu-a", n_gpus=4))) == [("resolved", "gpu_missing|gpu-a||||")]
+
+
+@pytest.mark.parametrize(
+    ("capture", "kind"),
+    [
+        (ERR_GPU_LOST, "gpu_lost"),
+        (ERR_VERSION_MISMATCH, "driver_mismatch"),
+        (ERR_VERSION_MISMATCH_NVML, "driver_mismatch"),
+        (ERR_NO_DRIVER, "driver_not_loaded"),
+    ],
+)
+def test_gpu_error_from_a_real_error_capture(capture: str, kind: str) -> None:
+    engine = Engine(alerts_config(gpu_error=True))
+    assert engine.step(T0, h100_host("gpu-a")) == []
+    broken = error_host("gpu-a", capture)
+    fired = engine.step(T0 + MIN, broken)
+    assert kinds(fired) == [("firing", f"gpu_error|gpu-a||||{kind}")]
+    assert broken.error and broken.error in fired[0].record.summary
+    assert engine.step(T0 + 2 * MIN, broken) == []
+    assert engine.step(T0 + 3 * MIN, down("gpu-a")) == []  # unreachable says nothing about the GPUs
+    # nor does nvidia-smi failing for another reason (a real capture of an unrelated failure)
+    other = classify_nvidia_smi_error((FIXTURES / UNRELATED_FAILURE).read_text(), 255)
+    assert other is not None and other.kind is HostErrorKind.PROBE_FAILED
+    assert engine.step(T0 + 3 * MIN + 30, HostSnapshot.failed("gpu-a", "gpu-a", other.kind, other.message)) == []
+    assert engine.firing() == [f"gpu_error|gpu-a||||{kind}"]
+    assert kinds(engine.step(T0 + 4 * MIN, h100_host("gpu-a"))) == [("resolved", f"gpu_error|gpu-a||||{kind}")]
+
+
+def test_gpu_error_from_a_lost_gpu_beside_good_rows() -> None:
+    # Derived from real lines: two stacked H100 rows with the real "unknown error" line of a
+    # lost GPU printed between them, as nvidia-smi does (cf. test_parse).
+    query, _, _ = _stack_gpus(Path("gpu-a"), [(H100_LOAD_QUERY, 0), (H100_IDLE_QUERY, 0)], [])
+    header, row0, row1 = query.strip().split("\n")
+    lost_line = capture_bytes(ERR_UNKNOWN_SPACE).decode().strip()
+    gpus, issues = parse_query_gpu("\n".join([header, row0, lost_line, row1]) + "\n")
+    assert [g.index for g in gpus] == [0, 1] and [i.kind for i in issues] == [HostErrorKind.GPU_LOST]
+    lost = HostSnapshot("gpu-a", "gpu-a", ok=True, gpus=tuple(gpus), warnings=tuple(issues))
+
+    engine = Engine(alerts_config(gpu_error=True, gpu_missing=True))
+    assert engine.step(T0, h100_host("gpu-a", n_gpus=3)) == []
+    fired = engine.step(T0 + MIN, lost)
+    assert kinds(fired) == [("firing", "gpu_error|gpu-a||||gpu_lost"), ("firing", "gpu_missing|gpu-a||||")]
+    assert engine.step(T0 + 2 * MIN, lost) == []
+    assert [k for k, _ in kinds(engine.step(T0 + 3 * MIN, h100_host("gpu-a", n_gpus=3)))] == ["resolved", "resolved"]
+
+
+def test_idle_gpu_fires_after_its_after() -> None:
+    cfg = alerts_config(idle_gpu={"after": "30m", "util_below": 10, "memory_above_mib": 1024})
+    engine = Engine(cfg)
+    idle = l40s_host("gpu-c", [Job("bob", 6100, 0, command="ffmpeg -i in.mp4 out.mkv")])
+    assert (idle.gpus[0].utilization_percent, idle.gpus[0].memory_used_mib) == (9, 1235)  # the real reading
+    for minute in range(30):
+        assert engine.step(T0 + minute * MIN, idle) == []
+    fired = engine.step(T0 + 30 * MIN, idle)
+    assert kinds(fired) == [("firing", "idle_gpu|gpu-c|0|||")]
+    assert "bob" in fired[0].record.summary and "pid 20038" in fired[0].record.summary  # who holds it
+    assert fired[0].record.threshold == "idle (<10%) with >1024 MiB for 30m"
+    # busy again for one poll: resolved, and the 30 minutes start over
+    assert kinds(engine.step(T0 + 31 * MIN, h100_host("gpu-c", alice([0]), n_gpus=1))) == [
+        ("resolved", "idle_gpu|gpu-c|0|||")
+    ]
+    assert engine.step(T0 + 32 * MIN, idle) == []
+    assert engine.step(T0 + 61 * MIN, idle) == []
+    assert len(engine.step(T0 + 62 * MIN, idle)) == 1
+
+
+def test_a_mig_gpu_is_never_idle() -> None:
+    engine = Engine(alerts_config(idle_gpu={"after": "0s", "util_below": 101, "memory_above_mib": 0}))
+    mig = mig_host("gpu-m", [Job("alice", 7100, 0)])
+    assert mig.gpus[0].utilization_percent is None and mig.gpus[0].memory_used_mib == 11125
+    for hour in range(48):
+        assert engine.step(T0 + hour * HOUR, mig) == []
+    assert engine.records == {}
+
+
+def test_temperature_above() -> None:
+    engine = Engine(alerts_config(temperature_above=55))
+    fired = engine.step(T0, h100_host("gpu-a", alice([1])))
+    assert kinds(fired) == [("firing", "temperature_above|gpu-a|1|||")]  # 59 C under load; idle ones 41 C
+    assert fired[0].record.value == "59°C" and fired[0].record.threshold == "at most 55°C"
+    assert kinds(engine.step(T0 + MIN, h100_host("gpu-a"))) == [("resolved", "temperature_above|gpu-a|1|||")]
+
+
+def test_fleet_wide_limit_counts_gpus_on_every_host() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, max_gpus_per_user_fleet=3))
+    a, b = h100_host("gpu-a", alice([0, 1])), h100_host("gpu-b", alice([2, 3], first_pid=5100))
+    fired = engine.step(T0, a, b)
+    assert kinds(fired) == [("firing", "max_gpus_per_user_fleet|*||alice||")]
+    assert "4 GPUs across the fleet (gpu-a, gpu-b)" in fired[0].record.summary
+    assert kinds(engine.step(T0 + MIN, a, h100_host("gpu-b", alice([2], first_pid=5100)))) == [
+        ("resolved", "max_gpus_per_user_fleet|*||alice||")
+    ]
+
+
+# ---------------------------------------------------------------- gpu_freed notices
+
+
+def test_gpu_freed_tells_the_watched_users_and_never_when_the_host_is_down() -> None:
+    engine = Engine(alerts_config(gpu_freed={"users": ["alice", "carol"]}))
+    job = Job("alice", 4101, 1, 7200, "python3 train.py --lr 3e-4")
+    bobs = Job("bob", 4200, 2)
+    assert engine.step(T0, h100_host("gpu-a", [job, bobs])) == [] and engine.notices == []
+    engine.step(T0 + MIN, h100_host("gpu-a", [job, bobs]))
+    assert engine.notices == []
+    engine.step(T0 + 2 * MIN, down("gpu-a"))  # a failed poll is not "all GPUs free"
+    assert engine.notices == []
+    engine.step(T0 + 3 * MIN, h100_host("gpu-a", [replace(job, elapsed=7380), bobs]))
+    assert engine.notices == []
+    engine.step(T0 + 4 * MIN, h100_host("gpu-a", [bobs]))
+    texts = sorted(n.text for n in engine.notices)
+    assert texts == [
+        "alice's job 4101 (python3 train.py --lr 3e-4) on gpu-a GPU 1 has ended (ran at least 2h3m)",
+        "gpu-a GPU 1 (NVIDIA H100 80GB HBM3) is free now",
+    ]
+    by_text = {n.text: n for n in engine.notices}
+    assert by_text[texts[0]].users == ("alice",)
+    assert by_text[texts[1]].users == ("alice", "carol")
+    engine.step(T0 + 5 * MIN, h100_host("gpu-a", [bobs]))
+    assert engine.notices == []  # said once
+    engine.step(T0 + 6 * MIN, h100_host("gpu-a"))
+    assert [n.text for n in engine.notices] == [
+        "gpu-a GPU 2 (NVIDIA H100 80GB HBM3) is free now"
+    ]  # bob's: no job notice
+
+
+# ---------------------------------------------------------------- silences
+
+
+def test_a_silenced_alert_is_not_sent_stays_in_state_and_is_announced_after_the_silence() -> None:
+    engine = Engine(alerts_config(max_runtime="72h", max_gpus_per_user=2))
+    engine.silences = [
+        Silence(
+            id=1,
+            ends_at=T0 + DAY,
+            comment="long run agreed",
+            created_at=T0,
+            rule="max_runtime",
+            host="gpu-a",
+            user="alice",
+        ),
+    ]
+    old = int(3 * DAY) + 60
+    over = h100_host("gpu-a", [*alice([0, 1, 2], elapsed=old), Job("bob", 4200, 3, old)])
+    fired = engine.step(T0, over)
+    assert kinds(fired) == [
+        ("firing", "max_gpus_per_user|gpu-a||alice||"),  # another rule: not silenced
+        ("firing", "max_runtime|gpu-a||bob|4200|"),  # another user: not silenced
+    ]
+    for pid in (4100, 4101, 4102):
+        record = engine.records[f"max_runtime|gpu-a||alice|{pid}|"]
+        assert record.state == "firing" and record.last_sent_at is None  # in state, never sent
+    assert silence_check(engine.silences)(engine.records["max_runtime|gpu-a||alice|4100|"].key, T0)
+    # no reminder for silenced alerts either
+    assert kinds(engine.step(T0 + 4 * HOUR, over)) == [
+        ("reminder", "max_gpus_per_user|gpu-a||alice||"),
+        ("reminder", "max_runtime|gpu-a||bob|4200|"),
+    ]
+    # the silence ends with the condition still there: announced now, once, with its real age
+    after = engine.step(T0 + DAY, over)
+    assert kinds(after) == [
+        ("firing", "max_runtime|gpu-a||alice|4100|"),
+        ("firing", "max_runtime|gpu-a||alice|4101|"),
+        ("firing", "max_runtime|gpu-a||alice|4102|"),
+        ("reminder", "max_gpus_per_user|gpu-a||alice||"),
+        ("reminder", "max_runtime|gpu-a||bob|4200|"),
+    ]
+    assert {t.record.since for t in after} == {T0}
+    assert engine.step(T0 + DAY + MIN, over) == []
+
+
+def test_an_alert_that_clears_while_silenced_and_was_never_announced_says_nothing() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2))
+    engine.silences = [Silence(id=3, ends_at=T0 + HOUR, comment="maintenance", created_at=T0, host="gpu-a")]
+    assert engine.step(T0, h100_host("gpu-a", alice([0, 1, 2]))) == []
+    assert engine.firing() == ["max_gpus_per_user|gpu-a||alice||"]
+    assert engine.step(T0 + MIN, h100_host("gpu-a", alice([0]))) == []
+    assert engine.records == {}
+    assert engine.step(T0 + 2 * HOUR, h100_host("gpu-a", alice([0]))) == []
+
+
+def test_silence_matching() -> None:
+    s = Silence(id=1, ends_at=T0 + HOUR, comment="c", created_at=T0, rule="temperature_above", gpu=2)
+    engine = Engine(alerts_config(temperature_above=55))
+    engine.step(T0, h100_host("gpu-a", alice([1, 2])), h100_host("gpu-b", alice([2], first_pid=5100)))
+    keys = {r.key.id: r.key for r in engine.records.values()}
+    assert sorted(k for k, key in keys.items() if s.matches(key, T0)) == [
+        "temperature_above|gpu-a|2|||",
+        "temperature_above|gpu-b|2|||",
+    ]
+    assert not s.matches(keys["temperature_above|gpu-a|2|||"], T0 + HOUR)  # over at ends_at
+    assert s.describe() == "rule=temperature_above gpu=2"
+
+
+# ---------------------------------------------------------------- state across restarts
+
+
+def test_no_duplicate_across_a_restart(tmp_path: Path) -> None:
+    """State goes through SQLite after every poll, and each poll opens it afresh (a cron --once run,
+    or a daemon restarted): what was announced is not announced again."""
+    cfg = alerts_config(max_gpus_per_user=2, max_runtime="72h", gpu_freed={"users": ["alice"]}, host_down={"after": 2})
+    over = h100_host("gpu-a", alice([0, 1, 2], elapsed=int(3 * DAY) + 1))
+    said: list[Transition] = []
+    notices: list[Notice] = []
+
+    def run_once(now: float, *hosts: HostSnapshot) -> list[Transition]:
+        db = open_db(tmp_path)
+        try:
+            engine = Engine(cfg, store=AlertStore(db))
+            out = engine.step(now, *hosts)
+            notices.extend(engine.notices)
+        finally:
+            db.close()
+        said.extend(out)
+        return out
+
+    assert len(run_once(T0, over, down("gpu-b"))) == 4  # gpu-b: first failure
+    assert kinds(run_once(T0 + HOUR, over, down("gpu-b"))) == [("firing", "host_down|gpu-b||||")]
+    for hour in range(2, 4):
+        assert run_once(T0 + hour * HOUR, over, down("gpu-b")) == []
+    assert {k for k, _ in kinds(run_once(T0 + 4 * HOUR, over, down("gpu-b")))} == {"reminder"}
+    assert kinds(run_once(T0 + 5 * HOUR, over, down("gpu-b"))) == [("reminder", "host_down|gpu-b||||")]
+    assert [t.kind for t in said].count("firing") == 5  # each announced once, whatever the restarts
+    resolved = run_once(T0 + 6 * HOUR, h100_host("gpu-a"), h100_host("gpu-b"))
+    assert {k for k, _ in kinds(resolved)} == {"resolved"} and len(resolved) == 5
+    assert len([n for n in notices if "has ended" in n.text]) == 3
+    assert run_once(T0 + 7 * HOUR, h100_host("gpu-a"), h100_host("gpu-b")) == []
+    # stored as JSON a person can read
+    db = open_db(tmp_path)
+    try:
+        assert AlertStore(db).records() == {}
+        stored = json.loads(db.query("SELECT memory FROM rule_memory")[0][0])
+        assert stored["gpu_counts"] == {"gpu-a": 4, "gpu-b": 4}
+    finally:
+        db.close()
+
+
+def test_records_and_memory_survive_json() -> None:
+    engine = Engine(alerts_config(max_runtime="72h", gpu_freed={"users": ["alice"]}, host_down={"after": 1}))
+    engine.step(T0, h100_host("gpu-a", alice([0, 1], elapsed=int(3 * DAY) + 1)), down("gpu-b"))
+    for record in engine.records.values():
+        assert AlertRecord.from_dict(json.loads(json.dumps(record.as_dict()))) == record
+    assert Memory.from_dict(json.loads(json.dumps(engine.memory.as_dict()))) == engine.memory
+
+
+# ---------------------------------------------------------------- messages
+
+
+def one_cycle_of_everything() -> tuple[list[Transition], list[Notice]]:
+    engine = Engine(
+        alerts_config(max_gpus_per_user=2, temperature_above=55, host_down={"after": 1}, gpu_freed={"users": ["alice"]})
+    )
+    engine.step(T0 - HOUR, h100_host("gpu-a", [Job("bob", 4200, 3)]), h100_host("gpu-b"))
+    transitions = engine.step(T0, h100_host("gpu-a", alice([0, 1, 2])), down("gpu-b"))
+    return transitions, engine.notices
+
+
+def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
+    transitions, notices = one_cycle_of_everything()
+    assert {t.kind for t in transitions} == {"firing", "resolved"}
+    message = alert_message(transitions, notices, {"alice": "ou_alice", "bob": "ou_bob"})
+    assert message is not None
+    assert message.kind == "alert" and message.severity == "firing"
+    assert message.title == "GPU alerts: 5 firing, 1 resolved, 1 notices"
+    text = message.text
+    # what, where, who, since when, the threshold
+    assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
+    assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
+    assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00" in text
+    assert "FIRING host_down (gpu-b)" in text and "connection refused" in text
+    assert "FIRING temperature_above (gpu-a, GPU 0)" in text and "threshold: at most 55°C" in text
+    assert "RESOLVED temperature_above (gpu-a, GPU 3)" in text
+    assert "fired 2027-01-15 07:00, resolved 2027-01-15 08:00 (lasted 1h)" in text
+    assert "NOTICE gpu-a GPU 3 (NVIDIA H100 80GB HBM3) is free now" in text
+    # firing first, then resolved, then notices; every alert one block
+    assert text.index("FIRING") < text.index("RESOLVED") < text.index("NOTICE")
+    assert len(message.blocks) == len(transitions) + len(notices)
+    assert message.mentions == ("ou_alice",)  # bob is not in any of them
+
+
+def test_severity_colours_the_card_and_mentions_the_responsible_user() -> None:
+    transitions, notices = one_cycle_of_everything()
+    channel = FeishuChannel(FeishuSettings(url="http://127.0.0.1:9/open-apis/bot/v2/hook/x", format="card"))
+    firing = alert_message(transitions, notices, {"alice": "ou_alice"})
+    resolved = alert_message([t for t in transitions if t.kind == "resolved"], [], {"alice": "ou_alice"})
+    assert firing is not None and resolved is not None
+    assert resolved.severity == "resolved" and resolved.mentions == ()
+    (red,) = channel.prepare(firing)
+    (green,) = channel.prepare(resolved)
+    assert red["card"]["header"]["template"] == "red"
+    assert green["card"]["header"]["template"] == "green"
+    assert "ou_alice" in json.dumps(red, ensure_ascii=False)
+    post = FeishuChannel(FeishuSettings(url="http://127.0.0.1:9/open-apis/bot/v2/hook/x", format="post"))
+    (body,) = post.prepare(firing)
+    assert {"tag": "at", "user_id": "ou_alice"} in body["content"]["post"]["zh_cn"]["content"][0]
+    assert alert_message([], [], {}) is None
+
+
+def test_a_big_cycle_is_split_under_the_limit_never_inside_an_alert() -> None:
+    engine = Engine(alerts_config(max_runtime="72h"))
+    hosts = [h100_host(f"gpu-{i:02d}", alice(range(8), elapsed=int(3 * DAY) + 1), n_gpus=8) for i in range(40)]
+    transitions = engine.step(T0, *hosts)
+    assert len(transitions) == 320
+    message = alert_message(transitions, [], {"alice": "ou_alice"})
+    assert message is not None
+    channel = FeishuChannel(FeishuSettings(url="http://127.0.0.1:9/open-apis/bot/v2/hook/x", format="card"))
+    payloads = channel.prepare(message)
+    assert len(payloads) > 1
+    sizes = [len(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode()) for p in payloads]
+    assert max(sizes) < 20_000
+    joined = "\n".join(json.dumps(p, ensure_ascii=False) for p in payloads)
+    for t in transitions:
+        head = f"FIRING max_runtime ({t.record.key.host}, user alice, pid {t.record.key.pid})"
+        assert joined.count(head) == 1  # each alert whole, in exactly one part
+    assert all(p["card"]["header"]["template"] == "red" for p in payloads)
+
+
+def test_ordering_of_blocks_never_compares_none_with_a_value() -> None:
+    # Keys of one rule and host may differ in which fields are set (a process ps saw or not).
+    r1 = AlertRecord(AlertKey("max_runtime", "gpu-a", user=None, pid=5), "firing", T0, "s", "v", "t", T0, T0)
+    r2 = AlertRecord(AlertKey("max_runtime", "gpu-a", user="alice", pid=4), "firing", T0, "s", "v", "t", T0, T0)
+    message = alert_message([Transition("firing", r1, T0), Transition("firing", r2, T0)], [], {})
+    assert message is not None and len(message.blocks) == 2
+
+
+# ---------------------------------------------------------------- the alerts:, email: and routes: keys
+
+ISSUE_EXAMPLE = """
+hosts: [gpu-a]
+alerts:
+  max_gpus_per_user: 2
+  max_gpus_per_user_fleet: 6
+  max_runtime: 72h
+  idle_gpu: {after: 30m, util_below: 5, memory_above_mib: 1024}
+  host_down: {after: 3}
+  gpu_missing: true
+  gpu_error: true
+  temperature_above: 90
+  gpu_freed: {users: [alice]}
+  for: 0s
+  repeat_every: 4h
+  send_resolved: true
+"""
+
+
+def test_the_documented_alerts_section() -> None:
+    alerts = parse_config(yaml.safe_load(ISSUE_EXAMPLE)).alerts
+    assert (alerts.max_gpus_per_user, alerts.max_gpus_per_user_fleet, alerts.max_runtime) == (2, 6, 3 * DAY)
+    assert alerts.idle_gpu is not None
+    assert (alerts.idle_gpu.after, alerts.idle_gpu.util_below, alerts.idle_gpu.memory_above_mib) == (1800, 5, 1024)
+    assert (alerts.host_down_after, alerts.gpu_missing, alerts.gpu_error, alerts.temperature_above) == (
+        3,
+        True,
+        True,
+        90,
+    )
+    assert alerts.gpu_freed_users == ("alice",)
+    assert (alerts.for_seconds, alerts.repeat_every, alerts.send_resolved) == (0, 4 * HOUR, True)
+    # no alerts: section: the alerts every admin wants; an alerts: section lists all that is wanted
+    default = parse_config({"hosts": ["a"]}).alerts
+    assert (default.host_down_after, default.gpu_missing, default.gpu_error, default.max_runtime) == (
+        3,
+        True,
+        True,
+        None,
+    )
+    only = alerts_config(max_gpus_per_user=2, max_runtime="72h")
+    assert (only.host_down_after, only.gpu_missing, only.gpu_error) == (None, False, False)
+
+
+def _uncommented_example() -> str:
+    """config.example.yaml with its commented-out routes: and email: blocks switched on."""
+    lines = (Path(__file__).resolve().parent.parent / "config.example.yaml").read_text().splitlines()
+    out, prefix = [], None
+    for line in lines:
+        stripped = line.lstrip()
+        indent = line[: len(line) - len(stripped)]
+        if stripped.startswith(("# routes:", "# email:")):
+            prefix = indent + "# "
+        if prefix is not None and line.startswith(prefix):
+            line = indent + line[len(prefix) :]
+        elif prefix is not None:
+            prefix = None
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_the_example_config_with_email_and_routes_switched_on(tmp_path: Path) -> None:
+    text = _uncommented_example()
+    assert re.search(r"^email: ", text, re.M) and re.search(r"^  routes: ", text, re.M)
+    config = parse_config(yaml.safe_load(text), tmp_path / "config.yaml")
+    assert config.email is not None
+    assert (config.email.smtp_host, config.email.smtp_port, config.email.tls) == ("smtp.example.com", 587, "starttls")
+    assert config.email.password_env == "GPUWATCH_SMTP_PASSWORD" and config.email.ca_file is None
+    assert config.alerts.routes == {
+        "max_runtime": ("email",),
+        "host_down": ("feishu", "email"),
+        "default": ("feishu",),
+    }
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"alerts": {"routes": {"max_runtime": ["email"]}}}, "alerts.routes.max_runtime: routes to email, but there"),
+        ({"alerts": {"routes": {"max_runtim": ["feishu"]}}}, "alerts.routes.max_runtim: unknown key; did you mean"),
+        ({"alerts": {"routes": {"default": ["sms"]}}}, "alerts.routes.default: 'sms' is not one of feishu, email"),
+        ({"routes": {"default": ["feishu"]}}, "routes: belongs under alerts: (alerts.routes)"),
+        ({"alerts": {"max_gpus_per_user": 0}}, "alerts.max_gpus_per_user: 0 is out of range"),
+        ({"alerts": {"idle_gpu": {"afterr": "5m"}}}, "alerts.idle_gpu.afterr: unknown key; did you mean 'after'?"),
+        ({"alerts": {"gpu_freed": {"users": []}}}, "alerts.gpu_freed.users: expected a list of user names"),
+        ({"alerts": {"repeat_every": "0s"}}, "alerts.repeat_every: must be longer than 0s"),
+        (
+            {"email": {"to": ["a@b.c"], "from": "x@b.c", "smtp_host": "mail", "tls": "none", "password_env": "P"}},
+            "email.tls: 'none' would send the SMTP password in clear text",
+        ),
+        ({"email": {"to": ["nobody"], "from": "x@b.c", "smtp_host": "mail"}}, "email.to[0]: 'nobody' is not an e-mail"),
+    ],
+)
+def test_alert_config_mistakes_name_the_key(doc: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"hosts": ["gpu-a"], "feishu": {"url": "https://example.com/hook/x"}, **doc})
+    assert expected in str(info.value)
