@@ -708,7 +708,7 @@ def one_cycle_of_everything() -> tuple[list[Transition], list[Notice]]:
 def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     transitions, notices = one_cycle_of_everything()
     assert {t.kind for t in transitions} == {"firing", "resolved"}
-    message = alert_message(transitions, notices, {"alice": "ou_alice", "bob": "ou_bob"})
+    message = alert_message(transitions, notices, {"alice": "ou_alice", "bob": "ou_bob"}, tz=timezone.utc)
     assert message is not None
     assert message.kind == "alert" and message.severity == "firing"
     assert message.title == "GPU alerts: 5 firing, 1 resolved, 1 notices"
@@ -716,11 +716,11 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     # what, where, who, since when, the threshold
     assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
-    assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00" in text
+    assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00 UTC" in text
     assert "FIRING host_down (gpu-b)" in text and "connection refused" in text
     assert "FIRING temperature_above (gpu-a, GPU 0)" in text and "threshold: at most 55°C" in text
     assert "RESOLVED temperature_above (gpu-a, GPU 3)" in text
-    assert "fired 2027-01-15 07:00, resolved 2027-01-15 08:00 (lasted 1h)" in text
+    assert "fired 2027-01-15 07:00 UTC, resolved 2027-01-15 08:00 UTC (lasted 1h)" in text
     assert "NOTICE gpu-a GPU 3 (NVIDIA H100 80GB HBM3) is free now" in text
     # firing first, then resolved, then notices; every alert one block
     assert text.index("FIRING") < text.index("RESOLVED") < text.index("NOTICE")

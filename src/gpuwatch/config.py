@@ -297,8 +297,12 @@ def _int(value: object, path: str, low: int | None = None, high: int | None = No
         else:
             raise ConfigError(f"{path}: expected a whole number, got {value!r}")
     assert isinstance(value, int)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{path}: {value} is out of range ({low}..{high})")
+    if low is not None and value < low:
+        limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{path}: {value} is out of range; it must be {limit}")
+    if high is not None and value > high:
+        limit = f"between {low} and {high}" if low is not None else f"at most {high}"
+        raise ConfigError(f"{path}: {value} is out of range; it must be {limit}")
     return value
 
 

@@ -8,7 +8,7 @@ host look like an idle one.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig, format_duration
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
@@ -19,8 +19,9 @@ from .summary import free_gpus, is_free, totals, users_on
 MAX_COMMAND_CHARS = 120
 
 
-def _stamp(snapshot: FleetSnapshot) -> str:
-    return snapshot.taken_at.strftime("%Y-%m-%d %H:%M %Z").strip()
+def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
+    """The poll's time in the reader's zone: this machine's local time unless ``tz`` is given."""
+    return snapshot.taken_at.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
 def _n(value: int | None) -> str:
@@ -151,10 +152,10 @@ def build_report(kind: str, snapshot: FleetSnapshot, thresholds: FreeGpuConfig, 
 _LABELS = {"firing": "FIRING", "reminder": "STILL FIRING", "resolved": "RESOLVED"}
 
 
-def _clock(epoch: float | None, tz: tzinfo) -> str:
+def _clock(epoch: float | None, tz: tzinfo | None) -> str:
     if epoch is None:
         return "?"
-    return datetime.fromtimestamp(epoch, tz).strftime("%Y-%m-%d %H:%M")
+    return datetime.fromtimestamp(epoch, tz).astimezone(tz).strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
 def _where(key: AlertKey) -> str:
@@ -175,7 +176,7 @@ def _key_order(key: AlertKey) -> tuple[str, str, int, str, int, str]:
     return (key.rule, key.host, gpu, key.user or "", pid, key.detail or "")
 
 
-def alert_block(t: Transition, tz: tzinfo = timezone.utc) -> str:
+def alert_block(t: Transition, tz: tzinfo | None = None) -> str:
     r = t.record
     head = f"{_LABELS.get(t.kind, t.kind.upper())} {r.key.rule} ({_where(r.key)})"
     if t.kind == "resolved":
@@ -191,7 +192,7 @@ def alert_message(
     transitions: Sequence[Transition],
     notices: Sequence[Notice],
     mentions: Mapping[str, str],
-    tz: tzinfo = timezone.utc,
+    tz: tzinfo | None = None,
 ) -> Message | None:
     """New, reminded and resolved alerts and notices of one cycle, grouped in one message."""
     if not transitions and not notices:

@@ -172,7 +172,8 @@ def evaluate(snapshot: FleetSnapshot, cfg: AlertsConfig, memory: Memory, thresho
                 findings.append(
                     Finding(
                         AlertKey("host_down", name),
-                        f"{name} has not answered for {failures[name]} polls: {host.error}",
+                        f"{name} has not answered for {failures[name]} poll{'s' if failures[name] != 1 else ''}: "
+                        f"{host.error}",
                         f"{failures[name]} failed polls",
                         f"alert after {cfg.host_down_after}",
                         hold,
