@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -365,3 +366,31 @@ def test_proxy_jump_through_a_bastion(fleet: Fleet, known_hosts: Path, tmp_path:
     assert f"jump host {fleet.addresses[0]} cannot reach {refused_address}" in out["bastion-cannot-reach"]["error"]
     assert out["no-bastion"]["error_kind"] == "unreachable"
     assert "refused" in out["no-bastion"]["error"]
+
+
+def test_key_from_ssh_agent(fleet: Fleet, known_hosts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent_bin = shutil.which("ssh-agent")
+    if agent_bin is None or shutil.which("ssh-add") is None:
+        pytest.skip("ssh-agent is not installed")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", str(fleet.client_key)], env=env, check=True, capture_output=True, timeout=20)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        monkeypatch.setenv("HOME", str(tmp_path))  # no key file anywhere: only the agent has it
+        ssh = ssh_defaults(fleet, known_hosts)
+        del ssh["key_file"]
+        config = write_config(tmp_path, {"hosts": [{"name": "via-agent", "address": fleet.addresses[0]}], "ssh": ssh})
+        code, doc = status_json(config)
+        assert code == 0 and doc["hosts"][0]["ok"], doc["hosts"][0]
+        monkeypatch.delenv("SSH_AUTH_SOCK")  # the same config without the agent: refused
+        code, doc = status_json(config)
+        assert code == 1 and doc["hosts"][0]["error_kind"] == "auth_failed", doc["hosts"][0]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)

@@ -388,6 +388,12 @@ class SshConnection:
         except paramiko.SSHException as exc:
             client.close()
             text = str(exc) or type(exc).__name__
+            if "no authentication methods available" in text.lower():
+                raise HostFailure(
+                    HostErrorKind.AUTH_FAILED,
+                    f"no way to log in to {target.user}@{target.hostname}: no key file, no key in ssh-agent "
+                    "or ~/.ssh, and no password; set ssh.key_file, or password_env",
+                ) from None
             if "banner" in text.lower() or "timeout" in text.lower():
                 raise HostFailure(
                     HostErrorKind.UNREACHABLE,
