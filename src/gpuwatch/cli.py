@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
+class UsageError(ConfigError):
+    """A command-line mistake (not the config file's); exit 2 like a config error."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     # -c and -v are accepted before or after the command; the command's copies default to
     # SUPPRESS so that they never overwrite a value given before the command.
@@ -355,15 +359,18 @@ def cmd_silence(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         now = time.time()
         if args.silence_command == "add":
             if not any((args.rule, args.host, args.user, args.gpu is not None)):
-                raise ConfigError("silence add: give at least one of --rule, --host, --user, --gpu")
+                raise UsageError("silence add: give at least one of --rule, --host, --user, --gpu")
             names = [h.name for h in config.hosts]
             if args.host and args.host not in names:
                 close = difflib.get_close_matches(args.host, names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"silence add --host: {args.host!r} is not a configured host{hint}")
-            seconds = parse_duration(args.duration, "--for")
+                raise UsageError(f"silence add --host: {args.host!r} is not a configured host{hint}")
+            try:
+                seconds = parse_duration(args.duration, "silence add --for")
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
             if seconds <= 0:
-                raise ConfigError("silence add --for: must be longer than 0s, e.g. 2h, 24h, 7d")
+                raise UsageError("silence add --for: must be longer than 0s, e.g. 2h, 24h, 7d")
             silence = store.add_silence(
                 ends_at=now + seconds,
                 comment=args.comment,
@@ -456,7 +463,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if command == "silence":
             return cmd_silence(config, args, out)
     except ConfigError as exc:
-        print(f"gpuwatch: config error: {exc}", file=sys.stderr)
+        kind = "error" if isinstance(exc, UsageError) else "config error"
+        print(f"gpuwatch: {kind}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
