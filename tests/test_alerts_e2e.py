@@ -29,6 +29,7 @@ import yaml
 from fakefeishu import FakeFeishu, text_values
 from fleet import H100_LOAD_APPS, Fleet, capture_pids, scenario_healthy_multi_gpu
 from gpuwatch.cli import main
+from waiting import wait_for
 
 if TYPE_CHECKING:
     from smtpserver import LocalSMTPServer
@@ -121,14 +122,6 @@ def ssh_defaults(fleet: Fleet, known_hosts: Path) -> dict[str, Any]:
         "command_timeout": "8s",
         "use_ssh_config": False,
     }
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- the admin's story, over real SSH

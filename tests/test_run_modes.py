@@ -45,6 +45,7 @@ from gpuwatch.probe import build_script
 from gpuwatch.report import host_block, overview
 from gpuwatch.ssh import LocalRunner
 from gpuwatch.store import Outbox, open_db
+from waiting import wait_for
 
 TOKEN = "7d1f0c9e-4b2a-4c55-9e31-a8b6f2d40c17"
 SECRET = "sEcr3t-Lq7w-signing-key"
@@ -178,14 +179,6 @@ def assert_signed_with_keyword(exchange: Exchange) -> None:
     assert body["sign"] == feishu_sign(SECRET, body["timestamp"])
     assert abs(int(body["timestamp"]) - time.time()) < 120
     assert KEYWORD in post_title(body)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def gpuwatch_process(
