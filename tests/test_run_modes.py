@@ -238,8 +238,8 @@ def test_once_delivers_each_report_signed_with_keyword(
 
     alice = post_text(bodies[1])
     if user == "alice":
-        assert titles[1].endswith(": 1 processes")
-        assert f"localhost (1 GPUs)\n    GPU 0: pid {pid} sleep 300, 2566 MiB, up " in alice
+        assert titles[1].endswith(": 1 process")
+        assert f"localhost (1 GPU)\n    GPU 0: pid {pid} sleep 300, 2566 MiB, up " in alice
     else:
         assert "alice has no GPU processes on the 1 hosts that answered." in alice
     assert "Not known (no data): dead: NO DATA (unreachable)" in alice  # never silently left out

@@ -6,7 +6,7 @@ from typing import Any
 
 from .config import FreeGpuConfig, format_duration
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .summary import is_free, totals, users_on
+from .summary import is_free, plural, totals, users_on
 
 
 def _num(value: int | float | None, suffix: str = "") -> str:
@@ -44,7 +44,7 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
                     host.name,
                     str(gpu.index),
                     gpu.name or "?",
-                    _num(gpu.utilization_percent, "%"),
+                    "N/A" if gpu.utilization_percent is None else f"{gpu.utilization_percent}%",
                     _memory(gpu),
                     _num(gpu.temperature_c, "C"),
                     _users(procs),
@@ -70,8 +70,8 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     t = totals(snapshot, thresholds)
     lines.append("")
     lines.append(
-        f"{t.hosts - t.hosts_down}/{t.hosts} hosts answered, {t.gpus} GPUs, {t.free_gpus} free"
-        f" (taken {snapshot.taken_at.isoformat(timespec='seconds')})"
+        f"{t.hosts - t.hosts_down} of {plural(t.hosts, 'host')} answered, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
+        f" (taken {snapshot.taken_at.astimezone().isoformat(timespec='seconds')})"
     )
     lines += notes
     return "\n".join(lines)

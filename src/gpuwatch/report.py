@@ -14,7 +14,7 @@ from .config import FreeGpuConfig, format_duration
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .notify.base import Message
 from .rules import AlertKey, Notice, Transition
-from .summary import free_gpus, is_free, totals, users_on
+from .summary import free_gpus, is_free, plural, totals, users_on
 
 MAX_COMMAND_CHARS = 120
 
@@ -73,7 +73,7 @@ def host_block(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
 def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
     t = totals(snapshot, thresholds)
     down = f", {t.hosts_down} down" if t.hosts_down else ""
-    summary = f"{t.hosts} hosts{down}, {t.gpus} GPUs, {t.free_gpus} free"
+    summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     # Hosts without data first: they are what someone must act on.
     hosts = sorted(snapshot.hosts, key=lambda h: h.ok)
     return Message(
@@ -104,13 +104,13 @@ def user_report(snapshot: FleetSnapshot, user: str) -> Message:
             continue
         count += len(mine)
         gpus = {p.gpu_index for p in mine}
-        blocks.append("\n".join([f"{host.name} ({len(gpus)} GPUs)", *(_process_line(p) for p in mine)]))
+        blocks.append("\n".join([f"{host.name} ({plural(len(gpus), 'GPU')})", *(_process_line(p) for p in mine)]))
     if not blocks:
-        blocks.append(f"{user} has no GPU processes on the {len(snapshot.answered)} hosts that answered.")
+        blocks.append(f"{user} has no GPU processes on the {plural(len(snapshot.answered), 'host')} that answered.")
     if snapshot.down:
         blocks.append("Not known (no data): " + "; ".join(_down_line(h) for h in snapshot.down))
     return Message(
-        title=f"GPU processes of {user} {_stamp(snapshot)}: {count} processes",
+        title=f"GPU processes of {user} {_stamp(snapshot)}: {plural(count, 'process')}",
         blocks=tuple(blocks),
         kind="report",
     )

@@ -13,6 +13,13 @@ from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 
 
+def plural(count: int, word: str) -> str:
+    """``1 host``, ``2 hosts``, ``1 GPU``, ``3 GPUs``, ``2 processes``."""
+    if count == 1:
+        return f"{count} {word}"
+    return f"{count} {word}es" if word.endswith(("s", "sh", "ch")) else f"{count} {word}s"
+
+
 def is_free(gpu: Gpu, processes: Iterable[GpuProcess], thresholds: FreeGpuConfig) -> bool:
     """Free: no compute process, memory used and utilization below the thresholds.
 
