@@ -36,7 +36,8 @@ class _HostSlot:
         self.host = host
         self.runner = runner
         self.busy = threading.Lock()
-        self.started_at = 0.0
+        self.started_at = 0.0  # when the probe started running (not when it was queued)
+        self.running = False
         self.script = build_script(host.ssh.command_timeout, host.ssh.nvidia_smi)
 
     @property
@@ -94,10 +95,36 @@ class Poller:
         self._now = now
 
     def _run(self, slot: _HostSlot) -> HostSnapshot:
+        slot.started_at, slot.running = time.monotonic(), True
         try:
             return probe_host(slot.host, slot.runner, slot.script)
         finally:
+            slot.running = False
             slot.busy.release()
+
+    def _wait(self, slot: _HostSlot, future: Future[HostSnapshot]) -> HostSnapshot:
+        """The host's result, waiting at most its budget from when its probe started running: a
+        host still queued behind busy workers (a large fleet, many dead hosts) is not timed out."""
+        while True:
+            if slot.running or future.done():
+                remaining = slot.started_at + slot.budget - time.monotonic()
+                try:
+                    return future.result(timeout=max(remaining, 0.0))
+                except FutureTimeout:
+                    if future.running():
+                        break
+                    continue  # it finished (or started) just now: look again
+            try:
+                return future.result(timeout=0.2)
+            except FutureTimeout:
+                continue
+        return HostSnapshot.failed(
+            slot.host.name,
+            slot.host.display_address,
+            HostErrorKind.PROBE_TIMEOUT,
+            f"no result within {slot.budget:.0f}s (connect + command timeouts)",
+            time.monotonic() - slot.started_at,
+        )
 
     def poll(self) -> FleetSnapshot:
         taken_at = self._now()
@@ -118,30 +145,12 @@ class Poller:
                     )
                 )
                 continue
-            slot.started_at = time.monotonic()
             try:
                 pending.append((slot, self._pool.submit(self._run, slot)))
             except RuntimeError:  # pool shut down while stopping
                 slot.busy.release()
                 raise
-        results = []
-        for slot, item in pending:
-            if isinstance(item, HostSnapshot):
-                results.append(item)
-                continue
-            remaining = slot.started_at + slot.budget - time.monotonic()
-            try:
-                results.append(item.result(timeout=max(remaining, 0.0)))
-            except FutureTimeout:
-                results.append(
-                    HostSnapshot.failed(
-                        slot.host.name,
-                        slot.host.display_address,
-                        HostErrorKind.PROBE_TIMEOUT,
-                        f"no result within {slot.budget:.0f}s (connect + command timeouts)",
-                        time.monotonic() - slot.started_at,
-                    )
-                )
+        results = [item if isinstance(item, HostSnapshot) else self._wait(slot, item) for slot, item in pending]
         snapshot = FleetSnapshot(taken_at=taken_at, hosts=tuple(results))
         outcomes = ", ".join(_outcome(h) for h in snapshot.hosts)
         log.info(
