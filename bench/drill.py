@@ -74,15 +74,7 @@ def main() -> int:
             yaml.safe_dump(
                 {
                     "hosts": [{"name": f"gpu-{i:02d}", "address": a} for i, a in enumerate(addresses)],
-                    "ssh": {
-                        "user": fleet.monitor_user,
-                        "port": fleet.port,
-                        "key_file": str(fleet.client_key),
-                        "use_ssh_config": False,
-                        "known_hosts": None,
-                        "connect_timeout": "2s",
-                        "command_timeout": "5s",
-                    },
+                    "ssh": fleet.gpuwatch_ssh(connect_timeout="2s", command_timeout="5s"),
                     "state_dir": str(state),
                     "feishu": {"url": feishu.url, "keyword": "GPU", "secret_env": "DRILL_FEISHU_SECRET"},
                     "schedule": {"poll_every": "1s", "reports": [{"report": "overview", "every": "3s"}]},

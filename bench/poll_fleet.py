@@ -86,14 +86,7 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | Non
             yaml.safe_dump(
                 {
                     "hosts": [{"name": f"h{i:02d}", "address": a} for i, a in enumerate(addresses)],
-                    "ssh": {
-                        "user": fleet.monitor_user,
-                        "port": fleet.port,
-                        "key_file": str(fleet.client_key),
-                        "use_ssh_config": False,
-                        "known_hosts": None,
-                        **({"nvidia_smi": str(light)} if light else {}),
-                    },
+                    "ssh": fleet.gpuwatch_ssh(**({"nvidia_smi": str(light)} if light else {})),
                     "max_parallel": 64,
                 }
             )

@@ -1107,6 +1107,21 @@ class Fleet:
         return "\n".join(parts)
 
     # -- scenarios ----------------------------------------------------------------------------------
+    def gpuwatch_ssh(self, known_hosts: Path | None = None, **overrides: object) -> dict[str, object]:
+        """The ``ssh:`` section of a gpuwatch config that logs in to this fleet as the monitor
+        user with the fleet's client key (``~/.ssh/config`` ignored); ``overrides`` win."""
+        ssh: dict[str, object] = {
+            "user": self.monitor_user,
+            "port": self.port,
+            "key_file": str(self.client_key),
+            "known_hosts": str(known_hosts) if known_hosts else None,
+            "connect_timeout": "3s",
+            "command_timeout": "8s",
+            "use_ssh_config": False,
+        }
+        ssh.update(overrides)
+        return ssh
+
     def scenario_dir(self, address: str) -> Path:
         """Where the stand-in looks for ``address``'s scenario (``"local"`` for runs without SSH)."""
         return self.standin_dir / address

@@ -113,15 +113,7 @@ def alert_bodies(feishu: FakeFeishu) -> list[dict[str, Any]]:
 
 
 def ssh_defaults(fleet: Fleet, known_hosts: Path) -> dict[str, Any]:
-    return {
-        "user": fleet.monitor_user,
-        "port": fleet.port,
-        "key_file": str(fleet.client_key),
-        "known_hosts": str(known_hosts),
-        "connect_timeout": "3s",
-        "command_timeout": "8s",
-        "use_ssh_config": False,
-    }
+    return fleet.gpuwatch_ssh(known_hosts)
 
 
 # ---------------------------------------------------------------- the admin's story, over real SSH

@@ -38,17 +38,7 @@ def write_config(tmp_path: Path, doc: dict[str, Any], mode: int = 0o600) -> Path
 
 
 def ssh_defaults(fleet: Fleet, known_hosts: Path | None, **extra: Any) -> dict[str, Any]:
-    ssh = {
-        "user": fleet.monitor_user,
-        "port": fleet.port,
-        "key_file": str(fleet.client_key),
-        "known_hosts": str(known_hosts) if known_hosts else None,
-        "connect_timeout": "3s",
-        "command_timeout": "8s",
-        "use_ssh_config": False,
-    }
-    ssh.update(extra)
-    return ssh
+    return fleet.gpuwatch_ssh(known_hosts, **extra)
 
 
 def run_status(config: Path, *extra: str) -> tuple[int, str]:
