@@ -109,7 +109,7 @@ def _secrets(config: Config) -> list[str]:
     return [v for v in values if v]
 
 
-def make_runner_factory(config: Config) -> tuple[HostKeyStore, object]:
+def make_runner_factory(config: Config) -> Callable[[HostConfig], Runner]:
     """Runners for each host: one persistent SSH connection, or the local shell."""
     user_files = tuple(
         dict.fromkeys(Path(os.path.expanduser(h.ssh.known_hosts)) for h in config.hosts if h.ssh.known_hosts)
@@ -122,12 +122,11 @@ def make_runner_factory(config: Config) -> tuple[HostKeyStore, object]:
             return LocalRunner()
         return SshConnection(host, store, ssh_config)
 
-    return store, factory
+    return factory
 
 
 def build_poller(config: Config) -> Poller:
-    _, factory = make_runner_factory(config)
-    return Poller(config.hosts, factory, max_parallel=config.max_parallel)  # type: ignore[arg-type]
+    return Poller(config.hosts, make_runner_factory(config), max_parallel=config.max_parallel)
 
 
 def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -247,8 +247,6 @@ def format_duration(seconds: float | None) -> str:
 
 # ---------------------------------------------------------------- checking helpers
 
-T = TypeVar("T")
-
 
 def _type_name(value: object) -> str:
     return {
@@ -343,10 +341,14 @@ _SSH_PARSERS: dict[str, Callable[[object, str], object]] = {
 }
 
 
-def _ssh_overrides(raw: Mapping[str, Any], path: str) -> dict[str, object]:
+def _ssh_overrides(raw: Mapping[str, Any], path: str, base: Path) -> dict[str, object]:
+    """Validated ``ssh:`` keys (under ``ssh:`` or on a host), file paths made absolute."""
     values: dict[str, object] = {}
     for key, value in raw.items():
         values[key] = _SSH_PARSERS[key](value, f"{path}.{key}" if path else key)
+    for key in ("key_file", "known_hosts"):
+        if isinstance(values.get(key), str):
+            values[key] = _expand_path(str(values[key]), base)
     return values
 
 
@@ -377,10 +379,7 @@ FEISHU_KEYS = ("url", "url_env", "keyword", "secret", "secret_env", "format", "m
 def _parse_ssh(raw: object, base: Path) -> SshSettings:
     section = _mapping(raw, "ssh")
     _check_keys(section, SSH_KEYS, "ssh")
-    values = _ssh_overrides(section, "ssh")
-    for key in ("key_file", "known_hosts"):
-        if isinstance(values.get(key), str):
-            values[key] = _expand_path(str(values[key]), base)
+    values = _ssh_overrides(section, "ssh", base)
     return replace(SshSettings(), **values)  # type: ignore[arg-type]
 
 
@@ -397,10 +396,7 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> H
         raise ConfigError(f"{path}: a host mapping needs 'name' (or 'address')")
     address = _str(entry["address"], f"{path}.address") if "address" in entry else None
     name = _str(entry["name"], f"{path}.name") if "name" in entry else str(address)
-    overrides = _ssh_overrides({k: v for k, v in entry.items() if k in SSH_KEYS}, path)
-    for key in ("key_file", "known_hosts"):
-        if isinstance(overrides.get(key), str):
-            overrides[key] = _expand_path(str(overrides[key]), base)
+    overrides = _ssh_overrides({k: v for k, v in entry.items() if k in SSH_KEYS}, path, base)
     settings = replace(defaults, **overrides)  # type: ignore[arg-type]
     local = (address or name) in LOCAL_NAMES
     return HostConfig(

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -21,7 +20,7 @@ import schedule
 from .config import Config, ReportSchedule, format_duration
 from .model import FleetSnapshot
 from .notify.base import Channel, Message
-from .poll import Poller, utcnow
+from .poll import Poller
 from .report import alert_message, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .store import AlertStore, FlushResult, Outbox
@@ -40,7 +39,6 @@ class Daemon:
         channels: Mapping[str, Channel],
         *,
         alert_store: AlertStore | None = None,
-        now: Callable[[], datetime] = utcnow,
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
     ) -> None:
@@ -49,7 +47,6 @@ class Daemon:
         self.outbox = outbox
         self.channels = dict(channels)
         self.alert_store = alert_store
-        self.now = now
         self.clock = clock
         self.stop = stop or threading.Event()
         self.latest: FleetSnapshot | None = None

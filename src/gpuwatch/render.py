@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import FreeGpuConfig, format_duration
+from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .summary import is_free, plural, totals, users_on
 
@@ -123,7 +123,3 @@ def snapshot_dict(snapshot: FleetSnapshot) -> dict[str, Any]:
         "taken_at": snapshot.taken_at.isoformat(timespec="seconds"),
         "hosts": [host_dict(h) for h in snapshot.hosts],
     }
-
-
-def runtime(seconds: int | None) -> str:
-    return format_duration(seconds) if seconds is not None else "?"

@@ -37,6 +37,13 @@ def _down_line(host: HostSnapshot) -> str:
     return f"{host.name}: NO DATA ({kind}): {host.error}"
 
 
+def _no_data_block(snapshot: FleetSnapshot) -> list[str]:
+    """Hosts that did not answer, said plainly: what they run is not known, not "nothing"."""
+    if not snapshot.down:
+        return []
+    return ["Not known (no data): " + "; ".join(_down_line(h) for h in snapshot.down)]
+
+
 def _gpu_line(gpu: Gpu) -> str:
     util = "N/A" if gpu.utilization_percent is None else f"{gpu.utilization_percent}%"
     return f"{gpu.index}: {util}, Mem={_n(gpu.memory_used_mib)}/{_n(gpu.memory_total_mib)} MiB"
@@ -107,8 +114,7 @@ def user_report(snapshot: FleetSnapshot, user: str) -> Message:
         blocks.append("\n".join([f"{host.name} ({plural(len(gpus), 'GPU')})", *(_process_line(p) for p in mine)]))
     if not blocks:
         blocks.append(f"{user} has no GPU processes on the {plural(len(snapshot.answered), 'host')} that answered.")
-    if snapshot.down:
-        blocks.append("Not known (no data): " + "; ".join(_down_line(h) for h in snapshot.down))
+    blocks += _no_data_block(snapshot)
     return Message(
         title=f"GPU processes of {user} {_stamp(snapshot)}: {plural(count, 'process')}",
         blocks=tuple(blocks),
@@ -128,8 +134,7 @@ def free_report(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
             blocks.append(f"{host.name}: {len(free)} free of {len(host.gpus)} {name}: GPU {listed}")
     if not blocks:
         blocks.append("No GPU is free right now.")
-    if snapshot.down:
-        blocks.append("Not known (no data): " + "; ".join(_down_line(h) for h in snapshot.down))
+    blocks += _no_data_block(snapshot)
     return Message(
         title=f"Free GPUs {_stamp(snapshot)}: {t.free_gpus} of {t.gpus}",
         blocks=tuple(blocks),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import errno
 import getpass
+import hashlib
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -163,8 +164,6 @@ def fingerprint(key: paramiko.PKey) -> str:
     digest = key.fingerprint if hasattr(key, "fingerprint") else None
     if isinstance(digest, str) and digest.startswith("SHA256:"):
         return digest
-    import hashlib
-
     raw = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(raw).decode().rstrip("=")
 
@@ -308,8 +307,6 @@ class SshConnection:
             if jump_port:
                 overrides["port"] = jump_port
                 explicit.add("port")
-            from dataclasses import replace
-
             jump_cfg = HostConfig(
                 name=jump_host,
                 address=None,
