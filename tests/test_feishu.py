@@ -618,3 +618,25 @@ def test_log_lines_name_the_masked_url(
     (record,) = caplog.records
     assert re.search(r"/open-apis/bot/v2/hook/0f5c…\(masked\)", record.getMessage())
     assert "HTTP 503" in record.getMessage()
+
+
+def test_network_errors_are_said_in_a_few_words() -> None:
+    """Not urllib3's whole chain (which also echoes the URL): the cause, plainly."""
+    import socket
+
+    import requests
+
+    from gpuwatch.notify.feishu import _network_reason
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: connection refused
+    with pytest.raises(requests.RequestException) as refused:
+        requests.post(f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/tok", timeout=2)
+    assert _network_reason(refused.value, 2) == "Connection refused"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(requests.RequestException) as timed_out:
+            requests.post(f"http://127.0.0.1:{silent.getsockname()[1]}/x", timeout=0.3)
+    assert _network_reason(timed_out.value, 0.3) == "no answer within 0.3s"

@@ -452,7 +452,7 @@ class FeishuChannel:
                 allow_redirects=False,
             )
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            return f"network error: {type(exc).__name__}: {self._scrub(str(exc))}", None, 0.0
+            return f"network error: {self._scrub(_network_reason(exc, self._settings.timeout_seconds))}", None, 0.0
         except requests.RequestException as exc:
             raise DeliveryError(
                 f"feishu {self._where}: request could not be made: {type(exc).__name__}: {self._scrub(str(exc))}",
@@ -532,11 +532,40 @@ class FeishuChannel:
     def _scrub(self, text: str) -> str:
         """Mask the token and the secret wherever a library echoed them (e.g. in an URL)."""
         for secret in self._secrets:
-            text = text.replace(secret, "…(masked)")
+            if len(secret) >= 4:  # masking a 1-3 character "secret" would garble every word holding it
+                text = text.replace(secret, "…(masked)")
         return text
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _network_reason(exc: BaseException, timeout: float) -> str:
+    """What went wrong on the wire, in a few words, from the innermost cause of a requests error
+    (``connection refused``, ``name not resolved``, ``no answer within 10s``), not urllib3's
+    whole chain with the URL in it."""
+    deepest: BaseException = exc
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        deepest = current
+        reason = getattr(current, "reason", None)
+        nested = [a for a in current.args if isinstance(a, BaseException)]
+        current = (
+            reason
+            if isinstance(reason, BaseException)
+            else (nested[0] if nested else current.__cause__ or current.__context__)
+        )
+    text = str(deepest)
+    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+        return f"no answer within {timeout:g}s"
+    if "Failed to establish a new connection:" in text:
+        text = text.split("Failed to establish a new connection:", 1)[1]
+    text = re.sub(r"\[Errno -?\d+\]\s*", "", text).strip().strip("\"')(").strip()
+    if "Name or service not known" in text or "nodename nor servname" in text or "Temporary failure in name" in text:
+        return "the webhook's host name could not be resolved"
+    return text[:200] or type(deepest).__name__
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:
