@@ -44,8 +44,12 @@ from gpuwatch.model import FleetSnapshot, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
 from gpuwatch.probe import PROBE_MARKER, snapshot_from_output
-from gpuwatch.report import alert_message
+from gpuwatch.report import AlertWords, alert_message, alert_words, notice_text
 from gpuwatch.rules import AlertKey, AlertRecord, Memory, Notice, Silence, Transition, advance, evaluate, silence_check
+from gpuwatch.rules.freed import GpuFreed
+from gpuwatch.rules.gpus import IdleGpu, TemperatureAbove
+from gpuwatch.rules.hosts import GpuError, GpuMissing, HostDown
+from gpuwatch.rules.users import GpuLimit, MaxRuntime
 from gpuwatch.store import AlertStore, open_db
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
@@ -202,6 +206,11 @@ class Engine:
         return sorted(k for k, r in self.records.items() if r.state == "firing")
 
 
+def said(record: AlertRecord) -> AlertWords:
+    """The words report.py makes of an alert (the rules give numbers and facts)."""
+    return alert_words(record)
+
+
 def kinds(transitions: Iterable[Transition]) -> list[tuple[str, str]]:
     return sorted((t.kind, t.record.key.id) for t in transitions)
 
@@ -239,8 +248,9 @@ def test_fires_once_reminds_exactly_after_repeat_every_and_resolves_once() -> No
     fired = engine.step(T0, over)
     assert kinds(fired) == [("firing", "max_gpus_per_user|gpu-a||alice||")]
     (t,) = fired
-    assert t.record.value == "3 GPUs" and t.record.threshold == "at most 2 per host"
-    assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in t.record.summary
+    assert (t.record.value, t.record.threshold, t.record.unit) == (3, 2, "GPUs")
+    assert said(t.record).value == "3 GPUs" and said(t.record).threshold == "at most 2 per host"
+    assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in said(t.record).summary
 
     # every minute for 4 hours minus one poll: nothing at all
     for minute in range(1, 240):
@@ -291,9 +301,9 @@ def test_identity_ignores_values_that_change_from_poll_to_poll() -> None:
         jobs = [*alice([0, 1, 2], elapsed=three_days + 1 + minute * 60), Job("alice", 4103, 3, minute * 60)]
         assert engine.step(T0 + minute * MIN, h100_host("gpu-a", jobs)) == []
     record = engine.records["max_gpus_per_user|gpu-a||alice||"]
-    assert record.value == "4 GPUs" and "GPU 0, 1, 2, 3" in record.summary  # the text follows the readings
+    assert said(record).value == "4 GPUs" and "GPU 0, 1, 2, 3" in said(record).summary  # the text follows the readings
     assert record.since == T0 and record.last_sent_at == T0
-    assert engine.records["max_runtime|gpu-a||alice|4100|"].value == "3d19m"
+    assert said(engine.records["max_runtime|gpu-a||alice|4100|"]).value == "3d19m"
 
 
 def test_max_runtime_is_one_alert_per_process_and_a_new_job_is_a_new_alert() -> None:
@@ -348,7 +358,7 @@ def test_host_down_after_n_failed_polls_and_resolved_when_back() -> None:
     assert engine.step(T0 + 2 * MIN, h100_host("gpu-a"), down("gpu-b")) == []
     fired = engine.step(T0 + 3 * MIN, h100_host("gpu-a"), down("gpu-b"))
     assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
-    assert "connection refused" in fired[0].record.summary and fired[0].record.threshold == "alert after 3"
+    assert "connection refused" in said(fired[0].record).summary and said(fired[0].record).threshold == "alert after 3"
     for minute in range(4, 30):
         assert engine.step(T0 + minute * MIN, h100_host("gpu-a"), down("gpu-b")) == []
     assert kinds(engine.step(T0 + 30 * MIN, h100_host("gpu-a"), h100_host("gpu-b"))) == [
@@ -434,7 +444,7 @@ def test_a_host_whose_ps_or_process_query_failed_resolves_no_process_alert() -> 
     assert engine.step(T0 + 5 * MIN, real) == []
     gone = engine.step(T0 + 6 * MIN, snapshot_from_output("gpu-a", "gpu-a", probe_output(h100_stack("gpu-a"))))
     assert {k for k, _ in kinds(gone)} == {"resolved"} and len(gone) == 5
-    assert len([n for n in engine.notices if "has ended" in n.text]) == 3
+    assert len([n for n in engine.notices if "has ended" in notice_text(n)]) == 3
 
 
 # ---------------------------------------------------------------- GPUs: missing, errors, idle, MIG, heat
@@ -445,7 +455,7 @@ def test_gpu_missing_when_a_host_reports_fewer_gpus() -> None:
     assert engine.step(T0, h100_host("gpu-a", n_gpus=4)) == []
     fired = engine.step(T0 + MIN, h100_host("gpu-a", n_gpus=3))
     assert kinds(fired) == [("firing", "gpu_missing|gpu-a||||")]
-    assert fired[0].record.value == "3 GPUs" and fired[0].record.threshold == "4 GPUs seen before"
+    assert said(fired[0].record).value == "3 GPUs" and said(fired[0].record).threshold == "4 GPUs seen before"
     assert engine.step(T0 + 2 * MIN, down("gpu-a")) == []  # neither resolved nor a new baseline
     assert engine.step(T0 + 3 * MIN, h100_host("gpu-a", n_gpus=2)) == []  # the same alert, worse
     assert kinds(engine.step(T0 + 4 * MIN, h100_host("gpu-a", n_gpus=4))) == [("resolved", "gpu_missing|gpu-a||||")]
@@ -466,7 +476,7 @@ def test_gpu_error_from_a_real_error_capture(capture: str, kind: str) -> None:
     broken = error_host("gpu-a", capture)
     fired = engine.step(T0 + MIN, broken)
     assert kinds(fired) == [("firing", f"gpu_error|gpu-a||||{kind}")]
-    assert broken.error and broken.error in fired[0].record.summary
+    assert broken.error and broken.error in said(fired[0].record).summary
     assert engine.step(T0 + 2 * MIN, broken) == []
     assert engine.step(T0 + 3 * MIN, down("gpu-a")) == []  # unreachable says nothing about the GPUs
     # nor does nvidia-smi failing for another reason (a real capture of an unrelated failure)
@@ -504,8 +514,8 @@ def test_idle_gpu_fires_after_its_after() -> None:
         assert engine.step(T0 + minute * MIN, idle) == []
     fired = engine.step(T0 + 30 * MIN, idle)
     assert kinds(fired) == [("firing", "idle_gpu|gpu-c|0|||")]
-    assert "bob" in fired[0].record.summary and "pid 20038" in fired[0].record.summary  # who holds it
-    assert fired[0].record.threshold == "idle (<10%) with >1024 MiB for 30m"
+    assert "bob" in said(fired[0].record).summary and "pid 20038" in said(fired[0].record).summary  # who holds it
+    assert said(fired[0].record).threshold == "idle (<10%) with >1024 MiB for 30m"
     # busy again for one poll: resolved, and the 30 minutes start over
     assert kinds(engine.step(T0 + 31 * MIN, h100_host("gpu-c", alice([0]), n_gpus=1))) == [
         ("resolved", "idle_gpu|gpu-c|0|||")
@@ -528,7 +538,8 @@ def test_temperature_above() -> None:
     engine = Engine(alerts_config(temperature_above=55))
     fired = engine.step(T0, h100_host("gpu-a", alice([1])))
     assert kinds(fired) == [("firing", "temperature_above|gpu-a|1|||")]  # 59 C under load; idle ones 41 C
-    assert fired[0].record.value == "59°C" and fired[0].record.threshold == "at most 55°C"
+    assert (fired[0].record.value, fired[0].record.threshold, fired[0].record.unit) == (59, 55, "°C")
+    assert said(fired[0].record).value == "59°C" and said(fired[0].record).threshold == "at most 55°C"
     assert kinds(engine.step(T0 + MIN, h100_host("gpu-a"))) == [("resolved", "temperature_above|gpu-a|1|||")]
 
 
@@ -537,7 +548,7 @@ def test_fleet_wide_limit_counts_gpus_on_every_host() -> None:
     a, b = h100_host("gpu-a", alice([0, 1])), h100_host("gpu-b", alice([2, 3], first_pid=5100))
     fired = engine.step(T0, a, b)
     assert kinds(fired) == [("firing", "max_gpus_per_user_fleet|*||alice||")]
-    assert "4 GPUs across the fleet (gpu-a, gpu-b)" in fired[0].record.summary
+    assert "4 GPUs across the fleet (gpu-a, gpu-b)" in said(fired[0].record).summary
     assert kinds(engine.step(T0 + MIN, a, h100_host("gpu-b", alice([2], first_pid=5100)))) == [
         ("resolved", "max_gpus_per_user_fleet|*||alice||")
     ]
@@ -558,18 +569,18 @@ def test_gpu_freed_tells_the_watched_users_and_never_when_the_host_is_down() -> 
     engine.step(T0 + 3 * MIN, h100_host("gpu-a", [replace(job, elapsed=7380), bobs]))
     assert engine.notices == []
     engine.step(T0 + 4 * MIN, h100_host("gpu-a", [bobs]))
-    texts = sorted(n.text for n in engine.notices)
+    texts = sorted(notice_text(n) for n in engine.notices)
     assert texts == [
         "alice's job 4101 (python3 train.py --lr 3e-4) on gpu-a GPU 1 has ended (ran at least 2h3m)",
         "gpu-a GPU 1 (NVIDIA H100 80GB HBM3) is free now",
     ]
-    by_text = {n.text: n for n in engine.notices}
+    by_text = {notice_text(n): n for n in engine.notices}
     assert by_text[texts[0]].users == ("alice",)
     assert by_text[texts[1]].users == ("alice", "carol")
     engine.step(T0 + 5 * MIN, h100_host("gpu-a", [bobs]))
     assert engine.notices == []  # said once
     engine.step(T0 + 6 * MIN, h100_host("gpu-a"))
-    assert [n.text for n in engine.notices] == [
+    assert [notice_text(n) for n in engine.notices] == [
         "gpu-a GPU 2 (NVIDIA H100 80GB HBM3) is free now"
     ]  # bob's: no job notice
 
@@ -673,7 +684,7 @@ def test_no_duplicate_across_a_restart(tmp_path: Path) -> None:
     assert [t.kind for t in said].count("firing") == 5  # each announced once, whatever the restarts
     resolved = run_once(T0 + 6 * HOUR, h100_host("gpu-a"), h100_host("gpu-b"))
     assert {k for k, _ in kinds(resolved)} == {"resolved"} and len(resolved) == 5
-    assert len([n for n in notices if "has ended" in n.text]) == 3
+    assert len([n for n in notices if "has ended" in notice_text(n)]) == 3
     assert run_once(T0 + 7 * HOUR, h100_host("gpu-a"), h100_host("gpu-b")) == []
     # stored as JSON a person can read
     db = open_db(tmp_path)
@@ -711,7 +722,7 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     message = alert_message(transitions, notices, {"alice": "ou_alice", "bob": "ou_bob"}, tz=timezone.utc)
     assert message is not None
     assert message.kind == "alert" and message.severity == "firing"
-    assert message.title == "GPU alerts: 5 firing, 1 resolved, 1 notices"
+    assert message.title == "GPU alerts: 5 firing, 1 resolved, 1 notice"
     text = message.text
     # what, where, who, since when, the threshold
     assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
@@ -767,8 +778,8 @@ def test_a_big_cycle_is_split_under_the_limit_never_inside_an_alert() -> None:
 
 def test_ordering_of_blocks_never_compares_none_with_a_value() -> None:
     # Keys of one rule and host may differ in which fields are set (a process ps saw or not).
-    r1 = AlertRecord(AlertKey("max_runtime", "gpu-a", user=None, pid=5), "firing", T0, "s", "v", "t", T0, T0)
-    r2 = AlertRecord(AlertKey("max_runtime", "gpu-a", user="alice", pid=4), "firing", T0, "s", "v", "t", T0, T0)
+    r1 = AlertRecord(AlertKey("max_runtime", "gpu-a", user=None, pid=5), "firing", T0, fired_at=T0, last_sent_at=T0)
+    r2 = AlertRecord(AlertKey("max_runtime", "gpu-a", user="alice", pid=4), "firing", T0, fired_at=T0, last_sent_at=T0)
     message = alert_message([Transition("firing", r1, T0), Transition("firing", r2, T0)], [], {})
     assert message is not None and len(message.blocks) == 2
 
@@ -795,27 +806,23 @@ alerts:
 
 def test_the_documented_alerts_section() -> None:
     alerts = parse_config(yaml.safe_load(ISSUE_EXAMPLE)).alerts
-    assert (alerts.max_gpus_per_user, alerts.max_gpus_per_user_fleet, alerts.max_runtime) == (2, 6, 3 * DAY)
-    assert alerts.idle_gpu is not None
-    assert (alerts.idle_gpu.after, alerts.idle_gpu.util_below, alerts.idle_gpu.memory_above_mib) == (1800, 5, 1024)
-    assert (alerts.host_down_after, alerts.gpu_missing, alerts.gpu_error, alerts.temperature_above) == (
-        3,
-        True,
-        True,
-        90,
-    )
-    assert alerts.gpu_freed_users == ("alice",)
+    assert alerts.rules == {
+        "max_gpus_per_user": GpuLimit(2),
+        "max_gpus_per_user_fleet": GpuLimit(6),
+        "max_runtime": MaxRuntime(3 * DAY),
+        "idle_gpu": IdleGpu(after=1800, util_below=5, memory_above_mib=1024),
+        "host_down": HostDown(after=3),
+        "gpu_missing": GpuMissing(),
+        "gpu_error": GpuError(),
+        "temperature_above": TemperatureAbove(90),
+        "gpu_freed": GpuFreed(("alice",)),
+    }
     assert (alerts.for_seconds, alerts.repeat_every, alerts.send_resolved) == (0, 4 * HOUR, True)
     # no alerts: section: the alerts every admin wants; an alerts: section lists all that is wanted
     default = parse_config({"hosts": ["a"]}).alerts
-    assert (default.host_down_after, default.gpu_missing, default.gpu_error, default.max_runtime) == (
-        3,
-        True,
-        True,
-        None,
-    )
+    assert default.rules == {"host_down": HostDown(after=3), "gpu_missing": GpuMissing(), "gpu_error": GpuError()}
     only = alerts_config(max_gpus_per_user=2, max_runtime="72h")
-    assert (only.host_down_after, only.gpu_missing, only.gpu_error) == (None, False, False)
+    assert only.rules == {"max_gpus_per_user": GpuLimit(2), "max_runtime": MaxRuntime(3 * DAY)}
 
 
 def _uncommented_example() -> str:

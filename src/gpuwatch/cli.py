@@ -18,13 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 from . import __version__
 from .config import (
-    ALERT_RULES,
     Config,
     ConfigError,
     HostConfig,
@@ -41,8 +39,11 @@ from .notify.email import EmailChannel, EmailSettings
 from .notify.feishu import FeishuChannel, FeishuSettings
 from .poll import Poller
 from .render import fleet_table, snapshot_dict
+from .report import alert_words
+from .rules import RULE_NAMES
 from .ssh import HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
 from .store import DB_NAME, AlertStore, Outbox, open_db
+from .text import local_time
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     silence = sub.add_parser("silence", parents=[common], help="mute alerts for a while: add, list, remove")
     silence_sub = silence.add_subparsers(dest="silence_command", metavar="ACTION", required=True)
     add = silence_sub.add_parser("add", parents=[common], help="mute the alerts that match every given field")
-    add.add_argument("--rule", choices=ALERT_RULES, help="alert rule")
+    add.add_argument("--rule", choices=RULE_NAMES, help="alert rule")
     add.add_argument("--host", help="host name as in the config")
     add.add_argument("--user", help="user name")
     add.add_argument("--gpu", type=int, help="GPU index")
@@ -312,12 +313,6 @@ def _show_pending(config: Config, channels: dict[str, Channel], out: TextIO) -> 
         db.close()
 
 
-def _fmt_time(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: TextIO) -> int:
     """What the alert state says now (as of the last poll of a daemon or --once run)."""
     db = open_db(config.state_dir)
@@ -334,7 +329,7 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
     finally:
         db.close()
     if as_json:
-        data = [{**r.as_dict(), "silenced_by": by} for r, by in rows]
+        data = [{**r.as_dict(), "summary": alert_words(r).summary, "silenced_by": by} for r, by in rows]
         json.dump({"alerts": data, "silences": [asdict(s) for s in silences]}, out, indent=2, ensure_ascii=False)
         out.write("\n")
         return EXIT_OK
@@ -343,11 +338,12 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
     by_id = {s.id: s for s in silences}
     for record, by in rows:
         state = record.state.upper() + (f" (silenced by #{', #'.join(map(str, by))})" if by else "")
-        out.write(f"{state:<10} {record.key.rule}  {record.summary}\n")
-        out.write(f"           since {_fmt_time(record.since)}; threshold: {record.threshold}\n")
+        words = alert_words(record)
+        out.write(f"{state:<10} {record.key.rule}  {words.summary}\n")
+        out.write(f"           since {local_time(record.since)}; threshold: {words.threshold}\n")
         for sid in by:
             silence = by_id[sid]
-            out.write(f"           silence #{sid} until {_fmt_time(silence.ends_at)}: {silence.comment}\n")
+            out.write(f"           silence #{sid} until {local_time(silence.ends_at)}: {silence.comment}\n")
     return EXIT_OK
 
 
@@ -379,14 +375,14 @@ def cmd_silence(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                 user=args.user,
                 gpu=args.gpu,
             )
-            out.write(f"silence #{silence.id} added: {silence.describe()} until {_fmt_time(silence.ends_at)}\n")
+            out.write(f"silence #{silence.id} added: {silence.describe()} until {local_time(silence.ends_at)}\n")
             return EXIT_OK
         if args.silence_command == "list":
             silences = store.silences(now)
             if not silences:
                 out.write("no silences in force\n")
             for s in silences:
-                out.write(f"#{s.id}  {s.describe()}  until {_fmt_time(s.ends_at)}  ({s.comment})\n")
+                out.write(f"#{s.id}  {s.describe()}  until {local_time(s.ends_at)}  ({s.comment})\n")
             return EXIT_OK
         if store.remove_silence(args.id):
             out.write(f"silence #{args.id} removed\n")

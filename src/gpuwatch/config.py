@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from . import text
+from .text import format_duration
+
 DEFAULT_CONFIG_NAME = "config.yaml"
 CONFIG_ENV = "GPUWATCH_CONFIG"
 HOST_KEY_POLICIES = ("accept-new", "strict", "off")
@@ -129,46 +132,20 @@ class FreeGpuConfig:
     util_below_percent: int = 10
 
 
-@dataclass(frozen=True)
-class IdleGpuRule:
-    """Memory held, no work done, for ``after`` seconds."""
-
-    after: float = 1800.0
-    util_below: int = 5
-    memory_above_mib: int = 1024
-
-
-ALERT_RULES = (
-    "max_gpus_per_user",
-    "max_gpus_per_user_fleet",
-    "max_runtime",
-    "idle_gpu",
-    "host_down",
-    "gpu_missing",
-    "gpu_error",
-    "temperature_above",
-    "gpu_freed",
-)
 CHANNEL_NAMES = ("feishu", "email")
 
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    """Alert rules (each optional) and the Alertmanager-style lifecycle settings.
+    """The alert rules switched on, each with its own settings, and the Alertmanager-style
+    lifecycle settings.
 
-    Without an ``alerts:`` section, the alerts admins want most are on: a host down for 3
-    polls, a GPU missing, a GPU error.
+    ``rules`` maps a rule's name (see ``rules.registry``) to its parsed config. The parser fills
+    it: without an ``alerts:`` section, the alerts admins want most are on (a host down for 3
+    polls, a GPU missing, a GPU error); an ``alerts:`` section lists every rule wanted.
     """
 
-    max_gpus_per_user: int | None = None
-    max_gpus_per_user_fleet: int | None = None
-    max_runtime: float | None = None
-    idle_gpu: IdleGpuRule | None = None
-    host_down_after: int | None = 3
-    gpu_missing: bool = True
-    gpu_error: bool = True
-    temperature_above: int | None = None
-    gpu_freed_users: tuple[str, ...] = ()
+    rules: Mapping[str, object] = field(default_factory=dict)
     for_seconds: float = 0.0
     repeat_every: float = 4 * 3600.0
     send_resolved: bool = True
@@ -209,40 +186,14 @@ class Config:
 
 # ---------------------------------------------------------------- durations
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
 
 def parse_duration(value: object, path: str = "duration") -> float:
-    """``30s``, ``5m``, ``1h``, ``2d``, ``1h30m`` or plain seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{path}: expected a duration such as 30s, 5m, 1h, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{path}: a duration cannot be negative ({value})")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return float(text)
-        if text and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+", text):
-            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_RE.findall(text))
-    raise ConfigError(f"{path}: {value!r} is not a duration; use a number of seconds or 30s, 5m, 1h, 2d")
-
-
-def format_duration(seconds: float | None) -> str:
-    """Seconds -> the shortest readable form: ``90`` -> ``1m30s``, ``86400`` -> ``1d``."""
-    if seconds is None:
-        return "?"
-    total = round(seconds)
-    if total < 60:
-        return f"{total}s"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        n, total = divmod(total, size)
-        if n:
-            parts.append(f"{n}{unit}")
-    return "".join(parts[:2])
+    """``30s``, ``5m``, ``1h``, ``2d``, ``1h30m`` or plain seconds -> seconds (text.parse_duration),
+    or a ConfigError naming ``path``."""
+    try:
+        return text.parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------- checking helpers
@@ -486,58 +437,25 @@ def _optional_int(value: object, path: str, low: int = 0) -> int | None:
 
 
 def _parse_alerts(raw: object) -> AlertsConfig:
+    """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry)."""
+    # Imported here, not at the top: the rules import this module's helpers to parse their values.
+    from .rules.registry import RULE_NAMES, default_rules, parse_rules
+
     if raw is None:
-        return AlertsConfig()
+        return AlertsConfig(rules=default_rules())
     section = _mapping(raw, "alerts")
-    _check_keys(section, (*ALERT_RULES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
+    _check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
     # An alerts: section lists what the admin wants: rules it leaves out are off.
-    v: dict[str, Any] = {"host_down_after": None, "gpu_missing": False, "gpu_error": False}
-    if "max_gpus_per_user" in section:
-        v["max_gpus_per_user"] = _optional_int(section["max_gpus_per_user"], "alerts.max_gpus_per_user", 1)
-    if "max_gpus_per_user_fleet" in section:
-        v["max_gpus_per_user_fleet"] = _optional_int(
-            section["max_gpus_per_user_fleet"], "alerts.max_gpus_per_user_fleet", 1
-        )
-    if section.get("max_runtime") not in (None, False):
-        v["max_runtime"] = _positive_duration(section["max_runtime"], "alerts.max_runtime")
-    if section.get("idle_gpu") not in (None, False):
-        idle = _mapping(section["idle_gpu"], "alerts.idle_gpu") if section["idle_gpu"] is not True else {}
-        _check_keys(idle, ("after", "util_below", "memory_above_mib"), "alerts.idle_gpu")
-        rule = IdleGpuRule()
-        v["idle_gpu"] = IdleGpuRule(
-            after=parse_duration(idle["after"], "alerts.idle_gpu.after") if "after" in idle else rule.after,
-            util_below=_int(idle.get("util_below", rule.util_below), "alerts.idle_gpu.util_below", 0, 101),
-            memory_above_mib=_int(
-                idle.get("memory_above_mib", rule.memory_above_mib), "alerts.idle_gpu.memory_above_mib", 0
-            ),
-        )
-    if section.get("host_down") not in (None, False):
-        down = section["host_down"]
-        if down is True:
-            v["host_down_after"] = 3
-        else:
-            down_map = _mapping(down, "alerts.host_down")
-            _check_keys(down_map, ("after",), "alerts.host_down")
-            v["host_down_after"] = _int(down_map.get("after", 3), "alerts.host_down.after", 1)
-    for flag in ("gpu_missing", "gpu_error", "send_resolved"):
-        if flag in section:
-            v[flag] = _bool(section[flag], f"alerts.{flag}")
-    if "temperature_above" in section:
-        v["temperature_above"] = _optional_int(section["temperature_above"], "alerts.temperature_above", 1)
-    if section.get("gpu_freed") not in (None, False):
-        freed = _mapping(section["gpu_freed"], "alerts.gpu_freed")
-        _check_keys(freed, ("users",), "alerts.gpu_freed")
-        users = freed.get("users") or []
-        if not isinstance(users, list) or not users:
-            raise ConfigError("alerts.gpu_freed.users: expected a list of user names, e.g. [alice]")
-        v["gpu_freed_users"] = tuple(_str(u, f"alerts.gpu_freed.users[{i}]") for i, u in enumerate(users))
+    v: dict[str, Any] = {"rules": parse_rules(section, "alerts")}
+    if "send_resolved" in section:
+        v["send_resolved"] = _bool(section["send_resolved"], "alerts.send_resolved")
     if "for" in section:
         v["for_seconds"] = parse_duration(section["for"], "alerts.for")
     if "repeat_every" in section:
         v["repeat_every"] = _positive_duration(section["repeat_every"], "alerts.repeat_every")
     if "routes" in section:
         routes = _mapping(section["routes"], "alerts.routes")
-        _check_keys(routes, (*ALERT_RULES, "default"), "alerts.routes")
+        _check_keys(routes, (*RULE_NAMES, "default"), "alerts.routes")
         parsed: dict[str, tuple[str, ...]] = {}
         for name, targets in routes.items():
             items = [targets] if isinstance(targets, str) else targets
@@ -661,7 +579,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
     feishu = _parse_feishu(doc["feishu"]) if doc.get("feishu") is not None else None
     schedule = _parse_schedule(doc.get("schedule"))
     free_gpu = _parse_free(doc.get("free_gpu"))
-    alerts = _parse_alerts(doc["alerts"]) if "alerts" in doc else AlertsConfig()
+    alerts = _parse_alerts(doc.get("alerts"))
     email = _parse_email(doc["email"], base) if doc.get("email") is not None else None
     for rule, targets in alerts.routes.items():
         for target in targets:

@@ -17,13 +17,14 @@ from typing import Any
 
 import schedule
 
-from .config import Config, ReportSchedule, format_duration
+from .config import Config, ReportSchedule
 from .model import FleetSnapshot
 from .notify.base import Channel, Message
 from .poll import Poller
-from .report import alert_message, build_report
+from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .store import AlertStore, FlushResult, Outbox
+from .text import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Daemon:
                 if message is not None:
                     self.enqueue(message, [name])
         for t in transitions:
-            log.info("alert %s: %s: %s", t.kind, t.record.key.id, t.record.summary)
+            log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
 
     def flush(self) -> FlushResult:

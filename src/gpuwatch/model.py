@@ -111,6 +111,7 @@ class HostSnapshot:
     gpus: tuple[Gpu, ...] = ()
     processes: tuple[GpuProcess, ...] = ()
     warnings: tuple[HostIssue, ...] = ()  # problems beside good data (a lost GPU, ps failed)
+    stale: bool = False  # latest result older than 3 poll intervals
 
     @classmethod
     def failed(

@@ -6,25 +6,16 @@ from typing import Any
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .summary import is_free, plural, totals, users_on
-
-
-def _num(value: int | float | None, suffix: str = "") -> str:
-    if value is None:
-        return "?"
-    return f"{value:g}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+from .summary import is_free, totals, users_on
+from .text import UNKNOWN, iso_time, local_time, number, plural
 
 
 def _memory(gpu: Gpu) -> str:
-    return f"{_num(gpu.memory_used_mib)} / {_num(gpu.memory_total_mib)}"
+    return f"{number(gpu.memory_used_mib)} / {number(gpu.memory_total_mib)}"
 
 
 def _users(processes: tuple[GpuProcess, ...]) -> str:
-    parts = []
-    for usage in users_on(processes):
-        mem = f"{usage.memory_mib}M" if usage.memory_mib is not None else "?M"
-        parts.append(f"{usage.label()}({mem})")
-    return " ".join(parts)
+    return " ".join(f"{usage.label()}({number(usage.memory_mib, 'M')})" for usage in users_on(processes))
 
 
 def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
@@ -43,10 +34,10 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
                 (
                     host.name,
                     str(gpu.index),
-                    gpu.name or "?",
-                    "N/A" if gpu.utilization_percent is None else f"{gpu.utilization_percent}%",
+                    gpu.name or UNKNOWN,
+                    number(gpu.utilization_percent, "%"),
                     _memory(gpu),
-                    _num(gpu.temperature_c, "C"),
+                    number(gpu.temperature_c, "C"),
                     _users(procs),
                     "free" if is_free(gpu, procs, thresholds) else "",
                 )
@@ -71,7 +62,7 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     lines.append("")
     lines.append(
         f"{t.hosts - t.hosts_down} of {plural(t.hosts, 'host')} answered, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
-        f" (taken {snapshot.taken_at.astimezone().isoformat(timespec='seconds')})"
+        f" (taken {local_time(snapshot.taken_at)})"
     )
     lines += notes
     return "\n".join(lines)
@@ -120,6 +111,6 @@ def host_dict(host: HostSnapshot) -> dict[str, Any]:
 
 def snapshot_dict(snapshot: FleetSnapshot) -> dict[str, Any]:
     return {
-        "taken_at": snapshot.taken_at.isoformat(timespec="seconds"),
+        "taken_at": iso_time(snapshot.taken_at),
         "hosts": [host_dict(h) for h in snapshot.hosts],
     }

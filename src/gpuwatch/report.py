@@ -1,35 +1,31 @@
-"""Pure: snapshots -> channel-neutral messages (overview, one user's processes, free GPUs).
+"""Pure: snapshots and alert transitions -> channel-neutral messages (the words of gpuwatch).
 
-Each host is one block, so a channel that splits a long report never cuts a host in half.
-A host that did not answer is always listed with its reason: a report never lets a dead
-host look like an idle one.
+Reports: the overview, one user's processes, the free GPUs. Each host is one block, so a channel
+that splits a long report never cuts a host in half. A host that did not answer is always listed
+with its reason: a report never lets a dead host look like an idle one.
+
+Alerts: the rules give numbers and facts (rules.Finding); the words of each rule are made here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, tzinfo
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import tzinfo
 
-from .config import FreeGpuConfig, format_duration
+from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .notify.base import Message
-from .rules import AlertKey, Notice, Transition
-from .summary import free_gpus, is_free, plural, totals, users_on
+from .rules import FLEET, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
+from .summary import free_gpus, is_free, totals, users_on
+from .text import UNKNOWN, format_duration, local_time, number, plural, quantity
 
 MAX_COMMAND_CHARS = 120
 
 
 def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
     """The poll's time in the reader's zone: this machine's local time unless ``tz`` is given."""
-    return snapshot.taken_at.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z").strip()
-
-
-def _n(value: int | None) -> str:
-    return "N/A" if value is None else str(value)
-
-
-def _runtime(seconds: int | None) -> str:
-    return "?" if seconds is None else format_duration(seconds)
+    return local_time(snapshot.taken_at, tz)
 
 
 def _down_line(host: HostSnapshot) -> str:
@@ -45,14 +41,14 @@ def _no_data_block(snapshot: FleetSnapshot) -> list[str]:
 
 
 def _gpu_line(gpu: Gpu) -> str:
-    util = "N/A" if gpu.utilization_percent is None else f"{gpu.utilization_percent}%"
-    return f"{gpu.index}: {util}, Mem={_n(gpu.memory_used_mib)}/{_n(gpu.memory_total_mib)} MiB"
+    util = number(gpu.utilization_percent, "%")
+    return f"{gpu.index}: {util}, Mem={number(gpu.memory_used_mib)}/{number(gpu.memory_total_mib)} MiB"
 
 
 def _who(processes: Iterable[GpuProcess]) -> str:
     parts = []
     for usage in users_on(processes):
-        mem = "? MiB" if usage.memory_mib is None else f"{usage.memory_mib} MiB"
+        mem = number(usage.memory_mib, " MiB")
         count = f", {len(usage.pids)} procs" if len(usage.pids) > 1 else ""
         parts.append(f"{usage.label()} {mem}{count}")
     return "; ".join(parts)
@@ -91,11 +87,13 @@ def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
 
 
 def _process_line(proc: GpuProcess) -> str:
-    mem = "? MiB" if proc.used_memory_mib is None else f"{proc.used_memory_mib} MiB"
+    mem = number(proc.used_memory_mib, " MiB")
     command = proc.command or proc.name
     if len(command) > MAX_COMMAND_CHARS:
         command = command[: MAX_COMMAND_CHARS - 1] + "…"
-    return f"    GPU {_n(proc.gpu_index)}: pid {proc.pid} {command}, {mem}, up {_runtime(proc.runtime_seconds)}"
+    return (
+        f"    GPU {number(proc.gpu_index)}: pid {proc.pid} {command}, {mem}, up {format_duration(proc.runtime_seconds)}"
+    )
 
 
 def user_report(snapshot: FleetSnapshot, user: str) -> Message:
@@ -129,7 +127,9 @@ def free_report(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
     for host in snapshot.answered:
         free = free_gpus(host, thresholds)
         if free:
-            listed = ", ".join(f"{g.index} ({_n(g.memory_used_mib)}/{_n(g.memory_total_mib)} MiB)" for g in free)
+            listed = ", ".join(
+                f"{g.index} ({number(g.memory_used_mib)}/{number(g.memory_total_mib)} MiB)" for g in free
+            )
             name = free[0].name or "GPU"
             blocks.append(f"{host.name}: {len(free)} free of {len(host.gpus)} {name}: GPU {listed}")
     if not blocks:
@@ -155,16 +155,137 @@ def build_report(kind: str, snapshot: FleetSnapshot, thresholds: FreeGpuConfig, 
 # ---------------------------------------------------------------- alerts
 
 _LABELS = {"firing": "FIRING", "reminder": "STILL FIRING", "resolved": "RESOLVED"}
+_CAUSES = {HOST_REMOVED: "removed from the config"}
 
 
-def _clock(epoch: float | None, tz: tzinfo | None) -> str:
-    if epoch is None:
-        return "?"
-    return datetime.fromtimestamp(epoch, tz).astimezone(tz).strftime("%Y-%m-%d %H:%M %Z").strip()
+@dataclass(frozen=True)
+class AlertWords:
+    """An alert said for people: what, where and who; the reading now; the limit."""
+
+    summary: str
+    value: str
+    threshold: str
+
+
+def _count(value: float | None, word: str) -> str:
+    return UNKNOWN if value is None else plural(int(value), word)
+
+
+def _max_gpus_per_user(r: AlertRecord) -> AlertWords:
+    gpus = ", ".join(str(g) for g in r.facts.get("gpus", []))
+    return AlertWords(
+        f"{r.key.user} holds {_count(r.value, 'GPU')} on {r.key.host} (GPU {gpus})",
+        _count(r.value, "GPU"),
+        f"at most {number(r.threshold)} per host",
+    )
+
+
+def _max_gpus_per_user_fleet(r: AlertRecord) -> AlertWords:
+    hosts = ", ".join(r.facts.get("hosts", []))
+    return AlertWords(
+        f"{r.key.user} holds {_count(r.value, 'GPU')} across the fleet ({hosts})",
+        _count(r.value, "GPU"),
+        f"at most {number(r.threshold)} in the fleet",
+    )
+
+
+def _max_runtime(r: AlertRecord) -> AlertWords:
+    who = r.key.user or "an unknown user"
+    command = str(r.facts.get("command", ""))[:80]
+    return AlertWords(
+        f"{who}'s process {r.key.pid} ({command}) on {r.key.host} GPU {number(r.facts.get('gpu'))} "
+        f"has run {format_duration(r.value)}",
+        format_duration(r.value),
+        f"at most {format_duration(r.threshold)}",
+    )
+
+
+def _idle_gpu(r: AlertRecord) -> AlertWords:
+    used = number(r.facts.get("memory_used_mib"))
+    who = ", ".join(r.facts.get("owners", [])) or "no visible process"
+    return AlertWords(
+        f"{r.key.host} GPU {r.key.gpu} holds {used} MiB at {number(r.value, '%')} utilization ({who})",
+        f"{number(r.value, '%')}, {used} MiB",
+        f"idle (<{number(r.threshold, '%')}) with >{number(r.facts.get('memory_above_mib'))} MiB "
+        f"for {format_duration(r.facts.get('after'))}",
+    )
+
+
+def _host_down(r: AlertRecord) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} has not answered for {_count(r.value, 'poll')}: {r.facts.get('error')}",
+        _count(r.value, "failed poll"),
+        f"alert after {number(r.threshold)}",
+    )
+
+
+def _gpu_missing(r: AlertRecord) -> AlertWords:
+    fewer = UNKNOWN if r.value is None or r.threshold is None else number(r.threshold - r.value)
+    return AlertWords(
+        f"{r.key.host} reports {_count(r.value, 'GPU')}, {fewer} fewer than the {number(r.threshold)} it had",
+        _count(r.value, "GPU"),
+        f"{_count(r.threshold, 'GPU')} seen before",
+    )
+
+
+def _gpu_error(r: AlertRecord) -> AlertWords:
+    return AlertWords(f"{r.key.host}: {r.facts.get('error')}", r.key.detail or "error", "no GPU error")
+
+
+def _temperature_above(r: AlertRecord) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} GPU {r.key.gpu} is at {number(r.value, '°C')}",
+        number(r.value, "°C"),
+        f"at most {number(r.threshold, '°C')}",
+    )
+
+
+def _any_rule(r: AlertRecord) -> AlertWords:
+    """A rule without words of its own: its name, where, and its numbers."""
+    return AlertWords(
+        f"{r.key.rule} ({_where(r.key)}): {quantity(r.value, r.unit)}",
+        quantity(r.value, r.unit),
+        f"limit {quantity(r.threshold, r.unit)}",
+    )
+
+
+_WORDS: Mapping[str, Callable[[AlertRecord], AlertWords]] = {
+    "max_gpus_per_user": _max_gpus_per_user,
+    "max_gpus_per_user_fleet": _max_gpus_per_user_fleet,
+    "max_runtime": _max_runtime,
+    "idle_gpu": _idle_gpu,
+    "host_down": _host_down,
+    "gpu_missing": _gpu_missing,
+    "gpu_error": _gpu_error,
+    "temperature_above": _temperature_above,
+}
+
+
+def alert_words(record: AlertRecord) -> AlertWords:
+    """The words of an alert, from its rule's numbers and facts (or, for a record saved by an older
+    gpuwatch, the words it saved)."""
+    if record.words is not None:
+        return AlertWords(
+            record.words.get("summary", ""), record.words.get("value", ""), record.words.get("threshold", "")
+        )
+    return _WORDS.get(record.key.rule, _any_rule)(record)
+
+
+def notice_text(notice: Notice) -> str:
+    """The words of a gpu_freed notice."""
+    if notice.kind == "gpu_free":
+        return f"{notice.host} GPU {notice.gpu} ({notice.facts.get('gpu_name') or 'GPU'}) is free now"
+    if notice.kind == "job_ended":
+        f = notice.facts
+        runtime = f.get("runtime")
+        ran = "" if runtime is None else f" (ran at least {format_duration(runtime)})"
+        job = f"{f.get('user')}'s job {f.get('pid')} ({f.get('command', '')})"
+        return f"{job} on {notice.host} GPU {number(notice.gpu)} has ended{ran}"
+    return f"{notice.kind} on {notice.host}"
 
 
 def _where(key: AlertKey) -> str:
-    parts = ["fleet" if key.host == "*" else key.host]
+    parts = ["fleet" if key.host == FLEET else key.host]
     if key.gpu is not None:
         parts.append(f"GPU {key.gpu}")
     if key.user is not None:
@@ -183,14 +304,18 @@ def _key_order(key: AlertKey) -> tuple[str, str, int, str, int, str]:
 
 def alert_block(t: Transition, tz: tzinfo | None = None) -> str:
     r = t.record
+    words = alert_words(r)
     head = f"{_LABELS.get(t.kind, t.kind.upper())} {r.key.rule} ({_where(r.key)})"
+    if t.cause is not None:
+        head += f": {_CAUSES.get(t.cause, t.cause)}"
     if t.kind == "resolved":
         lasted = format_duration(t.at - (r.fired_at or r.since))
         return (
-            f"{head}\n    was: {r.summary}\n    threshold: {r.threshold}; fired {_clock(r.fired_at, tz)}, "
-            f"resolved {_clock(t.at, tz)} (lasted {lasted})"
+            f"{head}\n    was: {words.summary}\n    threshold: {words.threshold}; fired {local_time(r.fired_at, tz)}, "
+            f"resolved {local_time(t.at, tz)} (lasted {lasted})"
         )
-    return f"{head}\n    {r.summary}\n    now: {r.value}; threshold: {r.threshold}; since {_clock(r.since, tz)}"
+    now = f"now: {words.value}; threshold: {words.threshold}; since {local_time(r.since, tz)}"
+    return f"{head}\n    {words.summary}\n    {now}"
 
 
 def alert_message(
@@ -208,9 +333,9 @@ def alert_message(
     resolved = len(ordered) - firing
     counts = [f"{firing} firing"] if firing else []
     counts += [f"{resolved} resolved"] if resolved else []
-    counts += [f"{len(notices)} notices"] if notices else []
+    counts += [plural(len(notices), "notice")] if notices else []
     blocks = [alert_block(t, tz) for t in ordered]
-    blocks += [f"NOTICE {n.text}" for n in notices]
+    blocks += [f"NOTICE {notice_text(n)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]
     open_ids = tuple(dict.fromkeys(mentions[u] for u in users if u in mentions))

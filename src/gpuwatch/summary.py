@@ -1,6 +1,6 @@
 """Pure questions asked of a snapshot: is this GPU free, who is on it, fleet totals.
 
-Shared by the terminal view, the reports and (later) the rules, so that "free" means the
+Shared by the terminal view, the reports and the rules, so that "free" means the
 same thing everywhere.
 """
 
@@ -11,13 +11,6 @@ from dataclasses import dataclass
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-
-
-def plural(count: int, word: str) -> str:
-    """``1 host``, ``2 hosts``, ``1 GPU``, ``3 GPUs``, ``2 processes``."""
-    if count == 1:
-        return f"{count} {word}"
-    return f"{count} {word}es" if word.endswith(("s", "sh", "ch")) else f"{count} {word}s"
 
 
 def is_free(gpu: Gpu, processes: Iterable[GpuProcess], thresholds: FreeGpuConfig) -> bool:

@@ -1,0 +1,56 @@
+"""Alert rules and their lifecycle, pure: (fleet state, fresh hosts, memory, state, now) -> transitions.
+
+- ``base``: what a rule declares and returns (AlertKey, Finding with numbers, Notice);
+- ``hosts``, ``gpus``, ``users``, ``freed``: the rules, one function each, by family;
+- ``registry``: every rule, found by name (config, engine, silences, routes);
+- ``engine``: ``evaluate`` runs the registry over the fleet state; ``Memory``;
+- ``lifecycle``: ``advance`` moves each alert pending -> firing -> resolved; silences.
+
+A failed poll never resolves an alert about that host's GPUs and never reads as "all GPUs free".
+"""
+
+from __future__ import annotations
+
+from .base import (
+    FLEET,
+    GPU_ERROR_KINDS,
+    AlertKey,
+    Finding,
+    FleetRule,
+    HostRule,
+    Needs,
+    Notice,
+    Rule,
+    Scope,
+    processes_known,
+)
+from .engine import Evaluation, Memory, evaluate
+from .lifecycle import HOST_REMOVED, AlertRecord, Silence, SilenceCheck, Transition, advance, silence_check
+from .registry import BY_NAME, RULE_NAMES, RULES
+
+__all__ = [
+    "BY_NAME",
+    "FLEET",
+    "GPU_ERROR_KINDS",
+    "HOST_REMOVED",
+    "RULES",
+    "RULE_NAMES",
+    "AlertKey",
+    "AlertRecord",
+    "Evaluation",
+    "Finding",
+    "FleetRule",
+    "HostRule",
+    "Memory",
+    "Needs",
+    "Notice",
+    "Rule",
+    "Scope",
+    "Silence",
+    "SilenceCheck",
+    "Transition",
+    "advance",
+    "evaluate",
+    "processes_known",
+    "silence_check",
+]

@@ -1,0 +1,180 @@
+"""What a rule is: its declaration (name, config, scope, the data it needs, what its alerts are
+about) and the plain records it returns (findings with numbers, notices, what it remembers).
+
+A rule never makes words: a finding carries the reading, the limit and the unit as numbers, and
+the facts the words need; ``report.py`` says it. So the same finding can feed /metrics or history.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
+
+from ..config import FreeGpuConfig
+from ..model import HostErrorKind, HostSnapshot
+
+FLEET = "*"  # the host of fleet-wide alerts
+
+# A host whose failure says something about its GPUs, not about the network.
+GPU_ERROR_KINDS = frozenset(
+    {
+        HostErrorKind.DRIVER_MISMATCH,
+        HostErrorKind.GPU_LOST,
+        HostErrorKind.DRIVER_NOT_LOADED,
+        HostErrorKind.NO_DEVICES,
+    }
+)
+
+# The AlertKey fields a rule may use to tell its alerts apart, besides the rule and the host.
+KEY_FIELDS = ("gpu", "user", "pid", "detail")
+
+
+def processes_known(host: HostSnapshot) -> bool:
+    """Did this poll learn every GPU process and its owner? Not when the host did not answer, nor
+    when its process query or ps failed (a ``probe_failed`` warning beside the GPU rows): then who
+    runs what is unknown, which must never read as "nobody"."""
+    return host.ok and not any(w.kind is HostErrorKind.PROBE_FAILED for w in host.warnings)
+
+
+class Scope(str, enum.Enum):
+    HOST = "host"  # judged on each new result of one host; its alerts are about that host
+    FLEET = "fleet"  # judged over every host's latest result; its alerts' host is FLEET
+
+
+class Needs(str, enum.Enum):
+    """Which results a rule can judge. A rule runs only on those, and only they can resolve its
+    alerts: a result that cannot say whether the condition holds must not say that it stopped."""
+
+    RESULT = "result"  # any result, failed or not (host_down)
+    GPU_STATE = "gpu_state"  # GPU data, or a failure that is itself about the GPUs (gpu_error)
+    GPU_DATA = "gpu_data"  # the host answered with its GPUs
+    PROCESSES = "processes"  # ... and every GPU process and its owner are known
+
+    def met_by(self, host: HostSnapshot) -> bool:
+        if self is Needs.RESULT:
+            return True
+        if self is Needs.GPU_STATE:
+            return host.ok or host.error_kind in GPU_ERROR_KINDS
+        if self is Needs.GPU_DATA:
+            return host.ok
+        return processes_known(host)
+
+
+@dataclass(frozen=True, order=True)
+class AlertKey:
+    """What an alert is about: never a value that changes from poll to poll."""
+
+    rule: str
+    host: str
+    gpu: int | None = None
+    user: str | None = None
+    pid: int | None = None
+    detail: str | None = None  # a stable qualifier, e.g. the kind of GPU error
+
+    @property
+    def id(self) -> str:
+        parts = [self.rule, self.host, self.gpu, self.user, self.pid, self.detail]
+        return "|".join("" if p is None else str(p) for p in parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "host": self.host,
+            "gpu": self.gpu,
+            "user": self.user,
+            "pid": self.pid,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's condition holding in this result: the reading, the limit it crossed, in ``unit``.
+
+    ``facts`` holds what the words need beyond the key (an error message, a command, the GPUs a
+    user holds); JSON values only, since an alert's record is stored.
+    """
+
+    key: AlertKey
+    value: float | None  # the reading now, e.g. 3 (GPUs)
+    threshold: float | None  # the limit, e.g. 2 (GPUs)
+    unit: str  # "GPUs", "s", "°C", "%", "polls", or "" when there is no number
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    hold_seconds: float = 0.0  # how long it must hold before it fires (at least alerts.for)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A one-off event for the users who asked (gpu_freed): not an alert, no lifecycle."""
+
+    kind: str  # "gpu_free" | "job_ended"
+    host: str
+    users: tuple[str, ...]  # who is told
+    gpu: int | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)  # gpu_name; user, pid, command, runtime
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one rule found in one result, and what it remembers about the host for next time."""
+
+    findings: tuple[Finding, ...] = ()
+    notices: tuple[Notice, ...] = ()
+    memory: Any = None  # JSON; None forgets (only for rules that declare a memory slot)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a rule's check is given besides the result and its config."""
+
+    rule: str
+    host: str  # FLEET for a fleet-wide rule
+    identity: tuple[str, ...]
+    thresholds: FreeGpuConfig  # when a GPU counts as free
+    remembered: Any = None  # this rule's memory of this host from its last run, or None
+
+    def key(self, **fields: Any) -> AlertKey:
+        """This rule's alert key about this host; only the fields the rule declared may be set."""
+        extra = sorted(k for k, v in fields.items() if v is not None and k not in self.identity)
+        if extra:
+            raise ValueError(f"rule {self.rule}: key field(s) {', '.join(extra)} not in its identity {self.identity}")
+        return AlertKey(self.rule, self.host, **fields)
+
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class HostRule(Generic[C]):
+    """A rule judged on each new result of one host."""
+
+    name: str  # its key under alerts: (and in alerts.routes, silence add --rule)
+    parse: Callable[[object, str], C | None]  # the YAML value at alerts.<name>, its key path -> config; None: off
+    check: Callable[[HostSnapshot, C, Context], Outcome]
+    needs: Needs
+    identity: tuple[str, ...] = ()  # the AlertKey fields (KEY_FIELDS) that tell its alerts on one host apart
+    default: C | None = None  # its config when the file has no alerts: section; None: off
+    memory: str | None = None  # its slot in Memory, when it remembers something per host
+    # Keep its memory current while it is switched off (run with ``default``, nothing reported): a
+    # baseline such as the most GPUs a host has had is then right the moment it is switched on.
+    learn_when_off: bool = False
+    scope: ClassVar[Scope] = Scope.HOST
+
+
+@dataclass(frozen=True)
+class FleetRule(Generic[C]):
+    """A rule judged over every host's latest result (the hosts that meet ``needs``)."""
+
+    name: str
+    parse: Callable[[object, str], C | None]
+    check: Callable[[Sequence[HostSnapshot], C, Context], Outcome]
+    needs: Needs
+    identity: tuple[str, ...] = ()
+    default: C | None = None
+    memory: ClassVar[str | None] = None
+    scope: ClassVar[Scope] = Scope.FLEET
+
+
+Rule: TypeAlias = HostRule[Any] | FleetRule[Any]

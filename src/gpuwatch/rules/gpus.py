@@ -1,0 +1,93 @@
+"""Rules about one GPU's readings: too hot, or holding memory without doing any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import _check_keys, _int, _mapping, _optional_int, parse_duration
+from ..model import HostSnapshot
+from .base import Context, Finding, HostRule, Needs, Outcome
+
+# ---------------------------------------------------------------- temperature_above
+
+
+@dataclass(frozen=True)
+class TemperatureAbove:
+    limit_c: int  # in Celsius
+
+
+def parse_temperature_above(value: object, path: str) -> TemperatureAbove | None:
+    limit = _optional_int(value, path, 1)
+    return None if limit is None else TemperatureAbove(limit)
+
+
+def temperature_above(host: HostSnapshot, cfg: TemperatureAbove, ctx: Context) -> Outcome:
+    return Outcome(
+        tuple(
+            Finding(ctx.key(gpu=gpu.index), gpu.temperature_c, cfg.limit_c, "°C")
+            for gpu in host.gpus
+            if gpu.temperature_c is not None and gpu.temperature_c > cfg.limit_c
+        )
+    )
+
+
+TEMPERATURE_ABOVE = HostRule(
+    name="temperature_above",
+    parse=parse_temperature_above,
+    check=temperature_above,
+    needs=Needs.GPU_DATA,
+    identity=("gpu",),
+)
+
+# ---------------------------------------------------------------- idle_gpu
+
+
+@dataclass(frozen=True)
+class IdleGpu:
+    """Memory held, no work done, for ``after`` seconds."""
+
+    after: float = 1800.0
+    util_below: int = 5  # percent
+    memory_above_mib: int = 1024
+
+
+def parse_idle_gpu(value: object, path: str) -> IdleGpu | None:
+    """``idle_gpu: {after: 30m, util_below: 5, memory_above_mib: 1024}``, ``true`` (these), or off."""
+    if value is None or value is False:
+        return None
+    section = {} if value is True else _mapping(value, path)
+    _check_keys(section, ("after", "util_below", "memory_above_mib"), path)
+    default = IdleGpu()
+    return IdleGpu(
+        after=parse_duration(section["after"], f"{path}.after") if "after" in section else default.after,
+        util_below=_int(section.get("util_below", default.util_below), f"{path}.util_below", 0, 101),
+        memory_above_mib=_int(section.get("memory_above_mib", default.memory_above_mib), f"{path}.memory_above_mib", 0),
+    )
+
+
+def idle_gpu(host: HostSnapshot, cfg: IdleGpu, ctx: Context) -> Outcome:
+    """Below ``util_below`` % with more than ``memory_above_mib`` held; it must hold for ``after``.
+    Unknown utilization (MIG mode) is not evidence of idleness."""
+    findings = []
+    for gpu in host.gpus:
+        util, used = gpu.utilization_percent, gpu.memory_used_mib
+        if util is None or used is None or util >= cfg.util_below or used <= cfg.memory_above_mib:
+            continue
+        owners = sorted({p.user or f"pid {p.pid}" for p in host.processes_on(gpu)})
+        facts = {
+            "memory_used_mib": used,
+            "memory_above_mib": cfg.memory_above_mib,
+            "after": cfg.after,
+            "owners": owners,
+        }
+        findings.append(Finding(ctx.key(gpu=gpu.index), util, cfg.util_below, "%", facts, hold_seconds=cfg.after))
+    return Outcome(tuple(findings))
+
+
+IDLE_GPU = HostRule(
+    name="idle_gpu",
+    parse=parse_idle_gpu,
+    check=idle_gpu,
+    needs=Needs.GPU_DATA,
+    identity=("gpu",),
+)

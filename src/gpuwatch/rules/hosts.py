@@ -1,0 +1,115 @@
+"""Rules about a host's health: it stopped answering, a GPU vanished, the driver or a GPU failed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import _bool, _check_keys, _int, _mapping
+from ..model import HostSnapshot
+from .base import GPU_ERROR_KINDS, Context, Finding, HostRule, Needs, Outcome
+
+# ---------------------------------------------------------------- host_down
+
+
+@dataclass(frozen=True)
+class HostDown:
+    after: int = 3  # consecutive failed polls of the host
+
+
+def parse_host_down(value: object, path: str) -> HostDown | None:
+    """``host_down: {after: 3}``, ``true`` (after 3), or ``false``/empty (off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return HostDown()
+    section = _mapping(value, path)
+    _check_keys(section, ("after",), path)
+    return HostDown(after=_int(section.get("after", HostDown.after), f"{path}.after", 1))
+
+
+def host_down(host: HostSnapshot, cfg: HostDown, ctx: Context) -> Outcome:
+    """Counts the host's failed polls in a row (each new result once); an answer starts it over."""
+    if host.ok:
+        return Outcome(memory=None)
+    failures = int(ctx.remembered or 0) + 1
+    findings: tuple[Finding, ...] = ()
+    if failures >= cfg.after:
+        kind = host.error_kind.value if host.error_kind else None
+        findings = (Finding(ctx.key(), failures, cfg.after, "polls", {"error": host.error, "error_kind": kind}),)
+    return Outcome(findings, memory=failures)
+
+
+HOST_DOWN = HostRule(
+    name="host_down",
+    parse=parse_host_down,
+    check=host_down,
+    needs=Needs.RESULT,
+    default=HostDown(),
+    memory="failures",
+    learn_when_off=True,
+)
+
+# ---------------------------------------------------------------- gpu_missing
+
+
+@dataclass(frozen=True)
+class GpuMissing:
+    pass
+
+
+def parse_gpu_missing(value: object, path: str) -> GpuMissing | None:
+    return GpuMissing() if _bool(value, path) else None
+
+
+def gpu_missing(host: HostSnapshot, cfg: GpuMissing, ctx: Context) -> Outcome:
+    """Fewer GPUs than the most this host has reported (the baseline is remembered)."""
+    count = len(host.gpus)
+    baseline = int(ctx.remembered or 0)
+    findings: tuple[Finding, ...] = ()
+    if baseline and count < baseline:
+        findings = (Finding(ctx.key(), count, baseline, "GPUs"),)
+    return Outcome(findings, memory=max(baseline, count))
+
+
+GPU_MISSING = HostRule(
+    name="gpu_missing",
+    parse=parse_gpu_missing,
+    check=gpu_missing,
+    needs=Needs.GPU_DATA,
+    default=GpuMissing(),
+    memory="gpu_counts",
+    learn_when_off=True,
+)
+
+# ---------------------------------------------------------------- gpu_error
+
+
+@dataclass(frozen=True)
+class GpuError:
+    pass
+
+
+def parse_gpu_error(value: object, path: str) -> GpuError | None:
+    return GpuError() if _bool(value, path) else None
+
+
+def gpu_error(host: HostSnapshot, cfg: GpuError, ctx: Context) -> Outcome:
+    """The driver or a GPU failed: the whole host's failure, or a warning beside good rows.
+    One alert per kind of error; it resolves only on a result that says what the GPUs are doing."""
+    issues = [(host.error_kind, host.error)] if not host.ok else [(w.kind, w.message) for w in host.warnings]
+    findings = tuple(
+        Finding(ctx.key(detail=kind.value), None, None, "", {"error": message})
+        for kind, message in issues
+        if kind is not None and kind in GPU_ERROR_KINDS
+    )
+    return Outcome(findings)
+
+
+GPU_ERROR = HostRule(
+    name="gpu_error",
+    parse=parse_gpu_error,
+    check=gpu_error,
+    needs=Needs.GPU_STATE,
+    identity=("detail",),
+    default=GpuError(),
+)

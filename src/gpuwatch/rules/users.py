@@ -1,0 +1,118 @@
+"""Rules about who runs what: too many GPUs for one user (per host, across the fleet), a process
+running too long. They need every GPU process and its owner: an unknown owner is never "nobody"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..config import _optional_int, _positive_duration
+from ..model import HostSnapshot
+from .base import Context, Finding, FleetRule, HostRule, Needs, Outcome
+
+COMMAND_CHARS = 120  # of a command kept in an alert's facts (it is stored)
+
+
+def gpus_by_user(host: HostSnapshot) -> dict[str, set[int]]:
+    """The GPU indices each known user has a process on."""
+    held: dict[str, set[int]] = {}
+    for proc in host.processes:
+        if proc.user is not None and proc.gpu_index is not None:
+            held.setdefault(proc.user, set()).add(proc.gpu_index)
+    return held
+
+
+@dataclass(frozen=True)
+class GpuLimit:
+    limit: int  # GPUs one user may hold
+
+
+def parse_gpu_limit(value: object, path: str) -> GpuLimit | None:
+    limit = _optional_int(value, path, 1)
+    return None if limit is None else GpuLimit(limit)
+
+
+# ---------------------------------------------------------------- max_gpus_per_user
+
+
+def max_gpus_per_user(host: HostSnapshot, cfg: GpuLimit, ctx: Context) -> Outcome:
+    return Outcome(
+        tuple(
+            Finding(ctx.key(user=user), len(gpus), cfg.limit, "GPUs", {"gpus": sorted(gpus)})
+            for user, gpus in sorted(gpus_by_user(host).items())
+            if len(gpus) > cfg.limit
+        )
+    )
+
+
+MAX_GPUS_PER_USER = HostRule(
+    name="max_gpus_per_user",
+    parse=parse_gpu_limit,
+    check=max_gpus_per_user,
+    needs=Needs.PROCESSES,
+    identity=("user",),
+)
+
+# ---------------------------------------------------------------- max_gpus_per_user_fleet
+
+
+def max_gpus_per_user_fleet(hosts: Sequence[HostSnapshot], cfg: GpuLimit, ctx: Context) -> Outcome:
+    placed: dict[str, set[tuple[str, int]]] = {}
+    for host in hosts:
+        for user, gpus in gpus_by_user(host).items():
+            placed.setdefault(user, set()).update((host.name, g) for g in gpus)
+    return Outcome(
+        tuple(
+            Finding(ctx.key(user=user), len(where), cfg.limit, "GPUs", {"hosts": sorted({h for h, _ in where})})
+            for user, where in sorted(placed.items())
+            if len(where) > cfg.limit
+        )
+    )
+
+
+MAX_GPUS_PER_USER_FLEET = FleetRule(
+    name="max_gpus_per_user_fleet",
+    parse=parse_gpu_limit,
+    check=max_gpus_per_user_fleet,
+    needs=Needs.PROCESSES,
+    identity=("user",),
+)
+
+# ---------------------------------------------------------------- max_runtime
+
+
+@dataclass(frozen=True)
+class MaxRuntime:
+    limit_seconds: float
+
+
+def parse_max_runtime(value: object, path: str) -> MaxRuntime | None:
+    if value is None or value is False:
+        return None
+    return MaxRuntime(_positive_duration(value, path))
+
+
+def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> Outcome:
+    """One alert per process: a job restarted under a new pid is a new alert."""
+    return Outcome(
+        tuple(
+            Finding(
+                ctx.key(user=proc.user, pid=proc.pid),
+                proc.runtime_seconds,
+                cfg.limit_seconds,
+                "s",
+                {"gpu": proc.gpu_index, "command": (proc.command or proc.name)[:COMMAND_CHARS]},
+            )
+            for proc in host.processes
+            if proc.runtime_seconds is not None and proc.runtime_seconds > cfg.limit_seconds
+        )
+    )
+
+
+MAX_RUNTIME = HostRule(
+    name="max_runtime",
+    parse=parse_max_runtime,
+    check=max_runtime,
+    needs=Needs.PROCESSES,
+    identity=("user", "pid"),
+)
