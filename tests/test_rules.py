@@ -45,7 +45,19 @@ from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
 from gpuwatch.probe import PROBE_MARKER, snapshot_from_output
 from gpuwatch.report import AlertWords, alert_message, alert_words, notice_text
-from gpuwatch.rules import AlertKey, AlertRecord, Memory, Notice, Silence, Transition, advance, evaluate, silence_check
+from gpuwatch.rules import (
+    HOST_REMOVED,
+    AlertKey,
+    AlertRecord,
+    Evaluation,
+    Memory,
+    Notice,
+    Silence,
+    Transition,
+    advance,
+    evaluate,
+    silence_check,
+)
 from gpuwatch.rules.freed import GpuFreed
 from gpuwatch.rules.gpus import IdleGpu, TemperatureAbove
 from gpuwatch.rules.hosts import GpuError, GpuMissing, HostDown
@@ -189,14 +201,26 @@ class Engine:
         self.silences: list[Silence] = []
         self.notices: list[Notice] = []
 
-    def step(self, now: float, *hosts: HostSnapshot) -> list[Transition]:
+    def step(
+        self,
+        now: float,
+        *hosts: HostSnapshot,
+        fresh: Iterable[str] | None = None,
+        removed: Iterable[str] = (),
+    ) -> list[Transition]:
+        """One evaluation of the fleet state ``hosts``; ``fresh``: the hosts with a new result (all
+        when None); ``removed``: hosts just removed from the config."""
         if self.store is not None:
             self.records, self.memory = self.store.records(), self.store.memory()
             self.silences = self.store.silences(now)
         snapshot = FleetSnapshot(taken_at=datetime.fromtimestamp(now, timezone.utc), hosts=hosts)
-        evaluation = evaluate(snapshot, self.cfg, self.memory, self.free)
-        self.records, transitions = advance(self.records, evaluation, now, self.cfg, silence_check(self.silences))
-        self.memory = evaluation.memory
+        new = None if fresh is None else frozenset(fresh)
+        evaluation = evaluate(snapshot, self.cfg, self.memory, self.free, new)
+        gone = frozenset(removed)
+        self.records, transitions = advance(
+            self.records, evaluation, now, self.cfg, silence_check(self.silences), removed_hosts=gone
+        )
+        self.memory = evaluation.memory.forget(gone)
         self.notices = list(evaluation.notices)
         if self.store is not None:
             self.store.save(self.records, self.memory)
@@ -878,3 +902,233 @@ def test_alert_config_mistakes_name_the_key(doc: dict[str, Any], expected: str) 
     with pytest.raises(ConfigError) as info:
         parse_config({"hosts": ["gpu-a"], "feishu": {"url": "https://example.com/hook/x"}, **doc})
     assert expected in str(info.value)
+
+
+# ---------------------------------------------------------------- hosts on their own clocks: fresh results
+
+
+def test_a_host_without_a_new_result_neither_fires_nor_resolves() -> None:
+    """Results arrive host by host: an evaluation judges only the hosts with a new result."""
+    engine = Engine(alerts_config(max_gpus_per_user=2, temperature_above=55))
+    a_over, a_fixed = h100_host("gpu-a", alice([0, 1, 2])), h100_host("gpu-a")
+    b_fine, b_over = h100_host("gpu-b"), h100_host("gpu-b", alice([1, 2, 3], first_pid=5100))
+    first = engine.step(T0, a_over, b_fine)
+    assert kinds(first) == [
+        ("firing", "max_gpus_per_user|gpu-a||alice||"),
+        ("firing", "temperature_above|gpu-a|0|||"),
+        ("firing", "temperature_above|gpu-a|1|||"),
+        ("firing", "temperature_above|gpu-a|2|||"),
+    ]
+    a_alerts = engine.firing()
+    # gpu-b has a new result; gpu-a's latest is fixed but not new to this evaluation: only gpu-b fires
+    second = engine.step(T0 + 10, a_fixed, b_over, fresh={"gpu-b"})
+    assert kinds(second) == [
+        ("firing", "max_gpus_per_user|gpu-b||alice||"),
+        ("firing", "temperature_above|gpu-b|1|||"),
+        ("firing", "temperature_above|gpu-b|2|||"),
+        ("firing", "temperature_above|gpu-b|3|||"),
+    ]
+    assert set(a_alerts) < set(engine.firing())
+    # no new result at all: nothing moves
+    assert engine.step(T0 + 20, a_fixed, b_over, fresh=()) == []
+    # gpu-a's new result: its alerts resolve; gpu-b's (not fresh) stay as they are
+    third = engine.step(T0 + 30, a_fixed, b_fine, fresh={"gpu-a"})
+    assert kinds(third) == [("resolved", key) for key in a_alerts]
+    b_alerts = [key for _, key in kinds(second)]
+    assert engine.firing() == b_alerts
+    assert kinds(engine.step(T0 + 40, a_fixed, b_fine, fresh={"gpu-b"})) == [("resolved", key) for key in b_alerts]
+
+
+def test_the_failure_counter_counts_polls_of_the_host_not_evaluations() -> None:
+    engine = Engine(alerts_config(host_down={"after": 3}))
+    assert engine.step(T0, h100_host("gpu-a"), down("gpu-b")) == []  # gpu-b's first failed poll
+    # gpu-a answers every 10 s; each of its results is an evaluation, gpu-b's failure is not new
+    for i in range(1, 20):
+        assert engine.step(T0 + i * 10, h100_host("gpu-a"), down("gpu-b"), fresh={"gpu-a"}) == [], i
+    assert engine.memory.get("failures", "gpu-b") == 1
+    assert engine.step(T0 + 60, h100_host("gpu-a"), down("gpu-b"), fresh={"gpu-b"}) == []  # its second
+    fired = engine.step(T0 + 120, h100_host("gpu-a"), down("gpu-b"), fresh={"gpu-b"})  # its third
+    assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
+    assert (fired[0].record.value, fired[0].record.threshold, fired[0].record.unit) == (3, 3, "polls")
+    assert said(fired[0].record).value == "3 failed polls"
+    # gpu-a's results do not resolve it: only a new result of gpu-b does
+    assert engine.step(T0 + 130, h100_host("gpu-a"), h100_host("gpu-b"), fresh={"gpu-a"}) == []
+    assert kinds(engine.step(T0 + 180, h100_host("gpu-a"), h100_host("gpu-b"), fresh={"gpu-b"})) == [
+        ("resolved", "host_down|gpu-b||||")
+    ]
+
+
+def test_only_a_new_result_moves_a_baseline_or_a_users_jobs() -> None:
+    engine = Engine(alerts_config(gpu_missing=True, gpu_freed={"users": ["alice"]}))
+    job = Job("alice", 4101, 1, 7200, "python3 train.py --lr 3e-4")
+    assert engine.step(T0, h100_host("gpu-a", [job]), h100_host("gpu-b", n_gpus=4)) == []
+    # gpu-b's latest result (what the state holds) is not new: no baseline, no alert, no notice
+    for i in range(1, 5):
+        assert engine.step(T0 + i * 10, h100_host("gpu-a", [job]), h100_host("gpu-b", n_gpus=8), fresh={"gpu-a"}) == []
+    assert engine.memory.get("gpu_counts", "gpu-b") == 4
+    # gpu-a's job has ended in its latest result, but that result is not new: not "ended" yet
+    engine.step(T0 + 50, h100_host("gpu-a"), h100_host("gpu-b"), fresh={"gpu-b"})
+    assert engine.notices == []
+    engine.step(T0 + 60, h100_host("gpu-a"), h100_host("gpu-b"), fresh={"gpu-a"})
+    assert sorted(notice_text(n) for n in engine.notices) == [
+        "alice's job 4101 (python3 train.py --lr 3e-4) on gpu-a GPU 1 has ended (ran at least 2h)",
+        "gpu-a GPU 1 (NVIDIA H100 80GB HBM3) is free now",
+    ]
+    fired = engine.step(T0 + 70, h100_host("gpu-a"), h100_host("gpu-b", n_gpus=3), fresh={"gpu-b"})
+    assert kinds(fired) == [("firing", "gpu_missing|gpu-b||||")]
+    assert (fired[0].record.value, fired[0].record.threshold) == (3, 4)
+
+
+def test_a_fleet_wide_rule_counts_every_latest_result_and_resolves_only_when_all_are_known() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user_fleet=3))
+    a, b = h100_host("gpu-a", alice([0, 1])), h100_host("gpu-b", alice([2, 3], first_pid=5100))
+    # only gpu-a's result is new, but the fleet-wide count uses gpu-b's latest one too
+    fired = engine.step(T0, a, b, fresh={"gpu-a"})
+    assert kinds(fired) == [("firing", "max_gpus_per_user_fleet|*||alice||")]
+    assert (fired[0].record.value, fired[0].record.threshold, fired[0].record.facts["hosts"]) == (
+        4,
+        3,
+        ["gpu-a", "gpu-b"],
+    )
+    # gpu-b's latest result is stale (older than 3 poll intervals): not an answer; nothing resolves
+    b_stale = replace(h100_host("gpu-b"), stale=True)
+    for i in range(1, 4):
+        assert engine.step(T0 + i * MIN, a, b_stale, fresh={"gpu-a"}) == []
+    # nor while gpu-b is down
+    assert engine.step(T0 + 5 * MIN, a, down("gpu-b")) == []
+    assert engine.firing() == ["max_gpus_per_user_fleet|*||alice||"]
+    # every host's latest result answered and known again: now it resolves
+    assert kinds(engine.step(T0 + 6 * MIN, a, h100_host("gpu-b"), fresh={"gpu-b"})) == [
+        ("resolved", "max_gpus_per_user_fleet|*||alice||")
+    ]
+
+
+def test_a_stale_host_is_never_judged_even_when_called_fresh() -> None:
+    engine = Engine(alerts_config(host_down={"after": 1}, temperature_above=55))
+    assert kinds(engine.step(T0, h100_host("gpu-a", alice([0])))) == [("firing", "temperature_above|gpu-a|0|||")]
+    stale = replace(h100_host("gpu-a"), stale=True)
+    for i in range(1, 4):
+        assert engine.step(T0 + i * MIN, stale) == []  # fresh=None: every host, but a stale one has nothing new
+    assert engine.firing() == ["temperature_above|gpu-a|0|||"]
+
+
+# ---------------------------------------------------------------- hosts removed from the config
+
+
+def test_the_alerts_of_a_removed_host_resolve_once_with_the_reason() -> None:
+    engine = Engine(alerts_config(max_gpus_per_user=2, host_down={"after": 1}, **{"for": "5m"}))
+    a_over = h100_host("gpu-a", alice([0, 1, 2]))
+    c_over = h100_host("gpu-c", alice([0, 1, 2], first_pid=6100))
+    assert engine.step(T0, a_over, down("gpu-b"), c_over) == []  # pending: held back by `for`
+    fired = engine.step(T0 + 5 * MIN, a_over, down("gpu-b"), c_over)
+    assert kinds(fired) == [
+        ("firing", "host_down|gpu-b||||"),
+        ("firing", "max_gpus_per_user|gpu-a||alice||"),
+        ("firing", "max_gpus_per_user|gpu-c||alice||"),
+    ]
+    c_new = h100_host("gpu-c", alice([0, 1, 2, 3], first_pid=6100))
+    assert engine.step(T0 + 6 * MIN, a_over, down("gpu-b"), c_new) == []
+    assert engine.records["max_gpus_per_user|gpu-c||alice||"].state == "firing"
+    a_new = h100_host("gpu-a", alice([0, 1, 2, 3]))
+    assert engine.step(T0 + 7 * MIN, a_new, down("gpu-b"), c_new, fresh={"gpu-a"}) == []  # a pending? no: firing
+    # a reload removes gpu-b and gpu-c; the fleet state no longer holds them, nothing is fresh
+    gone = engine.step(T0 + 8 * MIN, a_new, fresh=(), removed={"gpu-b", "gpu-c"})
+    assert kinds(gone) == [("resolved", "host_down|gpu-b||||"), ("resolved", "max_gpus_per_user|gpu-c||alice||")]
+    assert engine.firing() == ["max_gpus_per_user|gpu-a||alice||"]
+    assert engine.memory.get("failures", "gpu-b") is None  # its memory goes too
+    message = alert_message(gone, [], {}, tz=timezone.utc)
+    assert message is not None and message.title == "GPU alerts: 2 resolved"
+    assert "RESOLVED host_down (gpu-b): removed from the config\n    was: gpu-b has not answered for" in message.text
+    assert "RESOLVED max_gpus_per_user (gpu-c, user alice): removed from the config" in message.text
+    # said once: the next evaluations know nothing of them
+    assert engine.step(T0 + 9 * MIN, a_new) == []
+    assert engine.step(T0 + 10 * MIN, a_new, removed={"gpu-b", "gpu-c"}) == []
+
+
+def test_a_removed_host_resolves_with_nothing_evaluated_and_a_pending_alert_goes_quietly() -> None:
+    cfg = alerts_config(max_gpus_per_user=2, host_down={"after": 1}, **{"for": "5m"})
+    engine = Engine(cfg)
+    assert engine.step(T0, down("gpu-b")) == []
+    fired = engine.step(T0 + 5 * MIN, down("gpu-b"), h100_host("gpu-d", alice([0, 1, 2])))
+    assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
+    assert engine.records["max_gpus_per_user|gpu-d||alice||"].state == "pending"
+    # an evaluation that judged nothing changes nothing...
+    assert advance(engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg) == (engine.records, [])
+    # ...but the daemon's reload between two evaluations resolves what was said about removed hosts
+    removed = frozenset({"gpu-b", "gpu-d"})
+    records, transitions = advance(
+        engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg, removed_hosts=removed
+    )
+    assert [(t.kind, t.record.key.id, t.cause) for t in transitions] == [
+        ("resolved", "host_down|gpu-b||||", HOST_REMOVED)
+    ]  # gpu-d's alert was only pending: never announced, so nothing to take back
+    assert records == {}
+
+
+# ---------------------------------------------------------------- state saved by gpuwatch 0.1.0
+
+
+def _old_state(tmp_path: Path) -> AlertStore:
+    """An alert store holding the state gpuwatch 0.1.0 saved (tests/fixtures/alert-state)."""
+    saved = json.loads((Path(__file__).parent / "fixtures" / "alert-state" / "gpuwatch-0.1.0.json").read_text())
+    db = open_db(tmp_path)
+    with db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO alerts (id, record) VALUES (?, ?)",
+            [(kid, json.dumps(record)) for kid, record in saved["alerts"].items()],
+        )
+        conn.execute("INSERT INTO rule_memory (id, memory) VALUES (1, ?)", (json.dumps(saved["rule_memory"]),))
+    return AlertStore(db)
+
+
+def test_a_daemon_upgraded_in_place_reads_the_old_alert_state(tmp_path: Path) -> None:
+    store = _old_state(tmp_path)
+    cfg = alerts_config(
+        max_gpus_per_user=2, max_runtime="72h", gpu_missing=True, host_down={"after": 1}, gpu_freed={"users": ["alice"]}
+    )
+    records = store.records()
+    assert sorted(records) == [
+        "gpu_missing|gpu-c||||",
+        "host_down|gpu-b||||",
+        "max_gpus_per_user|gpu-a||alice||",
+        "max_runtime|gpu-a||alice|4100|",
+        "max_runtime|gpu-a||alice|4101|",
+        "max_runtime|gpu-a||alice|4102|",
+    ]
+    old = records["max_gpus_per_user|gpu-a||alice||"]
+    assert (old.state, old.since, old.fired_at, old.last_sent_at) == ("firing", T0, T0, T0)
+    assert said(old) == AlertWords("alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)", "3 GPUs", "at most 2 per host")
+    assert AlertRecord.from_dict(json.loads(json.dumps(old.as_dict()))) == old  # saved again as it was read
+
+    engine = Engine(cfg, store=store)
+    # An hour later: alice's job on gpu-a's GPU 2 has ended (the old memory knew her jobs), so she
+    # holds 2 GPUs; gpu-b is still down, gpu-c still has one GPU fewer than the old baseline of 4.
+    later = T0 + HOUR
+    a = h100_host("gpu-a", alice([0, 1], elapsed=int(3 * DAY) + 3660))
+    steps = engine.step(later, a, down("gpu-b"), h100_host("gpu-c", n_gpus=3))
+    assert kinds(steps) == [
+        ("resolved", "max_gpus_per_user|gpu-a||alice||"),
+        ("resolved", "max_runtime|gpu-a||alice|4102|"),
+    ]  # and nothing announced twice
+    message = alert_message(steps, [], {}, tz=timezone.utc)
+    assert message is not None
+    assert (
+        "RESOLVED max_runtime (gpu-a, user alice, pid 4102)\n"
+        "    was: alice's process 4102 (python3 train.py --epochs 90) on gpu-a GPU 2 has run 3d1m\n"
+        "    threshold: at most 3d; fired 2027-01-15 08:00 UTC, resolved 2027-01-15 09:00 UTC (lasted 1h)"
+    ) in message.text  # the old record's own words, as 0.1.0 saved them
+    assert "was: alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)\n    threshold: at most 2 per host;" in message.text
+    assert sorted(notice_text(n) for n in engine.notices) == [
+        "alice's job 4102 (python3 train.py --epochs 90) on gpu-a GPU 2 has ended (ran at least 3d1m)",
+        "gpu-a GPU 2 (NVIDIA H100 80GB HBM3) is free now",  # the old memory knew it was busy
+    ]
+    now = store.records()
+    assert sorted(now) == [
+        "gpu_missing|gpu-c||||",
+        "host_down|gpu-b||||",
+        "max_runtime|gpu-a||alice|4100|",
+        "max_runtime|gpu-a||alice|4101|",
+    ]
+    assert all(r.words is None and r.since <= T0 + MIN and r.last_sent_at is not None for r in now.values())
+    assert (now["gpu_missing|gpu-c||||"].value, now["gpu_missing|gpu-c||||"].threshold) == (3, 4)
+    assert now["host_down|gpu-b||||"].value == 2  # the old count of failures goes on

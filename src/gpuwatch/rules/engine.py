@@ -10,7 +10,7 @@ result. An alert resolves only when its rule actually judged it again (``Evaluat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,18 +81,21 @@ def evaluate(
     memory: Memory,
     thresholds: FreeGpuConfig,
     fresh: frozenset[str] | None = None,
+    *,
+    rules: Sequence[Rule] = RULES,
 ) -> Evaluation:
     """Every enabled rule over the fleet state -> the conditions that hold now, and updated memory.
 
     ``fresh``: the hosts with a new result since the last evaluation (None: every host in the
     snapshot, as after a poll of all of them). A stale host (its latest result too old) is never
-    fresh, and counts as not answered for the fleet-wide rules.
+    fresh, and counts as not answered for the fleet-wide rules. ``rules``: the registry (a test
+    may add one).
     """
     fresh_hosts = [h for h in snapshot.hosts if not h.stale and (fresh is None or h.name in fresh)]
-    running: list[tuple[Rule, object]] = [(r, cfg.rules[r.name]) for r in RULES if r.name in cfg.rules]
+    running: list[tuple[Rule, object]] = [(r, cfg.rules[r.name]) for r in rules if r.name in cfg.rules]
     running += [
         (r, r.default)
-        for r in RULES
+        for r in rules
         if r.name not in cfg.rules and isinstance(r, HostRule) and r.learn_when_off and r.default is not None
     ]
     # Any other rule switched off remembers nothing: switched on again, it starts afresh.

@@ -1,0 +1,122 @@
+"""The rule registry: every place that names rules finds them there, and a rule added the way the
+registry asks (a function, its config, its entry) runs end to end with nothing else changed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from gpuwatch.cli import build_parser
+from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
+from gpuwatch.model import FleetSnapshot, HostSnapshot
+from gpuwatch.report import alert_message
+from gpuwatch.rules import RULE_NAMES, RULES, Memory, Needs, Scope, advance, evaluate
+from gpuwatch.rules.base import Context, Finding, HostRule, Outcome
+from test_rules import DAY, MIN, T0, alice, h100_host, kinds
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_alerts_table_lists_the_registry_in_its_order() -> None:
+    section = README.read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)[:`]", section, re.M)
+    assert documented == list(RULE_NAMES)
+
+
+def test_silences_and_routes_take_every_rule_of_the_registry() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silence = sub.choices["silence"]
+    silence_sub = next(a for a in silence._actions if isinstance(a, argparse._SubParsersAction))
+    rule_flag = next(a for a in silence_sub.choices["add"]._actions if a.dest == "rule")
+    assert tuple(rule_flag.choices or ()) == RULE_NAMES
+    routes = {name: ["feishu"] for name in (*RULE_NAMES, "default")}
+    config = parse_config({"hosts": ["a"], "feishu": {"url": "https://example.com/h"}, "alerts": {"routes": routes}})
+    assert set(config.alerts.routes) == {*RULE_NAMES, "default"}
+
+
+def test_each_rule_declares_what_it_needs_and_what_its_alerts_are_about() -> None:
+    declared = {r.name: (r.scope, r.needs, r.identity) for r in RULES}
+    assert declared == {
+        "max_gpus_per_user": (Scope.HOST, Needs.PROCESSES, ("user",)),
+        "max_gpus_per_user_fleet": (Scope.FLEET, Needs.PROCESSES, ("user",)),
+        "max_runtime": (Scope.HOST, Needs.PROCESSES, ("user", "pid")),
+        "idle_gpu": (Scope.HOST, Needs.GPU_DATA, ("gpu",)),
+        "host_down": (Scope.HOST, Needs.RESULT, ()),
+        "gpu_missing": (Scope.HOST, Needs.GPU_DATA, ()),
+        "gpu_error": (Scope.HOST, Needs.GPU_STATE, ("detail",)),
+        "temperature_above": (Scope.HOST, Needs.GPU_DATA, ("gpu",)),
+        "gpu_freed": (Scope.HOST, Needs.PROCESSES, ()),
+    }
+
+
+def test_a_rule_keys_its_alerts_only_by_the_fields_it_declared() -> None:
+    ctx = Context("max_gpus_per_user", "gpu-a", ("user",), FreeGpuConfig())
+    assert ctx.key(user="alice").id == "max_gpus_per_user|gpu-a||alice||"
+    with pytest.raises(ValueError, match=r"rule max_gpus_per_user: key field\(s\) gpu not in its identity"):
+        ctx.key(user="alice", gpu=3)  # would make one alert per GPU out of one per user
+
+
+# ---------------------------------------------------------------- a rule added the registry's way
+
+
+@dataclass(frozen=True)
+class PowerAbove:
+    limit_w: int
+
+
+def parse_power_above(value: object, path: str) -> PowerAbove | None:
+    limit = _optional_int(value, path, 1)
+    return None if limit is None else PowerAbove(limit)
+
+
+def power_above(host: HostSnapshot, cfg: PowerAbove, ctx: Context) -> Outcome:
+    return Outcome(
+        tuple(
+            Finding(ctx.key(gpu=gpu.index), gpu.power_w, cfg.limit_w, "W")
+            for gpu in host.gpus
+            if gpu.power_w is not None and gpu.power_w > cfg.limit_w
+        )
+    )
+
+
+POWER_ABOVE = HostRule(
+    name="power_above", parse=parse_power_above, check=power_above, needs=Needs.GPU_DATA, identity=("gpu",)
+)
+
+
+def test_a_new_rule_is_a_function_its_config_and_its_entry() -> None:
+    registry = (*RULES, POWER_ABOVE)
+    assert POWER_ABOVE.parse(600, "alerts.power_above") == PowerAbove(600)
+    with pytest.raises(ConfigError, match=r"alerts\.power_above: 0 is out of range"):
+        POWER_ABOVE.parse(0, "alerts.power_above")
+    cfg = AlertsConfig(rules={"power_above": PowerAbove(600)})
+    records: dict = {}
+    memory = Memory()
+
+    def step(now: float, host: HostSnapshot) -> list:
+        nonlocal records, memory
+        snapshot = FleetSnapshot(datetime.fromtimestamp(now, timezone.utc), (host,))
+        evaluation = evaluate(snapshot, cfg, memory, FreeGpuConfig(), rules=registry)
+        records, transitions = advance(records, evaluation, now, cfg)
+        memory = evaluation.memory
+        return transitions
+
+    busy = h100_host("gpu-a", alice([0], elapsed=int(DAY)))  # the real load row: 631.95 W on GPU 0
+    fired = step(T0, busy)
+    assert kinds(fired) == [("firing", "power_above|gpu-a|0|||")]
+    assert (fired[0].record.value, fired[0].record.threshold, fired[0].record.unit) == (631.95, 600, "W")
+    message = alert_message(fired, [], {}, tz=timezone.utc)
+    assert message is not None  # words without any change to report.py: its name, where, its numbers
+    assert message.text.endswith(
+        "FIRING power_above (gpu-a, GPU 0)\n"
+        "    power_above (gpu-a, GPU 0): 631.95 W\n"
+        "    now: 631.95 W; threshold: limit 600 W; since 2027-01-15 08:00 UTC"
+    )
+    assert step(T0 + MIN, busy) == []
+    assert kinds(step(T0 + 2 * MIN, h100_host("gpu-a"))) == [("resolved", "power_above|gpu-a|0|||")]
