@@ -167,15 +167,11 @@ class AlertWords:
     threshold: str
 
 
-def _count(value: float | None, word: str) -> str:
-    return UNKNOWN if value is None else plural(int(value), word)
-
-
 def _max_gpus_per_user(r: AlertRecord) -> AlertWords:
     gpus = ", ".join(str(g) for g in r.facts.get("gpus", []))
     return AlertWords(
-        f"{r.key.user} holds {_count(r.value, 'GPU')} on {r.key.host} (GPU {gpus})",
-        _count(r.value, "GPU"),
+        f"{r.key.user} holds {quantity(r.value, 'GPUs')} on {r.key.host} (GPU {gpus})",
+        quantity(r.value, "GPUs"),
         f"at most {number(r.threshold)} per host",
     )
 
@@ -183,8 +179,8 @@ def _max_gpus_per_user(r: AlertRecord) -> AlertWords:
 def _max_gpus_per_user_fleet(r: AlertRecord) -> AlertWords:
     hosts = ", ".join(r.facts.get("hosts", []))
     return AlertWords(
-        f"{r.key.user} holds {_count(r.value, 'GPU')} across the fleet ({hosts})",
-        _count(r.value, "GPU"),
+        f"{r.key.user} holds {quantity(r.value, 'GPUs')} across the fleet ({hosts})",
+        quantity(r.value, "GPUs"),
         f"at most {number(r.threshold)} in the fleet",
     )
 
@@ -213,8 +209,8 @@ def _idle_gpu(r: AlertRecord) -> AlertWords:
 
 def _host_down(r: AlertRecord) -> AlertWords:
     return AlertWords(
-        f"{r.key.host} has not answered for {_count(r.value, 'poll')}: {r.facts.get('error')}",
-        _count(r.value, "failed poll"),
+        f"{r.key.host} has not answered for {quantity(r.value, 'polls')}: {r.facts.get('error')}",
+        quantity(r.value, "failed polls"),
         f"alert after {number(r.threshold)}",
     )
 
@@ -222,9 +218,9 @@ def _host_down(r: AlertRecord) -> AlertWords:
 def _gpu_missing(r: AlertRecord) -> AlertWords:
     fewer = UNKNOWN if r.value is None or r.threshold is None else number(r.threshold - r.value)
     return AlertWords(
-        f"{r.key.host} reports {_count(r.value, 'GPU')}, {fewer} fewer than the {number(r.threshold)} it had",
-        _count(r.value, "GPU"),
-        f"{_count(r.threshold, 'GPU')} seen before",
+        f"{r.key.host} reports {quantity(r.value, 'GPUs')}, {fewer} fewer than the {number(r.threshold)} it had",
+        quantity(r.value, "GPUs"),
+        f"{quantity(r.threshold, 'GPUs')} seen before",
     )
 
 
