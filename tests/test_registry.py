@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpuwatch.cli import build_parser
 from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
@@ -26,6 +27,11 @@ def test_the_readme_alerts_table_lists_the_registry_in_its_order() -> None:
     section = README.read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_]+)[:`]", section, re.M)
     assert documented == list(RULE_NAMES)
+
+
+def test_the_example_config_switches_on_every_rule_of_the_registry(tmp_path: Path) -> None:
+    doc = yaml.safe_load((README.parent / "config.example.yaml").read_text())
+    assert tuple(parse_config(doc, tmp_path / "config.yaml").alerts.rules) == RULE_NAMES
 
 
 def test_silences_and_routes_take_every_rule_of_the_registry() -> None:
