@@ -4,8 +4,11 @@ Each host is a real sshd on 127.0.0.x whose stand-in nvidia-smi sleeps 0.5 s per
 calls per probe, so about 1 s of remote work per host). Measures:
 
 - ``gpuwatch status`` as a user runs it (a fresh process: import, connect, probe, print);
-- a steady-state poll of the daemon (connections already open), which is what a 60 s poll
-  interval costs.
+- a steady-state poll of every host at once (connections already open), side by side in the
+  same run with a bare paramiko client that probes all of them at once (one thread per host, no
+  pool, no parsing): the floor any client could reach on this machine;
+- the daemon itself (``gpuwatch run``, each host on its own clock, ``--daemon-seconds`` long):
+  client CPU per host-poll and its resident memory.
 
 Run as root (it starts sshd and creates test users): ``python bench/poll_fleet.py [N ...]``.
 All traffic stays on 127.0.0.0/8.
@@ -19,6 +22,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +31,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import paramiko  # noqa: E402
+
+from fakefeishu import FakeFeishu  # noqa: E402
 from fleet import (  # noqa: E402
     Fleet,
     fleet_unavailable_reason,
@@ -36,6 +43,7 @@ from fleet import (  # noqa: E402
 )
 from gpuwatch.cli import build_poller  # noqa: E402
 from gpuwatch.config import load_config  # noqa: E402
+from gpuwatch.probe import build_script  # noqa: E402
 
 
 def children_cpu() -> float:
@@ -76,7 +84,86 @@ def light_standin(directory: Path, sleep: float) -> Path:
     return script
 
 
-def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | None) -> dict[str, float]:
+def all_at_once_client(fleet: Fleet, addresses: list[str], script: str, rounds: int) -> float:
+    """The floor: bare paramiko connections, opened first; each round runs the same probe script
+    on every host at once (a thread per host) and waits for all. Best wall time of ``rounds``."""
+    clients = []
+    for address in addresses:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # loopback test hosts only
+        client.connect(
+            address, port=fleet.port, username=fleet.monitor_user, key_filename=str(fleet.client_key), timeout=10
+        )
+        clients.append(client)
+
+    def probe(client: paramiko.SSHClient, out: list[bytes]) -> None:
+        stdin, stdout, _ = client.exec_command("sh -s", timeout=60)
+        stdin.write(script)
+        stdin.channel.shutdown_write()
+        out.append(stdout.read())
+
+    best = float("inf")
+    try:
+        for _ in range(rounds):
+            outputs: list[bytes] = []
+            threads = [threading.Thread(target=probe, args=(c, outputs)) for c in clients]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            best = min(best, time.perf_counter() - started)
+            assert len(outputs) == len(clients) and all(b"index" in o for o in outputs)
+    finally:
+        for client in clients:
+            client.close()
+    return best
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_run(fleet: Fleet, config_doc: dict[str, object], seconds: float, tmp: Path) -> dict[str, float]:
+    """``gpuwatch run`` for ``seconds`` (polls only, alerts on, no reports): CPU per host-poll, RSS."""
+    with FakeFeishu(keywords=["GPU"]) as server:
+        doc = {
+            **config_doc,
+            "state_dir": str(tmp / "state"),
+            "feishu": {"url": server.url, "keyword": "GPU"},
+            "schedule": {"poll_every": "5s", "reports": []},
+        }
+        path = tmp / "daemon.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpuwatch", "run", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(min(10.0, seconds / 3))  # connected, first round done
+            log = tmp / "state" / "gpuwatch.log"
+            polls0, cpu0 = log.read_text().count(" ok ("), proc_cpu_seconds(proc.pid)
+            time.sleep(seconds)
+            polls, cpu = log.read_text().count(" ok (") - polls0, proc_cpu_seconds(proc.pid) - cpu0
+            rss = rss_kib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {"daemon_polls": polls, "daemon_cpu_per_poll_ms": 1000 * cpu / max(polls, 1), "daemon_rss_mib": rss / 1024}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench(
+    fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | None, daemon_seconds: float
+) -> dict[str, float]:
     addresses = fleet.addresses[:count]
     for address in addresses:
         scenario_sleep(fleet.scenario_dir(address), sleep)
@@ -87,7 +174,6 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | Non
                 {
                     "hosts": [{"name": f"h{i:02d}", "address": a} for i, a in enumerate(addresses)],
                     "ssh": fleet.gpuwatch_ssh(**({"nvidia_smi": str(light)} if light else {})),
-                    "max_parallel": 64,
                 }
             )
         )
@@ -108,6 +194,7 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | Non
                 raise SystemExit(f"status failed ({proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
         # steady state: the daemon's connections stay open between polls
         config = load_config(config_path)
+        floor = all_at_once_client(fleet, addresses, build_script(8.0, str(light) if light else "nvidia-smi"), rounds)
         poller = build_poller(config)
         try:
             poller.poll()  # connect
@@ -120,6 +207,11 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | Non
                 assert len(snapshot.answered) == count, [h.error for h in snapshot.down]
         finally:
             poller.close()
+        daemon = (
+            daemon_run(fleet, yaml.safe_load(config_path.read_text()), daemon_seconds, Path(tmp))
+            if daemon_seconds
+            else {}
+        )
     best = min(range(rounds), key=lambda i: walls[i])
     return {
         "hosts": count,
@@ -128,6 +220,8 @@ def bench(fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | Non
         "status_cpu_per_host_ms": 1000 * cpus[best] / count,
         "steady_wall_s": min(steady_walls),
         "steady_cpu_per_host_ms": 1000 * min(steady_cpus) / count,
+        "all_at_once_wall_s": floor,
+        **daemon,
     }
 
 
@@ -139,6 +233,7 @@ def main() -> int:
     parser.add_argument(
         "--light", action="store_true", help="use a /bin/sh stand-in (same output) instead of the Python one"
     )
+    parser.add_argument("--daemon-seconds", type=float, default=30, help="how long to measure the daemon (0: skip)")
     args = parser.parse_args()
     reason = fleet_unavailable_reason()
     if reason:
@@ -146,17 +241,22 @@ def main() -> int:
         return 2
     kind = "/bin/sh" if args.light else "Python"
     print(f"{kind} stand-in nvidia-smi sleeps {args.sleep}s per call (2 calls per probe); best of {args.rounds}")
-    columns = ("hosts", "status wall", "status CPU", "CPU/host", "steady wall", "CPU/host")
-    widths = (5, 11, 10, 9, 11, 9)
+    columns = ("hosts", "status wall", "CPU/host", "steady wall", "all-at-once", "ratio", "daemon CPU/poll", "RSS")
+    widths = (5, 11, 9, 11, 11, 6, 15, 8)
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     with Fleet(max(args.counts)) as fleet, tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         light = light_standin(Path(tmp), args.sleep) if args.light else None
         for count in args.counts:
-            r = bench(fleet, count, args.sleep, args.rounds, light)
+            r = bench(fleet, count, args.sleep, args.rounds, light, args.daemon_seconds)
+            daemon = (
+                f"{r['daemon_cpu_per_poll_ms']:>13.1f}ms  {r['daemon_rss_mib']:>5.0f}MiB"
+                if "daemon_rss_mib" in r
+                else ""
+            )
             print(
-                f"{count:>5}  {r['status_wall_s']:>10.2f}s  {r['status_cpu_s']:>9.2f}s  "
-                f"{r['status_cpu_per_host_ms']:>7.1f}ms  {r['steady_wall_s']:>10.2f}s  "
-                f"{r['steady_cpu_per_host_ms']:>7.1f}ms"
+                f"{count:>5}  {r['status_wall_s']:>10.2f}s  {r['status_cpu_per_host_ms']:>7.1f}ms  "
+                f"{r['steady_wall_s']:>10.2f}s  {r['all_at_once_wall_s']:>10.2f}s  "
+                f"{r['steady_wall_s'] / r['all_at_once_wall_s']:>5.2f}x  {daemon}"
             )
     print(f"(machine: {os.cpu_count()} cores)")
     return 0

@@ -319,7 +319,7 @@ def test_daemon_restart_announces_nothing_twice(
     log_file = tmp_path / "state" / "gpuwatch.log"
 
     def polls() -> int:
-        return log_file.read_text().count("cycle: polled") if log_file.exists() else 0
+        return log_file.read_text().count("poll: localhost ok") if log_file.exists() else 0
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fleet import scenario_healthy_multi_gpu, standin_env
 from gpuwatch.config import HostConfig, SshSettings
-from gpuwatch.poll import Poller
+from gpuwatch.poll import Poller, phase
 from gpuwatch.probe import build_script
 from gpuwatch.ssh import CommandResult
 
@@ -70,3 +70,104 @@ def test_a_host_over_its_budget_is_reported_without_waiting_longer(tmp_path: Pat
     assert by_name["fast"].ok
     assert by_name["slow"].error_kind is not None and by_name["slow"].error_kind.value == "probe_timeout"
     assert elapsed < 4.5  # the 3 s budget, not the 8 s the host would take
+
+
+# ---------------------------------------------------------------- each host on its own clock
+
+
+class Counting(SlowReplay):
+    """A SlowReplay that counts its runs and whether it was closed."""
+
+    def __init__(self, output: str, delay: float) -> None:
+        super().__init__(output, delay)
+        self.runs = 0
+        self.closed = False
+
+    def run_script(self, script: str, timeout: float) -> CommandResult:
+        self.runs += 1
+        return super().run_script(script, timeout)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_each_host_on_its_own_clock_a_hung_host_delays_nobody(tmp_path: Path) -> None:
+    output = real_probe_output(tmp_path)
+    settings = SshSettings(command_timeout=1.0)
+    hosts = [HostConfig(name=n, address=None, ssh=settings, local=True) for n in ("hung", "fast")]
+    runners = {"hung": Counting(output, 30.0), "fast": Counting(output, 0.05)}
+    results: list[tuple[str, bool, float]] = []
+    poller = Poller(hosts, lambda h: runners[h.name])
+    started = time.monotonic()
+    try:
+        poller.start(0.3, lambda h: results.append((h.name, h.ok, time.monotonic() - started)))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(1 for r in results if r[0] == "fast") < 5:
+            time.sleep(0.05)
+    finally:
+        poller.close()
+    fast = [r for r in results if r[0] == "fast"]
+    assert len(fast) >= 5 and all(ok for _, ok, _ in fast)
+    # the fast host's first result did not wait for the hung host's budget (1 s + 2 s grace)
+    assert fast[0][2] < 2.0
+    assert runners["hung"].runs == 1  # never a second probe while the first still runs
+
+
+def test_a_hung_probe_is_reported_as_timed_out_then_busy_never_run_twice(tmp_path: Path) -> None:
+    output = real_probe_output(tmp_path)
+    settings = SshSettings(command_timeout=0.5)
+    host = HostConfig(name="hung", address=None, ssh=settings, local=True)
+    runner = Counting(output, 30.0)
+    results = []
+    poller = Poller([host], lambda h: runner)
+    try:
+        poller.start(0.2, results.append)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(results) < 3:
+            time.sleep(0.05)
+    finally:
+        poller.close()
+    kinds = [r.error_kind.value for r in results[:3] if r.error_kind is not None]
+    assert kinds[0] == "probe_timeout" and set(kinds[1:]) == {"busy"}
+    assert runner.runs == 1
+
+
+def test_phases_spread_two_hundred_hosts_over_the_interval() -> None:
+    phases = sorted(phase(f"gpu{i:03d}") for i in range(200))
+    # no tenth of the interval holds more than twice its share (20) of the hosts
+    for start in range(10):
+        window = [p for p in phases if start / 10 <= p < (start + 1) / 10]
+        assert len(window) <= 40, (start, len(window))
+    assert phase("gpu001") == phase("gpu001")  # stable: a reload does not move a host
+
+
+def test_reload_keeps_unchanged_hosts_runners_and_closes_removed_ones(tmp_path: Path) -> None:
+    output = real_probe_output(tmp_path)
+    settings = SshSettings(command_timeout=1.0)
+    made: dict[str, list[Counting]] = {}
+
+    def factory(h: HostConfig) -> Counting:
+        runner = Counting(output, 0.01)
+        made.setdefault(h.name, []).append(runner)
+        return runner
+
+    def host(name: str, timeout: float = 1.0) -> HostConfig:
+        return HostConfig(name=name, address=None, ssh=SshSettings(command_timeout=timeout), local=True)
+
+    poller = Poller([host("a"), host("b"), host("c")], factory)
+    seen: list[str] = []
+    try:
+        poller.start(0.2, lambda h: seen.append(h.name))
+        result = poller.reload([host("a"), host("c", timeout=2.0), host("d")], factory)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "d" not in seen:
+            time.sleep(0.05)
+        assert "d" in seen
+    finally:
+        poller.close()
+    assert (result.added, result.removed, result.changed, result.kept) == (("d",), ("b",), ("c",), ("a",))
+    assert len(made["a"]) == 1  # kept its connection
+    assert made["b"][0].closed  # removed: closed
+    assert len(made["c"]) == 2 and made["c"][0].closed  # changed: reconnected with its new settings
+    assert [h.name for h in poller.hosts] == ["a", "c", "d"]
+    assert settings.command_timeout == 1.0

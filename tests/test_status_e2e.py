@@ -256,7 +256,7 @@ def test_connections_persist_across_polls_and_come_back_after_a_host_restart(
     try:
         first = poller.poll()
         assert all(h.ok for h in first.hosts)
-        runners = [slot.runner for slot in poller._slots]
+        runners = [poller.prober(h.name).runner for h in config.hosts]
         transports = [r.transport() for r in runners]  # type: ignore[attr-defined]
         second = poller.poll()
         assert all(h.ok for h in second.hosts)

@@ -30,7 +30,7 @@ from .config import (
     load_config,
     parse_duration,
 )
-from .daemon import Daemon
+from .daemon import Daemon, Wiring
 from .logsetup import setup_logging
 from .model import HostErrorKind, HostSnapshot
 from .notify.base import Channel, DeliveryError, Message
@@ -137,7 +137,7 @@ def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
     finally:
         poller.close()
     if as_json:
-        json.dump(snapshot_dict(snapshot), out, indent=2, ensure_ascii=False)
+        json.dump(snapshot_dict(snapshot), out, indent=2, ensure_ascii=False, allow_nan=False)
         out.write("\n")
     else:
         out.write(fleet_table(snapshot, config.free_gpu) + "\n")
@@ -268,7 +268,17 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
         outbox = Outbox(open_db(config.state_dir))
         alert_store = AlertStore(outbox.db)
     poller = build_poller(config)
-    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop)
+    path = config.path
+
+    def reload_config() -> Config:
+        return load_config(path) if path is not None else config
+
+    wiring = Wiring(
+        load_config=reload_config,
+        runner_factory=make_runner_factory,
+        build_channels=lambda new: build_channels(new, sleep),
+    )
+    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring)
     try:
         if once or dry_run:
             return daemon.run_once()
@@ -276,7 +286,7 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
     finally:
         poller.close()
         outbox.db.close()
-        for channel in channels.values():
+        for channel in daemon.channels.values():
             close = getattr(channel, "close", None)
             if callable(close):
                 close()

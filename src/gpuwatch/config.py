@@ -179,7 +179,7 @@ class Config:
     free_gpu: FreeGpuConfig = FreeGpuConfig()
     alerts: AlertsConfig = AlertsConfig()
     email: EmailConfig | None = None
-    max_parallel: int = 32
+    max_parallel: int = 256
     log_level: str = "INFO"
     warnings: tuple[str, ...] = ()
 
@@ -587,7 +587,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
                 raise ConfigError(f"alerts.routes.{rule}: routes to email, but there is no email: section")
             if target == "feishu" and feishu is None:
                 raise ConfigError(f"alerts.routes.{rule}: routes to feishu, but there is no feishu: section")
-    max_parallel = _int(doc.get("max_parallel", 32), "max_parallel", 1, 1024)
+    max_parallel = _int(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
     log_level = _choice(str(doc.get("log_level", "INFO")).upper(), "log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     warnings = []
     secrets = _secret_keys(doc)

@@ -1,8 +1,16 @@
-"""The main job: poll on a timetable, turn snapshots into reports, deliver through the outbox.
+"""The main job: hosts polled on their own clocks, alerts as results arrive, reports on a timetable.
 
-One thread runs the ``schedule`` loop, so a cycle never overlaps the next. An exception in
-one cycle is logged and the loop goes on. SIGINT/SIGTERM set a flag: the current step
-finishes, connections close, and :meth:`Daemon.run_forever` returns 0.
+Three run modes share one :class:`Daemon`:
+
+* ``run_forever`` (the daemon): the poller probes each host every ``poll_every`` on its own timer
+  and hands each result to the fleet state. The main thread wakes when results arrive, gathers
+  them for a moment (``BATCH_SECONDS``), evaluates the alert rules for exactly those hosts,
+  queues what must be said and flushes the outbox. Reports are ``schedule`` jobs that read the
+  fleet state; they never poll. SIGHUP re-reads the config; SIGINT/SIGTERM finish the current
+  step and return 0.
+* ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue every report, flush.
+
+An exception in one step is logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -12,25 +20,45 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import schedule
 
-from .config import Config, ReportSchedule
-from .model import FleetSnapshot
+from .config import Config, ConfigError, HostConfig, ReportSchedule
+from .fleet import FleetState
+from .model import FleetSnapshot, HostSnapshot
 from .notify.base import Channel, Message
 from .poll import Poller
 from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
+from .ssh import Runner
 from .store import AlertStore, FlushResult, Outbox
 from .text import format_duration
 
 log = logging.getLogger(__name__)
 
+# Results that arrive within this long of each other are evaluated together: one alert message,
+# not one per host, when many hosts change at once (a switch failed, a reboot wave).
+BATCH_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the daemon needs to follow a new config on SIGHUP (built by the CLI)."""
+
+    load_config: Callable[[], Config]
+    runner_factory: Callable[[Config], Callable[[HostConfig], Runner]]
+    build_channels: Callable[[Config], dict[str, Channel]]
+
+
+def host_pairs(config: Config) -> list[tuple[str, str]]:
+    return [(h.name, h.display_address) for h in config.hosts]
+
 
 class Daemon:
-    """Everything the run modes share: poll, enqueue reports, flush the outbox."""
+    """Everything the run modes share: the fleet state, alerts, reports, the outbox."""
 
     def __init__(
         self,
@@ -40,6 +68,8 @@ class Daemon:
         channels: Mapping[str, Channel],
         *,
         alert_store: AlertStore | None = None,
+        state: FleetState | None = None,
+        wiring: Wiring | None = None,
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
     ) -> None:
@@ -48,31 +78,36 @@ class Daemon:
         self.outbox = outbox
         self.channels = dict(channels)
         self.alert_store = alert_store
+        self.state = state or FleetState(host_pairs(config), config.schedule.poll_every)
+        self.wiring = wiring
         self.clock = clock
         self.stop = stop or threading.Event()
-        self.latest: FleetSnapshot | None = None
-        self._latest_at = 0.0
+        self._fresh: set[str] = set()
+        self._fresh_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._reload_requested = threading.Event()
+        self._removed: set[str] = set()
+
+    # -- the fleet state
+
+    def on_result(self, host: HostSnapshot) -> None:
+        """A host's new result (from its timer thread): record it, wake the main loop."""
+        self.state.update(host)
+        with self._fresh_lock:
+            self._fresh.add(host.name)
+        self._wake.set()
+
+    def take_fresh(self) -> frozenset[str]:
+        with self._fresh_lock:
+            fresh, self._fresh = frozenset(self._fresh), set()
+        self._wake.clear()
+        return fresh
+
+    def snapshot(self) -> FleetSnapshot:
+        """What every reader sees: each host's latest result, stale ones marked."""
+        return self.state.snapshot()
 
     # -- steps
-
-    def poll(self) -> FleetSnapshot:
-        started = time.monotonic()
-        snapshot = self.poller.poll()
-        self.latest, self._latest_at = snapshot, time.monotonic()
-        log.info(
-            "cycle: polled %d hosts (%d answered) in %.2fs",
-            len(snapshot.hosts),
-            len(snapshot.answered),
-            time.monotonic() - started,
-        )
-        return snapshot
-
-    def fresh_snapshot(self) -> FleetSnapshot:
-        """The latest snapshot when it is recent (within one poll interval), else a new poll."""
-        max_age = self.config.schedule.poll_every
-        if self.latest is None or time.monotonic() - self._latest_at > max_age:
-            return self.poll()
-        return self.latest
 
     def enqueue(self, message: Message, channel_names: Iterable[str] | None = None) -> None:
         """Write a message to the outbox for each channel (default: all), before anything is sent."""
@@ -87,16 +122,20 @@ class Daemon:
         routes = self.config.alerts.routes
         return routes.get(rule) or routes.get("default") or tuple(self.channels)
 
-    def alerts(self, snapshot: FleetSnapshot) -> list[Transition]:
-        """Evaluate the rules, move every alert one step, queue what must be said: atomically,
-        so a crash or restart never announces the same thing twice nor loses it."""
+    def alerts(self, snapshot: FleetSnapshot, fresh: frozenset[str] | None = None) -> list[Transition]:
+        """Evaluate the rules for the hosts with a new result (``None``: all), move every alert one
+        step, queue what must be said: atomically, so a crash or restart never announces the same
+        thing twice nor loses it."""
         if self.alert_store is None:
             return []
         store = self.alert_store
         now = self.clock()
-        evaluation = evaluate(snapshot, self.config.alerts, store.memory(), self.config.free_gpu)
+        removed = frozenset(self._removed)
+        evaluation = evaluate(snapshot, self.config.alerts, store.memory(), self.config.free_gpu, fresh)
         silences = store.silences(now)
-        records, transitions = advance(store.records(), evaluation, now, self.config.alerts, silence_check(silences))
+        records, transitions = advance(
+            store.records(), evaluation, now, self.config.alerts, silence_check(silences), removed_hosts=removed
+        )
         mentions = self.config.feishu.mentions if self.config.feishu else {}
         by_channel: dict[str, tuple[list[Transition], list[Notice]]] = {}
         for t in transitions:
@@ -106,11 +145,12 @@ class Daemon:
             for name in self.routes_for("gpu_freed"):
                 by_channel.setdefault(name, ([], []))[1].append(notice)
         with self.outbox.db.transaction():
-            store.save(records, evaluation.memory)
+            store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory)
             for name, (items, notices) in by_channel.items():
                 message = alert_message(items, notices, mentions if name == "feishu" else {})
                 if message is not None:
                     self.enqueue(message, [name])
+        self._removed -= removed
         for t in transitions:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
@@ -129,10 +169,10 @@ class Daemon:
         return chat or list(self.channels)
 
     def report(self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None) -> None:
-        snapshot = snapshot or self.fresh_snapshot()
+        snapshot = snapshot or self.snapshot()
         self.enqueue(build_report(spec.report, snapshot, self.config.free_gpu, spec.user), self.report_channels())
 
-    # -- jobs (never raise: one failed cycle must not stop the daemon)
+    # -- jobs (never raise: one failed step must not stop the daemon)
 
     def _guarded(self, what: str, func: Callable[..., Any], *args: Any) -> Callable[[], None]:
         def job() -> None:
@@ -147,21 +187,64 @@ class Daemon:
 
         return job
 
-    def poll_cycle(self) -> None:
-        snapshot = self.poll()
-        self.alerts(snapshot)
+    def results_cycle(self) -> None:
+        """Alerts for the hosts whose results arrived since the last time, then the outbox."""
+        fresh = self.take_fresh()
+        if not fresh and not self._removed:
+            return
+        snapshot = self.snapshot()
+        answered = sum(1 for h in snapshot.hosts if h.name in fresh and h.ok)
+        log.info("cycle: new results from %d hosts (%d answered)", len(fresh), answered)
+        self.alerts(snapshot, fresh)
         self.flush()
 
     def report_cycle(self, spec: ReportSchedule) -> None:
         self.report(spec)
         self.flush()
 
+    # -- reload
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Re-read the config (SIGHUP). A config with an error is refused and the old one runs on."""
+        if self.wiring is None:
+            log.error("reload: not supported in this mode")
+            return False
+        old = self.config
+        try:
+            new = self.wiring.load_config()
+            if new.state_dir.resolve() != old.state_dir.resolve():
+                raise ConfigError(f"state_dir: cannot change from {old.state_dir} while running; restart gpuwatch")
+            channels = self.wiring.build_channels(new) if _channels_changed(old, new) else self.channels
+            if not channels:
+                raise ConfigError("feishu: not configured (nor email:), so there is nowhere to send reports")
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous config: config error: %s", exc)
+            return False
+        result = self.poller.reload(new.hosts, self.wiring.runner_factory(new))
+        removed = self.state.set_hosts(host_pairs(new), new.schedule.poll_every)
+        self._removed.update(removed)
+        if channels is not self.channels:
+            for name, channel in self.channels.items():
+                if channels.get(name) is not channel:
+                    _close(channel)
+            self.channels = dict(channels)
+        self.config = new
+        log.warning("reloaded %s: hosts: %s", new.path, result.describe())
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        return True
+
     # -- run modes
 
     def build_scheduler(self) -> schedule.Scheduler:
         scheduler = schedule.Scheduler()
         every = self.config.schedule.poll_every
-        scheduler.every(max(1, round(every))).seconds.do(self._guarded("poll cycle", self.poll_cycle))
+        # Retry what the outbox still holds even when no result brings news.
+        scheduler.every(max(1, round(every))).seconds.do(self._guarded("outbox", self.flush))
         for spec in self.config.schedule.reports:
             job = self._guarded(f"report {spec.describe()}", self.report_cycle, spec)
             if spec.every:
@@ -175,6 +258,27 @@ class Daemon:
         if install_signals:
             self._install_signals()
         scheduler = self.build_scheduler()
+        self._announce()
+        self.poller.start(self.config.schedule.poll_every, self.on_result)
+        try:
+            while not self.stop.is_set():
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    old_reports = self.config.schedule
+                    if self.reload() and self.config.schedule != old_reports:
+                        scheduler = self.build_scheduler()
+                        self._announce()
+                if self._wake.is_set() and not self.stop.wait(BATCH_SECONDS):
+                    self._guarded("alerts", self.results_cycle)()
+                scheduler.run_pending()
+                idle = scheduler.idle_seconds
+                self._wake.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
+        finally:
+            self.poller.close()
+        log.warning("gpuwatch stopping: %d messages still in the outbox", self.outbox.count())
+        return 0
+
+    def _announce(self) -> None:
         reports = ", ".join(s.describe() for s in self.config.schedule.reports) or "none"
         log.warning(
             "gpuwatch running: %d hosts, poll every %s, reports: %s",
@@ -182,17 +286,13 @@ class Daemon:
             format_duration(self.config.schedule.poll_every),
             reports,
         )
-        self._guarded("first poll cycle", self.poll_cycle)()
-        while not self.stop.is_set():
-            scheduler.run_pending()
-            idle = scheduler.idle_seconds
-            self.stop.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
-        log.warning("gpuwatch stopping: %d messages still in the outbox", self.outbox.count())
-        return 0
 
     def run_once(self) -> int:
         """Poll once, send what the outbox holds and every configured report; 0 when all delivered."""
-        snapshot = self.poll()
+        polled = self.poller.poll(self.stop)
+        for host in polled.hosts:
+            self.state.update(host)
+        snapshot = self.snapshot()
         try:
             self.alerts(snapshot)
         except Exception:
@@ -212,9 +312,25 @@ class Daemon:
         return 0 if result.dead == 0 else 1
 
     def _install_signals(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
             log.warning("received %s: finishing the current step", signal.Signals(signum).name)
             self.stop.set()
+            self._wake.set()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        def hup(signum: int, frame: FrameType | None) -> None:
+            log.warning("received SIGHUP: reloading the config")
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+
+def _channels_changed(old: Config, new: Config) -> bool:
+    return (old.feishu, old.email) != (new.feishu, new.email)
+
+
+def _close(channel: Channel) -> None:
+    close = getattr(channel, "close", None)
+    if callable(close):
+        close()

@@ -111,6 +111,7 @@ class HostSnapshot:
     gpus: tuple[Gpu, ...] = ()
     processes: tuple[GpuProcess, ...] = ()
     warnings: tuple[HostIssue, ...] = ()  # problems beside good data (a lost GPU, ps failed)
+    taken_at: datetime | None = None  # when this host's probe finished (None: never polled)
     stale: bool = False  # latest result older than 3 poll intervals
 
     @classmethod
@@ -121,6 +122,7 @@ class HostSnapshot:
         kind: HostErrorKind,
         message: str,
         probe_seconds: float | None = None,
+        taken_at: datetime | None = None,
     ) -> HostSnapshot:
         return cls(
             name=name,
@@ -129,7 +131,17 @@ class HostSnapshot:
             error=message,
             error_kind=kind,
             probe_seconds=probe_seconds,
+            taken_at=taken_at,
         )
+
+    @property
+    def current(self) -> bool:
+        """Answered, and recently: only a current host's GPUs can be called free or busy."""
+        return self.ok and not self.stale
+
+    def age_seconds(self, now: datetime) -> float | None:
+        """How old this result is at ``now``; None when the host was never polled."""
+        return None if self.taken_at is None else max(0.0, (now - self.taken_at).total_seconds())
 
     def processes_on(self, gpu: Gpu) -> tuple[GpuProcess, ...]:
         return tuple(p for p in self.processes if p.gpu_index == gpu.index)
@@ -137,15 +149,21 @@ class HostSnapshot:
 
 @dataclass(frozen=True)
 class FleetSnapshot:
-    """One poll of every configured host, in config order."""
+    """The latest result of every configured host, in config order, as of ``taken_at``.
+
+    Hosts are polled on their own clocks, so each host carries its own ``taken_at``; a host whose
+    latest result is too old is ``stale`` and counts as neither answered nor free.
+    """
 
     taken_at: datetime
     hosts: tuple[HostSnapshot, ...] = field(default_factory=tuple)
 
     @property
     def answered(self) -> tuple[HostSnapshot, ...]:
-        return tuple(h for h in self.hosts if h.ok)
+        """Hosts with current GPU data."""
+        return tuple(h for h in self.hosts if h.current)
 
     @property
     def down(self) -> tuple[HostSnapshot, ...]:
-        return tuple(h for h in self.hosts if not h.ok)
+        """Hosts without current GPU data: they failed, or their data is stale."""
+        return tuple(h for h in self.hosts if not h.current)

@@ -1,9 +1,16 @@
-"""Fan-out over hosts with a bounded pool; a failed host is data, never an exception.
+"""Probing hosts: once for all of them (``status``, ``check``, ``--once``), or each on its own clock.
 
-Each host has one runner (a persistent SSH connection, or the local shell) and an in-flight
-flag: a host whose previous probe is still running is reported busy instead of probed
-again. A poll waits for each host at most that host's own budget (connect + command
-timeouts), so one dead or slow host never holds back the others' results.
+Each host has one runner (a persistent SSH connection, or the local shell) and at most one probe
+in flight: a host whose previous probe is still running is reported ``busy`` instead of probed
+again. Every probe runs in its own thread, so waiting on one host's network or hung driver costs
+no other host anything; a probe is waited for at most its host's budget (connect + command
+timeouts) from when it started, then reported as ``probe_timeout``.
+
+In the daemon (:meth:`Poller.start`) every host is probed every ``poll_every`` on its own timer:
+the first probe at once, later ones at a per-host phase spread over the interval (so 200 hosts do
+not all run ``nvidia-smi`` in the same second), each result handed to a callback as it arrives.
+:meth:`Poller.reload` follows a new config: added hosts start, removed ones stop and close, and
+unchanged hosts keep their open connection.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from .config import HostConfig
@@ -26,32 +33,26 @@ log = logging.getLogger(__name__)
 # Beyond the timeouts, the margin a host's result may take to come back to the poller.
 GRACE_SECONDS = 2.0
 
+ResultCallback = Callable[[HostSnapshot], None]
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _HostSlot:
-    def __init__(self, host: HostConfig, runner: Runner) -> None:
-        self.host = host
-        self.runner = runner
-        self.busy = threading.Lock()
-        self.started_at = 0.0  # when the probe started running (not when it was queued)
-        self.running = False
-        self.script = build_script(host.ssh.command_timeout, host.ssh.nvidia_smi)
-
-    @property
-    def budget(self) -> float:
-        ssh = self.host.ssh
-        # connect (TCP + banner + auth, and a jump host's) plus the command itself
-        connect = 0.0 if self.host.local else ssh.connect_timeout * (3 if ssh.proxy_jump else 2)
-        return connect + ssh.command_timeout + GRACE_SECONDS
+def budget_seconds(host: HostConfig) -> float:
+    """How long one probe of ``host`` may take: connect (TCP, banner, auth, and a jump host's)
+    plus the command itself, plus a small grace."""
+    ssh = host.ssh
+    connect = 0.0 if host.local else ssh.connect_timeout * (3 if ssh.proxy_jump else 2)
+    return connect + ssh.command_timeout + GRACE_SECONDS
 
 
-def probe_host(host: HostConfig, runner: Runner, script: str) -> HostSnapshot:
-    """Probe one host; every failure comes back as a failed HostSnapshot."""
+def probe_host(host: HostConfig, runner: Runner, script: str | None = None) -> HostSnapshot:
+    """Probe one host; every failure, whatever the host printed, comes back as a HostSnapshot."""
     started = time.monotonic()
     address = host.display_address
+    script = script if script is not None else build_script(host.ssh.command_timeout, host.ssh.nvidia_smi)
     try:
         result = runner.run_script(script, host.ssh.command_timeout)
     except HostFailure as failure:
@@ -61,113 +62,275 @@ def probe_host(host: HostConfig, runner: Runner, script: str) -> HostSnapshot:
         return HostSnapshot.failed(
             host.name, address, HostErrorKind.PROBE_FAILED, f"internal error: {exc}", time.monotonic() - started
         )
-    return snapshot_from_output(
-        host.name,
-        address,
-        result.stdout,
-        result.stderr,
-        probe_seconds=round(time.monotonic() - started, 3),
-        command_timeout=host.ssh.command_timeout,
-    )
+    seconds = round(time.monotonic() - started, 3)
+    try:
+        return snapshot_from_output(
+            host.name,
+            address,
+            result.stdout,
+            result.stderr,
+            probe_seconds=seconds,
+            command_timeout=host.ssh.command_timeout,
+        )
+    except Exception as exc:  # whatever one host prints costs that host only, never the fleet
+        log.exception("could not read the probe output of %s", host.name)
+        return HostSnapshot.failed(
+            host.name, address, HostErrorKind.UNPARSEABLE, f"output gpuwatch could not read ({exc})", seconds
+        )
 
 
-def _outcome(host: HostSnapshot) -> str:
+def outcome(host: HostSnapshot) -> str:
+    """One host's result in a few words, for the log."""
     secs = f"{host.probe_seconds:.2f}s" if host.probe_seconds is not None else "?"
     if host.ok:
         return f"{host.name} ok ({len(host.gpus)} GPUs, {secs})"
     return f"{host.name} {host.error_kind.value if host.error_kind else 'failed'} ({secs})"
 
 
+def phase(name: str) -> float:
+    """A host's fixed place in the poll interval, in [0, 1): spread by name, stable across reloads."""
+    return (zlib.crc32(name.encode()) % 10_000) / 10_000
+
+
+class HostProber:
+    """One host: its runner, and its one probe in flight (never two)."""
+
+    def __init__(
+        self,
+        host: HostConfig,
+        runner: Runner,
+        slots: threading.Semaphore,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.host = host
+        self.runner = runner
+        self._slots = slots
+        self._now = now
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._done = threading.Event()
+        self._started_at = 0.0
+        self._result: HostSnapshot | None = None
+
+    @property
+    def budget(self) -> float:
+        return budget_seconds(self.host)
+
+    def busy_result(self) -> HostSnapshot:
+        running = time.monotonic() - self._started_at if self._started.is_set() else 0.0
+        return HostSnapshot.failed(
+            self.host.name,
+            self.host.display_address,
+            HostErrorKind.BUSY,
+            f"the previous probe is still running ({running:.0f}s); not starting another",
+            taken_at=self._now(),
+        )
+
+    def start(self) -> bool:
+        """Start a probe in its own thread; False when the previous one is still running."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return False
+            self._started.clear()
+            self._done.clear()
+            self._result = None
+            self._thread = threading.Thread(target=self._run, name=f"probe-{self.host.name}", daemon=True)
+            self._thread.start()
+            return True
+
+    def _run(self) -> None:
+        with self._slots:  # max_parallel: a probe waiting here has not started, its budget neither
+            self._started_at = time.monotonic()
+            self._started.set()
+            result = probe_host(self.host, self.runner)
+        self._result = replace(result, taken_at=self._now())
+        self._done.set()
+
+    def wait(self, stop: threading.Event | None = None) -> HostSnapshot:
+        """The running probe's result, waiting at most its budget from when it started."""
+        while not self._started.wait(0.2):
+            if stop is not None and stop.is_set():
+                break
+        while True:
+            remaining = self._started_at + self.budget - time.monotonic() if self._started.is_set() else 0.0
+            if self._done.wait(timeout=max(0.0, min(remaining, 0.5))):
+                assert self._result is not None
+                return self._result
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                break
+        return HostSnapshot.failed(
+            self.host.name,
+            self.host.display_address,
+            HostErrorKind.PROBE_TIMEOUT,
+            f"no result within {self.budget:.0f}s (connect + command timeouts); the probe goes on in the "
+            "background and the host is not probed again until it ends",
+            time.monotonic() - self._started_at,
+            taken_at=self._now(),
+        )
+
+    def probe(self, stop: threading.Event | None = None) -> HostSnapshot:
+        """Start a probe and wait for it; ``busy`` when the previous one still runs."""
+        if not self.start():
+            return self.busy_result()
+        return self.wait(stop)
+
+    def close(self) -> None:
+        try:
+            self.runner.close()
+        except Exception:  # closing must never stop the others from closing
+            log.debug("error closing %s", self.host.name, exc_info=True)
+
+
+class _Clock:
+    """The timer thread of one host in the daemon: probe, hand over the result, sleep, repeat."""
+
+    def __init__(self, prober: HostProber, every: float, on_result: ResultCallback, first_delay: float) -> None:
+        self.prober = prober
+        self.every = every
+        self.on_result = on_result
+        self.first_delay = first_delay
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"clock-{prober.host.name}", daemon=True)
+
+    def _loop(self) -> None:
+        name = self.prober.host.name
+        next_at = time.monotonic() + self.first_delay
+        first = True
+        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+            started = time.monotonic()
+            result = self.prober.probe(self.stop)
+            if self.stop.is_set():
+                break
+            log.info("poll: %s", outcome(result))
+            if not result.ok:
+                log.info("poll: %s: %s: %s", name, result.error_kind.value if result.error_kind else "?", result.error)
+            try:
+                self.on_result(result)
+            except Exception:
+                log.exception("handling the result of %s failed", name)
+            if first:
+                # The first probe runs at once; from the second on, each host keeps its own
+                # place in the interval, so probes spread evenly over it.
+                first = False
+                next_at = started + self.every * (1 + phase(name))
+            else:
+                next_at += self.every
+                if next_at < time.monotonic():  # a probe longer than the interval: skip, don't pile up
+                    next_at = time.monotonic() + self.every
+
+
 class Poller:
-    """Polls every configured host in parallel; owns the runners and the thread pool."""
+    """Owns one :class:`HostProber` per configured host, and in the daemon their clocks."""
 
     def __init__(
         self,
         hosts: Sequence[HostConfig],
         runner_factory: Callable[[HostConfig], Runner],
-        max_parallel: int = 32,
+        max_parallel: int = 256,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._slots = [_HostSlot(h, runner_factory(h)) for h in hosts]
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, min(max_parallel, len(self._slots))), thread_name_prefix="probe"
-        )
+        self._factory = runner_factory
         self._now = now
+        self._slots = threading.BoundedSemaphore(max(1, max_parallel))
+        self._lock = threading.Lock()
+        self._probers = {h.name: HostProber(h, runner_factory(h), self._slots, now) for h in hosts}
+        self._order = [h.name for h in hosts]
+        self._clocks: dict[str, _Clock] = {}
+        self._every = 0.0
+        self._on_result: ResultCallback | None = None
 
-    def _run(self, slot: _HostSlot) -> HostSnapshot:
-        slot.started_at, slot.running = time.monotonic(), True
-        try:
-            return probe_host(slot.host, slot.runner, slot.script)
-        finally:
-            slot.running = False
-            slot.busy.release()
+    @property
+    def hosts(self) -> list[HostConfig]:
+        with self._lock:
+            return [self._probers[name].host for name in self._order]
 
-    def _wait(self, slot: _HostSlot, future: Future[HostSnapshot]) -> HostSnapshot:
-        """The host's result, waiting at most its budget from when its probe started running: a
-        host still queued behind busy workers (a large fleet, many dead hosts) is not timed out."""
-        while True:
-            if slot.running or future.done():
-                remaining = slot.started_at + slot.budget - time.monotonic()
-                try:
-                    return future.result(timeout=max(remaining, 0.0))
-                except FutureTimeout:
-                    if future.running():
-                        break
-                    continue  # it finished (or started) just now: look again
-            try:
-                return future.result(timeout=0.2)
-            except FutureTimeout:
-                continue
-        return HostSnapshot.failed(
-            slot.host.name,
-            slot.host.display_address,
-            HostErrorKind.PROBE_TIMEOUT,
-            f"no result within {slot.budget:.0f}s (connect + command timeouts)",
-            time.monotonic() - slot.started_at,
-        )
+    def prober(self, name: str) -> HostProber:
+        return self._probers[name]
 
-    def poll(self) -> FleetSnapshot:
+    def poll(self, stop: threading.Event | None = None) -> FleetSnapshot:
+        """Probe every host at once and wait for all (each at most its own budget)."""
         taken_at = self._now()
         started = time.monotonic()
-        pending: list[tuple[_HostSlot, Future[HostSnapshot] | HostSnapshot]] = []
-        for slot in self._slots:
-            if not slot.busy.acquire(blocking=False):
-                running = time.monotonic() - slot.started_at
-                pending.append(
-                    (
-                        slot,
-                        HostSnapshot.failed(
-                            slot.host.name,
-                            slot.host.display_address,
-                            HostErrorKind.BUSY,
-                            f"the previous probe is still running ({running:.0f}s); not starting another",
-                        ),
-                    )
-                )
-                continue
-            try:
-                pending.append((slot, self._pool.submit(self._run, slot)))
-            except RuntimeError:  # pool shut down while stopping
-                slot.busy.release()
-                raise
-        results = [item if isinstance(item, HostSnapshot) else self._wait(slot, item) for slot, item in pending]
+        with self._lock:
+            probers = [self._probers[name] for name in self._order]
+        launched = [(p, p.start()) for p in probers]
+        results = [p.wait(stop) if ok else p.busy_result() for p, ok in launched]
         snapshot = FleetSnapshot(taken_at=taken_at, hosts=tuple(results))
-        outcomes = ", ".join(_outcome(h) for h in snapshot.hosts)
         log.info(
             "poll: %d/%d hosts answered in %.2fs: %s",
             len(snapshot.answered),
             len(snapshot.hosts),
             time.monotonic() - started,
-            outcomes,
+            ", ".join(outcome(h) for h in snapshot.hosts),
         )
         for host in snapshot.down:
             log.info("poll: %s: %s: %s", host.name, host.error_kind.value if host.error_kind else "?", host.error)
         return snapshot
 
+    # -- the daemon: each host on its own clock
+
+    def start(self, every: float, on_result: ResultCallback) -> None:
+        """Probe every host every ``every`` seconds on its own timer; results go to ``on_result``
+        (from the host's timer thread) as they arrive."""
+        with self._lock:
+            self._every, self._on_result = every, on_result
+            for name in self._order:
+                self._start_clock(name, first_delay=0.0)
+
+    def _start_clock(self, name: str, first_delay: float) -> None:
+        assert self._on_result is not None
+        clock = _Clock(self._probers[name], self._every, self._on_result, first_delay)
+        self._clocks[name] = clock
+        clock.thread.start()
+
+    def reload(self, hosts: Sequence[HostConfig], runner_factory: Callable[[HostConfig], Runner]) -> ReloadResult:
+        """Follow a new host list. A host whose settings did not change keeps its runner (its open
+        connection) and its clock; a changed one is closed and started anew; removed ones stop."""
+        new = {h.name: h for h in hosts}
+        with self._lock:
+            removed = [n for n in self._order if n not in new]
+            changed = [n for n in self._order if n in new and self._probers[n].host != new[n]]
+            added = [h.name for h in hosts if h.name not in self._probers]
+            kept = [n for n in self._order if n in new and n not in changed]
+            for name in removed + changed:
+                clock = self._clocks.pop(name, None)
+                if clock is not None:
+                    clock.stop.set()
+                self._probers.pop(name).close()
+            self._factory = runner_factory
+            for name in changed + added:
+                self._probers[name] = HostProber(new[name], runner_factory(new[name]), self._slots, self._now)
+                if self._on_result is not None:
+                    self._start_clock(name, first_delay=0.0)
+            self._order = [h.name for h in hosts]
+        return ReloadResult(added=tuple(added), removed=tuple(removed), changed=tuple(changed), kept=tuple(kept))
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for slot in self._slots:
-            try:
-                slot.runner.close()
-            except Exception:  # closing must never stop the others from closing
-                log.debug("error closing %s", slot.host.name, exc_info=True)
+        with self._lock:
+            for clock in self._clocks.values():
+                clock.stop.set()
+            self._clocks.clear()
+            probers = list(self._probers.values())
+        for prober in probers:
+            prober.close()
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did to the host list, by name."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    kept: tuple[str, ...]
+
+    def describe(self) -> str:
+        def names(items: tuple[str, ...]) -> str:
+            return f" ({', '.join(items)})" if items else ""
+
+        return (
+            f"{len(self.added)} added{names(self.added)}, {len(self.removed)} removed{names(self.removed)}, "
+            f"{len(self.changed)} changed and reconnected{names(self.changed)}, "
+            f"{len(self.kept)} kept with their connections"
+        )

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from typing import Any
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .summary import is_free, totals, users_on
-from .text import UNKNOWN, iso_time, local_time, number, plural
+from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
+
+
+def no_data_text(host: HostSnapshot, now: datetime) -> str:
+    """Why a host has no current data, for people: down with its reason, or stale with its age."""
+    kind = host.error_kind.value if host.error_kind else "error"
+    if not host.stale:
+        return f"DOWN {kind}: {host.error}"
+    age = host.age_seconds(now)
+    last = f"{len(host.gpus)} GPUs" if host.ok else f"{kind}: {host.error}"
+    return f"STALE: no new result for {format_duration(age)} (last: {last})"
 
 
 def _memory(gpu: Gpu) -> str:
@@ -24,9 +36,8 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
     for host in snapshot.hosts:
-        if not host.ok:
-            kind = host.error_kind.value if host.error_kind else "error"
-            rows.append((host.name, "-", f"DOWN {kind}: {host.error}", "", "", "", "", ""))
+        if not host.current:
+            rows.append((host.name, "-", no_data_text(host, snapshot.taken_at), "", "", "", "", ""))
             continue
         for gpu in host.gpus:
             procs = host.processes_on(gpu)
@@ -61,7 +72,9 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     t = totals(snapshot, thresholds)
     lines.append("")
     lines.append(
-        f"{t.hosts - t.hosts_down} of {plural(t.hosts, 'host')} answered, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
+        f"{t.hosts - t.hosts_down - t.hosts_stale} of {plural(t.hosts, 'host')} answered"
+        + (f", {t.hosts_stale} stale" if t.hosts_stale else "")
+        + f", {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
         f" (taken {local_time(snapshot.taken_at)})"
     )
     lines += notes
@@ -78,8 +91,13 @@ def gpu_dict(gpu: Gpu) -> dict[str, Any]:
         "memory_used_mib": gpu.memory_used_mib,
         "memory_total_mib": gpu.memory_total_mib,
         "temperature_c": gpu.temperature_c,
-        "power_w": gpu.power_w,
+        "power_w": _finite(gpu.power_w),
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity or NaN: a reading that is not a finite number is unknown."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def process_dict(proc: GpuProcess) -> dict[str, Any]:
@@ -103,6 +121,8 @@ def host_dict(host: HostSnapshot) -> dict[str, Any]:
         "error": host.error,
         "error_kind": host.error_kind.value if host.error_kind else None,
         "probe_seconds": None if host.probe_seconds is None else round(host.probe_seconds, 3),
+        "taken_at": None if host.taken_at is None else iso_time(host.taken_at),
+        "stale": host.stale,
         "gpus": [gpu_dict(g) for g in host.gpus],
         "processes": [process_dict(p) for p in host.processes],
         "warnings": [{"kind": w.kind.value, "message": w.message} for w in host.warnings],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
@@ -28,8 +28,11 @@ def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
     return local_time(snapshot.taken_at, tz)
 
 
-def _down_line(host: HostSnapshot) -> str:
+def _down_line(host: HostSnapshot, now: datetime | None = None) -> str:
     kind = host.error_kind.value if host.error_kind else "error"
+    if host.stale and now is not None:
+        last = f"{len(host.gpus)} GPUs" if host.ok else f"{kind}: {host.error}"
+        return f"{host.name}: STALE, no new result for {format_duration(host.age_seconds(now))} (last: {last})"
     return f"{host.name}: NO DATA ({kind}): {host.error}"
 
 
@@ -37,7 +40,7 @@ def _no_data_block(snapshot: FleetSnapshot) -> list[str]:
     """Hosts that did not answer, said plainly: what they run is not known, not "nothing"."""
     if not snapshot.down:
         return []
-    return ["Not known (no data): " + "; ".join(_down_line(h) for h in snapshot.down)]
+    return ["Not known (no data): " + "; ".join(_down_line(h, snapshot.taken_at) for h in snapshot.down)]
 
 
 def _gpu_line(gpu: Gpu) -> str:
@@ -54,10 +57,10 @@ def _who(processes: Iterable[GpuProcess]) -> str:
     return "; ".join(parts)
 
 
-def host_block(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
+def host_block(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> str:
     """The predecessor's familiar lines for one host, each GPU followed by who is on it."""
-    if not host.ok:
-        return _down_line(host)
+    if not host.current:
+        return _down_line(host, now)
     lines = [f"GPU for {host.name}"]
     for gpu in host.gpus:
         procs = host.processes_on(gpu)
@@ -76,12 +79,13 @@ def host_block(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
 def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
     t = totals(snapshot, thresholds)
     down = f", {t.hosts_down} down" if t.hosts_down else ""
+    down += f", {t.hosts_stale} stale" if t.hosts_stale else ""
     summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     # Hosts without data first: they are what someone must act on.
-    hosts = sorted(snapshot.hosts, key=lambda h: h.ok)
+    hosts = sorted(snapshot.hosts, key=lambda h: h.current)
     return Message(
         title=f"GPU overview {_stamp(snapshot)}: {summary}",
-        blocks=tuple(host_block(h, thresholds) for h in hosts),
+        blocks=tuple(host_block(h, thresholds, snapshot.taken_at) for h in hosts),
         kind="report",
     )
 

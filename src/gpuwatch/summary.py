@@ -53,9 +53,10 @@ def users_on(processes: Iterable[GpuProcess]) -> list[UserUsage]:
 @dataclass(frozen=True)
 class FleetTotals:
     hosts: int
-    hosts_down: int
+    hosts_down: int  # answered with an error (not stale)
     gpus: int
     free_gpus: int
+    hosts_stale: int = 0  # no new result for 3 poll intervals
 
 
 def totals(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> FleetTotals:
@@ -64,7 +65,10 @@ def totals(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> FleetTotals:
         for gpu in host.gpus:
             gpus += 1
             free += is_free(gpu, host.processes_on(gpu), thresholds)
-    return FleetTotals(hosts=len(snapshot.hosts), hosts_down=len(snapshot.down), gpus=gpus, free_gpus=free)
+    stale = sum(1 for h in snapshot.hosts if h.stale)
+    return FleetTotals(
+        hosts=len(snapshot.hosts), hosts_down=len(snapshot.down) - stale, gpus=gpus, free_gpus=free, hosts_stale=stale
+    )
 
 
 def free_gpus(host: HostSnapshot, thresholds: FreeGpuConfig) -> list[Gpu]:

@@ -1,0 +1,115 @@
+"""The one fleet state every reader shares: the latest result of each host, with its age.
+
+Hosts are polled on their own clocks (``poll.Poller.start``) and each result is handed to
+:meth:`FleetState.update` as it arrives. Readers (reports, alert rules, ``status``, later the web
+page and ``/metrics``) call :meth:`FleetState.snapshot` and get an immutable
+:class:`~gpuwatch.model.FleetSnapshot`; no reader ever causes a poll. A host whose latest result
+is older than ``STALE_AFTER_POLLS`` poll intervals comes back marked ``stale``: shown with its
+age, never as current and never as free.
+
+Thread-safe; no I/O; the clock is a parameter.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from .model import FleetSnapshot, HostErrorKind, HostSnapshot
+
+STALE_AFTER_POLLS = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def not_polled_yet(name: str, address: str) -> HostSnapshot:
+    """The placeholder of a host gpuwatch has not heard from yet (just started or just added)."""
+    return HostSnapshot.failed(name, address, HostErrorKind.BUSY, "not polled yet: its first probe is under way")
+
+
+class FleetState:
+    """The latest :class:`HostSnapshot` per configured host, in config order."""
+
+    def __init__(
+        self,
+        hosts: Iterable[tuple[str, str]],
+        poll_every: float,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        """``hosts``: (name, display address) in config order; ``poll_every`` in seconds."""
+        self._lock = threading.Lock()
+        self._now = now
+        self._poll_every = poll_every
+        self._order: list[str] = []
+        self._latest: dict[str, HostSnapshot] = {}
+        self._version = 0
+        self._changed = threading.Condition(self._lock)
+        self.set_hosts(hosts, poll_every)
+
+    @property
+    def stale_after_seconds(self) -> float:
+        return STALE_AFTER_POLLS * self._poll_every
+
+    def set_hosts(self, hosts: Iterable[tuple[str, str]], poll_every: float | None = None) -> list[str]:
+        """Follow a new config: keep the results of hosts still configured, forget removed ones,
+        add placeholders for new ones. Returns the names removed."""
+        pairs = list(hosts)
+        with self._lock:
+            if poll_every is not None:
+                self._poll_every = poll_every
+            names = [name for name, _ in pairs]
+            removed = [name for name in self._order if name not in names]
+            for name in removed:
+                self._latest.pop(name, None)
+            for name, address in pairs:
+                if name not in self._latest:
+                    self._latest[name] = not_polled_yet(name, address)
+            self._order = names
+            self._version += 1
+            self._changed.notify_all()
+            return removed
+
+    def update(self, host: HostSnapshot) -> None:
+        """Record a host's newest result (stamped now unless it carries its own time). A result
+        for a host no longer configured (it finished after a reload removed it) is dropped."""
+        if host.taken_at is None:
+            host = replace(host, taken_at=self._now())
+        with self._lock:
+            if host.name not in self._latest:
+                return
+            self._latest[host.name] = host
+            self._version += 1
+            self._changed.notify_all()
+
+    @property
+    def version(self) -> int:
+        """Grows with every update: a cheap way for a reader to see that something changed."""
+        with self._lock:
+            return self._version
+
+    def wait_for_change(self, version: int, timeout: float) -> int:
+        """Block until the version differs from ``version`` or ``timeout`` passes; the version now."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version, timeout=timeout)
+            return self._version
+
+    def get(self, name: str) -> HostSnapshot | None:
+        with self._lock:
+            return self._latest.get(name)
+
+    def snapshot(self) -> FleetSnapshot:
+        """Every configured host's latest result as of now, stale ones marked."""
+        now = self._now()
+        limit = self.stale_after_seconds
+        with self._lock:
+            hosts = [self._latest[name] for name in self._order]
+        marked = []
+        for host in hosts:
+            age = host.age_seconds(now)
+            stale = age is not None and age > limit
+            marked.append(replace(host, stale=stale) if stale != host.stale else host)
+        return FleetSnapshot(taken_at=now, hosts=tuple(marked))

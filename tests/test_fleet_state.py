@@ -1,0 +1,64 @@
+"""The one fleet state: latest result per host, stale after 3 intervals, following reloads."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from gpuwatch.fleet import FleetState
+from gpuwatch.model import Gpu, HostErrorKind, HostSnapshot
+
+T0 = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def ok(name: str, gpus: int = 2) -> HostSnapshot:
+    gpu_list = tuple(Gpu(index=i, memory_used_mib=0) for i in range(gpus))
+    return HostSnapshot(name=name, address=name, ok=True, gpus=gpu_list)
+
+
+def test_a_host_not_heard_from_for_three_intervals_is_stale_never_current() -> None:
+    clock = Clock()
+    state = FleetState([("a", "10.0.0.1"), ("b", "10.0.0.2")], poll_every=60, now=clock)
+    first = state.snapshot()
+    assert [h.error_kind for h in first.hosts] == [HostErrorKind.BUSY, HostErrorKind.BUSY]  # not polled yet
+    assert not first.answered
+    state.update(ok("a"))
+    state.update(ok("b"))
+    clock.now = T0 + timedelta(seconds=170)
+    state.update(ok("b"))
+    clock.now = T0 + timedelta(seconds=181)  # a: 181 s old, past 3 x 60 s
+    snap = state.snapshot()
+    a, b = snap.hosts
+    assert a.stale and not a.current and a.age_seconds(snap.taken_at) == 181
+    assert not b.stale and b.current
+    assert [h.name for h in snap.answered] == ["b"]
+    assert [h.name for h in snap.down] == ["a"]
+
+
+def test_set_hosts_keeps_results_of_kept_hosts_and_drops_removed_ones() -> None:
+    clock = Clock()
+    state = FleetState([("a", "a"), ("b", "b")], poll_every=60, now=clock)
+    state.update(ok("a", gpus=4))
+    removed = state.set_hosts([("c", "c"), ("a", "a")])
+    assert removed == ["b"]
+    snap = state.snapshot()
+    assert [h.name for h in snap.hosts] == ["c", "a"]  # the new config's order
+    assert len(snap.hosts[1].gpus) == 4
+    state.update(ok("b"))  # a late result of a removed host is dropped
+    assert [h.name for h in state.snapshot().hosts] == ["c", "a"]
+
+
+def test_readers_get_an_immutable_snapshot_and_can_wait_for_news() -> None:
+    state = FleetState([("a", "a")], poll_every=60)
+    version = state.version
+    snap = state.snapshot()
+    state.update(ok("a"))
+    assert snap.hosts[0].error_kind is HostErrorKind.BUSY  # the earlier snapshot did not change
+    assert state.wait_for_change(version, timeout=1) != version
