@@ -153,7 +153,9 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
         wait_for(lambda: any("GPU for gpu-c" in o for o in overviews(feishu)[before:]), 20, "overviews going on")
         assert daemon.poll() is None
 
-        # Removing a host: it stops being polled and leaves the reports.
+        # Removing a host: it stops being polled, leaves the reports, and its alerts resolve.
+        scenario_error(fleet.scenario_dir(a[0]), ERR_VERSION_MISMATCH)
+        wait_for(lambda: any("FIRING gpu_error (gpu-a" in texts(b) for b in feishu.accepted), 20, "gpu-a's alert")
         del doc["hosts"][0]
         write(config, doc)
         daemon.send_signal(signal.SIGHUP)
@@ -161,5 +163,7 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
         before = len(feishu.accepted)
         wait_for(lambda: len(overviews(feishu)[before:]) >= 2, 20, "two overviews after it")
         assert all("gpu-a" not in o for o in overviews(feishu)[before:][1:])
+        resolved = [texts(b) for b in feishu.accepted if "RESOLVED gpu_error (gpu-a" in texts(b)]
+        assert len(resolved) == 1 and "removed from the config" in resolved[0], resolved
     finally:
         stop(daemon)
