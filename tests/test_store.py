@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,31 @@ def test_many_processes_creating_the_database_at_once(tmp_path: Path) -> None:
             assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == workers
 
 
+def test_many_threads_creating_the_database_at_once(tmp_path: Path) -> None:
+    """The same within one process: each thread its own connection, as each command has."""
+    for round_ in range(4):
+        state = tmp_path / f"state{round_}"
+        barrier = threading.Barrier(6)
+        outcomes: list[str] = []
+
+        def open_and_add() -> None:
+            barrier.wait()
+            try:
+                db = open_db(state)
+                Outbox(db).add("feishu", "hello", [{"n": 1}])
+                db.close()
+                outcomes.append("ok")
+            except BaseException as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=open_and_add) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert outcomes == ["ok"] * 6
+
+
 # ---------------------------------------------------------------------- a corrupt database
 
 
@@ -402,6 +428,25 @@ def test_files_an_older_version_left_readable_are_made_private(
         for name in (DB_NAME, "gpuwatch.log", "gpuwatch.log.1"):
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
         assert stat.S_IMODE(state.stat().st_mode) == 0o755  # an existing directory is the admin's choice
+
+
+def test_rotated_log_files_are_private(tmp_path: Path) -> None:
+    import logging
+
+    from gpuwatch.logsetup import PrivateRotatingFileHandler
+
+    old = os.umask(0)
+    try:
+        handler = PrivateRotatingFileHandler(tmp_path / "gpuwatch.log", maxBytes=200, backupCount=3)
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "x" * 150, None, None)
+        for _ in range(6):
+            handler.emit(record)
+        handler.close()
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gpuwatch.log", "gpuwatch.log.1", "gpuwatch.log.2", "gpuwatch.log.3"]
+    assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in names} == {0o600}
 
 
 # ---------------------------------------------------------------------- a disk that fails

@@ -172,10 +172,10 @@ class Database:
         with self.lock:
             self._after.append((committed, rolled_back))
 
-    def _error(self, exc: BaseException, doing: str) -> BaseException:
+    def _store_error(self, exc: BaseException, doing: str) -> StoreError | None:
         if _is_store_error(exc) and isinstance(exc, sqlite3.Error):
             return _explain(exc, self.path or Path(":memory:"), doing)
-        return exc
+        return None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -186,7 +186,10 @@ class Database:
                 try:
                     self.connection.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as exc:
-                    raise self._error(exc, "write") from exc
+                    error = self._store_error(exc, "write")
+                    if error is None:
+                        raise
+                    raise error from exc
             self._depth += 1
             try:
                 yield self.connection
@@ -196,7 +199,9 @@ class Database:
                 self._depth -= 1
                 if outer:
                     self._end(committed=False)
-                    raise self._error(exc, "write") from exc
+                    error = self._store_error(exc, "write")
+                    if error is not None:
+                        raise error from exc
                 raise
             self._depth -= 1
             if outer:
@@ -216,7 +221,10 @@ class Database:
             try:
                 return self.connection.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise self._error(exc, "read") from exc
+                error = self._store_error(exc, "read")
+                if error is None:
+                    raise
+                raise error from exc
 
     def close(self) -> None:
         with self.lock:
@@ -603,13 +611,13 @@ class Outbox:
             log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
         if store_error:
             # Said once per flush, not once per message.
-            log.error(
-                "outbox: %s (%d messages wait in memory to be queued; %d sent ones could not be marked sent: "
-                "this process will not send them again, a restart before there is room would)",
-                store_error,
-                len(self._held),
-                len(self._unrecorded),
-            )
+            waiting = [f"{len(self._held)} messages wait in memory to be queued"] if self._held else []
+            if self._unrecorded:
+                waiting.append(
+                    f"{len(self._unrecorded)} sent ones are not marked sent yet (not sent again unless gpuwatch "
+                    "restarts first)"
+                )
+            log.error("outbox: %s%s", f"{'; '.join(waiting)}: " if waiting else "", store_error)
             errors.append(store_error)
         return FlushResult(sent=sent, failed=failed, dead=dead, errors=tuple(errors))
 
