@@ -14,6 +14,7 @@ is remembered, so it is not sent again by this process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -305,6 +306,40 @@ def _connect(path: Path, monotonic: Callable[[], float], sleep: Callable[[float]
 _OPEN_DEADLINE_SECONDS = 60.0
 
 
+def _create(path: Path) -> None:
+    """Make a new database whole beside ``path`` (0600, WAL, every migration) and link it into
+    place: another process never sees it half made (an empty file has no tables), and of
+    several that create it at once, the first link wins and the others use it."""
+    if path.exists():
+        return
+    temp = path.with_name(f"{path.name}.new-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.close(open_private(temp, os.O_RDWR | os.O_TRUNC))  # SQLite gives -wal and -shm its mode
+        conn = sqlite3.connect(temp, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file
+            _migrate(conn)
+        finally:
+            conn.close()  # checkpoints: everything is in the main file now
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # No hard links on this file system: SQLite creates it in place (migrations are
+            # still made once, under its write lock).
+    except OSError as exc:
+        raise os_error(exc, path.parent, f"create {path.name}") from None
+    except sqlite3.Error as exc:
+        raise _explain(exc, path, "create") from None
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{temp}{suffix}")
+
+
 def _aside_name(path: Path, now: float) -> Path:
     stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -364,8 +399,9 @@ def open_db(
         return Database(memory)
     ensure_state_dir(state_dir)
     path = state_dir / DB_NAME
+    _create(path)
     try:
-        os.close(open_private(path, os.O_RDWR))  # created 0600 here: SQLite gives -wal and -shm its mode
+        os.close(open_private(path, os.O_RDWR))  # an older gpuwatch made it with the umask's mode
     except OSError as exc:
         raise os_error(exc, state_dir, f"open {DB_NAME}") from None
     for suffix in ("-wal", "-shm"):
@@ -383,10 +419,7 @@ def open_db(
         problem,
         aside.name,
     )
-    try:
-        os.close(open_private(path, os.O_RDWR))
-    except OSError as exc:
-        raise os_error(exc, state_dir, f"create {DB_NAME}") from None
+    _create(path)
     try:
         return Database(_connect(path, monotonic, sleep), path)
     except _Corrupt as exc:  # a brand-new file cannot be corrupt unless the disk is failing
