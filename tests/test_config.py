@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,176 @@ def test_password_env_is_read_when_used() -> None:
     config = parse_config({"hosts": ["a"], "ssh": {"password_env": "PW_FOR_TEST"}})
     assert config.hosts[0].ssh.resolve_password({"PW_FOR_TEST": "abc"}) == "abc"
     assert config.hosts[0].ssh.resolve_password({}) is None
+
+
+# ---------------------------------------------------------------------- values no config means
+
+
+NOT_FINITE = [".inf", "-.inf", ".nan", ".NaN", "1.0e+400", "-1.0e+400"]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize(
+    ("template", "key"),
+    [
+        ("schedule: {{poll_every: {v}}}", "schedule.poll_every"),
+        ("schedule: {{reports: [{{report: free, every: {v}}}]}}", "schedule.reports[0].every"),
+        ("ssh: {{connect_timeout: {v}}}", "ssh.connect_timeout"),
+        ("ssh: {{command_timeout: {v}}}", "ssh.command_timeout"),
+        ("ssh: {{keepalive: {v}}}", "ssh.keepalive"),
+        ("alerts: {{for: {v}}}", "alerts.for"),
+        ("alerts: {{repeat_every: {v}}}", "alerts.repeat_every"),
+        ("alerts: {{max_runtime: {v}}}", "alerts.max_runtime"),
+        ("alerts: {{idle_gpu: {{after: {v}}}}}", "alerts.idle_gpu.after"),
+        ("max_parallel: {v}", "max_parallel"),
+        ("ssh: {{port: {v}}}", "ssh.port"),
+        ("free_gpu: {{memory_below_mib: {v}}}", "free_gpu.memory_below_mib"),
+        ("alerts: {{temperature_above: {v}}}", "alerts.temperature_above"),
+    ],
+)
+def test_infinite_and_nan_values_are_errors_naming_the_key(tmp_path: Path, template: str, key: str, value: str) -> None:
+    path = write(tmp_path, "hosts: [a]\n" + template.format(v=value) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}: {key}: " in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("9" * 400 + "s", "is not a duration"),  # 1e400 seconds: no float holds it
+        ("1.0e+300", "is too long; at most 36500d (100 years)"),  # a timer would overflow
+        ("36501d", "is too long"),
+    ],
+)
+def test_durations_past_any_timer_are_errors(tmp_path: Path, value: str, expected: str) -> None:
+    path = write(tmp_path, f"hosts: [a]\nschedule: {{poll_every: {value}}}\n")
+    with pytest.raises(ConfigError, match=r"schedule\.poll_every: ") as info:
+        load_config(path)
+    assert expected in str(info.value)
+
+
+def test_the_longest_duration_is_accepted() -> None:
+    assert parse_duration("36500d") == 36500 * 86400
+
+
+# ---------------------------------------------------------------------- bad values quoted short
+
+
+def _quoted(message: str, before: str, after: str) -> str:
+    return message.split(before, 1)[1].split(after, 1)[0]
+
+
+def test_a_long_bad_value_is_quoted_by_its_first_80_characters(tmp_path: Path) -> None:
+    path = write(tmp_path, "hosts: [a]\nssh: {host_key_policy: " + "x" * 100_000 + "}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    shown = _quoted(str(info.value), "ssh.host_key_policy: ", " is not one of")
+    assert shown == "'" + "x" * 78 + "…" and len(shown) == 80
+
+
+def test_a_huge_number_is_not_printed_whole(tmp_path: Path) -> None:
+    path = write(tmp_path, "hosts: [a]\nmax_parallel: " + "9" * 4000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: max_parallel: <a number of 4000 digits> is out of range; it must be between 1 and 1024"
+    )
+
+
+def test_a_value_aliases_made_large_is_quoted_short(tmp_path: Path) -> None:
+    """Under the alias limit, still 60,000 values: the message shows 80 characters of them."""
+    lines = ["hosts: [a]", "max_parallel:", "  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcd", "bcde"):
+        lines.append(f"  - &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    shown = _quoted(str(info.value), "max_parallel: expected a whole number, got ", "\0")
+    assert shown.startswith("[['lol', 'lol', 'lol', 'lol', ...], [['lol', ") and len(shown) <= 80
+
+
+BILLION_LAUGHS = "hosts: [a]\nmax_parallel:\n  - &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+    f"  - &{name} [{','.join([f'*{prev}'] * 9)}]\n" for prev, name in zip("abcdefg", "bcdefgh")
+)
+
+
+def test_billion_laughs_is_refused_at_once(tmp_path: Path) -> None:
+    """322 bytes whose aliases stand for 43 million values: refused while reading, with the line.
+    Run apart, with 1 GB of address space: formatting the expanded value used to take far more."""
+    assert len(BILLION_LAUGHS.encode()) == 322
+    write(tmp_path, BILLION_LAUGHS)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))"
+    result = subprocess.run(
+        [sys.executable, "-c", f"{limit}\nimport sys\nfrom gpuwatch.cli import main\nsys.exit(main())", "check"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "gpuwatch: config error: config.yaml line 8: too many YAML aliases "
+        "(they expand the document past 100000 nodes)\n"
+    )
+
+
+def test_aliases_a_config_really_uses_still_work(tmp_path: Path) -> None:
+    """A shared block merged into every host of a large fleet stays well under the limit."""
+    path = write(
+        tmp_path,
+        "hosts:\n  - &lab {name: gpu0, user: monitor, port: 2222, connect_timeout: 5s}\n"
+        + "".join(f"  - {{<<: *lab, name: gpu{i}}}\n" for i in range(1, 300)),
+    )
+    config = load_config(path)
+    assert len(config.hosts) == 300
+    assert {(h.ssh.user, h.ssh.port, h.ssh.connect_timeout) for h in config.hosts} == {("monitor", 2222, 5.0)}
+    assert [h.name for h in config.hosts[:3]] == ["gpu0", "gpu1", "gpu2"]
+
+
+# ---------------------------------------------------------------------- files that are no config
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hosts: [a]\nmax_parallel: &a [*a]\n", "config.yaml line 2: the alias *a is inside its own anchor (a loop)"),
+        ("hosts: " + "[" * 3000 + "]" * 3000 + "\n", "config.yaml line 1: nested more than 64 levels deep"),
+        (
+            "hosts: [a]\nmax_parallel: " + "7" * 5000 + "\n",
+            "config.yaml line 2, column 15: invalid YAML: cannot read this value (a number with too many digits)",
+        ),
+        (
+            "hosts: [a]\nschedule: {reports: [{report: free, at: 2024-13-45}]}\n",
+            "config.yaml line 2, column 41: invalid YAML: cannot read this value (month must be in 1..12)",
+        ),
+        ("hosts: [a]\nmax_parallel: '²'\n", "config.yaml: max_parallel: expected a whole number, got '²'"),
+        ("hosts: [a]\nlog_level: [debug]\n", "config.yaml: log_level: expected a string, got a list"),
+        ("hosts: [a]\x00\n", "config.yaml: invalid YAML: unacceptable character #x0000"),
+    ],
+)
+def test_yaml_that_python_cannot_hold_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    write(tmp_path, text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpuwatch: config error: {expected}") and err.count("\n") == 1, err
+
+
+def test_files_that_are_no_config_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as fh:  # a 100 MB YAML file: one comment that never ends
+        fh.write(b"hosts: [a]\n#")
+        fh.write(b" " * (100 << 20))
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(random.Random(5).randbytes(4096))
+    expected = {
+        big: "larger than 1 MB, so not a gpuwatch config (one is a few KB); check the path",
+        tmp_path: f"is a directory, not a config file; pass the file, e.g. -c {tmp_path / 'config.yaml'}",
+        garbage: "not a text file (byte 3 is not UTF-8); check the path, or save the file as UTF-8",
+    }
+    for path, message in expected.items():
+        assert main(["check", "-c", str(path)]) == 2
+        assert capsys.readouterr().err == f"gpuwatch: config error: {path}: {message}\n"

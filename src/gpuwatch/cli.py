@@ -1,12 +1,14 @@
 """Command line: ``main(argv) -> exit code``. Builds everything and passes it down.
 
-Exit codes: 0 success, 1 the work failed (no host answered, a message left unsent), 2 bad
-config or usage. Errors are one clear line on stderr, never a traceback.
+Exit codes: 0 success, 1 the work failed (no host answered, a message left unsent, another
+gpuwatch holds the state directory), 2 bad config or usage, or a state directory that cannot
+be used (read-only, full, not a directory). Errors are one clear line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import getpass
 import json
@@ -16,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -42,6 +44,7 @@ from .render import fleet_table, snapshot_dict
 from .report import alert_words
 from .rules import RULE_NAMES
 from .ssh import HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+from .statedir import StateError, StateLock, lock_state_dir
 from .store import DB_NAME, AlertStore, Outbox, open_db
 from .text import local_time
 
@@ -245,7 +248,21 @@ def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) 
     return channels
 
 
-def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: TextIO) -> int:
+@contextlib.contextmanager
+def _state_lock(config: Config, *, once: bool, dry_run: bool) -> Iterator[StateLock | None]:
+    """The daemon and --once send from the state directory: one process at a time (a second one
+    exits 1 at once, naming the first). --dry-run sends nothing and needs no lock."""
+    if dry_run:
+        yield None
+        return
+    command = "gpuwatch run" + (" --once" if once else "") + (f" -c {config.path}" if config.path else "")
+    with lock_state_dir(config.state_dir, command) as lock:
+        yield lock
+
+
+def cmd_run(
+    config: Config, *, once: bool, dry_run: bool, verbose: bool, out: TextIO, lock: StateLock | None = None
+) -> int:
     stop = threading.Event()
 
     def sleep(seconds: float) -> None:
@@ -265,7 +282,7 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
                 "feishu: not configured (nor email:), so there is nowhere to send reports; add a feishu: section "
                 "(see config.example.yaml) or use --dry-run"
             )
-        outbox = Outbox(open_db(config.state_dir))
+        outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
     poller = build_poller(config)
     path = config.path
@@ -449,9 +466,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             stderr_level="INFO" if args.verbose else "WARNING",
             secrets=_secrets(config),
         )
-    except OSError as exc:
-        print(f"gpuwatch: config error: state_dir {config.state_dir}: cannot write: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+    except StateError as exc:
+        print(f"gpuwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     for warning in config.warnings:
         log.warning("%s", warning)
     try:
@@ -460,7 +477,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if command == "check":
             return cmd_check(config, out)
         if command == "run":
-            return cmd_run(config, once=once, dry_run=dry_run, verbose=args.verbose, out=out)
+            with _state_lock(config, once=once, dry_run=dry_run) as lock:
+                return cmd_run(config, once=once, dry_run=dry_run, verbose=args.verbose, out=out, lock=lock)
         if command == "test-notify":
             return cmd_test_notify(config, out)
         if command == "alerts":
@@ -471,6 +489,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         kind = "error" if isinstance(exc, UsageError) else "config error"
         print(f"gpuwatch: {kind}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StateError as exc:
+        print(f"gpuwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {command}")

@@ -22,13 +22,14 @@ from typing import Any
 import yaml
 
 from . import text
-from .text import format_duration
+from .text import QUOTE_LIMIT, format_duration, quote
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 CONFIG_ENV = "GPUWATCH_CONFIG"
 HOST_KEY_POLICIES = ("accept-new", "strict", "off")
 FEISHU_FORMATS = ("text", "post", "card")
 REPORT_KINDS = ("overview", "user", "free")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "local"})
 
 
@@ -214,10 +215,11 @@ def _type_name(value: object) -> str:
 def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
     for key in raw:
         if not isinstance(key, str):
-            raise ConfigError(f"{path or 'top level'}: key {key!r} must be a string")
+            raise ConfigError(f"{path or 'top level'}: key {quote(key)} must be a string")
         if key not in allowed:
-            where = f"{path}.{key}" if path else key
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            shown = key if len(key) <= QUOTE_LIMIT else quote(key)
+            where = f"{path}.{shown}" if path else shown
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6) if len(key) <= QUOTE_LIMIT else []
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
             raise ConfigError(f"{where}: unknown key{hint}")
 
@@ -241,30 +243,30 @@ def _str(value: object, path: str) -> str:
 
 def _int(value: object, path: str, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{1,30}", value.strip()):
             value = int(value.strip())
         else:
-            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{path}: expected a whole number, got {quote(value)}")
     assert isinstance(value, int)
     if low is not None and value < low:
         limit = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"{path}: {value} is out of range; it must be {limit}")
+        raise ConfigError(f"{path}: {quote(value)} is out of range; it must be {limit}")
     if high is not None and value > high:
         limit = f"between {low} and {high}" if low is not None else f"at most {high}"
-        raise ConfigError(f"{path}: {value} is out of range; it must be {limit}")
+        raise ConfigError(f"{path}: {quote(value)} is out of range; it must be {limit}")
     return value
 
 
 def _bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {quote(value)}")
     return value
 
 
 def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
     text = _str(value, path)
     if text not in choices:
-        raise ConfigError(f"{path}: {text!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{path}: {quote(text)} is not one of {', '.join(choices)}")
     return text
 
 
@@ -407,7 +409,7 @@ def _parse_schedule(raw: object) -> ScheduleConfig:
         every = _positive_duration(entry["every"], f"{path}.every") if "every" in entry else None
         at = _str(entry["at"], f"{path}.at") if "at" in entry else None
         if at is not None and not _AT_RE.fullmatch(at):
-            raise ConfigError(f'{path}.at: {at!r} is not a time of day like "09:00"')
+            raise ConfigError(f'{path}.at: {quote(at)} is not a time of day like "09:00"')
         if (every is None) == (at is None):
             raise ConfigError(f"{path}: give exactly one of 'every' (e.g. 1h) or 'at' (e.g. \"09:00\")")
         user = _str(entry["user"], f"{path}.user") if "user" in entry else None
@@ -480,7 +482,7 @@ def _parse_email(raw: object, base: Path) -> EmailConfig:
     addresses = tuple(_str(a, f"email.to[{i}]") for i, a in enumerate(to_list))
     for i, address in enumerate(addresses):
         if "@" not in address:
-            raise ConfigError(f"email.to[{i}]: {address!r} is not an e-mail address")
+            raise ConfigError(f"email.to[{i}]: {quote(address)} is not an e-mail address")
     tls = _choice(section.get("tls", "starttls"), "email.tls", ("starttls", "tls", "none"))
     port_default = 465 if tls == "tls" else 587
     values: dict[str, Any] = {
@@ -571,7 +573,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
     for i, host in enumerate(hosts):
         if host.name in seen:
             raise ConfigError(
-                f"hosts[{i}]: the name {host.name!r} is already used by hosts[{seen[host.name]}]; "
+                f"hosts[{i}]: the name {quote(host.name)} is already used by hosts[{seen[host.name]}]; "
                 "give each host its own name"
             )
         seen[host.name] = i
@@ -588,7 +590,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
             if target == "feishu" and feishu is None:
                 raise ConfigError(f"alerts.routes.{rule}: routes to feishu, but there is no feishu: section")
     max_parallel = _int(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
-    log_level = _choice(str(doc.get("log_level", "INFO")).upper(), "log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_level = _choice(_str(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
     warnings = []
     secrets = _secret_keys(doc)
     if secrets and path is not None and _readable_by_others(path):
@@ -629,24 +631,127 @@ def find_config_path(explicit: str | None, environ: Mapping[str, str] | None = N
     return Path(DEFAULT_CONFIG_NAME)
 
 
+# ---------------------------------------------------------------- reading the file
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few KB; a fleet of thousands of hosts fits
+MAX_ALIAS_NODES = 100_000  # nodes that aliases may add to a document, all expansions counted
+MAX_DEPTH = 64  # nesting; a config needs 5
+
+
+class _YamlLimit(yaml.YAMLError):
+    """A document past a limit of :class:`_BoundedLoader`, with where it went past."""
+
+    def __init__(self, mark: yaml.Mark | None, message: str) -> None:
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past
+    :data:`MAX_ALIAS_NODES` nodes ("billion laughs": 300 bytes that stand for a billion
+    values, which any code that walks or prints the value pays for), an alias inside its own
+    anchor (a recursive value), nesting deeper than :data:`MAX_DEPTH` (Python's recursion
+    limit), and values Python cannot build (a date like 2024-13-45, a 5,000-digit number),
+    each as a YAML error with its line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> its size with every alias expanded
+        self._expanded = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise _YamlLimit(
+                    event.start_mark, f"the alias *{quote(event.anchor)[1:-1]} is inside its own anchor (a loop)"
+                )
+            self._expanded += size
+            if self._expanded > MAX_ALIAS_NODES:
+                raise _YamlLimit(
+                    event.start_mark,
+                    f"too many YAML aliases (they expand the document past {MAX_ALIAS_NODES} nodes)",
+                )
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _YamlLimit(mark, f"nested more than {MAX_DEPTH} levels deep")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes.get(id(child), 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
+        self._sizes[id(node)] = size
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            text = str(exc)
+            why = "a number with too many digits" if "integer string conversion" in text else quote(text)[1:-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({why})", node.start_mark
+            ) from None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`_BoundedLoader`'s limits."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a config file. Every failure is a ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file; copy config.example.yaml to {path} and list your hosts, "
             f"or pass -c FILE / set ${CONFIG_ENV}"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path}: is a directory, not a config file; pass the file, e.g. -c {path / DEFAULT_CONFIG_NAME}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MB, so not a gpuwatch config "
+            "(one is a few KB); check the path"
+        )
     try:
-        doc = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); check the path, or save the file as UTF-8"
+        ) from None
+    try:
+        doc = load_yaml(text)
+    except _YamlLimit as exc:
+        line = f" line {exc.mark.line + 1}" if exc.mark is not None else ""
+        raise ConfigError(f"{path}{line}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # a limit above should come first; this is the backstop
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     try:
         return parse_config(doc, path.resolve())
     except ConfigError as exc:

@@ -34,7 +34,8 @@ from .poll import Poller
 from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .ssh import Runner
-from .store import AlertStore, FlushResult, Outbox
+from .statedir import StateError
+from .store import AlertStore, FlushResult, Outbox, StoreError
 from .text import format_duration
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,13 @@ class Daemon:
 
     def report(self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None) -> None:
         snapshot = snapshot or self.snapshot()
-        self.enqueue(build_report(spec.report, snapshot, self.config.free_gpu, spec.user), self.report_channels())
+        message = build_report(spec.report, snapshot, self.config.free_gpu, spec.user)
+        try:
+            self.enqueue(message, self.report_channels())
+        except StoreError as exc:  # made once: kept until the disk has room (alerts are recomputed next time)
+            for name in self.report_channels():
+                self.outbox.hold(name, message.title, self.channels[name].prepare(message))
+            log.error("%s not queued: %s; kept in memory until it can be", message.title, exc)
 
     # -- jobs (never raise: one failed step must not stop the daemon)
 
@@ -181,6 +188,8 @@ class Daemon:
             started = time.monotonic()
             try:
                 func(*args)
+            except StateError as exc:  # a full disk, a vanished state_dir: one line, not a traceback
+                log.error("%s failed: %s; going on with the next cycle", what, exc)
             except Exception:
                 log.exception("%s failed; going on with the next cycle", what)
             log.info("cycle: %s took %.2fs", what, time.monotonic() - started)
@@ -195,8 +204,10 @@ class Daemon:
         snapshot = self.snapshot()
         answered = sum(1 for h in snapshot.hosts if h.name in fresh and h.ok)
         log.info("cycle: new results from %d hosts (%d answered)", len(fresh), answered)
-        self.alerts(snapshot, fresh)
-        self.flush()
+        try:
+            self.alerts(snapshot, fresh)
+        finally:
+            self.flush()
 
     def report_cycle(self, spec: ReportSchedule) -> None:
         self.report(spec)
@@ -303,8 +314,10 @@ class Daemon:
             except Exception:
                 log.exception("report %s failed", spec.describe())
         result = self.flush()
-        left = self.outbox.count()
-        if left:
+        left, held = self.outbox.count(), self.outbox.held
+        if held:
+            log.error("%d messages could not be written to the outbox (the disk is full) and are lost", held)
+        if left or held:
             log.error("%d messages left in the outbox; they go first on the next run", left)
             for error in dict.fromkeys(result.errors):
                 log.error("%s", error)

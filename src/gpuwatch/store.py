@@ -1,25 +1,45 @@
-"""SQLite state under state_dir: the outbox of unsent messages (and, later, alert state).
+"""SQLite state under state_dir: the outbox of unsent messages, alert state and silences.
 
 A message is written to the outbox before it is sent and leaves it only when its channel
 accepted it, so a Feishu outage, a kill or a restart delays messages and loses none. What
 is pending is sent first, oldest first, on the next cycle or run.
+
+The place it lives in can fail: a corrupt file is moved aside at open and a fresh one started;
+a full or read-only disk is one :class:`StoreError` naming the directory. While the disk is
+full, a message that could not be queued can be held in memory (:meth:`Outbox.hold`) and is
+written before anything newer once there is room, and a delivery that could not be recorded
+is remembered, so it is not sent again by this process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .notify.base import Channel, DeliveryError
 from .rules import AlertRecord, Memory, Silence
+from .statedir import (
+    StateDirBusy,
+    StateError,
+    StateLock,
+    disk_full,
+    ensure_state_dir,
+    lock_state_dir,
+    make_private,
+    open_private,
+    os_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +82,101 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class Database:
-    """The state database: one connection per process, one lock, explicit transactions."""
+class StoreError(StateError):
+    """The state database could not be read or written (a full disk, a read-only or vanished
+    directory, a corrupt file): one line saying what, where and what to do. Nothing of the
+    failed transaction was written."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+# SQLite's primary result codes (the low byte of an extended code).
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
+_BY_MESSAGE = (  # Python 3.10 has no sqlite_errorcode: the texts SQLite gives for these codes
+    ("file is not a database", _NOTADB),
+    ("malformed", _CORRUPT),
+    ("is locked", _BUSY),
+    ("disk is full", _FULL),
+    ("readonly database", _READONLY),
+    ("unable to open", _CANTOPEN),
+    ("disk i/o error", _IOERR),
+)
+_STORE_CODES = frozenset({_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB})
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc).lower()
+    return next((c for words, c in _BY_MESSAGE if words in text), None)
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    """An error of the place the database lives in, not of gpuwatch's SQL (a bug stays a bug)."""
+    if type(exc) not in (sqlite3.OperationalError, sqlite3.DatabaseError):
+        return False
+    assert isinstance(exc, sqlite3.Error)
+    return _code(exc) in _STORE_CODES
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
+    """``state_dir /x: cannot write gpuwatch.sqlite3: no space left on device; free some space ...``"""
+    state_dir, code = path.parent, _code(exc)
+    full = code == _FULL or (code in (_IOERR, _CANTOPEN) and disk_full(state_dir))
+    if full:
+        why, fix = "no space left on device", "free some space there, or point state_dir at another disk"
+    elif code in (_CORRUPT, _NOTADB):
+        why, fix = f"the file is corrupt ({exc})", "restart gpuwatch: it moves the file aside and starts afresh"
+    elif code in (_READONLY, _CANTOPEN, _PERM, _IOERR) and _read_only_fs(state_dir):
+        why, fix = "read-only file system", "mount it read-write, or point state_dir at a writable directory"
+    elif code in (_READONLY, _CANTOPEN, _PERM) and not (
+        os.access(state_dir, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    ):
+        why, fix = "permission denied", "make it writable for this user, or point state_dir at another directory"
+    elif code in (_BUSY, _LOCKED):
+        why, fix = "another process kept it locked for too long", "see which gpuwatch holds it (fuser that file)"
+    else:
+        why, fix = str(exc), "check the disk and the directory"
+    return StoreError(f"state_dir {state_dir}: cannot {doing} {path.name}: {why}; {fix}", disk_full=full)
+
+
+class Database:
+    """The state database: one connection per process, one lock, explicit transactions.
+
+    A failure of the disk or directory under it (full, read-only, corrupt) comes out as one
+    :class:`StoreError`, with the transaction rolled back; an SQL mistake stays a ``sqlite3`` error.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path | None = None) -> None:
         self.connection = connection
+        self.path = path
         self.lock = threading.RLock()
         self._depth = 0
+        self._after: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
+    def after_transaction(self, committed: Callable[[], None], rolled_back: Callable[[], None]) -> None:
+        """Call ``committed`` once the outermost transaction commits, else ``rolled_back``."""
+        with self.lock:
+            self._after.append((committed, rolled_back))
+
+    def _store_error(self, exc: BaseException, doing: str) -> StoreError | None:
+        if _is_store_error(exc) and isinstance(exc, sqlite3.Error):
+            return _explain(exc, self.path or Path(":memory:"), doing)
+        return None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -76,50 +184,246 @@ class Database:
         with self.lock:
             outer = self._depth == 0
             if outer:
-                self.connection.execute("BEGIN IMMEDIATE")
+                try:
+                    self.connection.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    error = self._store_error(exc, "write")
+                    if error is None:
+                        raise
+                    raise error from exc
             self._depth += 1
             try:
                 yield self.connection
-            except BaseException:
+                if outer:
+                    self.connection.execute("COMMIT")
+            except BaseException as exc:
                 self._depth -= 1
                 if outer:
-                    self.connection.execute("ROLLBACK")
+                    self._end(committed=False)
+                    error = self._store_error(exc, "write")
+                    if error is not None:
+                        raise error from exc
                 raise
             self._depth -= 1
             if outer:
-                self.connection.execute("COMMIT")
+                self._end(committed=True)
+
+    def _end(self, *, committed: bool) -> None:
+        if not committed and self.connection.in_transaction:
+            # SQLite may have rolled back by itself already (a full disk does that).
+            with contextlib.suppress(sqlite3.Error):
+                self.connection.execute("ROLLBACK")
+        after, self._after = self._after, []
+        for on_commit, on_rollback in after:
+            (on_commit if committed else on_rollback)()
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self.lock:
-            return self.connection.execute(sql, args).fetchall()
+            try:
+                return self.connection.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                error = self._store_error(exc, "read")
+                if error is None:
+                    raise
+                raise error from exc
 
     def close(self) -> None:
         with self.lock:
             self.connection.close()
 
 
-def open_db(state_dir: Path | None) -> Database:
-    """Open (creating and migrating) the state database; ``None``: a throw-away one in memory."""
-    if state_dir is None:
-        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-    else:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(state_dir / DB_NAME, timeout=30, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+class _Corrupt(Exception):
+    """The file is not an SQLite database, or one with damaged pages."""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema up to date. The version is read again under the write lock, so processes
+    that open a new database at once run each migration exactly once."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= len(_MIGRATIONS):
+        return  # the common case: no write lock needed (read-only commands stay read-only)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for script in _MIGRATIONS[version:]:
             for statement in script.split(";"):
                 if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {number}")
-            db.execute("COMMIT")
+                    conn.execute(statement)
+        if version < len(_MIGRATIONS):
+            conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+_HEADER = b"SQLite format 3\x00"
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that is not SQLite before SQLite opens it: SQLite would delete the -wal
+    beside it on close, and with it what could still be read of the state."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(_HEADER))
+    except OSError:
+        return  # SQLite says what is wrong with it
+    if head and head != _HEADER:
+        raise _Corrupt("file is not a database")
+
+
+def _connect(path: Path, monotonic: Callable[[], float], sleep: Callable[[float], None]) -> sqlite3.Connection:
+    """Open, switch to WAL, check the pages, migrate. Retries what another process opening the
+    same new file at the same moment can cause ("database is locked" outside the busy timeout)."""
+    deadline = monotonic() + _OPEN_DEADLINE_SECONDS
+    delay = 0.01
+    while True:
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise _Corrupt("; ".join(problems)[:200])
+            _migrate(conn)
+            return conn
+        except sqlite3.Error as exc:
+            conn.close()
+            code = _code(exc)
+            if code in (_CORRUPT, _NOTADB):
+                raise _Corrupt(str(exc)) from None
+            if code in (_BUSY, _LOCKED) and monotonic() < deadline:
+                sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            raise _explain(exc, path, "open") from None
         except BaseException:
-            db.execute("ROLLBACK")
+            conn.close()
             raise
-    return Database(db)
+
+
+_OPEN_DEADLINE_SECONDS = 60.0
+
+
+def _create(path: Path) -> None:
+    """Make a new database whole beside ``path`` (0600, WAL, every migration) and link it into
+    place: another process never sees it half made (an empty file has no tables), and of
+    several that create it at once, the first link wins and the others use it."""
+    if path.exists():
+        return
+    temp = path.with_name(f"{path.name}.new-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.close(open_private(temp, os.O_RDWR | os.O_TRUNC))  # SQLite gives -wal and -shm its mode
+        conn = sqlite3.connect(temp, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file
+            _migrate(conn)
+        finally:
+            conn.close()  # checkpoints: everything is in the main file now
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # No hard links on this file system: SQLite creates it in place (migrations are
+            # still made once, under its write lock).
+    except OSError as exc:
+        raise os_error(exc, path.parent, f"create {path.name}") from None
+    except sqlite3.Error as exc:
+        raise _explain(exc, path, "create") from None
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{temp}{suffix}")
+
+
+def _aside_name(path: Path, now: float) -> Path:
+    stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+        n += 1
+    return aside
+
+
+def _move_aside(path: Path, problem: str, lock: StateLock | None, clock: Callable[[], float]) -> Path:
+    """Rename the corrupt file (with its -wal and -shm, so it can still be inspected as a whole)
+    out of the way. Only the process that holds the state directory may: another one may have
+    the file open and would go on writing to the renamed one."""
+    state_dir = path.parent
+    try:
+        held = lock if lock is not None and lock.held else lock_state_dir(state_dir, "gpuwatch (moving a corrupt file)")
+    except StateDirBusy as busy:
+        who = busy.holder.describe() if busy.holder is not None else "another gpuwatch"
+        raise StoreError(
+            f"state_dir {state_dir}: {path.name} is corrupt ({problem}) and {who} has it open; "
+            "stop that one, then run gpuwatch again: it moves the file aside and starts afresh"
+        ) from None
+    try:
+        aside = _aside_name(path, clock())
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{path}{suffix}")
+                if source.exists():
+                    source.rename(f"{aside}{suffix}")
+        except OSError as exc:
+            raise os_error(exc, state_dir, f"move the corrupt {path.name} aside") from None
+        return aside
+    finally:
+        if held is not lock:
+            held.release()
+
+
+def open_db(
+    state_dir: Path | None,
+    *,
+    lock: StateLock | None = None,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Database:
+    """Open (creating and migrating) the state database; ``None``: a throw-away one in memory.
+
+    The file and its -wal/-shm are 0600. A corrupt file is moved aside as
+    ``gpuwatch.sqlite3.corrupt-<UTC time>`` (said in one ERROR line) and a fresh one started:
+    by the process holding the state directory (``lock``), or by this one if it can take the
+    lock for the moment. Anything else that stops it is a :class:`StoreError` saying what and where.
+    """
+    if state_dir is None:
+        memory = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        _migrate(memory)
+        return Database(memory)
+    ensure_state_dir(state_dir)
+    path = state_dir / DB_NAME
+    _create(path)
+    try:
+        os.close(open_private(path, os.O_RDWR))  # an older gpuwatch made it with the umask's mode
+    except OSError as exc:
+        raise os_error(exc, state_dir, f"open {DB_NAME}") from None
+    for suffix in ("-wal", "-shm"):
+        make_private(Path(f"{path}{suffix}"))
+    try:
+        _check_header(path)
+        return Database(_connect(path, monotonic, sleep), path)
+    except _Corrupt as exc:
+        problem = str(exc)
+    aside = _move_aside(path, problem, lock, clock)
+    log.error(
+        "state database %s was corrupt (%s): moved it aside to %s and started a fresh one "
+        "(the outbox and alert state start empty)",
+        path,
+        problem,
+        aside.name,
+    )
+    _create(path)
+    try:
+        return Database(_connect(path, monotonic, sleep), path)
+    except _Corrupt as exc:  # a brand-new file cannot be corrupt unless the disk is failing
+        raise StoreError(f"state_dir {state_dir}: a new {DB_NAME} is corrupt at once ({exc}); check the disk") from None
 
 
 @dataclass(frozen=True)
@@ -145,17 +449,37 @@ class FlushResult:
         return self.failed == 0 and self.dead == 0
 
 
+@dataclass(frozen=True)
+class _Held:
+    """A message that could not be queued (the disk was full), waiting in memory."""
+
+    channel: str
+    summary: str
+    payloads: tuple[Mapping[str, Any], ...]
+    created_at: float
+
+
 class Outbox:
     """Messages waiting for their channel, in the order they were written."""
 
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
+        self._held: list[_Held] = []
+        self._writing_held = False
+        # Outcomes that could not be written (full disk): id -> None (delivered) or the error
+        # that refused it for good. Such a row is never sent again by this process.
+        self._unrecorded: dict[int, str | None] = {}
+
+    # -- writing
 
     def add(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Queue a message's parts (held messages first, to keep the order). Raises
+        :class:`StoreError` when the disk cannot take it; nothing is queued then."""
         now = self.clock()
         ids = []
         with self.db.transaction() as conn:
+            self._write_held(conn)
             for payload in payloads:
                 cur = conn.execute(
                     "INSERT INTO outbox (channel, summary, payload, created_at) VALUES (?, ?, ?, ?)",
@@ -164,6 +488,76 @@ class Outbox:
                 ids.append(int(cur.lastrowid or 0))
         return ids
 
+    def hold(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> None:
+        """Keep a message that :meth:`add` could not queue (a full disk) in memory: it is written
+        before anything newer by the next :meth:`add` or :meth:`flush` that can write. Lost if
+        the process ends first."""
+        self._held.append(_Held(channel, summary, tuple(payloads), self.clock()))
+
+    def add_or_hold(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> bool:
+        """:meth:`add`, or :meth:`hold` when the disk cannot take it: False then. Only outside a
+        transaction (inside one, the caller's other writes would be lost with it)."""
+        parts = tuple(payloads)
+        try:
+            self.add(channel, summary, parts)
+        except StoreError:
+            if self.db.in_transaction:
+                raise
+            self.hold(channel, summary, parts)
+            return False
+        return True
+
+    @property
+    def held(self) -> int:
+        """Messages waiting in memory for room on the disk."""
+        return len(self._held)
+
+    def _write_held(self, conn: sqlite3.Connection) -> None:
+        if not self._held or self._writing_held:
+            return
+        held = list(self._held)
+        for message in held:
+            for payload in message.payloads:
+                conn.execute(
+                    "INSERT INTO outbox (channel, summary, payload, created_at) VALUES (?, ?, ?, ?)",
+                    (message.channel, message.summary, json.dumps(payload, ensure_ascii=False), message.created_at),
+                )
+        self._writing_held = True
+
+        def committed() -> None:
+            self._writing_held = False
+            del self._held[: len(held)]
+            log.warning("outbox: queued %d messages that waited in memory for room on the disk", len(held))
+
+        def rolled_back() -> None:
+            self._writing_held = False
+
+        self.db.after_transaction(committed, rolled_back)
+
+    def _catch_up(self) -> str | None:
+        """Write what waits in memory; the error when the disk still cannot take it."""
+        if not self._held and not self._unrecorded:
+            return None
+        try:
+            with self.db.transaction() as conn:
+                self._write_held(conn)
+                for item_id, error in list(self._unrecorded.items()):
+                    if error is None:
+                        conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+                    else:
+                        conn.execute(
+                            "UPDATE outbox SET attempts = attempts + 1, last_error = ?, dead = 1 WHERE id = ?",
+                            (error, item_id),
+                        )
+                done = dict(self._unrecorded)
+        except StoreError as exc:
+            return str(exc)
+        for item_id in done:
+            self._unrecorded.pop(item_id, None)
+        return None
+
+    # -- reading
+
     def pending(self, channel: str | None = None) -> list[OutboxItem]:
         query = "SELECT id, channel, summary, payload, created_at, attempts, last_error FROM outbox WHERE dead = 0"
         args: tuple[str, ...] = ()
@@ -171,10 +565,18 @@ class Outbox:
             query += " AND channel = ?"
             args = (channel,)
         rows = self.db.query(query + " ORDER BY id", args)
-        return [OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+        return [
+            OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
+            for r in rows
+            if r[0] not in self._unrecorded
+        ]
 
     def count(self) -> int:
-        return int(self.db.query("SELECT COUNT(*) FROM outbox WHERE dead = 0")[0][0])
+        """Messages in the outbox still to be sent (not those held in memory: see :attr:`held`)."""
+        total = int(self.db.query("SELECT COUNT(*) FROM outbox WHERE dead = 0")[0][0])
+        return total - len(self._unrecorded)
+
+    # -- outcomes
 
     def delivered(self, item_id: int) -> None:
         with self.db.transaction() as conn:
@@ -187,12 +589,27 @@ class Outbox:
                 (error, int(dead), item_id),
             )
 
+    def _record(self, item_id: int, error: str | None, *, dead: bool = False) -> str | None:
+        """Write an outcome; on a full disk remember it instead (a delivered message must not go
+        out again every cycle). Returns the store's error, if any."""
+        try:
+            if error is None:
+                self.delivered(item_id)
+            else:
+                self.failed(item_id, error, dead=dead)
+        except StoreError as exc:
+            if error is None or dead:
+                self._unrecorded[item_id] = error
+            return str(exc)  # a failed attempt's count and error can wait for the next failure
+        return None
+
     def flush(self, channels: Mapping[str, Channel]) -> FlushResult:
         """Deliver what is pending, oldest first. A channel that fails stops for this time,
         so its messages keep their order; other channels go on."""
         sent = failed = dead = 0
         errors: list[str] = []
         blocked: set[str] = set()
+        store_error = self._catch_up()
         for item in self.pending():
             channel = channels.get(item.channel)
             if channel is None:
@@ -210,21 +627,31 @@ class Outbox:
                 if exc.message_fault:
                     # The message itself was refused (malformed, too large): retrying it would
                     # block every later message forever. Keep it, marked, and go on.
-                    self.failed(item.id, str(exc), dead=True)
+                    store_error = self._record(item.id, str(exc), dead=True) or store_error
                     dead += 1
                     log.error("%s refused message %d (%s) for good: %s", item.channel, item.id, item.summary, exc)
                     errors.append(f"{item.channel}: {exc}")
                     continue
-                self.failed(item.id, str(exc))
+                store_error = self._record(item.id, str(exc)) or store_error
                 blocked.add(item.channel)
                 failed += 1
                 errors.append(f"{item.channel}: {exc}")
                 level = logging.ERROR if exc.permanent else logging.WARNING
                 log.log(level, "%s: message %d (%s) not delivered: %s", item.channel, item.id, item.summary, exc)
                 continue
-            self.delivered(item.id)
+            store_error = self._record(item.id, None) or store_error
             sent += 1
             log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
+        if store_error:
+            # Said once per flush, not once per message.
+            waiting = [f"{len(self._held)} messages wait in memory to be queued"] if self._held else []
+            if self._unrecorded:
+                waiting.append(
+                    f"{len(self._unrecorded)} sent ones are not marked sent yet (not sent again unless gpuwatch "
+                    "restarts first)"
+                )
+            log.error("outbox: %s%s", f"{'; '.join(waiting)}: " if waiting else "", store_error)
+            errors.append(store_error)
         return FlushResult(sent=sent, failed=failed, dead=dead, errors=tuple(errors))
 
 

@@ -14,7 +14,9 @@ Pure, and importing nothing of gpuwatch, so every other module may use it. The c
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from datetime import datetime, timezone, tzinfo
 
 UNKNOWN = "N/A"
@@ -38,28 +40,77 @@ def plural(count: int, word: str) -> str:
 
 # ---------------------------------------------------------------- durations
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+# ---------------------------------------------------------------- quoting values in messages
+
+QUOTE_LIMIT = 80
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that looks at a bounded part of a value: a list that YAML aliases made huge, or
+    a number with thousands of digits, is shown by its beginning, never formatted whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = QUOTE_LIMIT
+        self.maxlong = QUOTE_LIMIT
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * QUOTE_LIMIT:  # str() of a huge int is slow (and refused past 4300 digits)
+            digits = int(math.log10(abs(x))) + 1
+            digits -= 10 ** (digits - 1) > abs(x)  # log10 of 99...9 rounds up to a whole number
+            return f"<a number of {digits} digits>"
+        return super().repr_int(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x[: QUOTE_LIMIT + 1])
+
+
+_REPR = _BoundedRepr()
+
+
+def quote(value: object) -> str:
+    """A value as an error message shows it: at most :data:`QUOTE_LIMIT` characters, made in
+    time and memory bounded by that limit whatever the value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 1] + "…"
+
+
+MAX_DURATION = 100 * 365 * 86400.0  # past any timer's range; the timers that take it stay in range
+
+
 def parse_duration(value: object) -> float:
-    """``30s``, ``5m``, ``1h``, ``2d``, ``1h30m`` or plain seconds -> seconds.
+    """``30s``, ``5m``, ``1h``, ``2d``, ``1h30m`` or plain seconds -> seconds (finite, 0 to 100 years).
 
     Raises ValueError saying what is wrong (the caller adds where: a config key, a flag).
     """
+    seconds: float | None = None
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 30s, 5m, 1h, got {value!r}")
+        raise ValueError(f"expected a duration such as 30s, 5m, 1h, got {quote(value)}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a duration cannot be negative ({value})")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value) if not isinstance(value, int) or value.bit_length() < 1024 else math.inf
+    elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return float(text)
-        if text and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+", text):
-            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_RE.findall(text))
-    raise ValueError(f"{value!r} is not a duration; use a number of seconds or 30s, 5m, 1h, 2d")
+        if len(text) > 100:
+            pass  # nobody writes a duration that long; 1e400 seconds would not fit in a float
+        elif re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d|w))+", text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_RE.findall(text))
+    if seconds is None:
+        raise ValueError(f"{quote(value)} is not a duration; use a number of seconds or 30s, 5m, 1h, 2d")
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{quote(value)} is not a duration; use a finite number of seconds or 30s, 5m, 1h")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative ({quote(value)})")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{quote(value)} is too long; at most 36500d (100 years)")
+    return seconds
 
 
 def format_duration(seconds: float | None) -> str:
