@@ -636,3 +636,35 @@ def test_delivery_error_marking_survives_a_full_disk(small_disk: Path) -> None:
     db.close()
     with contextlib.closing(sqlite3.connect(state / DB_NAME)) as raw:
         assert raw.execute("SELECT summary, dead FROM outbox").fetchall() == [("bad", 1)]
+
+
+def test_daemon_keeps_reporting_through_a_full_disk(tmp_path: Path, local_standin: Path, small_disk: Path) -> None:
+    """The daemon's state on a disk that fills up while it runs: no traceback, polling goes on, and
+    the overviews it made meanwhile are delivered once there is room again."""
+    state = small_disk / "state"
+    with FakeFeishu() as server:
+        config = write_config(tmp_path, server.url, state_dir=state)
+        err_file = tmp_path / "daemon.err"
+        with err_file.open("wb") as err:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env={**os.environ, "PYTHONPATH": str(SRC)},
+            )
+        try:
+            wait_for(lambda: len(server.accepted) >= 1, 20, "a first overview")
+            filler = fill(small_disk)
+            wait_for(lambda: "not queued" in err_file.read_text(), 20, "a report that could not be queued")
+            held_at = len(server.accepted)
+            filler.unlink()
+            wait_for(lambda: len(server.accepted) >= held_at + 2, 30, "overviews after the disk freed")
+            assert daemon.poll() is None
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=20)
+    assert daemon.returncode == 0
+    err_text = err_file.read_text()
+    assert "Traceback" not in err_text, err_text
+    assert "not queued" in err_text and "kept in memory until it can be" in err_text
