@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -123,3 +124,29 @@ def test_probe_script_is_posix_sh_and_reports_each_step(tmp_path: Path) -> None:
     assert sections is not None and sections["gpu"].exit_status == 124  # killed by timeout(1) on the host
     assert "apps" not in sections  # a hung driver is not asked a second question
     assert time.monotonic() - started < 3  # 40% of the 3 s budget, not the 60 s hang
+
+
+# ---------------------------------------------------------------- this machine or an SSH host
+
+
+@pytest.mark.parametrize(
+    ("entry", "local"),
+    [
+        ("localhost", True),
+        ({"name": "localhost"}, True),
+        ({"name": "localhost", "nvidia_smi": "/opt/nvidia/bin/nvidia-smi", "command_timeout": "5s"}, True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("local", False),
+        ({"name": "localhost", "port": 2222}, False),
+        ({"name": "localhost", "user": "bob"}, False),
+        ({"name": "localhost", "proxy_jump": "bastion"}, False),
+        ({"name": "localhost", "address": "127.0.0.1"}, False),
+        ({"name": "tunnel", "address": "127.0.0.1", "port": 2222}, False),
+        ({"name": "tunnel", "address": "localhost"}, False),
+        ({"address": "localhost"}, False),
+    ],
+)
+def test_only_the_bare_name_localhost_is_this_machine(entry: Any, local: bool) -> None:
+    host = parse_config({"hosts": [entry], "ssh": {"port": 2200, "user": "monitor"}}).hosts[0]
+    assert host.local is local
