@@ -824,29 +824,32 @@ def _read_channel(chan: paramiko.Channel, output: _BoundedOutput, deadline: floa
         select.select([ready], [], [], remaining)
 
 
-# The wrapper every script runs in, on a host or locally. sshd gives each exec a session, but
-# nothing ends it: closing the channel signals nobody (without a pty), `timeout` kills only its
-# own process group, and a child that ignores SIGTERM or sits in another group keeps running,
-# holding the output open. So the script runs in a new session (setsid) that the wrapper ends
-# with SIGKILL as soon as the script exits (children it left behind included), and a watchdog,
-# in a session of its own, ends it at the deadline whatever happens to the connection. pkill -s
-# finds every process of the session, whatever its process group; without pkill, kill -<pgid>
-# ends the script's own process group. Without setsid (not Linux), the script runs as before.
+# The wrapper every script runs in on a host. sshd gives each exec a session, but nothing ends
+# it: closing the channel signals nobody (without a pty), `timeout` kills only its own process
+# group, and a child that ignores SIGTERM or sits in another group keeps running, holding the
+# output open. So the script runs in a new session (setsid) that the wrapper ends with SIGKILL
+# as soon as the script exits (children it left behind included), and a watchdog, in a session
+# of its own, ends it at the deadline whatever happens to the connection. K ends a session:
+# pkill -s finds its processes whatever their process group, pass after pass while it finds
+# some (one may have been forking during the previous pass); without pkill, kill -<pgid> ends
+# the script's own process group. The watchdog is killed by pid, then by process group, so it
+# cannot outlive the wrapper. Without setsid (not Linux), the script runs as it is.
 _SESSION_SCRIPT = """\
 # gpuwatch: the probe runs in a session of its own, ended when it exits or after __LIMIT__ s
 PATH="$PATH:/usr/bin:/bin"; export PATH
 P=__SCRIPT__
 if command -v setsid >/dev/null 2>&1; then
   exec 3>&2 2>/dev/null  # the probe's stderr on 3; the shell's own notes ("Killed") to /dev/null
+  K='n=0; while [ "$n" -lt 3 ] && pkill -KILL -s "$1"; do n=$((n + 1)); done; kill -KILL -"$1"'
   setsid sh -c "$P" </dev/null 2>&3 3>&- &
   s=$!
-  setsid sh -c 'sleep "$1"; pkill -KILL -s "$2" 2>/dev/null || kill -KILL -"$2" 2>/dev/null' \\
-    gpuwatch-deadline __LIMIT__ "$s" </dev/null >/dev/null 2>&1 3>&- &
+  setsid sh -c 'sleep "$1"; sh -c "$2" end "$3"' gpuwatch-deadline __LIMIT__ "$K" "$s" \\
+    </dev/null >/dev/null 2>&1 3>&- &
   w=$!
   wait "$s"
   rc=$?
-  pkill -KILL -s "$w" 2>/dev/null || kill -KILL -"$w" 2>/dev/null
-  pkill -KILL -s "$s" 2>/dev/null || kill -KILL -"$s" 2>/dev/null
+  kill -KILL "$w"; kill -KILL -"$w"
+  sh -c "$K" end "$s" 3>&-
   exit "$rc"
 fi
 exec sh -c "$P" </dev/null
@@ -874,15 +877,13 @@ def _exited(proc: subprocess.Popen[bytes]) -> bool:
     return info is not None
 
 
-def _end_session(sid: int) -> None:
-    """SIGKILL every process of session ``sid`` (found in /proc, whatever its process group), and
-    the process group ``sid`` where there is no /proc."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(sid, signal.SIGKILL)
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``, from /proc."""
+    members: list[int] = []
     try:
         entries = list(os.scandir("/proc"))
     except OSError:
-        return
+        return members
     for entry in entries:
         if not entry.name.isdigit():
             continue
@@ -890,12 +891,27 @@ def _end_session(sid: int) -> None:
             with open(os.path.join(entry.path, "stat"), "rb") as fh:
                 stat = fh.read()
             # after "pid (comm) ": state ppid pgrp session ... (comm may hold spaces and parentheses)
-            session = int(stat.rsplit(b")", 1)[1].split()[3])
+            fields = stat.rsplit(b")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+                members.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
-        if session == sid:
+    return members
+
+
+def _end_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``, whatever its process group, pass after pass while
+    some are found (one may have been forking during the previous pass); where there is no /proc,
+    the process group ``sid``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signal.SIGKILL)
+    for _ in range(5):
+        members = _session_members(sid)
+        if not members:
+            return
+        for pid in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
 
 class LocalRunner:
