@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from gpuwatch.ssh import (
     resolve_target,
     session_script,
 )
+from processes import kill_marked, marked, new_marker
 from waiting import wait_for
 
 
@@ -149,32 +148,12 @@ def test_probe_script_is_posix_sh_and_reports_each_step(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- a local probe is bounded
 
 
-def marked(marker: str) -> list[int]:
-    """Live processes (not zombies: their command line is empty) whose command line has ``marker``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def marker() -> Iterator[str]:
-    """A unique ``sleep`` argument (a long duration with random decimals) to find a test's processes;
-    whatever still carries it after the test is killed."""
-    value = f"{600 + uuid.uuid4().int % 100}.{uuid.uuid4().int % 10**9:09d}"
+    """A unique ``sleep`` argument to find what one test started; whatever still has it is killed after."""
+    value = new_marker()
     yield value
-    for pid in marked(value):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_marked(value)
 
 
 def test_local_probe_that_floods_its_output_is_cut_at_the_cap() -> None:

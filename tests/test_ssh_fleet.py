@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from gpuwatch.model import HostErrorKind
 from gpuwatch.poll import probe_host
 from gpuwatch.probe import build_script
 from gpuwatch.ssh import DEFAULT_MAX_HANDSHAKES, HostFailure, HostKeyStore, SshConnection
+from processes import kill_marked, marked, new_marker
 from waiting import wait_for
 
 
@@ -32,31 +31,12 @@ def connection(fleet: Fleet, address: str, known_hosts: Path, tmp_path: Path, **
     return SshConnection(host, HostKeyStore(tmp_path / "own_known_hosts", (known_hosts,)))
 
 
-def marked(marker: str) -> list[int]:
-    """Live processes whose command line holds ``marker`` (zombies have none)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def marker() -> Iterator[str]:
-    """A unique ``sleep`` argument to find what one test started on the hosts; killed afterwards."""
-    value = f"{700 + uuid.uuid4().int % 100}.{uuid.uuid4().int % 10**9:09d}"
+    """A unique ``sleep`` argument to find what one test started; whatever still has it is killed after."""
+    value = new_marker()
     yield value
-    for pid in marked(value):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_marked(value)
 
 
 def write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
