@@ -938,7 +938,9 @@ class Fleet:
         return {user: job.pid for user, job in self.jobs.items()}
 
     # -- sshd -----------------------------------------------------------------------------------
-    def _sshd_config(self, name: str, addresses: Sequence[str], host_key: HostKey) -> str:
+    def _sshd_config(
+        self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()
+    ) -> str:
         session_path = f"{self.bin_dir}:{SESSION_PATH_TAIL}"
         lines = [
             f"# gpuwatch test fleet: {name}",
@@ -968,11 +970,17 @@ class Fleet:
             f'SetEnv "PATH={session_path}" "GPUWATCH_STANDIN_DIR={self.standin_dir}"',
             "Subsystem sftp internal-sftp",
         ]
-        return "\n".join(lines) + "\n"
+        # an option replaces the fleet's line for its keyword (sshd keeps the first value of most
+        # keywords but the last of some, such as MaxStartups)
+        replaced = {option.split()[0].lower() for option in options}
+        lines = [line for line in lines if line.split()[0].lower() not in replaced]
+        return "\n".join([*lines, *options]) + "\n"
 
-    def _spawn_sshd(self, name: str, addresses: Sequence[str], host_key: HostKey) -> _Sshd:
+    def _spawn_sshd(
+        self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()
+    ) -> _Sshd:
         config = self.root / f"{name}.config"
-        config.write_text(self._sshd_config(name, addresses, host_key))
+        config.write_text(self._sshd_config(name, addresses, host_key, options))
         log = self.root / f"{name}.log"
         reaper = self.root / "sshd-reaper.py"
         if not reaper.exists():
@@ -1013,9 +1021,12 @@ class Fleet:
         path = self.root / "private" / f"host_{name or uuid.uuid4().hex[:8]}_ed25519_key"
         return _finish_keygen(_keygen(path, "gpuwatch-fleet-extra-host"), path)
 
-    def add_host(self, address: str, host_key: HostKey | None = None) -> HostKey:
+    def add_host(
+        self, address: str, host_key: HostKey | None = None, sshd_options: Sequence[str] = ()
+    ) -> HostKey:
         """Serve one more host on ``address`` (127/8, fleet port) with its own sshd and host key
-        (fresh unless given); its scenario starts as the default.  Returns the host key used."""
+        (fresh unless given); its scenario starts as the default.  ``sshd_options`` are sshd_config
+        lines that win over the fleet's (e.g. ``"MaxStartups 2:100:2"``).  Returns the host key used."""
         self._require_started()
         if ipaddress.IPv4Address(address) not in ipaddress.IPv4Network("127.0.0.0/8"):
             raise ValueError(f"{address} is not a loopback address")
@@ -1027,7 +1038,7 @@ class Fleet:
         if not self.scenario_dir(address).exists():
             self.set_default_scenario(address)
         name = f"sshd-extra-{address}-{uuid.uuid4().hex[:6]}"
-        sshd = self._spawn_sshd(name, [address], key)
+        sshd = self._spawn_sshd(name, [address], key, sshd_options)
         self._extra[address] = sshd
         try:
             self._wait_ready([sshd])

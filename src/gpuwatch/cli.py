@@ -43,7 +43,7 @@ from .poll import Poller
 from .render import fleet_table, snapshot_dict
 from .report import alert_words
 from .rules import RULE_NAMES
-from .ssh import HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+from .ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
 from .statedir import StateError, StateLock, lock_state_dir
 from .store import DB_NAME, AlertStore, Outbox, open_db
 from .text import local_time
@@ -113,8 +113,13 @@ def _secrets(config: Config) -> list[str]:
     return [v for v in values if v]
 
 
-def make_runner_factory(config: Config) -> Callable[[HostConfig], Runner]:
-    """Runners for each host: one persistent SSH connection, or the local shell."""
+def make_runner_factory(
+    config: Config, handshakes: threading.Semaphore | None = None
+) -> Callable[[HostConfig], Runner]:
+    """Runners for each host: one persistent SSH connection, or the local shell. ``handshakes``
+    limits SSH handshakes in flight across the fleet (one per process, kept across reloads)."""
+    if handshakes is None:
+        handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
     user_files = tuple(
         dict.fromkeys(Path(os.path.expanduser(h.ssh.known_hosts)) for h in config.hosts if h.ssh.known_hosts)
     )
@@ -124,13 +129,13 @@ def make_runner_factory(config: Config) -> Callable[[HostConfig], Runner]:
     def factory(host: HostConfig) -> Runner:
         if host.local:
             return LocalRunner()
-        return SshConnection(host, store, ssh_config)
+        return SshConnection(host, store, ssh_config, handshakes=handshakes)
 
     return factory
 
 
-def build_poller(config: Config) -> Poller:
-    return Poller(config.hosts, make_runner_factory(config), max_parallel=config.max_parallel)
+def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
+    return Poller(config.hosts, make_runner_factory(config, handshakes), max_parallel=config.max_parallel)
 
 
 def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
@@ -284,7 +289,8 @@ def cmd_run(
             )
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
-    poller = build_poller(config)
+    handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    poller = build_poller(config, handshakes)
     path = config.path
 
     def reload_config() -> Config:
@@ -292,7 +298,7 @@ def cmd_run(
 
     wiring = Wiring(
         load_config=reload_config,
-        runner_factory=make_runner_factory,
+        runner_factory=lambda new: make_runner_factory(new, handshakes),
         build_channels=lambda new: build_channels(new, sleep),
     )
     daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring)

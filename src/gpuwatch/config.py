@@ -30,7 +30,11 @@ HOST_KEY_POLICIES = ("accept-new", "strict", "off")
 FEISHU_FORMATS = ("text", "post", "card")
 REPORT_KINDS = ("overview", "user", "free")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "local"})
+# The one host entry polled on this machine without SSH: the name ``localhost``, bare or as a mapping
+# with no key but these. An address, or any key about the connection (port, user, proxy_jump, ...),
+# makes it an SSH host like any other: an SSH tunnel to 127.0.0.1:2222 is another machine.
+LOCAL_NAME = "localhost"
+LOCAL_KEYS = frozenset({"name", "nvidia_smi", "command_timeout"})
 
 
 class ConfigError(Exception):
@@ -340,7 +344,7 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> H
     path = f"hosts[{index}]"
     if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
         name = _str(raw, path)
-        return HostConfig(name=name, address=None, ssh=defaults, local=name in LOCAL_NAMES)
+        return HostConfig(name=name, address=None, ssh=defaults, local=name == LOCAL_NAME)
     entry = _mapping(raw, path)
     if not entry:
         raise ConfigError(f"{path}: empty host entry; give a name, e.g. '- gpu-a'")
@@ -351,7 +355,7 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> H
     name = _str(entry["name"], f"{path}.name") if "name" in entry else str(address)
     overrides = _ssh_overrides({k: v for k, v in entry.items() if k in SSH_KEYS}, path, base)
     settings = replace(defaults, **overrides)  # type: ignore[arg-type]
-    local = (address or name) in LOCAL_NAMES
+    local = name == LOCAL_NAME and set(entry) <= LOCAL_KEYS
     return HostConfig(
         name=name,
         address=address,

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from .config import HostConfig
 from .model import FleetSnapshot, HostErrorKind, HostSnapshot
 from .probe import build_script, snapshot_from_output
-from .ssh import HostFailure, Runner
+from .ssh import HANDSHAKE_WAIT_FACTOR, HostFailure, Runner
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ def budget_seconds(host: HostConfig) -> float:
     """How long one probe of ``host`` may take: connect (TCP, banner, auth, and a jump host's)
     plus the command itself, plus a small grace."""
     ssh = host.ssh
-    connect = 0.0 if host.local else ssh.connect_timeout * (3 if ssh.proxy_jump else 2)
+    if host.local:
+        return ssh.command_timeout + GRACE_SECONDS
+    # waiting for a free handshake slot, then TCP + banner + auth (and the jump host's)
+    connect = ssh.connect_timeout * (HANDSHAKE_WAIT_FACTOR + (3 if ssh.proxy_jump else 2))
     return connect + ssh.command_timeout + GRACE_SECONDS
 
 

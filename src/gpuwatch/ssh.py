@@ -1,35 +1,70 @@
 """Persistent SSH connections (paramiko): connect, run a script, reconnect, host keys.
 
 One :class:`SshConnection` per host lives across polls; its transport sends keepalives and
-is reopened with backoff after a failure. Every step is bounded: TCP connect, banner and
-authentication by ``connect_timeout``, each command by its own timeout. Failures raise
-:class:`HostFailure` carrying a classified kind and a short human message; the poller turns
-it into data. Secrets (passwords, key passphrases) never reach a message or a log line.
+is reopened with backoff after a failure. Every step is bounded: the wait for a handshake
+slot (:data:`DEFAULT_MAX_HANDSHAKES`), TCP connect, banner and authentication by
+``connect_timeout``, each command by its own timeout and by what it may print
+(:data:`MAX_STDOUT_BYTES`, :data:`MAX_STDERR_BYTES`). On the host, a command runs in a
+session of its own that is ended when it exits or at its deadline, so nothing it started
+outlives the poll (:func:`session_script`). Failures raise :class:`HostFailure` carrying a
+classified kind and a short human message; the poller turns it into data. Secrets
+(passwords, key passphrases) never reach a message or a log line.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import getpass
 import hashlib
 import logging
+import math
 import os
+import select
+import selectors
+import shlex
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import paramiko
+from paramiko.hostkeys import HostKeyEntry
 
 from .config import HostConfig, SshSettings
 from .model import HostErrorKind
 
 log = logging.getLogger(__name__)
+
+# What one probe may print before gpuwatch stops reading and ends it. A real probe prints a few
+# hundred bytes per GPU and one line per GPU process; 4 MiB is far beyond any real host, and far
+# below what a host that streams output (a login script running `yes`) would otherwise cost the
+# daemon (1.66 GB in 2 s, measured). paramiko holds at most one channel window
+# (PROBE_WINDOW_BYTES) on top of it. stderr carries only the shell's own complaints (the probe
+# merges nvidia-smi's into stdout), hence the smaller cap.
+MAX_STDOUT_BYTES = 4 * 1024 * 1024
+MAX_STDERR_BYTES = 64 * 1024
+PROBE_WINDOW_BYTES = 1024 * 1024
+_CHUNK = 65536
+
+# On the host, the probe's session is ended this many seconds after the client's own deadline:
+# the client reports the timeout first, the host cleans up just after.
+REMOTE_KILL_GRACE = 1
+
+# SSH handshakes (TCP connect to the end of authentication, a jump host's included) in flight at
+# once, over all hosts: OpenSSH's default `MaxStartups 10:30:100` starts refusing connections
+# beyond 10 unauthenticated ones, which a restart against many hosts behind one ProxyJump bastion
+# would exceed. A host waits for a slot at most HANDSHAKE_WAIT_FACTOR * connect_timeout; that
+# wait does not count against its connect_timeout.
+DEFAULT_MAX_HANDSHAKES = 8
+HANDSHAKE_WAIT_FACTOR = 3
 
 
 class HostFailure(Exception):
@@ -168,58 +203,195 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(raw).decode().rstrip("=")
 
 
+@dataclass
+class KnownHostsFile:
+    """What gpuwatch could read of one known_hosts file."""
+
+    path: Path
+    keys: paramiko.HostKeys = field(default_factory=paramiko.HostKeys)
+    revoked: set[tuple[str, str]] = field(default_factory=set)  # (key type, base64) marked @revoked
+    skipped: list[str] = field(default_factory=list)  # "line N (why)" for each line not understood
+
+
+def _entry(line: str, lineno: int) -> tuple[HostKeyEntry | None, str]:
+    """One known_hosts entry, or None and why not."""
+    try:
+        entry = HostKeyEntry.from_line(line, lineno)
+    except Exception:  # bad base64 (InvalidHostKey), or a corrupt key blob failing deep in the crypto library
+        return None, "not a known_hosts entry"
+    if entry is None:
+        fields = line.split()
+        if len(fields) < 3:
+            return None, "not a known_hosts entry"
+        return None, f"key type {fields[1][:40]!r} not supported"
+    return entry, ""
+
+
+def read_known_hosts(path: Path) -> KnownHostsFile:
+    """Read a known_hosts file line by line, keeping every entry gpuwatch understands.
+
+    ``@revoked`` keys are remembered (a host that offers one is refused); ``@cert-authority``
+    lines and lines that cannot be read are skipped and listed in ``skipped``, so that one odd
+    line costs that line, not every host. A missing file is an empty one.
+    """
+    known = KnownHostsFile(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return known
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            known.skipped.append(f"line {lineno} (not UTF-8 text)")
+            continue
+        if not line or line.startswith("#"):
+            continue
+        marker = ""
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            line = line.strip()
+            if marker == "@cert-authority":
+                known.skipped.append(f"line {lineno} (@cert-authority: host certificates are not supported)")
+                continue
+            if marker != "@revoked":
+                known.skipped.append(f"line {lineno} (unknown marker {marker[:40]!r})")
+                continue
+        entry, why = _entry(line, lineno)
+        if entry is None:
+            known.skipped.append(f"line {lineno} ({why})")
+        elif marker == "@revoked":
+            known.revoked.add((entry.key.get_name(), entry.key.get_base64()))
+        else:
+            for name in entry.hostnames:
+                known.keys.add(name, entry.key.get_name(), entry.key)
+    return known
+
+
+def _make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (and missing parents) with mode 0700 whatever the umask; an existing
+    directory is left as it is."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+            os.chmod(path, 0o700)
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temp file in the same directory, fsync, rename), mode 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class HostKeyStore:
     """Known host keys: the user's known_hosts (read only) beside gpuwatch's own file.
 
-    gpuwatch writes only its own file (``<state_dir>/known_hosts``), under a lock, so
-    parallel first connections do not clobber each other.
+    gpuwatch writes only its own file (``<state_dir>/known_hosts``), under a lock, so parallel
+    first connections do not clobber each other, and atomically (mode 0600), so a crash never
+    leaves half a line. Lines it cannot read are skipped with one warning per file.
     """
 
     def __init__(self, own_file: Path, user_files: tuple[Path, ...] = ()) -> None:
         self.own_file = own_file
         self.user_files = user_files
         self._lock = threading.Lock()
-        self._own = paramiko.HostKeys()
-        self._user = paramiko.HostKeys()
-        for path in user_files:
-            self._load(self._user, path)
-        self._load(self._own, own_file)
+        self._user = [self._load(path) for path in user_files]
+        self._own = self._load(own_file)
 
     @staticmethod
-    def _load(keys: paramiko.HostKeys, path: Path) -> None:
+    def _load(path: Path) -> KnownHostsFile:
         try:
-            if path.is_file():
-                keys.load(str(path))
-        except (OSError, paramiko.SSHException) as exc:
-            log.warning("cannot read known_hosts file %s: %s", path, exc)
+            known = read_known_hosts(path)
+        except OSError as exc:
+            log.warning("cannot read known_hosts file %s: %s; ignoring it", path, exc.strerror or exc)
+            return KnownHostsFile(path)
+        if known.skipped:
+            shown = "; ".join(known.skipped[:5])
+            more = f" and {len(known.skipped) - 5} more" if len(known.skipped) > 5 else ""
+            log.warning(
+                "%s: skipped %d line(s) gpuwatch cannot read: %s%s; the other entries are used "
+                "(fix or delete those lines to silence this)",
+                path,
+                len(known.skipped),
+                shown,
+                more,
+            )
+        return known
+
+    def _files(self) -> list[KnownHostsFile]:
+        return [self._own, *self._user]
+
+    def is_revoked(self, key: paramiko.PKey) -> bool:
+        """True when a known_hosts file marks ``key`` ``@revoked``."""
+        wanted = (key.get_name(), key.get_base64())
+        with self._lock:
+            return any(wanted in known.revoked for known in self._files())
+
+    def revoked_in(self, key: paramiko.PKey) -> Path | None:
+        wanted = (key.get_name(), key.get_base64())
+        with self._lock:
+            return next((known.path for known in self._files() if wanted in known.revoked), None)
 
     def install(self, client: paramiko.SSHClient) -> None:
-        """Give a fresh client every key known now (user's as system keys, ours as its own)."""
+        """Give a fresh client every key known now, except revoked ones (a revoked key then
+        reaches the policy, which refuses it)."""
         with self._lock:
+            files = self._files()
+            revoked = set().union(*(known.revoked for known in files))
             system = client.get_host_keys()  # we feed both sets; only the policy ever writes
-            for source in (self._user, self._own):
-                for name in source.keys():
-                    for ktype, key in source[name].items():
-                        system.add(name, ktype, key)
+            for known in reversed(files):  # the user's first, ours last
+                for name in known.keys.keys():
+                    for ktype, key in known.keys[name].items():
+                        if (ktype, key.get_base64()) not in revoked:
+                            system.add(name, ktype, key)
 
     def where_known(self, name: str) -> Path | None:
         with self._lock:
-            if self._own.lookup(name) is not None:
-                return self.own_file
-        for path in self.user_files:
-            keys = paramiko.HostKeys()
-            self._load(keys, path)
-            if keys.lookup(name) is not None:
-                return path
-        return None
+            return next((known.path for known in self._files() if known.keys.lookup(name) is not None), None)
 
     def record(self, name: str, key: paramiko.PKey) -> None:
+        """Remember ``name``'s first key, in memory and in gpuwatch's own file (existing lines kept)."""
+        line = f"{name} {key.get_name()} {key.get_base64()}\n"
         with self._lock:
-            self._own.add(name, key.get_name(), key)
-            self.own_file.parent.mkdir(parents=True, exist_ok=True)
-            line = f"{name} {key.get_name()} {key.get_base64()}\n"
-            with open(self.own_file, "a", encoding="utf-8") as fh:
-                fh.write(line)
+            self._own.keys.add(name, key.get_name(), key)
+            try:
+                _make_private_dir(self.own_file.parent)
+                try:
+                    old = self.own_file.read_bytes()  # read again: another gpuwatch may have added keys
+                except FileNotFoundError:
+                    old = b""
+                if old and not old.endswith(b"\n"):
+                    old += b"\n"  # a line cut off by an old crash stays on its own line
+                _replace_file(self.own_file, old + line.encode())
+            except OSError as exc:
+                log.warning(
+                    "cannot record the host key of %s in %s: %s; it is trusted for this run only",
+                    name,
+                    self.own_file,
+                    exc.strerror or exc,
+                )
+                return
         log.warning(
             "recorded the first host key of %s (%s %s) in %s",
             name,
@@ -236,12 +408,18 @@ class _UnknownHostKey(paramiko.SSHException):
         self.key = key
 
 
+class _RevokedHostKey(_UnknownHostKey):
+    pass
+
+
 class _Policy(paramiko.MissingHostKeyPolicy):
     def __init__(self, policy: str, store: HostKeyStore) -> None:
         self.policy = policy
         self.store = store
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        if self.store.is_revoked(key):  # whatever the policy, as OpenSSH does
+            raise _RevokedHostKey(hostname, key)
         if self.policy == "off":
             log.warning("host_key_policy is off: accepting %s key %s unchecked", hostname, fingerprint(key))
             return
@@ -269,8 +447,16 @@ def _classify_socket_error(exc: BaseException, target: Target, timeout: float) -
     return HostFailure(HostErrorKind.UNREACHABLE, f"cannot connect to {where}: {exc}")
 
 
+class _NoHandshakeSlot(HostFailure):
+    """Every handshake slot stayed taken: says nothing about this host, so no backoff for it."""
+
+
 class SshConnection:
-    """One persistent SSH connection to one host, opened on first use and reused."""
+    """One persistent SSH connection to one host, opened on first use and reused.
+
+    ``handshakes``, shared by all connections of a poller, bounds the SSH handshakes in flight
+    at once (see :data:`DEFAULT_MAX_HANDSHAKES`); None: no bound.
+    """
 
     def __init__(
         self,
@@ -278,11 +464,13 @@ class SshConnection:
         store: HostKeyStore,
         ssh_config: paramiko.SSHConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        handshakes: threading.Semaphore | None = None,
     ) -> None:
         self.host = host
         self.store = store
         self.ssh_config = ssh_config
         self.clock = clock
+        self.handshakes = handshakes
         self._client: paramiko.SSHClient | None = None
         self._jump: SshConnection | None = None
         self._lock = threading.Lock()
@@ -294,6 +482,24 @@ class SshConnection:
 
     def _target(self) -> Target:
         return resolve_target(self.host.name, self.host.ssh, self.host.explicit, self.ssh_config, self.host.address)
+
+    @contextlib.contextmanager
+    def _handshake_slot(self) -> Iterator[None]:
+        """Hold one of the shared handshake slots (if any) from TCP connect to the end of authentication."""
+        if self.handshakes is None:
+            yield
+            return
+        wait = self.host.ssh.connect_timeout * HANDSHAKE_WAIT_FACTOR
+        if not self.handshakes.acquire(timeout=wait):
+            raise _NoHandshakeSlot(
+                HostErrorKind.UNREACHABLE,
+                f"waited {wait:g}s for a free SSH handshake slot: other hosts are slow to log in "
+                "(gpuwatch runs at most a few SSH handshakes at a time); trying again next poll",
+            )
+        try:
+            yield
+        finally:
+            self.handshakes.release()
 
     def _open_socket(self, target: Target) -> socket.socket | paramiko.Channel:
         timeout = self.host.ssh.connect_timeout
@@ -316,6 +522,8 @@ class SshConnection:
             if self._jump is None or self._jump.host != jump_cfg:
                 if self._jump is not None:
                     self._jump.close()
+                # No handshake slots of its own: this connection holds one for both handshakes
+                # (taking a second one while holding the first could deadlock when all are taken).
                 self._jump = SshConnection(jump_cfg, self.store, self.ssh_config, self.clock)
             transport = self._jump.transport()
             try:
@@ -336,6 +544,10 @@ class SshConnection:
 
     def _connect(self) -> paramiko.SSHClient:
         target = self._target()
+        with self._handshake_slot():
+            return self._handshake(target)
+
+    def _handshake(self, target: Target) -> paramiko.SSHClient:
         settings = self.host.ssh
         sock = self._open_socket(target)
         client = paramiko.SSHClient()
@@ -360,6 +572,9 @@ class SshConnection:
         except paramiko.BadHostKeyException as exc:
             client.close()
             raise HostFailure(HostErrorKind.HOST_KEY_CHANGED, self._changed_key_message(target, exc)) from None
+        except _RevokedHostKey as exc:
+            client.close()
+            raise HostFailure(HostErrorKind.HOST_KEY_CHANGED, self._revoked_key_message(exc)) from None
         except _UnknownHostKey as exc:
             client.close()
             raise HostFailure(HostErrorKind.HOST_KEY_UNKNOWN, self._unknown_key_message(target, exc)) from None
@@ -391,7 +606,14 @@ class SshConnection:
                     f"no way to log in to {target.user}@{target.hostname}: no key file, no key in ssh-agent "
                     "or ~/.ssh, and no password; set ssh.key_file, or password_env",
                 ) from None
-            if "banner" in text.lower() or "timeout" in text.lower():
+            lowered = text.lower()
+            if "banner" in lowered and isinstance(exc.__context__, (EOFError, ConnectionError)):  # closed, not silent
+                raise HostFailure(
+                    HostErrorKind.UNREACHABLE,
+                    f"{target.hostname}:{target.port} closed the connection before the SSH handshake "
+                    "(sshd refuses new connections: too many at once (MaxStartups), or a firewall rule)",
+                ) from None
+            if "banner" in lowered or "timeout" in lowered:
                 raise HostFailure(
                     HostErrorKind.UNREACHABLE,
                     f"{target.hostname}:{target.port} accepted TCP but sent no SSH banner within {timeout:g}s",
@@ -414,6 +636,13 @@ class SshConnection:
             f"but {where} has {fingerprint(exc.expected_key)}. This may be a man-in-the-middle "
             f"attack, so gpuwatch refuses to connect. If the host was legitimately reinstalled, "
             f"remove the old key with: ssh-keygen -R '{name}' -f {where}"
+        )
+
+    def _revoked_key_message(self, exc: _RevokedHostKey) -> str:
+        where = self.store.revoked_in(exc.key) or "a known_hosts file"
+        return (
+            f"host key of {exc.name} ({exc.key.get_name()} {fingerprint(exc.key)}) is marked @revoked in "
+            f"{where}, so gpuwatch refuses to connect: the host must get a new key"
         )
 
     def _unknown_key_message(self, target: Target, exc: _UnknownHostKey) -> str:
@@ -440,6 +669,8 @@ class SshConnection:
                 raise HostFailure(failure.kind, f"{failure.message} (next try in {self._retry_at - now:.0f}s)")
             try:
                 self._client = self._connect()
+            except _NoHandshakeSlot:
+                raise
             except HostFailure as failure:
                 self.failures += 1
                 self._last_failure = failure
@@ -468,96 +699,301 @@ class SshConnection:
     # -- running
 
     def run_script(self, script: str, timeout: float) -> CommandResult:
-        """Run ``script`` with ``sh -s`` (whatever the login shell is), bounded by ``timeout``."""
-        started = time.monotonic()
+        """Run ``script`` with ``sh -s`` (whatever the login shell is), in a session of its own on
+        the host (:func:`session_script`).
+
+        ``timeout`` runs from when the connection is ready (connecting has its own bounds); at
+        that deadline the run ends whatever the host does, and the host ends the script's session
+        a moment later. Output beyond :data:`MAX_STDOUT_BYTES` / :data:`MAX_STDERR_BYTES` ends
+        the run as ``unparseable``.
+        """
+        entered = time.monotonic()
         transport = self.transport()
+        deadline = time.monotonic() + max(timeout, 0.1)
         try:
-            return self._exec(transport, script, timeout, started)
+            return self._exec(transport, script, timeout, deadline, entered)
         except HostFailure:
             raise
         except (paramiko.SSHException, EOFError, OSError) as first:
+            if time.monotonic() >= deadline:
+                raise _timeout_failure(timeout) from None
             # A connection that died since the last poll: reconnect once and retry.
             log.info("%s: %s; reconnecting once", self.host.name, first or type(first).__name__)
             with self._lock:
                 self._drop()
             transport = self.transport()
             try:
-                return self._exec(transport, script, timeout - (time.monotonic() - started), started)
+                return self._exec(transport, script, timeout, deadline, entered)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 with self._lock:
                     self._drop()
                 raise HostFailure(HostErrorKind.SSH_ERROR, f"SSH session failed: {exc or type(exc).__name__}") from None
 
-    def _exec(self, transport: paramiko.Transport, script: str, timeout: float, started: float) -> CommandResult:
-        deadline = started + max(timeout, 0.1)
-        chan = transport.open_session(timeout=self.host.ssh.connect_timeout)
+    def _exec(
+        self, transport: paramiko.Transport, script: str, timeout: float, deadline: float, entered: float
+    ) -> CommandResult:
+        chan = transport.open_session(window_size=PROBE_WINDOW_BYTES, timeout=self.host.ssh.connect_timeout)
+        expired = threading.Event()
+
+        def expire() -> None:  # exec_command waits for the server's reply without a timeout of its own
+            expired.set()
+            chan.close()
+
+        guard = threading.Timer(max(deadline - time.monotonic(), 0.0), expire)
+        guard.daemon = True
+        guard.start()
         try:
             chan.settimeout(max(deadline - time.monotonic(), 0.1))
+            limit = math.ceil(max(deadline - time.monotonic(), 0.0)) + REMOTE_KILL_GRACE
             chan.exec_command("sh -s")
-            chan.sendall(script.encode())
+            chan.sendall(session_script(script, limit).encode())
             chan.shutdown_write()
-            out = bytearray()
-            err = bytearray()
-            while True:
-                chan.settimeout(max(deadline - time.monotonic(), 0.01))
-                data = chan.recv(65536)
-                if not data:
-                    break
-                out += data
-            while chan.recv_stderr_ready() or (not chan.closed and not chan.exit_status_ready()):
-                chan.settimeout(max(deadline - time.monotonic(), 0.01))
-                data = chan.recv_stderr(65536)
-                if not data:
-                    break
-                err += data
-            if not chan.status_event.wait(max(deadline - time.monotonic(), 0.01)):
+            output = _BoundedOutput()
+            _read_channel(chan, output, deadline)
+            if not chan.status_event.wait(max(deadline - time.monotonic(), 0.0)):
                 raise TimeoutError()
+            if expired.is_set():
+                raise TimeoutError()
+            if not chan.exit_status_ready() and not transport.is_active():
+                raise paramiko.SSHException(f"the connection to {self.host.name} was lost during the probe")
             status = chan.exit_status
-        except TimeoutError:
-            raise HostFailure(
-                HostErrorKind.PROBE_TIMEOUT,
-                f"the probe did not finish within {timeout:g}s (command_timeout); "
-                "the host or its GPU driver may be hung",
-            ) from None
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError):
+            if expired.is_set() or time.monotonic() >= deadline:
+                raise _timeout_failure(timeout) from None
+            raise
         finally:
+            guard.cancel()
             chan.close()
+        return output.result(None if status == -1 else status, time.monotonic() - entered)
+
+
+def _timeout_failure(timeout: float) -> HostFailure:
+    return HostFailure(
+        HostErrorKind.PROBE_TIMEOUT,
+        f"the probe did not finish within {timeout:g}s (command_timeout); the host or its GPU driver may be hung",
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n // 1024} KiB"
+
+
+class _BoundedOutput:
+    """stdout and stderr of one run, each capped; going past a cap raises HostFailure."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def add(self, data: bytes, stderr: bool = False) -> None:
+        buf, cap, stream = (self.err, MAX_STDERR_BYTES, "stderr") if stderr else (self.out, MAX_STDOUT_BYTES, "stdout")
+        buf += data
+        if len(buf) > cap:
+            first = bytes(buf[:200]).split(b"\n", 1)[0][:80].decode("utf-8", "replace")
+            raise HostFailure(
+                HostErrorKind.UNPARSEABLE,
+                f"the probe printed more than {_size(cap)} on {stream} (it begins {first!r}); gpuwatch stopped "
+                "reading and ended it. Something on the host writes endless output: check the login "
+                "user's shell startup files (~/.bashrc) and the nvidia-smi on its PATH",
+            )
+
+    def result(self, exit_status: int | None, seconds: float) -> CommandResult:
         return CommandResult(
-            exit_status=None if status == -1 else status,
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
-            seconds=time.monotonic() - started,
+            exit_status=exit_status,
+            stdout=self.out.decode("utf-8", "replace"),
+            stderr=self.err.decode("utf-8", "replace"),
+            seconds=seconds,
         )
 
 
+def _read_channel(chan: paramiko.Channel, output: _BoundedOutput, deadline: float) -> None:
+    """Read stdout and stderr together (a full stderr must not stall stdout) until the end of
+    both, within ``deadline`` and the output caps."""
+    ready = chan.fileno()  # readable while either stream has data, and for ever after EOF or close
+    while True:
+        finished = chan.eof_received or chan.closed  # looked at first: nothing arrives after it
+        while chan.recv_ready():
+            output.add(chan.recv(_CHUNK))
+        while chan.recv_stderr_ready():
+            output.add(chan.recv_stderr(_CHUNK), stderr=True)
+        if finished:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError()
+        select.select([ready], [], [], remaining)
+
+
+# The wrapper every script runs in on a host. sshd gives each exec a session, but nothing ends
+# it: closing the channel signals nobody (without a pty), `timeout` kills only its own process
+# group, and a child that ignores SIGTERM or sits in another group keeps running, holding the
+# output open. So the script runs in a new session (setsid) that the wrapper ends with SIGKILL
+# as soon as the script exits (children it left behind included), and a watchdog, in a session
+# of its own, ends it at the deadline whatever happens to the connection. K ends a session:
+# pkill -s finds its processes whatever their process group, pass after pass while it finds
+# some (one may have been forking during the previous pass); without pkill, kill -<pgid> ends
+# the script's own process group. The watchdog is killed by pid, then by process group, so it
+# cannot outlive the wrapper. Without setsid (not Linux), the script runs as it is.
+_SESSION_SCRIPT = """\
+# gpuwatch: the probe runs in a session of its own, ended when it exits or after __LIMIT__ s
+PATH="$PATH:/usr/bin:/bin"; export PATH
+P=__SCRIPT__
+if command -v setsid >/dev/null 2>&1; then
+  exec 3>&2 2>/dev/null  # the probe's stderr on 3; the shell's own notes ("Killed") to /dev/null
+  K='n=0; while [ "$n" -lt 3 ] && pkill -KILL -s "$1"; do n=$((n + 1)); done; kill -KILL -"$1"'
+  setsid sh -c "$P" </dev/null 2>&3 3>&- &
+  s=$!
+  setsid sh -c 'sleep "$1"; sh -c "$2" end "$3"' gpuwatch-deadline __LIMIT__ "$K" "$s" \\
+    </dev/null >/dev/null 2>&1 3>&- &
+  w=$!
+  wait "$s"
+  rc=$?
+  kill -KILL "$w"; kill -KILL -"$w"
+  sh -c "$K" end "$s" 3>&-
+  exit "$rc"
+fi
+exec sh -c "$P" </dev/null
+"""
+
+
+def session_script(script: str, limit_seconds: int) -> str:
+    """``script`` wrapped so that it runs in a session of its own (POSIX sh), which is ended with
+    SIGKILL when the script exits or ``limit_seconds`` after it started; its exit status is the
+    script's. Runs as ``sh -s`` input, so it works whatever the login shell is."""
+    return _SESSION_SCRIPT.replace("__LIMIT__", str(max(1, int(limit_seconds)))).replace(
+        "__SCRIPT__", shlex.quote(script)
+    )
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has exited, without reaping it: while it is a zombie its pid (the session
+    id of everything it started) cannot be reused, so ending that session is safe."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``, from /proc."""
+    members: list[int] = []
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "stat"), "rb") as fh:
+                stat = fh.read()
+            # after "pid (comm) ": state ppid pgrp session ... (comm may hold spaces and parentheses)
+            fields = stat.rsplit(b")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+                members.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
+def _end_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``, whatever its process group, pass after pass while
+    some are found (one may have been forking during the previous pass); where there is no /proc,
+    the process group ``sid``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signal.SIGKILL)
+    for _ in range(5):
+        members = _session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
 class LocalRunner:
-    """Runs the probe on this machine, for the ``localhost`` host."""
+    """Runs the probe on this machine, for the ``localhost`` host.
+
+    Same bounds as over SSH: the probe runs in a new session, which is ended (SIGKILL to every
+    process in it) when the probe exits or at the deadline; output past the caps ends the run.
+    """
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.env = env
 
     def run_script(self, script: str, timeout: float) -> CommandResult:
         started = time.monotonic()
+        deadline = started + max(timeout, 0.1)
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 ["sh", "-s"],
-                input=script.encode(),
-                capture_output=True,
-                timeout=timeout,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=self.env,
-                check=False,
+                start_new_session=True,
             )
-        except subprocess.TimeoutExpired:
+        except OSError as exc:
+            raise HostFailure(HostErrorKind.PROBE_FAILED, f"cannot run sh locally: {exc}") from None
+        output = _BoundedOutput()
+        try:
+            _read_process(proc, script.encode(), output, deadline)
+        except TimeoutError:
             raise HostFailure(
                 HostErrorKind.PROBE_TIMEOUT, f"the local probe did not finish within {timeout:g}s"
             ) from None
-        except OSError as exc:
-            raise HostFailure(HostErrorKind.PROBE_FAILED, f"cannot run sh locally: {exc}") from None
-        return CommandResult(
-            exit_status=proc.returncode,
-            stdout=proc.stdout.decode("utf-8", "replace"),
-            stderr=proc.stderr.decode("utf-8", "replace"),
-            seconds=time.monotonic() - started,
-        )
+        finally:
+            _end_session(proc.pid)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # after SIGKILL: only a process stuck in the kernel takes longer
+        return output.result(proc.returncode, time.monotonic() - started)
 
     def close(self) -> None:
         pass
+
+
+def _read_process(proc: subprocess.Popen[bytes], script: bytes, output: _BoundedOutput, deadline: float) -> None:
+    """Feed ``script`` to ``proc`` and read its stdout and stderr until both end, within
+    ``deadline`` and the caps; once ``proc`` exits, what it left behind is ended so that a child
+    holding the output open does not hold the run."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    pending = memoryview(script)
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, False)
+        selector.register(proc.stderr, selectors.EVENT_READ, True)
+        if pending:
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        exited = False
+        while any(key.events & selectors.EVENT_READ for key in selector.get_map().values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError()
+            if not exited and _exited(proc):
+                exited = True
+                _end_session(proc.pid)
+            # while it runs, look again now and then: it may exit while a child holds the output
+            for key, _ in selector.select(remaining if exited else min(remaining, 0.1)):
+                if key.fileobj is proc.stdin:
+                    try:
+                        written = os.write(proc.stdin.fileno(), pending[: select.PIPE_BUF])
+                    except BrokenPipeError:
+                        written = len(pending)
+                    pending = pending[written:]
+                    if not pending:
+                        selector.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                data = os.read(key.fd, _CHUNK)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                output.add(data, stderr=key.data)
