@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from fleet import (
 )
 from gpuwatch.model import HostErrorKind, HostSnapshot
 from gpuwatch.parse import APP_QUERY_FIELDS, GPU_QUERY_FIELDS, MAX_COMMAND_CHARS, MAX_TEXT_CHARS, parse_compute_apps
-from gpuwatch.probe import build_script, snapshot_from_output
+from gpuwatch.probe import PROBE_MARKER, build_script, new_token, snapshot_from_output, split_sections
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
 ERROR_LINES = sorted(
@@ -343,9 +344,15 @@ HOSTILE_NAMES = [
 ]
 
 
+def _probe_output(env: dict[str, str], token: str) -> str:
+    script = build_script(30, token=token).encode()
+    done = subprocess.run(["sh", "-s"], input=script, env=env, capture_output=True, timeout=60, check=True)
+    return done.stdout.decode("utf-8", "replace")
+
+
 def _run_probe(env: dict[str, str]) -> HostSnapshot:
-    done = subprocess.run(["sh", "-s"], input=build_script(30).encode(), env=env, capture_output=True, timeout=60)
-    return snapshot_from_output("local", "local", done.stdout.decode("utf-8", "replace"))
+    token = new_token()
+    return snapshot_from_output("local", "local", _probe_output(env, token), token=token)
 
 
 @pytest.mark.parametrize("argv0", HOSTILE_NAMES, ids=[f"name{i}" for i in range(len(HOSTILE_NAMES))])
@@ -367,3 +374,220 @@ def test_a_process_named_to_attack_changes_nothing(
     assert mine.command is not None and "\n" not in mine.command
     assert mine.command.endswith(" 600") or len(mine.command) == MAX_COMMAND_CHARS  # a 100 KB one is cut
     assert len(mine.name) <= MAX_TEXT_CHARS
+
+
+# ------------------------------------------------------------------------------------
+# section markers carry a per-poll token
+
+
+def token_output(host: Host, ps_text: str, args_text: str, token: str) -> str:
+    """What the probe script prints with ``token`` (the same layout as build_script's)."""
+    parts = [f"{PROBE_MARKER} {token}"]
+    for name, body in (("gpu", host.query), ("apps", host.apps), ("ps", ps_text), ("args", args_text)):
+        parts += [f"@@begin {name} {token}", body, f"@@end {name} {token} 0"]
+    return "\n".join(parts) + "\n"
+
+
+def owner_lines(pairs: Sequence[tuple[int, str]]) -> str:
+    return "".join(f"{pid:>7} {user:<64} {600:>7}\n" for pid, user in pairs)
+
+
+def test_marker_lines_in_user_text_do_not_change_the_sections() -> None:
+    """A ps that printed a command line's newlines raw (procps does not) gives lines that look
+    like markers, without this poll's token: they stay data."""
+    token = new_token()
+    host = Host.h100()
+    owners_text = owner_lines([(H100_PIDS[0], "alice"), (H100_PIDS[1], "verylongusername")])
+    forged = [
+        "@@end args 0",
+        f"@@end args {new_token()} 0",
+        "@@begin ps",
+        f"@@begin ps {new_token()}",
+        owner_lines([(H100_PIDS[0], "root")]).rstrip("\n"),
+        "@@end ps 0",
+        PROBE_MARKER,
+    ]
+    args_text = f"{H100_PIDS[0]:>7} python3 train.py\n" + "\n".join(forged) + f"\n{H100_PIDS[1]:>7} python3 b.py\n"
+    output = token_output(host, owners_text, args_text, token)
+    sections = split_sections(output, token)
+    assert sections is not None and list(sections) == ["gpu", "apps", "ps", "args"]
+    assert all(line in sections["args"].text for line in forged)
+    snap = snapshot_from_output("gpu-a", "gpu-a", output, token=token)
+    assert snap.ok
+    assert owners(snap) == {H100_PIDS[0]: "alice", H100_PIDS[1]: "verylongusername", H100_PIDS[2]: None}
+    # The forged lines are no command lines (a warning), and nothing about owners is doubted.
+    assert {w.kind for w in snap.warnings} == {HostErrorKind.UNPARSEABLE}
+    assert not gpu_error_warnings(snap)
+
+
+def test_markers_without_this_polls_token_are_not_the_probe() -> None:
+    host = Host.h100()
+    token = new_token()
+    output = token_output(host, owner_lines([(H100_PIDS[0], "alice")]), "", token)
+    assert snapshot_from_output("gpu-a", "gpu-a", output, token=token).ok
+    other = snapshot_from_output("gpu-a", "gpu-a", output, token=new_token())
+    assert other.error_kind is HostErrorKind.UNPARSEABLE
+    legacy = snapshot_from_output("gpu-a", "gpu-a", legacy_output(host, ""), token=token)
+    assert legacy.error_kind is HostErrorKind.UNPARSEABLE
+
+
+def test_tokens_are_fresh_and_checked() -> None:
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100 and all(re.fullmatch(r"[0-9a-f]{32}", t) for t in tokens)
+    token = tokens.pop()
+    script = build_script(30, token=token)
+    assert f"@@begin gpu {token}" in script and f"@@end ps {token} %s" in script
+    assert 'echo "@@begin gpu"' in build_script(30)  # no token: the markers as before
+    for bad in ("short", "with space and more", "semi;colon0", "$(reboot)x"):
+        with pytest.raises(ValueError):
+            build_script(30, token=bad)
+
+
+# Records every process's argv and environment, as another user on the host could read the argv,
+# then runs the stand-in.
+_SCAN_SMI = """\
+import os, sys
+seen = []
+for pid in os.listdir("/proc"):
+    for what in ("cmdline", "environ"):
+        try:
+            with open(f"/proc/{{pid}}/{{what}}", "rb") as handle:
+                seen.append(handle.read())
+        except OSError:
+            pass
+with open(os.environ["SCAN_OUT"], "ab") as out:
+    out.write(b"\\n".join(seen))
+os.execv({standin!r}, [{standin!r}, *sys.argv[1:]])
+"""
+
+
+def test_the_token_is_in_no_process_argv_or_environment(tmp_path: Path) -> None:
+    """The token reaches the host on sh's stdin and is printed by builtins: while nvidia-smi runs
+    (twice) no process on the host shows it in its argv or its environment."""
+    bin_dir = tmp_path / "scan-bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text(f"#!{sys.executable}\n" + _SCAN_SMI.format(standin=str(STANDIN_EXE)))
+    exe.chmod(0o755)
+    scenario_healthy_multi_gpu(tmp_path / "standin" / "local", 2)
+    env = standin_env(tmp_path / "standin")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["SCAN_OUT"] = str(tmp_path / "scan")
+    token = new_token()
+    output = _probe_output(env, token)
+    assert snapshot_from_output("local", "local", output, token=token).ok
+    seen = (tmp_path / "scan").read_bytes()
+    assert b"--query-gpu=" in seen and b"--query-compute-apps=" in seen  # both calls were scanned
+    assert token.encode() not in seen
+
+
+# ------------------------------------------------------------------------------------
+# cut short anywhere
+
+
+def test_output_cut_at_any_byte_is_never_a_silent_ok(tmp_path: Path, hostile_process: object) -> None:
+    """A real probe output (the script, the stand-in, real ps) cut after every one of its bytes:
+    the host is failed, or warns, or (cut after its last marker) is the whole result; an owner
+    it shows is never another than the whole output's."""
+    pid = hostile_process("python3")  # type: ignore[operator]
+    scenario_healthy_multi_gpu(tmp_path / "standin" / "local", 2, owners_pids={H100_PIDS[0]: pid})
+    token = new_token()
+    output = _probe_output(standin_env(tmp_path / "standin"), token)
+    whole = snapshot_from_output("local", "local", output, token=token)
+    assert whole.ok and whole.warnings == () and owners(whole)[pid] == ME
+    silent = 0
+    for cut in range(len(output)):
+        snap = snapshot_from_output("local", "local", output[:cut], token=token)
+        assert "gpuwatch bug" not in (snap.error or "")
+        if not snap.ok:
+            continue
+        for process in snap.processes:
+            assert process.user in (None, owners(whole)[process.pid])
+        if snap != whole and not snap.warnings:
+            silent += 1
+        if snap.warnings == () and snap.processes and any(p.user is None for p in snap.processes):
+            assert owners(snap) == owners(whole)
+        if any(p.user is None and owners(whole)[p.pid] is not None for p in snap.processes):
+            assert HostErrorKind.PROBE_FAILED in {w.kind for w in snap.warnings}
+    assert silent == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "nul\x00byte in argv",  # no real argv holds NUL; a broken ps or a cut could still print one
+        "\x1b[31mred\x1b[0m\x07 bell",
+        "\u202eevil \u2028line\x85sep\x0bvt\x0cff",
+        "run, \"quoted\", 'single', a,b",
+        "y" * 100_000,
+        "\ufffd\ufffd non-UTF-8 bytes",
+    ],
+    ids=["nul", "ansi", "unicode-separators", "commas-quotes", "100KB", "non-utf8"],
+)
+def test_control_characters_and_long_command_lines_change_nothing(text: str) -> None:
+    token = new_token()
+    host = Host.h100()
+    owners_text = owner_lines([(H100_PIDS[0], "alice"), (H100_PIDS[1], "verylongusername")])
+    args_text = f"{H100_PIDS[0]:>7} {text}\n{H100_PIDS[1]:>7} python3 b.py\n"
+    snap = snapshot_from_output("gpu-a", "gpu-a", token_output(host, owners_text, args_text, token), token=token)
+    assert snap.ok and snap.warnings == ()
+    assert owners(snap) == {H100_PIDS[0]: "alice", H100_PIDS[1]: "verylongusername", H100_PIDS[2]: None}
+    mine = next(p for p in snap.processes if p.pid == H100_PIDS[0])
+    assert mine.command is not None and len(mine.command) <= MAX_COMMAND_CHARS and "\n" not in mine.command
+    assert len(mine.name) <= MAX_TEXT_CHARS
+    assert_strict_json(snap)
+
+
+def test_gpu_list_cut_short_is_a_failed_host_not_fewer_gpus() -> None:
+    host = Host.h100(4)
+    token = new_token()
+    full = token_output(host, owner_lines([(H100_PIDS[0], "alice")]), "", token)
+    cut = full[: full.index(f"@@end gpu {token}")]  # three GPU rows printed, the connection dropped
+    snap = snapshot_from_output("gpu-a", "gpu-a", cut, token=token)
+    assert not snap.ok and snap.error_kind is HostErrorKind.PROBE_TIMEOUT and "cut short" in (snap.error or "")
+
+
+@pytest.mark.parametrize(
+    ("drop", "kind"),
+    [
+        ("ps", HostErrorKind.PROBE_FAILED),  # apps listed processes, the owners listing never came
+        ("args", HostErrorKind.UNPARSEABLE),  # owners known, command lines not
+    ],
+)
+def test_missing_listing_is_a_warning(drop: str, kind: HostErrorKind) -> None:
+    token = new_token()
+    full = token_output(Host.h100(), owner_lines([(H100_PIDS[0], "alice")]), f"{H100_PIDS[0]} x\n", token)
+    lines = full.split("\n")
+    begin = lines.index(f"@@begin {drop} {token}")
+    end = lines.index(f"@@end {drop} {token} 0")
+    output = "\n".join(lines[:begin] + lines[end + 1 :])
+    snap = snapshot_from_output("gpu-a", "gpu-a", output, token=token)
+    assert snap.ok
+    assert [w.kind for w in snap.warnings] == [kind]
+
+
+def test_many_bad_rows_give_a_bounded_list_of_warnings_with_every_kind_kept() -> None:
+    host = Host.h100()
+    head, row0, row1 = host.query.strip().split("\n")
+    bad_rows = [
+        f"{i}, GPU-x{i}, name, 00000000:{i % 256:02X}:00.0, 500 %, 1 MiB, 2 MiB, 40, 10 W" for i in range(2, 200)
+    ]
+    lost = "Unable to determine the device handle for GPU 0000:0B:00.0: Unknown Error"
+    query = "\n".join([head, row0, row1, *bad_rows, lost]) + "\n"
+    ps = ps_line(H100_PIDS[0], "alice", 600, "x")
+    snap = snapshot_from_output("gpu-a", "gpu-a", legacy_output(Host(query, host.apps), ps))
+    assert snap.ok and len(snap.gpus) == 200
+    assert len(snap.warnings) <= 20 + len(HostErrorKind)
+    assert HostErrorKind.GPU_LOST in {w.kind for w in snap.warnings}  # the rules still see the lost GPU
+    assert any("more unparseable warnings" in w.message for w in snap.warnings)
+
+
+def test_a_reader_bug_costs_this_host_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpuwatch.parse
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RecursionError("a bug")
+
+    monkeypatch.setattr(gpuwatch.parse, "parse_query_gpu", broken)
+    snap = snapshot_from_output("gpu-a", "gpu-a", legacy_output(Host.h100(), ""))
+    assert not snap.ok and snap.error_kind is HostErrorKind.UNPARSEABLE and "gpuwatch bug" in (snap.error or "")

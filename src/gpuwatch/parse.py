@@ -436,7 +436,7 @@ def _classify_line(line: str, generic: bool = True) -> _LineError | None:
         return _LineError(_RANK_MISMATCH, HostErrorKind.DRIVER_MISMATCH, _mismatch_message(None))
     version = _RE_NVML_VERSION.search(text)
     if version:
-        return _LineError(_RANK_VERSION, HostErrorKind.DRIVER_MISMATCH, version["version"])
+        return _LineError(_RANK_VERSION, HostErrorKind.DRIVER_MISMATCH, quote(version["version"], 40))
     if _RE_NVML_UNKNOWN.search(text):
         return _LineError(_RANK_DRIVER, HostErrorKind.DRIVER_NOT_LOADED, _MSG_NVML_UNKNOWN)
     if _RE_NVML_PERMISSION.search(text):
@@ -709,6 +709,19 @@ def compute_apps_failure(text: str, exit_code: int | None) -> HostIssue | None:
     return classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
 
 
+def _missing(query: _Query, columns: Sequence[str], required: Sequence[str]) -> list[HostIssue]:
+    """A warning naming the asked-for fields the header does not have."""
+    absent = [field for field in required if _field_name(field, query.aliases) not in columns]
+    if not absent:
+        return []
+    return [
+        HostIssue(
+            HostErrorKind.UNPARSEABLE,
+            f"nvidia-smi {query.label} printed no {', '.join(absent)} column; taken as unknown",
+        )
+    ]
+
+
 def _bad_value(who: str, field: str, cell: str, reason: str) -> HostIssue:
     return HostIssue(HostErrorKind.UNPARSEABLE, f"{who}: {field} {_shown(cell)} {reason}; taken as unknown")
 
@@ -776,7 +789,9 @@ def _duplicate(what: str, line: str) -> HostIssue:
     )
 
 
-def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[list[Gpu], list[HostIssue]]:
+def parse_query_gpu(
+    text: str, fields: Sequence[str] | None = None, required: Sequence[str] = ()
+) -> tuple[list[Gpu], list[HostIssue]]:
     """Parse ``nvidia-smi --query-gpu=... --format=csv[,noheader][,nounits]`` output.
 
     With a header, columns are found by name, in any order and among any number of
@@ -798,7 +813,7 @@ def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[lis
 
     columns = table.columns
     gpus: list[Gpu] = []
-    warnings: list[HostIssue] = []
+    warnings: list[HostIssue] = _missing(query, columns, required)
     seen_uuids: set[str] = set()
     for position, line in table.rows:
         cells = line.split(_SEPARATOR)
@@ -853,7 +868,9 @@ def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[lis
 _RE_NO_PROCESSES = re.compile(r"^No running (?:compute )?processes found", re.IGNORECASE)
 
 
-def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[list[ComputeApp], list[HostIssue]]:
+def parse_compute_apps(
+    text: str, fields: Sequence[str] | None = None, required: Sequence[str] = ()
+) -> tuple[list[ComputeApp], list[HostIssue]]:
     """Parse ``nvidia-smi --query-compute-apps=... --format=csv[,noheader][,nounits]`` output.
 
     Columns by header name (or by ``fields`` without a header). ``process_name``, where
@@ -862,7 +879,8 @@ def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[
     means no processes. A row that cannot be read (its pid is no pid, it has too few cells)
     is skipped with a ``probe_failed`` issue: the process list is then incomplete, and who
     runs what is not known. A row seen twice (same pid on the same GPU) is kept once; a memory
-    value outside its range is unknown; both with an ``unparseable`` warning.
+    value outside its range is unknown; a field in ``required`` missing from the header is
+    unknown; all with an ``unparseable`` warning.
     """
     query = _APP_QUERY
     kept = "\n".join(line for line in _lines(text) if not _RE_NO_PROCESSES.match(line.strip()))
@@ -873,8 +891,8 @@ def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[
     columns = table.columns
     free_column = query.free_column(columns)
     apps: list[ComputeApp] = []
-    warnings: list[HostIssue] = []
-    seen: set[tuple[int, str | None, str | None]] = set()
+    warnings: list[HostIssue] = _missing(query, columns, required) if table.rows else []
+    seen: set[tuple[int, str | None]] = set()
     for _position, line in table.rows:
         cells = _split_row(line, len(columns), free_column)
         if cells is None:
@@ -897,7 +915,7 @@ def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[
             continue
         uuid = parse_text(values.get("gpu_uuid"))
         bus = parse_text(values.get("gpu_bus_id"))
-        key = (pid, uuid.lower() if uuid else None, normalize_bus_id(bus))
+        key = (pid, uuid.lower()) if uuid else (pid, normalize_bus_id(bus))  # a GPU's UUID, else its bus id
         if key in seen:
             warnings.append(_duplicate(f"process {pid} on one GPU", line))
             continue

@@ -131,10 +131,14 @@ def _read_sections(output: str, token: str) -> _Read | None:
 
     Only whole lines equal to a marker with this poll's token count. A section whose end
     marker never came (the connection dropped, the output was cut) has ``exit_status=None``;
-    when the output ended inside a line, that partial line is dropped.
+    when the output ended inside a line, that partial line is dropped. (After the last
+    newline, ``split`` leaves "" or the partial line: either way not a line.)
     """
     suffix = _suffix(token)
     lines = [line.removesuffix("\r") for line in output.split("\n")]
+    # Output cut inside a line: that line is partial (a marker's exit status may be cut to
+    # another number), so it is no line at all.
+    lines.pop()
     try:
         start = lines.index(PROBE_MARKER + suffix)
     except ValueError:
@@ -145,6 +149,7 @@ def _read_sections(output: str, token: str) -> _Read | None:
     problems: list[str] = []
     name: str | None = None
     skipping = False  # inside a section printed a second time
+    outside = 0
     body: list[str] = []
 
     def close(status: int | None) -> None:
@@ -169,10 +174,14 @@ def _read_sections(output: str, token: str) -> _Read | None:
             name = None
         elif name is not None:
             body.append(line)
+        elif line.strip():
+            outside += 1  # the script prints nothing between its sections: a line lost its section
     if name is not None:
-        if not output.endswith("\n") and body:
-            body.pop()  # cut inside a line: that line is partial
         close(None)
+    if outside:
+        problems.append(f"{outside} line{'s' if outside != 1 else ''} outside the sections")
+    if not output.endswith("\n"):
+        problems.append("it ends inside a line")  # the script's last byte is a newline
     return _Read(sections, tuple(problems))
 
 
@@ -259,7 +268,7 @@ def _snapshot(
             "(the connection dropped or the output was cut)",
             probe_seconds,
         )
-    gpus, issues = parse.parse_query_gpu(gpu_sec.text)
+    gpus, issues = parse.parse_query_gpu(gpu_sec.text, required=parse.GPU_QUERY_FIELDS)
     failure = parse.query_gpu_failure(gpu_sec.text, gpu_sec.exit_status)
     if not gpus:
         issue = failure or (issues[0] if issues else None)
@@ -279,7 +288,7 @@ def _snapshot(
     if apps_sec is None:
         warnings.append(HostIssue(HostErrorKind.PROBE_FAILED, "the process query did not run; processes unknown"))
     else:
-        apps, app_issues = parse.parse_compute_apps(apps_sec.text)
+        apps, app_issues = parse.parse_compute_apps(apps_sec.text, required=parse.APP_QUERY_FIELDS)
         warnings += app_issues
         if apps_sec.exit_status is None:
             warnings.append(_cut_short("nvidia-smi --query-compute-apps", "processes unknown"))
