@@ -746,3 +746,17 @@ def test_attribute_never_invents_an_owner() -> None:
     assert (unseen.user, unseen.command, unseen.runtime_seconds) == (None, None, None)
     assert not unseen.seen_by_ps
     assert unseen.name == "ffmpeg" and unseen.gpu_index == 0
+
+
+def test_a_damaged_header_is_no_header_rather_than_shifted_columns() -> None:
+    # Found by bench/fuzz.py (seed 3): the real 115-field Windows capture with one ", " in the
+    # header and one in the row each replaced by non-UTF-8 bytes (decoded as U+FFFD): as wide as
+    # each other again, with every column after the damage shifted by one.
+    header, row = _data_lines(_read(WIN2021_GPU))
+    expected, _ = parse_query_gpu(header + "\n" + row + "\n")
+    damaged_header = header.replace(" [MHz], ", " [MHz\ufffd\ufffd", 1)
+    damaged_row = row.replace("[N/A], [N/A]", "[N/A],\ufffd\ufffd/A]", 1)
+    assert len(damaged_header.split(", ")) == len(damaged_row.split(", "))
+    gpus, issues = parse_query_gpu(damaged_header + "\n" + damaged_row + "\n")
+    assert gpus == [] and issues and issues[0].kind is HostErrorKind.UNPARSEABLE
+    assert expected and expected[0].power_w is not None

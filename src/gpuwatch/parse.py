@@ -122,7 +122,9 @@ _APP_ALIASES: Mapping[str, str] = {
 }
 
 _UNIT_SUFFIX_RE = re.compile(r"\s*\[[^\]]*\]\s*$")
-_HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[^\]]*\])?$")
+# A header cell: a field name and maybe its unit ("[MiB]", "[%]", "[W/s]", "[seconds]"): plain
+# ASCII, so a damaged line is never taken for a header (its columns would be shifted).
+_HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[A-Za-z%/]{1,16}\])?$")
 _NUMBER_RE = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?:\s*([A-Za-z%/°]+))?$")
 _BUS_ID_RE = re.compile(
     r"^(?P<domain>[0-9a-f]{1,8}):(?P<bus>[0-9a-f]{1,2}):"
