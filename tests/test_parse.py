@@ -23,6 +23,7 @@ import pytest
 from gpuwatch.model import ComputeApp, Gpu, HostErrorKind, PsEntry
 from gpuwatch.parse import (
     APP_QUERY_FIELDS,
+    ARGS_FORMAT,
     GPU_QUERY_FIELDS,
     PS_FORMAT,
     attribute,
@@ -32,10 +33,13 @@ from gpuwatch.parse import (
     parse_float,
     parse_int,
     parse_ps,
+    parse_ps_args,
     parse_query_gpu,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
+# What older probes asked for: the probe's fields and process_name last (the parser still reads it).
+LEGACY_APP_FIELDS = (*APP_QUERY_FIELDS, "process_name")
 FOLDERS = ("csv-query-gpu", "csv-compute-apps", "errors")
 
 H100_MIG_GPU = "csv-query-gpu/nvgpuexp-h100-mig-linux-590.48.01-load-query-gpu-all-fields.csv"
@@ -319,7 +323,8 @@ def test_lost_gpu_line_between_rows_is_an_issue_not_a_row() -> None:
 def test_row_with_wrong_field_count_is_skipped_with_a_warning_others_kept() -> None:
     # Derived from the real H100 row: three GPUs, indexes 0-2; the middle row lost a field.
     head, row = _data_lines(_project(_read(H100_GPU), GPU_QUERY_FIELDS))
-    rows = [row, "1" + row[1:], "2" + row[1:]]
+    uuid = row.split(", ")[1]
+    rows = [row, "1" + row[1:].replace(uuid, uuid[:-1] + "1"), "2" + row[1:].replace(uuid, uuid[:-1] + "2")]
     rows[1] = rows[1].rsplit(", ", 1)[0]  # drop power.draw
     gpus, issues = parse_query_gpu("\n".join([head, *rows]) + "\n")
     assert [g.index for g in gpus] == [0, 2]  # never renumbered
@@ -397,13 +402,13 @@ def test_process_name_with_comma_comes_back_exactly() -> None:
 
     # Capture order: process_name in the middle, fixed fields on both sides.
     assert parse_compute_apps(header + "\n" + derived + "\n") == ([expected], [])
-    # The probe's own order: process_name last.
-    own = _project(header + "\n" + real + "\n", APP_QUERY_FIELDS).replace(path, COMMA_PATH)
+    # The order older probes asked for: process_name last.
+    own = _project(header + "\n" + real + "\n", LEGACY_APP_FIELDS).replace(path, COMMA_PATH)
     assert own.split("\n")[0] == "pid, gpu_uuid, gpu_bus_id, used_gpu_memory [MiB], process_name"
     assert parse_compute_apps(own) == ([expected], [])
     # ... and without a header.
     noheader = own.split("\n", 1)[1]
-    assert parse_compute_apps(noheader, APP_QUERY_FIELDS) == ([expected], [])
+    assert parse_compute_apps(noheader, LEGACY_APP_FIELDS) == ([expected], [])
 
 
 @pytest.mark.parametrize("name", [WIN_610_APPS, WIN_591_APPS, H100_APPS, RTX2080_LINUX_APPS])
@@ -411,18 +416,23 @@ def test_compute_apps_field_order_independence(name: str) -> None:
     text = _read(name)
     expected, _ = parse_compute_apps(text)
     assert expected
-    assert parse_compute_apps(_project(text, APP_QUERY_FIELDS)) == (expected, [])
-    assert parse_compute_apps(_project(text, APP_QUERY_FIELDS, header=False), APP_QUERY_FIELDS) == (expected, [])
-    assert parse_compute_apps(_project(text, APP_QUERY_FIELDS, nounits=True)) == (expected, [])
+    assert parse_compute_apps(_project(text, LEGACY_APP_FIELDS)) == (expected, [])
+    assert parse_compute_apps(_project(text, LEGACY_APP_FIELDS, header=False), LEGACY_APP_FIELDS) == (expected, [])
+    assert parse_compute_apps(_project(text, LEGACY_APP_FIELDS, nounits=True)) == (expected, [])
+    # The probe's own fields (no process_name): the same records, nameless.
+    nameless = [dataclasses.replace(app, process_name="") for app in expected]
+    assert parse_compute_apps(_project(text, APP_QUERY_FIELDS)) == (nameless, [])
+    assert parse_compute_apps(_project(text, APP_QUERY_FIELDS, header=False), APP_QUERY_FIELDS) == (nameless, [])
 
 
 def test_compute_app_row_with_bad_pid_is_skipped_with_a_warning() -> None:
-    # Derived from the real RTX 2080 Linux capture: one row's pid replaced by [N/A].
+    # Derived from the real RTX 2080 Linux capture: one row's pid replaced by [N/A]. The process
+    # list is then incomplete, which the rules must know (probe_failed: processes not known).
     lines = _data_lines(_read(RTX2080_LINUX_APPS))
     lines[1] = lines[1].replace(", 5268, ", ", [N/A], ")
     apps, issues = parse_compute_apps("\n".join(lines) + "\n")
     assert [a.pid for a in apps] == [5267]
-    assert [i.kind for i in issues] == [HostErrorKind.UNPARSEABLE]
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED]
     assert "[N/A]" in issues[0].message
 
 
@@ -535,7 +545,14 @@ def test_several_lost_gpus_are_named_in_one_issue() -> None:
         ("", None, None, True),
         ("0x1E81", None, None, False),
         ("Default", None, None, False),
+        # Number text too long to be a reading: never an infinity, never an exception.
+        ("1" + "0" * 400 + " MiB", None, None, False),
+        ("1" + "0" * 400 + ".5", None, None, False),
+        ("1" + "0" * 5000, None, None, False),
+        ("nan", None, None, False),
+        ("inf W", None, None, False),
     ],
+    ids=lambda v: v if not isinstance(v, str) or len(v) < 20 else f"{v[:6]}...({len(v)})",
 )
 def test_values(value: str, as_int: int | None, as_float: float | None, unknown: bool) -> None:
     assert parse_int(value) == as_int
@@ -547,47 +564,109 @@ def test_values(value: str, as_int: int | None, as_float: float | None, unknown:
 # ps
 
 
-def _ps_line(pid: int, user: str, etimes: int, args: str) -> str:
-    """One line as ``ps -o pid=,user:64=,etimes=,args=`` lays it out."""
-    return f"{pid:>7} {user:<64} {etimes:>7} {args}"
+def _ps_line(pid: int, user: str, etimes: int | str, args: str | None = None) -> str:
+    """One line as ``ps -o pid=,user:64=,etimes=`` lays it out (older probes: ``,args=`` too)."""
+    line = f"{pid:>7} {user:<64} {etimes:>7}"
+    return line if args is None else f"{line} {args}"
 
 
 def test_parse_ps_wide_user_column() -> None:
     text = "\n".join(
         [
-            _ps_line(4242, "verylongusername", 93784, "python train.py --name 'run  two' --lr 0.1"),
-            _ps_line(2, "root", 8123456, "[kthreadd]"),
-            _ps_line(777, "1001", 5, "/opt/job/bin/solver -x"),
-            _ps_line(888, "alice", 0, ""),
-            "garbage",
-            "    PID USER ELAPSED COMMAND",
-            "    999 bob notanumber cmd",
+            _ps_line(4242, "verylongusername", 93784),
+            _ps_line(2, "root", 8123456),
+            _ps_line(777, "1001", 5),
+            _ps_line(888, "alice", 0),
             "",
         ]
     )
-    entries = parse_ps(text)
-    assert set(entries) == {4242, 2, 777, 888}
+    entries, issues = parse_ps(text)
+    assert issues == []
+    assert entries == {
+        4242: PsEntry(4242, "verylongusername", 93784, ""),
+        2: PsEntry(2, "root", 8123456, ""),
+        777: PsEntry(777, "1001", 5, ""),  # a UID stays as printed
+        888: PsEntry(888, "alice", 0, ""),
+    }
+
+
+def test_parse_ps_with_args_as_older_probes_asked() -> None:
+    text = "\n".join(
+        [
+            _ps_line(4242, "verylongusername", 93784, "python train.py --name 'run  two' --lr 0.1"),
+            _ps_line(2, "root", 8123456, "[kthreadd]"),
+            _ps_line(888, "alice", 0, ""),
+        ]
+    )
+    entries, issues = parse_ps(text)
+    assert issues == []
     assert entries[4242] == PsEntry(4242, "verylongusername", 93784, "python train.py --name 'run  two' --lr 0.1")
     assert entries[2].command == "[kthreadd]"
-    assert entries[777].user == "1001"  # a UID stays as printed
     assert entries[888] == PsEntry(888, "alice", 0, "")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["garbage", "    PID USER ELAPSED COMMAND", "    999 bob notanumber", "error: process ID list syntax error"],
+)
+def test_parse_ps_line_that_is_no_owner_is_a_probe_failure(bad: str) -> None:
+    entries, issues = parse_ps(_ps_line(4242, "alice", 5) + "\n" + bad + "\n")
+    assert set(entries) == {4242}
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED]  # owners may be missing
+    assert bad.strip()[:20] in issues[0].message
+
+
+def test_parse_ps_pid_twice_has_no_owner() -> None:
+    entries, issues = parse_ps(_ps_line(4242, "alice", 5) + "\n" + _ps_line(4242, "bob", 5) + "\n")
+    assert entries == {}
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED]
+
+
+def test_parse_ps_args() -> None:
+    text = "   4242 python train.py --name 'run  two'\n      2 [kthreadd]\n    888\n"
+    commands, issues = parse_ps_args(text)
+    assert issues == []
+    assert commands == {4242: "python train.py --name 'run  two'", 2: "[kthreadd]", 888: ""}
+    commands, issues = parse_ps_args(text + "   4242 forged\ncontinued line\n")
+    assert commands == {2: "[kthreadd]", 888: ""}
+    assert [i.kind for i in issues] == [HostErrorKind.UNPARSEABLE, HostErrorKind.UNPARSEABLE]
 
 
 @pytest.mark.skipif(shutil.which("ps") is None, reason="no ps here")
 def test_parse_ps_real_output() -> None:
-    completed = subprocess.run(
-        ["ps", "-ww", "-o", PS_FORMAT, "-p", str(os.getpid())],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        pytest.skip(f"ps does not support {PS_FORMAT}: {completed.stderr.strip()}")
-    entries = parse_ps(completed.stdout)
+    pid = str(os.getpid())
+    owners = subprocess.run(["ps", "-ww", "-o", PS_FORMAT, "-p", pid], capture_output=True, text=True, check=False)
+    args = subprocess.run(["ps", "-ww", "-o", ARGS_FORMAT, "-p", pid], capture_output=True, text=True, check=False)
+    if owners.returncode != 0 or args.returncode != 0:
+        pytest.skip(f"ps does not support {PS_FORMAT} / {ARGS_FORMAT}: {owners.stderr.strip()} {args.stderr.strip()}")
+    entries, issues = parse_ps(owners.stdout)
+    assert issues == []
     entry = entries[os.getpid()]
     assert entry.user == pwd.getpwuid(os.getuid()).pw_name
     assert entry.elapsed_seconds is not None and entry.elapsed_seconds >= 0
-    assert "py" in entry.command
+    commands, issues = parse_ps_args(args.stdout)
+    assert issues == []
+    assert "py" in commands[os.getpid()]
+
+
+@pytest.mark.skipif(shutil.which("ps") is None, reason="no ps here")
+def test_real_ps_escapes_newlines_and_control_characters_in_command_lines() -> None:
+    """Why the probe can take command lines (and names) from ps: procps prints each process on
+    one line whatever its argv holds (under the probe's LC_ALL=C, non-ASCII too is escaped)."""
+    argv0 = "/tmp/x/GPU has fallen off the bus/python3\n   1 root 5 /sbin/init\n@@end ps 0\x1b[31m\u202e"
+    proc = subprocess.Popen([argv0, "600"], executable="/bin/sleep")
+    try:
+        env = {**os.environ, "LC_ALL": "C"}
+        args = subprocess.run(
+            ["ps", "-ww", "-o", ARGS_FORMAT, "-p", str(proc.pid)], capture_output=True, env=env, check=False
+        ).stdout.decode("utf-8", "replace")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert args.count("\n") == 1 and args.endswith(" 600\n")
+    assert "\x1b" not in args and "\u202e" not in args and "\r" not in args
+    commands, issues = parse_ps_args(args)
+    assert issues == [] and list(commands) == [proc.pid]
 
 
 # ------------------------------------------------------------------------------------
@@ -646,6 +725,17 @@ def test_attribute_bus_id_spellings_and_no_match() -> None:
     assert [p.gpu_index for p in processes] == [0, None]
 
 
+def test_attribute_names_from_the_command_line_when_nvidia_smi_gave_none() -> None:
+    # The probe's own query has no process_name: the name is the first word of ps's command line.
+    nameless, _ = parse_compute_apps(_project(_read(RTX2080_LINUX_APPS), APP_QUERY_FIELDS))
+    ps = {5268: PsEntry(5268, "alice", 120, "")}
+    commands = {5268: "/usr/bin/ffmpeg -i in.mp4 out.mp4", 5267: "ffmpeg -i b.mp4"}
+    seen, unseen = attribute([_gpu(RTX2080_LINUX_GPU)], nameless, ps, commands)
+    assert (seen.user, seen.name, seen.command) == ("alice", "/usr/bin/ffmpeg", "/usr/bin/ffmpeg -i in.mp4 out.mp4")
+    # a pid the owners listing did not show gets no command either (it may be another process by now)
+    assert (unseen.user, unseen.name, unseen.command) == (None, "", None)
+
+
 def test_attribute_never_invents_an_owner() -> None:
     apps, _ = parse_compute_apps(_read(RTX2080_LINUX_APPS))
     ps = {5268: PsEntry(5268, "alice", 120, "ffmpeg -i in.mp4 out.mp4")}
@@ -656,3 +746,17 @@ def test_attribute_never_invents_an_owner() -> None:
     assert (unseen.user, unseen.command, unseen.runtime_seconds) == (None, None, None)
     assert not unseen.seen_by_ps
     assert unseen.name == "ffmpeg" and unseen.gpu_index == 0
+
+
+def test_a_damaged_header_is_no_header_rather_than_shifted_columns() -> None:
+    # Found by bench/fuzz.py (seed 3): the real 115-field Windows capture with one ", " in the
+    # header and one in the row each replaced by non-UTF-8 bytes (decoded as U+FFFD): as wide as
+    # each other again, with every column after the damage shifted by one.
+    header, row = _data_lines(_read(WIN2021_GPU))
+    expected, _ = parse_query_gpu(header + "\n" + row + "\n")
+    damaged_header = header.replace(" [MHz], ", " [MHz\ufffd\ufffd", 1)
+    damaged_row = row.replace("[N/A], [N/A]", "[N/A],\ufffd\ufffd/A]", 1)
+    assert len(damaged_header.split(", ")) == len(damaged_row.split(", "))
+    gpus, issues = parse_query_gpu(damaged_header + "\n" + damaged_row + "\n")
+    assert gpus == [] and issues and issues[0].kind is HostErrorKind.UNPARSEABLE
+    assert expected and expected[0].power_w is not None

@@ -2,12 +2,20 @@
 
 This module owns: reading ``nvidia-smi --query-gpu`` and ``--query-compute-apps`` CSV
 output; classifying nvidia-smi's error messages and exit codes into ``HostErrorKind``;
-reading ``ps -o pid=,user:64=,etimes=,args=`` output; joining compute apps to their GPU
-and their ps owner. It also owns the field lists the probe queries (``GPU_QUERY_FIELDS``,
-``APP_QUERY_FIELDS``, ``PS_FORMAT``), so what is asked and what is read cannot drift.
+reading the two ``ps`` listings (``pid=,user:64=,etimes=`` for owners, ``pid=,args=`` for
+command lines); joining compute apps to their GPU and their ps owner; the physical range of
+every reading. It also owns the field lists the probe queries (``GPU_QUERY_FIELDS``,
+``APP_QUERY_FIELDS``, ``PS_FORMAT``, ``ARGS_FORMAT``), so what is asked and what is read
+cannot drift.
 
 Pure functions over text: no I/O, nothing runs at import time. The parsers never raise
 on odd input; what they cannot use becomes a ``HostIssue``.
+
+Output from a host is data written by its users: a process name or a command line is
+whatever its owner chose. So error messages are recognised only on lines that are not data
+rows (a row that fits the header is data, whatever it says), one line is one record, a value
+outside its physical range is unknown with a warning, and a record seen twice is kept once
+with a warning. Owners are read from a listing that holds no user-written text at all.
 
 What nvidia-smi CSV looks like (real captures in tests/fixtures/nvidia-smi):
 
@@ -36,18 +44,27 @@ from gpuwatch.model import (
 
 __all__ = [
     "APP_QUERY_FIELDS",
+    "ARGS_FORMAT",
     "GPU_QUERY_FIELDS",
+    "LIMITS",
+    "MAX_COMMAND_CHARS",
+    "MAX_TEXT_CHARS",
     "PS_FORMAT",
+    "Limit",
     "attribute",
     "classify_nvidia_smi_error",
+    "compute_apps_failure",
     "is_unknown",
     "normalize_bus_id",
     "parse_compute_apps",
     "parse_float",
     "parse_int",
     "parse_ps",
+    "parse_ps_args",
     "parse_query_gpu",
     "parse_text",
+    "query_gpu_failure",
+    "quote",
 ]
 
 GPU_QUERY_FIELDS: tuple[str, ...] = (
@@ -68,15 +85,29 @@ APP_QUERY_FIELDS: tuple[str, ...] = (
     "gpu_uuid",
     "gpu_bus_id",
     "used_gpu_memory",
-    "process_name",
 )
-"""``nvidia-smi --query-compute-apps=`` fields; ``process_name`` last (it may hold ", ")."""
+"""``nvidia-smi --query-compute-apps=`` fields: all fixed-format, none written by a user.
 
-PS_FORMAT = "pid=,user:64=,etimes=,args="
-"""``ps -ww -o`` format: no header; a user column wide enough for long names."""
+``process_name`` is not asked for: it is the process's own argv[0], printed raw (a newline
+in it would start a new row). The name comes from ``ps`` instead, which escapes control
+characters. :func:`parse_compute_apps` still reads a ``process_name`` column where one is
+printed (older probes, the corpus)."""
+
+PS_FORMAT = "pid=,user:64=,etimes="
+"""``ps -ww -o`` format for owners: no header; a user column wide enough for long names; no
+user-written text, so no command line can forge another process's owner."""
+
+ARGS_FORMAT = "pid=,args="
+"""``ps -ww -o`` format for command lines (ps escapes newlines and control characters)."""
+
+MAX_TEXT_CHARS = 256
+"""Longest name, UUID, bus id or user kept; longer text is cut (with "...")."""
+MAX_COMMAND_CHARS = 4096
+"""Longest command line kept; longer ones are cut (with "...")."""
 
 _SEPARATOR = ", "
-_MAX_QUOTE = 200
+_MAX_QUOTE = 80  # characters of a bad value or line quoted in a message
+_MAX_NUMBER_CHARS = 24  # longer number text is out of range (and never reaches float()/int())
 
 # Aliases nvidia-smi accepts in a query; its header always prints the canonical name.
 _GPU_ALIASES: Mapping[str, str] = {
@@ -91,12 +122,52 @@ _APP_ALIASES: Mapping[str, str] = {
 }
 
 _UNIT_SUFFIX_RE = re.compile(r"\s*\[[^\]]*\]\s*$")
-_HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[^\]]*\])?$")
-_NUMBER_RE = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?:\s*[A-Za-z%/°]+)?$")
+# A header cell: a field name and maybe its unit ("[MiB]", "[%]", "[W/s]", "[seconds]"): plain
+# ASCII, so a damaged line is never taken for a header (its columns would be shifted).
+_HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[A-Za-z%/]{1,16}\])?$")
+_NUMBER_RE = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?:\s*([A-Za-z%/°]+))?$")
 _BUS_ID_RE = re.compile(
     r"^(?P<domain>[0-9a-f]{1,8}):(?P<bus>[0-9a-f]{1,2}):"
     r"(?P<device>[0-9a-f]{1,2})\.(?P<function>[0-7])$"
 )
+
+
+# ------------------------------------------------------------------------------------
+# Physical ranges
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The range a reading can physically take, and the unit nvidia-smi prints after it."""
+
+    field: str  # nvidia-smi's field name, as the warnings say it
+    low: float
+    high: float
+    unit: str  # "" when nvidia-smi prints the bare number
+    integer: bool = True
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    @property
+    def range_text(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.low:g}-{self.high:g}{unit}"
+
+
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: far above any GPU (B300: 288 GB)
+LIMITS: Mapping[str, Limit] = {
+    "index": Limit("index", 0, 1023, ""),
+    "utilization.gpu": Limit("utilization.gpu", 0, 100, "%"),
+    "memory.used": Limit("memory.used", 0, MAX_MEMORY_MIB, "MiB"),
+    "memory.total": Limit("memory.total", 1, MAX_MEMORY_MIB, "MiB"),
+    "temperature.gpu": Limit("temperature.gpu", 0, 200, ""),  # Celsius; nvidia-smi reports no negatives
+    "power.draw": Limit("power.draw", 0, 10_000, "W", integer=False),  # a GB200 superchip: 2.7 kW
+    "pid": Limit("pid", 1, 2**31 - 1, ""),  # pid_t is a signed 32-bit int
+    "used_gpu_memory": Limit("used_gpu_memory", 0, MAX_MEMORY_MIB, "MiB"),
+    "etimes": Limit("etimes", 0, 100 * 366 * 86_400, "s"),  # a century of run time
+}
+"""Every reading's physical range: outside it, a value is unknown (with a warning)."""
 
 
 # ------------------------------------------------------------------------------------
@@ -118,43 +189,60 @@ def is_unknown(value: str | None) -> bool:
     return stripped.startswith("[") and stripped.endswith("]")
 
 
-def parse_text(value: str | None) -> str | None:
-    """The value stripped of surrounding blanks, or ``None`` when it is unknown."""
+def _capped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_text(value: str | None, limit: int = MAX_TEXT_CHARS) -> str | None:
+    """The value stripped of surrounding blanks (at most ``limit`` characters), or ``None``
+    when it is unknown."""
     if value is None or is_unknown(value):
         return None
-    return value.strip()
+    return _capped(value.strip(), limit)
 
 
 def _number_text(value: str | None) -> str | None:
     if value is None or is_unknown(value):
         return None
     match = _NUMBER_RE.match(value.strip())
-    return match.group(1) if match else None
+    if not match or len(match.group(1)) > _MAX_NUMBER_CHARS:
+        return None
+    return match.group(1)
 
 
 def parse_float(value: str | None) -> float | None:
-    """A number with or without its unit (``433.78 W``, ``45 %``, ``11125``)."""
+    """A number with or without its unit (``433.78 W``, ``45 %``, ``11125``).
+
+    ``None`` for unknown, non-numbers and number text too long to be a reading (so never
+    an infinity)."""
     number = _number_text(value)
-    if number is None:
-        return None
-    try:
-        return float(number)
-    except ValueError:  # pragma: no cover - the regex only lets numbers through
-        return None
+    return float(number) if number is not None else None
 
 
 def parse_int(value: str | None) -> int | None:
     """An integer with or without its unit (``11125 MiB``, ``53``); decimals round."""
-    number = _number_text(value)
-    if number is None:
-        return None
-    try:
-        return int(number)
-    except ValueError:
-        try:
-            return round(float(number))
-        except ValueError:  # pragma: no cover - the regex only lets numbers through
-            return None
+    number = parse_float(value)
+    return round(number) if number is not None else None
+
+
+def _reading(cell: str | None, limit: Limit) -> tuple[int | float | None, str | None]:
+    """(value, why it is unusable): ``(None, None)`` for nvidia-smi's own "unknown" tokens;
+    ``(None, reason)`` for text that is no number in ``limit``'s unit and range."""
+    if cell is None or is_unknown(cell):
+        return None, None
+    match = _NUMBER_RE.match(cell.strip())
+    if not match:
+        return None, "is not a number"
+    number, unit = match.group(1), match.group(2)
+    if unit is not None and unit != limit.unit:
+        expected = f"in {limit.unit}" if limit.unit else "without a unit"
+        return None, f"is not {expected}"
+    value = float(number) if len(number) <= _MAX_NUMBER_CHARS else None
+    if value is None or value not in limit:
+        return None, f"is out of range ({limit.range_text})"
+    if limit.integer:
+        return round(value), None
+    return value + 0.0, None  # -0.0 -> 0.0
 
 
 def normalize_bus_id(value: str | None) -> str | None:
@@ -183,11 +271,29 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def _escaped(text: str) -> str:
+    """``text`` with every non-printable character (newline, ESC, NUL, bidi controls) escaped,
+    so a quoted value can never start a line, colour a terminal or reorder a message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def quote(text: str, limit: int = _MAX_QUOTE) -> str:
+    """At most ``limit`` characters of ``text`` for a message, stripped and escaped."""
+    shown = _escaped(text.strip()[: limit + 1])
+    return shown if len(shown) <= limit else shown[: limit - 3].rstrip() + "..."
+
+
 def _quote(line: str) -> str:
-    text = line.strip()
-    if len(text) > _MAX_QUOTE:
-        text = text[: _MAX_QUOTE - 3].rstrip() + "..."
-    return text
+    return quote(line)
+
+
+def _shown(value: str) -> str:
+    """A bad value in a message: quoted, escaped, at most about 80 characters."""
+    text = value.strip()
+    more = f" ({len(text)} characters)" if len(text) > _MAX_QUOTE else ""
+    return f'"{quote(text)}"{more}'
 
 
 # ------------------------------------------------------------------------------------
@@ -332,7 +438,7 @@ def _classify_line(line: str, generic: bool = True) -> _LineError | None:
         return _LineError(_RANK_MISMATCH, HostErrorKind.DRIVER_MISMATCH, _mismatch_message(None))
     version = _RE_NVML_VERSION.search(text)
     if version:
-        return _LineError(_RANK_VERSION, HostErrorKind.DRIVER_MISMATCH, version["version"])
+        return _LineError(_RANK_VERSION, HostErrorKind.DRIVER_MISMATCH, quote(version["version"], 40))
     if _RE_NVML_UNKNOWN.search(text):
         return _LineError(_RANK_DRIVER, HostErrorKind.DRIVER_NOT_LOADED, _MSG_NVML_UNKNOWN)
     if _RE_NVML_PERMISSION.search(text):
@@ -501,7 +607,7 @@ class _Query:
 
 
 _GPU_QUERY = _Query("--query-gpu", GPU_QUERY_FIELDS, _GPU_ALIASES, "index", "name")
-_APP_QUERY = _Query("--query-compute-apps", APP_QUERY_FIELDS, _APP_ALIASES, "pid", "process_name")
+_APP_QUERY = _Query("--query-compute-apps", (*APP_QUERY_FIELDS, "process_name"), _APP_ALIASES, "pid", "process_name")
 
 
 @dataclass(frozen=True)
@@ -510,22 +616,25 @@ class _Table:
     rows: tuple[tuple[int, str], ...]  # (position among data lines, line as printed)
     errors: tuple[_LineError, ...]
     first_data_line: str | None
+    not_rows: tuple[str, ...]  # every line that is no data row: where nvidia-smi writes errors
 
 
 def _read_table(text: str, fields: Sequence[str] | None, query: _Query) -> _Table:
-    """Separate the header, the data lines and the nvidia-smi error lines."""
+    """Separate the header, the data rows and the nvidia-smi error lines.
+
+    A line that fits as a row is data, whatever it says: a process name may hold any text,
+    an error message's included. Only the other lines are classified as errors.
+    """
     columns: tuple[str, ...] | None = None
+    if fields is not None:
+        columns = tuple(_field_name(field, query.aliases) for field in fields)
     header_seen = False
     rows: list[tuple[int, str]] = []
     errors: list[_LineError] = []
+    not_rows: list[str] = []
     first_data_line: str | None = None
     for line in _lines(text):
         if not line.strip():
-            continue
-        # Specific nvidia-smi messages are never data; catch-alls only when no row fits.
-        error = _classify_line(line, generic=False)
-        if error is not None:
-            errors.append(error)
             continue
         if _looks_like_header(line, query.vocabulary, query.aliases):
             if not header_seen and not rows:
@@ -533,19 +642,16 @@ def _read_table(text: str, fields: Sequence[str] | None, query: _Query) -> _Tabl
                 columns = tuple(_field_name(cell, query.aliases) for cell in cells)
                 header_seen = True
             continue  # a repeated header (two outputs concatenated) is no row either
-        if columns is None and fields is not None:
-            columns = tuple(_field_name(field, query.aliases) for field in fields)
         if columns is None or query.place(line, columns) is None:
-            generic = _classify_line(line, generic=True)
-            if generic is not None:
-                errors.append(generic)
+            not_rows.append(line)
+            error = _classify_line(line, generic=True)
+            if error is not None:
+                errors.append(error)
                 continue
         if first_data_line is None:
             first_data_line = line
         rows.append((len(rows), line))
-    if columns is None and fields is not None:
-        columns = tuple(_field_name(field, query.aliases) for field in fields)
-    return _Table(columns, tuple(rows), tuple(errors), first_data_line)
+    return _Table(columns, tuple(rows), tuple(errors), first_data_line, tuple(not_rows))
 
 
 def _error_issues(errors: Sequence[_LineError], rows_found: int) -> list[HostIssue]:
@@ -583,27 +689,121 @@ def _no_columns_issues(table: _Table, query: _Query) -> list[HostIssue]:
     return issues
 
 
-def _misfit(query: _Query, line: str, width: int, action: str) -> HostIssue:
+def _misfit(query: _Query, line: str, width: int, action: str, kind: HostErrorKind) -> HostIssue:
     count = len(line.split(_SEPARATOR))
     return HostIssue(
-        HostErrorKind.UNPARSEABLE,
+        kind,
         f"{action} a {query.label} row with {count} fields where {width} were expected: {_quote(line)}",
     )
+
+
+def query_gpu_failure(text: str, exit_code: int | None) -> HostIssue | None:
+    """:func:`classify_nvidia_smi_error` for a ``--query-gpu`` output: only the lines that
+    are not GPU rows are read as messages."""
+    table = _read_table(text, None, _GPU_QUERY)
+    return classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+
+
+def compute_apps_failure(text: str, exit_code: int | None) -> HostIssue | None:
+    """:func:`classify_nvidia_smi_error` for a ``--query-compute-apps`` output: only the
+    lines that are not process rows are read as messages (a process name is never one)."""
+    table = _read_table(text, None, _APP_QUERY)
+    return classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+
+
+def _missing(query: _Query, columns: Sequence[str], required: Sequence[str]) -> list[HostIssue]:
+    """A warning naming the asked-for fields the header does not have."""
+    absent = [field for field in required if _field_name(field, query.aliases) not in columns]
+    if not absent:
+        return []
+    return [
+        HostIssue(
+            HostErrorKind.UNPARSEABLE,
+            f"nvidia-smi {query.label} printed no {', '.join(absent)} column; taken as unknown",
+        )
+    ]
+
+
+def _bad_value(who: str, field: str, cell: str, reason: str) -> HostIssue:
+    return HostIssue(HostErrorKind.UNPARSEABLE, f"{who}: {field} {_shown(cell)} {reason}; taken as unknown")
 
 
 # ------------------------------------------------------------------------------------
 # --query-gpu
 
+_GPU_READINGS = ("utilization.gpu", "memory.used", "memory.total", "temperature.gpu", "power.draw")
 
-def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[list[Gpu], list[HostIssue]]:
+
+def _gpu_index(values: Mapping[str, str], position: int) -> tuple[int, HostIssue | None]:
+    """nvidia-smi's index for the row; its position among the rows when not queried or
+    unreadable (with a warning in that case)."""
+    if "index" not in values:
+        return position, None
+    index = _parse_natural(values["index"])
+    if index is not None and index in LIMITS["index"]:
+        return index, None
+    message = (
+        f"GPU index {_shown(values['index'])} is not a GPU index ({LIMITS['index'].range_text}); "
+        f"numbered {position} by its row position"
+    )
+    return position, HostIssue(HostErrorKind.UNPARSEABLE, message)
+
+
+def _gpu_from_row(values: Mapping[str, str], index: int) -> tuple[Gpu, list[HostIssue]]:
+    """One GPU from its cells; readings outside their physical range become unknown."""
+    warnings: list[HostIssue] = []
+    readings: dict[str, int | float | None] = {}
+    for field in _GPU_READINGS:
+        value, reason = _reading(values.get(field), LIMITS[field])
+        if reason is not None:
+            warnings.append(_bad_value(f"GPU {index}", field, values[field], reason))
+        readings[field] = value
+    used, total = readings["memory.used"], readings["memory.total"]
+    if used is not None and total is not None and used > total:
+        warnings.append(
+            HostIssue(
+                HostErrorKind.UNPARSEABLE,
+                f"GPU {index}: memory.used {used} MiB is more than memory.total {total} MiB; both taken as unknown",
+            )
+        )
+        readings["memory.used"] = readings["memory.total"] = None
+    gpu = Gpu(
+        index=index,
+        uuid=parse_text(values.get("uuid")),
+        name=parse_text(values.get("name")),
+        pci_bus_id=parse_text(values.get("pci.bus_id")),
+        utilization_percent=_as_int(readings["utilization.gpu"]),
+        memory_used_mib=_as_int(readings["memory.used"]),
+        memory_total_mib=_as_int(readings["memory.total"]),
+        temperature_c=_as_int(readings["temperature.gpu"]),
+        power_w=None if readings["power.draw"] is None else float(readings["power.draw"]),
+    )
+    return gpu, warnings
+
+
+def _as_int(value: int | float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _duplicate(what: str, line: str) -> HostIssue:
+    return HostIssue(
+        HostErrorKind.UNPARSEABLE, f"nvidia-smi listed {what} twice; kept the first row, dropped: {_quote(line)}"
+    )
+
+
+def parse_query_gpu(
+    text: str, fields: Sequence[str] | None = None, required: Sequence[str] = ()
+) -> tuple[list[Gpu], list[HostIssue]]:
     """Parse ``nvidia-smi --query-gpu=... --format=csv[,noheader][,nounits]`` output.
 
     With a header, columns are found by name, in any order and among any number of
     other columns. Without one (``noheader``), ``fields`` names the queried fields in
-    order. Unknown values become ``None``; ``index`` comes from nvidia-smi (the row
-    position only when ``index`` was not queried). Error lines mixed into the rows (a
-    lost GPU) come back as issues beside the GPUs; if the whole output is an error, no
-    GPUs and that one classified issue.
+    order. Unknown values become ``None``; so do values outside their physical range
+    (:data:`LIMITS`), with a warning. ``index`` comes from nvidia-smi (the row position only
+    when ``index`` was not queried or is unreadable); a GPU index or UUID listed twice keeps
+    its first row, with a warning. Error lines mixed into the rows (a lost GPU) come back
+    as issues beside the GPUs; if the whole output is an error, no GPUs and that one
+    classified issue.
     """
     query = _GPU_QUERY
     table = _read_table(text, fields, query)
@@ -615,39 +815,35 @@ def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[lis
 
     columns = table.columns
     gpus: list[Gpu] = []
-    warnings: list[HostIssue] = []
+    warnings: list[HostIssue] = _missing(query, columns, required)
+    seen_uuids: set[str] = set()
     for position, line in table.rows:
         cells = line.split(_SEPARATOR)
         if len(cells) != len(columns):
             placed = query.place(line, columns)
             if placed is None:
-                warnings.append(_misfit(query, line, len(columns), "skipped"))
+                warnings.append(_misfit(query, line, len(columns), "skipped", HostErrorKind.UNPARSEABLE))
                 continue
-            warnings.append(_misfit(query, line, len(columns), "read the GPU name with ', ' from"))
+            warnings.append(
+                _misfit(query, line, len(columns), "read the GPU name with ', ' from", HostErrorKind.UNPARSEABLE)
+            )
             cells = placed
         values = dict(zip(columns, cells))
-        index = parse_int(values["index"]) if "index" in values else position
-        if index is None:
-            index = position
-            warnings.append(
-                HostIssue(
-                    HostErrorKind.UNPARSEABLE,
-                    f"GPU index {values['index']!r} is not a number; numbered {position} by its row position",
-                )
-            )
-        gpus.append(
-            Gpu(
-                index=index,
-                uuid=parse_text(values.get("uuid")),
-                name=parse_text(values.get("name")),
-                pci_bus_id=parse_text(values.get("pci.bus_id")),
-                utilization_percent=parse_int(values.get("utilization.gpu")),
-                memory_used_mib=parse_int(values.get("memory.used")),
-                memory_total_mib=parse_int(values.get("memory.total")),
-                temperature_c=parse_int(values.get("temperature.gpu")),
-                power_w=parse_float(values.get("power.draw")),
-            )
-        )
+        index, index_issue = _gpu_index(values, position)
+        if index_issue is not None:
+            warnings.append(index_issue)
+        if any(g.index == index for g in gpus):
+            warnings.append(_duplicate(f"GPU {index}", line))
+            continue
+        gpu, value_issues = _gpu_from_row(values, index)
+        uuid = gpu.uuid.lower() if gpu.uuid else None
+        if uuid is not None and uuid in seen_uuids:
+            warnings.append(_duplicate(f"the UUID of GPU {index}", line))
+            continue
+        if uuid is not None:
+            seen_uuids.add(uuid)
+        warnings += value_issues
+        gpus.append(gpu)
 
     issues = _error_issues(table.errors, len(gpus))
     if not gpus and not table.errors:
@@ -674,13 +870,19 @@ def parse_query_gpu(text: str, fields: Sequence[str] | None = None) -> tuple[lis
 _RE_NO_PROCESSES = re.compile(r"^No running (?:compute )?processes found", re.IGNORECASE)
 
 
-def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[list[ComputeApp], list[HostIssue]]:
+def parse_compute_apps(
+    text: str, fields: Sequence[str] | None = None, required: Sequence[str] = ()
+) -> tuple[list[ComputeApp], list[HostIssue]]:
     """Parse ``nvidia-smi --query-compute-apps=... --format=csv[,noheader][,nounits]`` output.
 
-    Columns by header name (or by ``fields`` without a header). ``process_name`` may hold ``", "``:
-    the other columns are split off from the left and from the right and the name keeps the
-    middle exactly. A header without rows, or no output at all, means no processes. Rows whose
-    pid is not a number are skipped with a warning.
+    Columns by header name (or by ``fields`` without a header). ``process_name``, where
+    printed, may hold ``", "``: the other columns are split off from the left and from the
+    right and the name keeps the middle exactly. A header without rows, or no output at all,
+    means no processes. A row that cannot be read (its pid is no pid, it has too few cells)
+    is skipped with a ``probe_failed`` issue: the process list is then incomplete, and who
+    runs what is not known. A row seen twice (same pid on the same GPU) is kept once; a memory
+    value outside its range is unknown; a field in ``required`` missing from the header is
+    unknown; all with an ``unparseable`` warning.
     """
     query = _APP_QUERY
     kept = "\n".join(line for line in _lines(text) if not _RE_NO_PROCESSES.match(line.strip()))
@@ -691,70 +893,165 @@ def parse_compute_apps(text: str, fields: Sequence[str] | None = None) -> tuple[
     columns = table.columns
     free_column = query.free_column(columns)
     apps: list[ComputeApp] = []
-    warnings: list[HostIssue] = []
+    warnings: list[HostIssue] = _missing(query, columns, required) if table.rows else []
+    seen: set[tuple[int, str | None]] = set()
     for _position, line in table.rows:
         cells = _split_row(line, len(columns), free_column)
         if cells is None:
-            warnings.append(_misfit(query, line, len(columns), "skipped"))
+            warnings.append(
+                _misfit(query, line, len(columns), "skipped (process list incomplete)", HostErrorKind.PROBE_FAILED)
+            )
             continue
         values = dict(zip(columns, cells))
         pid_text = values.get("pid")
         pid = _parse_natural(pid_text)
-        if pid is None:
+        if pid is None or pid not in LIMITS["pid"]:
+            shown = _shown(pid_text) if pid_text is not None else "(none)"
             warnings.append(
                 HostIssue(
-                    HostErrorKind.UNPARSEABLE,
-                    f"skipped a compute process whose pid is not a number ({pid_text!r}): {_quote(line)}",
+                    HostErrorKind.PROBE_FAILED,
+                    f"skipped a compute process whose pid {shown} is not a pid (process list incomplete): "
+                    f"{_quote(line)}",
                 )
             )
             continue
+        uuid = parse_text(values.get("gpu_uuid"))
+        bus = parse_text(values.get("gpu_bus_id"))
+        key = (pid, uuid.lower()) if uuid else (pid, normalize_bus_id(bus))  # a GPU's UUID, else its bus id
+        if key in seen:
+            warnings.append(_duplicate(f"process {pid} on one GPU", line))
+            continue
+        seen.add(key)
+        memory, reason = _reading(values.get("used_gpu_memory"), LIMITS["used_gpu_memory"])
+        if reason is not None:
+            warnings.append(_bad_value(f"process {pid}", "used_gpu_memory", values["used_gpu_memory"], reason))
         name = values.get("process_name", "")
         apps.append(
             ComputeApp(
                 pid=pid,
-                gpu_uuid=parse_text(values.get("gpu_uuid")),
-                gpu_bus_id=parse_text(values.get("gpu_bus_id")),
-                used_memory_mib=parse_int(values.get("used_gpu_memory")),
-                process_name="" if is_unknown(name) else name,
+                gpu_uuid=uuid,
+                gpu_bus_id=bus,
+                used_memory_mib=_as_int(memory),
+                process_name="" if is_unknown(name) else _capped(name, MAX_TEXT_CHARS),
             )
         )
     return apps, [*_error_issues(table.errors, len(apps)), *warnings]
 
 
 def _parse_natural(value: str | None) -> int | None:
-    """A plain non-negative integer (a pid, seconds), else ``None``."""
+    """A plain non-negative integer (a pid, seconds) of at most 19 digits, else ``None``."""
     if value is None:
         return None
     text = value.strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    return int(text)
 
 
 # ------------------------------------------------------------------------------------
 # ps
 
 
-def parse_ps(text: str) -> dict[int, PsEntry]:
-    """Parse ``ps -ww -o pid=,user:64=,etimes=,args=`` output, keyed by pid.
+def _first_bad(count: int, line: str) -> str:
+    more = f" and {count - 1} more" if count > 1 else ""
+    return f"{_quote(line)}{more}"
 
-    The user is kept as printed (a name, or a UID when the name is unknown); args keep
-    their inner spacing and may be empty. Lines that do not fit (a header, garbage) are
-    skipped.
+
+_ETIMES_RANGE = LIMITS["etimes"].range_text
+
+
+def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
+    """Parse ``ps -ww -o pid=,user:64=,etimes=`` output (owners), keyed by pid.
+
+    The user is kept as printed (a name, or a UID when the name is unknown). A fourth
+    column, when printed (older probes asked for ``args`` there), is the command line.
+
+    Every line must be an owner: a line that is not (an error message, a fragment) and a pid
+    printed twice (one of the two lines is not ps's own) are ``probe_failed`` issues, and a
+    pid printed twice gets no owner: owners are then not known. A run time out of range is
+    unknown, with an ``unparseable`` warning.
     """
     entries: dict[int, PsEntry] = {}
+    twice: set[int] = set()
+    unreadable: list[str] = []
+    issues: list[HostIssue] = []
     for raw in _lines(text):
-        parts = raw.strip("\r\n").split(maxsplit=3)
-        if len(parts) < 3:
+        if not raw.strip():
             continue
-        pid = _parse_natural(parts[0])
-        if pid is None:
-            continue
-        elapsed_text = parts[2]
+        parts = raw.strip().split(maxsplit=3)
+        pid = _parse_natural(parts[0]) if len(parts) >= 3 else None
+        elapsed_text = parts[2] if len(parts) >= 3 else ""
         elapsed = _parse_natural(elapsed_text)
-        if elapsed is None and elapsed_text != "-":
+        if pid is None or pid not in LIMITS["pid"] or (elapsed is None and elapsed_text != "-"):
+            unreadable.append(raw)
             continue
-        command = parts[3].rstrip() if len(parts) > 3 else ""
-        entries[pid] = PsEntry(pid=pid, user=parts[1], elapsed_seconds=elapsed, command=command)
-    return entries
+        if elapsed is not None and elapsed not in LIMITS["etimes"]:
+            issues.append(_bad_value(f"process {pid}", "etimes", elapsed_text, f"is out of range ({_ETIMES_RANGE})"))
+            elapsed = None
+        if pid in entries or pid in twice:
+            twice.add(pid)
+            entries.pop(pid, None)
+            continue
+        command = _capped(parts[3].rstrip(), MAX_COMMAND_CHARS) if len(parts) > 3 else ""
+        user = _capped(parts[1], MAX_TEXT_CHARS)
+        entries[pid] = PsEntry(pid=pid, user=user, elapsed_seconds=elapsed, command=command)
+    if unreadable:
+        issues.append(
+            HostIssue(
+                HostErrorKind.PROBE_FAILED,
+                f"ps printed a line that is no process owner: {_first_bad(len(unreadable), unreadable[0])}; "
+                "owners may be missing",
+            )
+        )
+    if twice:
+        shown = ", ".join(str(pid) for pid in sorted(twice)[:5])
+        issues.append(
+            HostIssue(
+                HostErrorKind.PROBE_FAILED,
+                f"ps printed process {shown} more than once; its owner is unknown",
+            )
+        )
+    return entries, issues
+
+
+def parse_ps_args(text: str) -> tuple[dict[int, str], list[HostIssue]]:
+    """Parse ``ps -ww -o pid=,args=`` output: {pid: command line}.
+
+    ps escapes newlines and control characters in command lines, so each line is one
+    process. A line that does not start with a pid, or a pid printed twice (that pid's
+    command becomes unknown), is an ``unparseable`` warning: command lines are only shown,
+    never used to decide who owns what.
+    """
+    commands: dict[int, str] = {}
+    twice: set[int] = set()
+    unreadable: list[str] = []
+    for raw in _lines(text):
+        if not raw.strip():
+            continue
+        parts = raw.strip().split(maxsplit=1)
+        pid = _parse_natural(parts[0])
+        if pid is None or pid not in LIMITS["pid"]:
+            unreadable.append(raw)
+            continue
+        if pid in commands or pid in twice:
+            twice.add(pid)
+            commands.pop(pid, None)
+            continue
+        commands[pid] = _capped(parts[1].rstrip(), MAX_COMMAND_CHARS) if len(parts) > 1 else ""
+    issues: list[HostIssue] = []
+    if unreadable:
+        issues.append(
+            HostIssue(
+                HostErrorKind.UNPARSEABLE,
+                f"ps printed a line that is no command line: {_first_bad(len(unreadable), unreadable[0])}",
+            )
+        )
+    if twice:
+        shown = ", ".join(str(pid) for pid in sorted(twice)[:5])
+        issues.append(
+            HostIssue(HostErrorKind.UNPARSEABLE, f"ps printed the command of process {shown} more than once; unknown")
+        )
+    return commands, issues
 
 
 # ------------------------------------------------------------------------------------
@@ -775,24 +1072,43 @@ def _gpu_index_for(app: ComputeApp, gpus: Sequence[Gpu]) -> int | None:
     return None
 
 
-def attribute(gpus: Sequence[Gpu], apps: Sequence[ComputeApp], ps: Mapping[int, PsEntry]) -> tuple[GpuProcess, ...]:
+def _program(command: str | None) -> str:
+    """The first word of a command line: argv[0] as ps prints it (what nvidia-smi calls the
+    process name, for any argv[0] without a blank)."""
+    if not command:
+        return ""
+    words = command.split(maxsplit=1)
+    return _capped(words[0], MAX_TEXT_CHARS) if words else ""
+
+
+def attribute(
+    gpus: Sequence[Gpu],
+    apps: Sequence[ComputeApp],
+    ps: Mapping[int, PsEntry],
+    commands: Mapping[int, str] | None = None,
+) -> tuple[GpuProcess, ...]:
     """Join compute apps to their GPU (by UUID, else PCI bus id) and to their ps owner.
 
     A UUID shared by several GPUs (masked captures) defers to the bus id; no match gives
-    ``gpu_index=None``. A pid ps did not report gets ``user=None``: the owner is never
-    invented.
+    ``gpu_index=None``. A pid ps did not report gets ``user=None`` (and no command): the
+    owner is never invented. ``commands`` ({pid: command line}, from the second ps listing)
+    gives the command lines; without it, the ps entries' own. The name is nvidia-smi's
+    ``process_name`` where it printed one, else the command's first word.
     """
     processes: list[GpuProcess] = []
     for app in apps:
         entry = ps.get(app.pid)
+        command: str | None = None
+        if entry is not None:
+            command = entry.command if commands is None else commands.get(app.pid)
         processes.append(
             GpuProcess(
                 pid=app.pid,
                 gpu_index=_gpu_index_for(app, gpus),
                 gpu_uuid=app.gpu_uuid,
                 user=entry.user if entry is not None else None,
-                name=app.process_name,
-                command=entry.command if entry is not None else None,
+                name=app.process_name or _program(command),
+                command=command,
                 used_memory_mib=app.used_memory_mib,
                 runtime_seconds=entry.elapsed_seconds if entry is not None else None,
             )
