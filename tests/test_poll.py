@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -12,10 +13,14 @@ from gpuwatch.poll import Poller, phase
 from gpuwatch.probe import build_script
 from gpuwatch.ssh import CommandResult
 
+RECORDED_TOKEN = "0" * 32
+
 
 class SlowReplay:
     """A runner that answers with a real probe output (run once, locally, through the stand-in
-    nvidia-smi) after ``delay`` seconds, as a slow host would."""
+    nvidia-smi) after ``delay`` seconds, as a slow host would. The output was recorded with
+    :data:`RECORDED_TOKEN`; each run answers with the token of the script it was given, as the
+    real script would."""
 
     def __init__(self, output: str, delay: float) -> None:
         self.output = output
@@ -23,7 +28,9 @@ class SlowReplay:
 
     def run_script(self, script: str, timeout: float) -> CommandResult:
         time.sleep(self.delay)
-        return CommandResult(0, self.output, "", self.delay)
+        match = re.search(r'echo "@@gpuwatch-probe 1 ([0-9a-f]+)"', script)
+        token = match.group(1) if match else ""
+        return CommandResult(0, self.output.replace(RECORDED_TOKEN, token), "", self.delay)
 
     def close(self) -> None:
         pass
@@ -32,9 +39,9 @@ class SlowReplay:
 def real_probe_output(tmp_path: Path) -> str:
     scenario_healthy_multi_gpu(tmp_path / "standin" / "local")
     env = standin_env(tmp_path / "standin")
-    return subprocess.run(
-        ["sh", "-s"], input=build_script(30), env=env, capture_output=True, text=True, timeout=30, check=True
-    ).stdout
+    script = build_script(30, token=RECORDED_TOKEN)
+    done = subprocess.run(["sh", "-s"], input=script, env=env, capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout
 
 
 def test_hosts_queued_behind_a_small_pool_are_not_timed_out(tmp_path: Path) -> None:

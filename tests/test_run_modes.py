@@ -41,7 +41,6 @@ from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify.base import Message
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.poll import probe_host, utcnow
-from gpuwatch.probe import build_script
 from gpuwatch.report import host_block, overview
 from gpuwatch.ssh import LocalRunner
 from gpuwatch.store import AlertStore, Outbox, open_db
@@ -263,7 +262,7 @@ def test_large_fleet_overview_split_into_whole_host_blocks(
     scenario_healthy_multi_gpu(local_standin, 8, busy_gpus=range(8))
     config = load_config(write_config(tmp_path, server.url, dead_host=False))
     local = config.hosts[0]
-    polled = probe_host(local, LocalRunner(), build_script(local.ssh.command_timeout, local.ssh.nvidia_smi))
+    polled = probe_host(local, LocalRunner())
     assert polled.ok and len(polled.gpus) == 8
     names = [f"h{i}" for i in range(80)]
     snapshot = FleetSnapshot(taken_at=utcnow(), hosts=tuple(dataclasses.replace(polled, name=n) for n in names))

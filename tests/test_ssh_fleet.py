@@ -20,7 +20,6 @@ from gpuwatch.cli import main
 from gpuwatch.config import parse_config
 from gpuwatch.model import HostErrorKind
 from gpuwatch.poll import probe_host
-from gpuwatch.probe import build_script
 from gpuwatch.ssh import DEFAULT_MAX_HANDSHAKES, HostFailure, HostKeyStore, SshConnection
 from processes import kill_marked, marked, new_marker
 from waiting import wait_for
@@ -128,7 +127,7 @@ def test_a_hung_gpu_whose_helper_holds_the_output_is_reported_and_cleaned_up(
     host = parse_config(doc).hosts[0]
     conn = SshConnection(host, HostKeyStore(tmp_path / "own", (known_hosts,)))
     try:
-        snapshot = probe_host(host, conn, build_script(host.ssh.command_timeout, host.ssh.nvidia_smi))
+        snapshot = probe_host(host, conn)
     finally:
         conn.close()
     assert not snapshot.ok and snapshot.error_kind is HostErrorKind.PROBE_TIMEOUT

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 from .config import HostConfig
 from .model import FleetSnapshot, HostErrorKind, HostSnapshot
-from .probe import build_script, snapshot_from_output
+from .probe import build_script, new_token, snapshot_from_output
 from .ssh import HANDSHAKE_WAIT_FACTOR, HostFailure, Runner
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,15 @@ def budget_seconds(host: HostConfig) -> float:
     return connect + ssh.command_timeout + GRACE_SECONDS
 
 
-def probe_host(host: HostConfig, runner: Runner, script: str | None = None) -> HostSnapshot:
-    """Probe one host; every failure, whatever the host printed, comes back as a HostSnapshot."""
+def probe_host(host: HostConfig, runner: Runner) -> HostSnapshot:
+    """Probe one host; every failure, whatever the host printed, comes back as a HostSnapshot.
+
+    Each probe's section markers carry a fresh secret token, so no text a user on the host
+    controls (a process's command line) can pass for the probe's own structure."""
     started = time.monotonic()
     address = host.display_address
-    script = script if script is not None else build_script(host.ssh.command_timeout, host.ssh.nvidia_smi)
+    token = new_token()
+    script = build_script(host.ssh.command_timeout, host.ssh.nvidia_smi, token=token)
     try:
         result = runner.run_script(script, host.ssh.command_timeout)
     except HostFailure as failure:
@@ -74,6 +78,7 @@ def probe_host(host: HostConfig, runner: Runner, script: str | None = None) -> H
             result.stderr,
             probe_seconds=seconds,
             command_timeout=host.ssh.command_timeout,
+            token=token,
         )
     except Exception as exc:  # whatever one host prints costs that host only, never the fleet
         log.exception("could not read the probe output of %s", host.name)
