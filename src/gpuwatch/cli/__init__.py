@@ -1,0 +1,113 @@
+"""Command line: ``main(argv) -> exit code``.
+
+Each command group lives in its own module beside its output (``status``, ``run``, ``alerts``,
+``notify``) and registers its subcommands; :mod:`.wiring` is the one place that builds the parts
+(runners, poller, channels) from a config. ``main`` parses, loads the config, sets up logging and
+calls the command's handler.
+
+Exit codes: 0 success, 1 the work failed (no host answered, a message left unsent, another
+gpuwatch holds the state directory), 2 bad config or usage, or a state directory that cannot
+be used (read-only, full, not a directory). Errors are one clear line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from .. import __version__
+from ..config import ConfigError, find_config_path, load_config
+from ..logsetup import setup_logging
+from ..statedir import StateError
+from . import alerts, notify, run, status
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
+from .wiring import build_channels, build_poller, make_runner_factory, secrets
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "UsageError",
+    "build_channels",
+    "build_parser",
+    "build_poller",
+    "main",
+    "main_entry",
+    "make_runner_factory",
+]
+
+log = logging.getLogger(__name__)
+
+# The command groups, in the order --help lists them.
+COMMAND_GROUPS = (run, status, alerts, notify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # -c and -v are accepted before or after the command; the command's copies default to
+    # SUPPRESS so that they never overwrite a value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", default=argparse.SUPPRESS, help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more to stderr")
+
+    parser = argparse.ArgumentParser(
+        prog="gpuwatch",
+        description="Watch a fleet of NVIDIA GPU servers over SSH and report to Feishu.",
+    )
+    parser.add_argument("-c", "--config", help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    parser.add_argument("--version", action="version", version=f"gpuwatch {__version__}")
+    parser.add_argument("--once", dest="once_top", action="store_true", help="same as 'run --once'")
+    parser.add_argument("--dry-run", dest="dry_run_top", action="store_true", help="same as 'run --dry-run'")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub, common)
+    parser.set_defaults(handler=run.handle)  # bare `gpuwatch` is the daemon
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    if command != "run" and (args.once_top or args.dry_run_top):
+        parser.error(f"--once and --dry-run go with 'run', not '{command}'")
+    try:
+        config = load_config(find_config_path(args.config))
+    except ConfigError as exc:
+        print(f"gpuwatch: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        setup_logging(
+            config.state_dir,
+            level="DEBUG" if args.verbose else config.log_level,
+            stderr_level="INFO" if args.verbose else "WARNING",
+            secrets=secrets(config),
+        )
+    except StateError as exc:
+        print(f"gpuwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    try:
+        code: int = args.handler(config, args, out)
+        return code
+    except ConfigError as exc:
+        kind = "error" if isinstance(exc, UsageError) else "config error"
+        print(f"gpuwatch: {kind}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateError as exc:
+        print(f"gpuwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_entry() -> None:
+    """The console script."""
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``gpuwatch test-notify``: one test message through each channel, and what to fix if refused."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import TextIO
+
+from ..config import Config, ConfigError
+from ..notify.base import DeliveryError, Message
+from .common import EXIT_FAILED, EXIT_OK
+from .wiring import build_channels
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    test = sub.add_parser("test-notify", parents=[common], help="send one test message through each channel")
+    test.set_defaults(handler=lambda config, args, out: cmd_test_notify(config, out))
+
+
+def cmd_test_notify(config: Config, out: TextIO) -> int:
+    channels = build_channels(config)
+    if not channels:
+        raise ConfigError("feishu: not configured; add a feishu: section with the bot's webhook url")
+    message = Message(
+        title="gpuwatch test message",
+        blocks=(
+            f"If you can read this, gpuwatch on {socket.gethostname()} can post to this group.",
+            f"config: {config.path}",
+        ),
+        kind="test",
+    )
+    failures = 0
+    for name, channel in channels.items():
+        try:
+            for payload in channel.prepare(message):
+                channel.deliver(payload)
+        except DeliveryError as exc:
+            failures += 1
+            out.write(f"{name}: NOT accepted: {exc}\n")
+            continue
+        out.write(f"{name}: accepted\n")
+    return EXIT_OK if failures == 0 else EXIT_FAILED

@@ -1,0 +1,101 @@
+"""The one place that builds the parts from a config: runners, the poller, the channels.
+
+Commands and the daemon's reload get their parts here; nothing else imports the concrete
+SSH, channel and poller classes together.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import Config, ConfigError, HostConfig
+from ..notify.base import Channel
+from ..notify.email import EmailChannel, EmailSettings
+from ..notify.feishu import FeishuChannel, FeishuSettings
+from ..poll import Poller
+from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+
+
+def secrets(config: Config) -> list[str]:
+    values = [config.ssh.resolve_password() or ""]
+    values += [h.ssh.resolve_password() or "" for h in config.hosts]
+    if config.email is not None:
+        values.append(config.email.resolve_password() or "")
+    if config.feishu is not None:
+        values += [config.feishu.resolve_secret() or "", config.feishu.resolve_url() or ""]
+    return [v for v in values if v]
+
+
+def make_runner_factory(
+    config: Config, handshakes: threading.Semaphore | None = None
+) -> Callable[[HostConfig], Runner]:
+    """Runners for each host: one persistent SSH connection, or the local shell. ``handshakes``
+    limits SSH handshakes in flight across the fleet (one per process, kept across reloads)."""
+    if handshakes is None:
+        handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    user_files = tuple(
+        dict.fromkeys(Path(os.path.expanduser(h.ssh.known_hosts)) for h in config.hosts if h.ssh.known_hosts)
+    )
+    store = HostKeyStore(config.state_dir / "known_hosts", user_files)
+    ssh_config = load_ssh_config()
+
+    def factory(host: HostConfig) -> Runner:
+        if host.local:
+            return LocalRunner()
+        return SshConnection(host, store, ssh_config, handshakes=handshakes)
+
+    return factory
+
+
+def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
+    return Poller(config.hosts, make_runner_factory(config, handshakes), max_parallel=config.max_parallel)
+
+
+def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) -> dict[str, Channel]:
+    """The configured channels, keyed by name (the outbox remembers each message's channel).
+
+    ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short.
+    """
+    channels: dict[str, Channel] = {}
+    if config.feishu is not None:
+        url = config.feishu.resolve_url()
+        if not url:
+            raise ConfigError(f"feishu.url_env: ${config.feishu.url_env} is not set in the environment")
+        secret = config.feishu.resolve_secret()
+        if config.feishu.secret_env and not secret:
+            raise ConfigError(f"feishu.secret_env: ${config.feishu.secret_env} is not set in the environment")
+        try:
+            feishu = FeishuSettings(
+                url=url,
+                keyword=config.feishu.keyword,
+                secret=secret,
+                format=config.feishu.format,
+                mentions=dict(config.feishu.mentions),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        channels["feishu"] = FeishuChannel(feishu, sleep=sleep)
+    if config.email is not None:
+        email = config.email
+        password = email.resolve_password()
+        if email.password_env and not password:
+            raise ConfigError(f"email.password_env: ${email.password_env} is not set in the environment")
+        try:
+            settings = EmailSettings(
+                to=email.to,
+                sender=email.sender,
+                smtp_host=email.smtp_host,
+                smtp_port=email.smtp_port,
+                username=email.username,
+                password=password,
+                tls=email.tls,
+                ca_file=email.ca_file,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        channels["email"] = EmailChannel(settings, sleep=sleep)
+    return channels
