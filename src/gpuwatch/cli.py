@@ -14,10 +14,10 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -38,12 +38,13 @@ from .notify.console import ConsoleChannel, DryRunChannel
 from .notify.email import EmailChannel, EmailSettings
 from .notify.feishu import FeishuChannel, FeishuSettings
 from .poll import Poller
-from .render import fleet_table, snapshot_dict
+from .render import alert_rows, alerts_dict, fleet_table, snapshot_dict
 from .report import alert_words
 from .rules import RULE_NAMES
 from .ssh import HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
-from .store import DB_NAME, AlertStore, Outbox, open_db
-from .text import local_time
+from .store import DB_NAME, AlertStore, Outbox, StoreReader, open_db
+from .text import format_duration, local_time
+from .web import WebApp, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     silence_sub.add_parser("list", parents=[common], help="silences in force")
     remove = silence_sub.add_parser("remove", parents=[common], help="end a silence now")
     remove.add_argument("id", type=int, help="the silence's id (see 'silence list')")
+    demo = sub.add_parser(
+        "demo", help="the daemon and its web page on a replayed fleet (real captures; no servers, no SSH, no config)"
+    )
+    demo.add_argument("--listen", default="127.0.0.1:8787", help="where the page listens (default 127.0.0.1:8787)")
+    demo.add_argument("--poll-every", default="5s", help="poll interval (default 5s)")
+    demo.add_argument("--for", dest="duration", help="stop after this long, e.g. 2m (default: until Ctrl-C)")
+    demo.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more to stderr")
     return parser
 
 
@@ -137,7 +145,7 @@ def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
     finally:
         poller.close()
     if as_json:
-        json.dump(snapshot_dict(snapshot), out, indent=2, ensure_ascii=False, allow_nan=False)
+        json.dump(snapshot_dict(snapshot, config.free_gpu), out, indent=2, ensure_ascii=False, allow_nan=False)
         out.write("\n")
     else:
         out.write(fleet_table(snapshot, config.free_gpu) + "\n")
@@ -260,10 +268,10 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
         alert_store = AlertStore(outbox.db)
         _copy_alert_state(config, alert_store)
     else:
-        if not channels:
+        if not channels and (config.web is None or once):
             raise ConfigError(
                 "feishu: not configured (nor email:), so there is nowhere to send reports; add a feishu: section "
-                "(see config.example.yaml) or use --dry-run"
+                "(see config.example.yaml), a web: section for a page-only deployment, or use --dry-run"
             )
         outbox = Outbox(open_db(config.state_dir))
         alert_store = AlertStore(outbox.db)
@@ -282,6 +290,7 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
     try:
         if once or dry_run:
             return daemon.run_once()
+        attach_web(config, daemon)
         return daemon.run_forever()
     finally:
         poller.close()
@@ -290,6 +299,31 @@ def cmd_run(config: Config, *, once: bool, dry_run: bool, verbose: bool, out: Te
             close = getattr(channel, "close", None)
             if callable(close):
                 close()
+
+
+def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
+    """``web:``: the page, the API and /metrics, served in a thread of the daemon (its run_forever
+    starts and stops it). The port is bound here, so a busy port stops the start with a clear error."""
+    web = config.web
+    if web is None:
+        return None
+    if not web.loopback and web.auth is None:
+        log.warning(
+            "web: listening on %s without auth: everyone who can reach this port sees every user's GPU processes "
+            "and full command lines; add web.auth (user and password_env) or listen on 127.0.0.1",
+            web.listen,
+        )
+    try:
+        app = WebApp(daemon.state, lambda: daemon.config, web, StoreReader(config.state_dir))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        server = WebServer(app, web.host, web.port)
+    except OSError as exc:
+        raise ConfigError(f"web.listen: cannot listen on {web.listen}: {exc.strerror or exc}") from None
+    daemon.services.append(server)
+    log.warning("web page at %s", web.public_url or server.url())
+    return server
 
 
 def _copy_alert_state(config: Config, target: AlertStore) -> None:
@@ -329,20 +363,14 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
     try:
         store = AlertStore(db)
         now = time.time()
-        silences = store.silences(now)
-        rows = []
-        for record in sorted(store.records().values(), key=lambda r: (r.state != "firing", r.since)):
-            if record.state != "firing" and not include_pending:
-                continue
-            by = [s.id for s in silences if s.matches(record.key, now)]
-            rows.append((record, by))
+        records, silences = store.records(), store.silences(now)
     finally:
         db.close()
     if as_json:
-        data = [{**r.as_dict(), "summary": alert_words(r).summary, "silenced_by": by} for r, by in rows]
-        json.dump({"alerts": data, "silences": [asdict(s) for s in silences]}, out, indent=2, ensure_ascii=False)
+        json.dump(alerts_dict(records, silences, now, include_pending), out, indent=2, ensure_ascii=False)
         out.write("\n")
         return EXIT_OK
+    rows = alert_rows(records, silences, now, include_pending)
     if not rows:
         out.write("no alerts firing\n")
     by_id = {s.id: s for s in silences}
@@ -355,6 +383,52 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
             silence = by_id[sid]
             out.write(f"           silence #{sid} until {local_time(silence.ends_at)}: {silence.comment}\n")
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """``gpuwatch demo``: the daemon with its page on a replayed fleet; messages printed, not sent."""
+    from .demo import DemoFleet, Toggler, demo_config, demo_hosts
+
+    try:
+        poll_every = parse_duration(args.poll_every, "demo --poll-every")
+        stop_after = parse_duration(args.duration, "demo --for") if args.duration else None
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="gpuwatch-demo-") as tmp:
+        root = Path(tmp)
+        try:
+            config = demo_config(root / "state", args.listen, max(1.0, poll_every))
+        except ConfigError as exc:
+            raise UsageError(f"demo --listen: {exc}") from None
+        setup_logging(
+            config.state_dir,
+            level="DEBUG" if args.verbose else "INFO",
+            stderr_level="INFO" if args.verbose else "WARNING",
+        )
+        fleet = DemoFleet(root / "fleet")
+        poller = Poller(config.hosts, fleet.runner_factory(), max_parallel=config.max_parallel)
+        outbox = Outbox(open_db(config.state_dir))
+        channels: dict[str, Channel] = {"console": DryRunChannel(ConsoleChannel(out), out)}
+        daemon = Daemon(config, poller, outbox, channels, alert_store=AlertStore(outbox.db))
+        try:
+            server = attach_web(config, daemon)
+            assert server is not None
+            daemon.services.append(Toggler(fleet))
+            if stop_after is not None:
+                timer = threading.Timer(stop_after, daemon.stop.set)
+                timer.daemon = True
+                timer.start()
+            out.write(
+                f"gpuwatch demo: {len(demo_hosts())} hosts replayed from real nvidia-smi captures "
+                f"(owners and commands invented), polled every {format_duration(config.schedule.poll_every)}.\n"
+                f"Open {server.url()}  (JSON: {server.url()}api/v1/snapshot, metrics: {server.url()}metrics)\n"
+                "Messages are printed here instead of sent. Ctrl-C stops.\n"
+            )
+            out.flush()
+            return daemon.run_forever()
+        finally:
+            poller.close()
+            outbox.db.close()
 
 
 def cmd_silence(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -437,6 +511,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     dry_run = bool(getattr(args, "dry_run", False) or args.dry_run_top)
     if command != "run" and (args.once_top or args.dry_run_top):
         parser.error(f"--once and --dry-run go with 'run', not '{command}'")
+    if command == "demo":  # needs no config file
+        try:
+            return cmd_demo(args, out)
+        except ConfigError as exc:
+            print(f"gpuwatch: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except KeyboardInterrupt:
+            return 130
     try:
         config = load_config(find_config_path(args.config))
     except ConfigError as exc:
