@@ -536,6 +536,8 @@ class WebServer:
         from waitress.server import create_server  # imported here: nothing of the server at import time
 
         self.app = app
+        # A burst of requests queues for a moment: normal, not a warning worth a log line each time.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._server: Any = create_server(
             app,
             host=host,
