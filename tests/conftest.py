@@ -29,6 +29,7 @@ _FLEET_FIXTURES = {
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fleet: needs the loopback SSH fleet (root + OpenSSH sshd)")
+    config.addinivalue_line("markers", "slow: a real browser or a real Prometheus; leave out with -m 'not slow'")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -62,3 +62,24 @@ def test_readers_get_an_immutable_snapshot_and_can_wait_for_news() -> None:
     state.update(ok("a"))
     assert snap.hosts[0].error_kind is HostErrorKind.BUSY  # the earlier snapshot did not change
     assert state.wait_for_change(version, timeout=1) != version
+
+
+def test_failed_probes_are_counted_per_host_and_kind_and_a_failing_run_knows_its_start() -> None:
+    clock = Clock()
+    state = FleetState([("a", "a"), ("b", "b")], poll_every=60, now=clock)
+    state.update(ok("a"))
+    clock.now = T0 + timedelta(seconds=60)
+    state.update(HostSnapshot.failed("a", "a", HostErrorKind.UNREACHABLE, "refused"))
+    clock.now = T0 + timedelta(seconds=120)
+    state.update(HostSnapshot.failed("a", "a", HostErrorKind.UNREACHABLE, "refused"))
+    state.update(HostSnapshot.failed("a", "a", HostErrorKind.PROBE_TIMEOUT, "slow"))
+    assert state.probe_errors() == {("a", "unreachable"): 2, ("a", "probe_timeout"): 1}
+    a, b = state.snapshot().hosts
+    assert a.last_ok_at == T0 and a.failing_since == T0 + timedelta(seconds=60)  # since the first failure
+    assert b.last_ok_at is None and b.failing_since is None  # not polled yet: neither
+    state.update(ok("a"))
+    a = state.snapshot().hosts[0]
+    assert a.failing_since is None and a.last_ok_at == T0 + timedelta(seconds=120)
+    assert state.probe_errors()[("a", "unreachable")] == 2  # a counter: it never goes down
+    state.set_hosts([("b", "b")])
+    assert state.probe_errors() == {}  # a removed host's series go with it

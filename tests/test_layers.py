@@ -75,3 +75,11 @@ def test_only_the_cli_imports_the_wiring() -> None:
 def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse", "gpuwatch.daemon", "gpuwatch.cli", "gpuwatch.rules"} <= set(MODULES)
     assert "gpuwatch.model" in MODULES["gpuwatch.parse"]
+
+
+@pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.metrics"])
+def test_the_page_and_metrics_read_never_act(module: str) -> None:
+    """They read the fleet state and the store; they never poll, connect or send."""
+    forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")
+    bad = sorted(i for i in MODULES[module] if _under(i, forbidden))
+    assert not bad, f"{module} imports {bad}"

@@ -11,6 +11,7 @@ Nothing here opens a connection or reads a secret from the environment: secrets 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import stat
@@ -174,6 +175,41 @@ class EmailConfig:
 
 
 @dataclass(frozen=True)
+class WebAuth:
+    """HTTP Basic for the page, the API and /metrics; the password comes from the environment."""
+
+    user: str
+    password_env: str
+
+    def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.password_env, None, environ)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``web:``: the live page, the JSON API and /metrics, served by the daemon."""
+
+    host: str = "127.0.0.1"
+    port: int = 8787  # 0: any free port (the log says which)
+    base_path: str = ""  # "" or "/gpuwatch": the path prefix behind a reverse proxy
+    auth: WebAuth | None = None
+    public_url: str | None = None  # the page's address as people reach it (printed at start)
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hosts: tuple[HostConfig, ...]
@@ -187,6 +223,7 @@ class Config:
     max_parallel: int = 256
     log_level: str = "INFO"
     warnings: tuple[str, ...] = ()
+    web: WebConfig | None = None  # None: the daemon serves nothing
 
 
 # ---------------------------------------------------------------- durations
@@ -327,6 +364,7 @@ TOP_KEYS = (
     "email",
     "max_parallel",
     "log_level",
+    "web",
 )
 LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
 HOST_KEYS = ("name", "address", *SSH_KEYS)
@@ -506,6 +544,47 @@ def _parse_email(raw: object, base: Path) -> EmailConfig:
     return EmailConfig(**values)
 
 
+_LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")
+
+
+def _parse_web(raw: object) -> WebConfig:
+    """``web:`` (present, even empty: serve on the default address)."""
+    section = _mapping(raw, "web")
+    _check_keys(section, ("listen", "base_path", "auth", "public_url"), "web")
+    values: dict[str, Any] = {}
+    if "listen" in section:
+        listen = _str(section["listen"], "web.listen")
+        if listen.isdigit():
+            listen = f"127.0.0.1:{listen}"
+        match = _LISTEN_RE.fullmatch(listen)
+        if not match:
+            raise ConfigError(f"web.listen: {listen!r} is not host:port, e.g. 127.0.0.1:8787 or [::1]:8787")
+        values["host"] = match["v6"] or match["host"]
+        values["port"] = _int(int(match["port"]), "web.listen (port)", 0, 65535)
+    if "base_path" in section:
+        base = _str(section["base_path"], "web.base_path").rstrip("/")
+        if base and (not base.startswith("/") or any(c in base for c in "?#% ")):
+            raise ConfigError(f"web.base_path: {base!r} must be a path such as /gpuwatch")
+        values["base_path"] = base
+    if section.get("auth") is not None:
+        auth = _mapping(section["auth"], "web.auth")
+        _check_keys(auth, ("user", "password_env"), "web.auth")
+        for key in ("user", "password_env"):
+            if key not in auth:
+                raise ConfigError(
+                    f"web.auth: needs '{key}' (the password is read from the variable password_env names)"
+                )
+        values["auth"] = WebAuth(
+            user=_str(auth["user"], "web.auth.user"), password_env=_str(auth["password_env"], "web.auth.password_env")
+        )
+    if section.get("public_url") is not None:
+        url = _str(section["public_url"], "web.public_url")
+        if not re.match(r"https?://[^/\s]+", url):
+            raise ConfigError(f"web.public_url: expected an http(s):// address, got {url[:60]!r}")
+        values["public_url"] = url
+    return WebConfig(**values)
+
+
 def _merge_legacy(doc: dict[str, Any]) -> dict[str, Any]:
     """Map the predecessor's flat keys onto the structured ones (refusing contradictions)."""
     legacy = {k: doc.pop(k) for k in LEGACY_KEYS if k in doc}
@@ -593,6 +672,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
                 raise ConfigError(f"alerts.routes.{rule}: routes to email, but there is no email: section")
             if target == "feishu" and feishu is None:
                 raise ConfigError(f"alerts.routes.{rule}: routes to feishu, but there is no feishu: section")
+    web = _parse_web(doc["web"]) if "web" in doc else None
     max_parallel = _int(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
     log_level = _choice(_str(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
     warnings = []
@@ -615,6 +695,7 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
         max_parallel=max_parallel,
         log_level=log_level,
         warnings=tuple(warnings),
+        web=web,
     )
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import schedule
 
@@ -52,6 +52,14 @@ class Wiring:
     load_config: Callable[[], Config]
     runner_factory: Callable[[Config], Callable[[HostConfig], Runner]]
     build_channels: Callable[[Config], dict[str, Channel]]
+
+
+class Service(Protocol):
+    """Something that runs beside the daemon loop (the web server): started with it, stopped with it."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def host_pairs(config: Config) -> list[tuple[str, str]]:
@@ -88,6 +96,7 @@ class Daemon:
         self._wake = threading.Event()
         self._reload_requested = threading.Event()
         self._removed: set[str] = set()
+        self.services: list[Service] = []  # started by run_forever, stopped when it returns
 
     # -- the fleet state
 
@@ -230,8 +239,8 @@ class Daemon:
             if new.state_dir.resolve() != old.state_dir.resolve():
                 raise ConfigError(f"state_dir: cannot change from {old.state_dir} while running; restart gpuwatch")
             channels = self.wiring.build_channels(new) if _channels_changed(old, new) else self.channels
-            if not channels:
-                raise ConfigError("feishu: not configured (nor email:), so there is nowhere to send reports")
+            if not channels and new.web is None:
+                raise ConfigError("feishu: not configured (nor email:, nor web:), so there is nowhere to send reports")
         except ConfigError as exc:
             log.error("reload refused, still running the previous config: config error: %s", exc)
             return False
@@ -245,6 +254,8 @@ class Daemon:
             self.channels = dict(channels)
         self.config = new
         log.warning("reloaded %s: hosts: %s", new.path, result.describe())
+        if new.web != old.web:
+            log.warning("web: the changes to this section take effect when gpuwatch restarts")
         for warning in new.warnings:
             log.warning("%s", warning)
         return True
@@ -271,6 +282,8 @@ class Daemon:
         scheduler = self.build_scheduler()
         self._announce()
         self.poller.start(self.config.schedule.poll_every, self.on_result)
+        for service in self.services:
+            service.start()
         try:
             while not self.stop.is_set():
                 if self._reload_requested.is_set():
@@ -285,6 +298,11 @@ class Daemon:
                 idle = scheduler.idle_seconds
                 self._wake.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
         finally:
+            for service in self.services:
+                try:
+                    service.stop()
+                except Exception:  # one that fails to stop must not keep the hosts' connections open
+                    log.exception("stopping %s failed", type(service).__name__)
             self.poller.close()
         log.warning("gpuwatch stopping: %d messages still in the outbox", self.outbox.count())
         return 0

@@ -7,12 +7,16 @@ page and ``/metrics``) call :meth:`FleetState.snapshot` and get an immutable
 is older than ``STALE_AFTER_POLLS`` poll intervals comes back marked ``stale``: shown with its
 age, never as current and never as free.
 
+It also remembers what one result cannot say: when each host last answered, since when it has been
+failing, and how many of its probes failed, by kind (``/metrics`` reads these; a scrape never polls).
+
 Thread-safe; no I/O; the clock is a parameter.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -47,12 +51,19 @@ class FleetState:
         self._order: list[str] = []
         self._latest: dict[str, HostSnapshot] = {}
         self._version = 0
+        self._last_ok: dict[str, datetime] = {}
+        self._failing_since: dict[str, datetime] = {}
+        self._errors: dict[str, Counter[str]] = {}
         self._changed = threading.Condition(self._lock)
         self.set_hosts(hosts, poll_every)
 
     @property
     def stale_after_seconds(self) -> float:
         return STALE_AFTER_POLLS * self._poll_every
+
+    @property
+    def poll_every(self) -> float:
+        return self._poll_every
 
     def set_hosts(self, hosts: Iterable[tuple[str, str]], poll_every: float | None = None) -> list[str]:
         """Follow a new config: keep the results of hosts still configured, forget removed ones,
@@ -65,6 +76,9 @@ class FleetState:
             removed = [name for name in self._order if name not in names]
             for name in removed:
                 self._latest.pop(name, None)
+                self._last_ok.pop(name, None)
+                self._failing_since.pop(name, None)
+                self._errors.pop(name, None)
             for name, address in pairs:
                 if name not in self._latest:
                     self._latest[name] = not_polled_yet(name, address)
@@ -82,6 +96,14 @@ class FleetState:
             if host.name not in self._latest:
                 return
             self._latest[host.name] = host
+            assert host.taken_at is not None
+            if host.ok:
+                self._last_ok[host.name] = host.taken_at
+                self._failing_since.pop(host.name, None)
+            else:
+                self._failing_since.setdefault(host.name, host.taken_at)
+                kind = host.error_kind.value if host.error_kind else "error"
+                self._errors.setdefault(host.name, Counter())[kind] += 1
             self._version += 1
             self._changed.notify_all()
 
@@ -97,6 +119,11 @@ class FleetState:
             self._changed.wait_for(lambda: self._version != version, timeout=timeout)
             return self._version
 
+    def probe_errors(self) -> dict[tuple[str, str], int]:
+        """Failed probes since start (or since the host was added), by (host, error kind)."""
+        with self._lock:
+            return {(name, kind): n for name, kinds in self._errors.items() for kind, n in kinds.items()}
+
     def get(self, name: str) -> HostSnapshot | None:
         with self._lock:
             return self._latest.get(name)
@@ -106,10 +133,14 @@ class FleetState:
         now = self._now()
         limit = self.stale_after_seconds
         with self._lock:
-            hosts = [self._latest[name] for name in self._order]
+            hosts = [
+                (self._latest[name], self._last_ok.get(name), self._failing_since.get(name)) for name in self._order
+            ]
         marked = []
-        for host in hosts:
+        for host, last_ok, failing in hosts:
             age = host.age_seconds(now)
             stale = age is not None and age > limit
-            marked.append(replace(host, stale=stale) if stale != host.stale else host)
+            if (stale, last_ok, failing) != (host.stale, host.last_ok_at, host.failing_since):
+                host = replace(host, stale=stale, last_ok_at=last_ok, failing_since=failing)
+            marked.append(host)
         return FleetSnapshot(taken_at=now, hosts=tuple(marked))

@@ -113,6 +113,9 @@ class HostSnapshot:
     warnings: tuple[HostIssue, ...] = ()  # problems beside good data (a lost GPU, ps failed)
     taken_at: datetime | None = None  # when this host's probe finished (None: never polled)
     stale: bool = False  # latest result older than 3 poll intervals
+    # Set by the fleet state, which remembers a host across polls (None from a single poll):
+    last_ok_at: datetime | None = None  # when the host last answered with GPU data
+    failing_since: datetime | None = None  # when the current run of failed polls began (None: answering)
 
     @classmethod
     def failed(

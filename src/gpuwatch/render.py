@@ -1,13 +1,21 @@
-"""Snapshots for people and programs: the terminal fleet table and the JSON document."""
+"""Snapshots for people and programs: the terminal fleet table and the JSON documents.
+
+``snapshot_dict`` is the one fleet document (``status --json`` and ``/api/v1/snapshot``);
+``alerts_dict`` the one alerts document (``alerts --json`` and ``/api/v1/alerts``).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .report import alert_words
+from .rules import AlertRecord, Silence
 from .summary import is_free, totals, users_on
 from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
 
@@ -81,7 +89,7 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     return "\n".join(lines)
 
 
-def gpu_dict(gpu: Gpu) -> dict[str, Any]:
+def gpu_dict(gpu: Gpu, free: bool = False) -> dict[str, Any]:
     return {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -92,6 +100,7 @@ def gpu_dict(gpu: Gpu) -> dict[str, Any]:
         "memory_total_mib": gpu.memory_total_mib,
         "temperature_c": gpu.temperature_c,
         "power_w": _finite(gpu.power_w),
+        "free": free,
     }
 
 
@@ -113,7 +122,12 @@ def process_dict(proc: GpuProcess) -> dict[str, Any]:
     }
 
 
-def host_dict(host: HostSnapshot) -> dict[str, Any]:
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else iso_time(when)
+
+
+def host_dict(host: HostSnapshot, thresholds: FreeGpuConfig | None = None) -> dict[str, Any]:
+    limits = thresholds or FreeGpuConfig()
     return {
         "name": host.name,
         "address": host.address,
@@ -121,16 +135,53 @@ def host_dict(host: HostSnapshot) -> dict[str, Any]:
         "error": host.error,
         "error_kind": host.error_kind.value if host.error_kind else None,
         "probe_seconds": None if host.probe_seconds is None else round(host.probe_seconds, 3),
-        "taken_at": None if host.taken_at is None else iso_time(host.taken_at),
+        "taken_at": _iso(host.taken_at),
         "stale": host.stale,
-        "gpus": [gpu_dict(g) for g in host.gpus],
+        "last_ok_at": _iso(host.last_ok_at),
+        "failing_since": _iso(host.failing_since),
+        "gpus": [gpu_dict(g, host.current and is_free(g, host.processes_on(g), limits)) for g in host.gpus],
         "processes": [process_dict(p) for p in host.processes],
         "warnings": [{"kind": w.kind.value, "message": w.message} for w in host.warnings],
     }
 
 
-def snapshot_dict(snapshot: FleetSnapshot) -> dict[str, Any]:
+def snapshot_dict(snapshot: FleetSnapshot, thresholds: FreeGpuConfig | None = None) -> dict[str, Any]:
+    """The fleet for programs; ``thresholds`` (``free_gpu:``) decide each GPU's ``free``."""
+    limits = thresholds or FreeGpuConfig()
+    t = totals(snapshot, limits)
     return {
         "taken_at": iso_time(snapshot.taken_at),
-        "hosts": [host_dict(h) for h in snapshot.hosts],
+        "summary": {
+            "hosts": t.hosts,
+            "hosts_down": t.hosts_down,
+            "hosts_stale": t.hosts_stale,
+            "gpus": t.gpus,
+            "free_gpus": t.free_gpus,
+        },
+        "hosts": [host_dict(h, limits) for h in snapshot.hosts],
+    }
+
+
+def alert_rows(
+    records: Mapping[str, AlertRecord], silences: Iterable[Silence], now: float, include_pending: bool = False
+) -> list[tuple[AlertRecord, list[int]]]:
+    """Alerts to show, firing first then oldest first, each with the ids of the silences muting it."""
+    in_force = list(silences)
+    rows = []
+    for record in sorted(records.values(), key=lambda r: (r.state != "firing", r.since)):
+        if record.state != "firing" and not include_pending:
+            continue
+        rows.append((record, [s.id for s in in_force if s.matches(record.key, now)]))
+    return rows
+
+
+def alerts_dict(
+    records: Mapping[str, AlertRecord], silences: Iterable[Silence], now: float, include_pending: bool = False
+) -> dict[str, Any]:
+    """The alerts for programs: each alert with its summary and silences, and the silences in force."""
+    in_force = [s for s in silences if s.ends_at > now]
+    rows = alert_rows(records, in_force, now, include_pending)
+    return {
+        "alerts": [{**r.as_dict(), "summary": alert_words(r).summary, "silenced_by": by} for r, by in rows],
+        "silences": [asdict(s) for s in in_force],
     }

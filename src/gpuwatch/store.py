@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .notify.base import Channel, DeliveryError
 from .rules import AlertRecord, Memory, Silence
@@ -44,6 +44,8 @@ from .statedir import (
 log = logging.getLogger(__name__)
 
 DB_NAME = "gpuwatch.sqlite3"
+
+T = TypeVar("T")
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -426,6 +428,14 @@ def open_db(
         raise StoreError(f"state_dir {state_dir}: a new {DB_NAME} is corrupt at once ({exc}); check the disk") from None
 
 
+def open_db_readonly(state_dir: Path) -> Database:
+    """A second, read-only connection to the state database, for readers in other threads (the web
+    page, /metrics): in WAL mode its reads never wait for the daemon's writes, nor block them."""
+    path = (state_dir / DB_NAME).resolve()
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+    return Database(db)
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
@@ -578,6 +588,11 @@ class Outbox:
 
     # -- outcomes
 
+    def count_by_channel(self) -> dict[str, int]:
+        """Messages waiting, per channel (refused-for-good ones not counted)."""
+        rows = self.db.query("SELECT channel, COUNT(*) FROM outbox WHERE dead = 0 GROUP BY channel")
+        return {str(channel): int(n) for channel, n in rows}
+
     def delivered(self, item_id: int) -> None:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
@@ -717,3 +732,51 @@ class AlertStore:
     def remove_silence(self, silence_id: int) -> bool:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM silences WHERE id = ?", (silence_id,)).rowcount > 0
+
+
+class StoreReader:
+    """What other threads (the web page, /metrics) read from the state database, through their own
+    read-only connection: the alert state and the outbox, never a write, never a wait on the daemon.
+
+    The database may not exist yet (a daemon just started); then there is nothing to read. A
+    connection that failed is reopened on the next read.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._lock = threading.Lock()
+        self._db: Database | None = None
+
+    def _database(self) -> Database | None:
+        with self._lock:
+            if self._db is None and (self.state_dir / DB_NAME).exists():
+                self._db = open_db_readonly(self.state_dir)
+            return self._db
+
+    def _read(self, read: Callable[[Database], T], empty: T) -> T:
+        db = self._database()
+        if db is None:
+            return empty
+        try:
+            return read(db)
+        except sqlite3.Error:
+            log.warning("reading the state database failed; reopening it on the next read", exc_info=True)
+            with self._lock:
+                if self._db is db:
+                    self._db = None
+            db.close()
+            raise
+
+    def alerts(self) -> tuple[dict[str, AlertRecord], list[Silence]]:
+        """Every alert record and every silence (the caller picks those in force)."""
+        empty: tuple[dict[str, AlertRecord], list[Silence]] = ({}, [])
+        return self._read(lambda db: (AlertStore(db).records(), AlertStore(db).silences()), empty)
+
+    def outbox_counts(self) -> dict[str, int]:
+        return self._read(lambda db: Outbox(db).count_by_channel(), {})
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -22,15 +22,16 @@ from .. import __version__
 from ..config import ConfigError, find_config_path, load_config
 from ..logsetup import setup_logging
 from ..statedir import StateError
-from . import alerts, notify, run, status
+from . import alerts, demo, notify, run, status
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
-from .wiring import build_channels, build_poller, make_runner_factory, secrets
+from .wiring import attach_web, build_channels, build_poller, make_runner_factory, secrets
 
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_OK",
     "UsageError",
+    "attach_web",
     "build_channels",
     "build_parser",
     "build_poller",
@@ -42,7 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The command groups, in the order --help lists them.
-COMMAND_GROUPS = (run, status, alerts, notify)
+COMMAND_GROUPS = (run, status, alerts, notify, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     command = args.command or "run"
     if command != "run" and (args.once_top or args.dry_run_top):
         parser.error(f"--once and --dry-run go with 'run', not '{command}'")
+    standalone = getattr(args, "standalone", None)
+    if standalone is not None:  # a command that needs no config file (demo)
+        try:
+            code: int = standalone(args, out)
+            return code
+        except ConfigError as exc:
+            print(f"gpuwatch: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except KeyboardInterrupt:
+            return 130
     try:
         config = load_config(find_config_path(args.config))
     except ConfigError as exc:
@@ -95,8 +106,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     try:
-        code: int = args.handler(config, args, out)
-        return code
+        result: int = args.handler(config, args, out)
+        return result
     except ConfigError as exc:
         kind = "error" if isinstance(exc, UsageError) else "config error"
         print(f"gpuwatch: {kind}: {exc}", file=sys.stderr)

@@ -6,10 +6,10 @@ import argparse
 import difflib
 import json
 import time
-from dataclasses import asdict
 from typing import TextIO
 
 from ..config import Config, ConfigError, parse_duration
+from ..render import alert_rows, alerts_dict
 from ..report import alert_words
 from ..rules import RULE_NAMES
 from ..store import AlertStore, open_db
@@ -45,20 +45,14 @@ def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: Tex
     try:
         store = AlertStore(db)
         now = time.time()
-        silences = store.silences(now)
-        rows = []
-        for record in sorted(store.records().values(), key=lambda r: (r.state != "firing", r.since)):
-            if record.state != "firing" and not include_pending:
-                continue
-            by = [s.id for s in silences if s.matches(record.key, now)]
-            rows.append((record, by))
+        records, silences = store.records(), store.silences(now)
     finally:
         db.close()
     if as_json:
-        data = [{**r.as_dict(), "summary": alert_words(r).summary, "silenced_by": by} for r, by in rows]
-        json.dump({"alerts": data, "silences": [asdict(s) for s in silences]}, out, indent=2, ensure_ascii=False)
+        json.dump(alerts_dict(records, silences, now, include_pending), out, indent=2, ensure_ascii=False)
         out.write("\n")
         return EXIT_OK
+    rows = alert_rows(records, silences, now, include_pending)
     if not rows:
         out.write("no alerts firing\n")
     by_id = {s.id: s for s in silences}

@@ -15,7 +15,7 @@ from ..notify.console import ConsoleChannel, DryRunChannel
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, open_db
-from .wiring import build_channels, build_poller, make_runner_factory
+from .wiring import attach_web, build_channels, build_poller, make_runner_factory
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -63,10 +63,10 @@ def cmd_run(
         alert_store = AlertStore(outbox.db)
         _copy_alert_state(config, alert_store)
     else:
-        if not channels:
+        if not channels and (config.web is None or once):
             raise ConfigError(
                 "feishu: not configured (nor email:), so there is nowhere to send reports; add a feishu: section "
-                "(see config.example.yaml) or use --dry-run"
+                "(see config.example.yaml), a web: section for a page-only deployment, or use --dry-run"
             )
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
@@ -86,6 +86,7 @@ def cmd_run(
     try:
         if once or dry_run:
             return daemon.run_once()
+        attach_web(config, daemon)
         return daemon.run_forever()
     finally:
         poller.close()

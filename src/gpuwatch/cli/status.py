@@ -29,7 +29,7 @@ def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
     finally:
         poller.close()
     if as_json:
-        json.dump(snapshot_dict(snapshot), out, indent=2, ensure_ascii=False, allow_nan=False)
+        json.dump(snapshot_dict(snapshot, config.free_gpu), out, indent=2, ensure_ascii=False, allow_nan=False)
         out.write("\n")
     else:
         out.write(fleet_table(snapshot, config.free_gpu) + "\n")

@@ -6,6 +6,7 @@ SSH, channel and poller classes together.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -13,11 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config, ConfigError, HostConfig
+from ..daemon import Daemon
 from ..notify.base import Channel
 from ..notify.email import EmailChannel, EmailSettings
 from ..notify.feishu import FeishuChannel, FeishuSettings
 from ..poll import Poller
 from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+from ..store import StoreReader
+from ..web import WebApp, WebServer
+
+log = logging.getLogger(__name__)
 
 
 def secrets(config: Config) -> list[str]:
@@ -99,3 +105,28 @@ def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) 
             raise ConfigError(str(exc)) from None
         channels["email"] = EmailChannel(settings, sleep=sleep)
     return channels
+
+
+def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
+    """``web:``: the page, the API and /metrics, served in a thread of the daemon (its run_forever
+    starts and stops it). The port is bound here, so a busy port stops the start with a clear error."""
+    web = config.web
+    if web is None:
+        return None
+    if not web.loopback and web.auth is None:
+        log.warning(
+            "web: listening on %s without auth: everyone who can reach this port sees every user's GPU processes "
+            "and full command lines; add web.auth (user and password_env) or listen on 127.0.0.1",
+            web.listen,
+        )
+    try:
+        app = WebApp(daemon.state, lambda: daemon.config, web, StoreReader(config.state_dir))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        server = WebServer(app, web.host, web.port)
+    except OSError as exc:
+        raise ConfigError(f"web.listen: cannot listen on {web.listen}: {exc.strerror or exc}") from None
+    daemon.services.append(server)
+    log.warning("web page at %s", web.public_url or server.url())
+    return server

@@ -1,0 +1,169 @@
+"""Prometheus ``/metrics``: a custom collector over the fleet state and the store.
+
+A scrape reads what the daemon already knows (:class:`~gpuwatch.fleet.FleetState`, the alert state
+and the outbox through a read-only :class:`~gpuwatch.store.StoreReader`); it never polls a host and
+never sends anything. Nothing is registered at import: :func:`build_registry` gives a registry of
+its own, so tests and several daemons in one process never share metrics.
+
+Base units in the names (bytes, seconds, a 0..1 ratio). A value nvidia-smi did not give is no
+sample, never 0. GPU and user samples come only from hosts with current data: a host that did not
+answer, or whose data is stale, has ``gpuwatch_host_up 0`` and no GPU samples. Users are counted
+per user, not per pid, so the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+from .config import Config
+from .fleet import FleetState
+from .model import FleetSnapshot, Gpu, HostSnapshot
+from .store import StoreReader
+from .summary import users_on
+from .text import UNKNOWN
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+GPU_LABELS = ("host", "gpu", "uuid", "model")
+
+# A firing alert record's state (rules.lifecycle.AlertRecord.state).
+FIRING = "firing"
+# Rules that send notices, never alerts: no gpuwatch_alerts_firing series of their own.
+NOTICE_RULES = frozenset({"gpu_freed"})
+
+
+def channel_names(config: Config) -> list[str]:
+    return [name for name, section in (("feishu", config.feishu), ("email", config.email)) if section is not None]
+
+
+def _gpu_labels(host: HostSnapshot, gpu: Gpu) -> list[str]:
+    return [host.name, str(gpu.index), gpu.uuid or "", gpu.name or ""]
+
+
+def _epoch(when: datetime) -> float:
+    return when.timestamp()
+
+
+def fleet_metrics(snapshot: FleetSnapshot, probe_errors: dict[tuple[str, str], int]) -> list[Metric]:
+    """The host, GPU and user families of one snapshot (pure)."""
+    up = GaugeMetricFamily(
+        "gpuwatch_host_up",
+        "1 when the host's latest poll answered with GPU data and is not stale, else 0",
+        labels=["host"],
+    )
+    duration = GaugeMetricFamily(
+        "gpuwatch_host_probe_duration_seconds",
+        "How long the host's latest probe took (SSH and nvidia-smi)",
+        labels=["host"],
+    )
+    last_ok = GaugeMetricFamily(
+        "gpuwatch_host_last_success_timestamp_seconds",
+        "When the host last answered with GPU data (Unix time)",
+        labels=["host"],
+    )
+    util = GaugeMetricFamily(
+        "gpuwatch_gpu_utilization_ratio", "GPU utilization, 0..1 (utilization.gpu; none in MIG mode)", labels=GPU_LABELS
+    )
+    used = GaugeMetricFamily("gpuwatch_gpu_memory_used_bytes", "GPU memory in use (memory.used)", labels=GPU_LABELS)
+    total = GaugeMetricFamily("gpuwatch_gpu_memory_total_bytes", "GPU memory in all (memory.total)", labels=GPU_LABELS)
+    temp = GaugeMetricFamily(
+        "gpuwatch_gpu_temperature_celsius", "GPU core temperature (temperature.gpu)", labels=GPU_LABELS
+    )
+    power = GaugeMetricFamily("gpuwatch_gpu_power_watts", "GPU power draw (power.draw)", labels=GPU_LABELS)
+    user_mem = GaugeMetricFamily(
+        "gpuwatch_user_gpu_memory_bytes",
+        f"GPU memory held by a user's processes on one GPU (user {UNKNOWN}: processes ps could not see)",
+        labels=["host", "gpu", "user"],
+    )
+    user_gpus = GaugeMetricFamily(
+        "gpuwatch_user_gpus",
+        "How many GPUs of the host run at least one of the user's processes",
+        labels=["host", "user"],
+    )
+    errors = CounterMetricFamily(
+        "gpuwatch_probe_errors",
+        "Failed probes since the daemon started, by host and error kind",
+        labels=["host", "kind"],
+    )
+    for host in snapshot.hosts:
+        if host.taken_at is not None:  # a host not polled yet is neither up nor down
+            up.add_metric([host.name], 1.0 if host.current else 0.0)
+        if host.probe_seconds is not None:
+            duration.add_metric([host.name], host.probe_seconds)
+        if host.last_ok_at is not None:
+            last_ok.add_metric([host.name], _epoch(host.last_ok_at))
+        if not host.current:
+            continue
+        gpus_of: dict[str, int] = {}
+        for gpu in host.gpus:
+            labels = _gpu_labels(host, gpu)
+            for family, value in (
+                (util, None if gpu.utilization_percent is None else gpu.utilization_percent / 100),
+                (used, None if gpu.memory_used_mib is None else gpu.memory_used_mib * MIB),
+                (total, None if gpu.memory_total_mib is None else gpu.memory_total_mib * MIB),
+                (temp, gpu.temperature_c),
+                (power, gpu.power_w),
+            ):
+                if value is not None and math.isfinite(value):
+                    family.add_metric(labels, float(value))
+            for usage in users_on(host.processes_on(gpu)):
+                user = usage.user if usage.user is not None else UNKNOWN
+                gpus_of[user] = gpus_of.get(user, 0) + 1
+                if usage.memory_mib is not None:
+                    user_mem.add_metric([host.name, str(gpu.index), user], float(usage.memory_mib * MIB))
+        for user, count in gpus_of.items():
+            user_gpus.add_metric([host.name, user], float(count))
+    for (host_name, kind), count in sorted(probe_errors.items()):
+        errors.add_metric([host_name, kind], float(count))
+    return [up, duration, last_ok, util, used, total, temp, power, user_mem, user_gpus, errors]
+
+
+class FleetCollector:
+    """Reads the fleet state and the store at each scrape."""
+
+    def __init__(self, state: FleetState, config: Callable[[], Config], store: StoreReader | None) -> None:
+        self.state = state
+        self.config = config
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield from fleet_metrics(self.state.snapshot(), self.state.probe_errors())
+        if self.store is None:
+            return
+        config = self.config()
+        try:
+            records, _ = self.store.alerts()
+            waiting = self.store.outbox_counts()
+        except Exception:  # a scrape must still answer with the fleet when the database cannot be read
+            log.warning("metrics: the state database could not be read; alert and outbox metrics left out")
+            return
+        firing = GaugeMetricFamily(
+            "gpuwatch_alerts_firing", "Alerts firing now, silenced ones included", labels=["rule"]
+        )
+        counts = dict.fromkeys((r for r in config.alerts.rules if r not in NOTICE_RULES), 0)
+        for record in records.values():
+            if record.state == FIRING:
+                counts[record.key.rule] = counts.get(record.key.rule, 0) + 1
+        for rule, count in sorted(counts.items()):
+            firing.add_metric([rule], float(count))
+        yield firing
+        outbox = GaugeMetricFamily(
+            "gpuwatch_outbox_messages", "Messages waiting in the outbox for their channel", labels=["channel"]
+        )
+        for channel, count in sorted({**dict.fromkeys(channel_names(config), 0), **waiting}.items()):
+            outbox.add_metric([channel], float(count))
+        yield outbox
+
+
+def build_registry(state: FleetState, config: Callable[[], Config], store: StoreReader | None) -> CollectorRegistry:
+    """A registry of its own holding one :class:`FleetCollector` (nothing global is touched)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(state, config, store))
+    return registry

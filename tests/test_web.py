@@ -1,0 +1,416 @@
+"""The web page, the JSON API, /healthz and /metrics, called as a WSGI app over a fleet state built
+from real captures (no server, no browser: those are in test_web_e2e.py)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpuwatch.cli import main
+from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig, parse_config
+from gpuwatch.fleet import FleetState
+from gpuwatch.metrics import build_registry
+from gpuwatch.model import HostErrorKind, HostSnapshot, PsEntry
+from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
+from gpuwatch.render import snapshot_dict
+from gpuwatch.rules import AlertKey, AlertRecord
+from gpuwatch.store import AlertStore, Outbox, StoreReader, open_db
+from gpuwatch.web import Query, WebApp, page_view
+
+STANDIN = Path(__file__).parent / "fixtures" / "standin"
+H100_LOAD = STANDIN / "csv-query-gpu/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-load-query-gpu-all-fields.csv"
+H100_IDLE = STANDIN / "csv-query-gpu/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-idle-query-gpu-all-fields.csv"
+H100_APPS = STANDIN / "csv-compute-apps/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-load-compute-apps.csv"
+MIG_LOAD = STANDIN / "csv-query-gpu/nvgpuexp-h100-mig-linux-590.48.01-load-query-gpu-all-fields.csv"
+MIG_APPS = STANDIN / "csv-compute-apps/nvgpuexp-h100-mig-linux-590.48.01-load-compute-apps.csv"
+
+XSS = "<img src=x onerror=alert(1)>"
+T0 = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+MIB = 1024 * 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def step(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def host(name: str, query: Path, apps: Path | None = None, ps: Mapping[int, PsEntry] | None = None) -> HostSnapshot:
+    """A host's result from a real query-gpu capture (and its compute-apps capture), owners from ``ps``."""
+    gpus, _ = parse_query_gpu(query.read_text())
+    procs = attribute(gpus, parse_compute_apps(apps.read_text())[0], ps or {}) if apps else ()
+    return HostSnapshot(name, name, ok=True, gpus=tuple(gpus), processes=procs, probe_seconds=0.31)
+
+
+def busy_host(name: str = "gpu-a") -> HostSnapshot:
+    """H100 under load: alice runs a process whose command line is an XSS attempt, 11345 is unseen by ps."""
+    ps = {
+        11327: PsEntry(11327, "alice", 7200, XSS),
+        11328: PsEntry(11328, "verylongusername", 600, "python3 train.py --lr 3e-4"),
+    }
+    return host(name, H100_LOAD, H100_APPS, ps)
+
+
+def fleet(clock: Clock) -> FleetState:
+    """gpu-a busy (H100), gpu-f free (idle H100), gpu-m in MIG mode, gpu-d down."""
+    state = FleetState([(n, n) for n in ("gpu-a", "gpu-f", "gpu-m", "gpu-d")], poll_every=60, now=clock)
+    state.update(busy_host())
+    state.update(host("gpu-f", H100_IDLE))
+    state.update(host("gpu-m", MIG_LOAD, MIG_APPS, {21180: PsEntry(21180, "bob", 60, "jupyter-lab")}))
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "connection refused by 10.9.9.9:22"))
+    return state
+
+
+def config(tmp_path: Path, **web: Any) -> Any:
+    return parse_config({"hosts": ["gpu-a"], "state_dir": str(tmp_path / "state"), "web": web})
+
+
+def app_for(state: FleetState, tmp_path: Path, store: StoreReader | None = None, **web: Any) -> WebApp:
+    cfg = config(tmp_path, **web)
+    assert cfg.web is not None
+    return WebApp(state, lambda: cfg, cfg.web, store)
+
+
+def call(app: WebApp, path: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """One request through the WSGI interface: (status code, headers, body, gunzipped when needed)."""
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "wsgi.input": io.BytesIO()}
+    environ.update({"HTTP_" + k.upper(): v for k, v in headers.items()})
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, header_list: list[tuple[str, str]]) -> None:
+        seen["status"], seen["headers"] = status, dict(header_list)
+
+    body = b"".join(app(environ, start_response))
+    if seen["headers"].get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return int(seen["status"].split()[0]), seen["headers"], body
+
+
+# ---------------------------------------------------------------- the page
+
+
+def test_the_page_shows_problems_first_then_every_gpu_with_its_users(tmp_path: Path) -> None:
+    clock = Clock()
+    app = app_for(fleet(clock), tmp_path)
+    clock.step(5)
+    status, headers, body = call(app, "/")
+    html = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    summary = re.search(r'<p class="summary">(.*?)</p>', html)
+    assert summary is not None
+    assert re.sub("<[^>]+>", " ", summary.group(1)).split() == "4 hosts 3 answered 1 down 3 GPUs 1 free".split()
+    problems, first_host = html.index('class="problems"'), html.index('<section class="host"')
+    assert problems < first_host  # down hosts above everything
+    assert "gpu-d" in html[problems:first_host] and "connection refused by 10.9.9.9:22" in html
+    for name in ("gpu-a", "gpu-f", "gpu-m", "alice", "verylongusername", "bob", "pid 11345 (owner unknown)"):
+        assert name in html
+    assert html.count('class="gpu free"') == 1  # the idle H100 stands out
+    assert "N/A" in html  # MIG: utilization unknown, no bar
+    assert "python3 train.py --lr 3e-4" in html  # the full command, to expand
+
+
+def test_what_a_host_says_is_escaped_everywhere_and_no_script_runs_inline(tmp_path: Path) -> None:
+    app = app_for(fleet(Clock()), tmp_path)
+    for path in ("/", "/fragment", "/?q=alice"):
+        _, headers, body = call(app, path)
+        html = body.decode()
+        assert XSS not in html and "<img" not in html
+        assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown as text, in the command and its title
+        assert 'title="pid 11327: &lt;img src=x onerror=alert(1)&gt;"' in html
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        elements = Elements.of(html)
+        assert not [e for e in elements if e[0] == "img"]
+        assert not [e for e in elements if e[0] == "script" and "src" not in e[1]]  # no inline script
+        assert not [e for e in elements if any(name.startswith("on") for name in e[1])]  # no event handler
+
+
+class Elements(HTMLParser):
+    """Every start tag of a page with its attributes, as a browser's parser sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found.append((tag, dict(attrs)))
+
+    @classmethod
+    def of(cls, html: str) -> list[tuple[str, dict[str, str | None]]]:
+        parser = cls()
+        parser.feed(html)
+        return parser.found
+
+
+def test_filter_by_user_host_or_model_and_free_only(tmp_path: Path) -> None:
+    snapshot = fleet(Clock()).snapshot()
+    limits = FreeGpuConfig()
+
+    def shown(query: str) -> list[tuple[str, int]]:
+        view = page_view(snapshot, limits, Query.parse(query))
+        return [(h.name, g.index) for h in view.hosts for g in h.gpus]
+
+    assert shown("") == [("gpu-a", 0), ("gpu-f", 0), ("gpu-m", 0)]
+    assert shown("q=alice") == [("gpu-a", 0)]
+    assert shown("q=BOB") == [("gpu-m", 0)]  # case does not matter
+    assert shown("q=gpu-f") == [("gpu-f", 0)]
+    assert shown("q=h100+alice") == [("gpu-a", 0)]  # every word must match
+    assert shown("free=1") == [("gpu-f", 0)]
+    assert shown("q=alice&free=1") == []
+    assert page_view(snapshot, limits, Query.parse("q=alice&free=1")).empty == "no GPU matches the filter"
+    view = page_view(snapshot, limits, Query.parse("q=gpu-d"))
+    assert [p.name for p in view.problems] == ["gpu-d"] and view.shown == "showing 0 of 3 GPUs"
+    # kept in the URL: the page renders the filter it was given, so a shared link shows the same
+    html = call(app_for(fleet(Clock()), tmp_path), "/?q=alice&free=1")[2].decode()
+    assert 'value="alice"' in html and 'value="1" checked' in html
+
+
+def test_down_and_stale_hosts_say_why_and_since_when(tmp_path: Path) -> None:
+    clock = Clock()
+    state = fleet(clock)
+    clock.step(60)
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "connection refused again"))
+    clock.step(130)  # gpu-f, gpu-m: 190 s old, past 3 x 60 s
+    for name in ("gpu-a", "gpu-d"):
+        state.update(
+            busy_host() if name == "gpu-a" else HostSnapshot.failed(name, name, HostErrorKind.UNREACHABLE, "x")
+        )
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query())
+    problems = {p.name: p for p in view.problems}
+    assert problems["gpu-d"].state == "down" and problems["gpu-d"].since_ts == T0.timestamp()  # its first failure
+    assert problems["gpu-f"].state == "stale" and problems["gpu-f"].reason == "no new result for 3m10s (last: 1 GPU)"
+    assert [h.name for h in view.hosts] == ["gpu-a"]  # stale GPUs are never shown as current, nor free
+
+
+# ---------------------------------------------------------------- the API and /healthz
+
+
+def test_the_snapshot_api_is_the_status_json_document(tmp_path: Path) -> None:
+    clock = Clock()
+    state = fleet(clock)
+    app = app_for(state, tmp_path)
+    status, headers, body = call(app, "/api/v1/snapshot")
+    assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert doc == snapshot_dict(state.snapshot(), FreeGpuConfig())
+    assert doc["summary"] == {"hosts": 4, "hosts_down": 1, "hosts_stale": 0, "gpus": 3, "free_gpus": 1}
+    assert [g["free"] for h in doc["hosts"] for g in h["gpus"]] == [False, True, False]
+    down = doc["hosts"][3]
+    assert down["failing_since"] == "2026-11-28T10:00:00+00:00" and down["last_ok_at"] is None
+
+
+def test_the_alerts_api_is_the_alerts_json_document(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "state")
+    since = T0.timestamp()
+    record = AlertRecord(
+        AlertKey("max_gpus_per_user", "gpu-a", user="alice"), "firing", since, value=3, threshold=2, unit="GPUs"
+    )
+    AlertStore(db).save({record.key.id: record}, AlertStore(db).memory())
+    AlertStore(db).add_silence(ends_at=4e9, comment="agreed", now=since, user="alice")
+    Outbox(db).add("feishu", "GPU alerts", [{"text": "x"}, {"text": "y"}])
+    db.close()
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(f"hosts: [gpu-a]\nstate_dir: {tmp_path / 'state'}\n")
+    out = io.StringIO()
+    assert main(["alerts", "--json", "-c", str(cfg_file)], out=out) == 0
+    store = StoreReader(tmp_path / "state")
+    app = app_for(fleet(Clock()), tmp_path, store)
+    status, _, body = call(app, "/api/v1/alerts")
+    assert status == 200
+    assert json.loads(body) == json.loads(out.getvalue())
+    assert json.loads(body)["alerts"][0]["silenced_by"] == [1]
+    store.close()
+
+
+def test_healthz_is_503_with_the_reason_when_no_host_was_polled_for_three_intervals(tmp_path: Path) -> None:
+    clock = Clock()
+    state = FleetState([("gpu-a", "gpu-a")], poll_every=60, now=clock)
+    app = app_for(state, tmp_path)
+    status, _, body = call(app, "/healthz")
+    assert (status, body) == (200, b"starting: no result yet (0s since start)\n")
+    clock.step(181)
+    status, _, body = call(app, "/healthz")
+    assert status == 503 and body == b"no host has been polled since start, 3m1s ago (3 polls)\n"
+    state.update(busy_host())
+    assert call(app, "/healthz")[:2][0] == 200
+    assert call(app, "/healthz")[2] == b"ok: 1 of 1 host answered; newest result 0s ago\n"
+    clock.step(200)
+    status, _, body = call(app, "/healthz")
+    assert status == 503 and body == b"no host has been polled for 3m20s (3 poll intervals of 1m)\n"
+
+
+def test_only_get_and_head_unknown_paths_404_and_a_base_path(tmp_path: Path) -> None:
+    app = app_for(fleet(Clock()), tmp_path, base_path="/gpuwatch/")
+    assert call(app, "/", "POST")[0] == 405 and call(app, "/", "POST")[1]["Allow"] == "GET, HEAD"
+    assert call(app, "/api/v1/snapshot", "DELETE")[0] == 405
+    assert call(app, "/nope")[0] == 404 and call(app, "/gpuwatch/nope")[0] == 404
+    assert call(app, "/static/../web.py")[0] == 404
+    status, headers, body = call(app, "/gpuwatch/", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
+    html = call(app, "/gpuwatch/")[2].decode()
+    assert 'href="/gpuwatch/static/gpuwatch.css?v=' in html and 'data-base="/gpuwatch"' in html
+    assert call(app, "/api/v1/snapshot")[0] == 200  # behind a proxy that strips the prefix too
+    css = call(app, "/gpuwatch/static/gpuwatch.css")
+    assert css[0] == 200 and css[1]["Content-Type"].startswith("text/css")
+
+
+def test_the_fragment_answers_304_until_something_changes(tmp_path: Path) -> None:
+    clock = Clock()
+    state = fleet(clock)
+    app = app_for(state, tmp_path)
+    status, headers, _ = call(app, "/fragment")
+    etag = headers["ETag"]
+    assert status == 200
+    assert call(app, "/fragment", If_None_Match=etag)[0] == 304
+    assert call(app, "/fragment?q=alice", If_None_Match=etag)[0] == 200  # another filter, another answer
+    state.update(busy_host())
+    assert call(app, "/fragment", If_None_Match=etag)[0] == 200
+
+
+def test_basic_auth_guards_everything_but_healthz_and_no_secret_is_ever_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUWATCH_WEB_PASSWORD", "s3cret-pass")
+    app = app_for(fleet(Clock()), tmp_path, auth={"user": "lab", "password_env": "GPUWATCH_WEB_PASSWORD"})
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    for path in ("/", "/api/v1/snapshot", "/metrics", "/fragment", "/static/gpuwatch.js"):
+        status, headers, _ = call(app, path)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert call(app, path, Authorization=basic("lab", "wrong"))[0] == 401
+        assert call(app, path, Authorization=basic("other", "s3cret-pass"))[0] == 401
+        status, _, body = call(app, path, Authorization=basic("lab", "s3cret-pass"))
+        assert status == 200 and b"s3cret-pass" not in body and b"GPUWATCH_WEB_PASSWORD" not in body
+    assert call(app, "/healthz")[0] == 200  # for uptime checkers
+    assert call(app, "/", Authorization="Basic !!!")[0] == 401
+    monkeypatch.delenv("GPUWATCH_WEB_PASSWORD")
+    with pytest.raises(ValueError, match=r"web.auth.password_env: \$GPUWATCH_WEB_PASSWORD is not set"):
+        app_for(fleet(Clock()), tmp_path, auth={"user": "lab", "password_env": "GPUWATCH_WEB_PASSWORD"})
+
+
+def test_the_whole_page_of_100_hosts_with_8_gpus_stays_under_150_kb(tmp_path: Path) -> None:
+    names = [f"node-{i:03d}" for i in range(100)]
+    state = FleetState([(n, n) for n in names], poll_every=60)
+    busy, idle = busy_host(), host("x", H100_IDLE)
+    for n in names:
+        gpus = tuple(g.__class__(**{**g.__dict__, "index": i}) for i, g in enumerate([*busy.gpus * 4, *idle.gpus * 4]))
+        state.update(HostSnapshot(n, n, ok=True, gpus=gpus, processes=busy.processes))
+    app = app_for(state, tmp_path)
+    sizes = []
+    for path in ("/", "/static/gpuwatch.css", "/static/gpuwatch.js"):
+        environ_headers = {"Accept_Encoding": "gzip"}
+        status, headers, _ = call(app, path, **environ_headers)
+        assert status == 200
+        sizes.append(int(headers["Content-Length"]))
+    assert sum(sizes) < 150_000, sizes
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def test_metrics_in_base_units_with_no_sample_for_an_unknown_value(tmp_path: Path) -> None:
+    clock = Clock()
+    state = fleet(clock)
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "refused"))
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.AUTH_FAILED, "denied"))
+    status, headers, body = call(app_for(state, tmp_path), "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    found = samples(body.decode())
+    a0 = (("gpu", "0"), ("host", "gpu-a"), ("model", "NVIDIA H100 80GB HBM3"))
+    uuid = next(g.uuid for g in busy_host().gpus)
+    a0 = tuple(sorted((*a0, ("uuid", uuid or ""))))
+    assert found[("gpuwatch_gpu_memory_used_bytes", a0)] == 19818 * MIB
+    assert found[("gpuwatch_gpu_memory_total_bytes", a0)] == 81559 * MIB
+    assert found[("gpuwatch_gpu_utilization_ratio", a0)] == 1.0
+    assert found[("gpuwatch_gpu_temperature_celsius", a0)] == 59
+    assert found[("gpuwatch_host_up", (("host", "gpu-a"),))] == 1
+    assert found[("gpuwatch_host_up", (("host", "gpu-d"),))] == 0
+    assert found[("gpuwatch_host_probe_duration_seconds", (("host", "gpu-a"),))] == 0.31
+    assert found[("gpuwatch_host_last_success_timestamp_seconds", (("host", "gpu-a"),))] == T0.timestamp()
+    assert found[("gpuwatch_user_gpu_memory_bytes", (("gpu", "0"), ("host", "gpu-a"), ("user", "alice")))] == 2566 * MIB
+    assert found[("gpuwatch_user_gpus", (("host", "gpu-a"), ("user", "alice")))] == 1
+    assert found[("gpuwatch_user_gpus", (("host", "gpu-a"), ("user", "N/A")))] == 1  # ps could not see 11345
+    assert found[("gpuwatch_probe_errors_total", (("host", "gpu-d"), ("kind", "unreachable")))] == 2
+    assert found[("gpuwatch_probe_errors_total", (("host", "gpu-d"), ("kind", "auth_failed")))] == 1
+    mig_util = [k for k in found if k[0] == "gpuwatch_gpu_utilization_ratio" and ("host", "gpu-m") in k[1]]
+    assert mig_util == []  # MIG mode: utilization unknown, so no sample (never 0)
+    assert not [k for k in found if ("host", "gpu-d") in k[1] and k[0].startswith("gpuwatch_gpu_")]
+
+
+def test_metrics_read_the_alert_state_and_outbox_and_register_nothing_globally(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "state")
+    record = AlertRecord(AlertKey("host_down", "gpu-d"), "firing", T0.timestamp(), value=3, threshold=3, unit="polls")
+    pending = AlertRecord(AlertKey("host_down", "gpu-x"), "pending", T0.timestamp(), value=1, threshold=3, unit="polls")
+    AlertStore(db).save({record.key.id: record, pending.key.id: pending}, AlertStore(db).memory())
+    Outbox(db).add("email", "GPU alerts", [{"text": "x"}])
+    db.close()
+    cfg = parse_config(
+        {
+            "hosts": ["gpu-a"],
+            "state_dir": str(tmp_path / "state"),
+            "email": {"to": ["a@example.com"], "from": "g@example.com", "smtp_host": "localhost"},
+        }
+    )
+    store = StoreReader(tmp_path / "state")
+    registry = build_registry(fleet(Clock()), lambda: cfg, store)
+    found = samples(prometheus_client.generate_latest(registry).decode())
+    assert found[("gpuwatch_alerts_firing", (("rule", "host_down"),))] == 1
+    assert found[("gpuwatch_alerts_firing", (("rule", "gpu_error"),))] == 0  # every rule switched on has a series
+    assert found[("gpuwatch_outbox_messages", (("channel", "email"),))] == 1
+    store.close()
+    assert not [m for m in prometheus_client.REGISTRY.collect() if m.name.startswith("gpuwatch")]
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_the_web_section() -> None:
+    def web(**section: Any) -> WebConfig | None:
+        return parse_config({"hosts": ["a"], "web": section or None}).web
+
+    assert web() == WebConfig()  # present, even empty: the defaults
+    assert parse_config({"hosts": ["a"]}).web is None  # absent: the daemon serves nothing
+    got = web(listen="0.0.0.0:9000", base_path="/gpus/", public_url="https://gpu.lab.example/gpus/")
+    assert got is not None and (got.host, got.port, got.base_path, got.loopback) == ("0.0.0.0", 9000, "/gpus", False)
+    v6 = web(listen="[::1]:8787")
+    assert v6 is not None and v6.host == "::1" and v6.loopback and v6.listen == "[::1]:8787"
+    for section, message in (
+        ({"listen": "somewhere"}, "web.listen: 'somewhere' is not host:port"),
+        ({"listen": "127.0.0.1:70000"}, "web.listen (port): 70000 is out of range"),
+        ({"base_path": "gpus"}, "web.base_path: 'gpus' must be a path such as /gpuwatch"),
+        ({"auth": {"user": "lab"}}, "web.auth: needs 'password_env'"),
+        ({"auth": {"user": "lab", "password": "x"}}, "web.auth.password: unknown key"),
+        ({"public_url": "gpu.lab"}, "web.public_url: expected an http"),
+        ({"port": 1}, "web.port: unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            web(**section)
