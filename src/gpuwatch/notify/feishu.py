@@ -276,7 +276,9 @@ class FeishuChannel:
         self._session.mount(_origin(settings.url), _GuardedAdapter())
         self._clock = clock
         self._stop = stop
-        self._sleep: Callable[[float], None] = sleep or (_waiter(stop) if stop is not None else time.sleep)
+        if sleep is None:
+            sleep = _waiter(stop) if stop is not None else time.sleep
+        self._sleep = sleep
         self._limiter = RateLimiter(
             settings.per_second, settings.per_minute, monotonic=monotonic, sleep=self._sleep, stop=stop
         )
