@@ -40,7 +40,8 @@ and then chokes on the reply:
 How each of these answers ended is in ``answers`` (:class:`AnswerRecord`: bytes written,
 whether the client hung up first, how long it took). ``always(fault)`` applies a fault to every
 request that no ``fail_next`` entry claims, until ``always(None)`` (for drills).
-``wait_for_requests(n)`` and ``wait_for_answers(n)`` wait (with a timeout) instead of sleeping.
+``clear_faults()`` forgets both. ``wait_for_requests(n)`` and ``wait_for_answers(n)`` wait (with a
+timeout) instead of sleeping.
 
 Usage::
 
@@ -58,6 +59,7 @@ import hmac
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -149,6 +151,7 @@ class FakeFeishu:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.token = token
         self.keywords = list(keywords)
@@ -161,6 +164,7 @@ class FakeFeishu:
         self.clock = clock
         self.monotonic = monotonic
         self.host = host
+        self.ssl_context = ssl_context  # a server context: serve HTTPS (the URL says https://)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -179,6 +183,8 @@ class FakeFeishu:
             return self
         self._stopping.clear()
         self._httpd = _Server((self.host, 0), _Handler, self)
+        if self.ssl_context is not None:
+            self._httpd.socket = self.ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="fakefeishu", daemon=True
         )
@@ -210,7 +216,8 @@ class FakeFeishu:
         if self._httpd is None:
             raise RuntimeError("FakeFeishu is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host!s}:{port}"
 
     def url_for(self, token: str) -> str:
         return f"{self.base_url}{HOOK_PREFIX}{token}"
@@ -236,6 +243,12 @@ class FakeFeishu:
             _check_fault(fault)
         with self._lock:
             self._always = fault
+
+    def clear_faults(self) -> None:
+        """Forget the faults queued by fail_next and set by always."""
+        with self._lock:
+            self._faults.clear()
+            self._always = None
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
         """Wait until ``count`` requests have arrived in total; False on timeout."""
@@ -549,7 +562,10 @@ class _Handler(BaseHTTPRequestHandler):
             if left <= 0:
                 return "time"
             readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            if readable and (
+                isinstance(self.connection, ssl.SSLSocket)  # a client sends nothing more but its goodbye
+                or not self.connection.recv(1, socket.MSG_PEEK)
+            ):
                 return "hung up"  # EOF: the client closed or shut down its end
         return "stopping"
 

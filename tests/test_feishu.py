@@ -193,6 +193,9 @@ def test_settings_repr_masks_secrets_and_validates() -> None:
         FeishuSettings(url=settings.url, format="markdown")
     with pytest.raises(ValueError, match=r"feishu\.url"):
         FeishuSettings(url="open.feishu.cn/hook")
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"feishu\.timeout_seconds: must be a positive number"):
+            FeishuSettings(url=settings.url, timeout_seconds=bad)
 
 
 # ---------------------------------------------------------------------- formats and keyword
@@ -840,3 +843,67 @@ def test_stop_ends_a_wait_for_the_rate_limiter() -> None:
     done = threading.Event()
     threading.Thread(target=lambda: (limiter.acquire(), done.set()), daemon=True).start()
     assert done.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------- the same over HTTPS (as the real Feishu)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from smtpserver import certificates_unavailable_reason, make_certificates
+
+    reason = certificates_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return make_certificates(tmp_path_factory.mktemp("feishu-tls"))
+
+
+@pytest.fixture
+def https_server(tls_files: Any) -> Iterator[FakeFeishu]:
+    with FakeFeishu(keywords=[KEYWORD], secret=SECRET, ssl_context=tls_files.server_context()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def https_session(tls_files: Any) -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        s.trust_env = False
+        s.verify = str(tls_files.ca_file)
+        yield s
+
+
+def test_https_post_is_delivered(https_server: FakeFeishu, https_session: requests.Session, clock: FakeTime) -> None:
+    assert https_server.url.startswith("https://")
+    channel, _ = make_channel(https_server.url, https_session, clock)
+    for i in range(3):  # one fresh connection per post
+        send(channel, Message(title=f"GPU report {i}", blocks=("node01 idle",)))
+    assert https_server.codes == [0, 0, 0]
+
+
+@pytest.mark.parametrize("fault", ["silent", "trickle:0.2", "huge"])
+def test_https_post_without_a_verdict_is_cut_at_the_deadline(
+    https_server: FakeFeishu, https_session: requests.Session, clock: FakeTime, fault: str
+) -> None:
+    channel, _ = make_channel(https_server.url, https_session, clock, timeout_seconds=SLOW_DEADLINE)
+    https_server.fail_next([fault])
+    started = time.monotonic()
+    with pytest.raises(DeliveryError) as caught:
+        send(channel, Message(title="GPU report", blocks=("node01 idle",)))
+    assert time.monotonic() - started < 10 * SLOW_DEADLINE
+    assert caught.value.maybe_delivered and len(https_server.exchanges) == 1
+    assert https_server.wait_for_answers(1, timeout=10) and https_server.answers[0].hung_up
+
+
+def test_https_stop_ends_a_post_waiting_for_its_answer(
+    https_server: FakeFeishu, https_session: requests.Session
+) -> None:
+    stop = threading.Event()
+    channel = stoppable_channel(https_server.url, https_session, stop, timeout_seconds=60)
+    (payload,) = channel.prepare(Message(title="GPU report", blocks=("node01 idle",)))
+    https_server.fail_next(["silent"])
+    sender = Sender(channel, payload)
+    sender.start()
+    assert https_server.wait_for_requests(1, timeout=10)
+    stop.set()
+    assert sender.finished.wait(timeout=5), "deliver() still running 5 s after the stop"
+    assert sender.error is not None and sender.error.maybe_delivered

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -172,8 +173,9 @@ class FeishuSettings:
         if self.keyword is not None and not self.keyword.strip():
             raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
         for name in ("timeout_seconds", "max_body_bytes", "per_second", "per_minute", "max_attempts"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"feishu.{name}: must be positive")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # NaN compares false both ways
+                raise ValueError(f"feishu.{name}: must be a positive number")
 
     def __repr__(self) -> str:
         return (
