@@ -20,10 +20,28 @@ Every request is recorded (thread-safe) with its raw bytes and the answer it got
 ``accepted`` (parsed bodies), ``accepted_raw``, ``rejected`` and ``exchanges``.
 ``fail_next([...])`` scripts the next answers, one per request, before any check: an int
 100-599 answers that HTTP status, any other int answers that Feishu code, ``"drop"`` closes
-the connection without an answer, ``"slow:S"`` waits S seconds and then answers normally,
-``"garbage"`` answers HTTP 200 with a non-JSON page, ``"legacy"`` checks as usual but answers
-in the old shape (``StatusCode``/``StatusMessage`` only, no ``code``). Scripted answers (all but
-``"slow:S"`` and ``"legacy"``) do not count towards the rate limits.
+the connection without an answer, ``"garbage"`` answers HTTP 200 with a non-JSON page,
+``"legacy"`` checks as usual but answers in the old shape (``StatusCode``/``StatusMessage``
+only, no ``code``). These do not count towards the rate limits.
+
+Faults that check the request as usual (so an accepted message reaches "the group" and counts
+in ``accepted``) and then misbehave in the answer only, like a webhook that takes a message
+and then chokes on the reply:
+
+=================  =========================================================================
+``"slow:S"``       answers normally after S seconds
+``"trickle:S"``    sends the headers, then the JSON answer one byte every S seconds
+``"trickle-head:S"`` sends the status line and headers one byte every S seconds
+``"huge"``         answers HTTP 200 with a :data:`HUGE_ANSWER_BYTES` (300 MB) JSON body made
+                   on the fly in 64 KiB pieces (never held in memory)
+``"silent"``       never answers; waits until the client hangs up (or the server stops)
+=================  =========================================================================
+
+How each of these answers ended is in ``answers`` (:class:`AnswerRecord`: bytes written,
+whether the client hung up first, how long it took). ``always(fault)`` applies a fault to every
+request that no ``fail_next`` entry claims, until ``always(None)`` (for drills).
+``clear_faults()`` forgets both. ``wait_for_requests(n)`` and ``wait_for_answers(n)`` wait (with a
+timeout) instead of sleeping.
 
 Usage::
 
@@ -39,7 +57,9 @@ import collections
 import hashlib
 import hmac
 import json
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,8 +81,22 @@ MESSAGES = {
     19036: "request body too large",
 }
 _TEXT_KEYS = frozenset({"text", "title", "content"})  # where keywords count; "href" never does
+HUGE_ANSWER_BYTES = 300_000_000
+_CHUNK = 64 * 1024
+_SIMPLE_FAULTS = frozenset({"drop", "garbage", "legacy", "huge", "silent"})
+_TIMED_FAULTS = ("slow:", "trickle:", "trickle-head:")  # followed by seconds
 
 Fault = int | str
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """How a misbehaving answer (slow, trickle, trickle-head, huge, silent) ended."""
+
+    fault: str
+    bytes_written: int  # of the answer (status line, headers, body) that reached the socket
+    hung_up: bool  # the client closed the connection before the answer was complete
+    seconds: float  # from the check of the request to the end of the answer or the hang-up
 
 
 @dataclass(frozen=True)
@@ -117,6 +151,7 @@ class FakeFeishu:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.token = token
         self.keywords = list(keywords)
@@ -129,9 +164,14 @@ class FakeFeishu:
         self.clock = clock
         self.monotonic = monotonic
         self.host = host
+        self.ssl_context = ssl_context  # a server context: serve HTTPS (the URL says https://)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stopping = threading.Event()
         self._faults: collections.deque[Fault] = collections.deque()
+        self._always: Fault | None = None
         self._exchanges: list[Exchange] = []
+        self._answers: list[AnswerRecord] = []
         self._window: collections.deque[float] = collections.deque()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -141,7 +181,10 @@ class FakeFeishu:
     def start(self) -> FakeFeishu:
         if self._httpd is not None:
             return self
+        self._stopping.clear()
         self._httpd = _Server((self.host, 0), _Handler, self)
+        if self.ssl_context is not None:
+            self._httpd.socket = self.ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="fakefeishu", daemon=True
         )
@@ -151,6 +194,7 @@ class FakeFeishu:
     def stop(self) -> None:
         if self._httpd is None:
             return
+        self._stopping.set()  # ends slow, trickling, huge and silent answers
         self._httpd.shutdown()
         self._httpd.close_connections()
         self._httpd.server_close()
@@ -172,7 +216,8 @@ class FakeFeishu:
         if self._httpd is None:
             raise RuntimeError("FakeFeishu is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host!s}:{port}"
 
     def url_for(self, token: str) -> str:
         return f"{self.base_url}{HOOK_PREFIX}{token}"
@@ -188,17 +233,42 @@ class FakeFeishu:
         """Queue scripted answers for the next requests, in order (see the module docstring)."""
         items = list(faults)
         for fault in items:
-            if isinstance(fault, str) and not (
-                fault in ("drop", "garbage", "legacy") or (fault.startswith("slow:") and _is_float(fault[5:]))
-            ):
-                raise ValueError(f"unknown fault {fault!r}")
+            _check_fault(fault)
         with self._lock:
             self._faults.extend(items)
+
+    def always(self, fault: Fault | None) -> None:
+        """Answer every request with ``fault`` (after any queued by fail_next); None: behave again."""
+        if fault is not None:
+            _check_fault(fault)
+        with self._lock:
+            self._always = fault
+
+    def clear_faults(self) -> None:
+        """Forget the faults queued by fail_next and set by always."""
+        with self._lock:
+            self._faults.clear()
+            self._always = None
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` requests have arrived in total; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._exchanges) >= count, timeout)
+
+    def wait_for_answers(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` misbehaving answers have ended (see ``answers``); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._answers) >= count, timeout)
 
     @property
     def exchanges(self) -> list[Exchange]:
         with self._lock:
             return list(self._exchanges)
+
+    @property
+    def answers(self) -> list[AnswerRecord]:
+        with self._lock:
+            return list(self._answers)
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
@@ -220,18 +290,26 @@ class FakeFeishu:
     def reset(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._always = None
             self._exchanges.clear()
+            self._answers.clear()
             self._window.clear()
 
     # -- the checks, called from handler threads
 
     def _next_fault(self) -> Fault | None:
         with self._lock:
-            return self._faults.popleft() if self._faults else None
+            return self._faults.popleft() if self._faults else self._always
 
     def _record(self, exchange: Exchange) -> None:
-        with self._lock:
+        with self._changed:
             self._exchanges.append(exchange)
+            self._changed.notify_all()
+
+    def _record_answer(self, answer: AnswerRecord) -> None:
+        with self._changed:
+            self._answers.append(answer)
+            self._changed.notify_all()
 
     def _over_rate(self, now: float) -> bool:
         """Sliding windows; every request that reaches this check counts."""
@@ -280,6 +358,18 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_fault(fault: Fault) -> None:
+    if isinstance(fault, str) and not (
+        fault in _SIMPLE_FAULTS
+        or any(fault.startswith(p) and _is_float(fault[len(p) :]) for p in _TIMED_FAULTS)
+    ):
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+def _seconds(fault: str) -> float:
+    return float(fault.rsplit(":", 1)[1])
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -363,8 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         fault = fake._next_fault()
         legacy = fault == "legacy"
-        if isinstance(fault, str) and fault.startswith("slow:"):
-            time.sleep(float(fault[5:]))
+        misbehave = fault if isinstance(fault, str) and fault not in ("drop", "garbage", "legacy") else None
         if isinstance(fault, str) and fault != "drop" and fault != "garbage":
             fault = None
         if fault == "drop":
@@ -391,12 +480,106 @@ class _Handler(BaseHTTPRequestHandler):
             return
         code, reason = fake.check(self.path, self.client_address[0], headers, raw, now)
         record(200, code, reason)
+        if misbehave is not None:
+            self._misbehave(misbehave, code)
+            return
         if legacy:
             self._json({"StatusCode": code, "StatusMessage": "success" if code == 0 else MESSAGES.get(code, "error")})
         elif code == 0:
             self._json(SUCCESS)
         else:
             self._json({"code": code, "msg": MESSAGES.get(code, "error"), "data": {}})
+
+    def _misbehave(self, fault: str, code: int) -> None:
+        """Answer the checked request badly (see the module docstring); record how it ended."""
+        fake = self.server.fake
+        stopping = fake._stopping
+        started = time.monotonic()
+        reply = json.dumps(SUCCESS if code == 0 else {"code": code, "msg": MESSAGES.get(code, "error"), "data": {}})
+        body = reply.encode()
+        written = 0
+        hung_up = False
+        self.close_connection = True
+        try:
+            if fault.startswith("slow:"):
+                if not self._pause(_seconds(fault)):
+                    hung_up = not stopping.is_set()
+                    return
+                head = self._head(200, len(body))
+                self.connection.sendall(head + body)
+                written = len(head) + len(body)
+            elif fault.startswith("trickle-head:"):
+                data = self._head(200, len(body)) + body
+                for i in range(len(data)):
+                    self.connection.sendall(data[i : i + 1])
+                    written += 1
+                    if i + 1 < len(data) and not self._pause(_seconds(fault)):
+                        hung_up = not stopping.is_set()
+                        return
+            elif fault.startswith("trickle:"):
+                head = self._head(200, len(body))
+                self.connection.sendall(head)
+                written = len(head)
+                for i in range(len(body)):
+                    if not self._pause(_seconds(fault)):
+                        hung_up = not stopping.is_set()
+                        return
+                    self.connection.sendall(body[i : i + 1])
+                    written += 1
+            elif fault == "huge":
+                prefix, suffix = b'{"code": 0, "msg": "', b'", "data": {}}'
+                head = self._head(200, HUGE_ANSWER_BYTES)
+                self.connection.sendall(head + prefix)
+                written = len(head) + len(prefix)
+                left = HUGE_ANSWER_BYTES - len(prefix) - len(suffix)
+                piece = b"x" * _CHUNK  # the same 64 KiB over and over: the body is never built
+                while left > 0 and not stopping.is_set():
+                    chunk = piece if left >= _CHUNK else piece[:left]
+                    self.connection.sendall(chunk)
+                    written += len(chunk)
+                    left -= len(chunk)
+                if left <= 0:
+                    self.connection.sendall(suffix)
+                    written += len(suffix)
+            elif fault == "silent":
+                if self._wait(None) == "stopping":
+                    return
+                hung_up = True
+            else:  # pragma: no cover - _check_fault lets nothing else through
+                raise ValueError(fault)
+        except OSError:  # broken pipe, reset: the client hung up
+            hung_up = True
+        finally:
+            if not stopping.is_set() or hung_up:
+                fake._record_answer(AnswerRecord(fault, written, hung_up, time.monotonic() - started))
+
+    def _wait(self, seconds: float | None) -> str:
+        """Wait ``seconds`` (None: for ever) watching the connection: "time", "hung up" or "stopping"."""
+        stopping = self.server.fake._stopping
+        end = None if seconds is None else time.monotonic() + seconds
+        while not stopping.is_set():
+            left = 0.05 if end is None else min(0.05, end - time.monotonic())
+            if left <= 0:
+                return "time"
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable and (
+                isinstance(self.connection, ssl.SSLSocket)  # a client sends nothing more but its goodbye
+                or not self.connection.recv(1, socket.MSG_PEEK)
+            ):
+                return "hung up"  # EOF: the client closed or shut down its end
+        return "stopping"
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False when the client hung up or the server is stopping meanwhile."""
+        return self._wait(seconds) == "time"
+
+    def _head(self, status: int, length: int) -> bytes:
+        return (
+            f"HTTP/1.1 {status} {self.responses[status][0]}\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {length}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
 
     def _json(self, reply: dict[str, Any]) -> None:
         self._answer(200, json.dumps(reply).encode(), "application/json; charset=utf-8")

@@ -20,8 +20,20 @@ Every accepted mail is recorded as a :class:`Received` (envelope, parsed message
 session was TLS, who logged in): ``server.received``. ``server.connections`` counts the
 connections clients made; ``server.failed_logins`` the rejected AUTH attempts.
 ``server.fail_next(stage, reply)`` scripts one failure at ``"MAIL"``, ``"RCPT"`` or ``"DATA"``:
-an SMTP reply such as ``"451 4.3.0 Try again later"``, or ``"drop"`` to close the connection
-without an answer. Faults are used once each, in order.
+an SMTP reply such as ``"451 4.3.0 Try again later"``, ``"drop"`` to close the connection
+without an answer, or a server that is slow to answer:
+
+==============  ==================================================================================
+``"slow:S"``    answers normally after S seconds
+``"trickle:S"`` answers with an endless multi-line reply (``250-still working``), one byte every S
+                seconds: each byte well within any read timeout, the reply never complete
+``"silent"``    never answers (until the client hangs up)
+==============  ==================================================================================
+
+At ``DATA`` these three take the mail first (it counts in ``received``: the server queued it)
+and then misbehave, like a server that chokes after the mail is safe. ``server.hangups``
+counts the clients that hung up on a slow, trickling or silent answer; ``wait_for_mails(n)``
+waits for the n-th mail. Faults are used once each, in order.
 
 Usage::
 
@@ -34,17 +46,21 @@ Usage::
 Pytest fixtures (import them into a test module; they are not in conftest.py): ``smtp_certs``
 (session-wide certificates), ``make_smtp_server`` (a factory; servers stop after the test),
 ``smtp_server`` (STARTTLS + AUTH), ``smtps_server`` (implicit TLS + AUTH), ``refused_smtp_port``
-(nothing listens: connection refused) and ``silent_smtp_port`` (accepts, never answers).
+(nothing listens: connection refused), ``silent_smtp_port`` (accepts, never answers) and
+``trickling_smtp_port`` (greets with an endless ``220-`` reply, one byte every 0.2 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import datetime
 import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import policy
@@ -63,6 +79,7 @@ SENDER = "GPU watch <gpuwatch@example.com>"
 RECIPIENTS = ("ops@example.com", "张伟 <zhang.wei@example.cn>")
 MODES = ("starttls", "tls", "plain")
 STAGES = ("MAIL", "RCPT", "DATA")
+_SLOW_FAULTS = ("slow:", "trickle:")  # followed by seconds
 
 
 # ---------------------------------------------------------------------- certificates
@@ -231,6 +248,8 @@ class LocalSMTPServer:
         self.host = host
         self.port = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._hangups = 0
         self._received: list[Received] = []
         self._faults: collections.deque[tuple[str, str]] = collections.deque()
         self._connections = 0
@@ -286,6 +305,21 @@ class LocalSMTPServer:
             return self._connections
 
     @property
+    def hangups(self) -> int:
+        """Clients that hung up while a slow, trickling or silent answer was under way."""
+        with self._lock:
+            return self._hangups
+
+    def wait_for_mails(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` mails were received in total; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._received) >= count, timeout)
+
+    def wait_for_hangups(self, count: int, timeout: float = 10.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._hangups >= count, timeout)
+
+    @property
     def failed_logins(self) -> int:
         with self._lock:
             return self._failed_logins
@@ -299,6 +333,8 @@ class LocalSMTPServer:
         """Answer the next ``stage`` command (MAIL, RCPT, DATA) with ``reply`` ("451 ...", "drop")."""
         if stage not in STAGES:
             raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+        if _misbehaving(reply) and not (reply == "silent" or _seconds(reply) >= 0):
+            raise ValueError(f"reply: bad delay in {reply!r}")
         with self._lock:
             self._faults.append((stage, reply))
 
@@ -362,8 +398,54 @@ class LocalSMTPServer:
             login=session.auth_data if session.authenticated else None,
             peer=session.peer,
         )
-        with self._lock:
+        with self._changed:
             self._received.append(received)
+            self._changed.notify_all()
+
+    def _hung_up(self) -> None:
+        with self._changed:
+            self._hangups += 1
+            self._changed.notify_all()
+
+    async def _misbehave(self, server: SMTP, fault: str) -> bool:
+        """Play a slow, trickling or silent answer; True when a normal answer should follow."""
+        transport = server.transport
+        assert transport is not None
+        try:
+            if fault.startswith("slow:"):
+                end = time.monotonic() + _seconds(fault)
+                while time.monotonic() < end:
+                    if transport.is_closing():
+                        self._hung_up()
+                        return False
+                    await asyncio.sleep(min(0.05, max(end - time.monotonic(), 0)))
+                return True
+            line = b"250-still working on it\r\n"
+            while not transport.is_closing():
+                if fault == "silent":
+                    await asyncio.sleep(0.05)
+                    continue
+                for byte in line:
+                    transport.write(bytes([byte]))
+                    await asyncio.sleep(_seconds(fault))
+                    if transport.is_closing():
+                        break
+            self._hung_up()
+            return False
+        except asyncio.CancelledError:  # aiosmtpd cancels the handler when the client goes away
+            self._hung_up()
+            raise
+
+
+def _misbehaving(reply: str) -> bool:
+    return reply == "silent" or reply.startswith(_SLOW_FAULTS)
+
+
+def _seconds(reply: str) -> float:
+    try:
+        return float(reply.split(":", 1)[1])
+    except (IndexError, ValueError):
+        return -1.0
 
 
 def _fault_reply(server: SMTP, reply: str) -> str:
@@ -386,7 +468,10 @@ class _Handler:
         if self._owner.login is not None and not session.authenticated:
             return "530 5.7.0 Authentication required"
         fault = self._owner._take_fault("MAIL")
-        if fault is not None:
+        if fault is not None and _misbehaving(fault):
+            if not await self._owner._misbehave(server, fault):
+                return "421 4.4.2 closing"  # goes nowhere: the client is gone
+        elif fault is not None:
             return _fault_reply(server, fault)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -396,7 +481,10 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         fault = self._owner._take_fault("RCPT")
-        if fault is not None:
+        if fault is not None and _misbehaving(fault):
+            if not await self._owner._misbehave(server, fault):
+                return "421 4.4.2 closing"
+        elif fault is not None:
             return _fault_reply(server, fault)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -404,6 +492,11 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         fault = self._owner._take_fault("DATA")
+        if fault is not None and _misbehaving(fault):
+            self._owner._record(server, session, envelope)  # queued: then the answer chokes
+            if not await self._owner._misbehave(server, fault):
+                return "421 4.4.2 closing"
+            return "250 2.0.0 OK: queued"
         if fault is not None:
             return _fault_reply(server, fault)
         self._owner._record(server, session, envelope)
@@ -428,6 +521,43 @@ def silent_smtp_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def trickling_smtp_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose server greets with an endless ``220-`` reply, one byte every 0.2 s:
+    every read gets a byte long before any socket timeout, and the greeting never ends."""
+    stopping = threading.Event()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+
+    def trickle(conn: socket.socket) -> None:
+        line = b"220-smtp.example.com is getting ready\r\n"
+        with conn, contextlib.suppress(OSError):
+            while not stopping.is_set():
+                for byte in line:
+                    conn.sendall(bytes([byte]))
+                    if stopping.wait(0.2):
+                        return
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the accept timeout, or the listener closed
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stopping.set()
+        server.join(timeout=5)
+        listener.close()
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -11,6 +11,8 @@ import json
 import logging
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,7 @@ REPORT = Message(
     ),
 )
 WRONG_PASSWORD = "wrong-Pa55-Qv8u"
+SLOW_DEADLINE = 1.0  # email deadline_seconds in the slow-server tests: the most one attempt may take
 
 
 class Sleeps(list[float]):
@@ -99,12 +102,29 @@ def test_local_relay_without_tls(make_smtp_server: Callable[..., LocalSMTPServer
     assert not mail.tls and mail.login is None
 
 
-def test_message_id_is_kept_across_retries(smtp_server: LocalSMTPServer) -> None:
-    smtp_server.fail_next("DATA", "drop")  # after the data went over: the retry may duplicate
-    sleeps = Sleeps()
-    send(EmailChannel(smtp_server.settings(), sleep=sleeps))
-    assert len(sleeps) == 1 and smtp_server.connections == 2
-    assert len(smtp_server.received) == 1
+def test_a_mail_sent_again_keeps_its_message_id(smtp_server: LocalSMTPServer) -> None:
+    """The Message-ID is in the payload (made once, kept in the outbox): a resend after a lost
+    confirmation is the same mail to a mail client that de-duplicates."""
+    channel = EmailChannel(smtp_server.settings(deadline_seconds=SLOW_DEADLINE), sleep=Sleeps())
+    (payload,) = channel.prepare(REPORT)
+    smtp_server.fail_next("DATA", "slow:30")  # queued, then no confirmation
+    with pytest.raises(DeliveryError) as first:
+        channel.deliver(payload)
+    assert first.value.maybe_delivered
+    channel.deliver(payload)  # what the outbox does later
+    ids = [mail.message["Message-ID"] for mail in smtp_server.received]
+    assert len(ids) == 2 and ids[0] == ids[1] == payload["message_id"]
+    assert channel.prepare(REPORT)[0]["message_id"] != payload["message_id"]  # another message, another id
+
+
+def test_a_payload_without_a_message_id_still_gets_one(smtp_server: LocalSMTPServer) -> None:
+    """Payloads queued by an older gpuwatch have no message_id."""
+    channel = EmailChannel(smtp_server.settings())
+    (payload,) = channel.prepare(REPORT)
+    del payload["message_id"]
+    channel.deliver(payload)
+    (mail,) = smtp_server.received
+    assert str(mail.message["Message-ID"]).endswith("@example.com>")
 
 
 # ---------------------------------------------------------------------- TLS is never optional
@@ -242,8 +262,7 @@ def test_silent_server_times_out_as_transient(silent_smtp_port: int) -> None:
         ("MAIL", "451 4.3.0 Try again later"),
         ("RCPT", "450 4.2.0 Mailbox busy"),
         ("DATA", "451 4.3.0 Try again later"),
-        ("DATA", "421 4.3.2 Shutting down"),
-        ("DATA", "drop"),
+        ("DATA", "421 4.3.2 Shutting down"),  # a verdict (not taken), not a lost one
     ],
 )
 def test_transient_failure_then_delivered(smtp_server: LocalSMTPServer, stage: str, reply: str) -> None:
@@ -328,6 +347,9 @@ def test_tls_none_with_a_password_is_refused_before_connecting(refused_smtp_port
         ({"smtp_port": 0}, r"email\.smtp_port"),
         ({"max_attempts": 0}, r"email\.max_attempts"),
         ({"timeout_seconds": 0}, r"email\.timeout_seconds"),
+        ({"deadline_seconds": 0}, r"email\.deadline_seconds"),
+        ({"deadline_seconds": float("inf")}, r"email\.deadline_seconds"),
+        ({"timeout_seconds": float("nan")}, r"email\.timeout_seconds"),
     ],
 )
 def test_settings_are_validated(overrides: dict[str, Any], key: str) -> None:
@@ -347,6 +369,8 @@ def test_prepare_makes_one_json_payload_and_describe_reads_it() -> None:
     message = Message(title="GPU 日报\nsecond line", blocks=("节点 a", "节点 b"), kind="report")
     (payload,) = channel.prepare(message)
     assert json.loads(json.dumps(payload, ensure_ascii=False)) == payload
+    msgid = payload.pop("message_id")
+    assert msgid.startswith("<") and msgid.endswith("@example.com>")
     assert payload == {
         "subject": "[gpuwatch] GPU 日报 second line",
         "text": message.text,
@@ -364,4 +388,140 @@ def test_malformed_payload_is_a_message_fault(smtp_server: LocalSMTPServer) -> N
     with pytest.raises(DeliveryError) as info:
         channel.deliver({"subject": "s", "text": "t", "to": "ops@example.com"})
     assert info.value.permanent and info.value.message_fault
+    assert smtp_server.connections == 0
+
+
+# ---------------------------------------------------------------------- slow and trickling servers
+#
+# Bounds on elapsed time are generous (10x the design) so that a loaded machine cannot fail
+# them; bench/drill.py measures the real figures.
+
+
+@pytest.mark.parametrize(
+    ("reply", "received", "words"),
+    [
+        ("slow:30", 1, "the server did not confirm the mail within 1 s"),  # queued, confirms after 30 s
+        ("trickle:0.2", 1, "the server did not confirm the mail within 1 s"),  # an endless 250- reply
+        ("silent", 1, "the server did not confirm the mail within 1 s"),
+        ("drop", 0, "no confirmation from the server after the mail went out"),  # hangs up instead
+    ],
+)
+def test_a_mail_without_a_verdict_is_sent_once_and_reported_as_maybe_delivered(
+    smtp_server: LocalSMTPServer, reply: str, received: int, words: str
+) -> None:
+    smtp_server.fail_next("DATA", reply)
+    sleeps = Sleeps()
+    started = time.monotonic()
+    error = failed(EmailChannel(smtp_server.settings(deadline_seconds=SLOW_DEADLINE), sleep=sleeps))
+    elapsed = time.monotonic() - started
+
+    assert error.maybe_delivered is True and error.permanent is False
+    assert words in str(error)
+    assert "the mail may have been delivered" in str(error) and "a duplicate is possible" in str(error)
+    assert len(smtp_server.received) == received  # the inbox has at most one copy
+    assert smtp_server.connections == 1 and sleeps == []  # not sent again inside deliver()
+    assert elapsed < 10 * SLOW_DEADLINE
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [("MAIL", "slow:30"), ("MAIL", "trickle:0.2"), ("RCPT", "silent")],
+)
+def test_a_server_too_slow_before_the_mail_went_out_is_retried(
+    smtp_server: LocalSMTPServer, stage: str, reply: str
+) -> None:
+    """Nothing can have been delivered yet: the next attempt goes at once (after the backoff)."""
+    smtp_server.fail_next(stage, reply)
+    sleeps = Sleeps()
+    started = time.monotonic()
+    send(EmailChannel(smtp_server.settings(deadline_seconds=SLOW_DEADLINE), sleep=sleeps))
+    assert time.monotonic() - started < 10 * SLOW_DEADLINE
+    assert len(sleeps) == 1 and smtp_server.connections == 2
+    (mail,) = smtp_server.received
+    assert mail.rcpt_tos == ["ops@example.com", "zhang.wei@example.cn"]
+    assert smtp_server.wait_for_hangups(1)  # the first session was cut, not left trickling
+
+
+def test_a_greeting_that_trickles_for_ever_ends_at_the_deadline(trickling_smtp_port: int) -> None:
+    settings = EmailSettings(
+        to=RECIPIENTS,
+        sender="gpuwatch@example.com",
+        smtp_host="127.0.0.1",
+        smtp_port=trickling_smtp_port,
+        tls="none",
+        timeout_seconds=5,  # a byte every 0.2 s never lets this fire
+        deadline_seconds=SLOW_DEADLINE,
+        max_attempts=2,
+    )
+    sleeps = Sleeps()
+    started = time.monotonic()
+    error = failed(EmailChannel(settings, sleep=sleeps))
+    assert time.monotonic() - started < 10 * 2 * SLOW_DEADLINE
+    assert not error.maybe_delivered and not error.permanent
+    assert "the SMTP session took longer than 1 s (email.deadline_seconds)" in str(error)
+    assert len(sleeps) == 1
+
+
+# ---------------------------------------------------------------------- stopping (SIGTERM) during a send
+
+
+def deliver_in_thread(channel: EmailChannel) -> tuple[threading.Thread, list[DeliveryError]]:
+    errors: list[DeliveryError] = []
+
+    def run() -> None:
+        try:
+            send(channel)
+        except DeliveryError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_stop_ends_a_session_waiting_for_the_servers_verdict(smtp_server: LocalSMTPServer) -> None:
+    stop = threading.Event()
+    smtp_server.fail_next("DATA", "silent")
+    thread, errors = deliver_in_thread(EmailChannel(smtp_server.settings(timeout_seconds=60), stop=stop))
+    assert smtp_server.wait_for_mails(1)
+    stopped_at = time.monotonic()
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "deliver() still running 10 s after the stop"
+    assert time.monotonic() - stopped_at < 5  # the design is about 1 s
+    (error,) = errors
+    assert error.maybe_delivered and "gpuwatch is stopping and the server had not confirmed the mail" in str(error)
+    assert smtp_server.wait_for_hangups(1)  # the connection was cut
+    assert len(smtp_server.received) == 1 and smtp_server.connections == 1
+
+
+def test_stop_ends_the_retries_at_once(refused_smtp_port: int) -> None:
+    stop = threading.Event()
+    tried = threading.Event()
+
+    def factory(settings: EmailSettings, context: ssl.SSLContext | None) -> smtplib.SMTP:
+        tried.set()
+        return default_smtp_factory(settings, context)
+
+    settings = EmailSettings(
+        to=RECIPIENTS,
+        sender="gpuwatch@example.com",
+        smtp_host="127.0.0.1",
+        smtp_port=refused_smtp_port,
+        max_attempts=10,
+    )
+    thread, errors = deliver_in_thread(EmailChannel(settings, smtp_factory=factory, stop=stop))
+    assert tried.wait(timeout=10)
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "still retrying 5 s after the stop"
+    (error,) = errors
+    assert "gpuwatch is stopping" in str(error) and not error.maybe_delivered
+
+
+def test_nothing_is_sent_once_stopped(smtp_server: LocalSMTPServer) -> None:
+    stop = threading.Event()
+    stop.set()
+    error = failed(EmailChannel(smtp_server.settings(), stop=stop))
+    assert "not sent: gpuwatch is stopping" in str(error)
     assert smtp_server.connections == 0

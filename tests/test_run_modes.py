@@ -427,7 +427,7 @@ def test_nothing_lost_or_repeated_across_sigkill(
         dead_host=False,
         reports=[{"report": "overview", "every": "1s"}, {"report": "free", "every": "2s"}],
     )
-    server.fail_next([503, "drop"] * 500)
+    server.fail_next([503, 500] * 500)  # refused outright (a dropped answer would be "maybe delivered")
     daemon, out, err = gpuwatch_process(["run", "-c", str(config)], tmp_path, preamble=FAST_BACKOFF)
     try:
         wait_for(lambda: len(outbox_rows(config)) >= 4, 20, "the daemon to queue 4 messages")
@@ -508,7 +508,6 @@ def test_daemon_sigterm_exits_0_and_logs_each_cycle(
         wait_for(lambda: state_log(config).count("poll: localhost ok") >= 2, 10, "two polls of each host")
         wait_for(lambda: state_log(config).count("poll: dead unreachable") >= 2, 10, "two polls of each host")
         assert daemon.poll() is None
-        open_before = len(server._httpd.connections) if server._httpd else 0
         stopped_at = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=5) == 0
@@ -517,9 +516,9 @@ def test_daemon_sigterm_exits_0_and_logs_each_cycle(
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-    assert open_before >= 1  # it kept its connection to the bot open between messages ...
     assert server._httpd is not None
-    wait_for(lambda: not server._httpd.connections, 3, "the daemon's HTTP connection to close")  # ... not after
+    # One connection per post (see FeishuChannel): none is left open after the stop.
+    wait_for(lambda: not server._httpd.connections, 3, "the daemon's HTTP connections to close")
 
     for exchange in server.exchanges:
         assert_signed_with_keyword(exchange)

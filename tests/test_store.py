@@ -32,7 +32,7 @@ import yaml
 
 from fakefeishu import FakeFeishu
 from gpuwatch.notify.base import DeliveryError
-from gpuwatch.store import DB_NAME, AlertStore, Outbox, StoreError, open_db
+from gpuwatch.store import _MIGRATIONS, DB_NAME, AlertStore, Outbox, StoreError, open_db
 from waiting import wait_for
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -262,7 +262,7 @@ def test_many_processes_creating_the_database_at_once(tmp_path: Path) -> None:
         outcomes = sorted(results.get(timeout=5) for _ in procs)
         assert outcomes == ["ok"] * workers
         with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
             assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == workers
 
 
@@ -668,3 +668,67 @@ def test_daemon_keeps_reporting_through_a_full_disk(tmp_path: Path, local_standi
     err_text = err_file.read_text()
     assert "Traceback" not in err_text, err_text
     assert "not queued" in err_text and "kept in memory until it can be" in err_text
+
+
+class DoubtfulChannel:
+    """A channel whose sends may or may not have arrived: it raises maybe_delivered until told not to."""
+
+    name = "feishu"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.doubtful = True
+
+    def prepare(self, message: Any) -> list[dict[str, Any]]:
+        return [{"text": message}]
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        self.calls.append(payload)
+        if self.doubtful:
+            reason = "no answer within 10s (it may have been delivered)"
+            raise DeliveryError(reason, permanent=False, maybe_delivered=True)
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        return str(payload)
+
+
+def test_a_send_that_may_have_been_delivered_waits_60s_then_120s_and_keeps_the_order(tmp_path: Path) -> None:
+    now = [1000.0]
+    outbox = Outbox(open_db(tmp_path / "state"), clock=lambda: now[0])
+    outbox.add("feishu", "first", [{"n": 1}])
+    outbox.add("feishu", "second", [{"n": 2}])
+    channel = DoubtfulChannel()
+    result = outbox.flush({"feishu": channel})
+    assert channel.calls == [{"n": 1}]  # one post, then nothing behind it: no instant re-post
+    assert result.failed == 2 and any("may have been delivered" in e for e in result.errors), result.errors
+    now[0] += 59
+    outbox.flush({"feishu": channel})
+    assert len(channel.calls) == 1  # still waiting
+    now[0] += 2
+    outbox.flush({"feishu": channel})
+    assert len(channel.calls) == 2  # tried again after 60 s, in doubt again: now 120 s
+    now[0] += 119
+    outbox.flush({"feishu": channel})
+    assert len(channel.calls) == 2
+    now[0] += 2
+    channel.doubtful = False
+    result = outbox.flush({"feishu": channel})
+    assert channel.calls[2:] == [{"n": 1}, {"n": 2}] and result.sent == 2
+    assert outbox.count() == 0
+
+
+def test_the_wait_survives_a_restart_and_a_stop_sends_nothing(tmp_path: Path) -> None:
+    now = [1000.0]
+    outbox = Outbox(open_db(tmp_path / "state"), clock=lambda: now[0])
+    outbox.add("feishu", "first", [{"n": 1}])
+    channel = DoubtfulChannel()
+    outbox.flush({"feishu": channel})
+    outbox.db.close()
+    again = Outbox(open_db(tmp_path / "state"), clock=lambda: now[0] + 30)
+    again.flush({"feishu": channel})
+    assert len(channel.calls) == 1  # the restarted process also waits
+    stop = threading.Event()
+    stop.set()
+    channel.doubtful = False
+    assert Outbox(again.db, clock=lambda: now[0] + 100).flush({"feishu": channel}, stop=stop).sent == 0
+    assert len(channel.calls) == 1

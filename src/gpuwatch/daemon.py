@@ -166,7 +166,7 @@ class Daemon:
         return transitions
 
     def flush(self) -> FlushResult:
-        result = self.outbox.flush(self.channels)
+        result = self.outbox.flush(self.channels, stop=self.stop)
         if result.sent or not result.ok:
             log.info("outbox: %d sent, %d still waiting, %d refused for good", result.sent, result.failed, result.dead)
         return result

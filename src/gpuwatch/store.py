@@ -40,6 +40,7 @@ from .statedir import (
     open_private,
     os_error,
 )
+from .text import format_duration, local_time
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,16 @@ _MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE outbox ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0
+    """,
 )
+#: After a send that may have been delivered (no verdict came back), the wait before the next try:
+#: 60 s, doubling with each doubtful try in a row, at most 15 min. Posting again at once is what
+#: flooded a group whose slow webhook accepted every post but answered too late.
+MAYBE_DELIVERED_WAIT_SECONDS = 60.0
+MAYBE_DELIVERED_WAIT_CAP_SECONDS = 900.0
 
 
 class StoreError(StateError):
@@ -445,6 +455,8 @@ class OutboxItem:
     created_at: float
     attempts: int
     last_error: str | None
+    not_before: float = 0.0  # not tried again before this time (a try that may have been delivered)
+    in_doubt: int = 0  # doubtful tries in a row
 
 
 @dataclass(frozen=True)
@@ -480,6 +492,9 @@ class Outbox:
         # Outcomes that could not be written (full disk): id -> None (delivered) or the error
         # that refused it for good. Such a row is never sent again by this process.
         self._unrecorded: dict[int, str | None] = {}
+        # Rows whose last try may have been delivered: id -> not before (also in the row, unless
+        # the disk was full when it was written).
+        self._doubt: dict[int, float] = {}
 
     # -- writing
 
@@ -569,14 +584,17 @@ class Outbox:
     # -- reading
 
     def pending(self, channel: str | None = None) -> list[OutboxItem]:
-        query = "SELECT id, channel, summary, payload, created_at, attempts, last_error FROM outbox WHERE dead = 0"
+        query = (
+            "SELECT id, channel, summary, payload, created_at, attempts, last_error, not_before, in_doubt "
+            "FROM outbox WHERE dead = 0"
+        )
         args: tuple[str, ...] = ()
         if channel is not None:
             query += " AND channel = ?"
             args = (channel,)
         rows = self.db.query(query + " ORDER BY id", args)
         return [
-            OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
+            OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], max(r[7], self._doubt.get(r[0], 0)), r[8])
             for r in rows
             if r[0] not in self._unrecorded
         ]
@@ -618,14 +636,36 @@ class Outbox:
             return str(exc)  # a failed attempt's count and error can wait for the next failure
         return None
 
-    def flush(self, channels: Mapping[str, Channel]) -> FlushResult:
+    def _record_doubt(self, item: OutboxItem, error: str, now: float) -> tuple[float, str | None]:
+        """The send may have been delivered: wait before the next try (remembered in memory too,
+        so a full disk cannot turn it into an instant re-post). Returns (wait, store error)."""
+        doubts = item.in_doubt + 1
+        wait = min(MAYBE_DELIVERED_WAIT_CAP_SECONDS, MAYBE_DELIVERED_WAIT_SECONDS * 2 ** (doubts - 1))
+        self._doubt[item.id] = now + wait
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ?, not_before = ?, in_doubt = ? "
+                    "WHERE id = ?",
+                    (error, now + wait, doubts, item.id),
+                )
+        except StoreError as exc:
+            return wait, str(exc)
+        return wait, None
+
+    def flush(self, channels: Mapping[str, Channel], stop: threading.Event | None = None) -> FlushResult:
         """Deliver what is pending, oldest first. A channel that fails stops for this time,
-        so its messages keep their order; other channels go on."""
+        so its messages keep their order; other channels go on. A message that may have been
+        delivered waits (and its channel's later messages behind it) until its ``not_before``.
+        With ``stop`` set, nothing more is sent: the rest goes first next time."""
         sent = failed = dead = 0
         errors: list[str] = []
         blocked: set[str] = set()
         store_error = self._catch_up()
+        now = self.clock()
         for item in self.pending():
+            if stop is not None and stop.is_set():
+                break
             channel = channels.get(item.channel)
             if channel is None:
                 if item.channel not in blocked:
@@ -636,9 +676,31 @@ class Outbox:
             if item.channel in blocked:
                 failed += 1
                 continue
+            if item.not_before > now:
+                blocked.add(item.channel)  # its later messages wait behind it: their order is kept
+                failed += 1
+                when = local_time(item.not_before)
+                errors.append(f"{item.channel}: message {item.id} may have been delivered; next try at {when}")
+                continue
             try:
                 channel.deliver(item.payload)
             except DeliveryError as exc:
+                if exc.maybe_delivered:  # never marked dead: it may be in the group already, or not
+                    wait, problem = self._record_doubt(item, str(exc), now)
+                    store_error = problem or store_error
+                    blocked.add(item.channel)
+                    failed += 1
+                    errors.append(f"{item.channel}: {exc}")
+                    log.log(
+                        logging.ERROR if exc.permanent else logging.WARNING,
+                        "%s: message %d (%s) may have been delivered; next try in %s: %s",
+                        item.channel,
+                        item.id,
+                        item.summary,
+                        format_duration(wait),
+                        exc,
+                    )
+                    continue
                 if exc.message_fault:
                     # The message itself was refused (malformed, too large): retrying it would
                     # block every later message forever. Keep it, marked, and go on.

@@ -54,7 +54,7 @@ def cmd_run(
     def sleep(seconds: float) -> None:
         stop.wait(seconds)  # SIGTERM during a Feishu outage must not wait out the retry backoff
 
-    channels = build_channels(config, sleep)
+    channels = build_channels(config, sleep, stop)
     if dry_run:
         real = channels or {"console": ConsoleChannel(out)}
         channels = {name: DryRunChannel(ch, out, verbose) for name, ch in real.items()}
@@ -80,7 +80,7 @@ def cmd_run(
     wiring = Wiring(
         load_config=reload_config,
         runner_factory=lambda new: make_runner_factory(new, handshakes),
-        build_channels=lambda new: build_channels(new, sleep),
+        build_channels=lambda new: build_channels(new, sleep, stop),
     )
     daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring)
     try:

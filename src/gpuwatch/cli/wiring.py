@@ -61,10 +61,13 @@ def build_poller(config: Config, handshakes: threading.Semaphore | None = None) 
     return Poller(config.hosts, make_runner_factory(config, handshakes), max_parallel=config.max_parallel)
 
 
-def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) -> dict[str, Channel]:
+def build_channels(
+    config: Config, sleep: Callable[[float], None] = time.sleep, stop: threading.Event | None = None
+) -> dict[str, Channel]:
     """The configured channels, keyed by name (the outbox remembers each message's channel).
 
-    ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short.
+    ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short,
+    and ``stop``, which also ends a send in flight within about a second.
     """
     channels: dict[str, Channel] = {}
     if config.feishu is not None:
@@ -84,7 +87,7 @@ def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) 
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        channels["feishu"] = FeishuChannel(feishu, sleep=sleep)
+        channels["feishu"] = FeishuChannel(feishu, sleep=sleep, stop=stop)
     if config.email is not None:
         email = config.email
         password = email.resolve_password()
@@ -103,7 +106,7 @@ def build_channels(config: Config, sleep: Callable[[float], None] = time.sleep) 
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        channels["email"] = EmailChannel(settings, sleep=sleep)
+        channels["email"] = EmailChannel(settings, sleep=sleep, stop=stop)
     return channels
 
 

@@ -34,13 +34,27 @@ class DeliveryError(Exception):
 
     ``message_fault``: the payload itself was refused (malformed, too large), so sending it
     again can never work, while later messages still can.
+
+    ``maybe_delivered``: the payload went out in full but no verdict came back (no answer in
+    time, the connection cut, a stop before the answer). The destination may have it: sending
+    it again at once would likely duplicate it, so a sender waits longer before the next try
+    (the channel itself does not retry it) and says that a duplicate is possible.
     """
 
-    def __init__(self, message: str, *, permanent: bool, code: int | None = None, message_fault: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        code: int | None = None,
+        message_fault: bool = False,
+        maybe_delivered: bool = False,
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.code = code
         self.message_fault = message_fault
+        self.maybe_delivered = maybe_delivered
 
 
 class Channel(Protocol):

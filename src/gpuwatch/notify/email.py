@@ -10,7 +10,14 @@ It owns everything specific to sending mail:
   carries a password;
 * telling transient failures (network, timeouts, disconnects, 4xx replies) from permanent ones
   (certificate, login, refused addresses, 5xx replies) and retrying the transient ones with
-  backoff.
+  backoff;
+* bounding every attempt: a socket timeout per reply, one total deadline for the whole session
+  (however slowly a server trickles its replies), and an end within about a second of a stop
+  request (see :mod:`gpuwatch.notify.deadline`);
+* telling "the mail went out but the server's verdict never came" (a lost answer after the
+  end of DATA) apart from a failure: it may have been delivered, so it is not sent again at
+  once. Every payload carries its own Message-ID, so a later resend is recognisably the same
+  mail.
 
 The password is a secret: it never appears in a repr, a log line or an error message.
 """
@@ -22,9 +29,12 @@ import email.policy
 import email.utils
 import ipaddress
 import logging
+import math
 import random
+import re
 import smtplib
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +42,7 @@ from email.message import EmailMessage
 from typing import Any, TypeAlias
 
 from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +55,12 @@ _MAX_SERVER_TEXT_CHARS = 200
 # CRLF line ends, and 7-bit safe: a UTF-8 body goes base64 or quoted-printable (whichever is
 # shorter), so a relay without 8BITMIME passes it intact.
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
+_MSGID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+#: After a stop request, how long a session in flight may still take to finish.
+_STOP_GRACE_SECONDS = 1.0
+#: How the end of DATA looks on the wire: once it is sent, the mail may be delivered.
+_END_OF_DATA = b"\r\n.\r\n"
 
 
 def _is_loopback(host: str) -> bool:
@@ -79,7 +95,8 @@ class EmailSettings:
     password: str | None = field(default=None, repr=False)  # resolved from password_env by the caller
     tls: str = "starttls"  # starttls | tls (implicit, port 465) | none (a relay on localhost only)
     ca_file: str | None = None  # extra CA bundle (private CA); verification is always on
-    timeout_seconds: float = 20.0
+    timeout_seconds: float = 20.0  # the most one reply may take to start arriving (a socket timeout)
+    deadline_seconds: float = 60.0  # the most one attempt may take: connect to QUIT, however slow the server
     subject_prefix: str = "[gpuwatch]"
     max_attempts: int = 3
 
@@ -117,8 +134,10 @@ class EmailSettings:
                 )
         if "\r" in self.subject_prefix or "\n" in self.subject_prefix:
             raise ValueError("email.subject_prefix: must be on one line")
-        if self.timeout_seconds <= 0:
-            raise ValueError("email.timeout_seconds: must be positive")
+        if not (math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0):
+            raise ValueError("email.timeout_seconds: must be a positive number")
+        if not (math.isfinite(self.deadline_seconds) and self.deadline_seconds > 0):
+            raise ValueError("email.deadline_seconds: must be a positive number")
         if self.max_attempts <= 0:
             raise ValueError("email.max_attempts: must be positive")
 
@@ -129,12 +148,54 @@ SmtpFactory: TypeAlias = Callable[[EmailSettings, "ssl.SSLContext | None"], smtp
 
 
 def default_smtp_factory(settings: EmailSettings, context: ssl.SSLContext | None) -> smtplib.SMTP:
-    """``smtplib.SMTP_SSL`` for implicit TLS, else ``smtplib.SMTP`` (STARTTLS follows later)."""
+    """``smtplib.SMTP_SSL`` for implicit TLS, else ``smtplib.SMTP`` (STARTTLS follows later).
+
+    Both guarded (:class:`_GuardedSMTP`): the deadline's watchdog can cut them from the start
+    (the server's greeting), and they say when the mail went out in full. A connection from
+    another factory is cut from the first command after it is made.
+    """
     if settings.tls == "tls":
-        return smtplib.SMTP_SSL(
+        return _GuardedSMTPSSL(
             settings.smtp_host, settings.smtp_port, context=context, timeout=settings.timeout_seconds
         )
-    return smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds)
+    return _GuardedSMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_seconds)
+
+
+def _watch(smtp: smtplib.SMTP) -> None:
+    """Let the running attempt's watchdog cut this connection's current socket (it changes at
+    STARTTLS); raises, cutting it, if the attempt was already given up."""
+    attempt = current_attempt()
+    sock = smtp.sock
+    if attempt is None or sock is None or getattr(smtp, "_gpuwatch_watched", None) is sock:
+        return
+    smtp._gpuwatch_watched = sock  # type: ignore[attr-defined]
+    attempt.attach(lambda: shutdown_socket(sock))
+
+
+class _GuardedSMTP(smtplib.SMTP):
+    """smtplib's client, cooperating with :func:`~gpuwatch.notify.deadline.run_guarded`."""
+
+    def connect(self, host: str = "localhost", port: int = 0, source_address: Any = None) -> tuple[int, bytes]:
+        attempt = current_attempt()
+        if attempt is not None:
+            attempt.check()  # given up while waiting (e.g. for DNS): open nothing
+        return super().connect(host, port, source_address)
+
+    def getreply(self) -> tuple[int, bytes]:
+        _watch(self)  # before the first read, the greeting, too
+        return super().getreply()
+
+    def send(self, s: Any) -> None:  # bytes or str (typeshed: ReadableBuffer | str)
+        _watch(self)
+        super().send(s)
+        if isinstance(s, bytes) and s.endswith(_END_OF_DATA):
+            attempt = current_attempt()
+            if attempt is not None:
+                attempt.mark_sent()  # the whole mail is out: from now on it may be delivered
+
+
+class _GuardedSMTPSSL(_GuardedSMTP, smtplib.SMTP_SSL):
+    """:class:`_GuardedSMTP` over implicit TLS."""
 
 
 class _Transient(Exception):
@@ -151,9 +212,15 @@ class EmailChannel:
 
     Implements :class:`gpuwatch.notify.base.Channel`. The connection comes from
     ``smtp_factory`` and waits between attempts go through ``sleep``, so tests can count and
-    skip them. Every ``deliver`` opens its own connection (reports are rare; a kept-open
-    connection would mostly be a dead one). Delivery is at-least-once: a connection lost after
-    the server accepted the data leads to a retry; the retry carries the same Message-ID.
+    skip them; ``stop`` (SIGTERM) ends a send early. Every attempt opens its own connection
+    (reports are rare; a kept-open connection would mostly be a dead one) and must end within
+    ``deadline_seconds``.
+
+    Delivery is at-least-once, with the doubt made explicit: when the connection is lost (or
+    the deadline or a stop comes) after the end of the mail's DATA went out and before the
+    server's verdict, ``deliver`` raises at once with ``DeliveryError.maybe_delivered`` set
+    instead of sending again. A later resend carries the same Message-ID (it is in the payload),
+    so mail clients that de-duplicate by Message-ID show it once.
     """
 
     name = "email"
@@ -163,10 +230,16 @@ class EmailChannel:
         settings: EmailSettings,
         *,
         smtp_factory: SmtpFactory | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``sleep`` defaults to ``stop.wait`` when ``stop`` is given (a stop cuts backoff
+        short), else ``time.sleep``."""
         self._settings = settings
         self._factory = smtp_factory if smtp_factory is not None else default_smtp_factory
+        self._stop = stop
+        if sleep is None:
+            sleep = _waiter(stop) if stop is not None else time.sleep
         self._sleep = sleep
         self._where = f"email via {settings.smtp_host}:{settings.smtp_port}"
         self._secrets = _secret_forms(settings.username, settings.password)
@@ -178,11 +251,17 @@ class EmailChannel:
     # ------------------------------------------------------------------ prepare / describe
 
     def prepare(self, message: Message) -> list[dict[str, Any]]:
-        """One payload: ``{"subject", "text", "to"}``. Mail has no size limit worth splitting for."""
+        """One payload: ``{"subject", "text", "to", "message_id"}``. Mail has no size limit worth
+        splitting for. The Message-ID is made here, once, so every resend of this payload (from
+        the outbox, after a restart) is the same mail to a mail client."""
         title = " ".join(message.title.split())  # a header is one line
         prefix = self._settings.subject_prefix.strip()
         subject = f"{prefix} {title}" if prefix else title
-        return [{"subject": subject, "text": message.text, "to": list(self._settings.to)}]
+        return [{"subject": subject, "text": message.text, "to": list(self._settings.to), "message_id": self._msgid()}]
+
+    def _msgid(self) -> str:
+        domain = _address(self._settings.sender, "email.from").rpartition("@")[2]
+        return email.utils.make_msgid(idstring="gpuwatch", domain=domain)
 
     def describe(self, payload: dict[str, Any]) -> str:
         """The mail as a person reads it: a few headers, a blank line, the body."""
@@ -192,14 +271,21 @@ class EmailChannel:
     # ------------------------------------------------------------------ deliver
 
     def deliver(self, payload: dict[str, Any]) -> None:
-        """Send one payload; retry transient failures; raise DeliveryError when not accepted."""
+        """Send one payload; retry transient failures; raise DeliveryError when not accepted.
+
+        A mail that may have been delivered is never retried here (``maybe_delivered``), and
+        nothing is sent once ``stop`` is set.
+        """
         mail, recipients = self._build(payload)
         sender = _address(self._settings.sender, "email.from")
         attempts = self._settings.max_attempts
         last = _Transient("no attempt made")
         for attempt in range(1, attempts + 1):
+            if self._stop is not None and self._stop.is_set():
+                tried = f" after {attempt - 1} failed attempts" if attempt > 1 else ""
+                raise DeliveryError(f"{self._where}: not sent{tried}: gpuwatch is stopping", permanent=False)
             try:
-                self._attempt(mail, sender, recipients)
+                self._guarded_attempt(mail, sender, recipients)
             except _Transient as failure:
                 last = failure
             else:
@@ -232,8 +318,10 @@ class EmailChannel:
             mail["To"] = ", ".join(str(t) for t in to)
             mail["Subject"] = " ".join(subject.split())
             mail["Date"] = email.utils.formatdate(localtime=True)
-            domain = _address(self._settings.sender, "email.from").rpartition("@")[2]
-            mail["Message-ID"] = email.utils.make_msgid(idstring="gpuwatch", domain=domain)
+            msgid = payload.get("message_id")
+            if not isinstance(msgid, str) or not _MSGID.fullmatch(msgid):
+                msgid = self._msgid()  # a payload queued before the outbox kept one
+            mail["Message-ID"] = msgid
             mail.set_content(text, charset="utf-8")
         except (KeyError, TypeError, ValueError) as exc:
             raise DeliveryError(
@@ -259,8 +347,43 @@ class EmailChannel:
                 ) from None
         return context
 
+    def _guarded_attempt(self, mail: EmailMessage, sender: str, recipients: list[str]) -> None:
+        """One attempt within ``deadline_seconds`` and the stop. Returns when accepted; raises
+        _Transient, DeliveryError(permanent) or DeliveryError(maybe_delivered)."""
+        deadline = self._settings.deadline_seconds
+        outcome = run_guarded(
+            lambda: self._attempt(mail, sender, recipients),
+            deadline_seconds=deadline,
+            stop=self._stop,
+            stop_grace_seconds=_STOP_GRACE_SECONDS,
+            name="smtp-send",
+        )
+        if outcome.abandoned is not None:
+            if outcome.sent:
+                raise self._maybe_delivered(
+                    "gpuwatch is stopping and the server had not confirmed the mail yet"
+                    if outcome.abandoned == "stopped"
+                    else f"the server did not confirm the mail within {deadline:g} s"
+                )
+            if outcome.abandoned == "stopped":
+                raise DeliveryError(f"{self._where}: not sent: gpuwatch is stopping", permanent=False)
+            raise _Transient(f"the SMTP session took longer than {deadline:g} s (email.deadline_seconds)")
+        if outcome.error is not None:
+            raise outcome.error
+
+    def _maybe_delivered(self, why: str) -> DeliveryError:
+        return DeliveryError(
+            f"{self._where}: {why}; the mail may have been delivered, so it is not sent again now "
+            "(a duplicate is possible when it is; it keeps its Message-ID)",
+            permanent=False,
+            maybe_delivered=True,
+        )
+
     def _attempt(self, mail: EmailMessage, sender: str, recipients: list[str]) -> None:
-        """One connection. Returns when accepted; raises _Transient or DeliveryError(permanent)."""
+        """One connection. Returns when accepted; raises _Transient or DeliveryError(permanent).
+
+        Runs in a :func:`run_guarded` worker.
+        """
         s = self._settings
         context = self._context()
         smtp: smtplib.SMTP | None = None
@@ -287,7 +410,15 @@ class EmailChannel:
             raise
         except (smtplib.SMTPException, OSError) as exc:
             _close(smtp)
-            raise self._classify(exc, sender) from None
+            attempt = current_attempt()
+            failure = self._classify(exc, sender)
+            if attempt is not None and attempt.sent and not isinstance(exc, smtplib.SMTPResponseException):
+                # The whole mail went out and then the connection failed, not the server's
+                # verdict: it may well have been queued.
+                reason = failure.reason if isinstance(failure, _Transient) else self._scrub(str(exc))
+                why = f"no confirmation from the server after the mail went out ({reason})"
+                raise self._maybe_delivered(why) from None
+            raise failure from None
         try:
             smtp.quit()
         except (smtplib.SMTPException, OSError):  # the mail is already accepted
@@ -419,6 +550,15 @@ def _close(smtp: smtplib.SMTP | None) -> None:
             smtp.close()
         except OSError:  # pragma: no cover - closing a socket that is already gone
             pass
+
+
+def _waiter(stop: threading.Event) -> Callable[[float], None]:
+    """A sleep that a stop request cuts short."""
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
 
 
 def _backoff(attempt: int) -> float:

@@ -7,6 +7,11 @@ It owns everything specific to one Feishu group bot behind a webhook URL:
   numbered parts, never inside a block unless one block alone is too big);
 * signing every attempt afresh (``timestamp`` + ``sign``), posting, telling transient failures
   (network, 5xx, 429, code 11232) from permanent ones (a bot setting to fix);
+* bounding every post: one total deadline from connect to the last byte of the answer (however
+  slowly a server trickles), an answer of at most :data:`MAX_ANSWER_BYTES` (never read whole
+  into memory), and an end within about a second of a stop request;
+* telling "the post went out but no verdict came back" (a lost answer) apart from a failure:
+  the message may have been delivered, so it is not posted again at once;
 * keeping one bot under Feishu's 5/s and 100/min limits on the client side.
 
 The webhook token (last path segment of the URL) and the signing secret are secrets: they never
@@ -21,18 +26,27 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.adapters
+import urllib3.exceptions
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 
 from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +97,15 @@ _SIGN_PLACEHOLDER = "A" * 44
 
 _CONTINUED = "(continued)"
 _MAX_REPLY_MSG_CHARS = 200
+
+#: The most of an answer gpuwatch reads. Feishu's replies are about 100 bytes; anything larger
+#: is not a webhook reply, and is never read whole into memory.
+MAX_ANSWER_BYTES = 64 * 1024
+#: HTTP statuses that say a gateway passed the post on and then lost the answer: it may have
+#: been delivered.
+_LOST_ANSWER_STATUSES = frozenset({504})
+#: After a stop request, how long a post in flight may still take to get its answer.
+_STOP_GRACE_SECONDS = 1.0
 
 
 def explain(code: int) -> str:
@@ -136,7 +159,7 @@ class FeishuSettings:
     secret: str | None = field(default=None, repr=False)  # never in repr or logs
     format: str = "post"  # text | post | card
     mentions: Mapping[str, str] = field(default_factory=dict)  # user name -> open_id (for alerts)
-    timeout_seconds: float = 10.0
+    timeout_seconds: float = 10.0  # the most one post may take: connect, send, and the whole answer
     max_body_bytes: int = 20_000  # Feishu's documented limit is 20 KB: UTF-8 bytes as sent
     per_second: int = 5
     per_minute: int = 100
@@ -150,8 +173,9 @@ class FeishuSettings:
         if self.keyword is not None and not self.keyword.strip():
             raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
         for name in ("timeout_seconds", "max_body_bytes", "per_second", "per_minute", "max_attempts"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"feishu.{name}: must be positive")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # NaN compares false both ways
+                raise ValueError(f"feishu.{name}: must be a positive number")
 
     def __repr__(self) -> str:
         return (
@@ -167,6 +191,8 @@ class RateLimiter:
     """Sliding windows: at most ``per_second`` sends in any second and ``per_minute`` in any minute.
 
     Thread-safe; waits with the injected ``sleep`` (outside the lock) until a send is allowed.
+    Once ``stop`` is set it stops waiting: :meth:`acquire` returns without taking a slot (a
+    ``sleep`` cut short by the stop would otherwise spin until the window opens).
     """
 
     def __init__(
@@ -177,17 +203,24 @@ class RateLimiter:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         margin: float = _WINDOW_MARGIN_SECONDS,
+        stop: threading.Event | None = None,
     ) -> None:
         self._limits = ((per_second, 1.0 + margin), (per_minute, 60.0 + margin))
         self._monotonic = monotonic
         self._sleep = sleep
+        self._stop = stop
         self._sent: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
 
     def acquire(self) -> float:
-        """Block until a send is allowed and record it. Returns the seconds spent waiting."""
+        """Block until a send is allowed and record it. Returns the seconds spent waiting.
+
+        Returns early, without recording a send, once ``stop`` is set: the caller must check it.
+        """
         waited = 0.0
         while True:
+            if self._stop is not None and self._stop.is_set():
+                return waited
             with self._lock:
                 now = self._monotonic()
                 longest = max(window for _, window in self._limits)
@@ -210,9 +243,19 @@ class FeishuChannel:
 
     Implements :class:`gpuwatch.notify.base.Channel`. All I/O comes in as parameters: the HTTP
     session, the wall clock (for signatures), the monotonic clock and sleep (for the rate
-    limiter and backoff). One instance shares its rate limiter between all ``deliver`` calls,
-    from any thread. Delivery is at-least-once: a reply lost after Feishu accepted a message
-    (a read timeout) leads to a retry, so the group may rarely see a message twice.
+    limiter and backoff), and ``stop``, the event that ends a send early (SIGTERM).
+
+    One instance shares its rate limiter between all ``deliver`` calls, from any thread. Every
+    post goes out on a fresh connection (so a failure after the body went out always means
+    "Feishu may have it", never "a kept-alive connection had gone stale") and is bounded by
+    ``timeout_seconds`` in total (see :mod:`gpuwatch.notify.deadline`); the channel mounts its
+    own transport adapter on the session for the webhook's origin to do that.
+
+    Delivery is at-least-once, with the doubt made explicit: when the post went out in full and
+    no verdict came back (no answer in time, the connection cut, an answer too large, a 504
+    from a gateway, or a stop before the answer), ``deliver`` raises at once with
+    ``DeliveryError.maybe_delivered`` set instead of posting again; whoever sends it again
+    later (the outbox, after a longer wait) may make the group see it twice.
     """
 
     name = "feishu"
@@ -224,14 +267,23 @@ class FeishuChannel:
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``sleep`` defaults to ``stop.wait`` when ``stop`` is given (a stop cuts backoff
+        short), else ``time.sleep``."""
         self._settings = settings
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
+        self._session.mount(_origin(settings.url), _GuardedAdapter())
         self._clock = clock
+        self._stop = stop
+        if sleep is None:
+            sleep = _waiter(stop) if stop is not None else time.sleep
         self._sleep = sleep
-        self._limiter = RateLimiter(settings.per_second, settings.per_minute, monotonic=monotonic, sleep=sleep)
+        self._limiter = RateLimiter(
+            settings.per_second, settings.per_minute, monotonic=monotonic, sleep=self._sleep, stop=stop
+        )
         self._where = redact_url(settings.url)
         self._secrets = tuple(s for s in (_token_of(settings.url), settings.secret) if s)
 
@@ -407,13 +459,17 @@ class FeishuChannel:
         """Sign and post one payload; retry transient failures; raise DeliveryError when not accepted.
 
         Every attempt waits for the rate limiter and is signed afresh (new timestamp and sign).
+        A post that may have been delivered is never retried here (``maybe_delivered``), and
+        nothing is posted once ``stop`` is set.
         """
         payload = self._with_keyword(payload)
         attempts = self._settings.max_attempts
         last_reason = "no attempt made"
         last_code: int | None = None
         for attempt in range(1, attempts + 1):
+            self._check_stop(attempt)
             self._limiter.acquire()
+            self._check_stop(attempt)
             outcome = self._attempt(payload)
             if outcome is None:
                 logger.debug("feishu %s: %s accepted (attempt %d)", self._where, payload.get("msg_type"), attempt)
@@ -437,48 +493,79 @@ class FeishuChannel:
             code=last_code,
         )
 
+    def _check_stop(self, attempt: int) -> None:
+        if self._stop is not None and self._stop.is_set():
+            tried = f" after {attempt - 1} failed attempts" if attempt > 1 else ""
+            raise DeliveryError(f"feishu {self._where}: not sent{tried}: gpuwatch is stopping", permanent=False)
+
     def _attempt(self, payload: Mapping[str, Any]) -> tuple[str, int | None, float] | None:
         """One signed POST. None when accepted; (reason, code, minimum delay) when transient.
 
-        Raises DeliveryError(permanent=True) for failures that no retry can fix.
+        Raises DeliveryError(permanent=True) for failures that no retry can fix, and
+        DeliveryError(maybe_delivered=True) when the post went out but no verdict came back.
         """
-        body = self._signed(payload)
-        try:
-            response = self._session.post(
-                self._settings.url,
-                data=_encode(body),
-                headers={"Content-Type": "application/json; charset=utf-8"},
-                timeout=self._settings.timeout_seconds,
-                allow_redirects=False,
-            )
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            return f"network error: {self._scrub(_network_reason(exc, self._settings.timeout_seconds))}", None, 0.0
-        except requests.RequestException as exc:
+        data = _encode(self._signed(payload))
+        timeout = self._settings.timeout_seconds
+        outcome = run_guarded(
+            lambda: self._post(data),
+            deadline_seconds=timeout,
+            stop=self._stop,
+            stop_grace_seconds=_STOP_GRACE_SECONDS,
+            name="feishu-post",
+        )
+        if outcome.abandoned is not None:
+            if outcome.sent:
+                why = (
+                    "gpuwatch is stopping and Feishu had not answered yet"
+                    if outcome.abandoned == "stopped"
+                    else f"Feishu did not answer within {timeout:g} s"
+                )
+                raise self._maybe_delivered(why)
+            if outcome.abandoned == "stopped":
+                raise DeliveryError(f"feishu {self._where}: not sent: gpuwatch is stopping", permanent=False)
+            return f"network error: could not connect and send within {timeout:g} s", None, 0.0
+        error = outcome.error
+        if isinstance(error, _UnreadableAnswer):
+            raise self._maybe_delivered(f"Feishu answered HTTP 200, but {error}", permanent=True)
+        if error is not None and _is_network_error(error):
+            reason = self._scrub(_network_reason(error, timeout))
+            if outcome.sent:
+                raise self._maybe_delivered(f"the answer was lost ({reason})")
+            return f"network error: {reason}", None, 0.0
+        if isinstance(error, requests.RequestException):
             raise DeliveryError(
-                f"feishu {self._where}: request could not be made: {type(exc).__name__}: {self._scrub(str(exc))}",
+                f"feishu {self._where}: request could not be made: {type(error).__name__}: {self._scrub(str(error))}",
                 permanent=True,
             ) from None
+        if error is not None:
+            raise error
+        answer = outcome.value
+        assert answer is not None
 
-        status = response.status_code
+        status = answer.status
         if status == 429:
-            return "HTTP 429 Too Many Requests", None, max(_RATE_LIMITED_FLOOR_SECONDS, _retry_after(response))
+            floor = max(_RATE_LIMITED_FLOOR_SECONDS, _retry_after(answer.retry_after))
+            return "HTTP 429 Too Many Requests", None, floor
+        if status in _LOST_ANSWER_STATUSES:
+            raise self._maybe_delivered(f"a gateway answered HTTP {status} {self._scrub(answer.reason)}".rstrip())
         if 500 <= status <= 599:
-            return f"HTTP {status} {self._scrub(response.reason or '')}".rstrip(), None, 0.0
+            return f"HTTP {status} {self._scrub(answer.reason)}".rstrip(), None, 0.0
         if status != 200:
             raise DeliveryError(
-                f"feishu {self._where}: HTTP {status} {self._scrub(response.reason or '')}: "
+                f"feishu {self._where}: HTTP {status} {self._scrub(answer.reason)}: "
                 "not a Feishu bot webhook reply (check feishu.url)",
                 permanent=True,
             )
         try:
-            reply = json.loads(response.content)
+            reply = json.loads(answer.body)
         except ValueError:
             reply = None
         code = _reply_code(reply)
         if code is None:
-            snippet = self._scrub(response.text[:_MAX_REPLY_MSG_CHARS])
+            snippet = self._scrub(answer.body[: _MAX_REPLY_MSG_CHARS * 4].decode("utf-8", "replace"))
             raise DeliveryError(
-                f"feishu {self._where}: reply is not a Feishu JSON answer (check feishu.url): {snippet!r}",
+                f"feishu {self._where}: reply is not a Feishu JSON answer (check feishu.url): "
+                f"{snippet[:_MAX_REPLY_MSG_CHARS]!r}",
                 permanent=True,
             )
         if code == 0:
@@ -494,6 +581,35 @@ class FeishuChannel:
             code=code,
             # malformed or too large: this message can never pass, the next ones still can
             message_fault=code in MESSAGE_FAULT_CODES,
+        )
+
+    def _post(self, data: bytes) -> _Answer:
+        """The HTTP exchange itself (runs in a :func:`run_guarded` worker): post, read a bounded answer."""
+        timeout = self._settings.timeout_seconds
+        response = self._session.post(
+            self._settings.url,
+            data=data,
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "Connection": "close",  # a fresh connection per post (see the class docstring)
+                "Accept-Encoding": "identity",  # the answer's size as sent is its size in memory
+            },
+            timeout=(timeout, timeout),  # per socket operation; run_guarded bounds the total
+            allow_redirects=False,
+            stream=True,  # the body is read here, bounded, not by requests
+        )
+        try:
+            body = _read_answer(response) if response.status_code == 200 else b""
+            return _Answer(response.status_code, response.reason or "", response.headers.get("Retry-After"), body)
+        finally:
+            response.close()
+
+    def _maybe_delivered(self, why: str, *, permanent: bool = False) -> DeliveryError:
+        return DeliveryError(
+            f"feishu {self._where}: {why}; the message may have been delivered, so it is not posted "
+            "again now (a duplicate is possible when it is)",
+            permanent=permanent,
+            maybe_delivered=True,
         )
 
     def _with_keyword(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -535,6 +651,183 @@ class FeishuChannel:
             if len(secret) >= 4:  # masking a 1-3 character "secret" would garble every word holding it
                 text = text.replace(secret, "…(masked)")
         return text
+
+
+# ---------------------------------------------------------------------- the bounded HTTP exchange
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What came back from one post: the status line, and the body of a 200 answer."""
+
+    status: int
+    reason: str
+    retry_after: str | None
+    body: bytes
+
+
+class _UnreadableAnswer(Exception):
+    """A 200 answer whose body could not be read whole within the limits (too large, an
+    encoding not asked for, not decompressible)."""
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the network failing (retry or doubt), not a request that cannot be made.
+
+    ``requests``' own errors all derive from OSError, so its classes are told apart first.
+    """
+    if isinstance(exc, requests.RequestException):
+        return isinstance(
+            exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+        )
+    # Raised while reading the body from urllib3 directly (cut short, reset, shut down).
+    return isinstance(exc, (urllib3.exceptions.HTTPError, HTTPException, OSError))
+
+
+def _read_answer(response: requests.Response) -> bytes:
+    """At most MAX_ANSWER_BYTES of the answer, decoded; _UnreadableAnswer beyond that.
+
+    Reads the raw bytes (``decode_content=False``) and decompresses them here with a bound, so
+    a small compressed answer cannot expand into a large one in memory either.
+    """
+    limit = MAX_ANSWER_BYTES
+    data = response.raw.read(limit + 1, decode_content=False)
+    if len(data) > limit:
+        raise _UnreadableAnswer(f"its answer is larger than {limit // 1024} KiB (not read)")
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and len(data) < int(length):
+        # A network failure, not a strange answer: the verdict was on its way and got lost.
+        raise urllib3.exceptions.ProtocolError(f"the answer was cut short ({len(data)} of {length} bytes)")
+    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding == "identity":
+        return bytes(data)
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise _UnreadableAnswer(f"its answer is in the {encoding!r} encoding, which gpuwatch did not ask for")
+    decoder = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
+    try:
+        text = decoder.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise _UnreadableAnswer(f"its {encoding} answer cannot be decompressed ({exc})") from None
+    if len(text) > limit or decoder.unconsumed_tail:
+        raise _UnreadableAnswer(f"its answer is larger than {limit // 1024} KiB once decompressed (not read)")
+    return text
+
+
+def _waiter(stop: threading.Event) -> Callable[[float], None]:
+    """A sleep that a stop request cuts short."""
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
+
+
+def _origin(url: str) -> str:
+    """The ``scheme://host:port/`` prefix of ``url`` as requests matches adapters (prepared)."""
+    prepared = requests.Request("POST", url).prepare().url or url
+    parts = urlsplit(prepared)
+    return f"{parts.scheme}://{parts.netloc}/"
+
+
+def _before_connect() -> None:
+    attempt = current_attempt()
+    if attempt is not None:
+        attempt.check()  # given up while waiting (e.g. for DNS): open nothing
+
+
+def _watch(conn: HTTPConnection) -> None:
+    """Let the attempt's watchdog cut this connection (fails, cutting it, if already given up).
+
+    The socket itself is kept: http.client drops ``conn.sock`` once it hands the socket over to
+    a response that will close the connection, and the watchdog must still reach it then.
+    """
+    attempt = current_attempt()
+    sock = conn.sock
+    if attempt is not None and sock is not None:
+        attempt.attach(lambda: shutdown_socket(sock))
+
+
+def _sent() -> None:
+    attempt = current_attempt()
+    if attempt is not None:
+        attempt.mark_sent()
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    """urllib3's connection, registered with the running :class:`~gpuwatch.notify.deadline.Attempt`:
+    the watchdog can cut it, and it says when the request went out in full. It carries one
+    request only: a kept-alive connection that the server closes just as it is reused fails
+    after the request went out, which would read as "maybe delivered" for nothing."""
+
+    _used = False
+
+    def connect(self) -> None:
+        _before_connect()
+        super().connect()
+        _watch(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if self._used:
+            self.close()  # reconnects (through connect() above) on the way out
+        self._used = True
+        _watch(self)
+        super().request(*args, **kwargs)
+        _sent()
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    """:class:`_GuardedHTTPConnection` for TLS."""
+
+    _used = False
+
+    def connect(self) -> None:
+        _before_connect()
+        super().connect()
+        _watch(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if self._used:
+            self.close()
+        self._used = True
+        _watch(self)
+        super().request(*args, **kwargs)
+        _sent()
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+_GUARDED_POOLS: dict[type[HTTPConnectionPool], type[HTTPConnectionPool]] = {
+    HTTPConnectionPool: _GuardedHTTPPool,
+    HTTPSConnectionPool: _GuardedHTTPSPool,
+}
+
+
+def _guard_pools(manager: PoolManager) -> None:
+    """Make ``manager`` open guarded connections (plain and TLS, direct or through an HTTP proxy;
+    other pool kinds, such as SOCKS, are left as they are)."""
+    manager.pool_classes_by_scheme = {
+        scheme: _GUARDED_POOLS.get(cls, cls) for scheme, cls in manager.pool_classes_by_scheme.items()
+    }
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with guarded connections (see :class:`_GuardedHTTPConnection`)."""
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        _guard_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, PoolManager):
+            _guard_pools(manager)
+        return manager
 
 
 # ---------------------------------------------------------------------- helpers
@@ -596,10 +889,12 @@ def _reply_code(reply: object) -> int | None:
     return code
 
 
-def _retry_after(response: requests.Response) -> float:
+def _retry_after(header: str | None) -> float:
     try:
-        seconds = float(str(response.headers.get("Retry-After") or 0))
+        seconds = float(header or 0)
     except ValueError:
+        return 0.0
+    if seconds != seconds:  # NaN
         return 0.0
     return min(max(seconds, 0.0), _RETRY_AFTER_CAP_SECONDS)
 
