@@ -38,6 +38,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -363,7 +364,7 @@ def main() -> int:
         texts = [identity(e.body) for e in received if e.body is not None]
         down_fired = sum(t.count("FIRING host_down") for t in texts)
         down_resolved = sum(t.count("RESOLVED host_down") for t in texts)
-        cycles = log.count("cycle: polled")
+        cycles = len(re.findall(r"poll: \S+ (?:ok|\w+) \(", log))
         doubt = log.count("may have been delivered")
 
         rss = watch.samples
@@ -381,7 +382,7 @@ def main() -> int:
         if growth > 20 * 1024:
             problems.append(f"RSS grew {growth // 1024} MiB over the calm second half")
 
-        print(f"drill: {args.seconds:.0f}s, {len(addresses)} hosts, {events} faults injected, {cycles} poll cycles")
+        print(f"drill: {args.seconds:.0f}s, {len(addresses)} hosts, {events} faults injected, {cycles} host polls")
         print(f"feishu: {len(exchanges)} requests, {len(received)} messages reached the group")
         for name, begin, end in bounds:
             posts = [e for e in exchanges if begin <= e.at < end]

@@ -138,9 +138,6 @@ class FreeGpuConfig:
     util_below_percent: int = 10
 
 
-CHANNEL_NAMES = ("feishu", "email")
-
-
 @dataclass(frozen=True)
 class AlertsConfig:
     """The alert rules switched on, each with its own settings, and the Alertmanager-style
@@ -215,15 +212,25 @@ class Config:
     hosts: tuple[HostConfig, ...]
     ssh: SshSettings = SshSettings()
     state_dir: Path = Path("logs")
-    feishu: FeishuConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
     free_gpu: FreeGpuConfig = FreeGpuConfig()
     alerts: AlertsConfig = AlertsConfig()
-    email: EmailConfig | None = None
+    # name -> settings of every configured channel, in registry order (notify.registry)
+    channels: Mapping[str, Any] = field(default_factory=dict)
     max_parallel: int = 256
     log_level: str = "INFO"
     warnings: tuple[str, ...] = ()
     web: WebConfig | None = None  # None: the daemon serves nothing
+
+    @property
+    def feishu(self) -> FeishuConfig | None:
+        settings = self.channels.get("feishu")
+        return settings if isinstance(settings, FeishuConfig) else None
+
+    @property
+    def email(self) -> EmailConfig | None:
+        settings = self.channels.get("email")
+        return settings if isinstance(settings, EmailConfig) else None
 
 
 # ---------------------------------------------------------------- durations
@@ -357,11 +364,9 @@ TOP_KEYS = (
     "hosts",
     "ssh",
     "state_dir",
-    "feishu",
     "schedule",
     "free_gpu",
     "alerts",
-    "email",
     "max_parallel",
     "log_level",
     "web",
@@ -403,7 +408,7 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> H
     )
 
 
-def _parse_feishu(raw: object) -> FeishuConfig:
+def parse_feishu_section(raw: object) -> FeishuConfig:
     section = _mapping(raw, "feishu")
     _check_keys(section, FEISHU_KEYS, "feishu")
     values: dict[str, Any] = {}
@@ -480,7 +485,7 @@ def _optional_int(value: object, path: str, low: int = 0) -> int | None:
     return _int(value, path, low)
 
 
-def _parse_alerts(raw: object) -> AlertsConfig:
+def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
     """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry)."""
     # Imported here, not at the top: the rules import this module's helpers to parse their values.
     from .rules.registry import RULE_NAMES, default_rules, parse_rules
@@ -505,12 +510,12 @@ def _parse_alerts(raw: object) -> AlertsConfig:
             items = [targets] if isinstance(targets, str) else targets
             if not isinstance(items, list) or not items:
                 raise ConfigError(f"alerts.routes.{name}: expected a list of channels, e.g. [feishu, email]")
-            parsed[name] = tuple(_choice(t, f"alerts.routes.{name}", CHANNEL_NAMES) for t in items)
+            parsed[name] = tuple(_choice(t, f"alerts.routes.{name}", channel_names) for t in items)
         v["routes"] = parsed
     return AlertsConfig(**v)
 
 
-def _parse_email(raw: object, base: Path) -> EmailConfig:
+def parse_email_section(raw: object, base: Path) -> EmailConfig:
     section = _mapping(raw, "email")
     keys = ("to", "from", "smtp_host", "smtp_port", "username", "password", "password_env", "tls", "ca_file")
     _check_keys(section, keys, "email")
@@ -623,12 +628,12 @@ def _secret_keys(doc: Mapping[str, Any]) -> list[str]:
         for i, host in enumerate(hosts):
             if isinstance(host, Mapping) and host.get("password"):
                 found.append(f"hosts[{i}].password")
-    feishu = doc.get("feishu")
-    if isinstance(feishu, Mapping):
-        found += [f"feishu.{k}" for k in ("secret", "url") if feishu.get(k)]
-    email = doc.get("email")
-    if isinstance(email, Mapping) and email.get("password"):
-        found.append("email.password")
+    from .notify.registry import CHANNELS  # the channel modules use this module's helpers
+
+    for spec in CHANNELS:
+        section = doc.get(spec.name)
+        if isinstance(section, Mapping):
+            found += [f"{spec.name}.{k}" for k in spec.inline_secrets if section.get(k)]
     return found
 
 
@@ -641,7 +646,11 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
     doc = _merge_legacy(dict(doc))
     if "routes" in doc:
         raise ConfigError("routes: belongs under alerts: (alerts.routes), e.g. alerts: {routes: {default: [feishu]}}")
-    _check_keys(doc, TOP_KEYS, "")
+    # Channels come from their registry (notify.registry), imported here because the channel
+    # modules use this module's helpers.
+    from .notify.registry import CHANNEL_NAMES, CHANNELS
+
+    _check_keys(doc, (*TOP_KEYS, *CHANNEL_NAMES), "")
     base = path.parent if path else Path.cwd()
     ssh = _parse_ssh(doc.get("ssh"), base)
     raw_hosts = doc.get("hosts")
@@ -661,17 +670,14 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
             )
         seen[host.name] = i
     state_dir = Path(_expand_path(_str(doc["state_dir"], "state_dir"), base)) if "state_dir" in doc else base / "logs"
-    feishu = _parse_feishu(doc["feishu"]) if doc.get("feishu") is not None else None
+    channels = {spec.name: spec.parse(doc[spec.name], base) for spec in CHANNELS if doc.get(spec.name) is not None}
     schedule = _parse_schedule(doc.get("schedule"))
     free_gpu = _parse_free(doc.get("free_gpu"))
-    alerts = _parse_alerts(doc.get("alerts"))
-    email = _parse_email(doc["email"], base) if doc.get("email") is not None else None
+    alerts = _parse_alerts(doc.get("alerts"), CHANNEL_NAMES)
     for rule, targets in alerts.routes.items():
         for target in targets:
-            if target == "email" and email is None:
-                raise ConfigError(f"alerts.routes.{rule}: routes to email, but there is no email: section")
-            if target == "feishu" and feishu is None:
-                raise ConfigError(f"alerts.routes.{rule}: routes to feishu, but there is no feishu: section")
+            if target not in channels:
+                raise ConfigError(f"alerts.routes.{rule}: routes to {target}, but there is no {target}: section")
     web = _parse_web(doc["web"]) if "web" in doc else None
     max_parallel = _int(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
     log_level = _choice(_str(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
@@ -687,11 +693,10 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
         hosts=hosts,
         ssh=ssh,
         state_dir=state_dir,
-        feishu=feishu,
         schedule=schedule,
         free_gpu=free_gpu,
         alerts=alerts,
-        email=email,
+        channels=channels,
         max_parallel=max_parallel,
         log_level=log_level,
         warnings=tuple(warnings),

@@ -30,6 +30,7 @@ from .config import Config, ConfigError, HostConfig, ReportSchedule
 from .fleet import FleetState
 from .model import FleetSnapshot, HostSnapshot
 from .notify.base import Channel, Message
+from .notify.registry import channel_spec
 from .poll import Poller
 from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
@@ -146,7 +147,6 @@ class Daemon:
         records, transitions = advance(
             store.records(), evaluation, now, self.config.alerts, silence_check(silences), removed_hosts=removed
         )
-        mentions = self.config.feishu.mentions if self.config.feishu else {}
         by_channel: dict[str, tuple[list[Transition], list[Notice]]] = {}
         for t in transitions:
             for name in self.routes_for(t.record.key.rule):
@@ -157,7 +157,7 @@ class Daemon:
         with self.outbox.db.transaction():
             store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory)
             for name, (items, notices) in by_channel.items():
-                message = alert_message(items, notices, mentions if name == "feishu" else {})
+                message = alert_message(items, notices, self.mentions(name))
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed
@@ -171,11 +171,17 @@ class Daemon:
             log.info("outbox: %d sent, %d still waiting, %d refused for good", result.sent, result.failed, result.dead)
         return result
 
+    def mentions(self, channel: str) -> Mapping[str, str]:
+        """Who to @-mention in that channel's alerts: user -> the channel's id for them."""
+        spec = channel_spec(channel)
+        settings = self.config.channels.get(channel)
+        return spec.mentions(settings) if spec is not None and settings is not None else {}
+
     def report_channels(self) -> list[str]:
         """Scheduled reports go to the chat channels: e-mail carries alerts only (as routed), so an
         inbox gets what the admin asked to be alerted about, not an overview every hour. With
         e-mail as the only channel, reports go there: a configured report is never dropped."""
-        chat = [name for name in self.channels if name != "email"]
+        chat = [name for name in self.channels if (spec := channel_spec(name)) is None or spec.carries_reports]
         return chat or list(self.channels)
 
     def report(self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None) -> None:
@@ -358,7 +364,7 @@ class Daemon:
 
 
 def _channels_changed(old: Config, new: Config) -> bool:
-    return (old.feishu, old.email) != (new.feishu, new.email)
+    return old.channels != new.channels
 
 
 def _close(channel: Channel) -> None:

@@ -40,7 +40,7 @@ NOTICE_RULES = frozenset({"gpu_freed"})
 
 
 def channel_names(config: Config) -> list[str]:
-    return [name for name, section in (("feishu", config.feishu), ("email", config.email)) if section is not None]
+    return list(config.channels)
 
 
 def _gpu_labels(host: HostSnapshot, gpu: Gpu) -> list[str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, HostConfig
 from ..daemon import Daemon
 from ..notify.base import Channel
-from ..notify.email import EmailChannel, EmailSettings
-from ..notify.feishu import FeishuChannel, FeishuSettings
+from ..notify.registry import channel_spec
 from ..poll import Poller
 from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
 from ..store import StoreReader
@@ -27,12 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def secrets(config: Config) -> list[str]:
+    """Every secret value in use (passwords, webhook tokens, signing secrets): masked in every log line."""
     values = [config.ssh.resolve_password() or ""]
     values += [h.ssh.resolve_password() or "" for h in config.hosts]
-    if config.email is not None:
-        values.append(config.email.resolve_password() or "")
-    if config.feishu is not None:
-        values += [config.feishu.resolve_secret() or "", config.feishu.resolve_url() or ""]
+    for name, settings in config.channels.items():
+        spec = channel_spec(name)
+        if spec is not None:
+            values += spec.secrets(settings)
     return [v for v in values if v]
 
 
@@ -64,49 +64,17 @@ def build_poller(config: Config, handshakes: threading.Semaphore | None = None) 
 def build_channels(
     config: Config, sleep: Callable[[float], None] = time.sleep, stop: threading.Event | None = None
 ) -> dict[str, Channel]:
-    """The configured channels, keyed by name (the outbox remembers each message's channel).
+    """The configured channels, keyed by name (the outbox remembers each message's channel), built
+    by their registry entries (notify.registry), which resolve secrets from the environment.
 
     ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short,
     and ``stop``, which also ends a send in flight within about a second.
     """
     channels: dict[str, Channel] = {}
-    if config.feishu is not None:
-        url = config.feishu.resolve_url()
-        if not url:
-            raise ConfigError(f"feishu.url_env: ${config.feishu.url_env} is not set in the environment")
-        secret = config.feishu.resolve_secret()
-        if config.feishu.secret_env and not secret:
-            raise ConfigError(f"feishu.secret_env: ${config.feishu.secret_env} is not set in the environment")
-        try:
-            feishu = FeishuSettings(
-                url=url,
-                keyword=config.feishu.keyword,
-                secret=secret,
-                format=config.feishu.format,
-                mentions=dict(config.feishu.mentions),
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        channels["feishu"] = FeishuChannel(feishu, sleep=sleep, stop=stop)
-    if config.email is not None:
-        email = config.email
-        password = email.resolve_password()
-        if email.password_env and not password:
-            raise ConfigError(f"email.password_env: ${email.password_env} is not set in the environment")
-        try:
-            settings = EmailSettings(
-                to=email.to,
-                sender=email.sender,
-                smtp_host=email.smtp_host,
-                smtp_port=email.smtp_port,
-                username=email.username,
-                password=password,
-                tls=email.tls,
-                ca_file=email.ca_file,
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        channels["email"] = EmailChannel(settings, sleep=sleep, stop=stop)
+    for name, settings in config.channels.items():
+        spec = channel_spec(name)
+        assert spec is not None, name  # the config only holds channels of the registry
+        channels[name] = spec.build(settings, sleep, stop)
     return channels
 
 
