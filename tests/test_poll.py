@@ -178,3 +178,22 @@ def test_reload_keeps_unchanged_hosts_runners_and_closes_removed_ones(tmp_path: 
     assert len(made["c"]) == 2 and made["c"][0].closed  # changed: reconnected with its new settings
     assert [h.name for h in poller.hosts] == ["a", "c", "d"]
     assert settings.command_timeout == 1.0
+
+
+def test_a_shorter_interval_from_a_reload_takes_effect_at_once(tmp_path: Path) -> None:
+    output = real_probe_output(tmp_path)
+    host = HostConfig(name="a", address=None, ssh=SshSettings(command_timeout=1.0), local=True)
+    runner = Counting(output, 0.01)
+    poller = Poller([host], lambda h: runner)
+    try:
+        poller.start(60.0, lambda h: None)  # first probe at once, the next a minute or more later
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and runner.runs < 1:
+            time.sleep(0.02)
+        poller.reload([host], lambda h: runner, every=0.2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and runner.runs < 4:
+            time.sleep(0.02)
+    finally:
+        poller.close()
+    assert runner.runs >= 4  # not waiting out the old minute

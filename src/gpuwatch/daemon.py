@@ -250,7 +250,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, still running the previous config: config error: %s", exc)
             return False
-        result = self.poller.reload(new.hosts, self.wiring.runner_factory(new))
+        result = self.poller.reload(new.hosts, self.wiring.runner_factory(new), new.schedule.poll_every)
         removed = self.state.set_hosts(host_pairs(new), new.schedule.poll_every)
         self._removed.update(removed)
         if channels is not self.channels:

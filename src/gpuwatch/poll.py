@@ -198,17 +198,42 @@ class _Clock:
         self.every = every
         self.on_result = on_result
         self.first_delay = first_delay
-        self.stop = threading.Event()
+        self.stopped = threading.Event()
+        self._wake = threading.Event()  # a stop or a new interval: look at the time again
         self.thread = threading.Thread(target=self._loop, name=f"clock-{prober.host.name}", daemon=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._wake.set()
+
+    def set_every(self, every: float) -> None:
+        """A new interval (a reload): it counts from this host's last probe, so a shorter one
+        takes effect at once, not after the old wait."""
+        self.every = every
+        self._wake.set()
+
+    def _next(self, last_start: float, first: bool) -> float:
+        # The first probe runs at once; from the second on, each host keeps its own place in the
+        # interval, so the probes of a fleet spread evenly over it.
+        if first:
+            return last_start + self.every * (1 + phase(self.prober.host.name))
+        return last_start + self.every
 
     def _loop(self) -> None:
         name = self.prober.host.name
         next_at = time.monotonic() + self.first_delay
-        first = True
-        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
-            started = time.monotonic()
-            result = self.prober.probe(self.stop)
-            if self.stop.is_set():
+        last_start: float | None = None
+        probes = 0
+        while not self.stopped.is_set():
+            if self._wake.wait(max(0.0, next_at - time.monotonic())):
+                self._wake.clear()
+                if last_start is not None:
+                    next_at = self._next(last_start, probes == 1)
+                continue
+            last_start = time.monotonic()
+            result = self.prober.probe(self.stopped)
+            probes += 1
+            if self.stopped.is_set():
                 break
             log.info("poll: %s", outcome(result))
             if not result.ok:
@@ -217,15 +242,9 @@ class _Clock:
                 self.on_result(result)
             except Exception:
                 log.exception("handling the result of %s failed", name)
-            if first:
-                # The first probe runs at once; from the second on, each host keeps its own
-                # place in the interval, so probes spread evenly over it.
-                first = False
-                next_at = started + self.every * (1 + phase(name))
-            else:
-                next_at += self.every
-                if next_at < time.monotonic():  # a probe longer than the interval: skip, don't pile up
-                    next_at = time.monotonic() + self.every
+            next_at = self._next(last_start, probes == 1)
+            if next_at < time.monotonic():  # a probe longer than the interval: go on, don't pile up
+                next_at = time.monotonic()
 
 
 class Poller:
@@ -292,19 +311,29 @@ class Poller:
         self._clocks[name] = clock
         clock.thread.start()
 
-    def reload(self, hosts: Sequence[HostConfig], runner_factory: Callable[[HostConfig], Runner]) -> ReloadResult:
-        """Follow a new host list. A host whose settings did not change keeps its runner (its open
-        connection) and its clock; a changed one is closed and started anew; removed ones stop."""
+    def reload(
+        self,
+        hosts: Sequence[HostConfig],
+        runner_factory: Callable[[HostConfig], Runner],
+        every: float | None = None,
+    ) -> ReloadResult:
+        """Follow a new host list (and poll interval). A host whose settings did not change keeps
+        its runner (its open connection) and its clock; a changed one is closed and started anew;
+        removed ones stop."""
         new = {h.name: h for h in hosts}
         with self._lock:
+            if every is not None and every != self._every:
+                self._every = every
+                for clock in self._clocks.values():
+                    clock.set_every(every)
             removed = [n for n in self._order if n not in new]
             changed = [n for n in self._order if n in new and self._probers[n].host != new[n]]
             added = [h.name for h in hosts if h.name not in self._probers]
             kept = [n for n in self._order if n in new and n not in changed]
             for name in removed + changed:
-                clock = self._clocks.pop(name, None)
-                if clock is not None:
-                    clock.stop.set()
+                stopping = self._clocks.pop(name, None)
+                if stopping is not None:
+                    stopping.stop()
                 self._probers.pop(name).close()
             self._factory = runner_factory
             for name in changed + added:
@@ -317,7 +346,7 @@ class Poller:
     def close(self) -> None:
         with self._lock:
             for clock in self._clocks.values():
-                clock.stop.set()
+                clock.stop()
             self._clocks.clear()
             probers = list(self._probers.values())
         for prober in probers:
