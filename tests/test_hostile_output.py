@@ -39,6 +39,7 @@ from fleet import (
 from gpuwatch.model import HostErrorKind, HostSnapshot
 from gpuwatch.parse import APP_QUERY_FIELDS, GPU_QUERY_FIELDS, MAX_COMMAND_CHARS, MAX_TEXT_CHARS, parse_compute_apps
 from gpuwatch.probe import PROBE_MARKER, build_script, new_token, snapshot_from_output, split_sections
+from gpuwatch.ssh import session_script
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
 ERROR_LINES = sorted(
@@ -461,9 +462,11 @@ os.execv({standin!r}, [{standin!r}, *sys.argv[1:]])
 """
 
 
-def test_the_token_is_in_no_process_argv_or_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "in-its-session"])
+def test_the_token_is_in_no_process_argv_or_environment(tmp_path: Path, wrapped: bool) -> None:
     """The token reaches the host on sh's stdin and is printed by builtins: while nvidia-smi runs
-    (twice) no process on the host shows it in its argv or its environment."""
+    (twice) no process on the host shows it in its argv or its environment, also when the probe
+    runs wrapped in its own session as the SSH runner sends it (ssh.session_script)."""
     bin_dir = tmp_path / "scan-bin"
     bin_dir.mkdir()
     exe = bin_dir / "nvidia-smi"
@@ -474,7 +477,12 @@ def test_the_token_is_in_no_process_argv_or_environment(tmp_path: Path) -> None:
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["SCAN_OUT"] = str(tmp_path / "scan")
     token = new_token()
-    output = _probe_output(env, token)
+    if wrapped:
+        script = session_script(build_script(30, token=token), 60).encode()
+        done = subprocess.run(["sh", "-s"], input=script, env=env, capture_output=True, timeout=60, check=True)
+        output = done.stdout.decode("utf-8", "replace")
+    else:
+        output = _probe_output(env, token)
     assert snapshot_from_output("local", "local", output, token=token).ok
     seen = (tmp_path / "scan").read_bytes()
     assert b"--query-gpu=" in seen and b"--query-compute-apps=" in seen  # both calls were scanned
