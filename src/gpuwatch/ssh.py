@@ -23,7 +23,6 @@ import math
 import os
 import select
 import selectors
-import shlex
 import signal
 import socket
 import subprocess
