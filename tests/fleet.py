@@ -97,6 +97,13 @@ L40S_QUERY = "csv-query-gpu/nvgpuexp-l40s-linux-595.80-load-query-gpu-all-fields
 L40S_APPS = "csv-compute-apps/nvgpuexp-l40s-linux-595.80-load-compute-apps.csv"
 L40S_TABLE = "table/nvgpuexp-l40s-linux-595.80-load-default-table.txt"
 
+H100_HELP_QUERY_GPU = "other/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-help-query-gpu.txt"
+H100_VERSION = "other/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-version.txt"
+MIG_HELP_QUERY_GPU = "other/nvgpuexp-h100-mig-linux-590.48.01-help-query-gpu.txt"
+MIG_VERSION = "other/nvgpuexp-h100-mig-linux-590.48.01-version.txt"
+L40S_HELP_QUERY_GPU = "other/nvgpuexp-l40s-linux-595.80-help-query-gpu.txt"
+L40S_VERSION = "other/nvgpuexp-l40s-linux-595.80-version.txt"
+
 ERR_NO_DRIVER = "errors/issue-couldnt-communicate-with-driver.txt"
 ERR_GPU_LOST = "errors/issue-device-handle-gpu-is-lost.txt"
 ERR_UNKNOWN_SPACE = "errors/issue-device-handle-unknown-error-space.txt"
@@ -375,7 +382,9 @@ def scenario_healthy_multi_gpu(
     files: dict[str, bytes | str] = {
         "query-gpu.csv": query,
         "compute-apps.csv": compute_apps,
-        "SOURCES": sources,
+        "help-query-gpu.txt": capture_bytes(H100_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(H100_VERSION),
+        "SOURCES": sources + f"help-query-gpu.txt: {H100_HELP_QUERY_GPU}; version.txt: {H100_VERSION}\n",
         **_pids_file(owners_pids),
     }
     if n_gpus == 1 and list(busy_gpus) == [0]:
@@ -396,6 +405,8 @@ def scenario_mig(directory: Path, *, owners_pids: Mapping[int, int] | None = Non
         "query-gpu.csv": query,
         "compute-apps.csv": apps,
         "table.txt": capture_bytes(MIG_TABLE),
+        "help-query-gpu.txt": capture_bytes(MIG_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(MIG_VERSION),
         "SOURCES": sources,
         **_pids_file(owners_pids),
     }
@@ -409,6 +420,8 @@ def scenario_l40s(directory: Path, *, owners_pids: Mapping[int, int] | None = No
         "query-gpu.csv": query,
         "compute-apps.csv": apps,
         "table.txt": capture_bytes(L40S_TABLE),
+        "help-query-gpu.txt": capture_bytes(L40S_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(L40S_VERSION),
         "SOURCES": sources,
         **_pids_file(owners_pids),
     }
