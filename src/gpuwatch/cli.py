@@ -40,6 +40,7 @@ from .notify.console import ConsoleChannel, DryRunChannel
 from .notify.email import EmailChannel, EmailSettings
 from .notify.feishu import FeishuChannel, FeishuSettings
 from .poll import Poller
+from .probe import ProbeSettings
 from .render import fleet_table, snapshot_dict
 from .report import alert_words
 from .rules import RULE_NAMES
@@ -135,7 +136,12 @@ def make_runner_factory(
 
 
 def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
-    return Poller(config.hosts, make_runner_factory(config, handshakes), max_parallel=config.max_parallel)
+    return Poller(
+        config.hosts,
+        make_runner_factory(config, handshakes),
+        max_parallel=config.max_parallel,
+        settings=ProbeSettings.of(config),
+    )
 
 
 def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
