@@ -20,6 +20,10 @@ What this module owns
   through sshd_config ``SetEnv`` (verified by tests/test_fleet_harness.py: SetEnv overrides sshd's default
   PATH for non-interactive ``ssh host sh -s`` sessions).  ``<fleet bin>`` holds a copy of
   tests/standin/nvidia-smi, so the stand-in runs even when the checkout is not readable by other users.
+* ``<fleet bin>`` also holds tests/standin/docker and tests/standin/crictl, which replay real ``docker
+  inspect`` / ``crictl inspect`` captures from a scenario's ``docker-inspect.json`` / ``crictl-status.json``.
+  Sessions get ``DOCKER_HOST`` and ``CONTAINER_RUNTIME_ENDPOINT`` pointing into ``fleet.runtime_dir``
+  (empty: no runtime the monitor may ask), where a test puts a socket file writable by the monitor user.
 * The stand-in chooses a host's scenario by the server address in ``$SSH_CONNECTION``:
   ``<scenarios>/<address>/``; ``<scenarios>/local/`` when run without SSH (see :func:`standin_env`).
 
@@ -759,6 +763,7 @@ class Fleet:
         self.root = Path()
         self.standin_dir = Path()
         self.bin_dir = Path()
+        self.runtime_dir = Path()
         self.client_key = Path()
         self.host_key: HostKey | None = None
         self.jobs: dict[str, Job] = {}
@@ -823,6 +828,11 @@ class Fleet:
         self.bin_dir.mkdir(mode=0o755)
         shutil.copyfile(STANDIN_EXE, self.bin_dir / "nvidia-smi")
         os.chmod(self.bin_dir / "nvidia-smi", 0o755)
+        for tool in ("docker", "crictl"):  # replay docker/crictl inspect (tests/standin)
+            shutil.copyfile(STANDIN_BIN_DIR / tool, self.bin_dir / tool)
+            os.chmod(self.bin_dir / tool, 0o755)
+        self.runtime_dir = self.root / "run"  # where a test puts docker.sock / containerd.sock
+        self.runtime_dir.mkdir(mode=0o755)
         self.standin_dir = self.root / "standin"
         self.standin_dir.mkdir(mode=0o755)
 
@@ -980,7 +990,9 @@ class Fleet:
             "MaxSessions 50",
             "LoginGraceTime 30",
             "LogLevel VERBOSE",
-            f'SetEnv "PATH={session_path}" "GPUWATCH_STANDIN_DIR={self.standin_dir}"',
+            f'SetEnv "PATH={session_path}" "GPUWATCH_STANDIN_DIR={self.standin_dir}" '
+            f'"DOCKER_HOST=unix://{self.runtime_dir}/docker.sock" '
+            f'"CONTAINER_RUNTIME_ENDPOINT=unix://{self.runtime_dir}/containerd.sock"',
             "Subsystem sftp internal-sftp",
         ]
         # an option replaces the fleet's line for its keyword (sshd keeps the first value of most

@@ -249,6 +249,14 @@ def _slurm(path: str) -> SlurmJob | None:
     return None
 
 
+def _session_uid(path: str) -> int | None:
+    for pattern in _SESSION:
+        session = pattern.match(path)
+        if session and int(session["uid"]) <= _MAX_UID:
+            return int(session["uid"])
+    return None
+
+
 def classify(lines: Iterable[str]) -> CgroupFacts:
     """What the lines of one /proc/PID/cgroup say: its container, Slurm job and login session.
 
@@ -260,17 +268,26 @@ def classify(lines: Iterable[str]) -> CgroupFacts:
     containers: dict[str, Container] = {}
     jobs: dict[str, SlurmJob] = {}
     sessions: set[int] = set()
+    malformed = 0
+    hierarchies: set[str] = set()
     for line in lines:
         match = _LINE.match(line)
-        if match is None:
+        if match is None or match["hierarchy"] in hierarchies:
+            malformed += 1  # the kernel writes every line so, once per hierarchy: damaged on the way
             continue
+        hierarchies.add(match["hierarchy"])
         path = match["path"]
-        container = _container(path)
+        container, job = _container(path), _slurm(path)
+        if ("\ufffd" in path or "\x00" in path) and container is None and job is None and not _session_uid(path):
+            # A byte that was no UTF-8 (or a NUL, which no cgroup name holds) where nothing was
+            # recognised may stand for a letter of a root-made name: damaged. After a recognised
+            # prefix it is only a name a user or a container chose below their own cgroup.
+            malformed += 1
+            continue
         if container is not None:
             known = containers.get(container.id)
             if known is None or (known.runtime == "kubernetes" and container.runtime != "kubernetes"):
                 containers[container.id] = container
-        job = _slurm(path)
         if job is not None:
             known_job = jobs.get(job.job_id)
             jobs[job.job_id] = SlurmJob(
@@ -278,11 +295,12 @@ def classify(lines: Iterable[str]) -> CgroupFacts:
                 (known_job.step if known_job else None) or job.step,
                 (known_job.uid if known_job else None) if job.uid is None else job.uid,
             )
-        for pattern in _SESSION:
-            session = pattern.match(path)
-            if session and int(session["uid"]) <= _MAX_UID:
-                sessions.add(int(session["uid"]))
+        uid = _session_uid(path)
+        if uid is not None:
+            sessions.add(uid)
     notes = []
+    if malformed:
+        return CgroupFacts(note=f"{malformed} of its cgroup lines are not the kernel's format; its cgroups are unknown")
     if len(containers) > 1:
         notes.append(f"its cgroups name {len(containers)} different containers")
     if len(jobs) > 1:
@@ -446,16 +464,23 @@ def attribute_owners(
     if cgroups is None:
         return tuple(processes), []
     issues: list[HostIssue] = []
+    odd = _odd_ones(cgroups)
     out = []
     for proc in processes:
         read = cgroups.get(proc.pid)
+        if read is not None and proc.pid in odd:
+            read = CgroupRead(
+                note="its cgroup file lists other hierarchies than the other processes' (damaged); unknown"
+            )
         if read is None or read.note is not None:
             note = read.note if read is not None else "its cgroup was not listed"
             out.append(replace(proc, cgroup_note=note) if proc.user is not None else proc)
             continue
         facts = classify(read.lines)
         container = facts.container
-        if container is not None:
+        if container is not None and container.rootless_uid is None:
+            # Only a system container is the system runtime's to describe: a user names their own
+            # subtree, so an id there may be another container's, whose labels are not theirs.
             info = inspected.get(container.id)
             if info is not None:
                 container = replace(container, name=info.name, image=info.image, pod=info.pod, namespace=info.namespace)
@@ -478,6 +503,22 @@ def attribute_owners(
     return tuple(out), issues
 
 
+def _hierarchies(lines: Iterable[str]) -> frozenset[str]:
+    found = set()
+    for line in lines:
+        match = _LINE.match(line)
+        if match is not None:
+            found.add(f"{match['hierarchy']}:{match['controllers']}")
+    return frozenset(found)
+
+
+def _odd_ones(cgroups: Mapping[int, CgroupRead]) -> set[int]:
+    """Every process of a host is in every hierarchy the host mounts, so each /proc/PID/cgroup
+    lists the same hierarchies: a process listing only some of another's lost a line on the way."""
+    sets = {pid: _hierarchies(read.lines) for pid, read in cgroups.items() if read.note is None and read.lines}
+    return {pid for pid, found in sets.items() if any(found < other for other in sets.values())}
+
+
 def _owner(
     proc: GpuProcess,
     container: Container | None,
@@ -494,7 +535,7 @@ def _owner(
         return None, None, f"Slurm job {job.job_id}'s uid {job.uid} has no name on the host"
     if container is None:
         return None, None, None
-    info = inspected.get(container.id)
+    info = inspected.get(container.id) if container.rootless_uid is None else None
     if settings.owner_label and info is not None and info.labels:
         value = info.labels.get(settings.owner_label)
         if value is not None:

@@ -548,9 +548,14 @@ def _snapshot(
             HostIssue(HostErrorKind.PROBE_FAILED, f"the probe output is malformed ({structure}); processes unknown")
         )
     gpus = _with_health(gpus, sections, probe, warnings)
+    version = _driver_version(gpus, warnings)
+    if probe is not None and version is not None:
+        if probe.driver_version is not None and version != probe.driver_version:
+            probe.forget_learned()  # a new driver may know other fields, and another CUDA version
+        probe.driver_version = version
     if context is not None:
         cuda = probe.cuda_version if probe is not None else None
-        context = dataclasses.replace(context, driver_version=_driver_version(gpus, warnings), cuda_version=cuda)
+        context = dataclasses.replace(context, driver_version=version, cuda_version=cuda)
 
     apps: list[ComputeApp] = []
     apps_sec = sections.get("apps")
@@ -652,6 +657,16 @@ def _with_health(
     Normally the health fields come in the GPU rows themselves; in the poll that learns them they
     come from the ``gpuhealth`` section, matched to the GPUs by index and UUID."""
     health_sec = sections.get("health")
+    if health_sec is not None:
+        foreign = [line for line in health_sec.text.split("\n") if line.strip() and not line.startswith("asked ")]
+        foreign = [line for line in foreign if line != "refused"]
+        if foreign or health_sec.exit_status is None:
+            warnings.append(
+                HostIssue(
+                    HostErrorKind.UNPARSEABLE,
+                    f"the probe's health step printed what it never prints: {_first_line(chr(10).join(foreign))}",
+                )
+            )
     if health_sec is not None and "refused" in health_sec.text.split("\n"):
         warnings.append(
             HostIssue(

@@ -363,7 +363,8 @@ def notice_text(notice: Notice) -> str:
     if notice.kind == "host_rebooted":
         return (
             f"{notice.host} rebooted at {local_time(f.get('boot_time'))} "
-            f"(up {format_duration(f.get('uptime_seconds'))}; the boot before was {local_time(f.get('previous_boot_time'))}): jobs running then were lost"
+            f"(up {format_duration(f.get('uptime_seconds'))}; "
+            f"the boot before was {local_time(f.get('previous_boot_time'))}): jobs running then were lost"
         )
     if notice.kind == "driver_changed":
         text = f"{notice.host}: the NVIDIA driver changed from {f.get('from')} to {f.get('to')}"

@@ -126,13 +126,13 @@ def free_gpus(host: HostSnapshot, thresholds: FreeGpuConfig) -> list[Gpu]:
 
 WRONG_DISK_PERCENT = 90  # a disk at least this full
 WRONG_MEMORY_PERCENT = 90  # memory at least this used
-WRONG_LOAD_PER_CPU = 2.0  # a 5-minute load above this per CPU
 
 
 def host_problems(host: HostSnapshot) -> list[str]:
     """What is wrong with a host beyond its GPU readings, for the overview (which shows only what
-    is wrong): full disks, memory, load, and GPUs with uncorrectable ECC errors, memory rows
-    waiting for a remap, or hardware slowdown. Empty when nothing is."""
+    is wrong): full disks, memory, and GPUs with uncorrectable ECC errors, memory rows waiting for
+    a remap, or hardware slowdown. Empty when nothing is. (Load comes and goes with the jobs: it is
+    in ``status`` and, past a limit the admin sets, in ``load_above`` alerts.)"""
     problems: list[str] = []
     context = host.context
     if context is not None:
@@ -145,9 +145,6 @@ def host_problems(host: HostSnapshot) -> list[str]:
                 f"memory {percent:.0f}% used "
                 f"({size_kib(context.memory_used_kib)} of {size_kib(context.memory_total_kib)})"
             )
-        per_cpu = context.load_per_cpu
-        if per_cpu is not None and per_cpu > WRONG_LOAD_PER_CPU:
-            problems.append(f"load {number(context.load_5m)} on {context.cpus} CPUs")
     for gpu in host.gpus:
         health = gpu.health
         if health is None:
