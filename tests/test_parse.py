@@ -228,7 +228,9 @@ _HEALTHY = dict(hw_slowdown=False, hw_thermal_slowdown=False, hw_power_brake_slo
                 81559,
                 59,
                 631.95,
-                GpuHealth(0, 0, None, None, False, False, **_HEALTHY, persistence_mode=True, driver_version="590.48.01"),
+                GpuHealth(
+                    0, 0, None, None, False, False, **_HEALTHY, persistence_mode=True, driver_version="590.48.01"
+                ),
             ),
         ),
         (
