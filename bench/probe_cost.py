@@ -2,8 +2,9 @@
 
 Polls a loopback fleet of real sshd hosts (tests/fleet.py, the default scenario: 4 H100 GPUs, three
 processes, two of them real processes of alice and verylongusername) with two versions of gpuwatch
-side by side: ``before`` (a tree given by ``--before``, by default ``git archive main``'s) and
-``after`` (this checkout). Each runs in a child process of its own, polls every host at once
+side by side: ``before`` (``git archive`` of the ref given by ``--before``; by default where this
+branch left main, ``git merge-base main HEAD``) and ``after`` (this checkout). Each runs in a child
+process of its own, polls every host at once
 ``--rounds`` times over open connections, and reports per host-poll:
 
 - client CPU (user + system seconds of the gpuwatch process, divided by hosts x rounds);
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--before", default="main", help="git ref of the version to compare with")
+    parser.add_argument("--before", default=None, help="git ref to compare with (default: git merge-base main HEAD)")
     args = parser.parse_args(argv)
     from fleet import Fleet, fleet_unavailable_reason
 
@@ -100,7 +101,10 @@ def main(argv: list[str]) -> int:
     if reason:
         print(f"cannot run: {reason}")
         return 2
-    versions = {"before": before_tree(args.before), "after": ROOT / "src"}
+    ref = args.before or subprocess.run(
+        ["git", "-C", str(ROOT), "merge-base", "main", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    versions = {"before": before_tree(ref), "after": ROOT / "src"}
     with Fleet(args.hosts) as fleet, tempfile.TemporaryDirectory() as tmp:
         known = fleet.write_known_hosts(Path(tmp) / "known_hosts")
         doc = {
