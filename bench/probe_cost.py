@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--before", default=None, help="git ref to compare with (default: git merge-base main HEAD)")
     args = parser.parse_args(argv)
-    from fleet import Fleet, fleet_unavailable_reason
+    from fleet import fleet_unavailable_reason
 
     reason = fleet_unavailable_reason()
     if reason:
@@ -105,6 +106,15 @@ def main(argv: list[str]) -> int:
         ["git", "-C", str(ROOT), "merge-base", "main", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
     versions = {"before": before_tree(ref), "after": ROOT / "src"}
+    try:
+        return _run(args, versions)
+    finally:
+        shutil.rmtree(versions["before"].parent, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, versions: dict[str, Path]) -> int:
+    from fleet import Fleet
+
     with Fleet(args.hosts) as fleet, tempfile.TemporaryDirectory() as tmp:
         known = fleet.write_known_hosts(Path(tmp) / "known_hosts")
         doc = {
