@@ -20,6 +20,10 @@ What this module owns
   through sshd_config ``SetEnv`` (verified by tests/test_fleet_harness.py: SetEnv overrides sshd's default
   PATH for non-interactive ``ssh host sh -s`` sessions).  ``<fleet bin>`` holds a copy of
   tests/standin/nvidia-smi, so the stand-in runs even when the checkout is not readable by other users.
+* ``<fleet bin>`` also holds tests/standin/docker and tests/standin/crictl, which replay real ``docker
+  inspect`` / ``crictl inspect`` captures from a scenario's ``docker-inspect.json`` / ``crictl-status.json``.
+  Sessions get ``DOCKER_HOST`` and ``CONTAINER_RUNTIME_ENDPOINT`` pointing into ``fleet.runtime_dir``
+  (empty: no runtime the monitor may ask), where a test puts a socket file writable by the monitor user.
 * The stand-in chooses a host's scenario by the server address in ``$SSH_CONNECTION``:
   ``<scenarios>/<address>/``; ``<scenarios>/local/`` when run without SSH (see :func:`standin_env`).
 
@@ -96,6 +100,13 @@ APPS_HEADER_ONLY = "csv-compute-apps/nvgpuexp-h100-mig-linux-590.48.01-idle-comp
 L40S_QUERY = "csv-query-gpu/nvgpuexp-l40s-linux-595.80-load-query-gpu-all-fields.csv"
 L40S_APPS = "csv-compute-apps/nvgpuexp-l40s-linux-595.80-load-compute-apps.csv"
 L40S_TABLE = "table/nvgpuexp-l40s-linux-595.80-load-default-table.txt"
+
+H100_HELP_QUERY_GPU = "other/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-help-query-gpu.txt"
+H100_VERSION = "other/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-version.txt"
+MIG_HELP_QUERY_GPU = "other/nvgpuexp-h100-mig-linux-590.48.01-help-query-gpu.txt"
+MIG_VERSION = "other/nvgpuexp-h100-mig-linux-590.48.01-version.txt"
+L40S_HELP_QUERY_GPU = "other/nvgpuexp-l40s-linux-595.80-help-query-gpu.txt"
+L40S_VERSION = "other/nvgpuexp-l40s-linux-595.80-version.txt"
 
 ERR_NO_DRIVER = "errors/issue-couldnt-communicate-with-driver.txt"
 ERR_GPU_LOST = "errors/issue-device-handle-gpu-is-lost.txt"
@@ -375,7 +386,9 @@ def scenario_healthy_multi_gpu(
     files: dict[str, bytes | str] = {
         "query-gpu.csv": query,
         "compute-apps.csv": compute_apps,
-        "SOURCES": sources,
+        "help-query-gpu.txt": capture_bytes(H100_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(H100_VERSION),
+        "SOURCES": sources + f"help-query-gpu.txt: {H100_HELP_QUERY_GPU}; version.txt: {H100_VERSION}\n",
         **_pids_file(owners_pids),
     }
     if n_gpus == 1 and list(busy_gpus) == [0]:
@@ -396,6 +409,8 @@ def scenario_mig(directory: Path, *, owners_pids: Mapping[int, int] | None = Non
         "query-gpu.csv": query,
         "compute-apps.csv": apps,
         "table.txt": capture_bytes(MIG_TABLE),
+        "help-query-gpu.txt": capture_bytes(MIG_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(MIG_VERSION),
         "SOURCES": sources,
         **_pids_file(owners_pids),
     }
@@ -409,6 +424,8 @@ def scenario_l40s(directory: Path, *, owners_pids: Mapping[int, int] | None = No
         "query-gpu.csv": query,
         "compute-apps.csv": apps,
         "table.txt": capture_bytes(L40S_TABLE),
+        "help-query-gpu.txt": capture_bytes(L40S_HELP_QUERY_GPU),
+        "version.txt": capture_bytes(L40S_VERSION),
         "SOURCES": sources,
         **_pids_file(owners_pids),
     }
@@ -746,6 +763,7 @@ class Fleet:
         self.root = Path()
         self.standin_dir = Path()
         self.bin_dir = Path()
+        self.runtime_dir = Path()
         self.client_key = Path()
         self.host_key: HostKey | None = None
         self.jobs: dict[str, Job] = {}
@@ -810,6 +828,11 @@ class Fleet:
         self.bin_dir.mkdir(mode=0o755)
         shutil.copyfile(STANDIN_EXE, self.bin_dir / "nvidia-smi")
         os.chmod(self.bin_dir / "nvidia-smi", 0o755)
+        for tool in ("docker", "crictl"):  # replay docker/crictl inspect (tests/standin)
+            shutil.copyfile(STANDIN_BIN_DIR / tool, self.bin_dir / tool)
+            os.chmod(self.bin_dir / tool, 0o755)
+        self.runtime_dir = self.root / "run"  # where a test puts docker.sock / containerd.sock
+        self.runtime_dir.mkdir(mode=0o755)
         self.standin_dir = self.root / "standin"
         self.standin_dir.mkdir(mode=0o755)
 
@@ -967,7 +990,9 @@ class Fleet:
             "MaxSessions 50",
             "LoginGraceTime 30",
             "LogLevel VERBOSE",
-            f'SetEnv "PATH={session_path}" "GPUWATCH_STANDIN_DIR={self.standin_dir}"',
+            f'SetEnv "PATH={session_path}" "GPUWATCH_STANDIN_DIR={self.standin_dir}" '
+            f'"DOCKER_HOST=unix://{self.runtime_dir}/docker.sock" '
+            f'"CONTAINER_RUNTIME_ENDPOINT=unix://{self.runtime_dir}/containerd.sock"',
             "Subsystem sftp internal-sftp",
         ]
         # an option replaces the fleet's line for its keyword (sshd keeps the first value of most

@@ -8,11 +8,17 @@ What this module owns
   fields) and in the older format (no token, ``process_name`` asked, one ps listing with args); a
   4-GPU host stacked by tests/fleet.py; each error capture as nvidia-smi's whole answer. The ps
   listings name the compute apps' pids (owners alice, verylongusername, root, a UID; one pid unseen).
+  One H100 output carries every other step too, from real captures: the host readings and df of
+  tests/fixtures/host, the health fields of the all-fields capture, the cgroups of a Docker container
+  and a Slurm v1 job (tests/fixtures/cgroup), getent, and docker inspect of a real container
+  (tests/fixtures/container, its id set to the cgroup capture's: the one composed value).
 * :func:`mutate`: 1 to 3 mutations per case: truncation; duplicated and swapped lines; swapped,
   duplicated and dropped cells (", " or blank separated); bracketed tokens; huge, negative and
   non-numbers; non-UTF-8 bytes (decoded with errors="replace", as the SSH layer does); and
-  injections into text a user writes (command lines; names in the older format): section markers,
-  newlines with forged rows and owner lines, error texts, NUL, ANSI escapes, 100 KB.
+  injections into text a user writes (command lines; names in the older format; below a container's
+  cgroup, a container label: those without line breaks, which neither the kernel nor Go's JSON allow
+  there): section markers, newlines with forged rows and owner lines, error texts, NUL, ANSI escapes,
+  100 KB.
 * :class:`Fuzz`: runs cases and counts what the issue asks for: exceptions escaping the reader,
   impossible or duplicate values accepted, and losses (a GPU, a reading, a process or an owner
   the unmutated output had) without a warning; plus, for injections into user text, any change
@@ -37,6 +43,9 @@ from gpuwatch import parse, probe
 from gpuwatch.model import HostErrorKind, HostIssue, HostSnapshot
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvidia-smi"
+HOST_FIXTURES = FIXTURES.parent / "host"
+CGROUP_FIXTURES = FIXTURES.parent / "cgroup"
+CONTAINER_FIXTURES = FIXTURES.parent / "container"
 TOKEN = "0123456789abcdef0123456789abcdef"  # fixed, so a seed replays exactly
 LEGACY_APP_FIELDS = (*parse.APP_QUERY_FIELDS, "process_name")
 USERS = ("alice", "verylongusername", "root", "1001")
@@ -62,6 +71,7 @@ class Seed:
     exit_code: int | None = None
     user_lines: tuple[int, ...] = ()  # line numbers holding user-written text (command lines)
     legacy: bool = False
+    inline_lines: tuple[int, ...] = ()  # user-written text that cannot hold a line break (cgroups, labels)
 
 
 # ------------------------------------------------------------------------------------
@@ -165,6 +175,7 @@ def seeds() -> list[Seed]:
         suffix = f" {TOKEN}"
         body = f"{probe.PROBE_MARKER}{suffix}\n@@begin gpu{suffix}\n{text.strip()}\n\n@@end gpu{suffix} {code}\n"
         out.append(Seed(f"probe:{path.name}", "probe", body, token=TOKEN))
+    out.append(attributed_seed())
     # A 4-GPU H100 host (tests/fleet.py stacks real rows with distinct UUIDs and bus ids).
     rows = [(H100_LOAD_QUERY, 0), (H100_IDLE_QUERY, 0), (H100_LOAD_QUERY, 0), (H100_IDLE_QUERY, 0)]
     query, apps, _ = _stack_gpus(Path("fuzz-host"), rows, [(H100_LOAD_APPS, 0), (H100_LOAD_APPS, 2)])
@@ -172,6 +183,53 @@ def seeds() -> list[Seed]:
     own, user_lines = probe_text(gpu, _project(apps, parse.APP_QUERY_FIELDS), _pids(apps), token=TOKEN, legacy=False)
     out.append(Seed("probe:stacked-4xH100", "probe", own, token=TOKEN, user_lines=user_lines))
     return out
+
+
+def _section(name: str, body: str, status: int | None = 0) -> list[str]:
+    suffix = f" {TOKEN}"
+    end = [f"@@end {name}{suffix} {status}"] if status is not None else []
+    return [f"@@begin {name}{suffix}", *body.strip("\n").split("\n"), "", *end]
+
+
+def attributed_seed() -> Seed:
+    """The probe's whole output for an H100 whose processes run in a Docker container (alice's ps
+    user) and a Slurm v1 job (root's ps user, uid 7319), with the host readings and health fields."""
+    gpu_capture = FIXTURES / "csv-query-gpu" / "nvgpuexp-h100-80gb-hbm3-linux-590.48.01-load-query-gpu-all-fields.csv"
+    apps_capture = FIXTURES / "csv-compute-apps" / "nvgpuexp-h100-80gb-hbm3-linux-590.48.01-load-compute-apps.csv"
+    text = gpu_capture.read_text(encoding="utf-8")
+    apps = apps_capture.read_text(encoding="utf-8")
+    health = [names[0] for names in parse.HEALTH_QUERY_FIELDS]
+    gpu = _project(text, (*parse.GPU_QUERY_FIELDS, *health))
+    pids = _pids(apps)
+    base, user_lines = probe_text(gpu, _project(apps, parse.APP_QUERY_FIELDS), pids, token=TOKEN, legacy=False)
+    lines = base.rstrip("\n").split("\n")
+    lines += _section("host", (HOST_FIXTURES / "host-section.txt").read_text(encoding="utf-8"))
+    lines += _section("df", (HOST_FIXTURES / "df-l.txt").read_text(encoding="utf-8"))
+    lines += _section("disks", (HOST_FIXTURES / "disks-section.txt").read_text(encoding="utf-8"))
+    lines += _section("health", "asked " + ",".join(health))
+    docker = (CGROUP_FIXTURES / "docker-v1-systemd-centos.txt").read_text(encoding="utf-8").split("\n")
+    slurm = (CGROUP_FIXTURES / "slurm-v1-ex3-slurm21.txt").read_text(encoding="utf-8").split("\n")
+    cgroup = [f"cg {pids[0]} {line}" for line in docker if line]
+    cgroup += [f"cg {pids[1]} {line}" for line in slurm if line]
+    cgroup += [f"gone {pids[2]}"]
+    start = len(lines) + 1
+    lines += _section("cgroup", "\n".join(cgroup))
+    # Below a container's or a job's own cgroup is theirs to name: the end of each line.
+    inline = [start + i for i, line in enumerate(cgroup) if ".scope" in line or "/step_0" in line]
+    lines += _section("passwd", "bob:x:7319:7319::/home/bob:/bin/bash")
+    inspect = json.loads((CONTAINER_FIXTURES / "docker-inspect-jupyterhub-singleuser.json").read_text(encoding="utf-8"))
+    ident = "9ec39b91f3d70e1beff50a308f77067065ea6be0d91a3378375056cd4422cf3d"  # the cgroup capture's container
+    values = (ident, inspect["Name"], inspect["Config"]["Image"], inspect["Config"]["Labels"])
+    inline.append(len(lines) + 1)
+    lines += _section("docker", " ".join(json.dumps(v, separators=(",", ":")) for v in values))
+    return Seed(
+        "probe:attributed-h100",
+        "probe",
+        "\n".join(lines) + "\n",
+        token=TOKEN,
+        user_lines=user_lines,
+        inline_lines=tuple(inline),
+    )
 
 
 # ------------------------------------------------------------------------------------
@@ -378,6 +436,15 @@ def m_inject(rng: random.Random, text: str, seed: Seed) -> str:
             cells[column] += rng.choice(_payloads(seed.token, newline=False))
             lines[i] = ", ".join(cells)
             return "\n".join(lines)
+    if seed.inline_lines and rng.random() < 0.5:
+        i = rng.choice(seed.inline_lines)
+        payload = rng.choice(_payloads(seed.token, newline=False))
+        if lines[i].startswith("{") or lines[i].startswith('"'):  # docker inspect: inside a label's JSON string
+            escaped = json.dumps(payload)[1:-1]
+            lines[i] = lines[i].replace('"Jupyter Project', f'"{escaped}Jupyter Project', 1)
+        else:
+            lines[i] += "/" + payload
+        return "\n".join(lines)
     if not seed.user_lines:
         return text
     i = rng.choice(seed.user_lines)
@@ -425,7 +492,7 @@ def loss_must_warn(names: tuple[str, ...], seed: Seed) -> bool:
 
 def mutate(rng: random.Random, seed: Seed) -> tuple[str, tuple[str, ...]]:
     """1 to 3 mutations of ``seed``: (the mutated text, their names). An injection is alone."""
-    if seed.user_lines and rng.random() < 0.15:
+    if (seed.user_lines or seed.inline_lines) and rng.random() < 0.15:
         return m_inject(rng, seed.text, seed), ("inject",)
     names = tuple(rng.choice([n for n in MUTATIONS if n != "inject"]) for _ in range(rng.choice((1, 1, 2, 3))))
     text = seed.text
@@ -536,13 +603,20 @@ def losses(before: HostSnapshot, after: HostSnapshot) -> list[str]:
         elif value is not None and now[(index, attr)] is None:
             lost.append(f"GPU {index} {attr}")
     owners: dict[int, set[str | None]] = {}
+    attributed: dict[int, set[str | None]] = {}
     for proc in after.processes:
         owners.setdefault(proc.pid, set()).add(proc.user)
+        if proc.cgroup_note is None:  # a process whose cgroup was not used says so
+            attributed.setdefault(proc.pid, set()).add(proc.owner)
     for proc in before.processes:
         if proc.pid not in owners:
             lost.append(f"process {proc.pid}")
         elif proc.user is not None and owners[proc.pid] == {None}:
             lost.append(f"owner of {proc.pid}")
+        elif proc.owner_source is not None and proc.pid in attributed and proc.owner not in attributed[proc.pid]:
+            lost.append(f"the person behind {proc.pid}")
+    if before.context is not None and before.context.disks and after.context is not None and not after.context.disks:
+        lost.append("disks")
     return sorted(set(lost))
 
 
@@ -551,10 +625,18 @@ def injection_changes(before: HostSnapshot, after: HostSnapshot) -> list[str]:
     changed = []
     if (before.ok, before.error_kind, before.gpus) != (after.ok, after.error_kind, after.gpus):
         changed.append("the host's state or GPUs")
-    if sorted((p.pid, p.gpu_index, p.user) for p in before.processes) != sorted(
-        (p.pid, p.gpu_index, p.user) for p in after.processes
+    if sorted((p.pid, p.gpu_index, p.user, p.owner, p.owner_source) for p in before.processes) != sorted(
+        (p.pid, p.gpu_index, p.user, p.owner, p.owner_source) for p in after.processes
     ):
         changed.append("processes or owners")
+    if [(c.container.runtime, c.container.id) for c in before.processes if c.container] != [
+        (c.container.runtime, c.container.id) for c in after.processes if c.container
+    ] or [p.slurm_job for p in before.processes] != [p.slurm_job for p in after.processes]:
+        changed.append("containers or jobs")
+    if (before.context is None) != (after.context is None) or (
+        before.context is not None and after.context is not None and before.context.disks != after.context.disks
+    ):
+        changed.append("the host's context")
     kinds = {w.kind for w in after.warnings} - {w.kind for w in before.warnings}
     if kinds - {HostErrorKind.UNPARSEABLE}:
         changed.append(f"warnings of kind {sorted(k.value for k in kinds)}")

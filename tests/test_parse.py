@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuwatch.model import ComputeApp, Gpu, HostErrorKind, PsEntry
+from gpuwatch.model import ComputeApp, Gpu, GpuHealth, HostErrorKind, PsEntry
 from gpuwatch.parse import (
     APP_QUERY_FIELDS,
     ARGS_FORMAT,
@@ -195,8 +195,22 @@ def test_h100_mig_values() -> None:
             memory_total_mib=81559,
             temperature_c=53,
             power_w=433.78,
+            # The all-fields capture holds the health fields too; remapped rows are [N/A] in MIG mode.
+            health=GpuHealth(
+                ecc_uncorrected_volatile=0,
+                ecc_uncorrected_aggregate=0,
+                hw_slowdown=False,
+                hw_thermal_slowdown=False,
+                hw_power_brake_slowdown=False,
+                persistence_mode=True,
+                driver_version="590.48.01",
+            ),
         )
     ]
+
+
+# The health fields of the all-fields captures (unknown where they print [N/A]: never 0 or "no").
+_HEALTHY = dict(hw_slowdown=False, hw_thermal_slowdown=False, hw_power_brake_slowdown=False)
 
 
 @pytest.mark.parametrize(
@@ -214,6 +228,9 @@ def test_h100_mig_values() -> None:
                 81559,
                 59,
                 631.95,
+                GpuHealth(
+                    0, 0, None, None, False, False, **_HEALTHY, persistence_mode=True, driver_version="590.48.01"
+                ),
             ),
         ),
         (
@@ -228,6 +245,7 @@ def test_h100_mig_values() -> None:
                 46068,
                 54,
                 110.23,
+                GpuHealth(0, 0, None, None, False, False, **_HEALTHY, persistence_mode=False, driver_version="595.80"),
             ),
         ),
         (
@@ -242,6 +260,7 @@ def test_h100_mig_values() -> None:
                 8192,
                 36,
                 32.70,
+                GpuHealth(**_HEALTHY, driver_version="471.11"),  # clocks_throttle_reasons.*: the older names
             ),
         ),
     ],
@@ -292,6 +311,7 @@ def test_empty_query_gpu_output_is_an_issue_not_zero_gpus() -> None:
 def test_query_gpu_field_order_independence(name: str) -> None:
     text = _read(name)
     expected, _ = parse_query_gpu(text)
+    expected = [dataclasses.replace(g, health=None) for g in expected]  # the projections below have none
     # The probe's own query: same capture, projected to GPU_QUERY_FIELDS by header name.
     own = _project(text, GPU_QUERY_FIELDS)
     assert own.split("\n")[0].startswith("index, uuid, name, pci.bus_id, utilization.gpu [%], memory.used [MiB]")

@@ -57,6 +57,14 @@ def test_each_rule_declares_what_it_needs_and_what_its_alerts_are_about() -> Non
         "gpu_missing": (Scope.HOST, Needs.GPU_DATA, ()),
         "gpu_error": (Scope.HOST, Needs.GPU_STATE, ("detail",)),
         "temperature_above": (Scope.HOST, Needs.GPU_DATA, ("gpu",)),
+        "ecc_errors": (Scope.HOST, Needs.GPU_HEALTH, ("gpu",)),
+        "row_remap_pending": (Scope.HOST, Needs.GPU_HEALTH, ("gpu",)),
+        "gpu_throttled": (Scope.HOST, Needs.GPU_HEALTH, ("gpu",)),
+        "disk_above": (Scope.HOST, Needs.DISKS, ("detail",)),
+        "memory_above": (Scope.HOST, Needs.HOST_CONTEXT, ()),
+        "load_above": (Scope.HOST, Needs.HOST_CONTEXT, ()),
+        "host_rebooted": (Scope.HOST, Needs.HOST_CONTEXT, ()),
+        "driver_changed": (Scope.HOST, Needs.RESULT, ()),
         "gpu_freed": (Scope.HOST, Needs.PROCESSES, ()),
     }
 

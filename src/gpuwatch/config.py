@@ -156,6 +156,22 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class HostContextConfig:
+    """What the probe shows of the rest of the host (``host_context:``)."""
+
+    disks: tuple[str, ...] = ("/", "/home", "/tmp")  # noqa: S108 (paths on the host, whose disks are shown)
+    full_percent: int = 90  # any other local mount at least this full is shown too
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How the person behind a GPU process is found beyond ``ps`` (``attribution:``)."""
+
+    owner_label: str | None = "owner"  # a container label naming its owner; None: labels are not used
+    rootless_owner: bool = True  # a rootless container belongs to the user who runs it
+
+
+@dataclass(frozen=True)
 class EmailConfig:
     to: tuple[str, ...]
     sender: str
@@ -221,6 +237,8 @@ class Config:
     log_level: str = "INFO"
     warnings: tuple[str, ...] = ()
     web: WebConfig | None = None  # None: the daemon serves nothing
+    host_context: HostContextConfig = HostContextConfig()
+    attribution: AttributionConfig = AttributionConfig()
 
     @property
     def feishu(self) -> FeishuConfig | None:
@@ -370,6 +388,8 @@ TOP_KEYS = (
     "max_parallel",
     "log_level",
     "web",
+    "host_context",
+    "attribution",
 )
 LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
 HOST_KEYS = ("name", "address", *SSH_KEYS)
@@ -513,6 +533,45 @@ def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
             parsed[name] = tuple(_choice(t, f"alerts.routes.{name}", channel_names) for t in items)
         v["routes"] = parsed
     return AlertsConfig(**v)
+
+
+MAX_DISKS = 32
+
+
+def _parse_host_context(raw: object) -> HostContextConfig:
+    """``host_context: {disks: [/, /home, /tmp], full_percent: 90}``."""
+    section = _mapping(raw, "host_context")
+    _check_keys(section, ("disks", "full_percent"), "host_context")
+    values: dict[str, Any] = {}
+    if "disks" in section:
+        disks = section["disks"]
+        if not isinstance(disks, list) or len(disks) > MAX_DISKS:
+            raise ConfigError(
+                f"host_context.disks: expected a list of at most {MAX_DISKS} paths, e.g. [/, /home, /data]"
+            )
+        paths = []
+        for i, item in enumerate(disks):
+            path = _str(item, f"host_context.disks[{i}]")
+            if not path.startswith("/") or not path.isprintable() or len(path) > 1024:
+                raise ConfigError(f"host_context.disks[{i}]: {quote(path)} is not an absolute path on the host")
+            paths.append(path)
+        values["disks"] = tuple(dict.fromkeys(paths))
+    if "full_percent" in section:
+        values["full_percent"] = _int(section["full_percent"], "host_context.full_percent", 1, 101)
+    return HostContextConfig(**values)
+
+
+def _parse_attribution(raw: object) -> AttributionConfig:
+    """``attribution: {owner_label: owner, rootless_owner: true}``."""
+    section = _mapping(raw, "attribution")
+    _check_keys(section, ("owner_label", "rootless_owner"), "attribution")
+    values: dict[str, Any] = {}
+    if "owner_label" in section:
+        label = section["owner_label"]
+        values["owner_label"] = None if label is None or label is False else _str(label, "attribution.owner_label")
+    if "rootless_owner" in section:
+        values["rootless_owner"] = _bool(section["rootless_owner"], "attribution.rootless_owner")
+    return AttributionConfig(**values)
 
 
 def parse_email_section(raw: object, base: Path) -> EmailConfig:
@@ -680,6 +739,8 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
                 raise ConfigError(f"alerts.routes.{rule}: routes to {target}, but there is no {target}: section")
     web = _parse_web(doc["web"]) if "web" in doc else None
     max_parallel = _int(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
+    host_context = _parse_host_context(doc.get("host_context"))
+    attribution = _parse_attribution(doc.get("attribution"))
     log_level = _choice(_str(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
     warnings = []
     secrets = _secret_keys(doc)
@@ -701,6 +762,8 @@ def parse_config(doc: object, path: Path | None = None) -> Config:
         log_level=log_level,
         warnings=tuple(warnings),
         web=web,
+        host_context=host_context,
+        attribution=attribution,
     )
 
 

@@ -32,6 +32,7 @@ from .model import FleetSnapshot, HostSnapshot
 from .notify.base import Channel, Message
 from .notify.registry import channel_spec
 from .poll import Poller
+from .probe import ProbeSettings
 from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .ssh import Runner
@@ -152,7 +153,7 @@ class Daemon:
             for name in self.routes_for(t.record.key.rule):
                 by_channel.setdefault(name, ([], []))[0].append(t)
         for notice in evaluation.notices:
-            for name in self.routes_for("gpu_freed"):
+            for name in self.routes_for(notice.rule):
                 by_channel.setdefault(name, ([], []))[1].append(notice)
         with self.outbox.db.transaction():
             store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory)
@@ -250,7 +251,9 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, still running the previous config: config error: %s", exc)
             return False
-        result = self.poller.reload(new.hosts, self.wiring.runner_factory(new), new.schedule.poll_every)
+        result = self.poller.reload(
+            new.hosts, self.wiring.runner_factory(new), new.schedule.poll_every, settings=ProbeSettings.of(new)
+        )
         removed = self.state.set_hosts(host_pairs(new), new.schedule.poll_every)
         self._removed.update(removed)
         if channels is not self.channels:

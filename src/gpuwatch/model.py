@@ -41,6 +41,37 @@ class HostIssue:
 
 
 @dataclass(frozen=True)
+class GpuHealth:
+    """A GPU's health readings, from the extra ``--query-gpu`` fields its driver supports.
+
+    ``None`` is "not reported": the driver does not have the field, or printed ``[N/A]`` (a GPU
+    without ECC, a consumer card). Never read as zero or as "no".
+    """
+
+    ecc_uncorrected_volatile: int | None = None  # ecc.errors.uncorrected.volatile.total (since the driver loaded)
+    ecc_uncorrected_aggregate: int | None = None  # ecc.errors.uncorrected.aggregate.total (the GPU's lifetime)
+    retired_pages_double_bit: int | None = None  # retired_pages.double_bit.count
+    retired_pages_pending: bool | None = None  # retired_pages.pending (Yes: a reset is needed)
+    remapped_rows_pending: bool | None = None  # remapped_rows.pending (Yes: a reset is needed)
+    remapped_rows_failure: bool | None = None  # remapped_rows.failure (Yes: the GPU ran out of spare rows)
+    hw_slowdown: bool | None = None  # clocks_event_reasons.hw_slowdown (older drivers: clocks_throttle_reasons.*)
+    hw_thermal_slowdown: bool | None = None  # clocks_event_reasons.hw_thermal_slowdown
+    hw_power_brake_slowdown: bool | None = None  # clocks_event_reasons.hw_power_brake_slowdown
+    persistence_mode: bool | None = None  # persistence_mode (Enabled/Disabled; [N/A] on Windows)
+    driver_version: str | None = None  # driver_version
+
+    @property
+    def throttle_reasons(self) -> tuple[str, ...]:
+        """The hardware clock-event reasons active now: ``hw_slowdown``, ``thermal``, ``power_brake``."""
+        reasons = (
+            ("hw_slowdown", self.hw_slowdown),
+            ("thermal", self.hw_thermal_slowdown),
+            ("power_brake", self.hw_power_brake_slowdown),
+        )
+        return tuple(name for name, active in reasons if active)
+
+
+@dataclass(frozen=True)
 class Gpu:
     """One GPU as ``nvidia-smi --query-gpu`` reported it."""
 
@@ -53,6 +84,7 @@ class Gpu:
     memory_total_mib: int | None = None  # memory.total
     temperature_c: int | None = None  # temperature.gpu, in Celsius
     power_w: float | None = None  # power.draw, in watts
+    health: GpuHealth | None = None  # None: no health field was asked of this GPU
 
 
 @dataclass(frozen=True)
@@ -77,11 +109,47 @@ class PsEntry:
 
 
 @dataclass(frozen=True)
+class Container:
+    """The container a process runs in, recognised from its cgroup path.
+
+    ``id`` is the full id as the path names it; ``name``, ``image``, ``pod`` and ``namespace`` are
+    known only when the host let gpuwatch ask the runtime (``docker inspect``, ``crictl inspect``).
+    ``rootless_uid`` is set for a container that a user runs under their own systemd user manager
+    (rootless Podman or Docker): that user started it.
+    """
+
+    runtime: str  # docker | containerd | cri-o | podman | kubernetes (the runtime is not in the path)
+    id: str
+    name: str | None = None
+    image: str | None = None
+    pod: str | None = None  # Kubernetes pod name
+    namespace: str | None = None  # Kubernetes namespace
+    pod_uid: str | None = None  # Kubernetes pod UID, from the path
+    rootless_uid: int | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """The Slurm job a process belongs to, from its cgroup path (``uid`` only with cgroup v1)."""
+
+    job_id: str  # digits
+    step: str | None = None  # 0, batch, extern, interactive, ...
+    uid: int | None = None  # the job's user, /slurm/uid_<uid>/ (cgroup v1)
+    user: str | None = None  # that uid's name on the host
+
+
+@dataclass(frozen=True)
 class GpuProcess:
-    """A GPU process with its owner as ps on the host saw it.
+    """A GPU process with its owner as ps on the host saw it, and the person behind it.
 
     ``user`` is ``None`` when ps could not see the PID (another PID namespace, such as a
     container, or the process exited between the nvidia-smi and ps calls): never invented.
+    ``owner`` is the person behind the process: the Slurm job's user, a container's owner label or
+    the user who runs a rootless container (``owner_source`` says which), else the ps user.
     """
 
     pid: int
@@ -92,10 +160,86 @@ class GpuProcess:
     command: str | None
     used_memory_mib: int | None
     runtime_seconds: int | None
+    container: Container | None = None
+    slurm_job: SlurmJob | None = None
+    session_user: str | None = None  # the user whose login session (user-<uid>.slice) holds it, when not ``user``
+    attributed_owner: str | None = None  # the person behind it when the cgroup says so (see owner_source)
+    owner_source: str | None = None  # slurm | label | rootless; None: the ps user
+    cgroup_note: str | None = None  # why the cgroup could not be read or used; the owner is then the ps user
 
     @property
     def seen_by_ps(self) -> bool:
         return self.user is not None
+
+    @property
+    def owner(self) -> str | None:
+        """The person behind the process; ``None`` when neither ps nor the cgroup told."""
+        return self.attributed_owner if self.attributed_owner is not None else self.user
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One filesystem as ``df -P -k -T`` printed it (sizes in KiB, ``use_percent`` df's own)."""
+
+    mount: str  # where it is mounted
+    fs_type: str | None
+    size_kib: int
+    used_kib: int
+    available_kib: int
+    use_percent: int  # df's Capacity column: used / (used + available), rounded up
+    paths: tuple[str, ...] = ()  # the configured paths (host_context.disks) on this filesystem
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """The rest of the host, read in the same probe: load, memory, disks, boot, kernel, driver.
+
+    Memory and swap come from /proc/meminfo (``used`` is total minus available, as ``free``
+    counts it), load from /proc/loadavg, the CPU count from /proc/stat, the boot time from
+    /proc/stat ``btime`` (epoch seconds), the kernel from /proc/sys/kernel/osrelease.
+    """
+
+    load_1m: float | None = None
+    load_5m: float | None = None
+    load_15m: float | None = None
+    cpus: int | None = None
+    memory_total_kib: int | None = None
+    memory_available_kib: int | None = None
+    swap_total_kib: int | None = None
+    swap_free_kib: int | None = None
+    uptime_seconds: float | None = None
+    boot_time: int | None = None
+    kernel: str | None = None
+    driver_version: str | None = None  # nvidia-smi driver_version (the user-space driver)
+    cuda_version: str | None = None  # the CUDA version the driver supports (nvidia-smi --version)
+    disks: tuple[Disk, ...] = ()
+    disks_known: bool = False  # df answered: disks over the threshold would be listed
+
+    @property
+    def memory_used_kib(self) -> int | None:
+        if self.memory_total_kib is None or self.memory_available_kib is None:
+            return None
+        return max(0, self.memory_total_kib - self.memory_available_kib)
+
+    @property
+    def memory_percent(self) -> float | None:
+        used = self.memory_used_kib
+        if used is None or not self.memory_total_kib:
+            return None
+        return 100.0 * used / self.memory_total_kib
+
+    @property
+    def swap_used_kib(self) -> int | None:
+        if self.swap_total_kib is None or self.swap_free_kib is None:
+            return None
+        return max(0, self.swap_total_kib - self.swap_free_kib)
+
+    @property
+    def load_per_cpu(self) -> float | None:
+        """The 5-minute load average per CPU."""
+        if self.load_5m is None or not self.cpus:
+            return None
+        return self.load_5m / self.cpus
 
 
 @dataclass(frozen=True)
@@ -111,6 +255,7 @@ class HostSnapshot:
     gpus: tuple[Gpu, ...] = ()
     processes: tuple[GpuProcess, ...] = ()
     warnings: tuple[HostIssue, ...] = ()  # problems beside good data (a lost GPU, ps failed)
+    context: HostContext | None = None  # the rest of the host (None: not read, or an older probe)
     taken_at: datetime | None = None  # when this host's probe finished (None: never polled)
     stale: bool = False  # latest result older than 3 poll intervals
     # Set by the fleet state, which remembers a host across polls (None from a single poll):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from gpuwatch.model import (
     ComputeApp,
     Gpu,
+    GpuHealth,
     GpuProcess,
     HostErrorKind,
     HostIssue,
@@ -46,6 +47,7 @@ __all__ = [
     "APP_QUERY_FIELDS",
     "ARGS_FORMAT",
     "GPU_QUERY_FIELDS",
+    "HEALTH_QUERY_FIELDS",
     "LIMITS",
     "MAX_COMMAND_CHARS",
     "MAX_TEXT_CHARS",
@@ -54,9 +56,11 @@ __all__ = [
     "attribute",
     "classify_nvidia_smi_error",
     "compute_apps_failure",
+    "health_fields_from",
     "is_unknown",
     "normalize_bus_id",
     "parse_compute_apps",
+    "parse_cuda_version",
     "parse_float",
     "parse_int",
     "parse_ps",
@@ -65,6 +69,7 @@ __all__ = [
     "parse_text",
     "query_gpu_failure",
     "quote",
+    "supported_health_fields",
 ]
 
 GPU_QUERY_FIELDS: tuple[str, ...] = (
@@ -79,6 +84,24 @@ GPU_QUERY_FIELDS: tuple[str, ...] = (
     "power.draw",
 )
 """``nvidia-smi --query-gpu=`` fields, in the order the probe asks for them."""
+
+HEALTH_QUERY_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("driver_version",),
+    ("persistence_mode",),
+    ("ecc.errors.uncorrected.volatile.total",),
+    ("ecc.errors.uncorrected.aggregate.total",),
+    ("retired_pages.double_bit.count",),
+    ("retired_pages.pending",),
+    ("remapped_rows.pending",),
+    ("remapped_rows.failure",),
+    ("clocks_event_reasons.hw_slowdown", "clocks_throttle_reasons.hw_slowdown"),
+    ("clocks_event_reasons.hw_thermal_slowdown", "clocks_throttle_reasons.hw_thermal_slowdown"),
+    ("clocks_event_reasons.hw_power_brake_slowdown", "clocks_throttle_reasons.hw_power_brake_slowdown"),
+)
+"""Extra ``--query-gpu`` fields for GPU health and the driver, asked only where the host's
+nvidia-smi lists them in ``--help-query-gpu`` (:func:`supported_health_fields`). Each entry is
+one reading: its name on current drivers first, then the older name (``clocks_throttle_reasons``
+became ``clocks_event_reasons`` in driver 535); the first name a driver lists is asked."""
 
 APP_QUERY_FIELDS: tuple[str, ...] = (
     "pid",
@@ -115,6 +138,8 @@ _GPU_ALIASES: Mapping[str, str] = {
     "gpu_uuid": "uuid",
     "gpu_bus_id": "pci.bus_id",
     "gpu_serial": "serial",
+    "retired_pages.dbe": "retired_pages.double_bit.count",
+    **{names[1]: names[0] for names in HEALTH_QUERY_FIELDS if len(names) > 1},
 }
 _APP_ALIASES: Mapping[str, str] = {
     "name": "process_name",
@@ -166,6 +191,9 @@ LIMITS: Mapping[str, Limit] = {
     "pid": Limit("pid", 1, 2**31 - 1, ""),  # pid_t is a signed 32-bit int
     "used_gpu_memory": Limit("used_gpu_memory", 0, MAX_MEMORY_MIB, "MiB"),
     "etimes": Limit("etimes", 0, 100 * 366 * 86_400, "s"),  # a century of run time
+    "ecc.errors.uncorrected.volatile.total": Limit("ecc.errors.uncorrected.volatile.total", 0, 2**32 - 1, ""),
+    "ecc.errors.uncorrected.aggregate.total": Limit("ecc.errors.uncorrected.aggregate.total", 0, 2**32 - 1, ""),
+    "retired_pages.double_bit.count": Limit("retired_pages.double_bit.count", 0, 2**32 - 1, ""),
 }
 """Every reading's physical range: outside it, a value is unknown (with a warning)."""
 
@@ -777,8 +805,96 @@ def _gpu_from_row(values: Mapping[str, str], index: int) -> tuple[Gpu, list[Host
         memory_total_mib=_as_int(readings["memory.total"]),
         temperature_c=_as_int(readings["temperature.gpu"]),
         power_w=None if readings["power.draw"] is None else float(readings["power.draw"]),
+        health=_gpu_health(values, index, warnings) if _HEALTH_KEYS & values.keys() else None,
     )
     return gpu, warnings
+
+
+# ------------------------------------------------------------------------------------
+# GPU health (the extra --query-gpu fields)
+
+_HEALTH_KEYS = frozenset(names[0] for names in HEALTH_QUERY_FIELDS)
+_HEALTH_COUNTS = {
+    "ecc.errors.uncorrected.volatile.total": "ecc_uncorrected_volatile",
+    "ecc.errors.uncorrected.aggregate.total": "ecc_uncorrected_aggregate",
+    "retired_pages.double_bit.count": "retired_pages_double_bit",
+}
+_HEALTH_FLAGS = {
+    "retired_pages.pending": ("retired_pages_pending", "Yes", "No"),
+    "remapped_rows.pending": ("remapped_rows_pending", "Yes", "No"),
+    "remapped_rows.failure": ("remapped_rows_failure", "Yes", "No"),
+    "clocks_event_reasons.hw_slowdown": ("hw_slowdown", "Active", "Not Active"),
+    "clocks_event_reasons.hw_thermal_slowdown": ("hw_thermal_slowdown", "Active", "Not Active"),
+    "clocks_event_reasons.hw_power_brake_slowdown": ("hw_power_brake_slowdown", "Active", "Not Active"),
+    "persistence_mode": ("persistence_mode", "Enabled", "Disabled"),
+}
+_VERSION_RE = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,4}){0,3}$")
+
+
+def _gpu_health(values: Mapping[str, str], index: int, warnings: list[HostIssue]) -> GpuHealth:
+    """The health fields of one GPU row; ``[N/A]`` and absent fields are unknown, never 0 or "no"."""
+    found: dict[str, object] = {}
+    for field, attr in _HEALTH_COUNTS.items():
+        value, reason = _reading(values.get(field), LIMITS[field])
+        if reason is not None:
+            warnings.append(_bad_value(f"GPU {index}", field, values[field], reason))
+        found[attr] = _as_int(value)
+    for field, (attr, yes, no) in _HEALTH_FLAGS.items():
+        cell = values.get(field)
+        if cell is None or is_unknown(cell):
+            continue
+        text = cell.strip()
+        if text in (yes, no):
+            found[attr] = text == yes
+        else:
+            warnings.append(_bad_value(f"GPU {index}", field, cell, f"is neither {yes} nor {no}"))
+    version = values.get("driver_version")
+    if version is not None and not is_unknown(version):
+        if _VERSION_RE.match(version.strip()):
+            found["driver_version"] = version.strip()
+        else:
+            warnings.append(_bad_value(f"GPU {index}", "driver_version", version, "is not a driver version"))
+    return GpuHealth(**found)  # type: ignore[arg-type]
+
+
+def supported_health_fields(help_text: str) -> tuple[str, ...]:
+    """The :data:`HEALTH_QUERY_FIELDS` a host's ``nvidia-smi --help-query-gpu`` lists, one name per
+    reading (the current name where both are listed), in that order.
+
+    The probe computes the same list on the host (``probe.HEALTH_AWK``) so that the poll that
+    learns them can already ask for them; only names from the fixed list ever reach a query.
+    """
+    listed: set[str] = set()
+    for line in _lines(help_text):
+        if line.startswith('"'):
+            listed.update(re.findall(r'"([^"]*)"', line))
+    chosen = []
+    for names in HEALTH_QUERY_FIELDS:
+        name = next((n for n in names if n in listed), None)
+        if name is not None:
+            chosen.append(name)
+    return tuple(chosen)
+
+
+def health_fields_from(text: str) -> tuple[str, ...]:
+    """A comma-separated list printed by the probe, kept only where it names known health fields
+    (anything else is dropped): what the host said it supports."""
+    known = {name for names in HEALTH_QUERY_FIELDS for name in names}
+    picked = [f.strip() for f in text.split(",") if f.strip() in known]
+    return tuple(dict.fromkeys(picked))
+
+
+_CUDA_RE = re.compile(r"^\s*\|?\s*(?:.*\s)?CUDA Version\s*:\s*([0-9]{1,3}(?:\.[0-9]{1,3}){0,2})\b")
+
+
+def parse_cuda_version(text: str) -> str | None:
+    """The CUDA version from ``nvidia-smi --version`` (``CUDA Version        : 13.1``) or the
+    default table's header; ``None`` when neither is there (older drivers have no --version)."""
+    for line in _lines(text):
+        match = _CUDA_RE.match(line)
+        if match:
+            return match.group(1)
+    return None
 
 
 def _as_int(value: int | float | None) -> int | None:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 from .config import HostConfig
 from .model import FleetSnapshot, HostErrorKind, HostSnapshot
-from .probe import build_script, new_token, snapshot_from_output
+from .probe import HostProbe, ProbeSettings, build_script, new_token, snapshot_from_output
 from .ssh import HANDSHAKE_WAIT_FACTOR, HostFailure, Runner
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,16 @@ def budget_seconds(host: HostConfig) -> float:
     return connect + ssh.command_timeout + GRACE_SECONDS
 
 
-def probe_host(host: HostConfig, runner: Runner) -> HostSnapshot:
+def probe_host(host: HostConfig, runner: Runner, probe: HostProbe | None = None) -> HostSnapshot:
     """Probe one host; every failure, whatever the host printed, comes back as a HostSnapshot.
 
     Each probe's section markers carry a fresh secret token, so no text a user on the host
-    controls (a process's command line) can pass for the probe's own structure."""
+    controls (a process's command line) can pass for the probe's own structure. ``probe`` is the
+    host's :class:`~gpuwatch.probe.HostProbe` (settings, and what earlier probes learned)."""
     started = time.monotonic()
     address = host.display_address
     token = new_token()
-    script = build_script(host.ssh.command_timeout, host.ssh.nvidia_smi, token=token)
+    script = build_script(host.ssh.command_timeout, host.ssh.nvidia_smi, token=token, probe=probe)
     try:
         result = runner.run_script(script, host.ssh.command_timeout)
     except HostFailure as failure:
@@ -79,6 +80,7 @@ def probe_host(host: HostConfig, runner: Runner) -> HostSnapshot:
             probe_seconds=seconds,
             command_timeout=host.ssh.command_timeout,
             token=token,
+            probe=probe,
         )
     except Exception as exc:  # whatever one host prints costs that host only, never the fleet
         log.exception("could not read the probe output of %s", host.name)
@@ -109,9 +111,11 @@ class HostProber:
         runner: Runner,
         slots: threading.Semaphore,
         now: Callable[[], datetime] = utcnow,
+        settings: ProbeSettings | None = None,
     ) -> None:
         self.host = host
         self.runner = runner
+        self.probe_state = HostProbe(settings)  # what this host's probes learned (health fields, containers)
         self._slots = slots
         self._now = now
         self._lock = threading.Lock()
@@ -151,7 +155,7 @@ class HostProber:
         with self._slots:  # max_parallel: a probe waiting here has not started, its budget neither
             self._started_at = time.monotonic()
             self._started.set()
-            result = probe_host(self.host, self.runner)
+            result = probe_host(self.host, self.runner, self.probe_state)
         self._result = replace(result, taken_at=self._now())
         self._done.set()
 
@@ -256,12 +260,14 @@ class Poller:
         runner_factory: Callable[[HostConfig], Runner],
         max_parallel: int = 256,
         now: Callable[[], datetime] = utcnow,
+        settings: ProbeSettings | None = None,
     ) -> None:
         self._factory = runner_factory
         self._now = now
+        self._settings = settings
         self._slots = threading.BoundedSemaphore(max(1, max_parallel))
         self._lock = threading.Lock()
-        self._probers = {h.name: HostProber(h, runner_factory(h), self._slots, now) for h in hosts}
+        self._probers = {h.name: HostProber(h, runner_factory(h), self._slots, now, settings) for h in hosts}
         self._order = [h.name for h in hosts]
         self._clocks: dict[str, _Clock] = {}
         self._every = 0.0
@@ -316,16 +322,23 @@ class Poller:
         hosts: Sequence[HostConfig],
         runner_factory: Callable[[HostConfig], Runner],
         every: float | None = None,
+        *,
+        settings: ProbeSettings | None = None,
     ) -> ReloadResult:
         """Follow a new host list (and poll interval). A host whose settings did not change keeps
         its runner (its open connection) and its clock; a changed one is closed and started anew;
-        removed ones stop."""
+        removed ones stop. ``settings`` (the disks shown, how owners are found) apply to every
+        host's next probe."""
         new = {h.name: h for h in hosts}
         with self._lock:
             if every is not None and every != self._every:
                 self._every = every
                 for clock in self._clocks.values():
                     clock.set_every(every)
+            if settings is not None:
+                self._settings = settings
+                for prober in self._probers.values():
+                    prober.probe_state.settings = settings
             removed = [n for n in self._order if n not in new]
             changed = [n for n in self._order if n in new and self._probers[n].host != new[n]]
             added = [h.name for h in hosts if h.name not in self._probers]
@@ -337,7 +350,9 @@ class Poller:
                 self._probers.pop(name).close()
             self._factory = runner_factory
             for name in changed + added:
-                self._probers[name] = HostProber(new[name], runner_factory(new[name]), self._slots, self._now)
+                self._probers[name] = HostProber(
+                    new[name], runner_factory(new[name]), self._slots, self._now, self._settings
+                )
                 if self._on_result is not None:
                     self._start_clock(name, first_delay=0.0)
             self._order = [h.name for h in hosts]

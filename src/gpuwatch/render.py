@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any
 
 from .config import FreeGpuConfig
-from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .model import Container, Disk, FleetSnapshot, Gpu, GpuHealth, GpuProcess, HostContext, HostSnapshot, SlurmJob
 from .report import alert_words
 from .rules import AlertRecord, Silence
-from .summary import is_free, totals, users_on
+from .summary import context_line, is_free, totals, users_on
 from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
 
 
@@ -43,6 +43,7 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
     header = ("HOST", "GPU", "NAME", "UTIL", "MEM USED/TOTAL MiB", "TEMP", "USERS", "FREE")
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
+    contexts: list[str] = []  # a line per host: load, memory, disks, uptime, kernel, driver
     for host in snapshot.hosts:
         if not host.current:
             rows.append((host.name, "-", no_data_text(host, snapshot.taken_at), "", "", "", "", ""))
@@ -65,6 +66,10 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
         if orphans:
             notes.append(f"{host.name}: processes on an unlisted GPU: {_users(orphans)}")
         notes.extend(f"{host.name}: warning: {w.message}" for w in host.warnings)
+    for host in snapshot.hosts:
+        line = context_line(host) if not host.stale else None
+        if line is not None:
+            contexts.append(line)
     widths = [len(h) for h in header]
     for row in rows:
         if row[1] == "-":  # a down host's message spans the rest of the line
@@ -85,6 +90,7 @@ def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
         + f", {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
         f" (taken {local_time(snapshot.taken_at)})"
     )
+    lines += contexts
     lines += notes
     return "\n".join(lines)
 
@@ -101,6 +107,23 @@ def gpu_dict(gpu: Gpu, free: bool = False) -> dict[str, Any]:
         "temperature_c": gpu.temperature_c,
         "power_w": _finite(gpu.power_w),
         "free": free,
+        "health": None if gpu.health is None else health_dict(gpu.health),
+    }
+
+
+def health_dict(health: GpuHealth) -> dict[str, Any]:
+    return {
+        "ecc_uncorrected_volatile": health.ecc_uncorrected_volatile,
+        "ecc_uncorrected_aggregate": health.ecc_uncorrected_aggregate,
+        "retired_pages_double_bit": health.retired_pages_double_bit,
+        "retired_pages_pending": health.retired_pages_pending,
+        "remapped_rows_pending": health.remapped_rows_pending,
+        "remapped_rows_failure": health.remapped_rows_failure,
+        "hw_slowdown": health.hw_slowdown,
+        "hw_thermal_slowdown": health.hw_thermal_slowdown,
+        "hw_power_brake_slowdown": health.hw_power_brake_slowdown,
+        "persistence_mode": health.persistence_mode,
+        "driver_version": health.driver_version,
     }
 
 
@@ -119,6 +142,62 @@ def process_dict(proc: GpuProcess) -> dict[str, Any]:
         "command": proc.command,
         "used_memory_mib": proc.used_memory_mib,
         "runtime_seconds": proc.runtime_seconds,
+        "owner": proc.owner,
+        "owner_source": proc.owner_source,
+        "container": None if proc.container is None else container_dict(proc.container),
+        "slurm_job": None if proc.slurm_job is None else slurm_dict(proc.slurm_job),
+        "session_user": proc.session_user,
+        "cgroup_note": proc.cgroup_note,
+    }
+
+
+def container_dict(container: Container) -> dict[str, Any]:
+    return {
+        "runtime": container.runtime,
+        "id": container.id,
+        "name": container.name,
+        "image": container.image,
+        "pod": container.pod,
+        "namespace": container.namespace,
+        "pod_uid": container.pod_uid,
+        "rootless_uid": container.rootless_uid,
+    }
+
+
+def slurm_dict(job: SlurmJob) -> dict[str, Any]:
+    return {"job_id": job.job_id, "step": job.step, "uid": job.uid, "user": job.user}
+
+
+def disk_dict(disk: Disk) -> dict[str, Any]:
+    return {
+        "mount": disk.mount,
+        "fs_type": disk.fs_type,
+        "size_kib": disk.size_kib,
+        "used_kib": disk.used_kib,
+        "available_kib": disk.available_kib,
+        "use_percent": disk.use_percent,
+        "paths": list(disk.paths),
+    }
+
+
+def context_dict(context: HostContext) -> dict[str, Any]:
+    return {
+        "load_1m": _finite(context.load_1m),
+        "load_5m": _finite(context.load_5m),
+        "load_15m": _finite(context.load_15m),
+        "cpus": context.cpus,
+        "memory_total_kib": context.memory_total_kib,
+        "memory_available_kib": context.memory_available_kib,
+        "memory_used_kib": context.memory_used_kib,
+        "swap_total_kib": context.swap_total_kib,
+        "swap_used_kib": context.swap_used_kib,
+        "uptime_seconds": _finite(context.uptime_seconds),
+        "boot_time": None if context.boot_time is None else iso_time(context.boot_time),
+        "kernel": context.kernel,
+        "driver_version": context.driver_version,
+        "cuda_version": context.cuda_version,
+        "disks_known": context.disks_known,
+        "disks": [disk_dict(d) for d in context.disks],
     }
 
 
@@ -142,6 +221,7 @@ def host_dict(host: HostSnapshot, thresholds: FreeGpuConfig | None = None) -> di
         "gpus": [gpu_dict(g, host.current and is_free(g, host.processes_on(g), limits)) for g in host.gpus],
         "processes": [process_dict(p) for p in host.processes],
         "warnings": [{"kind": w.kind.value, "message": w.message} for w in host.warnings],
+        "context": None if host.context is None else context_dict(host.context),
     }
 
 

@@ -17,8 +17,8 @@ from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .notify.base import Message
 from .rules import FLEET, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
-from .summary import free_gpus, is_free, totals, users_on
-from .text import UNKNOWN, format_duration, local_time, number, plural, quantity
+from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
+from .text import UNKNOWN, format_duration, local_time, number, plural, quantity, size_kib
 
 MAX_COMMAND_CHARS = 120
 
@@ -60,7 +60,9 @@ def _who(processes: Iterable[GpuProcess]) -> str:
 def host_block(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> str:
     """The predecessor's familiar lines for one host, each GPU followed by who is on it."""
     if not host.current:
-        return _down_line(host, now)
+        # A host whose GPUs failed may still say what else is wrong (its disk is full).
+        problems = [] if host.stale else host_problems(host)
+        return "\n".join([_down_line(host, now), *(f"    {p}" for p in problems)])
     lines = [f"GPU for {host.name}"]
     for gpu in host.gpus:
         procs = host.processes_on(gpu)
@@ -73,6 +75,7 @@ def host_block(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | No
     if stray:
         lines.append(f"    on an unlisted GPU: {_who(stray)}")
     lines += [f"    warning: {w.message}" for w in host.warnings]
+    lines += [f"    {problem}" for problem in host_problems(host)]
     return "\n".join(lines)
 
 
@@ -95,8 +98,11 @@ def _process_line(proc: GpuProcess) -> str:
     command = proc.command or proc.name
     if len(command) > MAX_COMMAND_CHARS:
         command = command[: MAX_COMMAND_CHARS - 1] + "…"
+    context = process_context(proc)
+    where = f" ({context})" if context else ""
     return (
-        f"    GPU {number(proc.gpu_index)}: pid {proc.pid} {command}, {mem}, up {format_duration(proc.runtime_seconds)}"
+        f"    GPU {number(proc.gpu_index)}: pid {proc.pid} {command}{where}, {mem}, "
+        f"up {format_duration(proc.runtime_seconds)}"
     )
 
 
@@ -106,7 +112,7 @@ def user_report(snapshot: FleetSnapshot, user: str) -> Message:
     count = 0
     for host in snapshot.answered:
         mine = sorted(
-            (p for p in host.processes if p.user == user),
+            (p for p in host.processes if p.owner == user),
             key=lambda p: (p.gpu_index is None, p.gpu_index or 0, p.pid),
         )
         if not mine:
@@ -192,6 +198,8 @@ def _max_gpus_per_user_fleet(r: AlertRecord) -> AlertWords:
 def _max_runtime(r: AlertRecord) -> AlertWords:
     who = r.key.user or "an unknown user"
     command = str(r.facts.get("command", ""))[:80]
+    if r.facts.get("context"):
+        command += f"; {r.facts['context']}"
     return AlertWords(
         f"{who}'s process {r.key.pid} ({command}) on {r.key.host} GPU {number(r.facts.get('gpu'))} "
         f"has run {format_duration(r.value)}",
@@ -240,6 +248,70 @@ def _temperature_above(r: AlertRecord) -> AlertWords:
     )
 
 
+def _gpu_named(r: AlertRecord) -> str:
+    name = r.facts.get("gpu_name")
+    return f"{r.key.host} GPU {r.key.gpu}" + (f" ({name})" if name else "")
+
+
+def _ecc_errors(r: AlertRecord) -> AlertWords:
+    volatile, aggregate = r.facts.get("volatile"), r.facts.get("aggregate")
+    return AlertWords(
+        f"{_gpu_named(r)} has uncorrectable ECC errors: {number(volatile)} since the driver loaded, "
+        f"{number(aggregate)} in its lifetime (was {number(r.facts.get('baseline'))}); its memory may be "
+        "failing: drain it and reset the GPU or reboot",
+        quantity(r.value, "errors"),
+        "no new uncorrectable error",
+    )
+
+
+def _row_remap_pending(r: AlertRecord) -> AlertWords:
+    if r.facts.get("failure"):
+        what = "has no spare memory rows left (remapped_rows.failure): the GPU needs service"
+    else:
+        pending = " and ".join(str(p).replace("_", " ") for p in r.facts.get("pending", []))
+        what = f"has {pending} waiting to be remapped: reset the GPU (or reboot) when it is free"
+    return AlertWords(f"{_gpu_named(r)} {what}", "pending" if not r.facts.get("failure") else "failure", "none")
+
+
+def _gpu_throttled(r: AlertRecord) -> AlertWords:
+    reasons = ", ".join(str(x).replace("_", " ") for x in r.facts.get("reasons", []))
+    return AlertWords(
+        f"{_gpu_named(r)} is slowed down by the hardware ({reasons}): check cooling and power",
+        reasons,
+        f"no hardware slowdown for {format_duration(r.facts.get('for'))}",
+    )
+
+
+def _disk_above(r: AlertRecord) -> AlertWords:
+    paths = [p for p in r.facts.get("paths", []) if p != r.key.detail]
+    on = f" (holds {', '.join(paths)})" if paths else ""
+    return AlertWords(
+        f"{r.key.host} disk {r.key.detail}{on} is {number(r.value, '%')} full, "
+        f"{size_kib(r.facts.get('available_kib'))} free of {size_kib(r.facts.get('size_kib'))}",
+        number(r.value, "%"),
+        f"at most {number(r.threshold, '%')}",
+    )
+
+
+def _memory_above(r: AlertRecord) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} memory is {number(r.value, '%')} used "
+        f"({size_kib(r.facts.get('used_kib'))} of {size_kib(r.facts.get('total_kib'))}; "
+        f"swap {size_kib(r.facts.get('swap_used_kib'))} of {size_kib(r.facts.get('swap_total_kib'))})",
+        number(r.value, "%"),
+        f"at most {number(r.threshold, '%')}",
+    )
+
+
+def _load_above(r: AlertRecord) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} load is {number(r.facts.get('load_5m'))} on {number(r.facts.get('cpus'))} CPUs "
+        f"({number(r.value)} per CPU, 5-minute average)",
+        f"{number(r.value)} per CPU",
+        f"at most {number(r.threshold)} per CPU",
+    )
+
+
 def _any_rule(r: AlertRecord) -> AlertWords:
     """A rule without words of its own: its name, where, and its numbers."""
     return AlertWords(
@@ -258,6 +330,12 @@ _WORDS: Mapping[str, Callable[[AlertRecord], AlertWords]] = {
     "gpu_missing": _gpu_missing,
     "gpu_error": _gpu_error,
     "temperature_above": _temperature_above,
+    "ecc_errors": _ecc_errors,
+    "row_remap_pending": _row_remap_pending,
+    "gpu_throttled": _gpu_throttled,
+    "disk_above": _disk_above,
+    "memory_above": _memory_above,
+    "load_above": _load_above,
 }
 
 
@@ -281,6 +359,23 @@ def notice_text(notice: Notice) -> str:
         ran = "" if runtime is None else f" (ran at least {format_duration(runtime)})"
         job = f"{f.get('user')}'s job {f.get('pid')} ({f.get('command', '')})"
         return f"{job} on {notice.host} GPU {number(notice.gpu)} has ended{ran}"
+    f = notice.facts
+    if notice.kind == "host_rebooted":
+        return (
+            f"{notice.host} rebooted at {local_time(f.get('boot_time'))} "
+            f"(up {format_duration(f.get('uptime_seconds'))}; "
+            f"the boot before was {local_time(f.get('previous_boot_time'))}): jobs running then were lost"
+        )
+    if notice.kind == "driver_changed":
+        text = f"{notice.host}: the NVIDIA driver changed from {f.get('from')} to {f.get('to')}"
+        if f.get("mismatch"):
+            text += "; the host now shows a driver/library mismatch: the old kernel module is still loaded, reboot it"
+        return text
+    if notice.kind == "driver_mismatch":
+        return (
+            f"{notice.host} shows a driver/library mismatch after running driver {f.get('from')}: the driver was "
+            "upgraded while the old kernel module is still loaded; reboot the host (jobs on its GPUs have stopped)"
+        )
     return f"{notice.kind} on {notice.host}"
 
 

@@ -31,6 +31,18 @@ def number(value: float | None, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
+def size_kib(kib: float | None) -> str:
+    """A size given in KiB, for people: ``512 KiB``, ``3.2 MiB``, ``23.5 GiB``, ``1.8 TiB``; ``N/A``."""
+    if kib is None:
+        return UNKNOWN
+    value = float(kib)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "KiB" or value >= 100 else f"{value:.1f} {unit}"
+        value /= 1024
+    return UNKNOWN  # unreachable
+
+
 def plural(count: int, word: str) -> str:
     """``1 host``, ``2 hosts``, ``1 GPU``, ``3 GPUs``, ``2 processes``, ``1 part``."""
     if count == 1:

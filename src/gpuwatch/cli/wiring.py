@@ -18,6 +18,7 @@ from ..daemon import Daemon
 from ..notify.base import Channel
 from ..notify.registry import channel_spec
 from ..poll import Poller
+from ..probe import ProbeSettings
 from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
 from ..store import StoreReader
 from ..web import WebApp, WebServer
@@ -58,7 +59,12 @@ def make_runner_factory(
 
 
 def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
-    return Poller(config.hosts, make_runner_factory(config, handshakes), max_parallel=config.max_parallel)
+    return Poller(
+        config.hosts,
+        make_runner_factory(config, handshakes),
+        max_parallel=config.max_parallel,
+        settings=ProbeSettings.of(config),
+    )
 
 
 def build_channels(

@@ -51,6 +51,9 @@ class Needs(str, enum.Enum):
     GPU_STATE = "gpu_state"  # GPU data, or a failure that is itself about the GPUs (gpu_error)
     GPU_DATA = "gpu_data"  # the host answered with its GPUs
     PROCESSES = "processes"  # ... and every GPU process and its owner are known
+    GPU_HEALTH = "gpu_health"  # ... and every GPU's health fields were read (where the driver has them)
+    HOST_CONTEXT = "host_context"  # the host's load and memory were read (even when its GPUs failed)
+    DISKS = "disks"  # ... and df listed its filesystems
 
     def met_by(self, host: HostSnapshot) -> bool:
         if self is Needs.RESULT:
@@ -59,6 +62,13 @@ class Needs(str, enum.Enum):
             return host.ok or host.error_kind in GPU_ERROR_KINDS
         if self is Needs.GPU_DATA:
             return host.ok
+        if self is Needs.GPU_HEALTH:
+            return host.ok and all(g.health is not None for g in host.gpus)
+        if self in (Needs.HOST_CONTEXT, Needs.DISKS):
+            context = host.context
+            if context is None or context.memory_total_kib is None or context.load_5m is None:
+                return False
+            return self is Needs.HOST_CONTEXT or context.disks_known
         return processes_known(host)
 
 
@@ -109,11 +119,12 @@ class Finding:
 class Notice:
     """A one-off event for the users who asked (gpu_freed): not an alert, no lifecycle."""
 
-    kind: str  # "gpu_free" | "job_ended"
+    kind: str  # "gpu_free" | "job_ended" | "host_rebooted" | "driver_changed" | "driver_mismatch"
     host: str
     users: tuple[str, ...]  # who is told
     gpu: int | None = None
     facts: Mapping[str, Any] = field(default_factory=dict)  # gpu_name; user, pid, command, runtime
+    rule: str = "gpu_freed"  # the rule that made it: its alerts.routes entry decides where it goes
 
 
 @dataclass(frozen=True)

@@ -56,13 +56,13 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> Outcome:
         "busy": [g.index for g in host.gpus if not is_free(g, host.processes_on(g), ctx.thresholds)],
         "jobs": {
             str(p.pid): {
-                "user": p.user,
+                "user": p.owner,
                 "gpu": p.gpu_index,
                 "command": (p.command or p.name)[:COMMAND_CHARS],
                 "runtime": p.runtime_seconds,
             }
             for p in host.processes
-            if p.user in cfg.users
+            if p.owner in cfg.users
         },
     }
     return Outcome(notices=tuple(notices), memory=memory)

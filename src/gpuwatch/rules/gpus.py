@@ -73,7 +73,7 @@ def idle_gpu(host: HostSnapshot, cfg: IdleGpu, ctx: Context) -> Outcome:
         util, used = gpu.utilization_percent, gpu.memory_used_mib
         if util is None or used is None or util >= cfg.util_below or used <= cfg.memory_above_mib:
             continue
-        owners = sorted({p.user or f"pid {p.pid}" for p in host.processes_on(gpu)})
+        owners = sorted({p.owner or f"pid {p.pid}" for p in host.processes_on(gpu)})
         facts = {
             "memory_used_mib": used,
             "memory_above_mib": cfg.memory_above_mib,

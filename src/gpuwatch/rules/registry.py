@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import Rule
+from .context import DISK_ABOVE, DRIVER_CHANGED, HOST_REBOOTED, LOAD_ABOVE, MEMORY_ABOVE
 from .freed import GPU_FREED
 from .gpus import IDLE_GPU, TEMPERATURE_ABOVE
+from .health import ECC_ERRORS, GPU_THROTTLED, ROW_REMAP_PENDING
 from .hosts import GPU_ERROR, GPU_MISSING, HOST_DOWN
 from .users import MAX_GPUS_PER_USER, MAX_GPUS_PER_USER_FLEET, MAX_RUNTIME
 
@@ -24,6 +26,14 @@ RULES: tuple[Rule, ...] = (
     GPU_MISSING,
     GPU_ERROR,
     TEMPERATURE_ABOVE,
+    ECC_ERRORS,
+    ROW_REMAP_PENDING,
+    GPU_THROTTLED,
+    DISK_ABOVE,
+    MEMORY_ABOVE,
+    LOAD_ABOVE,
+    HOST_REBOOTED,
+    DRIVER_CHANGED,
     GPU_FREED,
 )
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in RULES)

@@ -1,5 +1,7 @@
 """Rules about who runs what: too many GPUs for one user (per host, across the fleet), a process
-running too long. They need every GPU process and its owner: an unknown owner is never "nobody"."""
+running too long. They need every GPU process and its owner: an unknown owner is never "nobody".
+A user is the person behind a process (``GpuProcess.owner``: a Slurm job's user, a container's
+owner), so "root holds 6 GPUs" never stands for six people's containers."""
 
 from __future__ import annotations
 
@@ -8,17 +10,19 @@ from dataclasses import dataclass
 
 from ..config import _optional_int, _positive_duration
 from ..model import HostSnapshot
+from ..summary import process_context
 from .base import Context, Finding, FleetRule, HostRule, Needs, Outcome
 
 COMMAND_CHARS = 120  # of a command kept in an alert's facts (it is stored)
 
 
 def gpus_by_user(host: HostSnapshot) -> dict[str, set[int]]:
-    """The GPU indices each known user has a process on."""
+    """The GPU indices each known owner (the person behind a process: its Slurm job's user, its
+    container's owner, else its ps user) has a process on."""
     held: dict[str, set[int]] = {}
     for proc in host.processes:
-        if proc.user is not None and proc.gpu_index is not None:
-            held.setdefault(proc.user, set()).add(proc.gpu_index)
+        if proc.owner is not None and proc.gpu_index is not None:
+            held.setdefault(proc.owner, set()).add(proc.gpu_index)
     return held
 
 
@@ -97,11 +101,15 @@ def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> Outcome:
     return Outcome(
         tuple(
             Finding(
-                ctx.key(user=proc.user, pid=proc.pid),
+                ctx.key(user=proc.owner, pid=proc.pid),
                 proc.runtime_seconds,
                 cfg.limit_seconds,
                 "s",
-                {"gpu": proc.gpu_index, "command": (proc.command or proc.name)[:COMMAND_CHARS]},
+                {
+                    "gpu": proc.gpu_index,
+                    "command": (proc.command or proc.name)[:COMMAND_CHARS],
+                    "context": process_context(proc),
+                },
             )
             for proc in host.processes
             if proc.runtime_seconds is not None and proc.runtime_seconds > cfg.limit_seconds

@@ -1,0 +1,214 @@
+"""Rules about the rest of a host: a full disk, memory, load; a reboot and a driver change (notices).
+
+They judge the host's context (``model.HostContext``), read in the same probe as its GPUs: a host
+whose GPUs failed (a driver mismatch) still says how full its disks are, and a host whose context
+was not read (unreachable, an older probe, a damaged section) is not judged: nothing resolves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError, _bool, _check_keys, _int, _mapping, parse_duration
+from ..model import HostErrorKind, HostSnapshot
+from .base import Context, Finding, HostRule, Needs, Notice, Outcome
+
+# ---------------------------------------------------------------- threshold settings
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A limit and how long it must be crossed before the alert fires."""
+
+    limit: float
+    for_seconds: float = 0.0
+
+
+def _threshold(value: object, path: str, key: str, low: float, high: float, integer: bool) -> Threshold | None:
+    """``rule: 90`` or ``rule: {<key>: 90, for: 10m}``; off when empty or false."""
+    if value is None or value is False:
+        return None
+    section: Mapping[str, Any] = {key: value} if not isinstance(value, Mapping) else _mapping(value, path)
+    _check_keys(section, (key, "for"), path)
+    if key not in section:
+        raise ConfigError(f"{path}: needs '{key}', e.g. {{{key}: {int(high * 0.9) if integer else 2}}}")
+    where = f"{path}.{key}" if isinstance(value, Mapping) else path
+    raw = section[key]
+    if integer:
+        limit: float = _int(raw, where, int(low), int(high))
+    else:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not low < raw <= high:
+            raise ConfigError(f"{where}: expected a number above {low:g} and at most {high:g}, got {raw!r:.40}")
+        limit = float(raw)
+    hold = parse_duration(section["for"], f"{path}.for") if "for" in section else 0.0
+    return Threshold(limit, hold)
+
+
+# ---------------------------------------------------------------- disk_above
+
+
+def parse_disk_above(value: object, path: str) -> Threshold | None:
+    return _threshold(value, path, "percent", 1, 100, integer=True)
+
+
+def disk_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> Outcome:
+    """One alert per mount point above the limit (the disks the host context shows)."""
+    assert host.context is not None  # Needs.DISKS
+    return Outcome(
+        tuple(
+            Finding(
+                ctx.key(detail=disk.mount),
+                disk.use_percent,
+                cfg.limit,
+                "%",
+                {
+                    "mount": disk.mount,
+                    "paths": list(disk.paths),
+                    "used_kib": disk.used_kib,
+                    "size_kib": disk.size_kib,
+                    "available_kib": disk.available_kib,
+                },
+                hold_seconds=cfg.for_seconds,
+            )
+            for disk in host.context.disks
+            if disk.use_percent > cfg.limit
+        )
+    )
+
+
+DISK_ABOVE = HostRule(
+    name="disk_above",
+    parse=parse_disk_above,
+    check=disk_above,
+    needs=Needs.DISKS,
+    identity=("detail",),
+)
+
+# ---------------------------------------------------------------- memory_above
+
+
+def parse_memory_above(value: object, path: str) -> Threshold | None:
+    return _threshold(value, path, "percent", 1, 100, integer=True)
+
+
+def memory_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> Outcome:
+    context = host.context
+    assert context is not None  # Needs.HOST_CONTEXT
+    percent = context.memory_percent
+    if percent is None or percent <= cfg.limit:
+        return Outcome()
+    facts = {
+        "used_kib": context.memory_used_kib,
+        "total_kib": context.memory_total_kib,
+        "swap_used_kib": context.swap_used_kib,
+        "swap_total_kib": context.swap_total_kib,
+    }
+    return Outcome((Finding(ctx.key(), round(percent, 1), cfg.limit, "%", facts, hold_seconds=cfg.for_seconds),))
+
+
+MEMORY_ABOVE = HostRule(name="memory_above", parse=parse_memory_above, check=memory_above, needs=Needs.HOST_CONTEXT)
+
+# ---------------------------------------------------------------- load_above
+
+
+def parse_load_above(value: object, path: str) -> Threshold | None:
+    return _threshold(value, path, "per_cpu", 0, 1000, integer=False)
+
+
+def load_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> Outcome:
+    """The 5-minute load average per CPU above the limit."""
+    context = host.context
+    assert context is not None  # Needs.HOST_CONTEXT
+    per_cpu = context.load_per_cpu
+    if per_cpu is None or per_cpu <= cfg.limit:
+        return Outcome()
+    facts = {"load_5m": context.load_5m, "cpus": context.cpus}
+    return Outcome((Finding(ctx.key(), round(per_cpu, 2), cfg.limit, "per CPU", facts, hold_seconds=cfg.for_seconds),))
+
+
+LOAD_ABOVE = HostRule(name="load_above", parse=parse_load_above, check=load_above, needs=Needs.HOST_CONTEXT)
+
+# ---------------------------------------------------------------- host_rebooted
+
+
+@dataclass(frozen=True)
+class On:
+    pass
+
+
+def parse_on(value: object, path: str) -> On | None:
+    return On() if _bool(value, path) else None
+
+
+REBOOT_SLACK_SECONDS = 120  # /proc/stat btime moves by a second or so as the clock is adjusted
+
+
+def host_rebooted(host: HostSnapshot, cfg: On, ctx: Context) -> Outcome:
+    """A notice, once, when the host's boot time moved: it rebooted (perhaps silently, between two
+    polls). The first boot time seen is only remembered."""
+    context = host.context
+    assert context is not None  # Needs.HOST_CONTEXT
+    boot = context.boot_time
+    if boot is None:
+        return Outcome(memory=ctx.remembered)
+    before = ctx.remembered
+    notices: tuple[Notice, ...] = ()
+    if isinstance(before, int) and abs(boot - before) > REBOOT_SLACK_SECONDS:
+        facts = {"boot_time": boot, "previous_boot_time": before, "uptime_seconds": context.uptime_seconds}
+        notices = (Notice("host_rebooted", host.name, (), None, facts, rule=ctx.rule),)
+    elif isinstance(before, int):
+        boot = before  # the same boot: keep the first reading, so slow drift never adds up
+    return Outcome(notices=notices, memory=boot)
+
+
+HOST_REBOOTED = HostRule(
+    name="host_rebooted", parse=parse_on, check=host_rebooted, needs=Needs.HOST_CONTEXT, memory="boot_times"
+)
+
+# ---------------------------------------------------------------- driver_changed
+
+_NVML_VERSION = re.compile(r"NVML library version: ([0-9][0-9.]{0,30})")
+
+
+def driver_version(host: HostSnapshot) -> str | None:
+    """The driver version the host shows now: nvidia-smi's ``driver_version``, or, when the driver
+    and its library disagree, the library's (the version just installed)."""
+    if host.context is not None and host.context.driver_version:
+        return host.context.driver_version
+    if host.error_kind is HostErrorKind.DRIVER_MISMATCH and host.error:
+        match = _NVML_VERSION.search(host.error)
+        if match:
+            return match.group(1).rstrip(".")
+    return None
+
+
+def driver_changed(host: HostSnapshot, cfg: On, ctx: Context) -> Outcome:
+    """A notice, once, when the NVIDIA driver version changed; and a hint, once, when the host then
+    shows a driver/library mismatch (the new library with the old kernel module: reboot)."""
+    seen: Mapping[str, Any] = ctx.remembered or {}
+    before = seen.get("version")
+    hinted = bool(seen.get("hinted"))
+    now = driver_version(host)
+    mismatch = host.error_kind is HostErrorKind.DRIVER_MISMATCH
+    notices = []
+    if before and now and now != before:
+        facts = {"from": before, "to": now, "mismatch": mismatch}
+        notices.append(Notice("driver_changed", host.name, (), None, facts, rule=ctx.rule))
+        hinted = mismatch
+    elif mismatch and before and not hinted:
+        facts = {"from": before, "to": now, "mismatch": True}
+        notices.append(Notice("driver_mismatch", host.name, (), None, facts, rule=ctx.rule))
+        hinted = True
+    if host.ok:
+        hinted = False
+    return Outcome(
+        notices=tuple(notices), memory={"version": now or before, "hinted": hinted} if (now or before) else None
+    )
+
+
+DRIVER_CHANGED = HostRule(
+    name="driver_changed", parse=parse_on, check=driver_changed, needs=Needs.RESULT, memory="driver_versions"
+)
