@@ -549,6 +549,11 @@ class SshConnection:
 
     def _handshake(self, target: Target) -> paramiko.SSHClient:
         settings = self.host.ssh
+        for path in target.key_files:  # paramiko would fail with a bare OSError, read as "unreachable"
+            if not os.access(path, os.R_OK):
+                where = "this host's key_file" if "key_file" in self.host.explicit else "ssh.key_file"
+                why = "does not exist" if not os.path.lexists(path) else "cannot be read by this user"
+                raise HostFailure(HostErrorKind.AUTH_FAILED, f"the key file {path} ({where}) {why}")
         sock = self._open_socket(target)
         client = paramiko.SSHClient()
         self.store.install(client)
