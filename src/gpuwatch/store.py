@@ -495,8 +495,9 @@ def open_db_readonly(state_dir: Path) -> Database:
     except sqlite3.Error as exc:
         wal = Path(f"{path}-wal")
         no_shm = _code(exc) in (_CANTOPEN, _READONLY)  # READONLY_DIRECTORY: no -shm, none can be made
-        if not no_shm or not os.access(path, os.R_OK) or (wal.exists() and wal.stat().st_size > 0):
-            if not os.access(path, os.R_OK):
+        readable = _readable(path)
+        if not no_shm or not readable or (wal.exists() and wal.stat().st_size > 0):
+            if not readable:
                 raise StoreError(
                     f"state_dir {state_dir}: cannot read {DB_NAME}: permission denied; run this as the user "
                     f"that owns it ({_owner(path)})"
@@ -504,6 +505,16 @@ def open_db_readonly(state_dir: Path) -> Database:
             raise _explain(exc, path, "read") from None
     db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
     return Database(db, path)
+
+
+def _readable(path: Path) -> bool:
+    """Whether this process may read ``path`` (tried: ``os.access`` ignores capabilities such as
+    CAP_DAC_READ_SEARCH for users other than root)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError:
+        return False
+    return True
 
 
 def _owner(path: Path) -> str:

@@ -117,8 +117,10 @@ def key_file_problem(path: str) -> str | None:
         return f"{full} does not exist"
     if not os.path.isfile(full):
         return f"{full} is not a file"
-    if not os.access(full, os.R_OK):
-        return f"{full} cannot be read by this user ({getpass.getuser()}): permission denied"
+    try:
+        os.close(os.open(full, os.O_RDONLY))  # tried, not os.access: that ignores capabilities
+    except OSError as exc:
+        return f"{full} cannot be read by this user ({getpass.getuser()}): {exc.strerror or exc}"
     return None
 
 
@@ -146,7 +148,7 @@ def refuse_unusable_key_files(config: Config) -> None:
     findings = list(dict.fromkeys(key_file_findings(config).values()))
     if findings:
         more = f" (and {len(findings) - 1} more: gpuwatch check lists them)" if len(findings) > 1 else ""
-        raise ConfigError(f"{findings[0].detail}; set it to the private key this user logs in with{more}")
+        raise ConfigError(f"{findings[0].problem}; set it to the private key this user logs in with{more}")
 
 
 # ---------------------------------------------------------------- the state directory

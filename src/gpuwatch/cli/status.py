@@ -86,15 +86,13 @@ def cmd_check(config: Config, out: TextIO) -> int:
             out.write(f"  hint: {hint}\n")
     answered = len(polled) - len(failed)
     out.write(f"{answered}/{count} hosts OK\n")
+    settings_wrong = bool(problems)  # run would stop with a config error (exit 2)
+    if failed:
+        down = f"{len(failed)} of {count} host{'s' if count != 1 else ''} did not answer: {', '.join(failed)}"
+        problems.append(down if settings_wrong else f"{down} (gpuwatch run would start and report them as down)")
     if problems:
         out.write(f"not ready: {'; '.join(problems)}\n")
-        return EXIT_CONFIG
-    if failed:
-        out.write(
-            f"not ready: {len(failed)} of {count} host{'s' if count != 1 else ''} did not answer: {', '.join(failed)} "
-            "(gpuwatch run would start and report them as down)\n"
-        )
-        return EXIT_FAILED
+        return EXIT_CONFIG if settings_wrong else EXIT_FAILED
     channels = ", ".join(config.channels) or "the web page only"
     out.write(f"ready: gpuwatch run can start: {count}/{count} hosts answered; sends to {channels}; state_dir OK\n")
     return EXIT_OK
