@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fakefeishu import FakeFeishu
-from fleet import ERR_VERSION_MISMATCH, Fleet, scenario_error
+from fleet import ERR_VERSION_MISMATCH, Fleet, scenario_error, scenario_idle
 from gpuwatch.cli import build_parser, main, run
 from gpuwatch.config import load_config
 
@@ -226,7 +226,8 @@ def test_an_outage_of_three_runs_ends_with_every_alert_in_order_and_only_the_new
     assert feishu.accepted == []
     tried = len(feishu.exchanges)
 
-    feishu.always(None)  # back
+    feishu.always(None)  # back, and meanwhile gpu-a's jobs ended
+    scenario_idle(fleet.scenario_dir(fleet.addresses[0]))
     assert cron_run(config, "2026-11-22 13:00:05") == 0
 
     sent = titles(feishu)
@@ -236,5 +237,6 @@ def test_an_outage_of_three_runs_ends_with_every_alert_in_order_and_only_the_new
     assert sent[2].startswith("GPU alerts: 1 firing")
     bodies = [str(b["content"]) for b in feishu.accepted]
     assert "gpu-b" in bodies[0] and "gpu-b" in bodies[1] and "gpu-c" in bodies[2]
-    # one overview: this run's (13:00, gpu-c still down), none of the three made during the outage
-    assert sent[3].startswith("GPU overview ") and "3 hosts, 1 down" in sent[3]
+    # one overview: this run's (gpu-a all free, gpu-c still down), none of the three made during the outage
+    assert sent[3].startswith("GPU overview ") and sent[3].endswith(": 3 hosts, 1 down, 8 GPUs, 7 free")
+    assert cli("alerts", "-c", str(config))[1].count("FIRING") == 1  # gpu-c's, as announced
