@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "gpuwatch"
 
-PURE = ("model", "text", "parse", "probe", "summary", "render", "report", "fleet", "rules")
+PURE = ("model", "text", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
 IO_MODULES = ("gpuwatch.ssh", "gpuwatch.store", "gpuwatch.statedir", "gpuwatch.poll", "gpuwatch.daemon", "gpuwatch.cli")
 IO_LIBRARIES = ("sqlite3", "paramiko", "requests", "smtplib", "socket", "subprocess")
 WIRING = ("gpuwatch.daemon", "gpuwatch.cli")

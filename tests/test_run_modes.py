@@ -97,6 +97,13 @@ def owner(local_standin: Path) -> Iterator[tuple[str, int]]:
         child.wait()
 
 
+def far_daily(*reports: str) -> list[dict[str, Any]]:
+    """Daily reports at a time of day 12 hours from now: due in a test's first run, and not again
+    while it runs (``every`` reports follow the clock's hours and could fall due between two runs)."""
+    at = time.strftime("%H:%M", time.localtime(time.time() + 12 * 3600))
+    return [{"report": r, "at": at} if ":" not in r else {"report": "user", "user": r[5:], "at": at} for r in reports]
+
+
 def write_config(
     tmp_path: Path,
     url: str,
@@ -105,6 +112,7 @@ def write_config(
     dead_host: bool = True,
     poll_every: str = "1s",
     name: str = "config.yaml",
+    alerts: dict[str, Any] | None = None,
     **feishu: Any,
 ) -> Path:
     hosts: list[Any] = ["localhost"]
@@ -118,6 +126,8 @@ def write_config(
         "schedule": {"poll_every": poll_every, "reports": REPORTS if reports is None else reports},
     }
     doc["feishu"] = {k: v for k, v in doc["feishu"].items() if v is not None}
+    if alerts is not None:
+        doc["alerts"] = alerts
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     path.chmod(0o600)
@@ -342,13 +352,14 @@ def test_permanent_error_keeps_messages_until_config_fixed(
     hint: str,
 ) -> None:
     bot_keyword = "gpu-team"  # a word no report carries by itself
+    reports = far_daily("overview", "user:alice", "free")
     with FakeFeishu(token=TOKEN, keywords=[bot_keyword], secret=SECRET) as server:
-        good = write_config(tmp_path, server.url, keyword=bot_keyword)
+        good = write_config(tmp_path, server.url, keyword=bot_keyword, reports=reports)
         if fault == "wrong_secret":
             env_secret(WRONG_SECRET)
             bad = good
         else:
-            bad = write_config(tmp_path, server.url, keyword=None, name="config-bad.yaml")
+            bad = write_config(tmp_path, server.url, keyword=None, name="config-bad.yaml", reports=reports)
 
         code, out, err = run_cli(capsys, "--once", "-c", str(bad))
 
@@ -361,7 +372,8 @@ def test_permanent_error_keeps_messages_until_config_fixed(
         assert [r["summary"].split(" 20")[0] for r in kept] == ["GPU overview", "GPU processes of alice", "Free GPUs"]
         assert_no_secrets(out, err, state_log(good))
 
-        # fixed, and the fleet changed meanwhile: the old messages go first, in order, then the new
+        # fixed, and the fleet changed meanwhile: the kept messages go, in order; the daily reports
+        # are not due again; one forced now shows the fleet as it is
         env_secret(SECRET)
         scenario_idle(local_standin)
         server.reset()
@@ -369,10 +381,17 @@ def test_permanent_error_keeps_messages_until_config_fixed(
 
         assert code == 0, err
         accepted = server.accepted
-        assert len(server.exchanges) == len(accepted) == 6
-        assert [post_blocks(b) for b in accepted[:3]] == [post_blocks(r["payload"]) for r in kept]
-        assert post_title(accepted[0]).endswith("3 free") and post_title(accepted[3]).endswith("4 free")
-        assert post_title(accepted[2]).endswith("3 of 4") and post_title(accepted[5]).endswith("4 of 4")
+        assert len(server.exchanges) == len(accepted) == 3
+        assert [post_blocks(b) for b in accepted] == [post_blocks(r["payload"]) for r in kept]
+        assert post_title(accepted[0]).endswith("3 free") and post_title(accepted[2]).endswith("3 of 4")
+
+        code, out, err = run_cli(capsys, "--report", "overview", "--report", "free", "-c", str(good))
+        assert code == 0, err
+        # (the third poll of the dead host also fires host_down: an alert beside the reports)
+        forced = [post_title(b) for b in server.accepted[3:] if "GPU alerts" not in post_title(b)]
+        assert len(forced) == 2
+        assert "GPU overview" in forced[0] and forced[0].endswith("4 free")
+        assert "Free GPUs" in forced[1] and forced[1].endswith("4 of 4")
         for body in accepted:
             assert body["sign"] == feishu_sign(SECRET, body["timestamp"])
             assert bot_keyword in post_text(body)
@@ -424,13 +443,18 @@ def test_nothing_lost_or_repeated_across_sigkill(
     config = write_config(
         tmp_path,
         server.url,
-        dead_host=False,
         reports=[{"report": "overview", "every": "1s"}, {"report": "free", "every": "2s"}],
+        alerts={"host_down": {"after": 1}},
     )
     server.fail_next([503, 500] * 500)  # refused outright (a dropped answer would be "maybe delivered")
     daemon, out, err = gpuwatch_process(["run", "-c", str(config)], tmp_path, preamble=FAST_BACKOFF)
+
+    def queued_all() -> bool:
+        titles = [r["summary"].split(" 20")[0] for r in outbox_rows(config)]
+        return {"GPU alerts: 1 firing", "GPU overview", "Free GPUs"} <= set(titles)
+
     try:
-        wait_for(lambda: len(outbox_rows(config)) >= 4, 20, "the daemon to queue 4 messages")
+        wait_for(queued_all, 20, "the daemon to queue an alert, an overview and a free report")
         daemon.send_signal(signal.SIGKILL)
         assert daemon.wait(timeout=5) == -signal.SIGKILL
     finally:
@@ -438,19 +462,23 @@ def test_nothing_lost_or_repeated_across_sigkill(
             daemon.kill()
             daemon.wait()
     queued = outbox_rows(config)
-    assert len(queued) >= 4 and not any(r["dead"] for r in queued)
+    titles = [r["summary"].split(" 20")[0] for r in queued]
+    # each newer report replaced the one still waiting: one of each, however many were made
+    assert sorted(titles) == ["Free GPUs", "GPU alerts: 1 firing", "GPU overview"]
+    assert not any(r["dead"] for r in queued)
     assert any(r["attempts"] > 0 for r in queued)  # they were tried and refused, not just queued
     assert not server.accepted
 
     server.reset()  # healthy again
-    code, restart_out, restart_err = run_cli(capsys, "--once", "-c", str(config))
+    code, restart_out, restart_err = run_cli(capsys, "--report", "overview", "--report", "free", "-c", str(config))
 
     assert code == 0, restart_err
     accepted = server.accepted
-    assert len(server.exchanges) == len(accepted) == len(queued) + 2  # + this run's overview and free
-    # exactly the queued messages, each once, in the order they were queued; then the new ones
-    assert [unsigned(b) for b in accepted[: len(queued)]] == [r["payload"] for r in queued]
-    assert [post_title(b).split(" 20")[0] for b in accepted[len(queued) :]] == ["GPU overview", "Free GPUs"]
+    assert len(server.exchanges) == len(accepted) == 3
+    # the alert exactly as it was queued, once; the waiting reports replaced by this run's newer ones
+    (alert,) = [r for r in queued if r["summary"].startswith("GPU alerts")]
+    assert unsigned(accepted[0]) == alert["payload"]
+    assert [post_title(b).split(" 20")[0] for b in accepted[1:]] == ["GPU overview", "Free GPUs"]
     assert outbox_rows(config) == []
     assert_no_secrets(out.read_text(), err.read_text(), restart_out, restart_err, state_log(config))
 
@@ -467,7 +495,7 @@ def test_dry_run_prints_and_sends_nothing(
     capsys: pytest.CaptureFixture[str],
     argv: list[str],
 ) -> None:
-    config = write_config(tmp_path, server.url)
+    config = write_config(tmp_path, server.url, reports=far_daily("overview", "user:alice", "free"))
     # Leave something in the real outbox first (a wrong secret: refused, kept).
     env_secret("wrong")
     assert run_cli(capsys, "--once", "-c", str(config))[0] == 1
@@ -481,17 +509,22 @@ def test_dry_run_prints_and_sends_nothing(
     assert code == 0, err
     assert server.exchanges == []  # nothing sent
     assert outbox_rows(config) == before  # the real outbox untouched: no new rows, no attempts counted
-    assert out.count("(still in the outbox since ") == 3
-    assert out.count("----- would send to feishu -----") == 6  # the 3 pending, then the 3 new reports
+    assert out.count("----- would send to feishu -----") == 3
     assert "GPU for localhost\n0: 100%, Mem=19818/81559 MiB\n" in out
     assert "dead: NO DATA (unreachable): connection refused" in out
+    once = "--once" in argv
+    if once:  # what --once would send now: the 3 waiting; the daily reports are not due again
+        assert out.count("(still in the outbox since ") == 3
+    else:  # a preview of every report: each replaces the one of its kind still waiting
+        assert out.count("(still in the outbox, replaced by this run's newer one: ") == 3
+        assert out.count("(still in the outbox since ") == 0
     verbose = "-v" in argv
-    assert out.count("----- JSON body for feishu -----") == (6 if verbose else 0)
+    assert out.count("----- JSON body for feishu -----") == (3 if verbose else 0)
     if verbose:
         bodies = re.findall(r"----- JSON body for feishu -----\n(\{.*?\n\})\n", out, re.S)
         parsed = [json.loads(b) for b in bodies]
-        assert [b["msg_type"] for b in parsed] == ["post"] * 6
-        assert parsed[:3] == [r["payload"] for r in before]
+        assert [b["msg_type"] for b in parsed] == ["post"] * 3
+        assert parsed == [r["payload"] for r in before]
     assert_no_secrets(out, err, state_log(config))
 
 

@@ -202,7 +202,12 @@ def test_changed_host_key_is_refused_with_a_plain_warning(fleet: Fleet, tmp_path
     fleet.add_host(address, host_key=fleet.new_host_key("new"))
     known = fleet.write_known_hosts(tmp_path / "known_hosts", [address], key=old_key)
     config = write_config(
-        tmp_path, {"hosts": [{"name": "moved", "address": address}], "ssh": ssh_defaults(fleet, known)}
+        tmp_path,
+        {
+            "hosts": [{"name": "moved", "address": address}],
+            "ssh": ssh_defaults(fleet, known),
+            "feishu": {"url": "http://127.0.0.1:9/open-apis/bot/v2/hook/t0ken"},  # check: a channel is configured
+        },
     )
     code, doc = status_json(config)
     host = doc["hosts"][0]

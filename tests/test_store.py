@@ -467,8 +467,11 @@ def test_state_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[
             )
 
 
-@pytest.mark.parametrize("argv", [["alerts"], ["run", "--once"]])
+@pytest.mark.parametrize(
+    "argv", [["run", "--once"], ["silence", "add", "--host", "localhost", "--for", "1h", "--comment", "test"]]
+)
 def test_read_only_state_dir(tmp_path: Path, local_standin: Path, argv: list[str]) -> None:
+    """Commands that write stop in one line; those that only read go on (tests/test_read_only.py)."""
     with FakeFeishu() as server:
         config = write_config(tmp_path, server.url)
         state = tmp_path / "state"
@@ -482,7 +485,8 @@ def test_read_only_state_dir(tmp_path: Path, local_standin: Path, argv: list[str
 
 
 def test_state_dir_this_user_may_not_write(tmp_path: Path) -> None:
-    """The log file is still writable, the directory is not: SQLite cannot make its -shm file.
+    """The log file is still writable, the directory is not: SQLite cannot make its -shm file, so
+    a command that writes stops in one line, and one that only reads reads it read-only.
     (Run as root without the capability to override file modes: root's modes apply to it.)"""
     needs_root()
     with FakeFeishu() as server:
@@ -492,28 +496,28 @@ def test_state_dir_this_user_may_not_write(tmp_path: Path) -> None:
         db.close()
         (state / "gpuwatch.log").touch()
         state.chmod(0o500)
-        try:
-            result = subprocess.run(
-                [
-                    "setpriv",
-                    "--bounding-set=-dac_override,-dac_read_search",
-                    sys.executable,
-                    "-m",
-                    "gpuwatch",
-                    "alerts",
-                    "-c",
-                    str(config),
-                ],
+
+        def as_root_without_override(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "gpuwatch", *argv],
                 cwd=tmp_path,
                 capture_output=True,
                 text=True,
                 timeout=60,
             )
+
+        try:
+            writer = as_root_without_override(
+                "silence", "add", "--rule", "host_down", "--for", "1h", "--comment", "x", "-c", str(config)
+            )
+            reader = as_root_without_override("alerts", "-c", str(config))
         finally:
             state.chmod(0o700)
-        assert result.returncode == 2, result.stderr
-        line = one_line_error(result.stderr)
+        assert writer.returncode == 2, writer.stderr
+        line = one_line_error(writer.stderr)
         assert line.startswith(f"gpuwatch: error: state_dir {state}: cannot open {DB_NAME}: permission denied; ")
+        assert reader.returncode == 0, reader.stderr
+        assert reader.stdout == "no alerts firing\n" and reader.stderr == ""
 
 
 def test_full_disk_at_start_is_one_line_exit_2(tmp_path: Path, local_standin: Path, small_disk: Path) -> None:
@@ -732,3 +736,71 @@ def test_the_wait_survives_a_restart_and_a_stop_sends_nothing(tmp_path: Path) ->
     channel.doubtful = False
     assert Outbox(again.db, clock=lambda: now[0] + 100).flush({"feishu": channel}, stop=stop).sent == 0
     assert len(channel.calls) == 1
+
+
+# ---------------------------------------------------------------------- a backlog is news, not history
+
+
+class Refusing(Recorder):
+    """Refuses everything (an outage), remembering what it was offered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offered: list[dict[str, Any]] = []
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        self.offered.append(payload)
+        raise DeliveryError("HTTP 503", permanent=False)
+
+
+def test_a_newer_report_replaces_the_waiting_one_of_its_scope_and_alerts_keep_their_order(tmp_path: Path) -> None:
+    outbox = Outbox(open_db(tmp_path / "state"))
+    down = Refusing()
+    for run in range(1, 4):  # three runs during an outage
+        outbox.add("feishu", f"alert {run}", [{"alert": run}], kind="alert")
+        outbox.add(
+            "feishu",
+            f"overview {run}",
+            [{"overview": run, "part": 1}, {"overview": run, "part": 2}],
+            kind="report",
+            scope="overview",
+        )
+        outbox.add("feishu", f"alice {run}", [{"alice": run}], kind="report", scope="user:alice")
+        outbox.add("feishu", f"bob {run}", [{"bob": run}], kind="report", scope="user:bob")
+        outbox.add("email", f"overview by mail {run}", [{"mail": run}], kind="report", scope="overview")
+        assert not outbox.flush({"feishu": down, "email": down}).ok
+    up = Recorder()
+    assert outbox.flush({"feishu": up, "email": up}).ok
+    assert up.delivered == [
+        {"alert": 1},
+        {"alert": 2},
+        {"alert": 3},
+        {"overview": 3, "part": 1},  # every part of the newest one, none of the older ones
+        {"overview": 3, "part": 2},
+        {"alice": 3},
+        {"bob": 3},  # another user's report is another scope
+        {"mail": 3},  # each channel its own
+    ]
+
+
+def test_replacement_spares_messages_refused_for_good_and_those_of_an_older_gpuwatch(tmp_path: Path) -> None:
+    outbox = Outbox(open_db(tmp_path / "state"))
+    outbox.add("feishu", "old row", [{"old": 1}])  # no kind: as migrated from an older version
+    (bad,) = outbox.add("feishu", "overview 1", [{"overview": 1}], kind="report", scope="overview")
+    outbox.failed(bad, "too large", dead=True)
+    outbox.add("feishu", "overview 2", [{"overview": 2}], kind="report", scope="overview")
+    outbox.add("feishu", "test", [{"test": 1}], kind="test", scope="overview")  # only reports replace
+    outbox.add("feishu", "overview 3", [{"overview": 3}], kind="report", scope="overview")
+    assert [i.payload for i in outbox.pending()] == [{"old": 1}, {"test": 1}, {"overview": 3}]
+    dead = outbox.db.query("SELECT payload FROM outbox WHERE dead = 1")
+    assert [json.loads(r[0]) for r in dead] == [{"overview": 1}]
+
+
+def test_reports_held_in_memory_on_a_full_disk_are_replaced_too(tmp_path: Path) -> None:
+    outbox = Outbox(open_db(tmp_path / "state"))
+    outbox.hold("feishu", "alert", [{"alert": 1}], kind="alert")
+    outbox.hold("feishu", "overview 1", [{"overview": 1}], kind="report", scope="overview")
+    outbox.hold("feishu", "overview 2", [{"overview": 2}], kind="report", scope="overview")
+    assert outbox.held == 2
+    outbox.add("feishu", "overview 3", [{"overview": 3}], kind="report", scope="overview")
+    assert [i.payload for i in outbox.pending()] == [{"alert": 1}, {"overview": 3}]

@@ -120,6 +120,12 @@ class ReportSchedule:
         who = f" for {self.user}" if self.user else ""
         return f"{self.report}{who} {when}"
 
+    @property
+    def scope(self) -> str:
+        """What the report covers: ``overview``, ``free``, ``user:alice`` (its name for ``--report``;
+        a newer report of one scope replaces an older one still waiting to be sent)."""
+        return f"{self.report}:{self.user}" if self.user else self.report
+
 
 DEFAULT_REPORTS = (ReportSchedule(report="overview", every=3600.0),)
 

@@ -8,7 +8,8 @@ Three run modes share one :class:`Daemon`:
   queues what must be said and flushes the outbox. Reports are ``schedule`` jobs that read the
   fleet state; they never poll. SIGHUP re-reads the config; SIGINT/SIGTERM finish the current
   step and return 0.
-* ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue every report, flush.
+* ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
+  given (the CLI picks those due by their schedule, :mod:`.timetable`), flush.
 
 An exception in one step is logged and the loop goes on.
 """
@@ -19,7 +20,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
@@ -37,7 +38,7 @@ from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
-from .store import AlertStore, FlushResult, Outbox, StoreError
+from .store import AlertStore, FlushResult, Outbox, ReportRuns, StoreError
 from .text import format_duration
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Daemon:
         self.config = config
         self.poller = poller
         self.outbox = outbox
+        self.report_runs = ReportRuns(outbox.db)
         self.channels = dict(channels)
         self.alert_store = alert_store
         self.state = state or FleetState(host_pairs(config), config.schedule.poll_every)
@@ -121,13 +123,14 @@ class Daemon:
 
     # -- steps
 
-    def enqueue(self, message: Message, channel_names: Iterable[str] | None = None) -> None:
-        """Write a message to the outbox for each channel (default: all), before anything is sent."""
+    def enqueue(self, message: Message, channel_names: Iterable[str] | None = None, scope: str = "") -> None:
+        """Write a message to the outbox for each channel (default: all), before anything is sent.
+        A report (``scope``: what it covers) replaces the older one of its scope still waiting."""
         names = list(self.channels) if channel_names is None else [n for n in channel_names if n in self.channels]
         with self.outbox.db.transaction():
             for name in names:
                 payloads = self.channels[name].prepare(message)
-                self.outbox.add(name, message.title, payloads)
+                self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
                 log.info("queued %s for %s (%d parts)", message.title, name, len(payloads))
 
     def routes_for(self, rule: str) -> tuple[str, ...]:
@@ -185,14 +188,24 @@ class Daemon:
         chat = [name for name in self.channels if (spec := channel_spec(name)) is None or spec.carries_reports]
         return chat or list(self.channels)
 
-    def report(self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None) -> None:
+    def report(
+        self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None, *, record: Iterable[str] | None = None
+    ) -> None:
+        """Make ``spec``'s report and queue it; remember when, under ``record`` (default: the
+        schedule's own name), in the same transaction: what ``--once`` asks to know if it is due."""
         snapshot = snapshot or self.snapshot()
         message = build_report(spec.report, snapshot, self.config.free_gpu, spec.user)
+        now = self.clock()
         try:
-            self.enqueue(message, self.report_channels())
+            with self.outbox.db.transaction():
+                self.enqueue(message, self.report_channels(), scope=spec.scope)
+                for name in (spec.describe(),) if record is None else record:
+                    self.report_runs.record(name, now)
         except StoreError as exc:  # made once: kept until the disk has room (alerts are recomputed next time)
             for name in self.report_channels():
-                self.outbox.hold(name, message.title, self.channels[name].prepare(message))
+                self.outbox.hold(
+                    name, message.title, self.channels[name].prepare(message), kind=message.kind, scope=spec.scope
+                )
             log.error("%s not queued: %s; kept in memory until it can be", message.title, exc)
 
     # -- jobs (never raise: one failed step must not stop the daemon)
@@ -325,8 +338,9 @@ class Daemon:
             reports,
         )
 
-    def run_once(self) -> int:
-        """Poll once, send what the outbox holds and every configured report; 0 when all delivered."""
+    def run_once(self, reports: Sequence[tuple[ReportSchedule, Iterable[str] | None]] | None = None) -> int:
+        """Poll once, evaluate the alerts, make ``reports`` (each with the names to record it
+        under; default: every configured report), send what the outbox holds; 0 when all delivered."""
         polled = self.poller.poll(self.stop)
         for host in polled.hosts:
             self.state.update(host)
@@ -335,9 +349,9 @@ class Daemon:
             self.alerts(snapshot)
         except Exception:
             log.exception("alert evaluation failed")
-        for spec in self.config.schedule.reports:
+        for spec, record in [(s, None) for s in self.config.schedule.reports] if reports is None else reports:
             try:
-                self.report(spec, snapshot)
+                self.report(spec, snapshot, record=record)
             except Exception:
                 log.exception("report %s failed", spec.describe())
         result = self.flush()

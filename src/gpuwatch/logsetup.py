@@ -2,7 +2,8 @@
 
 The log files are 0600 whatever the umask (they name users, hosts and processes). A log file
 that cannot be written (a full disk) is said once on stderr, not with a traceback per record;
-logging to it resumes by itself when it can.
+logging to it resumes by itself when it can. Commands that only read (status, check, alerts) go on
+without the file when it cannot be opened at all (a user who may not write the state directory).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import logging.handlers
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .statedir import ensure_state_dir, make_private, open_private, os_error
+from .statedir import StateError, ensure_state_dir, make_private, open_private, os_error
 
 _BACKUPS = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -83,15 +84,31 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         )
 
 
+def _file_handler(state_dir: Path) -> PrivateRotatingFileHandler:
+    ensure_state_dir(state_dir)
+    log_file = state_dir / "gpuwatch.log"
+    try:
+        for n in range(1, _BACKUPS + 1):
+            make_private(Path(f"{log_file}.{n}"))  # an older gpuwatch rotated them with the umask's mode
+        return PrivateRotatingFileHandler(log_file, maxBytes=5_000_000, backupCount=_BACKUPS, encoding="utf-8")
+    except OSError as exc:
+        raise os_error(exc, state_dir, f"open {log_file.name}") from None
+
+
 def setup_logging(
     state_dir: Path | None,
     level: str = "INFO",
     stderr_level: str = "WARNING",
     secrets: Iterable[str] = (),
+    *,
+    on_file_error: Callable[[StateError], None] | None = None,
 ) -> Path | None:
     """Log to ``<state_dir>/gpuwatch.log`` (rotated, 5 x 5 MB) and to stderr. Returns the file.
 
-    Raises :class:`StateError` (one line: what, where) when the directory or file cannot be made."""
+    Raises :class:`StateError` (one line: what, where) when the directory or file cannot be made;
+    with ``on_file_error`` (commands that only read: status, check, alerts) hands it the error
+    instead, logs to stderr only and returns None, so that a user who may not write the state
+    directory can still run them."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -105,18 +122,18 @@ def setup_logging(
     root.addHandler(stderr)
     log_file = None
     if state_dir is not None:
-        ensure_state_dir(state_dir)
-        log_file = state_dir / "gpuwatch.log"
-        for n in range(1, _BACKUPS + 1):
-            make_private(Path(f"{log_file}.{n}"))  # an older gpuwatch rotated them with the umask's mode
         try:
-            handler = PrivateRotatingFileHandler(log_file, maxBytes=5_000_000, backupCount=_BACKUPS, encoding="utf-8")
-        except OSError as exc:
-            raise os_error(exc, state_dir, f"open {log_file.name}") from None
-        handler.setLevel(level)
-        handler.setFormatter(formatter)
-        handler.addFilter(secret_filter)
-        root.addHandler(handler)
+            handler = _file_handler(state_dir)
+        except StateError as exc:
+            if on_file_error is None:
+                raise
+            on_file_error(exc)
+        else:
+            log_file = Path(handler.baseFilename)
+            handler.setLevel(level)
+            handler.setFormatter(formatter)
+            handler.addFilter(secret_filter)
+            root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(level), logging.getLevelName(stderr_level)))
     # paramiko logs every failed connection with a traceback before raising the exception that
     # gpuwatch classifies and reports itself: keep only its critical messages.

@@ -548,6 +548,13 @@ class SshConnection:
 
     def _handshake(self, target: Target) -> paramiko.SSHClient:
         settings = self.host.ssh
+        for path in target.key_files:  # paramiko would fail with a bare OSError, read as "unreachable"
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except OSError as exc:
+                where = "this host's key_file" if "key_file" in self.host.explicit else "ssh.key_file"
+                why = "does not exist" if not os.path.lexists(path) else f"cannot be read: {exc.strerror or exc}"
+                raise HostFailure(HostErrorKind.AUTH_FAILED, f"the key file {path} ({where}) {why}") from None
         sock = self._open_socket(target)
         client = paramiko.SSHClient()
         self.store.install(client)

@@ -43,6 +43,11 @@ class StateError(Exception):
 
     exit_code = 2
 
+    @property
+    def problem(self) -> str:
+        """What is wrong, without what to do about it (messages read "what, where; fix")."""
+        return str(self).split("; ", 1)[0]
+
 
 class StateDirBusy(StateError):
     """Another gpuwatch process holds the state directory (exit 1: nothing is wrong with the

@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import pwd
 import sqlite3
 import threading
 import time
@@ -85,6 +86,17 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
     ALTER TABLE outbox ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0
+    """,
+    # What a queued message is (report, alert, test) and, for a report, what it covers
+    # ("overview", "free", "user:alice"): a newer report of the same kind and scope replaces the
+    # one still waiting. When each scheduled report was last made, for --once runs from cron.
+    """
+    ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN scope TEXT NOT NULL DEFAULT '';
+    CREATE TABLE report_runs (
+        name TEXT PRIMARY KEY,
+        last_at REAL NOT NULL
+    )
     """,
 )
 #: After a send that may have been delivered (no verdict came back), the wait before the next try:
@@ -397,6 +409,7 @@ def open_db(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    read_only_ok: bool = False,
 ) -> Database:
     """Open (creating and migrating) the state database; ``None``: a throw-away one in memory.
 
@@ -404,11 +417,38 @@ def open_db(
     ``gpuwatch.sqlite3.corrupt-<UTC time>`` (said in one ERROR line) and a fresh one started:
     by the process holding the state directory (``lock``), or by this one if it can take the
     lock for the moment. Anything else that stops it is a :class:`StoreError` saying what and where.
+
+    ``read_only_ok`` (commands that only read, such as ``gpuwatch alerts``): when this user may not
+    write the state directory (a read-only mount, another user's directory it may read), the
+    existing database is opened read-only instead; a write to it then fails with a StoreError.
     """
     if state_dir is None:
         memory = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
         _migrate(memory)
         return Database(memory)
+    if not read_only_ok:
+        return _open_writable(state_dir, lock, clock, monotonic, sleep)
+    try:
+        return _open_writable(state_dir, lock, clock, monotonic, sleep)
+    except StateError as exc:
+        writable = os.access(state_dir, os.W_OK) and not _read_only_fs(state_dir)
+        if writable or not (state_dir / DB_NAME).exists():
+            raise  # not a matter of permissions: there is nothing to read, or something else is wrong
+        try:
+            db = open_db_readonly(state_dir)
+        except StateError:
+            raise exc from None
+        log.info("state_dir %s cannot be written (%s): reading %s read-only", state_dir, exc, DB_NAME)
+        return db
+
+
+def _open_writable(
+    state_dir: Path,
+    lock: StateLock | None,
+    clock: Callable[[], float],
+    monotonic: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> Database:
     ensure_state_dir(state_dir)
     path = state_dir / DB_NAME
     _create(path)
@@ -439,11 +479,49 @@ def open_db(
 
 
 def open_db_readonly(state_dir: Path) -> Database:
-    """A second, read-only connection to the state database, for readers in other threads (the web
-    page, /metrics): in WAL mode its reads never wait for the daemon's writes, nor block them."""
+    """A read-only connection to the state database: for readers in other threads (the web page,
+    /metrics), where in WAL mode its reads never wait for the daemon's writes, nor block them; and
+    for commands that only read, run by a user who may not write the state directory.
+
+    SQLite opens a WAL database read-only only when its -shm file exists or can be made. Where it
+    can be neither (a read-only mount after the daemon stopped), every committed change is in the
+    main file (no -wal left), so that file is read as it is (``immutable``)."""
     path = (state_dir / DB_NAME).resolve()
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5, check_same_thread=False, isolation_level=None)
-    return Database(db)
+    uri = path.as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the open is lazy: fail here, not later
+        return Database(db, path)
+    except sqlite3.Error as exc:
+        wal = Path(f"{path}-wal")
+        no_shm = _code(exc) in (_CANTOPEN, _READONLY)  # READONLY_DIRECTORY: no -shm, none can be made
+        readable = _readable(path)
+        if not no_shm or not readable or (wal.exists() and wal.stat().st_size > 0):
+            if not readable:
+                raise StoreError(
+                    f"state_dir {state_dir}: cannot read {DB_NAME}: permission denied; run this as the user "
+                    f"that owns it ({_owner(path)})"
+                ) from None
+            raise _explain(exc, path, "read") from None
+    db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+    return Database(db, path)
+
+
+def _readable(path: Path) -> bool:
+    """Whether this process may read ``path`` (tried: ``os.access`` ignores capabilities such as
+    CAP_DAC_READ_SEARCH for users other than root)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError:
+        return False
+    return True
+
+
+def _owner(path: Path) -> str:
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, OSError):
+        return "the owner of the file"
 
 
 @dataclass(frozen=True)
@@ -457,6 +535,8 @@ class OutboxItem:
     last_error: str | None
     not_before: float = 0.0  # not tried again before this time (a try that may have been delivered)
     in_doubt: int = 0  # doubtful tries in a row
+    kind: str = ""  # report | alert | test ("" for rows of an older gpuwatch)
+    scope: str = ""  # what a report covers: overview, free, user:alice
 
 
 @dataclass(frozen=True)
@@ -479,10 +559,23 @@ class _Held:
     summary: str
     payloads: tuple[Mapping[str, Any], ...]
     created_at: float
+    kind: str = ""
+    scope: str = ""
+
+
+def replaces_older(kind: str, scope: str) -> bool:
+    """Whether a message makes an older one of the same kind and scope still waiting for its
+    channel obsolete: a report does (a backlog of reports is news, not history: only the newest
+    overview is worth sending); an alert, a resolution or a test message never does."""
+    return kind == "report" and bool(scope)
 
 
 class Outbox:
-    """Messages waiting for their channel, in the order they were written."""
+    """Messages waiting for their channel, in the order they were written.
+
+    A report replaces the older report of the same scope (``"overview"``, ``"user:alice"``) still
+    waiting for the same channel (:func:`replaces_older`); alerts are never dropped and keep their
+    order."""
 
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
@@ -498,37 +591,92 @@ class Outbox:
 
     # -- writing
 
-    def add(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> list[int]:
-        """Queue a message's parts (held messages first, to keep the order). Raises
-        :class:`StoreError` when the disk cannot take it; nothing is queued then."""
+    def add(
+        self,
+        channel: str,
+        summary: str,
+        payloads: Iterable[Mapping[str, Any]],
+        *,
+        kind: str = "",
+        scope: str = "",
+    ) -> list[int]:
+        """Queue a message's parts (held messages first, to keep the order); a report replaces the
+        older one of its scope still waiting (:func:`replaces_older`). Raises :class:`StoreError`
+        when the disk cannot take it; nothing is queued (nor replaced) then."""
         now = self.clock()
-        ids = []
         with self.db.transaction() as conn:
             self._write_held(conn)
-            for payload in payloads:
-                cur = conn.execute(
-                    "INSERT INTO outbox (channel, summary, payload, created_at) VALUES (?, ?, ?, ?)",
-                    (channel, summary, json.dumps(payload, ensure_ascii=False), now),
-                )
-                ids.append(int(cur.lastrowid or 0))
+            return self._insert(conn, _Held(channel, summary, tuple(payloads), now, kind, scope))
+
+    def _insert(self, conn: sqlite3.Connection, message: _Held) -> list[int]:
+        if replaces_older(message.kind, message.scope):
+            self._replace_older(conn, message)
+        ids = []
+        for payload in message.payloads:
+            cur = conn.execute(
+                "INSERT INTO outbox (channel, summary, payload, created_at, kind, scope) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    message.channel,
+                    message.summary,
+                    json.dumps(payload, ensure_ascii=False),
+                    message.created_at,
+                    message.kind,
+                    message.scope,
+                ),
+            )
+            ids.append(int(cur.lastrowid or 0))
         return ids
 
-    def hold(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> None:
-        """Keep a message that :meth:`add` could not queue (a full disk) in memory: it is written
-        before anything newer by the next :meth:`add` or :meth:`flush` that can write. Lost if
-        the process ends first."""
-        self._held.append(_Held(channel, summary, tuple(payloads), self.clock()))
+    def _replace_older(self, conn: sqlite3.Connection, message: _Held) -> None:
+        """Drop the parts of older messages of the same kind and scope still waiting for the channel
+        (not those refused for good: they stay for inspection)."""
+        rows = conn.execute(
+            "SELECT id, summary FROM outbox WHERE channel = ? AND kind = ? AND scope = ? AND dead = 0 ORDER BY id",
+            (message.channel, message.kind, message.scope),
+        ).fetchall()
+        if not rows:
+            return
+        ids = [int(r[0]) for r in rows]
+        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        replaced = list(dict.fromkeys(str(r[1]) for r in rows))
 
-    def add_or_hold(self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]]) -> bool:
+        def committed() -> None:
+            for item_id in ids:  # forgotten with the row (a delivery not yet recorded, a wait)
+                self._unrecorded.pop(item_id, None)
+                self._doubt.pop(item_id, None)
+            log.info(
+                "outbox: %s replaces the older %s still waiting for %s (%d part%s dropped)",
+                message.summary,
+                ", ".join(replaced),
+                message.channel,
+                len(ids),
+                "" if len(ids) == 1 else "s",
+            )
+
+        self.db.after_transaction(committed, lambda: None)
+
+    def hold(
+        self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]], *, kind: str = "", scope: str = ""
+    ) -> None:
+        """Keep a message that :meth:`add` could not queue (a full disk) in memory: it is written
+        before anything newer by the next :meth:`add` or :meth:`flush` that can write (a newer
+        report held replaces an older one of its scope here too). Lost if the process ends first."""
+        if replaces_older(kind, scope):
+            self._held = [h for h in self._held if (h.channel, h.kind, h.scope) != (channel, kind, scope)]
+        self._held.append(_Held(channel, summary, tuple(payloads), self.clock(), kind, scope))
+
+    def add_or_hold(
+        self, channel: str, summary: str, payloads: Iterable[Mapping[str, Any]], *, kind: str = "", scope: str = ""
+    ) -> bool:
         """:meth:`add`, or :meth:`hold` when the disk cannot take it: False then. Only outside a
         transaction (inside one, the caller's other writes would be lost with it)."""
         parts = tuple(payloads)
         try:
-            self.add(channel, summary, parts)
+            self.add(channel, summary, parts, kind=kind, scope=scope)
         except StoreError:
             if self.db.in_transaction:
                 raise
-            self.hold(channel, summary, parts)
+            self.hold(channel, summary, parts, kind=kind, scope=scope)
             return False
         return True
 
@@ -542,11 +690,7 @@ class Outbox:
             return
         held = list(self._held)
         for message in held:
-            for payload in message.payloads:
-                conn.execute(
-                    "INSERT INTO outbox (channel, summary, payload, created_at) VALUES (?, ?, ?, ?)",
-                    (message.channel, message.summary, json.dumps(payload, ensure_ascii=False), message.created_at),
-                )
+            self._insert(conn, message)
         self._writing_held = True
 
         def committed() -> None:
@@ -585,7 +729,7 @@ class Outbox:
 
     def pending(self, channel: str | None = None) -> list[OutboxItem]:
         query = (
-            "SELECT id, channel, summary, payload, created_at, attempts, last_error, not_before, in_doubt "
+            "SELECT id, channel, summary, payload, created_at, attempts, last_error, not_before, in_doubt, kind, scope "
             "FROM outbox WHERE dead = 0"
         )
         args: tuple[str, ...] = ()
@@ -594,7 +738,19 @@ class Outbox:
             args = (channel,)
         rows = self.db.query(query + " ORDER BY id", args)
         return [
-            OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], max(r[7], self._doubt.get(r[0], 0)), r[8])
+            OutboxItem(
+                r[0],
+                r[1],
+                r[2],
+                json.loads(r[3]),
+                r[4],
+                r[5],
+                r[6],
+                max(r[7], self._doubt.get(r[0], 0)),
+                r[8],
+                r[9],
+                r[10],
+            )
             for r in rows
             if r[0] not in self._unrecorded
         ]
@@ -794,6 +950,23 @@ class AlertStore:
     def remove_silence(self, silence_id: int) -> bool:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM silences WHERE id = ?", (silence_id,)).rowcount > 0
+
+
+class ReportRuns:
+    """When each scheduled report was last made (queued for sending), by its schedule's name
+    (``ReportSchedule.describe()``: "overview every 1h"): how a ``--once`` run from cron knows
+    whether a report is due by its own schedule (:mod:`gpuwatch.timetable`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def last(self) -> dict[str, float]:
+        return {str(name): float(at) for name, at in self.db.query("SELECT name, last_at FROM report_runs")}
+
+    def record(self, name: str, at: float) -> None:
+        """Remember that ``name`` was made at ``at`` (call inside the transaction that queues it)."""
+        with self.db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO report_runs (name, last_at) VALUES (?, ?)", (name, at))
 
 
 class StoreReader:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpuwatch {__version__}")
     parser.add_argument("--once", dest="once_top", action="store_true", help="same as 'run --once'")
     parser.add_argument("--dry-run", dest="dry_run_top", action="store_true", help="same as 'run --dry-run'")
+    parser.add_argument(
+        "--report", dest="report_top", action="append", metavar="NAME", help="same as 'run --report NAME'"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub, common)
@@ -71,13 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that record nothing in the state directory: a user who may not write it (a read-only
+# mount, the service's directory seen by an admin) can still run them; the log file is optional.
+READ_ONLY_COMMANDS = frozenset({"status", "check", "alerts", "test-notify"})
+
+
+def _only_reads(command: str, args: argparse.Namespace) -> bool:
+    if command == "silence":
+        return getattr(args, "silence_command", None) == "list"
+    if command == "run":
+        return bool(getattr(args, "dry_run", False) or args.dry_run_top)
+    return command in READ_ONLY_COMMANDS
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.command or "run"
-    if command != "run" and (args.once_top or args.dry_run_top):
-        parser.error(f"--once and --dry-run go with 'run', not '{command}'")
+    if command != "run" and (args.once_top or args.dry_run_top or args.report_top):
+        parser.error(f"--once, --report and --dry-run go with 'run', not '{command}'")
     standalone = getattr(args, "standalone", None)
     if standalone is not None:  # a command that needs no config file (demo)
         try:
@@ -93,12 +109,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigError as exc:
         print(f"gpuwatch: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    unlogged: list[StateError] = []  # a command that only reads goes on without its log file
     try:
         setup_logging(
             config.state_dir,
             level="DEBUG" if args.verbose else config.log_level,
             stderr_level="INFO" if args.verbose else "WARNING",
             secrets=secrets(config),
+            on_file_error=unlogged.append if _only_reads(command, args) else None,
         )
     except StateError as exc:
         print(f"gpuwatch: error: {exc}", file=sys.stderr)
@@ -107,6 +125,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         log.warning("%s", warning)
     try:
         result: int = args.handler(config, args, out)
+        for problem in unlogged:  # said after its output (an error instead is said alone, in one line)
+            print(f"gpuwatch: note: nothing was logged to a file: {problem.problem}", file=sys.stderr)
         return result
     except ConfigError as exc:
         kind = "error" if isinstance(exc, UsageError) else "config error"

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 
 def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: TextIO) -> int:
     """What the alert state says now (as of the last poll of a daemon or --once run)."""
-    db = open_db(config.state_dir)
+    db = open_db(config.state_dir, read_only_ok=True)
     try:
         store = AlertStore(db)
         now = time.time()

@@ -1,37 +1,84 @@
-"""``gpuwatch run``: the daemon, ``--once`` for cron, ``--dry-run`` that sends nothing."""
+"""``gpuwatch run``: the daemon, ``--once`` for cron, ``--report`` to send one now, ``--dry-run``
+that sends nothing.
+
+``--once`` makes a report only when it is due by its own schedule (:mod:`..timetable`), from when
+it was last made (kept in the state database), so an hourly cron job keeps a daily report daily.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TextIO
 
-from ..config import Config, ConfigError, load_config
+from ..config import REPORT_KINDS, Config, ConfigError, ReportSchedule, load_config
 from ..daemon import Daemon, Wiring
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
-from ..store import DB_NAME, AlertStore, Outbox, open_db
+from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
+from ..text import local_time
+from ..timetable import is_due, period_start
+from .common import UsageError
+from .preflight import refuse_unusable_key_files
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory
+
+log = logging.getLogger(__name__)
+
+REPORT_HELP = "send this report now, due or not (implies --once): overview, free or user:NAME; may be repeated"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", parents=[common], help="the daemon (the default command)")
-    run.add_argument("--once", action="store_true", help="poll once, send the reports now, exit (for cron)")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="poll once, send the alerts and the reports due by their schedule, exit (for cron)",
+    )
+    run.add_argument("--report", action="append", metavar="NAME", help=REPORT_HELP)
     run.add_argument(
         "--dry-run", action="store_true", help="print the messages that would be sent; send nothing (-v: JSON too)"
     )
     run.set_defaults(handler=handle)
 
 
-def handle(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    once = bool(getattr(args, "once", False) or args.once_top)
+def handle(config: Config, args: argparse.Namespace, out: TextIO, clock: Callable[[], float] = time.time) -> int:
+    forced = [*(getattr(args, "report", None) or ()), *(getattr(args, "report_top", None) or ())]
+    once = bool(getattr(args, "once", False) or args.once_top or forced)
     dry_run = bool(getattr(args, "dry_run", False) or args.dry_run_top)
+    reports = forced_reports(config, forced)  # a typo is said before anything is polled or locked
     with _state_lock(config, once=once, dry_run=dry_run) as lock:
-        return cmd_run(config, once=once, dry_run=dry_run, verbose=bool(args.verbose), out=out, lock=lock)
+        return cmd_run(
+            config,
+            once=once,
+            dry_run=dry_run,
+            verbose=bool(args.verbose),
+            out=out,
+            lock=lock,
+            forced=reports,
+            clock=clock,
+        )
+
+
+def forced_reports(config: Config, names: Sequence[str]) -> list[ReportSchedule]:
+    """``--report overview``, ``--report user:alice``: the reports to send now (the configured
+    schedule of that scope if there is one, else the report alone)."""
+    configured = {spec.scope: spec for spec in reversed(config.schedule.reports)}
+    found = []
+    for name in names:
+        kind, _, user = name.partition(":")
+        if kind not in REPORT_KINDS or (kind == "user") != bool(user):
+            listed = ", ".join(dict.fromkeys(spec.scope for spec in config.schedule.reports)) or "none"
+            raise UsageError(
+                f"--report: {name!r} is not a report; expected overview, free or user:NAME (configured: {listed})"
+            )
+        found.append(configured.get(name) or ReportSchedule(report=kind, user=user or None))
+    return found
 
 
 @contextlib.contextmanager
@@ -46,19 +93,70 @@ def _state_lock(config: Config, *, once: bool, dry_run: bool) -> Iterator[StateL
         yield lock
 
 
+def reports_to_make(
+    config: Config,
+    *,
+    once: bool,
+    forced: Sequence[ReportSchedule],
+    last: Mapping[str, float],
+    now: float,
+) -> list[tuple[ReportSchedule, Iterable[str] | None]]:
+    """What this run makes, each with the schedule names to record it under: the forced reports
+    (recorded for the schedules of their scope, so the next cron run does not repeat them); with
+    --once, the reports due by their own schedule; for a bare --dry-run, every configured report."""
+    if forced:
+        return [(spec, [s.describe() for s in config.schedule.reports if s.scope == spec.scope]) for spec in forced]
+    if not once:
+        return [(spec, None) for spec in config.schedule.reports]
+    due: list[tuple[ReportSchedule, Iterable[str] | None]] = []
+    for spec in config.schedule.reports:
+        previous = last.get(spec.describe())
+        if is_due(spec, previous, now):
+            due.append((spec, None))
+        else:
+            assert previous is not None
+            log.info(
+                "report %s: not due (last made %s; next in the first run from %s)",
+                spec.describe(),
+                local_time(previous),
+                local_time(_next_period(spec, now)),
+            )
+    return due
+
+
+def _next_period(spec: ReportSchedule, now: float) -> float:
+    start = period_start(spec, now)
+    step = spec.every or 86400.0
+    nxt = start + step
+    while period_start(spec, nxt) <= start:  # a day with a DST change is not 86400 s long
+        nxt += 3600
+    return period_start(spec, nxt)
+
+
 def cmd_run(
-    config: Config, *, once: bool, dry_run: bool, verbose: bool, out: TextIO, lock: StateLock | None = None
+    config: Config,
+    *,
+    once: bool,
+    dry_run: bool,
+    verbose: bool,
+    out: TextIO,
+    lock: StateLock | None = None,
+    forced: Sequence[ReportSchedule] = (),
+    clock: Callable[[], float] = time.time,
 ) -> int:
+    refuse_unusable_key_files(config)
     stop = threading.Event()
 
     def sleep(seconds: float) -> None:
         stop.wait(seconds)  # SIGTERM during a Feishu outage must not wait out the retry backoff
 
     channels = build_channels(config, sleep, stop)
+    now = clock()
     if dry_run:
         real = channels or {"console": ConsoleChannel(out)}
         channels = {name: DryRunChannel(ch, out, verbose) for name, ch in real.items()}
-        _show_pending(config, channels, out)
+        reports = reports_to_make(config, once=once, forced=forced, last=_real_report_runs(config), now=now)
+        _show_pending(config, channels, out, replaced={spec.scope for spec, _ in reports})
         outbox = Outbox(open_db(None))  # a throw-away outbox: the real one is left as it is
         alert_store = AlertStore(outbox.db)
         _copy_alert_state(config, alert_store)
@@ -70,22 +168,27 @@ def cmd_run(
             )
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
+        reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
     handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
     poller = build_poller(config, handshakes)
     path = config.path
 
     def reload_config() -> Config:
-        return load_config(path) if path is not None else config
+        if path is None:
+            return config
+        new = load_config(path)
+        refuse_unusable_key_files(new)
+        return new
 
     wiring = Wiring(
         load_config=reload_config,
         runner_factory=lambda new: make_runner_factory(new, handshakes),
         build_channels=lambda new: build_channels(new, sleep, stop),
     )
-    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring)
+    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring, clock=clock)
     try:
         if once or dry_run:
-            return daemon.run_once()
+            return daemon.run_once(reports)
         attach_web(config, daemon)
         return daemon.run_forever()
     finally:
@@ -97,11 +200,22 @@ def cmd_run(
                 close()
 
 
+def _real_report_runs(config: Config) -> dict[str, float]:
+    """--dry-run --once: when the real runs last made each report (read only)."""
+    if not (config.state_dir / DB_NAME).exists():
+        return {}
+    db = open_db(config.state_dir, read_only_ok=True)
+    try:
+        return ReportRuns(db).last()
+    finally:
+        db.close()
+
+
 def _copy_alert_state(config: Config, target: AlertStore) -> None:
     """--dry-run starts from the real alert state, so it shows what a real run would announce."""
     if not (config.state_dir / DB_NAME).exists():
         return
-    db = open_db(config.state_dir)
+    db = open_db(config.state_dir, read_only_ok=True)
     try:
         real = AlertStore(db)
         target.save(real.records(), real.memory())
@@ -113,13 +227,17 @@ def _copy_alert_state(config: Config, target: AlertStore) -> None:
         db.close()
 
 
-def _show_pending(config: Config, channels: dict[str, Channel], out: TextIO) -> None:
-    """--dry-run: what the real outbox still holds would go first; show it, touch nothing."""
+def _show_pending(config: Config, channels: dict[str, Channel], out: TextIO, replaced: set[str]) -> None:
+    """--dry-run: what the real outbox still holds would go first; show it, touch nothing. A
+    waiting report that this run's report of the same scope would replace is only named."""
     if not (config.state_dir / DB_NAME).exists():
         return
-    db = open_db(config.state_dir)
+    db = open_db(config.state_dir, read_only_ok=True)
     try:
         for item in Outbox(db).pending():
+            if replaces_older(item.kind, item.scope) and item.scope in replaced:
+                out.write(f"(still in the outbox, replaced by this run's newer one: {item.summary})\n")
+                continue
             out.write(f"(still in the outbox since {item.created_at:.0f}, {item.attempts} failed attempts)\n")
             channel = channels.get(item.channel)
             if channel is not None:

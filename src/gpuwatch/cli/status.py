@@ -1,16 +1,18 @@
-"""``gpuwatch status`` and ``gpuwatch check``: poll every host once and say what was seen."""
+"""``gpuwatch status`` and ``gpuwatch check``: poll every host once and say what was seen; ``check``
+also checks everything else ``run`` needs (:mod:`.preflight`)."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
+import dataclasses
 import json
 from typing import TextIO
 
-from ..config import Config, HostConfig
-from ..model import HostErrorKind, HostSnapshot
+from ..config import Config
+from ..model import HostSnapshot
 from ..render import fleet_table, snapshot_dict
-from .common import EXIT_FAILED, EXIT_OK
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from .preflight import Finding, channel_findings, host_hint, key_file_findings, state_dir_finding
 from .wiring import build_poller
 
 
@@ -18,7 +20,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     status = sub.add_parser("status", parents=[common], help="poll every host once and print the fleet")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     status.set_defaults(handler=lambda config, args, out: cmd_status(config, args.json, out))
-    check = sub.add_parser("check", parents=[common], help="validate the config and try each host once")
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="check everything 'run' needs (channels and their secrets, key files, state_dir, each host) "
+        "and say whether it is ready",
+    )
     check.set_defaults(handler=lambda config, args, out: cmd_check(config, out))
 
 
@@ -36,56 +43,64 @@ def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
     return EXIT_OK if snapshot.answered else EXIT_FAILED
 
 
-_HINTS = {
-    HostErrorKind.UNREACHABLE: "check the address and port; try it by hand: ssh -p {port} {user}@{address}",
-    HostErrorKind.AUTH_FAILED: "check ssh.user and ssh.key_file (or the host's), or set the password variable "
-    "named by password_env",
-    HostErrorKind.HOST_KEY_UNKNOWN: "verify the fingerprint with the host's admin, then run the ssh-keyscan line above",
-    HostErrorKind.HOST_KEY_CHANGED: "ask the host's admin whether it was reinstalled before removing the old key",
-    HostErrorKind.NVIDIA_SMI_NOT_FOUND: "install the NVIDIA driver there, or set 'nvidia_smi: /path/to/nvidia-smi' "
-    "for this host",
-    HostErrorKind.DRIVER_MISMATCH: "the driver was upgraded under a running kernel module: reboot the host",
-    HostErrorKind.DRIVER_NOT_LOADED: "check 'lsmod | grep nvidia' and 'dmesg' on the host",
-    HostErrorKind.GPU_LOST: "a GPU fell off the bus: reboot the host; if it recurs, check cooling and power",
-    HostErrorKind.NO_DEVICES: "no GPU visible to the driver: check 'lspci | grep -i nvidia' and 'dmesg'",
-    HostErrorKind.PROBE_TIMEOUT: "raise ssh.command_timeout if the host is just slow; a hung nvidia-smi needs a reboot",
-    HostErrorKind.PERMISSION_DENIED: "the login user may not query the GPUs: check /dev/nvidia* permissions",
-}
-
-
-def _hint(host: HostConfig, snap: HostSnapshot) -> str:
-    template = _HINTS.get(snap.error_kind) if snap.error_kind else None
-    if not template:
-        return ""
-    return template.format(
-        port=host.ssh.port or 22, user=host.ssh.user or getpass.getuser(), address=host.address or host.name
-    )
-
-
 def cmd_check(config: Config, out: TextIO) -> int:
+    """Everything ``run`` needs: the channels (secrets, URLs, files), the state directory, each
+    host's key file and each host; ends with one line: ready or not, and why. Exit 0 when ready,
+    2 when a setting is wrong (``run`` would stop with a config error), 1 when only hosts failed."""
     count = len(config.hosts)
     out.write(f"config {config.path}: OK ({count} host{'s' if count != 1 else ''})\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
-    poller = build_poller(config)
-    try:
-        snapshot = poller.poll()
-    finally:
-        poller.close()
-    by_name = {h.name: h for h in config.hosts}
-    for snap in snapshot.hosts:
+    problems: list[str] = []
+    for finding in [*channel_findings(config), state_dir_finding(config)]:
+        _write_finding(finding, out, problems)
+    unusable = key_file_findings(config)
+    for finding in dict.fromkeys(unusable.values()):
+        _write_finding(finding, out, problems)
+    pollable = tuple(h for h in config.hosts if h.name not in unusable)
+    polled: dict[str, HostSnapshot] = {}
+    if pollable:
+        poller = build_poller(dataclasses.replace(config, hosts=pollable))
+        try:
+            polled = {snap.name: snap for snap in poller.poll().hosts}
+        finally:
+            poller.close()
+    failed: list[str] = []
+    for host in config.hosts:
+        snap = polled.get(host.name)
+        if snap is None:
+            out.write(f"{host.name}: NOT TRIED: {unusable[host.name].problem}\n")
+            continue
         if snap.ok:
             procs = len(snap.processes)
             secs = f"{snap.probe_seconds:.2f}s" if snap.probe_seconds is not None else "?"
             out.write(f"{snap.name}: OK: {len(snap.gpus)} GPUs, {procs} GPU processes ({secs})\n")
             for issue in snap.warnings:
                 out.write(f"  warning: {issue.message}\n")
-        else:
-            kind = snap.error_kind.value if snap.error_kind else "error"
-            out.write(f"{snap.name}: FAILED ({kind}): {snap.error}\n")
-            hint = _hint(by_name[snap.name], snap)
-            if hint:
-                out.write(f"  hint: {hint}\n")
-    failed = len(snapshot.down)
-    out.write(f"{len(snapshot.hosts) - failed}/{len(snapshot.hosts)} hosts OK\n")
-    return EXIT_OK if failed == 0 else EXIT_FAILED
+            continue
+        kind = snap.error_kind.value if snap.error_kind else "error"
+        failed.append(f"{snap.name} ({kind})")
+        out.write(f"{snap.name}: FAILED ({kind}): {snap.error}\n")
+        hint = host_hint(config, host, snap)
+        if hint:
+            out.write(f"  hint: {hint}\n")
+    answered = len(polled) - len(failed)
+    out.write(f"{answered}/{count} hosts OK\n")
+    settings_wrong = bool(problems)  # run would stop with a config error (exit 2)
+    if failed:
+        down = f"{len(failed)} of {count} host{'s' if count != 1 else ''} did not answer: {', '.join(failed)}"
+        problems.append(down if settings_wrong else f"{down} (gpuwatch run would start and report them as down)")
+    if problems:
+        out.write(f"not ready: {'; '.join(problems)}\n")
+        return EXIT_CONFIG if settings_wrong else EXIT_FAILED
+    channels = ", ".join(config.channels) or "the web page only"
+    out.write(f"ready: gpuwatch run can start: {count}/{count} hosts answered; sends to {channels}; state_dir OK\n")
+    return EXIT_OK
+
+
+def _write_finding(finding: Finding, out: TextIO, problems: list[str]) -> None:
+    out.write(finding.line() + "\n")
+    for note in finding.notes:
+        out.write(f"  note: {note}\n")
+    if not finding.ok:
+        problems.append(finding.problem)

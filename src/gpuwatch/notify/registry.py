@@ -10,11 +10,13 @@ generic webhook) is a module with its channel class and one entry in :data:`CHAN
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import ConfigError, EmailConfig, FeishuConfig, parse_email_section, parse_feishu_section
 from .base import Channel
@@ -59,6 +61,11 @@ def _build_feishu(cfg: FeishuConfig, sleep: Sleep, stop: threading.Event | None)
     url = cfg.resolve_url()
     if not url:
         raise ConfigError(f"feishu.url_env: ${cfg.url_env} is not set in the environment")
+    if cfg.url_env and url != cfg.url and not _webhook_url(url):  # the config's own url is checked when read
+        raise ConfigError(
+            f"feishu.url_env: ${cfg.url_env} does not hold a webhook URL "
+            "(expected https://open.feishu.cn/open-apis/bot/v2/hook/<token>)"
+        )
     secret = _env_secret(cfg.resolve_secret(), cfg.secret_env, "feishu.secret_env")
     assert FEISHU_LIMITS.max_body_bytes and FEISHU_LIMITS.per_second and FEISHU_LIMITS.per_minute
     try:
@@ -77,8 +84,19 @@ def _build_feishu(cfg: FeishuConfig, sleep: Sleep, stop: threading.Event | None)
     return FeishuChannel(settings, sleep=sleep, stop=stop)
 
 
+def _webhook_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and bool(parts.path.strip("/"))
+
+
 def _build_email(cfg: EmailConfig, sleep: Sleep, stop: threading.Event | None) -> Channel:
     password = _env_secret(cfg.resolve_password(), cfg.password_env, "email.password_env")
+    if cfg.ca_file:
+        try:  # read at the first send otherwise: say it now, not when an alert is due
+            ssl.create_default_context().load_verify_locations(cafile=cfg.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM file of certificates"
+            raise ConfigError(f"email.ca_file: {cfg.ca_file} cannot be read: {why}") from None
     try:
         settings = EmailSettings(
             to=cfg.to,
