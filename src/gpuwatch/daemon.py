@@ -154,10 +154,11 @@ class Daemon:
         for notice in evaluation.notices:
             for name in self.routes_for("gpu_freed"):
                 by_channel.setdefault(name, ([], []))[1].append(notice)
+        config_path = str(self.config.path.resolve()) if self.config.path is not None else None
         with self.outbox.db.transaction():
-            store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory)
+            store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory, now)
             for name, (items, notices) in by_channel.items():
-                message = alert_message(items, notices, self.mentions(name))
+                message = alert_message(items, notices, self.mentions(name), config_path=config_path)
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed
