@@ -724,7 +724,10 @@ class Outbox:
                 continue
             store_error = self._record(item.id, None) or store_error
             sent += 1
-            log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
+            if getattr(channel, "dry_run", False):  # --dry-run: printed; a log must never say it was sent
+                log.info("%s: message %d (%s) printed, not sent (dry run)", item.channel, item.id, item.summary)
+            else:
+                log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
         if store_error:
             # Said once per flush, not once per message.
             waiting = [f"{len(self._held)} messages wait in memory to be queued"] if self._held else []
