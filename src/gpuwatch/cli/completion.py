@@ -1,6 +1,6 @@
 """``gpuwatch completion bash|zsh``: a shell completion script, made from the parser itself.
 
-It uses shtab (https://github.com/iterative/shtab), which writes a static script from the
+It uses shtab (https://github.com/tqdm/shtab), which writes a static script from the
 argparse parser: every command, option and choice (rule names, shells) completes, ``-c`` completes
 file names, and pressing TAB never starts Python (argcomplete, the other well-kept choice, runs
 the program on every TAB, which here means importing paramiko and friends: a noticeable pause).
