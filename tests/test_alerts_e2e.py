@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,18 @@ import pytest
 import yaml
 
 from fakefeishu import FakeFeishu, text_values
-from fleet import H100_LOAD_APPS, Fleet, capture_pids, scenario_healthy_multi_gpu
+from fleet import (
+    ERR_VERSION_MISMATCH,
+    H100_LOAD_APPS,
+    L40S_APPS,
+    L40S_QUERY,
+    Fleet,
+    _stack_gpus,
+    capture_pids,
+    publish_scenario,
+    scenario_error,
+    scenario_healthy_multi_gpu,
+)
 from gpuwatch.cli import main
 from waiting import wait_for
 
@@ -143,9 +155,10 @@ def test_at_most_two_gpus_per_user_one_message_when_broken_one_when_fixed(
     text = card_text(first)
     assert first["card"]["header"]["template"] == "red"
     assert "GPU alerts: 2 firing" in text
-    assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
+    # the two users' alerts of one rule on one host: one entry, a line each
+    assert "FIRING max_gpus_per_user on gpu-a: users alice, verylongusername" in text  # the full name, never cut
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
-    assert "FIRING max_gpus_per_user (gpu-a, user verylongusername)" in text  # the full name, never cut
+    assert "verylongusername holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "threshold: at most 2 per host" in text and "since " in text
     assert "<at id=ou_alice></at>" in text
     assert "max_runtime" not in text  # the jobs are minutes old, not days
@@ -160,8 +173,8 @@ def test_at_most_two_gpus_per_user_one_message_when_broken_one_when_fixed(
     resolved = card_text(feishu.accepted[1])
     assert feishu.accepted[1]["card"]["header"]["template"] == "green"
     assert "GPU alerts: 2 resolved" in resolved
-    assert "RESOLVED max_gpus_per_user (gpu-a, user alice)" in resolved
-    assert "RESOLVED max_gpus_per_user (gpu-a, user verylongusername)" in resolved
+    assert "RESOLVED max_gpus_per_user on gpu-a: users alice, verylongusername" in resolved
+    assert "was: alice holds 3 GPUs" in resolved and "was: verylongusername holds 3 GPUs" in resolved
     assert once(config) == 0
     assert len(feishu.accepted) == 2
 
@@ -189,8 +202,10 @@ def test_max_runtime_with_real_processes_keyed_by_pid_not_by_their_growing_runti
     assert once(config) == 0
     (first,) = feishu.accepted
     text = card_text(first)
-    assert f"FIRING max_runtime (gpu-b, user alice, pid {job_pids['alice']})" in text
-    assert f"FIRING max_runtime (gpu-b, user verylongusername, pid {job_pids['verylongusername']})" in text
+    pids = sorted(job_pids.values())
+    assert f"FIRING max_runtime on gpu-b: users alice, verylongusername; pids {pids[0]}, {pids[1]}" in text
+    assert f"alice's process {job_pids['alice']} (" in text
+    assert f"verylongusername's process {job_pids['verylongusername']} (" in text
     assert "threshold: at most 1s" in text
     assert str(CAPTURED[2]) not in text  # the process ps cannot see has no known runtime: no alert
     time.sleep(1.1)  # the runtimes grow between the runs: still the same two alerts
@@ -226,9 +241,10 @@ def test_silence_add_list_remove_and_the_alerts_command(
         tmp_path, feishu, ["localhost"], alerts={"max_gpus_per_user": 2, "temperature_above": 55, "repeat_every": "4h"}
     )
     config = write_config(tmp_path / "config.yaml", doc)
+    never = f"STALE: no poll has recorded alert state in {tmp_path / 'state'} yet: is gpuwatch running?\n"
 
     code, out = cli(config, "alerts")
-    assert (code, out) == (0, "no alerts firing\n")
+    assert (code, out) == (0, never)  # nothing is known yet, and it says so
     code, out = cli(
         config, "silence", "add", "--rule", "max_gpus_per_user", "--host", "localhost", "--user", ME,
         "--for", "24h", "--comment", "agreed: a 3-GPU run until Friday",
@@ -242,9 +258,9 @@ def test_silence_add_list_remove_and_the_alerts_command(
     # --dry-run shows what a run would say, and touches neither Feishu nor the state
     dry = io.StringIO()
     assert main(["run", "--dry-run", "-c", str(config)], out=dry) == 0
-    assert "FIRING temperature_above (localhost, GPU 0)" in dry.getvalue()
+    assert "FIRING temperature_above on localhost: GPUs 0-2" in dry.getvalue()
     assert feishu.exchanges == []
-    assert cli(config, "alerts") == (0, "no alerts firing\n")
+    assert cli(config, "alerts") == (0, never)
 
     assert once(config) == 0
     (first,) = feishu.accepted
@@ -253,8 +269,9 @@ def test_silence_add_list_remove_and_the_alerts_command(
     assert "max_gpus_per_user" not in text  # silenced: not sent
 
     code, out = cli(config, "alerts")
-    assert code == 0
+    assert code == 1  # alerts fire: for scripts
     lines = out.splitlines()
+    assert re.fullmatch(r"as of \d{4}-\d\d-\d\d \d\d:\d\d \S+ \(\d+s ago\)", lines[0])  # the poll it is from
     silenced = [line for line in lines if "max_gpus_per_user" in line]
     assert len(silenced) == 1 and "silenced by #1" in silenced[0]  # still shown, with its silence
     assert f"{ME} holds 3 GPUs on localhost" in silenced[0]
@@ -271,6 +288,8 @@ def test_silence_add_list_remove_and_the_alerts_command(
     assert quiet["key"]["user"] == ME and quiet["key"]["host"] == "localhost"
     assert [a["silenced_by"] for a in by_rule["temperature_above"]] == [[], [], []]
     assert [s["comment"] for s in data["silences"]] == ["agreed: a 3-GPU run until Friday"]
+    assert [s["author"] for s in data["silences"]] == [ME]  # who added it: the login user
+    assert data["stale"] is False and data["taken_at"].startswith("20")  # ISO 8601, not epoch seconds
 
     assert once(config) == 0
     assert len(feishu.accepted) == 1  # nothing new
@@ -291,9 +310,10 @@ def test_a_pending_alert_is_listed_only_with_all(
     config = write_config(tmp_path / "config.yaml", doc)
     assert once(config) == 0 and once(config) == 0
     assert feishu.exchanges == []  # held back by `for`
-    assert cli(config, "alerts") == (0, "no alerts firing\n")
+    code, out = cli(config, "alerts")
+    assert code == 0 and out.endswith("\nno alerts firing\n")  # pending is not firing: exit 0
     code, out = cli(config, "alerts", "--all")
-    assert code == 0 and out.startswith(f"PENDING    max_gpus_per_user  {ME} holds 3 GPUs on localhost")
+    assert code == 0 and out.splitlines()[1].startswith(f"PENDING    max_gpus_per_user  {ME} holds 3 GPUs on localhost")
     (pending,) = json.loads(cli(config, "alerts", "--all", "--json")[1])["alerts"]
     assert pending["state"] == "pending" and pending["fired_at"] is None
 
@@ -408,7 +428,7 @@ def test_routes_send_a_rule_by_email_only_and_the_default_to_both(
     assert mail.rcpt_tos == ["ops@example.com"]
     assert mail.message["Subject"] == "[gpuwatch] GPU alerts: 4 firing"
     assert f"FIRING max_gpus_per_user (localhost, user {ME})" in mail.text
-    assert "FIRING temperature_above (localhost, GPU 2)" in mail.text
+    assert "FIRING temperature_above on localhost: GPUs 0-2" in mail.text and "localhost GPU 2 is at 59°C" in mail.text
     assert "overview" not in mail.message["Subject"].lower()  # reports are not mailed
 
     bodies = alert_bodies(feishu)
@@ -470,3 +490,151 @@ def test_email_password_variable_missing_is_a_config_error(
     config = write_config(tmp_path / "config.yaml", doc)
     assert once(config) == 2
     assert f"email.password_env: ${PASSWORD_ENV} is not set in the environment" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- alerts a person reads once
+
+
+def held_idle_scenario(directory: Path, n_gpus: int) -> None:
+    """``n_gpus`` L40S GPUs, each replaying the real L40S row under a light load (9 %, 1235 MiB held,
+    two ffmpeg processes): memory held while doing almost nothing."""
+    query, apps, sources = _stack_gpus(directory, [(L40S_QUERY, 0)] * n_gpus, [(L40S_APPS, g) for g in range(n_gpus)])
+    publish_scenario(directory, {"query-gpu.csv": query, "compute-apps.csv": apps, "SOURCES": sources})
+
+
+def paste(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a line copied from a message in a real shell, with ``gpuwatch`` being this checkout's."""
+    assert line.startswith("gpuwatch ")
+    script = f'gpuwatch() {{ "$GPUWATCH_PYTHON" -m gpuwatch "$@"; }}\n{line}\n'
+    env = {**os.environ, "GPUWATCH_PYTHON": sys.executable}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
+
+
+def mute_lines(text: str) -> list[str]:
+    muting = [line.strip() for line in text.splitlines() if line.strip().startswith(("mute it: ", "mute them: "))]
+    return [line.split(": ", 1)[1] for line in muting]
+
+
+def test_eight_idle_gpus_of_one_host_are_one_entry_and_its_line_mutes_them(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path, feishu: FakeFeishu
+) -> None:
+    address = fleet.addresses[0]
+    held_idle_scenario(fleet.scenario_dir(address), 8)
+    doc = base_config(
+        tmp_path,
+        feishu,
+        [{"name": "gpu01", "address": address}],
+        ssh=ssh_defaults(fleet, known_hosts),
+        alerts={"idle_gpu": {"after": "0s", "util_below": 10, "memory_above_mib": 1024}},
+    )
+    config = write_config(tmp_path / "config.yaml", doc)
+
+    assert once(config) == 0
+    (message,) = alert_bodies(feishu)
+    text = card_text(message)
+    assert "GPU alerts: 8 firing" in text
+    assert text.count("FIRING") == 1 and "FIRING idle_gpu on gpu01: GPUs 0-7" in text  # one entry, not 8
+    for gpu in range(8):
+        assert f"gpu01 GPU {gpu} holds 1235 MiB at 9% utilization" in text
+    assert text.count("threshold: idle (<10%) with >1024 MiB for 0s") == 1
+    (line,) = mute_lines(text)
+    assert line == f"gpuwatch -c {config} silence add --rule idle_gpu --host gpu01 --for 24h --comment acknowledged"
+
+    pasted = paste(line, cwd=tmp_path / "state")  # from anywhere: the line names the config
+    assert pasted.returncode == 0, pasted.stderr
+    assert pasted.stdout.startswith("silence #1 added: rule=idle_gpu host=gpu01 until ")
+    code, out = cli(config, "alerts", "--json")
+    alerts = json.loads(out)["alerts"]
+    assert len(alerts) == 8 and all(a["silenced_by"] == [1] for a in alerts)
+    assert code == 0  # all muted: nothing fires for a script to act on
+
+
+def test_the_silence_line_of_a_firing_alert_pasted_mutes_exactly_that_alert(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path, feishu: FakeFeishu
+) -> None:
+    a, b = fleet.addresses[:2]
+    owners = fleet.default_owner_map()
+
+    def hot(address: str, *gpus: int) -> None:  # a busy H100 row is at 59 C
+        scenario_healthy_multi_gpu(fleet.scenario_dir(address), 4, busy_gpus=gpus, owners_pids=owners)
+
+    hot(a, 0)
+    hot(b, 0)
+    doc = base_config(
+        tmp_path,
+        feishu,
+        [{"name": "gpu-a", "address": a}, {"name": "gpu-b", "address": b}],
+        ssh=ssh_defaults(fleet, known_hosts),
+        alerts={"temperature_above": 55},
+    )
+    config = write_config(tmp_path / "config.yaml", doc)
+
+    assert once(config) == 0
+    text = card_text(alert_bodies(feishu)[0])
+    assert "FIRING temperature_above (gpu-a, GPU 0)" in text and "FIRING temperature_above (gpu-b, GPU 0)" in text
+    lines = mute_lines(text)
+    assert len(lines) == 2
+    (line,) = [x for x in lines if "--host gpu-a" in x]
+    assert line.endswith("silence add --rule temperature_above --host gpu-a --gpu 0 --for 24h --comment acknowledged")
+    pasted = paste(line, cwd=tmp_path)
+    assert pasted.returncode == 0, pasted.stderr
+    assert pasted.stdout.startswith("silence #1 added: rule=temperature_above host=gpu-a gpu=0 until ")
+    assert pasted.stdout.endswith(f" by {ME}\n")
+
+    code, out = cli(config, "alerts", "--json")
+    muted = {a["key"]["host"]: a["silenced_by"] for a in json.loads(out)["alerts"]}
+    assert muted == {"gpu-a": [1], "gpu-b": []}
+    assert code == 1  # gpu-b's still fires, unmuted
+
+    hot(a)
+    hot(b)  # both cool down: only gpu-b's resolution is said
+    assert once(config) == 0
+    resolved = card_text(alert_bodies(feishu)[1])
+    assert "GPU alerts: 1 resolved" in resolved and "RESOLVED temperature_above (gpu-b, GPU 0)" in resolved
+    hot(a, 0, 1)
+    hot(b, 0)  # gpu-a's GPU 0 again, and its GPU 1 (not muted: not that alert), and gpu-b's GPU 0
+    assert once(config) == 0
+    again = card_text(alert_bodies(feishu)[2])
+    assert "GPU alerts: 2 firing" in again
+    assert "(gpu-a, GPU 1)" in again and "(gpu-b, GPU 0)" in again and "gpu-a, GPU 0" not in again
+    assert len(alert_bodies(feishu)) == 3
+
+
+def test_a_broken_driver_is_gpu_error_and_not_also_host_down(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path, feishu: FakeFeishu, refused_address: str
+) -> None:
+    """SSH works, the driver does not (a real 'Driver/library version mismatch'): one alert,
+    gpu_error. host_down is counted but inhibited, listed as such, never sent: until the host
+    stops answering altogether."""
+    address = fleet.addresses[2]
+    scenario_error(fleet.scenario_dir(address), ERR_VERSION_MISMATCH)
+    doc = base_config(
+        tmp_path,
+        feishu,
+        [{"name": "gpu-c", "address": address}],
+        ssh=ssh_defaults(fleet, known_hosts),
+        alerts={"gpu_error": True, "host_down": {"after": 2}},
+    )
+    config = write_config(tmp_path / "config.yaml", doc)
+
+    for _ in range(4):
+        assert once(config) == 0
+    (message,) = alert_bodies(feishu)
+    text = card_text(message)
+    assert "GPU alerts: 1 firing" in text and "FIRING gpu_error (gpu-c)" in text
+    assert "version mismatch" in text
+    assert "host_down" not in text and "has not answered" not in text
+
+    code, out = cli(config, "alerts")
+    assert code == 1
+    assert "FIRING (inhibited by gpu_error) host_down  gpu-c answers, but no GPU data for 4 polls" in out
+    data = json.loads(cli(config, "alerts", "--json")[1])
+    (down,) = [a for a in data["alerts"] if a["key"]["rule"] == "host_down"]
+    assert down["inhibited_by"] == ["gpu_error|gpu-c||||driver_mismatch"] and down["last_sent_at"] is None
+
+    doc["hosts"] = [{"name": "gpu-c", "address": refused_address}]  # now it does not answer at all
+    write_config(config, doc)
+    assert once(config) == 0
+    (_, now_down) = alert_bodies(feishu)
+    said = card_text(now_down)
+    assert "FIRING host_down (gpu-c)" in said and "has not answered for 5 polls" in said

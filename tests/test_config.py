@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpuwatch.cli import main
 from gpuwatch.config import (
     ConfigError,
+    accepted_keys,
     find_config_path,
     format_duration,
     load_config,
@@ -356,3 +359,56 @@ def test_files_that_are_no_config_are_one_line(tmp_path: Path, capsys: pytest.Ca
     for path, message in expected.items():
         assert main(["check", "-c", str(path)]) == 2
         assert capsys.readouterr().err == f"gpuwatch: config error: {path}: {message}\n"
+
+
+# ---------------------------------------------------------------- config.example.yaml documents every key
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+# Sections whose keys are documented elsewhere too: any key of ssh: can be set on a host, and
+# alerts.routes takes the rule names listed under alerts:.
+DOCUMENTED_BY = {"hosts[]": "ssh", "alerts.routes": "alerts"}
+
+
+def switched_on(text: str) -> str:
+    """The example with its commented-out settings (``# key: value``, ``#   - item``) switched on;
+    prose comments stay comments."""
+    lines = []
+    for line in text.splitlines():
+        for _ in range(2):  # "#   # ca_file:" is a commented-out line inside a commented-out section
+            line = re.sub(r"^(\s*)# ?(?=\s*(?:# ?\s*)?(?:[a-z_]+:|- ))", r"\1", line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def documented_keys(doc: object, path: str = "") -> dict[str, set[str]]:
+    """Key path (list items as ``[]``) -> the keys the example sets there."""
+    found: dict[str, set[str]] = {}
+    if isinstance(doc, dict):
+        found.setdefault(path, set()).update(doc)
+        for key, value in doc.items():
+            for sub, keys in documented_keys(value, f"{path}.{key}" if path else key).items():
+                found.setdefault(sub, set()).update(keys)
+    elif isinstance(doc, list):
+        for item in doc:
+            for sub, keys in documented_keys(item, f"{path}[]").items():
+                found.setdefault(sub, set()).update(keys)
+    return found
+
+
+def test_the_example_config_documents_every_key_the_parser_accepts() -> None:
+    """Every key the parser accepts appears in config.example.yaml, set or commented out, in its
+    section: a new key without a line in the example fails here."""
+    doc = yaml.safe_load(switched_on(EXAMPLE.read_text(encoding="utf-8")))
+    accepted: dict[str, set[str]] = {}
+    for path, keys in accepted_keys(doc).items():
+        accepted.setdefault(re.sub(r"\[\d+\]", "[]", path), set()).update(keys)
+    documented = documented_keys(doc)
+    assert {"", "ssh", "hosts[]", "feishu", "email", "alerts", "alerts.idle_gpu", "web", "web.auth"} <= set(accepted)
+    missing = {}
+    for path, keys in sorted(accepted.items()):
+        known = documented.get(path, set()) | documented.get(DOCUMENTED_BY.get(path, ""), set())
+        if keys - known:
+            missing[path or "(top level)"] = sorted(keys - known)
+    assert not missing, f"config.example.yaml does not document these keys: {missing}"
+    # and the example as shipped (its settings commented out stay out) is a config that loads
+    assert parse_config(yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))).hosts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -56,6 +57,7 @@ from gpuwatch.rules import (
     Transition,
     advance,
     evaluate,
+    inhibited,
     silence_check,
 )
 from gpuwatch.rules.freed import GpuFreed
@@ -511,6 +513,71 @@ def test_gpu_error_from_a_real_error_capture(capture: str, kind: str) -> None:
     assert kinds(engine.step(T0 + 4 * MIN, h100_host("gpu-a"))) == [("resolved", f"gpu_error|gpu-a||||{kind}")]
 
 
+def test_a_broken_driver_is_gpu_error_and_its_host_down_is_inhibited() -> None:
+    """SSH works, the driver does not: one alert (gpu_error), not also host_down ('has not
+    answered' would be untrue). Should the host then stop answering, host_down is said."""
+    engine = Engine(alerts_config(gpu_error=True, host_down={"after": 3}))
+    assert engine.step(T0, h100_host("gpu-a")) == []
+    broken = error_host("gpu-a", ERR_VERSION_MISMATCH)
+    assert kinds(engine.step(T0 + MIN, broken)) == [("firing", "gpu_error|gpu-a||||driver_mismatch")]
+    for minute in range(2, 10):
+        assert engine.step(T0 + minute * MIN, broken) == []  # no host_down, ever, while the driver is the cause
+    host_down = engine.records["host_down|gpu-a||||"]  # kept (it counts), never announced
+    assert host_down.state == "firing" and host_down.last_sent_at is None
+    assert inhibited(engine.records.values()) == {"host_down|gpu-a||||": ["gpu_error|gpu-a||||driver_mismatch"]}
+    # the host stops answering altogether: that is news, and host_down says it
+    fired = engine.step(T0 + 10 * MIN, down("gpu-a"))
+    assert kinds(fired) == [("firing", "host_down|gpu-a||||")]
+    assert "has not answered for 10 polls: connection refused" in said(fired[0].record).summary
+    assert inhibited(engine.records.values()) == {}
+    back = engine.step(T0 + 11 * MIN, h100_host("gpu-a"))  # rebooted: both are over
+    assert kinds(back) == [("resolved", "gpu_error|gpu-a||||driver_mismatch"), ("resolved", "host_down|gpu-a||||")]
+
+
+def test_with_gpu_error_off_a_broken_driver_is_still_said_by_host_down_in_true_words() -> None:
+    engine = Engine(alerts_config(host_down={"after": 2}))
+    broken = error_host("gpu-a", ERR_VERSION_MISMATCH)
+    assert engine.step(T0, broken) == []
+    (fired,) = engine.step(T0 + MIN, broken)
+    assert fired.record.key.id == "host_down|gpu-a||||"
+    summary = said(fired.record).summary
+    assert summary.startswith("gpu-a answers, but no GPU data for 2 polls: ") and "mismatch" in summary
+    assert "has not answered" not in summary
+
+
+def test_the_silence_line_of_an_alert_mutes_exactly_it_and_quotes_what_a_host_printed() -> None:
+    from gpuwatch.cli import build_parser
+    from gpuwatch.report import silence_command
+
+    hostile = "x;touch /tmp/pwned"  # a user name is what the host's ps printed
+    keys = [
+        AlertKey("max_runtime", "gpu-a", user=hostile, pid=4100),
+        AlertKey("max_runtime", "gpu-a", user=hostile, pid=4101),
+        AlertKey("max_runtime", "gpu-b", user=hostile, pid=4100),
+        AlertKey("idle_gpu", "gpu-a", gpu=3),
+        AlertKey("idle_gpu", "gpu-a", gpu=4),
+        AlertKey("max_gpus_per_user_fleet", "*", user="alice"),
+        AlertKey("max_gpus_per_user_fleet", "*", user="bob"),
+    ]
+
+    def mutes(line: str) -> list[AlertKey]:
+        argv = shlex.split(line)
+        assert argv[0] == "gpuwatch"
+        args = build_parser().parse_args(argv[1:])
+        assert args.duration == "24h" and args.comment == "acknowledged"
+        fields = {k: getattr(args, k) for k in ("rule", "host", "user", "gpu", "pid")}
+        silence = Silence(1, T0 + DAY, "c", T0, **fields)
+        return [k for k in keys if silence.matches(k, T0)]
+
+    for key in keys:
+        line = silence_command([key], "/etc/gpu watch/config.yaml")
+        assert line.startswith("gpuwatch -c '/etc/gpu watch/config.yaml' silence add --rule ")
+        assert mutes(line) == [key]
+    assert "'x;touch /tmp/pwned'" in silence_command([keys[0]])
+    assert mutes(silence_command(keys[:2])) == keys[:2]  # one entry: the rule on one host, that user
+    assert mutes(silence_command(keys[3:5])) == keys[3:5]
+
+
 def test_gpu_error_from_a_lost_gpu_beside_good_rows() -> None:
     # Derived from real lines: two stacked H100 rows with the real "unknown error" line of a
     # lost GPU printed between them, as nvidia-smi does (cf. test_parse).
@@ -753,13 +820,22 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00 UTC" in text
     assert "FIRING host_down (gpu-b)" in text and "connection refused" in text
-    assert "FIRING temperature_above (gpu-a, GPU 0)" in text and "threshold: at most 55°C" in text
+    # the three hot GPUs of gpu-a: one entry, a line each, one threshold, one silence line
+    hot = next(b for b in message.blocks if "temperature_above" in b and "FIRING" in b)
+    assert hot.splitlines() == [
+        "FIRING temperature_above on gpu-a: GPUs 0-2",
+        "    gpu-a GPU 0 is at 59°C",
+        "    gpu-a GPU 1 is at 59°C",
+        "    gpu-a GPU 2 is at 59°C",
+        "    threshold: at most 55°C; since 2027-01-15 08:00 UTC",
+        "    mute them: gpuwatch silence add --rule temperature_above --host gpu-a --for 24h --comment acknowledged",
+    ]
     assert "RESOLVED temperature_above (gpu-a, GPU 3)" in text
     assert "fired 2027-01-15 07:00 UTC, resolved 2027-01-15 08:00 UTC (lasted 1h)" in text
     assert "NOTICE gpu-a GPU 3 (NVIDIA H100 80GB HBM3) is free now" in text
-    # firing first, then resolved, then notices; every alert one block
+    # firing first, then resolved, then notices; one entry per kind, rule and host
     assert text.index("FIRING") < text.index("RESOLVED") < text.index("NOTICE")
-    assert len(message.blocks) == len(transitions) + len(notices)
+    assert len(message.blocks) == 3 + 1 + len(notices)
     assert message.mentions == ("ou_alice",)  # bob is not in any of them
 
 
@@ -781,22 +857,28 @@ def test_severity_colours_the_card_and_mentions_the_responsible_user() -> None:
     assert alert_message([], [], {}) is None
 
 
-def test_a_big_cycle_is_split_under_the_limit_never_inside_an_alert() -> None:
+def test_a_big_cycle_is_split_under_the_limit_never_inside_an_entry() -> None:
     engine = Engine(alerts_config(max_runtime="72h"))
     hosts = [h100_host(f"gpu-{i:02d}", alice(range(8), elapsed=int(3 * DAY) + 1), n_gpus=8) for i in range(40)]
     transitions = engine.step(T0, *hosts)
     assert len(transitions) == 320
     message = alert_message(transitions, [], {"alice": "ou_alice"})
     assert message is not None
+    assert message.title == "GPU alerts: 320 firing" and len(message.blocks) == 40  # one entry per host
     channel = FeishuChannel(FeishuSettings(url="http://127.0.0.1:9/open-apis/bot/v2/hook/x", format="card"))
     payloads = channel.prepare(message)
     assert len(payloads) > 1
     sizes = [len(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode()) for p in payloads]
     assert max(sizes) < 20_000
     joined = "\n".join(json.dumps(p, ensure_ascii=False) for p in payloads)
+    for host in hosts:
+        pids = sorted(t.record.key.pid or 0 for t in transitions if t.record.key.host == host.name)
+        head = f"FIRING max_runtime on {host.name}: user alice; pids {', '.join(map(str, pids))}"
+        assert joined.count(head) == 1  # each entry whole, in exactly one part
+        mute = f"gpuwatch silence add --rule max_runtime --host {host.name} --user alice --for 24h"
+        assert joined.count(mute) == 1
     for t in transitions:
-        head = f"FIRING max_runtime ({t.record.key.host}, user alice, pid {t.record.key.pid})"
-        assert joined.count(head) == 1  # each alert whole, in exactly one part
+        assert joined.count(f"alice's process {t.record.key.pid} ") == 40  # the same pids on every host
     assert all(p["card"]["header"]["template"] == "red" for p in payloads)
 
 
@@ -805,7 +887,10 @@ def test_ordering_of_blocks_never_compares_none_with_a_value() -> None:
     r1 = AlertRecord(AlertKey("max_runtime", "gpu-a", user=None, pid=5), "firing", T0, fired_at=T0, last_sent_at=T0)
     r2 = AlertRecord(AlertKey("max_runtime", "gpu-a", user="alice", pid=4), "firing", T0, fired_at=T0, last_sent_at=T0)
     message = alert_message([Transition("firing", r1, T0), Transition("firing", r2, T0)], [], {})
-    assert message is not None and len(message.blocks) == 2
+    assert message is not None and len(message.blocks) == 1
+    (entry,) = message.blocks
+    assert entry.startswith("FIRING max_runtime on gpu-a: users alice, an unknown user; pids 4, 5\n")
+    assert entry.endswith("gpuwatch silence add --rule max_runtime --host gpu-a --for 24h --comment acknowledged")
 
 
 # ---------------------------------------------------------------- the alerts:, email: and routes: keys

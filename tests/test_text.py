@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -129,20 +130,30 @@ def test_the_alerts_command_says_local_time_with_its_zone(shanghai: None, tmp_pa
             last_sent_at=since,
         )
         store = AlertStore(db)
-        store.save({record.key.id: record}, store.memory())
+        store.save({record.key.id: record}, store.memory(), evaluated_at=since)
         until = datetime(2099, 1, 1, 10, 0, tzinfo=timezone.utc).timestamp()  # still in force when the test runs
-        store.add_silence(ends_at=until, comment="agreed", now=since, user="alice")
+        store.add_silence(ends_at=until, comment="agreed", now=since, user="alice", author="bob")
     finally:
         db.close()
     out = io.StringIO()
-    assert main(["alerts", "-c", str(config)], out=out) == 0
-    assert out.getvalue().splitlines() == [
+    assert main(["alerts", "-c", str(config)], out=out) == 0  # the one firing alert is silenced
+    stale, *lines = out.getvalue().splitlines()
+    assert re.fullmatch(
+        r"STALE: as of 2026-11-22 18:00 CST, \S+ ago: no poll for over 3 intervals of 1m: is gpuwatch running\?", stale
+    )  # no poll updated it since then
+    assert lines == [
         "FIRING (silenced by #1) max_gpus_per_user  alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)",
         "           since 2026-11-22 18:00 CST; threshold: at most 2 per host",
-        "           silence #1 until 2099-01-01 18:00 CST: agreed",
+        "           silence #1 until 2099-01-01 18:00 CST by bob: agreed",
     ]
     out = io.StringIO()
     assert main(["alerts", "--json", "-c", str(config)], out=out) == 0
-    (alert,) = json.loads(out.getvalue())["alerts"]
-    assert (alert["value"], alert["threshold"], alert["unit"], alert["since"]) == (3, 2, "GPUs", since)
+    doc = json.loads(out.getvalue())
+    (alert,) = doc["alerts"]
+    # programs: ISO 8601 with the offset, never epoch seconds
+    assert (alert["value"], alert["threshold"], alert["unit"]) == (3, 2, "GPUs")
+    assert (alert["since"], alert["fired_at"], alert["last_sent_at"]) == ("2026-11-22T10:00:00+00:00",) * 3
+    assert (doc["taken_at"], doc["stale"]) == ("2026-11-22T10:00:00+00:00", True)
+    (silence,) = doc["silences"]
+    assert (silence["created_at"], silence["ends_at"]) == ("2026-11-22T10:00:00+00:00", "2099-01-01T10:00:00+00:00")
     assert alert["summary"] == "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)"

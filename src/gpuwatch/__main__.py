@@ -1,8 +1,6 @@
-"""``python -m gpuwatch``."""
+"""``python -m gpuwatch``: the same as the ``gpuwatch`` command."""
 
-import sys
-
-from .cli import main
+from .cli import main_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry()

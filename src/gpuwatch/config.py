@@ -10,6 +10,7 @@ Nothing here opens a connection or reads a secret from the environment: secrets 
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import ipaddress
 import os
@@ -284,7 +285,16 @@ def _type_name(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+# While :func:`accepted_keys` reads a document: each section checked -> the keys it accepts.
+_CHECKED: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "gpuwatch_checked_keys", default=None
+)
+
+
 def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    checked = _CHECKED.get()
+    if checked is not None:
+        checked[path] = tuple(allowed)
     for key in raw:
         if not isinstance(key, str):
             raise ConfigError(f"{path or 'top level'}: key {quote(key)} must be a string")
@@ -870,6 +880,19 @@ def load_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def accepted_keys(doc: object) -> dict[str, tuple[str, ...]]:
+    """Every section the parser checked while reading ``doc`` (key paths as errors name them:
+    ``""`` for the top level, ``ssh``, ``hosts[1]``, ``alerts.idle_gpu``), with the keys it accepts
+    there. A test reads config.example.yaml with it, so the example documents every key."""
+    checked: dict[str, tuple[str, ...]] = {}
+    token = _CHECKED.set(checked)
+    try:
+        parse_config(doc)
+    finally:
+        _CHECKED.reset(token)
+    return checked
 
 
 def load_config(path: Path) -> Config:

@@ -29,6 +29,7 @@ import schedule
 
 from .config import Config, ConfigError, HostConfig, ReportSchedule
 from .fleet import FleetState
+from .logsetup import ANNOUNCE
 from .model import FleetSnapshot, HostSnapshot
 from .notify.base import Channel, Message
 from .notify.registry import channel_spec
@@ -39,7 +40,7 @@ from .rules import Notice, Transition, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
 from .store import AlertStore, FlushResult, Outbox, ReportRuns, StoreError
-from .text import format_duration
+from .text import format_duration, plural
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Daemon:
             for name in names:
                 payloads = self.channels[name].prepare(message)
                 self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
-                log.info("queued %s for %s (%d parts)", message.title, name, len(payloads))
+                log.info("queued %s for %s (%s)", message.title, name, plural(len(payloads), "part"))
 
     def routes_for(self, rule: str) -> tuple[str, ...]:
         routes = self.config.alerts.routes
@@ -158,10 +159,11 @@ class Daemon:
         for notice in evaluation.notices:
             for name in self.routes_for(notice.rule):
                 by_channel.setdefault(name, ([], []))[1].append(notice)
+        config_path = str(self.config.path.resolve()) if self.config.path is not None else None
         with self.outbox.db.transaction():
-            store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory)
+            store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory, now)
             for name, (items, notices) in by_channel.items():
-                message = alert_message(items, notices, self.mentions(name))
+                message = alert_message(items, notices, self.mentions(name), config_path=config_path)
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed
@@ -169,9 +171,17 @@ class Daemon:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
 
+    @property
+    def dry_run(self) -> bool:
+        """Every channel prints instead of sending (--dry-run, the demo)."""
+        return bool(self.channels) and all(getattr(ch, "dry_run", False) for ch in self.channels.values())
+
     def flush(self) -> FlushResult:
         result = self.outbox.flush(self.channels, stop=self.stop)
-        if result.sent or not result.ok:
+        if self.dry_run:
+            if result.sent:
+                log.info("dry run: %s printed, none sent", plural(result.sent, "message"))
+        elif result.sent or not result.ok:
             log.info("outbox: %d sent, %d still waiting, %d refused for good", result.sent, result.failed, result.dead)
         return result
 
@@ -275,11 +285,12 @@ class Daemon:
                     _close(channel)
             self.channels = dict(channels)
         self.config = new
-        log.warning("reloaded %s: hosts: %s", new.path, result.describe())
+        log.info("reloaded %s: hosts: %s", new.path, result.describe(), extra=ANNOUNCE)
         if new.web != old.web:
             log.warning("web: the changes to this section take effect when gpuwatch restarts")
         for warning in new.warnings:
-            log.warning("%s", warning)
+            if warning not in old.warnings:  # said at start (or at an earlier reload) already
+                log.warning("%s", warning)
         return True
 
     # -- run modes
@@ -326,16 +337,17 @@ class Daemon:
                 except Exception:  # one that fails to stop must not keep the hosts' connections open
                     log.exception("stopping %s failed", type(service).__name__)
             self.poller.close()
-        log.warning("gpuwatch stopping: %d messages still in the outbox", self.outbox.count())
+        log.info("gpuwatch stopping: %s still in the outbox", plural(self.outbox.count(), "message"), extra=ANNOUNCE)
         return 0
 
     def _announce(self) -> None:
         reports = ", ".join(s.describe() for s in self.config.schedule.reports) or "none"
-        log.warning(
-            "gpuwatch running: %d hosts, poll every %s, reports: %s",
-            len(self.config.hosts),
+        log.info(
+            "gpuwatch running: %s, poll every %s, reports: %s",
+            plural(len(self.config.hosts), "host"),
             format_duration(self.config.schedule.poll_every),
             reports,
+            extra=ANNOUNCE,
         )
 
     def run_once(self, reports: Sequence[tuple[ReportSchedule, Iterable[str] | None]] | None = None) -> int:
@@ -367,12 +379,12 @@ class Daemon:
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
-            log.warning("received %s: finishing the current step", signal.Signals(signum).name)
+            log.info("received %s: finishing the current step", signal.Signals(signum).name, extra=ANNOUNCE)
             self.stop.set()
             self._wake.set()
 
         def hup(signum: int, frame: FrameType | None) -> None:
-            log.warning("received SIGHUP: reloading the config")
+            log.info("received SIGHUP: reloading the config", extra=ANNOUNCE)
             self.request_reload()
 
         signal.signal(signal.SIGTERM, stop)

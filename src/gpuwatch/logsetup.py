@@ -4,6 +4,11 @@ The log files are 0600 whatever the umask (they name users, hosts and processes)
 that cannot be written (a full disk) is said once on stderr, not with a traceback per record;
 logging to it resumes by itself when it can. Commands that only read (status, check, alerts) go on
 without the file when it cannot be opened at all (a user who may not write the state directory).
+
+Each line of the file starts with its time in ISO 8601 with the offset of this machine's zone
+(``2026-11-22T10:00:00.123+08:00``). Normal events are INFO; stderr shows warnings and errors,
+and the few INFO lines logged with ``extra=ANNOUNCE`` (the daemon starting, reloading,
+stopping), so a journal shows that the daemon runs without every poll in it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import logging.handlers
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,8 @@ from .statedir import StateError, ensure_state_dir, make_private, open_private, 
 
 _BACKUPS = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# ``log.info(..., extra=ANNOUNCE)``: an INFO line stderr shows too (start, reload, stop).
+ANNOUNCE: Mapping[str, object] = {"announce": True}
 _HOOK_TOKEN = re.compile(r"(/hook/)([A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]+")
 
 
@@ -49,6 +57,26 @@ class SecretFilter(logging.Filter):
         if masked != message:
             record.msg, record.args = masked, None
         return True
+
+
+class ZonedFormatter(logging.Formatter):
+    """Times in ISO 8601 with this machine's offset, to the millisecond: a log line read in
+    another zone, or next to another machine's logs, says when it happened."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        when = datetime.fromtimestamp(record.created, timezone.utc).astimezone()
+        return when.isoformat(timespec="milliseconds")
+
+
+class _StderrFilter(logging.Filter):
+    """Records at ``level`` or above, and INFO records flagged ``announce``."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or bool(getattr(record, "announce", False))
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -114,9 +142,11 @@ def setup_logging(
         root.removeHandler(handler)
         handler.close()
     secret_filter = SecretFilter(secrets)
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = ZonedFormatter(LOG_FORMAT)
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setLevel(stderr_level)
+    stderr_no = logging.getLevelName(stderr_level)
+    stderr.setLevel(min(stderr_no, logging.INFO))
+    stderr.addFilter(_StderrFilter(stderr_no))
     stderr.setFormatter(logging.Formatter("gpuwatch: %(levelname)s: %(message)s"))
     stderr.addFilter(secret_filter)
     root.addHandler(stderr)
@@ -134,7 +164,7 @@ def setup_logging(
             handler.setFormatter(formatter)
             handler.addFilter(secret_filter)
             root.addHandler(handler)
-    root.setLevel(min(logging.getLevelName(level), logging.getLevelName(stderr_level)))
+    root.setLevel(min(logging.getLevelName(level), stderr_no, logging.INFO))
     # paramiko logs every failed connection with a traceback before raising the exception that
     # gpuwatch classifies and reports itself: keep only its critical messages.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)

@@ -27,6 +27,7 @@ from .config import HostConfig
 from .model import FleetSnapshot, HostErrorKind, HostSnapshot
 from .probe import HostProbe, ProbeSettings, build_script, new_token, snapshot_from_output
 from .ssh import HANDSHAKE_WAIT_FACTOR, HostFailure, Runner
+from .text import plural
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def outcome(host: HostSnapshot) -> str:
     """One host's result in a few words, for the log."""
     secs = f"{host.probe_seconds:.2f}s" if host.probe_seconds is not None else "?"
     if host.ok:
-        return f"{host.name} ok ({len(host.gpus)} GPUs, {secs})"
+        return f"{host.name} ok ({plural(len(host.gpus), 'GPU')}, {secs})"
     return f"{host.name} {host.error_kind.value if host.error_kind else 'failed'} ({secs})"
 
 

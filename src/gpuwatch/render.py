@@ -1,21 +1,23 @@
 """Snapshots for people and programs: the terminal fleet table and the JSON documents.
 
 ``snapshot_dict`` is the one fleet document (``status --json`` and ``/api/v1/snapshot``);
-``alerts_dict`` the one alerts document (``alerts --json`` and ``/api/v1/alerts``).
+``alerts_dict`` the one alerts document (``alerts --json`` and ``/api/v1/alerts``). Times in them
+are ISO 8601 with their offset, never epoch seconds.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from .config import FreeGpuConfig
+from .fleet import STALE_AFTER_POLLS
 from .model import Container, Disk, FleetSnapshot, Gpu, GpuHealth, GpuProcess, HostContext, HostSnapshot, SlurmJob
 from .report import alert_words
-from .rules import AlertRecord, Silence
+from .rules import AlertRecord, Silence, inhibited
 from .summary import context_line, is_free, totals, users_on
 from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
 
@@ -26,7 +28,7 @@ def no_data_text(host: HostSnapshot, now: datetime) -> str:
     if not host.stale:
         return f"DOWN {kind}: {host.error}"
     age = host.age_seconds(now)
-    last = f"{len(host.gpus)} GPUs" if host.ok else f"{kind}: {host.error}"
+    last = plural(len(host.gpus), "GPU") if host.ok else f"{kind}: {host.error}"
     return f"STALE: no new result for {format_duration(age)} (last: {last})"
 
 
@@ -242,26 +244,90 @@ def snapshot_dict(snapshot: FleetSnapshot, thresholds: FreeGpuConfig | None = No
     }
 
 
+@dataclass(frozen=True)
+class AlertRow:
+    """An alert as listed: its record, the silences muting it, the alerts inhibiting it."""
+
+    record: AlertRecord
+    silenced_by: list[int] = field(default_factory=list)  # silence ids
+    inhibited_by: list[str] = field(default_factory=list)  # alert ids
+
+    @property
+    def muted(self) -> bool:
+        return bool(self.silenced_by or self.inhibited_by)
+
+
 def alert_rows(
     records: Mapping[str, AlertRecord], silences: Iterable[Silence], now: float, include_pending: bool = False
-) -> list[tuple[AlertRecord, list[int]]]:
-    """Alerts to show, firing first then oldest first, each with the ids of the silences muting it."""
+) -> list[AlertRow]:
+    """Alerts to show, firing first then oldest first, each with the silences muting it and the
+    alerts inhibiting it."""
     in_force = list(silences)
+    by = inhibited(records.values())
     rows = []
     for record in sorted(records.values(), key=lambda r: (r.state != "firing", r.since)):
         if record.state != "firing" and not include_pending:
             continue
-        rows.append((record, [s.id for s in in_force if s.matches(record.key, now)]))
+        silenced_by = [s.id for s in in_force if s.matches(record.key, now)]
+        rows.append(AlertRow(record, silenced_by, by.get(record.key.id, [])))
     return rows
 
 
+def alert_state_stale(taken_at: float | None, now: float, poll_every: float) -> bool:
+    """Is the alert state old: no poll updated it for 3 poll intervals (or none ever did)?"""
+    return taken_at is None or now - taken_at > STALE_AFTER_POLLS * poll_every
+
+
+def _iso_or_none(when: float | None) -> str | None:
+    return None if when is None else iso_time(when)
+
+
+def alert_dict(row: AlertRow) -> dict[str, Any]:
+    record = row.record
+    data = record.as_dict()
+    for key in ("since", "fired_at", "last_sent_at"):
+        data[key] = _iso_or_none(data[key])
+    return {
+        "id": record.key.id,
+        **data,
+        "summary": alert_words(record).summary,
+        "silenced_by": row.silenced_by,
+        "inhibited_by": row.inhibited_by,
+    }
+
+
+def silence_dict(silence: Silence) -> dict[str, Any]:
+    return {
+        "id": silence.id,
+        "rule": silence.rule,
+        "host": silence.host,
+        "user": silence.user,
+        "gpu": silence.gpu,
+        "pid": silence.pid,
+        "author": silence.author,
+        "comment": silence.comment,
+        "created_at": iso_time(silence.created_at),
+        "ends_at": iso_time(silence.ends_at),
+    }
+
+
 def alerts_dict(
-    records: Mapping[str, AlertRecord], silences: Iterable[Silence], now: float, include_pending: bool = False
+    records: Mapping[str, AlertRecord],
+    silences: Iterable[Silence],
+    now: float,
+    include_pending: bool = False,
+    *,
+    taken_at: float | None = None,
+    poll_every: float = 60.0,
 ) -> dict[str, Any]:
-    """The alerts for programs: each alert with its summary and silences, and the silences in force."""
+    """The alerts for programs: when a poll last updated them (``taken_at``, ``stale`` after 3 poll
+    intervals without one), each alert with its summary, silences and inhibitions, and the
+    silences in force."""
     in_force = [s for s in silences if s.ends_at > now]
     rows = alert_rows(records, in_force, now, include_pending)
     return {
-        "alerts": [{**r.as_dict(), "summary": alert_words(r).summary, "silenced_by": by} for r, by in rows],
-        "silences": [asdict(s) for s in in_force],
+        "taken_at": _iso_or_none(taken_at),
+        "stale": alert_state_stale(taken_at, now, poll_every),
+        "alerts": [alert_dict(row) for row in rows],
+        "silences": [silence_dict(s) for s in in_force],
     }

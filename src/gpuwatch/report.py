@@ -5,10 +5,14 @@ that splits a long report never cuts a host in half. A host that did not answer 
 with its reason: a report never lets a dead host look like an idle one.
 
 Alerts: the rules give numbers and facts (rules.Finding); the words of each rule are made here.
+The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
+0-7"), and each firing entry ends with the ``gpuwatch silence add`` line that mutes exactly it.
 """
 
 from __future__ import annotations
 
+import itertools
+import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -16,11 +20,19 @@ from datetime import datetime, tzinfo
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .notify.base import Message
-from .rules import FLEET, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
+from .rules import FLEET, GPU_ERROR_KINDS, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
 from .text import UNKNOWN, format_duration, local_time, number, plural, quantity, size_kib
 
 MAX_COMMAND_CHARS = 120
+
+
+# A silence line in an alert mutes for this long, with this comment (both can be edited before running it).
+SILENCE_FOR = "24h"
+SILENCE_COMMENT = "acknowledged"
+# At most this many alerts are listed in one entry; the rest are counted (gpuwatch alerts lists all).
+MAX_ENTRY_LINES = 20
+_GPU_ERROR_VALUES = frozenset(kind.value for kind in GPU_ERROR_KINDS)
 
 
 def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
@@ -31,7 +43,7 @@ def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
 def _down_line(host: HostSnapshot, now: datetime | None = None) -> str:
     kind = host.error_kind.value if host.error_kind else "error"
     if host.stale and now is not None:
-        last = f"{len(host.gpus)} GPUs" if host.ok else f"{kind}: {host.error}"
+        last = plural(len(host.gpus), "GPU") if host.ok else f"{kind}: {host.error}"
         return f"{host.name}: STALE, no new result for {format_duration(host.age_seconds(now))} (last: {last})"
     return f"{host.name}: NO DATA ({kind}): {host.error}"
 
@@ -220,8 +232,12 @@ def _idle_gpu(r: AlertRecord) -> AlertWords:
 
 
 def _host_down(r: AlertRecord) -> AlertWords:
+    if r.facts.get("error_kind") in _GPU_ERROR_VALUES:  # it answered; its GPUs did not (gpu_error is off)
+        summary = f"{r.key.host} answers, but no GPU data for {quantity(r.value, 'polls')}: {r.facts.get('error')}"
+    else:
+        summary = f"{r.key.host} has not answered for {quantity(r.value, 'polls')}: {r.facts.get('error')}"
     return AlertWords(
-        f"{r.key.host} has not answered for {quantity(r.value, 'polls')}: {r.facts.get('error')}",
+        summary,
         quantity(r.value, "failed polls"),
         f"alert after {number(r.threshold)}",
     )
@@ -397,20 +413,99 @@ def _key_order(key: AlertKey) -> tuple[str, str, int, str, int, str]:
     return (key.rule, key.host, gpu, key.user or "", pid, key.detail or "")
 
 
-def alert_block(t: Transition, tz: tzinfo | None = None) -> str:
+def _ranges(numbers: Iterable[int]) -> str:
+    """``0-3, 5, 7``: runs of consecutive numbers as ranges."""
+    ordered = sorted(set(numbers))
+    parts = []
+    for _, run in itertools.groupby(enumerate(ordered), key=lambda pair: pair[1] - pair[0]):
+        values = [n for _, n in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ", ".join(parts)
+
+
+def _members(keys: Sequence[AlertKey]) -> str:
+    """What tells the alerts of one entry apart: ``GPUs 0-7``, ``users alice, bob``, ``pids 4100, 4101``."""
+    parts = []
+    gpus = [k.gpu for k in keys if k.gpu is not None]
+    if gpus:
+        parts.append(f"GPU{'s' if len(set(gpus)) > 1 else ''} {_ranges(gpus)}")
+    users = list(dict.fromkeys(k.user for k in keys if k.user is not None))
+    if users and any(k.user is None for k in keys):
+        users.append("an unknown user")
+    if users:
+        parts.append(f"user{'s' if len(users) > 1 else ''} {', '.join(users)}")
+    pids = sorted({k.pid for k in keys if k.pid is not None})
+    if pids:
+        shown = ", ".join(map(str, pids[:10])) + (f" and {len(pids) - 10} more" if len(pids) > 10 else "")
+        parts.append(f"pid{'s' if len(pids) > 1 else ''} {shown}")
+    details = list(dict.fromkeys(k.detail for k in keys if k.detail is not None))
+    if details and not parts:
+        parts.append(", ".join(details))
+    return "; ".join(parts) or plural(len(keys), "alert")
+
+
+def silence_command(keys: Sequence[AlertKey], config_path: str | None = None) -> str:
+    """The ``gpuwatch silence add`` line that mutes exactly these alerts (one alert, or one entry:
+    the alerts of one rule on one host): every field they all share. Values are shell-quoted: a
+    user name comes from the host's ``ps``, and pasting it must never run anything."""
+    first = keys[0]
+    args = ["gpuwatch"]
+    if config_path:
+        args += ["-c", config_path]
+    args += ["silence", "add", "--rule", first.rule]
+    if first.host != FLEET:
+        args += ["--host", first.host]
+    for name in ("gpu", "user", "pid"):
+        values = {getattr(k, name) for k in keys}
+        if len(values) == 1 and (value := values.pop()) is not None:
+            args += [f"--{name}", str(value)]
+    args += ["--for", SILENCE_FOR, "--comment", SILENCE_COMMENT]
+    return shlex.join(args)
+
+
+def _entry_key(t: Transition) -> tuple[str, str, str, str]:
+    return (t.kind, t.record.key.rule, t.record.key.host, t.cause or "")
+
+
+def alert_block(t: Transition, tz: tzinfo | None = None, config_path: str | None = None) -> str:
+    """One alert as an entry of a message."""
+    return alert_entry([t], tz, config_path)
+
+
+def alert_entry(entry: Sequence[Transition], tz: tzinfo | None = None, config_path: str | None = None) -> str:
+    """The transitions of one kind, rule and host (and cause) as one entry of a message: a head
+    saying what and where, a line per alert, the threshold and times, and for firing ones the
+    line that silences them."""
+    t = entry[0]
     r = t.record
-    words = alert_words(r)
-    head = f"{_LABELS.get(t.kind, t.kind.upper())} {r.key.rule} ({_where(r.key)})"
+    label = _LABELS.get(t.kind, t.kind.upper())
+    if len(entry) == 1:
+        head = f"{label} {r.key.rule} ({_where(r.key)})"
+    else:
+        where = "the fleet" if r.key.host == FLEET else r.key.host
+        head = f"{label} {r.key.rule} on {where}: {_members([x.record.key for x in entry])}"
     if t.cause is not None:
         head += f": {_CAUSES.get(t.cause, t.cause)}"
+    said = [alert_words(x.record) for x in entry]
+    threshold = "; ".join(dict.fromkeys(w.threshold for w in said))
+    prefix = "was: " if t.kind == "resolved" else ""
+    lines = [head, *(f"    {prefix}{w.summary}" for w in said[:MAX_ENTRY_LINES])]
+    if len(said) > MAX_ENTRY_LINES:
+        lines.append(f"    ... and {len(said) - MAX_ENTRY_LINES} more ('gpuwatch alerts' lists them all)")
     if t.kind == "resolved":
-        lasted = format_duration(t.at - (r.fired_at or r.since))
-        return (
-            f"{head}\n    was: {words.summary}\n    threshold: {words.threshold}; fired {local_time(r.fired_at, tz)}, "
-            f"resolved {local_time(t.at, tz)} (lasted {lasted})"
-        )
-    now = f"now: {words.value}; threshold: {words.threshold}; since {local_time(r.since, tz)}"
-    return f"{head}\n    {words.summary}\n    {now}"
+        fired = min((x.record.fired_at or x.record.since) for x in entry)
+        lasted = format_duration(t.at - fired)
+        when = f"fired {local_time(fired, tz)}, resolved {local_time(t.at, tz)} (lasted {lasted})"
+        lines.append(f"    threshold: {threshold}; {when}")
+        return "\n".join(lines)
+    since = local_time(min(x.record.since for x in entry), tz)
+    if len(entry) == 1:
+        lines.append(f"    now: {said[0].value}; threshold: {threshold}; since {since}")
+    else:
+        lines.append(f"    threshold: {threshold}; since {since}")
+    mute = silence_command([x.record.key for x in entry], config_path)
+    lines.append(f"    mute {'it' if len(entry) == 1 else 'them'}: {mute}")
+    return "\n".join(lines)
 
 
 def alert_message(
@@ -418,18 +513,22 @@ def alert_message(
     notices: Sequence[Notice],
     mentions: Mapping[str, str],
     tz: tzinfo | None = None,
+    config_path: str | None = None,
 ) -> Message | None:
-    """New, reminded and resolved alerts and notices of one cycle, grouped in one message."""
+    """New, reminded and resolved alerts and notices of one cycle, grouped in one message: the
+    alerts of one rule on one host are one entry. ``config_path``: the config file the daemon
+    runs with, named in the silence lines (so they work from any directory)."""
     if not transitions and not notices:
         return None
     order = {"firing": 0, "reminder": 1, "resolved": 2}
-    ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), _key_order(t.record.key)))
+    ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), t.cause or "", _key_order(t.record.key)))
     firing = sum(t.kind != "resolved" for t in ordered)
     resolved = len(ordered) - firing
     counts = [f"{firing} firing"] if firing else []
     counts += [f"{resolved} resolved"] if resolved else []
     counts += [plural(len(notices), "notice")] if notices else []
-    blocks = [alert_block(t, tz) for t in ordered]
+    entries = [list(group) for _, group in itertools.groupby(ordered, key=_entry_key)]
+    blocks = [alert_entry(entry, tz, config_path) for entry in entries]
     blocks += [f"NOTICE {notice_text(n)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]

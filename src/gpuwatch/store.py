@@ -98,6 +98,12 @@ _MIGRATIONS: tuple[str, ...] = (
         last_at REAL NOT NULL
     )
     """,
+    # silences by pid and with their author; when the alert state was last evaluated (a poll)
+    """
+    ALTER TABLE silences ADD COLUMN pid INTEGER;
+    ALTER TABLE silences ADD COLUMN author TEXT;
+    ALTER TABLE rule_memory ADD COLUMN evaluated_at REAL
+    """,
 )
 #: After a send that may have been delivered (no verdict came back), the wait before the next try:
 #: 60 s, doubling with each doubtful try in a row, at most 15 min. Posting again at once is what
@@ -874,7 +880,10 @@ class Outbox:
                 continue
             store_error = self._record(item.id, None) or store_error
             sent += 1
-            log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
+            if getattr(channel, "dry_run", False):  # --dry-run: printed; a log must never say it was sent
+                log.info("%s: message %d (%s) printed, not sent (dry run)", item.channel, item.id, item.summary)
+            else:
+                log.info("%s: delivered message %d (%s)", item.channel, item.id, item.summary)
         if store_error:
             # Said once per flush, not once per message.
             waiting = [f"{len(self._held)} messages wait in memory to be queued"] if self._held else []
@@ -903,8 +912,9 @@ class AlertStore:
         rows = self.db.query("SELECT memory FROM rule_memory WHERE id = 1")
         return Memory.from_dict(json.loads(rows[0][0])) if rows else Memory()
 
-    def save(self, records: Mapping[str, AlertRecord], memory: Memory) -> None:
-        """Replace the alert state (call inside the transaction that also queues the messages)."""
+    def save(self, records: Mapping[str, AlertRecord], memory: Memory, evaluated_at: float | None = None) -> None:
+        """Replace the alert state (call inside the transaction that also queues the messages).
+        ``evaluated_at``: when the poll it comes from was evaluated (None: keep the time saved)."""
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM alerts")
             conn.executemany(
@@ -912,9 +922,15 @@ class AlertStore:
                 [(kid, json.dumps(r.as_dict(), ensure_ascii=False)) for kid, r in records.items()],
             )
             conn.execute(
-                "INSERT OR REPLACE INTO rule_memory (id, memory) VALUES (1, ?)",
-                (json.dumps(memory.as_dict(), ensure_ascii=False),),
+                "INSERT INTO rule_memory (id, memory, evaluated_at) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+                " SET memory = excluded.memory, evaluated_at = coalesce(excluded.evaluated_at, evaluated_at)",
+                (json.dumps(memory.as_dict(), ensure_ascii=False), evaluated_at),
             )
+
+    def evaluated_at(self) -> float | None:
+        """When a poll last updated the alert state (epoch seconds); None if never."""
+        rows = self.db.query("SELECT evaluated_at FROM rule_memory WHERE id = 1")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def add_silence(
         self,
@@ -926,23 +942,47 @@ class AlertStore:
         host: str | None = None,
         user: str | None = None,
         gpu: int | None = None,
+        pid: int | None = None,
+        author: str | None = None,
     ) -> Silence:
         with self.db.transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO silences (rule, host, user, gpu, ends_at, comment, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rule, host, user, gpu, ends_at, comment, now),
+                "INSERT INTO silences (rule, host, user, gpu, pid, author, ends_at, comment, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rule, host, user, gpu, pid, author, ends_at, comment, now),
             )
             sid = int(cur.lastrowid or 0)
         return Silence(
-            id=sid, ends_at=ends_at, comment=comment, created_at=now, rule=rule, host=host, user=user, gpu=gpu
+            id=sid,
+            ends_at=ends_at,
+            comment=comment,
+            created_at=now,
+            rule=rule,
+            host=host,
+            user=user,
+            gpu=gpu,
+            pid=pid,
+            author=author,
         )
 
     def silences(self, now: float | None = None) -> list[Silence]:
         """Silences, oldest first; with ``now``, only those still in force."""
-        rows = self.db.query("SELECT id, rule, host, user, gpu, ends_at, comment, created_at FROM silences ORDER BY id")
+        rows = self.db.query(
+            "SELECT id, rule, host, user, gpu, pid, author, ends_at, comment, created_at FROM silences ORDER BY id"
+        )
         found = [
-            Silence(id=r[0], rule=r[1], host=r[2], user=r[3], gpu=r[4], ends_at=r[5], comment=r[6], created_at=r[7])
+            Silence(
+                id=r[0],
+                rule=r[1],
+                host=r[2],
+                user=r[3],
+                gpu=r[4],
+                pid=r[5],
+                author=r[6],
+                ends_at=r[7],
+                comment=r[8],
+                created_at=r[9],
+            )
             for r in rows
         ]
         return [s for s in found if now is None or s.ends_at > now]
@@ -1006,6 +1046,10 @@ class StoreReader:
         """Every alert record and every silence (the caller picks those in force)."""
         empty: tuple[dict[str, AlertRecord], list[Silence]] = ({}, [])
         return self._read(lambda db: (AlertStore(db).records(), AlertStore(db).silences()), empty)
+
+    def alerts_evaluated_at(self) -> float | None:
+        """When a poll last updated the alert state; None if never (or no database yet)."""
+        return self._read(lambda db: AlertStore(db).evaluated_at(), None)
 
     def outbox_counts(self) -> dict[str, int]:
         return self._read(lambda db: Outbox(db).count_by_channel(), {})

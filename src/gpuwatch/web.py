@@ -518,7 +518,11 @@ class WebApp:
             return _json({"error": "no alert state in this mode"}, "503 Service Unavailable")
         include_pending = parse_qs(query_string).get("all", [""])[-1] == "1"
         records, silences = self.store.alerts()
-        return _json(alerts_dict(records, silences, time.time(), include_pending))
+        taken_at = self.store.alerts_evaluated_at()
+        poll_every = self.config().schedule.poll_every
+        return _json(
+            alerts_dict(records, silences, time.time(), include_pending, taken_at=taken_at, poll_every=poll_every)
+        )
 
     def metrics(self, environ: Mapping[str, Any], query_string: str) -> Response:
         encoder, content_type = choose_encoder(str(environ.get("HTTP_ACCEPT", "")))

@@ -6,14 +6,17 @@ Each command group lives in its own module beside its output (``status``, ``run`
 calls the command's handler.
 
 Exit codes: 0 success, 1 the work failed (no host answered, a message left unsent, another
-gpuwatch holds the state directory), 2 bad config or usage, or a state directory that cannot
-be used (read-only, full, not a directory). Errors are one clear line on stderr, never a traceback.
+gpuwatch holds the state directory; ``alerts``: an alert fires), 2 bad config or usage, or a
+state directory that cannot be used (read-only, full, not a directory), 130 Ctrl-C, 141 the
+reader of the output went away (``gpuwatch status --json | head -1``: ended quietly, as a C
+program killed by SIGPIPE would). Errors are one clear line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -22,7 +25,7 @@ from .. import __version__
 from ..config import ConfigError, find_config_path, load_config
 from ..logsetup import setup_logging
 from ..statedir import StateError
-from . import alerts, demo, notify, run, status
+from . import alerts, completion, demo, notify, run, status
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory, secrets
 
@@ -43,7 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The command groups, in the order --help lists them.
-COMMAND_GROUPS = (run, status, alerts, notify, demo)
+COMMAND_GROUPS = (run, status, alerts, notify, demo, completion)
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", help="config file (default: $GPUWATCH_CONFIG, else ./config.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
-    parser.add_argument("--version", action="version", version=f"gpuwatch {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"gpuwatch {__version__}")
     parser.add_argument("--once", dest="once_top", action="store_true", help="same as 'run --once'")
     parser.add_argument("--dry-run", dest="dry_run_top", action="store_true", help="same as 'run --dry-run'")
     parser.add_argument(
         "--report", dest="report_top", action="append", metavar="NAME", help="same as 'run --report NAME'"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="what to do (default: run, the daemon)")
     for group in COMMAND_GROUPS:
         group.register(sub, common)
     parser.set_defaults(handler=run.handle)  # bare `gpuwatch` is the daemon
@@ -121,8 +125,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except StateError as exc:
         print(f"gpuwatch: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    if not getattr(args, "shows_warnings", False):  # check prints them in its own report: said once
+        for warning in config.warnings:
+            log.warning("%s", warning)
     try:
         result: int = args.handler(config, args, out)
         for problem in unlogged:  # said after its output (an error instead is said alone, in one line)
@@ -140,5 +145,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 
 def main_entry() -> None:
-    """The console script."""
-    sys.exit(main())
+    """The console script. When the reader of the output goes away (``| head -1``), it ends
+    quietly with 141, as a C program killed by SIGPIPE would: no traceback."""
+    try:
+        try:
+            code: int | str | None = main()
+        except SystemExit as exc:  # argparse: --help, --version, a usage error
+            code = exc.code if isinstance(exc.code, (int, str)) or exc.code is None else 1
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Whatever is still buffered for stdout can never be written; point stdout at /dev/null
+        # so that the interpreter's own flush at exit does not complain about it either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

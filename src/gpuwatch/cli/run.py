@@ -22,7 +22,7 @@ from ..notify.console import ConsoleChannel, DryRunChannel
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
-from ..text import local_time
+from ..text import local_time, plural
 from ..timetable import is_due, period_start
 from .common import UsageError
 from .preflight import refuse_unusable_key_files
@@ -221,7 +221,15 @@ def _copy_alert_state(config: Config, target: AlertStore) -> None:
         target.save(real.records(), real.memory())
         for s in real.silences():
             target.add_silence(
-                ends_at=s.ends_at, comment=s.comment, now=s.created_at, rule=s.rule, host=s.host, user=s.user, gpu=s.gpu
+                ends_at=s.ends_at,
+                comment=s.comment,
+                now=s.created_at,
+                rule=s.rule,
+                host=s.host,
+                user=s.user,
+                gpu=s.gpu,
+                pid=s.pid,
+                author=s.author,
             )
     finally:
         db.close()
@@ -238,7 +246,8 @@ def _show_pending(config: Config, channels: dict[str, Channel], out: TextIO, rep
             if replaces_older(item.kind, item.scope) and item.scope in replaced:
                 out.write(f"(still in the outbox, replaced by this run's newer one: {item.summary})\n")
                 continue
-            out.write(f"(still in the outbox since {item.created_at:.0f}, {item.attempts} failed attempts)\n")
+            tries = plural(item.attempts, "failed attempt")
+            out.write(f"(still in the outbox since {local_time(item.created_at)}, {tries})\n")
             channel = channels.get(item.channel)
             if channel is not None:
                 channel.deliver(item.payload)

@@ -1,62 +1,163 @@
-"""``gpuwatch status`` and ``gpuwatch check``: poll every host once and say what was seen; ``check``
-also checks everything else ``run`` needs (:mod:`.preflight`)."""
+"""``gpuwatch status`` and ``gpuwatch check``: poll the hosts and say what was seen; ``check``
+also checks everything else ``run`` needs (:mod:`.preflight`).
+
+``status`` polls once, or every N seconds with ``--watch N`` (one set of connections kept across
+polls; on a terminal the table is redrawn in place, with ``--json`` each poll is one document on
+its own line). ``HOST ...``, ``--user`` and ``--free`` narrow what is shown; a host that did not
+answer is always shown, with its reason.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from typing import TextIO
+import difflib
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TextIO
 
-from ..config import Config
-from ..model import HostSnapshot
+from ..config import Config, ConfigError, HostConfig, parse_duration
+from ..model import FleetSnapshot, HostSnapshot
 from ..render import fleet_table, snapshot_dict
-from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from ..summary import select
+from ..text import UNKNOWN, format_duration, plural
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, write_json
 from .preflight import Finding, channel_findings, host_hint, key_file_findings, state_dir_finding
 from .wiring import build_poller
 
+MIN_WATCH_SECONDS = 0.5
+# Home and clear the screen: the table is redrawn in place, as watch(1) and gpustat --watch do.
+CLEAR = "\x1b[H\x1b[2J"
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    status = sub.add_parser("status", parents=[common], help="poll every host once and print the fleet")
-    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    status.set_defaults(handler=lambda config, args, out: cmd_status(config, args.json, out))
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="poll the hosts and print the fleet (once, or every N seconds)",
+        description="Poll every host (or the HOSTs named) and print one line per GPU. A host that did not "
+        "answer is always listed, with its reason. Exits 1 when no host answered.",
+    )
+    status.add_argument("hosts", nargs="*", metavar="HOST", help="only these hosts (names as in the config)")
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON (with --watch: one per line)")
+    status.add_argument("--user", metavar="USER", help="only the GPUs this user has a process on")
+    status.add_argument("--free", action="store_true", help="only the free GPUs (free_gpu: in the config)")
+    status.add_argument(
+        "--watch",
+        metavar="N",
+        help="poll again every N seconds (e.g. 2, 5s, 1m) until Ctrl-C; the SSH connections are kept",
+    )
+    status.set_defaults(handler=cmd_status)
     check = sub.add_parser(
         "check",
         parents=[common],
         help="check everything 'run' needs (channels and their secrets, key files, state_dir, each host) "
         "and say whether it is ready",
     )
-    check.set_defaults(handler=lambda config, args, out: cmd_check(config, out))
+    check.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    # check prints the config's warnings itself (said once, not also on stderr)
+    check.set_defaults(handler=lambda config, args, out: cmd_check(config, out, as_json=args.json), shows_warnings=True)
 
 
-def cmd_status(config: Config, as_json: bool, out: TextIO) -> int:
-    poller = build_poller(config)
+def _pick_hosts(config: Config, names: list[str]) -> tuple[HostConfig, ...]:
+    if not names:
+        return config.hosts
+    known = {h.name: h for h in config.hosts}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; the hosts are: {', '.join(known)}"
+            raise UsageError(f"status: {name!r} is not a configured host{hint}")
+    wanted = set(names)
+    return tuple(h for h in config.hosts if h.name in wanted)
+
+
+def _watch_seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
     try:
-        snapshot = poller.poll()
+        seconds = parse_duration(text, "status --watch")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if seconds < MIN_WATCH_SECONDS:
+        raise UsageError(f"status --watch: at least {MIN_WATCH_SECONDS:g}s between polls, got {text!r}")
+    return seconds
+
+
+def cmd_status(
+    config: Config,
+    args: argparse.Namespace,
+    out: TextIO,
+    *,
+    wait: Callable[[float], Any] | None = None,
+    max_polls: int | None = None,
+) -> int:
+    """``wait`` (default: sleep) and ``max_polls`` (default: until Ctrl-C) are for tests."""
+    hosts = _pick_hosts(config, list(getattr(args, "hosts", None) or []))
+    every = _watch_seconds(getattr(args, "watch", None))
+    as_json = bool(getattr(args, "json", False))
+    user, free_only = getattr(args, "user", None), bool(getattr(args, "free", False))
+    wait = wait or threading.Event().wait  # Ctrl-C ends it at once
+    only = ", ".join([f"user {user}"] * bool(user) + ["free GPUs"] * free_only)
+
+    def show(snapshot: FleetSnapshot) -> None:
+        shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
+        if as_json:
+            write_json(snapshot_dict(shown, config.free_gpu), out, one_line=every is not None)
+            return
+        text = fleet_table(shown, config.free_gpu) + (f"\nshowing only: {only}" if only else "") + "\n"
+        if every is not None:
+            if out.isatty():
+                text = f"{CLEAR}gpuwatch status, every {format_duration(every)} (Ctrl-C stops)\n\n{text}"
+            else:
+                text += "\n"
+        out.write(text)
+        out.flush()
+
+    poller = build_poller(replace(config, hosts=hosts))
+    try:
+        if every is None:
+            snapshot = poller.poll()
+            show(snapshot)
+            return EXIT_OK if snapshot.answered else EXIT_FAILED
+        polls = 0
+        try:
+            while max_polls is None or polls < max_polls:
+                started = time.monotonic()
+                show(poller.poll())
+                polls += 1
+                if max_polls is None or polls < max_polls:
+                    wait(max(0.0, every - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
+        return EXIT_OK
     finally:
         poller.close()
-    if as_json:
-        json.dump(snapshot_dict(snapshot, config.free_gpu), out, indent=2, ensure_ascii=False, allow_nan=False)
-        out.write("\n")
-    else:
-        out.write(fleet_table(snapshot, config.free_gpu) + "\n")
-    return EXIT_OK if snapshot.answered else EXIT_FAILED
 
 
-def cmd_check(config: Config, out: TextIO) -> int:
+def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     """Everything ``run`` needs: the channels (secrets, URLs, files), the state directory, each
     host's key file and each host; ends with one line: ready or not, and why. Exit 0 when ready,
-    2 when a setting is wrong (``run`` would stop with a config error), 1 when only hosts failed."""
+    2 when a setting is wrong (``run`` would stop with a config error), 1 when only hosts failed.
+    ``as_json``: the same as one JSON document (``ready``, ``problems``, ``findings``, ``hosts``)."""
     count = len(config.hosts)
-    out.write(f"config {config.path}: OK ({count} host{'s' if count != 1 else ''})\n")
+    text = io.StringIO()
+    real_out, out = out, text
+    out.write(f"config {config.path}: OK ({plural(count, 'host')})\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
+    findings: list[Finding] = []
     problems: list[str] = []
     for finding in [*channel_findings(config), state_dir_finding(config)]:
         _write_finding(finding, out, problems)
+        findings.append(finding)
     unusable = key_file_findings(config)
     for finding in dict.fromkeys(unusable.values()):
         _write_finding(finding, out, problems)
+        findings.append(finding)
     pollable = tuple(h for h in config.hosts if h.name not in unusable)
     polled: dict[str, HostSnapshot] = {}
     if pollable:
@@ -72,9 +173,9 @@ def cmd_check(config: Config, out: TextIO) -> int:
             out.write(f"{host.name}: NOT TRIED: {unusable[host.name].problem}\n")
             continue
         if snap.ok:
-            procs = len(snap.processes)
-            secs = f"{snap.probe_seconds:.2f}s" if snap.probe_seconds is not None else "?"
-            out.write(f"{snap.name}: OK: {len(snap.gpus)} GPUs, {procs} GPU processes ({secs})\n")
+            secs = f"{snap.probe_seconds:.2f}s" if snap.probe_seconds is not None else UNKNOWN
+            counts = f"{plural(len(snap.gpus), 'GPU')}, {plural(len(snap.processes), 'GPU process')}"
+            out.write(f"{snap.name}: OK: {counts} ({secs})\n")
             for issue in snap.warnings:
                 out.write(f"  warning: {issue.message}\n")
             continue
@@ -86,16 +187,53 @@ def cmd_check(config: Config, out: TextIO) -> int:
             out.write(f"  hint: {hint}\n")
     answered = len(polled) - len(failed)
     out.write(f"{answered}/{count} hosts OK\n")
+    hosts_doc = [_host_doc(config, host, polled.get(host.name), unusable) for host in config.hosts]
     settings_wrong = bool(problems)  # run would stop with a config error (exit 2)
     if failed:
-        down = f"{len(failed)} of {count} host{'s' if count != 1 else ''} did not answer: {', '.join(failed)}"
+        down = f"{len(failed)} of {plural(count, 'host')} did not answer: {', '.join(failed)}"
         problems.append(down if settings_wrong else f"{down} (gpuwatch run would start and report them as down)")
     if problems:
         out.write(f"not ready: {'; '.join(problems)}\n")
-        return EXIT_CONFIG if settings_wrong else EXIT_FAILED
-    channels = ", ".join(config.channels) or "the web page only"
-    out.write(f"ready: gpuwatch run can start: {count}/{count} hosts answered; sends to {channels}; state_dir OK\n")
-    return EXIT_OK
+        code = EXIT_CONFIG if settings_wrong else EXIT_FAILED
+    else:
+        channels = ", ".join(config.channels) or "the web page only"
+        out.write(f"ready: gpuwatch run can start: {count}/{count} hosts answered; sends to {channels}; state_dir OK\n")
+        code = EXIT_OK
+    if as_json:
+        document = {
+            "config": None if config.path is None else str(config.path),
+            "ready": code == EXIT_OK,
+            "problems": problems,
+            "warnings": list(config.warnings),
+            "findings": [
+                {"subject": f.subject, "ok": f.ok, "detail": f.detail, "notes": list(f.notes)} for f in findings
+            ],
+            "hosts": hosts_doc,
+        }
+        write_json(document, real_out)
+    else:
+        real_out.write(text.getvalue())
+    return code
+
+
+def _host_doc(
+    config: Config, host: HostConfig, snap: HostSnapshot | None, unusable: dict[str, Finding]
+) -> dict[str, Any]:
+    if snap is None:
+        return {"name": host.name, "ok": False, "tried": False, "error": unusable[host.name].problem}
+    hint = None if snap.ok else host_hint(config, host, snap)
+    return {
+        "name": snap.name,
+        "ok": snap.ok,
+        "tried": True,
+        "error_kind": snap.error_kind.value if snap.error_kind else None,
+        "error": snap.error,
+        "hint": hint or None,
+        "gpus": len(snap.gpus),
+        "processes": len(snap.processes),
+        "probe_seconds": None if snap.probe_seconds is None else round(snap.probe_seconds, 3),
+        "warnings": [{"kind": w.kind.value, "message": w.message} for w in snap.warnings],
+    }
 
 
 def _write_finding(finding: Finding, out: TextIO, problems: list[str]) -> None:

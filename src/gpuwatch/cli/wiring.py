@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, HostConfig
 from ..daemon import Daemon
+from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.registry import channel_spec
 from ..poll import Poller
@@ -105,5 +106,5 @@ def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
     except OSError as exc:
         raise ConfigError(f"web.listen: cannot listen on {web.listen}: {exc.strerror or exc}") from None
     daemon.services.append(server)
-    log.warning("web page at %s", web.public_url or server.url())
+    log.info("web page at %s", web.public_url or server.url(), extra=ANNOUNCE)
     return server

@@ -30,6 +30,8 @@ class ConsoleChannel:
 class DryRunChannel:
     """Wraps a real channel: prepares exactly what it would send, prints it, sends nothing."""
 
+    dry_run = True  # what it "delivers" is printed, never sent: the logs must not say "delivered"
+
     def __init__(self, inner: Channel, out: TextIO, verbose: bool = False) -> None:
         self.inner = inner
         self.name = inner.name

@@ -4,7 +4,8 @@
 - ``hosts``, ``gpus``, ``users``, ``freed``: the rules, one function each, by family;
 - ``registry``: every rule, found by name (config, engine, silences, routes);
 - ``engine``: ``evaluate`` runs the registry over the fleet state; ``Memory``;
-- ``lifecycle``: ``advance`` moves each alert pending -> firing -> resolved; silences.
+- ``lifecycle``: ``advance`` moves each alert pending -> firing -> resolved; silences; inhibition
+  (``registry.INHIBITS``: a firing gpu_error keeps its host's host_down from being announced).
 
 A failed poll never resolves an alert about that host's GPUs and never reads as "all GPUs free".
 """
@@ -18,6 +19,7 @@ from .base import (
     Finding,
     FleetRule,
     HostRule,
+    Inhibit,
     Needs,
     Notice,
     Rule,
@@ -25,14 +27,24 @@ from .base import (
     processes_known,
 )
 from .engine import Evaluation, Memory, evaluate
-from .lifecycle import HOST_REMOVED, AlertRecord, Silence, SilenceCheck, Transition, advance, silence_check
-from .registry import BY_NAME, RULE_NAMES, RULES
+from .lifecycle import (
+    HOST_REMOVED,
+    AlertRecord,
+    Silence,
+    SilenceCheck,
+    Transition,
+    advance,
+    inhibited,
+    silence_check,
+)
+from .registry import BY_NAME, INHIBITS, RULE_NAMES, RULES
 
 __all__ = [
     "BY_NAME",
     "FLEET",
     "GPU_ERROR_KINDS",
     "HOST_REMOVED",
+    "INHIBITS",
     "RULES",
     "RULE_NAMES",
     "AlertKey",
@@ -41,6 +53,7 @@ __all__ = [
     "Finding",
     "FleetRule",
     "HostRule",
+    "Inhibit",
     "Memory",
     "Needs",
     "Notice",
@@ -51,6 +64,7 @@ __all__ = [
     "Transition",
     "advance",
     "evaluate",
+    "inhibited",
     "processes_known",
     "silence_check",
 ]

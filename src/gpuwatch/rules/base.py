@@ -116,6 +116,30 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Inhibit:
+    """While an alert of rule ``source`` fires, the alerts of rule ``target`` that agree with it on
+    every field in ``equal`` (and whose facts ``applies`` accepts) are inhibited: kept, listed,
+    never announced. Alertmanager's inhibit rules: one cause, one message.
+
+    E.g. gpu_error inhibits host_down on the same host while host_down counts GPU failures: the
+    host answers over SSH, its driver is broken, and that is one alert, not two.
+    """
+
+    source: str
+    target: str
+    equal: tuple[str, ...] = ("host",)
+    applies: Callable[[Mapping[str, Any]], bool] = lambda facts: True
+
+    def inhibits(self, source: AlertKey, target: AlertKey, target_facts: Mapping[str, Any]) -> bool:
+        return (
+            source.rule == self.source
+            and target.rule == self.target
+            and all(getattr(source, f) == getattr(target, f) for f in self.equal)
+            and self.applies(target_facts)
+        )
+
+
+@dataclass(frozen=True)
 class Notice:
     """A one-off event for the users who asked (gpu_freed): not an alert, no lifecycle."""
 

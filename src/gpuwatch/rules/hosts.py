@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import _bool, _check_keys, _int, _mapping
 from ..model import HostSnapshot
-from .base import GPU_ERROR_KINDS, Context, Finding, HostRule, Needs, Outcome
+from .base import GPU_ERROR_KINDS, Context, Finding, HostRule, Inhibit, Needs, Outcome
 
 # ---------------------------------------------------------------- host_down
 
@@ -28,7 +28,11 @@ def parse_host_down(value: object, path: str) -> HostDown | None:
 
 
 def host_down(host: HostSnapshot, cfg: HostDown, ctx: Context) -> Outcome:
-    """Counts the host's failed polls in a row (each new result once); an answer starts it over."""
+    """Counts the host's failed polls in a row (each new result once); an answer starts it over.
+
+    A failure that is about the GPUs (the driver, a lost GPU) counts too, so a broken driver is
+    never silent when gpu_error is off; while gpu_error fires for the host, it inhibits this alert
+    (:data:`GPU_ERROR_INHIBITS_HOST_DOWN`)."""
     if host.ok:
         return Outcome(memory=None)
     failures = int(ctx.remembered or 0) + 1
@@ -112,4 +116,18 @@ GPU_ERROR = HostRule(
     needs=Needs.GPU_STATE,
     identity=("detail",),
     default=GpuError(),
+)
+
+
+_GPU_ERROR_VALUES = frozenset(kind.value for kind in GPU_ERROR_KINDS)
+
+# A host that answers over SSH but whose driver is broken is one alert, gpu_error, not also
+# host_down ("has not answered" would be untrue): while the host's gpu_error fires, its host_down
+# is kept but not announced, as long as host_down's latest failure is itself a GPU error. Should
+# the host stop answering altogether, host_down is said again.
+GPU_ERROR_INHIBITS_HOST_DOWN = Inhibit(
+    source="gpu_error",
+    target="host_down",
+    equal=("host",),
+    applies=lambda facts: facts.get("error_kind") in _GPU_ERROR_VALUES,
 )

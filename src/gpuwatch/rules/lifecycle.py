@@ -8,13 +8,14 @@ no new result) neither fires anew nor resolves. Silences mute by matcher for a t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import AlertsConfig
-from .base import AlertKey
+from .base import AlertKey, Inhibit
 from .engine import Evaluation
+from .registry import INHIBITS
 
 HOST_REMOVED = "host_removed"  # Transition.cause: the host was removed from the config
 
@@ -95,20 +96,21 @@ def advance(
     cfg: AlertsConfig,
     silenced: SilenceCheck = lambda key, now: False,
     removed_hosts: frozenset[str] = frozenset(),
+    inhibits: Sequence[Inhibit] = INHIBITS,
 ) -> tuple[dict[str, AlertRecord], list[Transition]]:
     """Move every alert one step: pending -> firing -> (reminders) -> resolved.
 
     The alerts about ``removed_hosts`` (removed from the config) resolve now, with the cause
-    HOST_REMOVED, whatever the evaluation says about them.
+    HOST_REMOVED, whatever the evaluation says about them. A firing alert that another firing
+    alert inhibits (``inhibits``) is kept but not announced, like a silenced one.
     """
     out: dict[str, AlertRecord] = {}
-    transitions: list[Transition] = []
-    seen: set[str] = set()
+    found: list[str] = []  # the alerts found this time, in the order of the findings
     for finding in evaluation.findings:
         kid = finding.key.id
-        if kid in seen or finding.key.host in removed_hosts:
+        if kid in out or finding.key.host in removed_hosts:
             continue
-        seen.add(kid)
+        found.append(kid)
         record = records.get(kid) or AlertRecord(finding.key, "pending", now)
         record = replace(
             record,
@@ -120,29 +122,53 @@ def advance(
         )
         if record.state == "pending" and now - record.since >= finding.hold_seconds:
             record = replace(record, state="firing", fired_at=now)
-        if record.state == "firing" and not silenced(record.key, now):
-            if record.last_sent_at is None:
-                record = replace(record, last_sent_at=now)
-                transitions.append(Transition("firing", record, now))
-            elif now - record.last_sent_at >= cfg.repeat_every:
-                record = replace(record, last_sent_at=now)
-                transitions.append(Transition("reminder", record, now))
         out[kid] = record
+    ending: list[tuple[AlertRecord, bool]] = []
     for kid, record in records.items():
-        if kid in seen:
+        if kid in out:
             continue
         removed = record.key.host in removed_hosts
         if not removed and not evaluation.covers(record.key):
             out[kid] = record  # not judged this time (no new answer): neither fire nor resolve
             continue
+        ending.append((record, removed))
+    muted = inhibited(out.values(), inhibits)
+    transitions: list[Transition] = []
+    for kid in found:
+        record = out[kid]
+        if record.state != "firing" or silenced(record.key, now) or kid in muted:
+            continue
+        if record.last_sent_at is None:
+            record = out[kid] = replace(record, last_sent_at=now)
+            transitions.append(Transition("firing", record, now))
+        elif now - record.last_sent_at >= cfg.repeat_every:
+            record = out[kid] = replace(record, last_sent_at=now)
+            transitions.append(Transition("reminder", record, now))
+    for record, removed in ending:
         announced = record.state == "firing" and record.last_sent_at is not None
         if announced and cfg.send_resolved and not silenced(record.key, now):
             transitions.append(Transition("resolved", record, now, HOST_REMOVED if removed else None))
     return out, transitions
 
 
+def inhibited(records: Iterable[AlertRecord], inhibits: Sequence[Inhibit] = INHIBITS) -> dict[str, list[str]]:
+    """The alerts that a firing alert inhibits: alert id -> the ids of the alerts inhibiting it."""
+    everything = list(records)
+    sources = [r for r in everything if r.state == "firing" and any(i.source == r.key.rule for i in inhibits)]
+    by: dict[str, list[str]] = {}
+    if not sources:
+        return by
+    for target in everything:
+        for source in sources:
+            if source is not target and any(i.inhibits(source.key, target.key, target.facts) for i in inhibits):
+                by.setdefault(target.key.id, []).append(source.key.id)
+    return by
+
+
 @dataclass(frozen=True)
 class Silence:
+    """Mutes the alerts that match every field it sets, until ``ends_at`` (epoch seconds)."""
+
     id: int
     ends_at: float
     comment: str
@@ -151,6 +177,13 @@ class Silence:
     host: str | None = None
     user: str | None = None
     gpu: int | None = None
+    pid: int | None = None
+    author: str | None = None  # who added it (None: added by a gpuwatch before authors were kept)
+
+    def matchers(self) -> list[tuple[str, str | int]]:
+        """The fields it matches on, in the order ``silence add`` takes them."""
+        fields = (("rule", self.rule), ("host", self.host), ("user", self.user), ("gpu", self.gpu), ("pid", self.pid))
+        return [(k, v) for k, v in fields if v is not None]
 
     def matches(self, key: AlertKey, now: float) -> bool:
         if now >= self.ends_at:
@@ -160,15 +193,11 @@ class Silence:
             and (self.host is None or self.host == key.host)
             and (self.user is None or self.user == key.user)
             and (self.gpu is None or self.gpu == key.gpu)
+            and (self.pid is None or self.pid == key.pid)
         )
 
     def describe(self) -> str:
-        parts = [
-            f"{k}={v}"
-            for k, v in (("rule", self.rule), ("host", self.host), ("user", self.user), ("gpu", self.gpu))
-            if v is not None
-        ]
-        return " ".join(parts) or "everything"
+        return " ".join(f"{k}={v}" for k, v in self.matchers()) or "everything"
 
 
 def silence_check(silences: Sequence[Silence]) -> SilenceCheck:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import Rule
+from .base import Inhibit, Rule
 from .context import DISK_ABOVE, DRIVER_CHANGED, HOST_REBOOTED, LOAD_ABOVE, MEMORY_ABOVE
 from .freed import GPU_FREED
 from .gpus import IDLE_GPU, TEMPERATURE_ABOVE
 from .health import ECC_ERRORS, GPU_THROTTLED, ROW_REMAP_PENDING
-from .hosts import GPU_ERROR, GPU_MISSING, HOST_DOWN
+from .hosts import GPU_ERROR, GPU_ERROR_INHIBITS_HOST_DOWN, GPU_MISSING, HOST_DOWN
 from .users import MAX_GPUS_PER_USER, MAX_GPUS_PER_USER_FLEET, MAX_RUNTIME
 
 RULES: tuple[Rule, ...] = (
@@ -38,6 +38,8 @@ RULES: tuple[Rule, ...] = (
 )
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in RULES)
 BY_NAME: Mapping[str, Rule] = {r.name: r for r in RULES}
+# Which firing alerts keep which others from being announced (Alertmanager's inhibit rules).
+INHIBITS: tuple[Inhibit, ...] = (GPU_ERROR_INHIBITS_HOST_DOWN,)
 
 
 def default_rules() -> dict[str, object]:
