@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from fakefeishu import FakeFeishu, text_values
+from fakefeishu import FakeFeishu, seen
 from fleet import H100_LOAD_APPS, Fleet, capture_pids, scenario_healthy_multi_gpu
 from gpuwatch.cli import main
 from waiting import wait_for
@@ -105,7 +105,8 @@ def once(config: Path, *extra: str) -> int:
 
 
 def card_text(body: dict[str, Any]) -> str:
-    return "\n".join(text_values(body.get("card") or body.get("content")))
+    """What the group reads of a body (card markdown rendered, escapes decoded)."""
+    return seen(body).text
 
 
 def alert_bodies(feishu: FakeFeishu) -> list[dict[str, Any]]:

@@ -83,7 +83,8 @@ def designed(
     if link:
         elements.append(_button(link))
     header: dict[str, Any] = {
-        "title": {"tag": "plain_text", "content": title},
+        # The summary is the subtitle: said once, and the tags stay on the title's line.
+        "title": {"tag": "plain_text", "content": title.replace(f": {body.summary}", "") if body.summary else title},
         "template": HEADER.get(body.state, "blue"),
     }
     if body.summary:
@@ -146,8 +147,10 @@ def _section(section: Section) -> list[dict[str, Any]]:
         head += f"  <font color='grey'>{lark_md(section.note)}</font>"
     lines = [head]
     for row in section.rows:
-        text = " · ".join(lark_md(cell) for cell in row.cells if cell)
-        lines.append(_font(text, row.state))
+        cells = [lark_md(cell) for cell in row.cells if cell]
+        if len(cells) > 1:
+            cells[0] = f"**{cells[0]}**"  # a row's key: a GPU's index
+        lines.append(_font(" · ".join(cells), row.state))
     content = "<br>".join(lines)
     band = BAND.get(section.state)
     if band is None:

@@ -146,6 +146,13 @@ def markdown_lines(
 _COLOURED_ROWS = frozenset({"free", "down", "stale", "warning", "firing", "reminder", "resolved"})
 
 
+def block_line(line: str, escape: Callable[[str], str] = markdown) -> str:
+    """A line of a plain text block as markdown: escaped, its indentation kept (as no-break
+    spaces, which markdown neither strips nor reads as a code block)."""
+    stripped = line.lstrip(" ")
+    return "&#160;" * (len(line) - len(stripped)) + escape(stripped)
+
+
 def text_lines(sections: Sequence[Section]) -> list[str]:
     """A designed message's sections as plain lines (Slack's plain text, previews)."""
     lines: list[str] = []
