@@ -52,7 +52,7 @@ def markdown_html(content: str) -> str:
     out = re.sub(r"<at id=([^>]*)></at>", lambda m: f"<span class=at>@{m.group(1)}</span>", out)
     out = re.sub(
         r"<font color='([a-z0-9-]+)'>",
-        lambda m: f"<span style=\"color:{COLOURS.get(m.group(1), m.group(1))}\">",
+        lambda m: f'<span style="color:{COLOURS.get(m.group(1), m.group(1))}">',
         out,
     )
     out = out.replace("</font>", "</span>")
@@ -73,12 +73,12 @@ def element_html(element: Mapping[str, Any]) -> str:
         columns = ""
         for column in element.get("columns", []):
             inner = "".join(element_html(e) for e in column.get("elements", []))
-            columns += f"<div class=col style=\"flex:{column.get('weight', 1)}\">{inner}</div>"
-        return f"<div class=band style=\"background:{background}\">{columns}</div>"
+            columns += f'<div class=col style="flex:{column.get("weight", 1)}">{inner}</div>'
+        return f'<div class=band style="background:{background}">{columns}</div>'
     if tag == "button":
         url = html.escape(element.get("behaviors", [{}])[0].get("default_url", ""))
         text = html.escape(str(element.get("text", {}).get("content", "")))
-        return f"<div><a class=button href=\"{url}\">{text}</a></div>"
+        return f'<div><a class=button href="{url}">{text}</a></div>'
     if tag == "hr":
         return "<hr>"
     return f"<div class=unknown>unsupported component {html.escape(str(tag))}</div>"
@@ -91,14 +91,14 @@ def card_html(card: Mapping[str, Any]) -> str:
     title = html.escape(str(header.get("title", {}).get("content", "")))
     subtitle = html.escape(str(header.get("subtitle", {}).get("content", "")))
     tags = "".join(
-        f"<span class=tag style=\"color:{COLOURS.get(t.get('color'), '#646a73')}\">"
+        f'<span class=tag style="color:{COLOURS.get(t.get("color"), "#646a73")}">'
         f"{html.escape(str(t.get('text', {}).get('content', '')))}</span>"
         for t in header.get("text_tag_list", [])
     )
     body = "".join(element_html(e) for e in card.get("body", {}).get("elements", []))
     return (
-        f"<div class=card><div class=header style=\"background:{background}\">"
-        f"<div class=title style=\"color:{colour}\">{title} {tags}</div>"
+        f'<div class=card><div class=header style="background:{background}">'
+        f'<div class=title style="color:{colour}">{title} {tags}</div>'
         f"<div class=subtitle>{subtitle}</div></div><div class=body>{body}</div></div>"
     )
 

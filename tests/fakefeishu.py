@@ -394,7 +394,8 @@ def seen(body: Mapping[str, Any]) -> Rendered:
     if msg_type == "text":
         text = str(body["content"]["text"])
         mentions += re.findall(r'<at user_id="([^"]*)">', text)
-        texts.append(re.sub(r"<at user_id=\"[^\"]*\">[^<]*</at>", "@mention", text))
+        shown = re.sub(r"<at user_id=\"[^\"]*\">[^<]*</at>", "@mention", text)
+        texts.append(shown.replace("\u200b", ""))  # a zero-width space is not seen
     elif msg_type == "post":
         for lang in body["content"]["post"].values():
             texts.append(str(lang.get("title", "")))

@@ -67,6 +67,7 @@ class Reply:
     status: int
     body: bytes
     content_type: str = "application/json; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of_json(cls, value: dict[str, Any], status: int = 200) -> Reply:
@@ -100,12 +101,9 @@ class Exchange:
     def accepted(self) -> bool:
         return self.status == 200 and self.code == 0
 
-
-
     @property
     def query(self) -> dict[str, str]:
         return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
-
 
 
 H = TypeVar("H", bound="FakeHook")
@@ -324,7 +322,6 @@ class FakeHook:
         return None if 100 <= fault <= 599 else fault
 
 
-
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -335,8 +332,7 @@ def _is_float(text: str) -> bool:
 
 def _check_fault(fault: Fault) -> None:
     if isinstance(fault, str) and not (
-        fault in _SIMPLE_FAULTS
-        or any(fault.startswith(p) and _is_float(fault[len(p) :]) for p in _TIMED_FAULTS)
+        fault in _SIMPLE_FAULTS or any(fault.startswith(p) and _is_float(fault[len(p) :]) for p in _TIMED_FAULTS)
     ):
         raise ValueError(f"unknown fault {fault!r}")
 
@@ -351,8 +347,6 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
 
 
 class _Server(ThreadingHTTPServer):
@@ -430,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(fault, int):
             reply = fake.scripted(fault)
             record(reply.status, fake.scripted_code(fault), "scripted")
-            self._answer(reply.status, reply.body, reply.content_type)
+            self._answer(reply.status, reply.body, reply.content_type, reply.headers)
             return
 
         if not urlsplit(self.path).path.startswith(fake.path_prefix):
@@ -443,7 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
         if misbehave is not None:
             self._misbehave(misbehave, reply)
             return
-        self._answer(reply.status, reply.body, reply.content_type)
+        self._answer(reply.status, reply.body, reply.content_type, reply.headers)
 
     def _misbehave(self, fault: str, reply: Reply) -> None:
         """Answer the checked request badly (see the module docstring); record how it ended."""
@@ -535,10 +529,12 @@ class _Handler(BaseHTTPRequestHandler):
             "Connection: close\r\n\r\n"
         ).encode("ascii")
 
-    def _answer(self, status: int, data: bytes, content_type: str) -> None:
+    def _answer(self, status: int, data: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 

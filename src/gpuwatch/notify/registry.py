@@ -28,6 +28,7 @@ from ..config import (
     SlackConfig,
     WebhookConfig,
     WeComConfig,
+    from_env,
     parse_dingtalk_section,
     parse_email_section,
     parse_feishu_section,
@@ -191,7 +192,7 @@ def load_template(path: str) -> Any:
 def _build_webhook(cfg: WebhookConfig, sleep: Sleep, stop: threading.Event | None) -> Channel:
     url = _url(cfg, "webhook")
     for header, name in cfg.header_env.items():
-        _env_secret(None, name, f"webhook.header_env.{header}")
+        _env_secret(from_env(name, None), name, f"webhook.header_env.{header}")
     template = load_template(cfg.template) if cfg.template else None
     max_bytes = cfg.max_bytes or webhook.MAX_BODY_BYTES
     settings = _settings(
