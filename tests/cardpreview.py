@@ -132,7 +132,7 @@ def page(cards: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def screenshot(html_text: str, out: Path, *, width: int = 680, height: int = 900) -> None:
+def screenshot(html_text: str, out: Path, *, width: int = 680, height: int = 705) -> None:
     """A headless-chromium screenshot of ``html_text``."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "card.html"
@@ -162,8 +162,8 @@ def sample_cards() -> list[dict[str, Any]]:
     from gpuwatch.model import FleetSnapshot
     from gpuwatch.notify.base import Message
     from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
-    from gpuwatch.report import overview
-    from test_rules import alice, down, h100_host, l40s_host
+    from gpuwatch.report import alert_message, overview
+    from test_rules import DAY, T0, Engine, Job, alerts_config, alice, down, h100_host, l40s_host
 
     snapshot = FleetSnapshot(
         datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc),
@@ -179,7 +179,13 @@ def sample_cards() -> list[dict[str, Any]]:
         link="https://gpu.lab.example/gpuwatch/",
     )
     (card,) = channel.prepare(report)
-    return [card["card"]]
+    engine = Engine(alerts_config(max_runtime="72h", host_down={"after": 1}))
+    job = Job("alice", 4100, 0, int(3 * DAY) + 7200, "python3 train.py --lr *3e-4* --data /data/imagenet")
+    transitions = engine.step(T0, h100_host("gpu-a", [job]), down("gpu-c"))
+    alerts = alert_message(transitions, [], {}, tz=timezone.utc)
+    assert alerts is not None
+    (alert,) = channel.prepare(Message(title=alerts.title, blocks=alerts.blocks, body=alerts.body, severity="firing"))
+    return [card["card"], alert["card"]]
 
 
 def main(argv: list[str]) -> int:

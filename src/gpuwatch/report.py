@@ -476,7 +476,7 @@ def alert_body(blocks: Sequence[str], counts: Sequence[str], severity: str) -> B
     for block in blocks:
         head, *rest = block.split("\n")
         state = next((s for label, s in _BLOCK_STATES if head.startswith(label)), "info")
-        sections.append(Section(head, state, "", tuple(Row((line.strip(),), state) for line in rest if line.strip())))
+        sections.append(Section(head, state, "", tuple(Row((line.strip(),)) for line in rest if line.strip())))
     tags = []
     for count in counts:
         word = count.partition(" ")[2]

@@ -144,7 +144,7 @@ def _font(text: str, state: str) -> str:
 def _section(section: Section) -> list[dict[str, Any]]:
     head = f"**{_font(lark_md(section.title), section.state)}**"
     if section.note:
-        head += f"  <font color='grey'>{lark_md(section.note)}</font>"
+        head += f" <font color='grey'>· {lark_md(section.note)}</font>"
     lines = [head]
     for row in section.rows:
         cells = [lark_md(cell) for cell in row.cells if cell]
