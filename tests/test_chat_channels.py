@@ -656,3 +656,17 @@ def test_logs_of_every_channel_mask_its_secrets(
         for part in token.split("/"):
             assert part not in caplog.text, name
     assert "attempt 1/5 failed (HTTP 503" in caplog.text
+
+
+def test_the_log_masks_webhook_tokens_it_was_not_told_about() -> None:
+    from gpuwatch.logsetup import mask_secrets
+
+    line = (
+        "POST https://oapi.dingtalk.com/robot/send?access_token=d1n9abcdef0123456789&timestamp=1 "
+        "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6-7abc-4bc4 "
+        "https://hooks.slack.com/services/T0SL4CK01/B0HOOK0001/aB3dE5fG7hJ9kL1m"
+    )
+    masked = mask_secrets(line, [])
+    for token in ("d1n9abcdef0123456789", "693a91f6-7abc-4bc4", "aB3dE5fG7hJ9kL1m", "B0HOOK0001"):
+        assert token not in masked
+    assert "access_token=d1n9…(masked)" in masked and "key=693a…(masked)" in masked
