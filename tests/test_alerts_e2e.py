@@ -148,7 +148,7 @@ def test_at_most_two_gpus_per_user_one_message_when_broken_one_when_fixed(
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "FIRING max_gpus_per_user (gpu-a, user verylongusername)" in text  # the full name, never cut
     assert "threshold: at most 2 per host" in text and "since " in text
-    assert "<at id=ou_alice></at>" in text
+    assert seen(first).mentions == ("ou_alice",)  # @-mentioned as <at id=ou_alice></at>
     assert "max_runtime" not in text  # the jobs are minutes old, not days
 
     assert once(config) == 0  # the next cron run: still broken, nothing to say
