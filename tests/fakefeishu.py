@@ -1,7 +1,8 @@
 """A local HTTP server that behaves like a Feishu custom-bot webhook, for tests.
 
 It binds 127.0.0.1 on a free port and checks what Feishu checks, answering like Feishu does
-(HTTP 200 with a JSON ``code``) as described in shared/FEISHU.md:
+(HTTP 200 with a JSON ``code``) as described in shared/FEISHU.md; the server, the records and the
+scripted faults are tests/fakehook.py's (see there):
 
 =====  =============================================================================
 code   when
@@ -10,38 +11,19 @@ code   when
 19022  ``allowed_ips`` is set and the client address is not in it
 19036  the body is larger than ``max_body_bytes`` as received (``too_large_code``)
 9499   not ``application/json``, not a JSON object, or no valid ``msg_type`` body
+11246  a card JSON 2.0 that breaks Feishu's card schema (:func:`card_problems`)
 11232  more than ``per_second`` requests in any second or ``per_minute`` in any minute
 19021  ``secret`` is set and ``timestamp``/``sign`` are missing, wrong or off by > 1 hour
 19024  ``keywords`` are set and no text value (text, post title/text, card title or
        text content; never an href) holds one
 =====  =============================================================================
 
-Every request is recorded (thread-safe) with its raw bytes and the answer it got:
-``accepted`` (parsed bodies), ``accepted_raw``, ``rejected`` and ``exchanges``.
-``fail_next([...])`` scripts the next answers, one per request, before any check: an int
-100-599 answers that HTTP status, any other int answers that Feishu code, ``"drop"`` closes
-the connection without an answer, ``"garbage"`` answers HTTP 200 with a non-JSON page,
-``"legacy"`` checks as usual but answers in the old shape (``StatusCode``/``StatusMessage``
-only, no ``code``). These do not count towards the rate limits.
-
-Faults that check the request as usual (so an accepted message reaches "the group" and counts
-in ``accepted``) and then misbehave in the answer only, like a webhook that takes a message
-and then chokes on the reply:
-
-=================  =========================================================================
-``"slow:S"``       answers normally after S seconds
-``"trickle:S"``    sends the headers, then the JSON answer one byte every S seconds
-``"trickle-head:S"`` sends the status line and headers one byte every S seconds
-``"huge"``         answers HTTP 200 with a :data:`HUGE_ANSWER_BYTES` (300 MB) JSON body made
-                   on the fly in 64 KiB pieces (never held in memory)
-``"silent"``       never answers; waits until the client hangs up (or the server stops)
-=================  =========================================================================
-
-How each of these answers ended is in ``answers`` (:class:`AnswerRecord`: bytes written,
-whether the client hung up first, how long it took). ``always(fault)`` applies a fault to every
-request that no ``fail_next`` entry claims, until ``always(None)`` (for drills).
-``clear_faults()`` forgets both. ``wait_for_requests(n)`` and ``wait_for_answers(n)`` wait (with a
-timeout) instead of sleeping.
+The card check (:func:`card_problems`) follows Feishu's published card JSON 2.0 structure
+(open.feishu.cn, "卡片 JSON 2.0 结构" and the 2.0 component pages): the top-level keys, the
+header (title, subtitle, template colour, at most 3 text tags), and for each component gpuwatch
+uses (``markdown``, ``div``, ``column_set``/``column``, ``button``, ``hr``) its documented
+properties and their values; 2.0 rejects properties it does not know, and a card holds at
+most 200 components.
 
 Usage::
 
@@ -53,19 +35,34 @@ Usage::
 from __future__ import annotations
 
 import base64
-import collections
 import hashlib
 import hmac
-import json
-import select
-import socket
-import ssl
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from fakehook import (
+    HUGE_ANSWER_BYTES,
+    AnswerRecord,
+    Exchange,
+    FakeHook,
+    Rendered,
+    Reply,
+    _parse,
+    render_markdown,
+)
+
+__all__ = [
+    "DEFAULT_TOKEN",
+    "HUGE_ANSWER_BYTES",
+    "AnswerRecord",
+    "Exchange",
+    "FakeFeishu",
+    "card_problems",
+    "feishu_sign",
+    "seen",
+    "text_values",
+]
 
 HOOK_PREFIX = "/open-apis/bot/v2/hook/"
 DEFAULT_TOKEN = "0f5c7e2a-9b41-4d6e-8a3f-5c2d1e0b9a87"
@@ -74,6 +71,7 @@ SUCCESS = {"StatusCode": 0, "StatusMessage": "success", "code": 0, "data": {}, "
 MESSAGES = {
     9499: "Bad Request",
     11232: "frequency limited psm[lark.oapi.app_platform_runtime]appID[1]",
+    11246: "ErrCode: 200621; ErrMsg: parse card json err, please check whether the card json is correct",
     19001: "param invalid: incoming webhook access token invalid",
     19021: "sign match fail or timestamp is not within one hour from current time",
     19022: "Ip Not Allowed",
@@ -81,40 +79,6 @@ MESSAGES = {
     19036: "request body too large",
 }
 _TEXT_KEYS = frozenset({"text", "title", "content"})  # where keywords count; "href" never does
-HUGE_ANSWER_BYTES = 300_000_000
-_CHUNK = 64 * 1024
-_SIMPLE_FAULTS = frozenset({"drop", "garbage", "legacy", "huge", "silent"})
-_TIMED_FAULTS = ("slow:", "trickle:", "trickle-head:")  # followed by seconds
-
-Fault = int | str
-
-
-@dataclass(frozen=True)
-class AnswerRecord:
-    """How a misbehaving answer (slow, trickle, trickle-head, huge, silent) ended."""
-
-    fault: str
-    bytes_written: int  # of the answer (status line, headers, body) that reached the socket
-    hung_up: bool  # the client closed the connection before the answer was complete
-    seconds: float  # from the check of the request to the end of the answer or the hang-up
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One request as received and the answer it got."""
-
-    path: str
-    headers: dict[str, str]
-    raw: bytes
-    body: dict[str, Any] | None  # the parsed JSON object, when it was one
-    status: int  # HTTP status answered; 0 when the connection was dropped
-    code: int | None  # Feishu code answered (0 = accepted); None for HTTP errors and drops
-    reason: str  # why: "accepted", "scripted", or the check that failed
-    at: float  # the server's monotonic clock on arrival
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == 200 and self.code == 0
 
 
 def feishu_sign(secret: str, timestamp: int | str) -> str:
@@ -134,8 +98,11 @@ def text_values(value: Any, key: str | None = None) -> list[str]:
     return []
 
 
-class FakeFeishu:
+class FakeFeishu(FakeHook):
     """A Feishu custom-bot webhook on 127.0.0.1 (see the module docstring)."""
+
+    path_prefix = HOOK_PREFIX
+    name = "fakefeishu"
 
     def __init__(
         self,
@@ -148,179 +115,19 @@ class FakeFeishu:
         too_large_code: int = 19036,
         per_second: int = 5,
         per_minute: int = 100,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        host: str = "127.0.0.1",
-        ssl_context: ssl.SSLContext | None = None,
+        **kwargs: Any,
     ) -> None:
-        self.token = token
-        self.keywords = list(keywords)
-        self.secret = secret
-        self.allowed_ips = None if allowed_ips is None else set(allowed_ips)
-        self.max_body_bytes = max_body_bytes
-        self.too_large_code = too_large_code
-        self.per_second = per_second
-        self.per_minute = per_minute
-        self.clock = clock
-        self.monotonic = monotonic
-        self.host = host
-        self.ssl_context = ssl_context  # a server context: serve HTTPS (the URL says https://)
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._stopping = threading.Event()
-        self._faults: collections.deque[Fault] = collections.deque()
-        self._always: Fault | None = None
-        self._exchanges: list[Exchange] = []
-        self._answers: list[AnswerRecord] = []
-        self._window: collections.deque[float] = collections.deque()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle
-
-    def start(self) -> FakeFeishu:
-        if self._httpd is not None:
-            return self
-        self._stopping.clear()
-        self._httpd = _Server((self.host, 0), _Handler, self)
-        if self.ssl_context is not None:
-            self._httpd.socket = self.ssl_context.wrap_socket(self._httpd.socket, server_side=True)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="fakefeishu", daemon=True
+        super().__init__(
+            token=token,
+            keywords=keywords,
+            secret=secret,
+            allowed_ips=allowed_ips,
+            max_body_bytes=max_body_bytes,
+            per_second=per_second,
+            per_minute=per_minute,
+            **kwargs,
         )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is None:
-            return
-        self._stopping.set()  # ends slow, trickling, huge and silent answers
-        self._httpd.shutdown()
-        self._httpd.close_connections()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> FakeFeishu:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    # -- addresses
-
-    @property
-    def base_url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("FakeFeishu is not started")
-        host, port = self._httpd.server_address[:2]
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://{host!s}:{port}"
-
-    def url_for(self, token: str) -> str:
-        return f"{self.base_url}{HOOK_PREFIX}{token}"
-
-    @property
-    def url(self) -> str:
-        """The full webhook URL with the valid token."""
-        return self.url_for(self.token)
-
-    # -- scripting and records
-
-    def fail_next(self, faults: Iterable[Fault]) -> None:
-        """Queue scripted answers for the next requests, in order (see the module docstring)."""
-        items = list(faults)
-        for fault in items:
-            _check_fault(fault)
-        with self._lock:
-            self._faults.extend(items)
-
-    def always(self, fault: Fault | None) -> None:
-        """Answer every request with ``fault`` (after any queued by fail_next); None: behave again."""
-        if fault is not None:
-            _check_fault(fault)
-        with self._lock:
-            self._always = fault
-
-    def clear_faults(self) -> None:
-        """Forget the faults queued by fail_next and set by always."""
-        with self._lock:
-            self._faults.clear()
-            self._always = None
-
-    def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until ``count`` requests have arrived in total; False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self._exchanges) >= count, timeout)
-
-    def wait_for_answers(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until ``count`` misbehaving answers have ended (see ``answers``); False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self._answers) >= count, timeout)
-
-    @property
-    def exchanges(self) -> list[Exchange]:
-        with self._lock:
-            return list(self._exchanges)
-
-    @property
-    def answers(self) -> list[AnswerRecord]:
-        with self._lock:
-            return list(self._answers)
-
-    @property
-    def accepted(self) -> list[dict[str, Any]]:
-        return [e.body for e in self.exchanges if e.accepted and e.body is not None]
-
-    @property
-    def accepted_raw(self) -> list[bytes]:
-        return [e.raw for e in self.exchanges if e.accepted]
-
-    @property
-    def rejected(self) -> list[Exchange]:
-        return [e for e in self.exchanges if not e.accepted]
-
-    @property
-    def codes(self) -> list[int | None]:
-        """The Feishu code of every answer in order (None for HTTP errors and drops)."""
-        return [e.code for e in self.exchanges]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self._always = None
-            self._exchanges.clear()
-            self._answers.clear()
-            self._window.clear()
-
-    # -- the checks, called from handler threads
-
-    def _next_fault(self) -> Fault | None:
-        with self._lock:
-            return self._faults.popleft() if self._faults else self._always
-
-    def _record(self, exchange: Exchange) -> None:
-        with self._changed:
-            self._exchanges.append(exchange)
-            self._changed.notify_all()
-
-    def _record_answer(self, answer: AnswerRecord) -> None:
-        with self._changed:
-            self._answers.append(answer)
-            self._changed.notify_all()
-
-    def _over_rate(self, now: float) -> bool:
-        """Sliding windows; every request that reaches this check counts."""
-        with self._lock:
-            while self._window and self._window[0] <= now - 60.0:
-                self._window.popleft()
-            in_second = sum(1 for t in self._window if t > now - 1.0)
-            if in_second >= self.per_second or len(self._window) >= self.per_minute:
-                return True
-            self._window.append(now)
-            return False
+        self.too_large_code = too_large_code
 
     def check(self, path: str, client_ip: str, headers: dict[str, str], raw: bytes, now: float) -> tuple[int, str]:
         """Feishu's verdict on one request: (code, reason); code 0 is accepted."""
@@ -335,6 +142,10 @@ class FakeFeishu:
         body = _parse(raw)
         if body is None or not _well_formed(body):
             return 9499, "malformed"
+        if body.get("msg_type") == "interactive" and body["card"].get("schema") == "2.0":
+            problems = card_problems(body["card"])
+            if problems:
+                return 11246, f"card: {problems[0]}"
         if self._over_rate(now):
             return 11232, "rate"
         if self.secret is not None:
@@ -351,33 +162,16 @@ class FakeFeishu:
                 return 19024, "keyword"
         return 0, "accepted"
 
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_fault(fault: Fault) -> None:
-    if isinstance(fault, str) and not (
-        fault in _SIMPLE_FAULTS
-        or any(fault.startswith(p) and _is_float(fault[len(p) :]) for p in _TIMED_FAULTS)
-    ):
-        raise ValueError(f"unknown fault {fault!r}")
-
-
-def _seconds(fault: str) -> float:
-    return float(fault.rsplit(":", 1)[1])
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+    def answer(self, code: int, reason: str, legacy: bool = False) -> Reply:
+        if legacy:
+            message = "success" if code == 0 else MESSAGES.get(code, "error")
+            return Reply.of_json({"StatusCode": code, "StatusMessage": message})
+        if code == 0:
+            return Reply.of_json(SUCCESS)
+        message = MESSAGES.get(code, "scripted error")
+        if code == 11246 and reason.startswith("card: "):
+            message += f"; ErrorValue: {reason[6:]}"
+        return Reply.of_json({"code": code, "msg": message, "data": {}})
 
 
 def _well_formed(body: dict[str, Any]) -> bool:
@@ -393,200 +187,253 @@ def _well_formed(body: dict[str, Any]) -> bool:
     return msg_type in ("image", "share_chat")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+# ---------------------------------------------------------------------- card JSON 2.0, as documented
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeFeishu) -> None:
-        self.fake = fake
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, handler)
+# Colour names of Feishu's colour enumeration ("颜色枚举值"): a hue, or a hue with a shade.
+_HUES = ("blue", "carmine", "green", "indigo", "lime", "orange", "purple", "red", "sunflower")
+_HUES += ("turquoise", "violet", "wathet", "yellow", "grey")
+_SHADES = ("50", "100", "200", "300", "350", "400", "500", "600", "700", "800", "900")
+COLOURS = frozenset({*_HUES, *(f"{h}-{s}" for h in _HUES for s in _SHADES), "bg-white", "white", "default"})
+TEMPLATES = frozenset(
+    {"blue", "wathet", "turquoise", "green", "yellow", "orange", "red", "carmine"}
+    | {"violet", "purple", "indigo", "grey", "default"}
+)
+TEXT_TAG_COLOURS = frozenset(
+    {"neutral", "blue", "turquoise", "lime", "orange", "violet", "indigo", "wathet", "green"}
+    | {"yellow", "red", "purple", "carmine"}
+)
+BUTTON_TYPES = frozenset(
+    {"default", "primary", "danger", "text", "primary_text", "danger_text", "primary_filled", "danger_filled", "laser"}
+)
+_SPACING = re.compile(r"(small|medium|large|extra_large|default|\d{1,2}px)")
+_BOX = re.compile(r"(-?\d{1,2}(px)?)( -?\d{1,2}(px)?){0,3}")  # margin / padding: 1 to 4 values in [-99, 99]
+_ELEMENT_ID = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,19}")
 
-    def close_connections(self) -> None:
-        """Hang up on keep-alive clients so that no handler thread outlives stop()."""
-        with self.connections_lock:
-            for conn in list(self.connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+_CARD_KEYS = {"schema", "config", "card_link", "header", "body"}
+_CONFIG_KEYS = {
+    "streaming_mode", "streaming_config", "summary", "locales", "enable_forward", "update_multi",
+    "width_mode", "use_custom_translation", "enable_forward_interaction", "style",
+}  # fmt: skip
+_HEADER_KEYS = {
+    "title", "subtitle", "text_tag_list", "i18n_text_tag_list", "template", "icon", "padding",
+    "i18n_title", "i18n_subtitle",
+}  # fmt: skip
+_BODY_KEYS = {
+    "direction", "padding", "horizontal_spacing", "horizontal_align", "vertical_spacing", "vertical_align",
+    "elements",
+}  # fmt: skip
+_COMMON = {"tag", "element_id", "margin"}
+_COMPONENT_KEYS: dict[str, set[str]] = {
+    "markdown": _COMMON | {"content", "text_size", "text_align", "icon", "i18n_content"},
+    "div": _COMMON | {"text", "icon", "width"},
+    "hr": _COMMON,
+    "column_set": _COMMON
+    | {"horizontal_spacing", "horizontal_align", "flex_mode", "background_style", "action", "columns"},
+    "column": _COMMON
+    | {
+        "background_style", "width", "weight", "horizontal_spacing", "horizontal_align", "vertical_align",
+        "vertical_spacing", "direction", "padding", "action", "elements",
+    },
+    "button": _COMMON
+    | {
+        "type", "size", "width", "text", "icon", "hover_tips", "disabled", "disabled_tips", "confirm",
+        "behaviors", "name", "form_action_type",
+    },
+}
+_PLAIN_TEXT_KEYS = {"tag", "content", "text_size", "text_color", "text_align", "lines", "i18n_content"}
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out (see "slow:") leaves a broken pipe behind: that is the point.
-        pass
 
+def card_problems(card: Mapping[str, Any]) -> list[str]:
+    """What breaks Feishu's card JSON 2.0 structure in ``card`` (empty: none), each with its path."""
+    problems: list[str] = []
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real endpoint
-    timeout = 10
-    # One write per answer, sent at once: otherwise Nagle + delayed ACK add ~40 ms per request.
-    wbufsize = -1
-    disable_nagle_algorithm = True
+    def unknown(value: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        problems.extend(f"{where}.{k}: unknown property" for k in value if k not in allowed)
 
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        try:
-            super().finish()
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the path holds the token; tests read the records instead
-
-    def do_POST(self) -> None:
-        fake = self.server.fake
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        now = fake.monotonic()
-        headers = {k.lower(): v for k, v in self.headers.items()}
-
-        def record(status: int, code: int | None, reason: str) -> None:
-            fake._record(Exchange(self.path, headers, raw, _parse(raw), status, code, reason, now))
-
-        fault = fake._next_fault()
-        legacy = fault == "legacy"
-        misbehave = fault if isinstance(fault, str) and fault not in ("drop", "garbage", "legacy") else None
-        if isinstance(fault, str) and fault != "drop" and fault != "garbage":
-            fault = None
-        if fault == "drop":
-            record(0, None, "scripted")
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+    def plain_text(value: object, where: str, *, lark_md: bool = False) -> None:
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: expected a text object")
             return
-        if fault == "garbage":
-            record(200, None, "scripted")
-            self._answer(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
-            return
-        if isinstance(fault, int) and 100 <= fault <= 599:
-            record(fault, None, "scripted")
-            self._answer(fault, f"HTTP {fault}".encode(), "text/plain")
-            return
-        if isinstance(fault, int):
-            record(200, fault, "scripted")
-            self._json({"code": fault, "msg": MESSAGES.get(fault, "scripted error"), "data": {}})
-            return
+        unknown(value, _PLAIN_TEXT_KEYS, where)
+        tags = ("plain_text", "lark_md") if lark_md else ("plain_text",)
+        if value.get("tag") not in tags:
+            problems.append(f"{where}.tag: expected {' or '.join(tags)}")
+        if not isinstance(value.get("content"), str):
+            problems.append(f"{where}.content: expected a string")
 
-        if not self.path.startswith(HOOK_PREFIX):
-            record(404, None, "path")
-            self._answer(404, b"404 page not found", "text/plain")
+    def colour(value: object, where: str) -> None:
+        if value is not None and value not in COLOURS:
+            problems.append(f"{where}: {value!r} is not a card colour")
+
+    def box(value: object, where: str) -> None:
+        if value is not None and not (isinstance(value, str) and _BOX.fullmatch(value)):
+            problems.append(f"{where}: {value!r} is not a margin/padding")
+
+    def component(element: object, where: str) -> None:
+        if not isinstance(element, Mapping):
+            problems.append(f"{where}: expected a component object")
             return
-        code, reason = fake.check(self.path, self.client_address[0], headers, raw, now)
-        record(200, code, reason)
-        if misbehave is not None:
-            self._misbehave(misbehave, code)
+        tag = element.get("tag")
+        if tag not in _COMPONENT_KEYS:
+            problems.append(f"{where}: unsupported tag {tag!r}")
             return
-        if legacy:
-            self._json({"StatusCode": code, "StatusMessage": "success" if code == 0 else MESSAGES.get(code, "error")})
-        elif code == 0:
-            self._json(SUCCESS)
+        unknown(element, _COMPONENT_KEYS[str(tag)], f"{where}({tag})")
+        box(element.get("margin"), f"{where}.margin")
+        if "element_id" in element and not _ELEMENT_ID.fullmatch(str(element["element_id"])):
+            problems.append(f"{where}.element_id: letters, digits and _, starting with a letter, at most 20")
+        if tag == "markdown" and not isinstance(element.get("content"), str):
+            problems.append(f"{where}.content: expected a string")
+        elif tag == "div":
+            plain_text(element.get("text"), f"{where}.text", lark_md=True)
+        elif tag == "column_set":
+            colour(element.get("background_style"), f"{where}.background_style")
+            if element.get("flex_mode", "none") not in ("none", "stretch", "flow", "bisect", "trisect"):
+                problems.append(f"{where}.flex_mode: not one of none, stretch, flow, bisect, trisect")
+            columns = element.get("columns")
+            if not isinstance(columns, list):
+                problems.append(f"{where}.columns: expected a list")
+                return
+            for i, column in enumerate(columns):
+                cwhere = f"{where}.columns[{i}]"
+                if not isinstance(column, Mapping) or column.get("tag") != "column":
+                    problems.append(f"{cwhere}: expected a column")
+                    continue
+                unknown(column, _COMPONENT_KEYS["column"], cwhere)
+                colour(column.get("background_style"), f"{cwhere}.background_style")
+                box(column.get("padding"), f"{cwhere}.padding")
+                weight = column.get("weight", 1)
+                if not (isinstance(weight, int) and 1 <= weight <= 5):
+                    problems.append(f"{cwhere}.weight: a whole number from 1 to 5")
+                for j, inner in enumerate(column.get("elements", [])):
+                    component(inner, f"{cwhere}.elements[{j}]")
+        elif tag == "button":
+            plain_text(element.get("text"), f"{where}.text")
+            if element.get("type", "default") not in BUTTON_TYPES:
+                problems.append(f"{where}.type: not a button type")
+            behaviors = element.get("behaviors")
+            if not isinstance(behaviors, list) or not behaviors:
+                problems.append(f"{where}.behaviors: required")
+                return
+            for k, behavior in enumerate(behaviors):
+                if not isinstance(behavior, Mapping) or behavior.get("type") not in ("open_url", "callback"):
+                    problems.append(f"{where}.behaviors[{k}].type: open_url or callback")
+                elif behavior["type"] == "open_url" and not re.match(r"https?://", str(behavior.get("default_url"))):
+                    problems.append(f"{where}.behaviors[{k}].default_url: an http(s) URL")
+
+    unknown(card, _CARD_KEYS, "card")
+    if card.get("schema") != "2.0":
+        problems.append("card.schema: expected '2.0'")
+    config = card.get("config", {})
+    if isinstance(config, Mapping):
+        unknown(config, _CONFIG_KEYS, "card.config")
+        if config.get("update_multi", True) is not True:
+            problems.append("card.config.update_multi: JSON 2.0 cards must be shared (true)")
+        if config.get("width_mode", "default") not in ("default", "compact", "fill"):
+            problems.append("card.config.width_mode: default, compact or fill")
+    header = card.get("header")
+    if header is not None:
+        if not isinstance(header, Mapping):
+            problems.append("card.header: expected an object")
         else:
-            self._json({"code": code, "msg": MESSAGES.get(code, "error"), "data": {}})
+            unknown(header, _HEADER_KEYS, "card.header")
+            plain_text(header.get("title"), "card.header.title", lark_md=True)
+            if "subtitle" in header:
+                plain_text(header["subtitle"], "card.header.subtitle", lark_md=True)
+            if header.get("template", "default") not in TEMPLATES:
+                problems.append(f"card.header.template: {header.get('template')!r} is not a header colour")
+            for i, tag in enumerate(header.get("text_tag_list", [])):
+                if not isinstance(tag, Mapping) or tag.get("tag") != "text_tag":
+                    problems.append(f"card.header.text_tag_list[{i}]: expected a text_tag")
+                    continue
+                plain_text(tag.get("text"), f"card.header.text_tag_list[{i}].text")
+                if tag.get("color", "neutral") not in TEXT_TAG_COLOURS:
+                    problems.append(f"card.header.text_tag_list[{i}].color: not a tag colour")
+            if len(header.get("text_tag_list", [])) > 3:
+                problems.append("card.header.text_tag_list: at most 3 tags are shown")
+    body = card.get("body", {})
+    if not isinstance(body, Mapping):
+        problems.append("card.body: expected an object")
+    else:
+        unknown(body, _BODY_KEYS, "card.body")
+        for i, element in enumerate(body.get("elements", [])):
+            component(element, f"card.body.elements[{i}]")
+    if _components(card) > 200:
+        problems.append(f"card: {_components(card)} components; a card holds at most 200")
+    return problems
 
-    def _misbehave(self, fault: str, code: int) -> None:
-        """Answer the checked request badly (see the module docstring); record how it ended."""
-        fake = self.server.fake
-        stopping = fake._stopping
-        started = time.monotonic()
-        reply = json.dumps(SUCCESS if code == 0 else {"code": code, "msg": MESSAGES.get(code, "error"), "data": {}})
-        body = reply.encode()
-        written = 0
-        hung_up = False
-        self.close_connection = True
-        try:
-            if fault.startswith("slow:"):
-                if not self._pause(_seconds(fault)):
-                    hung_up = not stopping.is_set()
-                    return
-                head = self._head(200, len(body))
-                self.connection.sendall(head + body)
-                written = len(head) + len(body)
-            elif fault.startswith("trickle-head:"):
-                data = self._head(200, len(body)) + body
-                for i in range(len(data)):
-                    self.connection.sendall(data[i : i + 1])
-                    written += 1
-                    if i + 1 < len(data) and not self._pause(_seconds(fault)):
-                        hung_up = not stopping.is_set()
-                        return
-            elif fault.startswith("trickle:"):
-                head = self._head(200, len(body))
-                self.connection.sendall(head)
-                written = len(head)
-                for i in range(len(body)):
-                    if not self._pause(_seconds(fault)):
-                        hung_up = not stopping.is_set()
-                        return
-                    self.connection.sendall(body[i : i + 1])
-                    written += 1
-            elif fault == "huge":
-                prefix, suffix = b'{"code": 0, "msg": "', b'", "data": {}}'
-                head = self._head(200, HUGE_ANSWER_BYTES)
-                self.connection.sendall(head + prefix)
-                written = len(head) + len(prefix)
-                left = HUGE_ANSWER_BYTES - len(prefix) - len(suffix)
-                piece = b"x" * _CHUNK  # the same 64 KiB over and over: the body is never built
-                while left > 0 and not stopping.is_set():
-                    chunk = piece if left >= _CHUNK else piece[:left]
-                    self.connection.sendall(chunk)
-                    written += len(chunk)
-                    left -= len(chunk)
-                if left <= 0:
-                    self.connection.sendall(suffix)
-                    written += len(suffix)
-            elif fault == "silent":
-                if self._wait(None) == "stopping":
-                    return
-                hung_up = True
-            else:  # pragma: no cover - _check_fault lets nothing else through
-                raise ValueError(fault)
-        except OSError:  # broken pipe, reset: the client hung up
-            hung_up = True
-        finally:
-            if not stopping.is_set() or hung_up:
-                fake._record_answer(AnswerRecord(fault, written, hung_up, time.monotonic() - started))
 
-    def _wait(self, seconds: float | None) -> str:
-        """Wait ``seconds`` (None: for ever) watching the connection: "time", "hung up" or "stopping"."""
-        stopping = self.server.fake._stopping
-        end = None if seconds is None else time.monotonic() + seconds
-        while not stopping.is_set():
-            left = 0.05 if end is None else min(0.05, end - time.monotonic())
-            if left <= 0:
-                return "time"
-            readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and (
-                isinstance(self.connection, ssl.SSLSocket)  # a client sends nothing more but its goodbye
-                or not self.connection.recv(1, socket.MSG_PEEK)
-            ):
-                return "hung up"  # EOF: the client closed or shut down its end
-        return "stopping"
+def _components(value: object) -> int:
+    if isinstance(value, Mapping):
+        return (1 if "tag" in value else 0) + sum(_components(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_components(v) for v in value)
+    return 0
 
-    def _pause(self, seconds: float) -> bool:
-        """Wait ``seconds``; False when the client hung up or the server is stopping meanwhile."""
-        return self._wait(seconds) == "time"
 
-    def _head(self, status: int, length: int) -> bytes:
-        return (
-            f"HTTP/1.1 {status} {self.responses[status][0]}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {length}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode("ascii")
+# ---------------------------------------------------------------------- what the group sees
 
-    def _json(self, reply: dict[str, Any]) -> None:
-        self._answer(200, json.dumps(reply).encode(), "application/json; charset=utf-8")
+_AT_CARD = re.compile(r"<at\s+(?:id|ids|user_id|email)=['\"]?([^'\"\s>]*)['\"]?\s*>")
 
-    def _answer(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+
+def seen(body: Mapping[str, Any]) -> Rendered:
+    """What the group sees of an accepted body: its text as rendered (card markdown through
+    :func:`~fakehook.render_markdown`; plain text, post text and plain_text as they are), and
+    whom it mentions."""
+    texts: list[str] = []
+    mentions: list[str] = []
+    links: list[str] = []
+    emphasis: list[str] = []
+    msg_type = body.get("msg_type")
+
+    def add(rendered: Rendered) -> None:
+        texts.append(rendered.text)
+        mentions.extend(rendered.mentions)
+        links.extend(rendered.links)
+        emphasis.extend(rendered.emphasis)
+
+    if msg_type == "text":
+        text = str(body["content"]["text"])
+        mentions += re.findall(r'<at user_id="([^"]*)">', text)
+        shown = re.sub(r"<at user_id=\"[^\"]*\">[^<]*</at>", "@mention", text)
+        texts.append(shown.replace("\u200b", ""))  # a zero-width space is not seen
+    elif msg_type == "post":
+        for lang in body["content"]["post"].values():
+            texts.append(str(lang.get("title", "")))
+            for paragraph in lang.get("content", []):
+                for tag in paragraph:
+                    if tag.get("tag") == "at":
+                        mentions.append(str(tag.get("user_id")))
+                    elif tag.get("tag") == "a":
+                        links.append(str(tag.get("href")))
+                        texts.append(str(tag.get("text", "")))
+                    else:
+                        texts.append(str(tag.get("text", "")))
+    elif msg_type == "interactive":
+        card = body["card"]
+        header = card.get("header", {})
+        texts.append(str(card.get("config", {}).get("summary", {}).get("content", "")))  # the chat list's preview
+        texts += [str(header.get(k, {}).get("content", "")) for k in ("title", "subtitle")]
+        texts += [str(t.get("text", {}).get("content", "")) for t in header.get("text_tag_list", [])]
+        _walk(card.get("body", {}).get("elements", card.get("elements", [])), add, texts, links)
+    return Rendered("\n".join(texts), tuple(mentions), tuple(links), tuple(emphasis))
+
+
+def _walk(
+    elements: list[Any], add: Callable[[Rendered], None], texts: list[str], links: list[str]
+) -> None:
+    for element in elements:
+        tag = element.get("tag")
+        if tag == "markdown":
+            add(render_markdown(str(element.get("content", "")), _AT_CARD))
+        elif tag == "div":
+            text = element.get("text", {})
+            if text.get("tag") == "lark_md":
+                add(render_markdown(str(text.get("content", "")), _AT_CARD))
+            else:
+                texts.append(str(text.get("content", "")))
+        elif tag == "column_set":
+            for column in element.get("columns", []):
+                _walk(column.get("elements", []), add, texts, links)
+        elif tag == "button":
+            texts.append(str(element.get("text", {}).get("content", "")))
+            links += [b.get("default_url", "") for b in element.get("behaviors", [])]

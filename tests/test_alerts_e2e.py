@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from fakefeishu import FakeFeishu, text_values
+from fakefeishu import FakeFeishu, seen
 from fleet import (
     ERR_VERSION_MISMATCH,
     H100_LOAD_APPS,
@@ -117,7 +117,8 @@ def once(config: Path, *extra: str) -> int:
 
 
 def card_text(body: dict[str, Any]) -> str:
-    return "\n".join(text_values(body.get("card") or body.get("content")))
+    """What the group reads of a body (card markdown rendered, escapes decoded)."""
+    return seen(body).text
 
 
 def alert_bodies(feishu: FakeFeishu) -> list[dict[str, Any]]:
@@ -160,7 +161,7 @@ def test_at_most_two_gpus_per_user_one_message_when_broken_one_when_fixed(
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "verylongusername holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "threshold: at most 2 per host" in text and "since " in text
-    assert "<at id=ou_alice></at>" in text
+    assert seen(first).mentions == ("ou_alice",)  # @-mentioned as <at id=ou_alice></at>
     assert "max_runtime" not in text  # the jobs are minutes old, not days
 
     assert once(config) == 0  # the next cron run: still broken, nothing to say

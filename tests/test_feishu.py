@@ -103,8 +103,8 @@ def blocks_of(body: dict[str, Any]) -> list[str]:
     if body["msg_type"] == "post":
         paragraphs = body["content"]["post"]["zh_cn"]["content"]
         return [p[0]["text"] for p in paragraphs if p and p[0]["tag"] == "text"]
-    elements = body["card"]["elements"]
-    return [e["text"]["content"] for e in elements if not e["text"]["content"].startswith("<at ")]
+    elements = body["card"]["body"]["elements"]  # card JSON 2.0; a message without structure: plain text
+    return [e["text"]["content"] for e in elements if e["tag"] == "div"]
 
 
 def closed_port_url(token: str = DEFAULT_TOKEN) -> str:
@@ -237,7 +237,8 @@ def test_each_format_is_accepted(
     if template is not None:
         assert body["card"]["header"]["template"] == template
         assert body["card"]["header"]["title"]["tag"] == "plain_text"
-        assert all(e["tag"] == "div" and e["text"]["tag"] == "lark_md" for e in body["card"]["elements"])
+        assert body["card"]["schema"] == "2.0"
+        assert all(e["tag"] == "div" and e["text"]["tag"] == "plain_text" for e in body["card"]["body"]["elements"])
     (exchange,) = server.exchanges
     assert exchange.headers["content-type"] == "application/json; charset=utf-8"
     assert "显存".encode() in exchange.raw  # UTF-8 on the wire, not \\u escapes
@@ -630,7 +631,7 @@ def test_log_lines_name_the_masked_url(
 
 def test_network_errors_are_said_in_a_few_words() -> None:
     """Not urllib3's whole chain (which also echoes the URL): the cause, plainly."""
-    from gpuwatch.notify.feishu import _network_reason
+    from gpuwatch.notify.http import _network_reason
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -212,7 +212,7 @@ def test_an_outage_of_three_runs_ends_with_every_alert_in_order_and_only_the_new
     fleet: Fleet, known_hosts: Path, tmp_path: Path, feishu: FakeFeishu, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
-    monkeypatch.setattr("gpuwatch.notify.feishu._BACKOFF_BASE_SECONDS", 0.001)  # the retries, not their waits
+    monkeypatch.setattr("gpuwatch.notify.http._BACKOFF_BASE_SECONDS", 0.001)  # the retries, not their waits
     config = fleet_config(tmp_path, fleet, known_hosts, feishu, hosts=3)
     b, c = fleet.addresses[1], fleet.addresses[2]
     feishu.always(503)  # the webhook is down for three hourly runs

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fakefeishu import seen
 from fleet import (
     ERR_GPU_LOST,
     ERR_NO_DRIVER,
@@ -870,7 +871,7 @@ def test_a_big_cycle_is_split_under_the_limit_never_inside_an_entry() -> None:
     assert len(payloads) > 1
     sizes = [len(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode()) for p in payloads]
     assert max(sizes) < 20_000
-    joined = "\n".join(json.dumps(p, ensure_ascii=False) for p in payloads)
+    joined = "\n".join(seen(p).text for p in payloads)  # as the group reads them (escapes decoded)
     for host in hosts:
         pids = sorted(t.record.key.pid or 0 for t in transitions if t.record.key.host == host.name)
         head = f"FIRING max_runtime on {host.name}: user alice; pids {', '.join(map(str, pids))}"
@@ -970,7 +971,10 @@ def test_the_example_config_with_email_and_routes_switched_on(tmp_path: Path) ->
     [
         ({"alerts": {"routes": {"max_runtime": ["email"]}}}, "alerts.routes.max_runtime: routes to email, but there"),
         ({"alerts": {"routes": {"max_runtim": ["feishu"]}}}, "alerts.routes.max_runtim: unknown key; did you mean"),
-        ({"alerts": {"routes": {"default": ["sms"]}}}, "alerts.routes.default: 'sms' is not one of feishu, email"),
+        (
+            {"alerts": {"routes": {"default": ["sms"]}}},
+            "alerts.routes.default: 'sms' is not one of feishu, dingtalk, wecom, slack, webhook, email",
+        ),
         ({"routes": {"default": ["feishu"]}}, "routes: belongs under alerts: (alerts.routes)"),
         ({"alerts": {"max_gpus_per_user": 0}}, "alerts.max_gpus_per_user: 0 is out of range"),
         ({"alerts": {"idle_gpu": {"afterr": "5m"}}}, "alerts.idle_gpu.afterr: unknown key; did you mean 'after'?"),

@@ -430,7 +430,7 @@ def test_message_queued_before_the_keyword_was_set_carries_it_when_sent(tmp_path
 
 # Feishu's backoff between attempts (1 s, 2 s, 4 s, 8 s: up to 15 s per message) is shortened in
 # the killed daemon, so that it queues several messages in a few seconds; nothing else changes.
-FAST_BACKOFF = "import gpuwatch.notify.feishu as feishu\nfeishu._BACKOFF_BASE_SECONDS = 0.02"
+FAST_BACKOFF = "import gpuwatch.notify.http as http\nhttp._BACKOFF_BASE_SECONDS = 0.02"
 
 
 def test_nothing_lost_or_repeated_across_sigkill(

@@ -195,6 +195,73 @@ class EmailConfig:
 
 
 @dataclass(frozen=True)
+class DingTalkConfig:
+    """``dingtalk:``: a DingTalk group robot (access token in the URL, optional signing secret)."""
+
+    url: str | None = field(default=None, repr=False)  # the access_token in it is a secret
+    url_env: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    secret_env: str | None = None
+    keyword: str | None = None
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> mobile number or DingTalk userId
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.url_env, self.url, environ)
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.secret_env, self.secret, environ)
+
+
+@dataclass(frozen=True)
+class WeComConfig:
+    """``wecom:``: a WeCom group robot (its key, in the URL, is the secret)."""
+
+    url: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    format: str = "markdown"
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> WeCom userid
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.url_env, self.url, environ)
+
+
+@dataclass(frozen=True)
+class SlackConfig:
+    """``slack:``: a Slack incoming webhook (the URL is the secret)."""
+
+    url: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> Slack member id (U...)
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.url_env, self.url, environ)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """``webhook:``: JSON POSTed to any URL, in the default document or a template's shape."""
+
+    url: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # values are secrets
+    header_env: Mapping[str, str] = field(default_factory=dict)  # header -> variable holding its value
+    template: str | None = None  # a JSON file (absolute path)
+    max_bytes: int | None = None
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.url_env, self.url, environ)
+
+    def resolve_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers, those of ``header_env`` read from the environment (unset ones left out)."""
+        values = dict(self.headers)
+        for header, name in self.header_env.items():
+            value = from_env(name, None, environ)
+            if value:
+                values[header] = value
+        return values
+
+
+@dataclass(frozen=True)
 class WebAuth:
     """HTTP Basic for the page, the API and /metrics; the password comes from the environment."""
 
@@ -622,6 +689,64 @@ def parse_email_section(raw: object, base: Path) -> EmailConfig:
     if tls == "none" and (values.get("password") or values.get("password_env")):
         raise ConfigError("email.tls: 'none' would send the SMTP password in clear text; use starttls or tls")
     return EmailConfig(**values)
+
+
+def _url_and_mentions(section: Mapping[str, Any], name: str, example: str) -> dict[str, Any]:
+    """``url`` / ``url_env`` (one is needed) and ``mentions`` of a chat channel's section."""
+    values: dict[str, Any] = {}
+    for key in ("url", "url_env"):
+        if section.get(key) is not None:
+            values[key] = _str(section[key], f"{name}.{key}")
+    if "url" in values and not re.match(r"https?://", values["url"]):
+        raise ConfigError(f"{name}.url: expected an http(s):// webhook URL, got {values['url'][:40]!r}")
+    if "url" not in values and "url_env" not in values:
+        raise ConfigError(f"{name}: needs 'url' ({example}) or 'url_env'")
+    if section.get("mentions") is not None:
+        mentions = _mapping(section["mentions"], f"{name}.mentions")
+        values["mentions"] = {
+            _str(k, f"{name}.mentions"): _str(v, f"{name}.mentions.{k}") for k, v in mentions.items()
+        }
+    return values
+
+
+def parse_dingtalk_section(raw: object) -> DingTalkConfig:
+    section = _mapping(raw, "dingtalk")
+    _check_keys(section, ("url", "url_env", "secret", "secret_env", "keyword", "mentions"), "dingtalk")
+    values = _url_and_mentions(section, "dingtalk", "the robot's webhook, https://oapi.dingtalk.com/robot/send?...")
+    for key in ("secret", "secret_env", "keyword"):
+        if section.get(key) is not None:
+            values[key] = _str(section[key], f"dingtalk.{key}")
+    return DingTalkConfig(**values)
+
+
+def parse_wecom_section(raw: object) -> WeComConfig:
+    section = _mapping(raw, "wecom")
+    _check_keys(section, ("url", "url_env", "format", "mentions"), "wecom")
+    values = _url_and_mentions(section, "wecom", "the robot's webhook, https://qyapi.weixin.qq.com/...?key=...")
+    if "format" in section:
+        values["format"] = _choice(section["format"], "wecom.format", ("markdown", "text"))
+    return WeComConfig(**values)
+
+
+def parse_slack_section(raw: object) -> SlackConfig:
+    section = _mapping(raw, "slack")
+    _check_keys(section, ("url", "url_env", "mentions"), "slack")
+    return SlackConfig(**_url_and_mentions(section, "slack", "the incoming webhook, https://hooks.slack.com/services/..."))
+
+
+def parse_webhook_section(raw: object, base: Path) -> WebhookConfig:
+    section = _mapping(raw, "webhook")
+    _check_keys(section, ("url", "url_env", "headers", "header_env", "template", "max_bytes"), "webhook")
+    values = _url_and_mentions(section, "webhook", "where to POST the JSON")
+    for key in ("headers", "header_env"):
+        if section.get(key) is not None:
+            table = _mapping(section[key], f"webhook.{key}")
+            values[key] = {_str(k, f"webhook.{key}"): _str(v, f"webhook.{key}.{k}") for k, v in table.items()}
+    if section.get("template") is not None:
+        values["template"] = _expand_path(_str(section["template"], "webhook.template"), base)
+    if section.get("max_bytes") is not None:
+        values["max_bytes"] = _int(section["max_bytes"], "webhook.max_bytes", 256, 10_000_000)
+    return WebhookConfig(**values)
 
 
 _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")

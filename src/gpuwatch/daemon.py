@@ -16,6 +16,7 @@ An exception in one step is logged and the loop goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -124,9 +125,17 @@ class Daemon:
 
     # -- steps
 
+    def linked(self, message: Message) -> Message:
+        """The message with the page's address (``web.public_url``), for a card's button."""
+        web = self.config.web
+        if message.link is None and web is not None and web.public_url:
+            return dataclasses.replace(message, link=web.public_url)
+        return message
+
     def enqueue(self, message: Message, channel_names: Iterable[str] | None = None, scope: str = "") -> None:
         """Write a message to the outbox for each channel (default: all), before anything is sent.
         A report (``scope``: what it covers) replaces the older one of its scope still waiting."""
+        message = self.linked(message)
         names = list(self.channels) if channel_names is None else [n for n in channel_names if n in self.channels]
         with self.outbox.db.transaction():
             for name in names:
@@ -204,7 +213,7 @@ class Daemon:
         """Make ``spec``'s report and queue it; remember when, under ``record`` (default: the
         schedule's own name), in the same transaction: what ``--once`` asks to know if it is due."""
         snapshot = snapshot or self.snapshot()
-        message = build_report(spec.report, snapshot, self.config.free_gpu, spec.user)
+        message = self.linked(build_report(spec.report, snapshot, self.config.free_gpu, spec.user))
         now = self.clock()
         try:
             with self.outbox.db.transaction():
@@ -270,7 +279,7 @@ class Daemon:
                 raise ConfigError(f"state_dir: cannot change from {old.state_dir} while running; restart gpuwatch")
             channels = self.wiring.build_channels(new) if _channels_changed(old, new) else self.channels
             if not channels and new.web is None:
-                raise ConfigError("feishu: not configured (nor email:, nor web:), so there is nowhere to send reports")
+                raise ConfigError("no channel configured (nor web:), so there is nowhere to send reports")
         except ConfigError as exc:
             log.error("reload refused, still running the previous config: config error: %s", exc)
             return False

@@ -31,12 +31,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # ``log.info(..., extra=ANNOUNCE)``: an INFO line stderr shows too (start, reload, stop).
 ANNOUNCE: Mapping[str, object] = {"announce": True}
 _HOOK_TOKEN = re.compile(r"(/hook/)([A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]+")
+# DingTalk's access_token and WeCom's key in a query; a Slack webhook's path
+_QUERY_TOKEN = re.compile(r"([?&](?:access_token|key)=)([A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]+")
+_SLACK_PATH = re.compile(r"(/services/)[A-Za-z0-9]+/[A-Za-z0-9]+/[A-Za-z0-9]+")
 
 
 def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
+    text = _QUERY_TOKEN.sub(r"\1\2…(masked)", text)
+    text = _SLACK_PATH.sub(r"\1…(masked)", text)
     return _HOOK_TOKEN.sub(r"\1\2…(masked)", text)
 
 

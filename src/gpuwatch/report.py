@@ -7,6 +7,11 @@ with its reason: a report never lets a dead host look like an idle one.
 Alerts: the rules give numbers and facts (rules.Finding); the words of each rule are made here.
 The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
 0-7"), and each firing entry ends with the ``gpuwatch silence add`` line that mutes exactly it.
+
+Every message also carries its content as structure (``Message.body``: a section per host or
+alert, a row per GPU with character bars, a state per row) for the channels that lay it out (a
+Feishu card, Slack, DingTalk, WeCom); those are built by the ``*_body`` functions at the end,
+from the same facts and words as the text blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .notify.base import Message
+from .notify.base import Body, Message, Row, Section
 from .rules import FLEET, GPU_ERROR_KINDS, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
 from .text import UNKNOWN, format_duration, local_time, number, plural, quantity, size_kib
@@ -102,6 +107,7 @@ def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
         title=f"GPU overview {_stamp(snapshot)}: {summary}",
         blocks=tuple(host_block(h, thresholds, snapshot.taken_at) for h in hosts),
         kind="report",
+        body=overview_body(snapshot, thresholds),
     )
 
 
@@ -161,6 +167,7 @@ def free_report(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
         title=f"Free GPUs {_stamp(snapshot)}: {t.free_gpus} of {t.gpus}",
         blocks=tuple(blocks),
         kind="report",
+        body=free_body(snapshot, thresholds),
     )
 
 
@@ -540,4 +547,137 @@ def alert_message(
         severity=severity,
         mentions=open_ids,
         kind="alert",
+        body=alert_body(blocks, counts, severity),
+    )
+
+
+# ---------------------------------------------------------------- structure (Message.body)
+
+BAR_CELLS = 10
+
+
+def bar(value: float | None, total: float | None = 100.0) -> str:
+    """``value`` of ``total`` as a bar of characters, ``▰▰▰▱▱▱▱▱▱▱`` (unknown: ``N/A``)."""
+    if value is None or total is None or total <= 0:
+        return UNKNOWN
+    filled = round(BAR_CELLS * min(max(value / total, 0.0), 1.0))
+    return "▰" * filled + "▱" * (BAR_CELLS - filled)
+
+
+def _model(name: str | None) -> str:
+    return (name or "GPU").removeprefix("NVIDIA ").strip() or "GPU"
+
+
+def gpu_row(host: HostSnapshot, gpu: Gpu, thresholds: FreeGpuConfig) -> Row:
+    """One GPU as a row: index, model (when the host mixes models; else its section says it),
+    utilization bar, memory bar, who is on it (or free)."""
+    procs = host.processes_on(gpu)
+    free = is_free(gpu, procs, thresholds)
+    util = f"util {bar(gpu.utilization_percent)} {number(gpu.utilization_percent, '%')}"
+    memory = (
+        f"mem {bar(gpu.memory_used_mib, gpu.memory_total_mib)} "
+        f"{number(gpu.memory_used_mib)}/{number(gpu.memory_total_mib)} MiB"
+    )
+    who = _who(procs) if procs else ("free" if free else "no process")
+    mixed = len({_model(g.name) for g in host.gpus}) > 1
+    model = (_model(gpu.name),) if mixed else ()
+    return Row((str(gpu.index), *model, util, memory, who), "free" if free else "busy")
+
+
+def _host_note(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
+    models = dict.fromkeys(_model(g.name) for g in host.gpus)
+    kinds = " + ".join(f"{sum(1 for g in host.gpus if _model(g.name) == m)} × {m}" for m in models)
+    free = len(free_gpus(host, thresholds))
+    return f"{kinds or '0 GPUs'} · {free} free"
+
+
+def _down_section(host: HostSnapshot, now: datetime | None) -> Section:
+    words = _down_line(host, now).removeprefix(f"{host.name}: ")
+    return Section(host.name, "stale" if host.stale else "down", words)
+
+
+def host_section(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> Section:
+    """A host as a section: its GPUs as rows; a host without current data, its reason."""
+    if not host.current:
+        return _down_section(host, now)
+    rows = [gpu_row(host, gpu, thresholds) for gpu in host.gpus]
+    stray = [p for p in host.processes if p.gpu_index is None]
+    if stray:
+        rows.append(Row(("on an unlisted GPU", _who(stray)), "warning"))
+    rows += [Row((f"warning: {w.message}",), "warning") for w in host.warnings]
+    return Section(host.name, "ok", _host_note(host, thresholds), tuple(rows))
+
+
+def overview_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
+    """The overview as structure: hosts without data first (red), then each host's GPUs."""
+    t = totals(snapshot, thresholds)
+    down = f", {t.hosts_down} down" if t.hosts_down else ""
+    down += f", {t.hosts_stale} stale" if t.hosts_stale else ""
+    summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
+    hosts = sorted(snapshot.hosts, key=lambda h: h.current)
+    tags = [(f"{t.free_gpus} free", "free")]
+    tags += [(f"{t.hosts_down} down", "down")] if t.hosts_down else []
+    tags += [(f"{t.hosts_stale} stale", "stale")] if t.hosts_stale else []
+    state = "down" if snapshot.down else ("free" if t.free_gpus else "busy")
+    return Body(
+        summary=summary,
+        state=state,
+        sections=tuple(host_section(h, thresholds, snapshot.taken_at) for h in hosts),
+        tags=tuple(tags),
+    )
+
+
+def free_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
+    """The free GPUs as structure: a section per host with free GPUs, then the hosts without data."""
+    t = totals(snapshot, thresholds)
+    sections = []
+    for host in snapshot.answered:
+        free = free_gpus(host, thresholds)
+        if free:
+            rows = tuple(
+                Row(
+                    (
+                        str(g.index),
+                        _model(g.name),
+                        f"mem {bar(g.memory_used_mib, g.memory_total_mib)} "
+                        f"{number(g.memory_used_mib)}/{number(g.memory_total_mib)} MiB",
+                    ),
+                    "free",
+                )
+                for g in free
+            )
+            sections.append(Section(host.name, "free", f"{len(free)} free of {len(host.gpus)}", rows))
+    if not sections:
+        sections.append(Section("No GPU is free right now.", "busy"))
+    sections += [_down_section(h, snapshot.taken_at) for h in snapshot.down]
+    tags = [(f"{t.free_gpus} free", "free")] + ([(f"{len(snapshot.down)} no data", "down")] if snapshot.down else [])
+    return Body(
+        summary=f"{t.free_gpus} of {plural(t.gpus, 'GPU')} free",
+        state="free" if t.free_gpus else ("down" if snapshot.down else "busy"),
+        sections=tuple(sections),
+        tags=tuple(tags),
+    )
+
+
+#: The first word(s) of an alert block -> the state of its section.
+_BLOCK_STATES = (("STILL FIRING", "reminder"), ("FIRING", "firing"), ("RESOLVED", "resolved"), ("NOTICE", "notice"))
+
+
+def alert_body(blocks: Sequence[str], counts: Sequence[str], severity: str) -> Body:
+    """Alerts as structure, from their blocks: the first line of a block is its section's title
+    (coloured by the label it starts with), each further line a row."""
+    sections = []
+    for block in blocks:
+        head, *rest = block.split("\n")
+        state = next((s for label, s in _BLOCK_STATES if head.startswith(label)), "info")
+        sections.append(Section(head, state, "", tuple(Row((line.strip(),)) for line in rest if line.strip())))
+    tags = []
+    for count in counts:
+        word = count.partition(" ")[2]
+        tags.append((count, {"firing": "firing", "resolved": "resolved"}.get(word, "notice")))
+    return Body(
+        summary=", ".join(counts),
+        state={"firing": "firing", "resolved": "resolved"}.get(severity, "notice"),
+        sections=tuple(sections),
+        tags=tuple(tags),
     )

@@ -20,7 +20,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 def cmd_test_notify(config: Config, out: TextIO) -> int:
     channels = build_channels(config)
     if not channels:
-        raise ConfigError("feishu: not configured; add a feishu: section with the bot's webhook url")
+        raise ConfigError(
+            "no channel configured; add a feishu:, dingtalk:, wecom:, slack:, webhook: or email: section "
+            "(see config.example.yaml)"
+        )
     message = Message(
         title="gpuwatch test message",
         blocks=(
@@ -28,6 +31,7 @@ def cmd_test_notify(config: Config, out: TextIO) -> int:
             f"config: {config.path}",
         ),
         kind="test",
+        link=config.web.public_url if config.web is not None else None,
     )
     failures = 0
     for name, channel in channels.items():

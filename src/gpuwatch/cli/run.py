@@ -163,8 +163,9 @@ def cmd_run(
     else:
         if not channels and (config.web is None or once):
             raise ConfigError(
-                "feishu: not configured (nor email:), so there is nowhere to send reports; add a feishu: section "
-                "(see config.example.yaml), a web: section for a page-only deployment, or use --dry-run"
+                "no channel configured (feishu:, dingtalk:, wecom:, slack:, webhook: or email:), so there is "
+                "nowhere to send reports; add one (see config.example.yaml), a web: section for a page-only "
+                "deployment, or use --dry-run"
             )
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)

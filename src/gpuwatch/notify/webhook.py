@@ -1,0 +1,224 @@
+"""The generic webhook channel: a JSON document POSTed to any URL (Mattermost, Rocket.Chat,
+Discord, a ticket system, your own script).
+
+The default document, one per part (the message split between its blocks like every channel,
+each document at most ``max_body_bytes``)::
+
+    {"source": "gpuwatch", "kind": "alert", "severity": "firing",
+     "title": "GPU alerts: 1 firing", "summary": "1 firing",
+     "text": "GPU alerts: 1 firing\\n\\nFIRING max_gpus_per_user (gpu-a, user alice)\\n    ...",
+     "blocks": ["FIRING max_gpus_per_user (gpu-a, user alice)\\n    ..."],
+     "part": 1, "parts": 1, "link": "https://gpu.lab.example/" or null, "mentions": []}
+
+``kind`` is report, alert or test; ``severity`` info, firing or resolved; ``text`` is the whole
+part as plain text (title, then blocks, separated by blank lines); the text is plain words,
+never markup. A template (``webhook.template``, a JSON file) gives another shape: every string
+in it that is exactly ``"{{name}}"`` becomes that field's value (a number, a list or null as it
+is), and ``{{name}}`` inside a longer string becomes its text; the names are the default
+document's keys. Mattermost and Rocket.Chat take ``{"text": "{{text}}"}``, Discord
+``{"content": "{{text}}"}`` (with ``max_body_bytes: 2000``).
+
+Any 2xx answer is success. 408, 429 and 5xx are tried again; other answers are refused for a
+reason said plainly (a 401 or 403: the credentials in ``webhook.headers``). The URL's last path
+segment and query values, and every header value, are treated as secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from gpuwatch.notify import http
+from gpuwatch.notify.base import Message
+from gpuwatch.notify.http import Request, Retry, encode
+from gpuwatch.notify.split import cut_text, numbered, split
+
+FIELDS = ("source", "kind", "severity", "title", "summary", "text", "blocks", "part", "parts", "link", "mentions")
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+MAX_BODY_BYTES = 20_000
+PER_SECOND = 5
+
+
+def placeholders(template: object) -> set[str]:
+    """Every ``{{name}}`` in a template."""
+    if isinstance(template, str):
+        return set(_PLACEHOLDER.findall(template))
+    if isinstance(template, Mapping):
+        return {n for k, v in template.items() for n in placeholders(k) | placeholders(v)}
+    if isinstance(template, list):
+        return {n for item in template for n in placeholders(item)}
+    return set()
+
+
+def fill(template: object, values: Mapping[str, Any]) -> Any:
+    """The template with its placeholders replaced (see the module docstring)."""
+    if isinstance(template, str):
+        whole = _PLACEHOLDER.fullmatch(template.strip())
+        if whole:
+            return values[whole.group(1)]
+        return _PLACEHOLDER.sub(lambda m: _as_text(values[m.group(1)]), template)
+    if isinstance(template, Mapping):
+        return {fill(k, values): fill(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [fill(item, values) for item in template]
+    return template
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\n\n".join(str(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True, repr=False)
+class WebhookSettings:
+    """A URL to POST JSON to. The URL's token parts and the header values are secrets."""
+
+    url: str = field(repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    template: Any = None  # the parsed template (None: the default document)
+    timeout_seconds: float = 10.0
+    max_body_bytes: int = MAX_BODY_BYTES
+    per_second: int = PER_SECOND
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
+            raise ValueError("webhook.url: expected an http(s):// URL")
+        unknown = placeholders(self.template) - set(FIELDS)
+        if unknown:
+            raise ValueError(
+                f"webhook.template: unknown placeholder(s) {', '.join(sorted(unknown))}; known: {', '.join(FIELDS)}"
+            )
+        for name in ("timeout_seconds", "max_body_bytes", "per_second", "max_attempts"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"webhook.{name}: must be a positive number")
+
+    def __repr__(self) -> str:
+        return (
+            f"WebhookSettings(url={http.redact_url(self.url)!r}, headers={sorted(self.headers)!r}, "
+            f"template={'set' if self.template is not None else 'default'})"
+        )
+
+
+class WebhookJsonChannel(http.WebhookChannel):
+    """POSTs one JSON document per part to ``webhook.url`` (see the module docstring)."""
+
+    name = "webhook"
+    service = "the webhook"
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        super().__init__(
+            settings.url,
+            where=http.redact_url(settings.url),
+            secrets=[*http.url_secrets(settings.url), *settings.headers.values()],
+            per_second=settings.per_second,
+            per_minute=None,
+            timeout_seconds=settings.timeout_seconds,
+            max_attempts=settings.max_attempts,
+            session=session,
+            clock=clock,
+            monotonic=monotonic,
+            sleep=sleep,
+            stop=stop,
+        )
+        self._settings = settings
+
+    def __repr__(self) -> str:
+        return f"WebhookJsonChannel({self._where})"
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        """One document per part, each at most ``max_body_bytes`` as sent."""
+        limit = self._settings.max_body_bytes
+
+        def size(title: str, part: Sequence[str], first: bool) -> int:
+            return len(encode(self._document(message, title, part, 999, 999, first)))
+
+        title, parts = split(
+            message.title, message.blocks, size=size, limit=limit, cut=cut_text, what="webhook.max_body_bytes"
+        )
+        total = len(parts)
+        return [
+            self._document(message, numbered(title, i, total), part, i, total, i == 1)
+            for i, part in enumerate(parts, start=1)
+        ]
+
+    def _document(
+        self, message: Message, title: str, blocks: Sequence[str], part: int, parts: int, first: bool
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "source": "gpuwatch",
+            "kind": message.kind,
+            "severity": message.severity,
+            "title": title,
+            "summary": message.body.summary if message.body is not None else "",
+            "text": "\n\n".join((title, *blocks)),
+            "blocks": list(blocks),
+            "part": part,
+            "parts": parts,
+            "link": message.link,
+            "mentions": list(message.mentions) if first else [],
+        }
+        if self._settings.template is None:
+            return values
+        document = fill(self._settings.template, values)
+        # The outbox keeps JSON objects; a template that is a list or a value is wrapped, and
+        # unwrapped again when sent.
+        return document if isinstance(document, dict) else {"__document__": document}
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        text = payload.get("text")
+        if isinstance(text, str) and payload.get("source") == "gpuwatch":
+            return text
+        return json.dumps(payload.get("__document__", payload), ensure_ascii=False, indent=2)
+
+    def _request(self, payload: Mapping[str, Any]) -> Request:
+        document = payload["__document__"] if set(payload) == {"__document__"} else payload
+        return Request(self._settings.url, encode_any(document), headers=dict(self._settings.headers))
+
+    def _judge(self, answer: http.Answer) -> Retry | None:
+        status = answer.status
+        if 200 <= status <= 299:
+            return None
+        said = self.snippet(answer)
+        detail = f"HTTP {status} {self._scrub(answer.reason)}".rstrip() + (f": {said!r}" if said else "")
+        if status == 408:
+            return Retry(detail)
+        if status in (401, 403):
+            raise self._refused(f"{detail}: the receiver refused the credentials (check webhook.headers)")
+        if status in (404, 405, 410):
+            raise self._refused(f"{detail}: there is no webhook at webhook.url (check it)")
+        if 300 <= status <= 399:
+            raise self._refused(f"{detail}: a redirect; put the address it points to in webhook.url")
+        if status in (400, 413, 422):
+            raise self._refused(
+                f"{detail}: the receiver refused this document (check webhook.template and webhook.max_body_bytes)",
+                message_fault=True,
+            )
+        raise self._refused(detail)
+
+
+def encode_any(document: Any) -> bytes:
+    """Any JSON value as sent (UTF-8)."""
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")

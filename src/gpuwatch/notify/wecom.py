@@ -1,0 +1,235 @@
+"""The WeCom (企业微信) group-robot channel: markdown or text messages, its answers.
+
+One group robot behind ``https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=KEY``. The key in
+the URL is the robot's only secret (WeCom robots do not sign): whoever has it can post to the
+group, so it is masked in every log line and error.
+
+* ``format: markdown`` (the default): ``markdown.content`` of at most 4,096 bytes (WeCom counts
+  UTF-8 bytes), every value from a host escaped (:func:`gpuwatch.notify.markup.markdown`), free
+  GPUs and resolved alerts in ``<font color="info">`` (green), hosts without data and firing
+  alerts in ``warning``; mentions as ``<@userid>``;
+* ``format: text``: ``text.content`` of at most 2,048 bytes, shown exactly as written (no markup
+  at all), mentions in ``mentioned_list`` / ``mentioned_mobile_list``;
+* both split between hosts or alerts into numbered parts, like every channel;
+* success is ``errcode == 0``; 93000 (the key is wrong or the robot was removed) and 40058
+  (content too long) are explained; 45009 (over 20 messages a minute) leaves the message in the
+  outbox for a later cycle.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import requests
+
+from gpuwatch.notify import http
+from gpuwatch.notify.base import Message, Section
+from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
+from gpuwatch.notify.markup import block_line, cut_section, markdown, markdown_lines, text_lines
+from gpuwatch.notify.split import cut_text, numbered, split
+
+FORMATS = ("markdown", "text")
+#: WeCom's documented limits: markdown content 4,096 bytes, text content 2,048 bytes, 20 a minute.
+MAX_MARKDOWN_BYTES = 4096
+MAX_TEXT_BYTES = 2048
+PER_MINUTE = 20
+
+INVALID_KEY = 93000
+RATE_LIMITED = 45009
+MESSAGE_FAULTS = frozenset({40008, 40058, 44004})  # bad message type, too long, empty
+
+#: ``<font color>`` for a state: WeCom markdown has three colours.
+COLOURS = {
+    "free": "info",
+    "resolved": "info",
+    "down": "warning",
+    "stale": "warning",
+    "firing": "warning",
+    "reminder": "warning",
+    "warning": "warning",
+    "notice": "comment",
+}
+
+
+def explain(code: int) -> str:
+    """Plain words for a WeCom ``errcode``: what went wrong and which setting to fix."""
+    if code == INVALID_KEY:
+        return "invalid webhook URL (93000): the key in wecom.url is wrong, or the robot was removed from the group"
+    if code == RATE_LIMITED:
+        return (
+            "rate limited (45009): more than 20 messages a minute reached this robot (other senders share it); "
+            "gpuwatch tries again at a later cycle"
+        )
+    if code == 40058:
+        return "message too long (40058): WeCom takes 4,096 bytes of markdown or 2,048 of text"
+    if code in MESSAGE_FAULTS:
+        return f"bad request ({code}): WeCom found the message malformed"
+    return f"WeCom error code {code} (not one gpuwatch knows; see the robot's documentation)"
+
+
+def redact_url(url: str) -> str:
+    """``https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=1a2b…(masked)``."""
+    return http.redact_url(url, path_segments=0)
+
+
+def _key_of(url: str) -> str:
+    return dict(parse_qsl(urlsplit(url).query)).get("key", "")
+
+
+@dataclass(frozen=True, repr=False)
+class WeComSettings:
+    """One WeCom group robot. ``url`` holds its key, a secret."""
+
+    url: str = field(repr=False)
+    format: str = "markdown"
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> WeCom userid (or a mobile number, text only)
+    timeout_seconds: float = 10.0
+    max_markdown_bytes: int = MAX_MARKDOWN_BYTES
+    max_text_bytes: int = MAX_TEXT_BYTES
+    per_minute: int = PER_MINUTE
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.url).scheme not in ("http", "https") or not _key_of(self.url):
+            raise ValueError("wecom.url: expected https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=<key>")
+        if self.format not in FORMATS:
+            raise ValueError(f"wecom.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        for name in ("timeout_seconds", "max_markdown_bytes", "max_text_bytes", "per_minute", "max_attempts"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"wecom.{name}: must be a positive number")
+
+    def __repr__(self) -> str:
+        return f"WeComSettings(url={redact_url(self.url)!r}, format={self.format!r}, mentions={dict(self.mentions)!r})"
+
+
+class WeComChannel(http.WebhookChannel):
+    """Delivers messages to one WeCom group through its robot (see the module docstring)."""
+
+    name = "wecom"
+    service = "WeCom"
+
+    def __init__(
+        self,
+        settings: WeComSettings,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        super().__init__(
+            settings.url,
+            where=redact_url(settings.url),
+            secrets=[_key_of(settings.url)],
+            per_second=None,
+            per_minute=settings.per_minute,
+            timeout_seconds=settings.timeout_seconds,
+            max_attempts=settings.max_attempts,
+            session=session,
+            clock=clock,
+            monotonic=monotonic,
+            sleep=sleep,
+            stop=stop,
+        )
+        self._settings = settings
+
+    def __repr__(self) -> str:
+        return f"WeComChannel({self._where}, format={self._settings.format!r})"
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        """Bodies whose content fits WeCom's limit for the format, split between hosts or alerts."""
+        text_format = self._settings.format == "text"
+        limit = self._settings.max_text_bytes if text_format else self._settings.max_markdown_bytes
+        mentions = tuple(message.mentions)
+        units: Sequence[Any] = message.body.sections if message.body is not None else message.blocks
+
+        def render(title: str, part: Sequence[Any], first: bool) -> dict[str, Any]:
+            return self._render(title, part, mentions if first else (), message)
+
+        def size(title: str, part: Sequence[Any], first: bool) -> int:
+            body = render(title, part, first)  # WeCom's limits are on the content, in UTF-8 bytes
+            return len(str(body[body["msgtype"]]["content"]).encode("utf-8"))
+
+        cut: Callable[[Any, Callable[[Any], bool]], list[Any]] = cut_section if message.body else cut_text
+        what = "wecom.max_text_bytes" if text_format else "wecom.max_markdown_bytes"
+        title, parts = split(message.title, units, size=size, limit=limit, cut=cut, what=what)
+        total = len(parts)
+        return [render(numbered(title, i, total), part, i == 1) for i, part in enumerate(parts, start=1)]
+
+    def _render(self, title: str, part: Sequence[Any], mentions: Sequence[str], message: Message) -> dict[str, Any]:
+        if self._settings.format == "text":
+            if message.body is not None:
+                sections: Sequence[Section] = part
+                blocks = ["\n".join(text_lines([s])) for s in sections]
+            else:
+                blocks = [str(b) for b in part]
+            if message.link:
+                blocks.append(message.link)
+            content = "\n\n".join((title, *blocks))
+            mobiles = [m for m in mentions if m.isdigit()]
+            text: dict[str, Any] = {"content": content}
+            if mentions:
+                text["mentioned_list"] = [m for m in mentions if m not in mobiles]
+                text["mentioned_mobile_list"] = mobiles
+            return {"msgtype": "text", "text": text}
+        if message.body is not None:
+            lines = markdown_lines(title, message.body, part, color=_font, link=message.link)
+        else:
+            lines = [f"#### {markdown(title)}"]
+            for block in part:
+                lines.append("")
+                lines += [block_line(line) for line in str(block).split("\n")]
+            if message.link:
+                lines += ["", f"[Open the GPU page]({message.link})"]
+        if mentions:  # ids from the config (wecom.mentions), never from a host
+            lines += ["", " ".join(f"<@{m}>" for m in mentions)]
+        return {"msgtype": "markdown", "markdown": {"content": "\n".join(lines)}}
+
+    # ------------------------------------------------------------------ describe
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        if payload.get("msgtype") == "text":
+            return str(payload.get("text", {}).get("content", ""))
+        text = str(payload.get("markdown", {}).get("content", ""))
+        text = re.sub(r"</?font[^>]*>", "", text).replace("**", "").replace("#### ", "")
+        text = re.sub(r"<@([^>]*)>", r"@\1", text)
+        return html.unescape(text)
+
+    # ------------------------------------------------------------------ deliver
+
+    def _request(self, payload: Mapping[str, Any]) -> Request:
+        return Request(self._settings.url, encode(payload))
+
+    def _judge(self, answer: http.Answer) -> Retry | None:
+        reply = json_reply(answer)
+        code = int_field(reply, "errcode")
+        if answer.status != 200 or code is None:
+            raise self._refused(
+                f"HTTP {answer.status}: not a WeCom robot reply (check wecom.url): {self.snippet(answer)!r}"
+            )
+        if code == 0:
+            return None
+        assert reply is not None
+        # WeCom's errmsg echoes a hint and the caller's IP; the first clause says enough.
+        errmsg = self._scrub(str(reply.get("errmsg", "")).split(", hint:")[0])[:200]
+        reason = f"{explain(code)} (errmsg {errmsg!r})"
+        if code == RATE_LIMITED:
+            raise self._refused(reason, code=code, permanent=False)
+        raise self._refused(reason, code=code, message_fault=code in MESSAGE_FAULTS)
+
+
+def _font(text: str, state: str) -> str:
+    colour = COLOURS.get(state)
+    return f'<font color="{colour}">{text}</font>' if colour else text
