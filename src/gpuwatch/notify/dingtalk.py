@@ -39,8 +39,7 @@ import requests
 from gpuwatch.notify import http
 from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
-from gpuwatch.notify.markup import block_line, cut_section, markdown, markdown_lines
-from gpuwatch.notify.split import cut_text, numbered, split
+from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts
 
 #: DingTalk's documented limits: 20,000 bytes a message, 20 messages a minute per robot.
 MAX_BODY_BYTES = 20_000
@@ -190,21 +189,18 @@ class DingTalkChannel(http.WebhookChannel):
         keyword = self._settings.keyword
         marker = f"【{keyword}】" if keyword and keyword not in message.title else ""
         mentions = tuple(message.mentions)
-        units: Sequence[Any] = message.body.sections if message.body is not None else message.blocks
-        limit = self._settings.max_body_bytes
 
         def render(title: str, part: Sequence[Any], first: bool) -> dict[str, Any]:
             return self._render(title, marker, part, mentions if first else (), message)
 
-        def size(title: str, part: Sequence[Any], first: bool) -> int:
-            return len(encode(render(title, part, first)))
-
-        cut: Callable[[Any, Callable[[Any], bool]], list[Any]] = cut_section if message.body else cut_text
-        title, parts = split(
-            marker + message.title, units, size=size, limit=limit, cut=cut, what="dingtalk.max_body_bytes"
+        return render_parts(
+            message,
+            marker + message.title,
+            render,
+            lambda body: len(encode(body)),
+            limit=self._settings.max_body_bytes,
+            what="dingtalk.max_body_bytes",
         )
-        total = len(parts)
-        return [render(numbered(title, i, total), part, i == 1) for i, part in enumerate(parts, start=1)]
 
     def _render(
         self, title: str, marker: str, part: Sequence[Any], mentions: Sequence[str], message: Message

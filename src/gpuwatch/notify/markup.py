@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
-from .base import Body, Row, Section
-from .split import CONTINUED, largest
+from .base import Body, Message, Row, Section
+from .split import CONTINUED, cut_text, largest, numbered, split
 
 #: Characters with a meaning in Feishu card markdown (the table in Feishu's rich-text component
 #: documentation, plus ``&`` so that a literal ``&#42;`` stays literal, ``|`` for tables and
@@ -165,3 +166,28 @@ def text_lines(sections: Sequence[Section]) -> list[str]:
 
 def state_colour(palette: Mapping[str, str], state: str, default: str = "") -> str:
     return palette.get(state, default)
+
+
+def render_parts(
+    message: Message,
+    title: str,
+    render: Callable[[str, Sequence[Any], bool], dict[str, Any]],
+    measure: Callable[[dict[str, Any]], int],
+    *,
+    limit: int,
+    what: str,
+) -> list[dict[str, Any]]:
+    """``message`` as a channel's bodies, in order: its structure's sections (or, without one, its
+    text blocks) packed into parts that each measure at most ``limit`` once rendered, titled
+    ``title (i/n)``; a unit too big on its own is cut (:func:`cut_section`, :func:`cut_text`).
+    ``render(title, units, first)`` makes one body (mentions go in the first); ``what`` names the
+    setting in errors."""
+    units: Sequence[Any] = message.body.sections if message.body is not None else message.blocks
+    cut: Callable[[Any, Callable[[Any], bool]], list[Any]] = cut_section if message.body is not None else cut_text
+
+    def size(part_title: str, part: Sequence[Any], first: bool) -> int:
+        return measure(render(part_title, part, first))
+
+    head, parts = split(title, units, size=size, limit=limit, cut=cut, what=what)
+    total = len(parts)
+    return [render(numbered(head, i, total), part, i == 1) for i, part in enumerate(parts, start=1)]

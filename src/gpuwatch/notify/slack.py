@@ -32,8 +32,7 @@ import requests
 from gpuwatch.notify import http
 from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode
-from gpuwatch.notify.markup import cut_section, slack_escape
-from gpuwatch.notify.split import cut_text, numbered, split
+from gpuwatch.notify.markup import render_parts, slack_escape
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000
@@ -179,29 +178,21 @@ class SlackChannel(http.WebhookChannel):
     def prepare(self, message: Message) -> list[dict[str, Any]]:
         """Block Kit bodies within Slack's limits, split between hosts or alerts."""
         mentions = tuple(message.mentions)
-        units: Sequence[Any] = message.body.sections if message.body is not None else message.blocks
         limit = self._settings.max_body_bytes
 
         def render(title: str, part: Sequence[Any], first: bool) -> dict[str, Any]:
             return self._render(title, part, mentions if first else (), message)
 
-        def size(title: str, part: Sequence[Any], first: bool) -> int:
-            body = render(title, part, first)
+        def measure(body: dict[str, Any]) -> int:
             blocks = body["blocks"]
             too_long = any(
                 len(b.get("text", {}).get("text", "")) > MAX_SECTION_CHARS for b in blocks if b["type"] == "section"
             )
-            if len(blocks) > MAX_BLOCKS or too_long:
+            if len(blocks) > MAX_BLOCKS or too_long:  # Slack's other limits count as too big
                 return limit + 1
             return len(encode(body))
 
-        def cut_plain(block: str, fits: Callable[[str], bool]) -> list[str]:
-            return cut_text(block, fits)
-
-        cut: Callable[[Any, Callable[[Any], bool]], list[Any]] = cut_section if message.body else cut_plain
-        title, parts = split(message.title, units, size=size, limit=limit, cut=cut, what="slack.max_body_bytes")
-        total = len(parts)
-        return [render(numbered(title, i, total), part, i == 1) for i, part in enumerate(parts, start=1)]
+        return render_parts(message, message.title, render, measure, limit=limit, what="slack.max_body_bytes")
 
     def _render(self, title: str, part: Sequence[Any], mentions: Sequence[str], message: Message) -> dict[str, Any]:
         blocks: list[dict[str, Any]] = [{"type": "header", "text": _plain(_clip(title, MAX_HEADER_CHARS))}]

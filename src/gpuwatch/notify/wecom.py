@@ -33,8 +33,7 @@ import requests
 from gpuwatch.notify import http
 from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
-from gpuwatch.notify.markup import block_line, cut_section, markdown, markdown_lines, text_lines
-from gpuwatch.notify.split import cut_text, numbered, split
+from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts, text_lines
 
 FORMATS = ("markdown", "text")
 #: WeCom's documented limits: markdown content 4,096 bytes, text content 2,048 bytes, 20 a minute.
@@ -153,20 +152,15 @@ class WeComChannel(http.WebhookChannel):
         text_format = self._settings.format == "text"
         limit = self._settings.max_text_bytes if text_format else self._settings.max_markdown_bytes
         mentions = tuple(message.mentions)
-        units: Sequence[Any] = message.body.sections if message.body is not None else message.blocks
 
         def render(title: str, part: Sequence[Any], first: bool) -> dict[str, Any]:
             return self._render(title, part, mentions if first else (), message)
 
-        def size(title: str, part: Sequence[Any], first: bool) -> int:
-            body = render(title, part, first)  # WeCom's limits are on the content, in UTF-8 bytes
+        def measure(body: dict[str, Any]) -> int:  # WeCom's limits are on the content, in UTF-8 bytes
             return len(str(body[body["msgtype"]]["content"]).encode("utf-8"))
 
-        cut: Callable[[Any, Callable[[Any], bool]], list[Any]] = cut_section if message.body else cut_text
         what = "wecom.max_text_bytes" if text_format else "wecom.max_markdown_bytes"
-        title, parts = split(message.title, units, size=size, limit=limit, cut=cut, what=what)
-        total = len(parts)
-        return [render(numbered(title, i, total), part, i == 1) for i, part in enumerate(parts, start=1)]
+        return render_parts(message, message.title, render, measure, limit=limit, what=what)
 
     def _render(self, title: str, part: Sequence[Any], mentions: Sequence[str], message: Message) -> dict[str, Any]:
         if self._settings.format == "text":
