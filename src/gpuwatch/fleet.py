@@ -102,8 +102,7 @@ class FleetState:
                 self._failing_since.pop(host.name, None)
             else:
                 self._failing_since.setdefault(host.name, host.taken_at)
-                kind = host.error_kind.value if host.error_kind else "error"
-                self._errors.setdefault(host.name, Counter())[kind] += 1
+                self._errors.setdefault(host.name, Counter())[host.error_name] += 1
             self._version += 1
             self._changed.notify_all()
 

@@ -111,17 +111,17 @@ def evaluate(
                     continue
                 slot = slots[rule.memory] if rule.memory else None
                 ctx = Context(rule.name, host.name, rule.identity, thresholds, slot.get(host.name) if slot else None)
-                outcome = rule.check(host, rule_cfg, ctx)
-                _remember(slot, host, outcome.memory)
+                result = rule.check(host, rule_cfg, ctx)
+                _remember(slot, host, result.memory)
                 if on:
-                    findings += outcome.findings
-                    notices += outcome.notices
+                    findings += result.findings
+                    notices += result.notices
                     judged.add((rule.name, host.name))
         else:
             usable = [h for h in snapshot.hosts if not h.stale and rule.needs.met_by(h)]
-            outcome = rule.check(usable, rule_cfg, Context(rule.name, FLEET, rule.identity, thresholds))
-            findings += outcome.findings
-            notices += outcome.notices
+            result = rule.check(usable, rule_cfg, Context(rule.name, FLEET, rule.identity, thresholds))
+            findings += result.findings
+            notices += result.notices
             if len(usable) == len(snapshot.hosts):
                 judged.add((rule.name, FLEET))
     hold = cfg.for_seconds
