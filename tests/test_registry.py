@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builders import DAY, MIN, T0, alice, h100_host, kinds
 from gpuwatch.cli import build_parser
 from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
 from gpuwatch.model import FleetSnapshot, HostSnapshot
@@ -34,7 +35,6 @@ from gpuwatch.rules import (
 )
 from gpuwatch.rules.base import CheckResult, Context, Finding, HostRule
 from gpuwatch.text import number
-from test_rules import DAY, MIN, T0, alice, h100_host, kinds
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
