@@ -64,6 +64,16 @@ def test_every_rule_has_words_for_what_it_announces() -> None:
             announces=Announces.ALERTS,
             words=Words(),
         )
+    with pytest.raises(ValueError, match=r"rule hot: identity field\(s\) uuid not among"):
+        HostRule(
+            name="hot",
+            parse=parse_power_above,
+            check=power_above,
+            needs=Needs.GPU_DATA,
+            announces=Announces.ALERTS,
+            words=Words(alert=power_above_words),
+            identity=("uuid",),
+        )
 
 
 def test_the_example_config_switches_on_every_rule_of_the_registry(tmp_path: Path) -> None:

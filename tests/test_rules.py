@@ -981,12 +981,11 @@ def test_a_removed_host_resolves_with_nothing_evaluated_and_a_pending_alert_goes
     assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
     assert engine.records["max_gpus_per_user|gpu-d||alice||"].state == "pending"
     # an evaluation that judged nothing changes nothing...
-    assert advance(engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg) == (engine.records, [])
+    nothing = Evaluation(findings=(), notices=(), memory=engine.memory)
+    assert advance(engine.records, nothing, T0 + 6 * MIN, cfg) == (engine.records, [])
     # ...but the daemon's reload between two evaluations resolves what was said about removed hosts
     removed = frozenset({"gpu-b", "gpu-d"})
-    records, transitions = advance(
-        engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg, removed_hosts=removed
-    )
+    records, transitions = advance(engine.records, nothing, T0 + 6 * MIN, cfg, removed_hosts=removed)
     assert [(t.kind, t.record.key.id, t.cause) for t in transitions] == [
         ("resolved", "host_down|gpu-b||||", HOST_REMOVED)
     ]  # gpu-d's alert was only pending: never announced, so nothing to take back

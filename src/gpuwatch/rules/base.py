@@ -218,13 +218,19 @@ class Words:
     alert: Callable[[Reading], AlertWords] | None = None
     notice: Callable[[Notice], str] | None = None
 
-    def cover(self, announces: Announces, rule: str) -> None:
-        """Raise ValueError unless these are words for exactly what the rule announces."""
-        if announces.alerts != (self.alert is not None) or announces.notices != (self.notice is not None):
-            raise ValueError(f"rule {rule}: announces {announces.value} but has words for {self.says()}")
-
     def says(self) -> str:
+        """What these are words for: ``alerts``, ``notices``, ``alerts and notices`` or ``nothing``."""
         return " and ".join(w for w, f in (("alerts", self.alert), ("notices", self.notice)) if f) or "nothing"
+
+
+def _check_declaration(name: str, identity: tuple[str, ...], announces: Announces, words: Words) -> None:
+    """A rule's declaration holds together: its key fields are AlertKey's, and it has words for
+    exactly what it announces. Raises ValueError (a programming error, found when it is declared)."""
+    unknown = sorted(set(identity) - set(KEY_FIELDS))
+    if unknown:
+        raise ValueError(f"rule {name}: identity field(s) {', '.join(unknown)} not among {KEY_FIELDS}")
+    if announces.alerts != (words.alert is not None) or announces.notices != (words.notice is not None):
+        raise ValueError(f"rule {name}: announces {announces.value} but has words for {words.says()}")
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,7 @@ class HostRule(Generic[C]):
     scope: ClassVar[Scope] = Scope.HOST
 
     def __post_init__(self) -> None:
-        self.words.cover(self.announces, self.name)
+        _check_declaration(self.name, self.identity, self.announces, self.words)
 
 
 @dataclass(frozen=True)
@@ -296,7 +302,7 @@ class FleetRule(Generic[C]):
     scope: ClassVar[Scope] = Scope.FLEET
 
     def __post_init__(self) -> None:
-        self.words.cover(self.announces, self.name)
+        _check_declaration(self.name, self.identity, self.announces, self.words)
 
 
 Rule: TypeAlias = HostRule[Any] | FleetRule[Any]

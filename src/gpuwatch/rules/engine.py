@@ -22,9 +22,11 @@ from .registry import RULES
 
 @dataclass(frozen=True)
 class Memory:
-    """What rules remember between results (persisted): rule slot -> host -> a JSON value.
+    """What rules remember between results (persisted): slot -> host -> a JSON value.
 
-    The slots: ``failures`` (host_down), ``gpu_counts`` (gpu_missing), ``gpu_freed``.
+    A rule that remembers declares its slot (``HostRule.memory``): e.g. ``failures`` (host_down),
+    ``gpu_counts`` (gpu_missing), ``ecc_baselines``, ``boot_times``, ``driver_versions``,
+    ``gpu_freed``. Only the rules running (switched on, or learning while off) keep their slots.
     """
 
     slots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -61,11 +63,6 @@ class Evaluation:
     enabled: frozenset[str] = frozenset()  # the rules switched on
     answered: frozenset[str] = frozenset()  # fresh hosts that answered
     all_answered: bool = False  # every host's latest result answered (none stale)
-
-    @classmethod
-    def nothing(cls, memory: Memory) -> Evaluation:
-        """An evaluation that judged nothing (e.g. to resolve a removed host's alerts on a reload)."""
-        return cls(findings=(), notices=(), memory=memory)
 
     def covers(self, key: AlertKey) -> bool:
         """Was this alert's condition actually judged? Only then may its absence resolve it."""
