@@ -158,12 +158,12 @@ def sample_cards() -> list[dict[str, Any]]:
     """An overview and an alert card of a small fleet made of real captures (the README's example)."""
     from datetime import datetime, timezone
 
+    from builders import DAY, T0, Engine, Job, alerts_config, alice, down, h100_host, l40s_host
     from gpuwatch.config import FreeGpuConfig
     from gpuwatch.model import FleetSnapshot
     from gpuwatch.notify.base import Message
     from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
     from gpuwatch.report import alert_message, overview
-    from test_rules import DAY, T0, Engine, Job, alerts_config, alice, down, h100_host, l40s_host
 
     snapshot = FleetSnapshot(
         datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc),

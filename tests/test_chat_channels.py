@@ -18,6 +18,7 @@ from urllib.parse import quote_plus
 import pytest
 import requests
 
+from builders import DAY, T0, Engine, FakeTime, Job, alerts_config, alice, down, h100_host, l40s_host
 from fakechat import FakeDingTalk, FakeReceiver, FakeSlack, FakeWeCom, dingtalk_sign
 from fakefeishu import FakeFeishu, card_problems, seen
 from fakehook import FakeHook, Rendered, render_markdown
@@ -34,8 +35,6 @@ from gpuwatch.notify.webhook import WebhookJsonChannel, WebhookSettings
 from gpuwatch.notify.wecom import WeComChannel, WeComSettings
 from gpuwatch.report import alert_message, free_report, overview, user_report
 from gpuwatch.store import Outbox, open_db
-from test_feishu import FakeTime
-from test_rules import DAY, T0, Engine, Job, alerts_config, alice, down, h100_host, l40s_host
 
 KEYWORD = "GPU"
 SECRET = "SEC7f3a9c0e5b-signing-secret-for-tests"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from builders import FakeTime
 from fakefeishu import DEFAULT_TOKEN, HUGE_ANSWER_BYTES, FakeFeishu, feishu_sign
 from gpuwatch.notify.base import DeliveryError, Message
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings, RateLimiter, explain, redact_url, sign
@@ -29,29 +30,6 @@ KEYWORD = "gpuwatch"
 OPEN_FEISHU_VECTOR = "l1N0gAcBjdwBvGm1xMjOF0XSyaLRpR7tuO5dHfhAYc8="
 SWAPPED_VECTOR = "DkEDUyVoOOJ539qBvUgMyzkzIdRWlf4e/V3Rq+ONJnQ="
 FORMATS = ("text", "post", "card")
-
-
-class FakeTime:
-    """A monotonic clock, a wall clock and a sleep that only moves them (and records delays)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.wall_start = float(int(time.time()))
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def monotonic(self) -> float:
-        with self._lock:
-            return self.now
-
-    def time(self) -> float:
-        with self._lock:
-            return self.wall_start + (self.now - 1000.0)
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
 
 
 @pytest.fixture

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from gpuwatch.config import FreeGpuConfig
 from gpuwatch.fleet import FleetState
 from gpuwatch.model import Gpu, HostErrorKind, HostSnapshot
+from gpuwatch.render import host_dict, no_data_text
+from gpuwatch.report import host_block
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
 
@@ -55,13 +58,13 @@ def test_set_hosts_keeps_results_of_kept_hosts_and_drops_removed_ones() -> None:
     assert [h.name for h in state.snapshot().hosts] == ["c", "a"]
 
 
-def test_readers_get_an_immutable_snapshot_and_can_wait_for_news() -> None:
+def test_readers_get_an_immutable_snapshot_and_see_news_by_the_version() -> None:
     state = FleetState([("a", "a")], poll_every=60)
     version = state.version
     snap = state.snapshot()
     state.update(ok("a"))
     assert snap.hosts[0].error_kind is HostErrorKind.BUSY  # the earlier snapshot did not change
-    assert state.wait_for_change(version, timeout=1) != version
+    assert state.version != version
 
 
 def test_failed_probes_are_counted_per_host_and_kind_and_a_failing_run_knows_its_start() -> None:
@@ -83,3 +86,18 @@ def test_failed_probes_are_counted_per_host_and_kind_and_a_failing_run_knows_its
     assert state.probe_errors()[("a", "unreachable")] == 2  # a counter: it never goes down
     state.set_hosts([("b", "b")])
     assert state.probe_errors() == {}  # a removed host's series go with it
+
+
+def test_a_failed_host_has_one_error_name_in_every_output() -> None:
+    """HostSnapshot.error_name: the kind's value, "error" for a failure without a kind; the probe
+    counts, a report's host block, the status text and the JSON document all say it so."""
+    lost = HostSnapshot.failed("a", "a", HostErrorKind.GPU_LOST, "GPU 0 fell off the bus")
+    unclassified = HostSnapshot(name="b", address="b", ok=False, error="something broke")
+    assert (lost.error_name, unclassified.error_name) == ("gpu_lost", "error")
+    state = FleetState([("a", "a"), ("b", "b")], poll_every=60, now=Clock())
+    state.update(lost)
+    state.update(unclassified)
+    assert state.probe_errors() == {("a", "gpu_lost"): 1, ("b", "error"): 1}
+    assert host_block(unclassified, FreeGpuConfig()) == "b: NO DATA (error): something broke"
+    assert no_data_text(lost, T0) == "DOWN gpu_lost: GPU 0 fell off the bus"
+    assert [host_dict(h)["error_kind"] for h in (lost, unclassified, ok("c"))] == ["gpu_lost", "error", None]

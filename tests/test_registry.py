@@ -1,5 +1,5 @@
 """The rule registry: every place that names rules finds them there, and a rule added the way the
-registry asks (a function, its config, its entry) runs end to end with nothing else changed."""
+registry asks (a function, its config, its words, its entry) runs end to end with nothing else changed."""
 
 from __future__ import annotations
 
@@ -12,13 +12,29 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builders import DAY, MIN, T0, alice, h100_host, kinds
 from gpuwatch.cli import build_parser
 from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
 from gpuwatch.model import FleetSnapshot, HostSnapshot
-from gpuwatch.report import alert_message
-from gpuwatch.rules import RULE_NAMES, RULES, Memory, Needs, Scope, advance, evaluate
-from gpuwatch.rules.base import Context, Finding, HostRule, Outcome
-from test_rules import DAY, MIN, T0, alice, h100_host, kinds
+from gpuwatch.report import alert_message, alert_words
+from gpuwatch.rules import (
+    RULE_NAMES,
+    RULES,
+    AlertKey,
+    AlertRecord,
+    AlertWords,
+    Announces,
+    Memory,
+    Needs,
+    Reading,
+    Scope,
+    Transition,
+    Words,
+    advance,
+    evaluate,
+)
+from gpuwatch.rules.base import CheckResult, Context, Finding, HostRule
+from gpuwatch.text import number
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -27,6 +43,37 @@ def test_the_readme_alerts_table_lists_the_registry_in_its_order() -> None:
     section = README.read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_]+)[:`]", section, re.M)
     assert documented == list(RULE_NAMES)
+
+
+def test_the_readme_alerts_table_says_what_each_rule_announces() -> None:
+    section = README.read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
+    documented = dict(re.findall(r"^\| `([a-z_]+)[:`][^|]*\| (alerts|notices|both) \|", section, re.M))
+    assert documented == {r.name: r.announces.value for r in RULES}
+
+
+def test_every_rule_has_words_for_what_it_announces() -> None:
+    for rule in RULES:
+        assert (rule.words.alert is not None) == rule.announces.alerts, rule.name
+        assert (rule.words.notice is not None) == rule.announces.notices, rule.name
+    with pytest.raises(ValueError, match="rule mute: announces alerts but has words for nothing"):
+        HostRule(
+            name="mute",
+            parse=parse_power_above,
+            check=power_above,
+            needs=Needs.GPU_DATA,
+            announces=Announces.ALERTS,
+            words=Words(),
+        )
+    with pytest.raises(ValueError, match=r"rule hot: identity field\(s\) uuid not among"):
+        HostRule(
+            name="hot",
+            parse=parse_power_above,
+            check=power_above,
+            needs=Needs.GPU_DATA,
+            announces=Announces.ALERTS,
+            words=Words(alert=power_above_words),
+            identity=("uuid",),
+        )
 
 
 def test_the_example_config_switches_on_every_rule_of_the_registry(tmp_path: Path) -> None:
@@ -89,8 +136,8 @@ def parse_power_above(value: object, path: str) -> PowerAbove | None:
     return None if limit is None else PowerAbove(limit)
 
 
-def power_above(host: HostSnapshot, cfg: PowerAbove, ctx: Context) -> Outcome:
-    return Outcome(
+def power_above(host: HostSnapshot, cfg: PowerAbove, ctx: Context) -> CheckResult:
+    return CheckResult(
         tuple(
             Finding(ctx.key(gpu=gpu.index), gpu.power_w, cfg.limit_w, "W")
             for gpu in host.gpus
@@ -99,12 +146,26 @@ def power_above(host: HostSnapshot, cfg: PowerAbove, ctx: Context) -> Outcome:
     )
 
 
+def power_above_words(r: Reading) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} GPU {r.key.gpu} draws {number(r.value, ' W')}",
+        number(r.value, " W"),
+        f"at most {number(r.threshold, ' W')}",
+    )
+
+
 POWER_ABOVE = HostRule(
-    name="power_above", parse=parse_power_above, check=power_above, needs=Needs.GPU_DATA, identity=("gpu",)
+    name="power_above",
+    parse=parse_power_above,
+    check=power_above,
+    needs=Needs.GPU_DATA,
+    announces=Announces.ALERTS,
+    words=Words(alert=power_above_words),
+    identity=("gpu",),
 )
 
 
-def test_a_new_rule_is_a_function_its_config_and_its_entry() -> None:
+def test_a_new_rule_is_a_function_its_config_its_words_and_its_entry() -> None:
     registry = (*RULES, POWER_ABOVE)
     assert POWER_ABOVE.parse(600, "alerts.power_above") == PowerAbove(600)
     with pytest.raises(ConfigError, match=r"alerts\.power_above: 0 is out of range"):
@@ -125,13 +186,22 @@ def test_a_new_rule_is_a_function_its_config_and_its_entry() -> None:
     fired = step(T0, busy)
     assert kinds(fired) == [("firing", "power_above|gpu-a|0|||")]
     assert (fired[0].record.value, fired[0].record.threshold, fired[0].record.unit) == (631.95, 600, "W")
-    message = alert_message(fired, [], {}, tz=timezone.utc)
-    assert message is not None  # words without any change to report.py: its name, where, its numbers
+    message = alert_message(fired, [], {}, tz=timezone.utc, rules=registry)
+    assert message is not None  # its own words, without any change to report.py
     assert message.text.endswith(
         "FIRING power_above (gpu-a, GPU 0)\n"
-        "    power_above (gpu-a, GPU 0): 631.95 W\n"
-        "    now: 631.95 W; threshold: limit 600 W; since 2027-01-15 08:00 UTC\n"
+        "    gpu-a GPU 0 draws 631.95 W\n"
+        "    now: 631.95 W; threshold: at most 600 W; since 2027-01-15 08:00 UTC\n"
         "    mute it: gpuwatch silence add --rule power_above --host gpu-a --gpu 0 --for 24h --comment acknowledged"
     )
     assert step(T0 + MIN, busy) == []
     assert kinds(step(T0 + 2 * MIN, h100_host("gpu-a"))) == [("resolved", "power_above|gpu-a|0|||")]
+
+
+def test_an_alert_of_a_rule_this_gpuwatch_does_not_know_is_said_by_its_name_where_and_numbers() -> None:
+    """E.g. a record stored by a newer gpuwatch, read after a downgrade: never lost for want of words."""
+    record = AlertRecord(AlertKey("power_above", "gpu-a", gpu=0), "firing", T0, 631.95, 600, "W", fired_at=T0)
+    said = alert_words(record)
+    assert said == AlertWords("power_above (gpu-a, GPU 0): 631.95 W", "631.95 W", "limit 600 W")
+    message = alert_message([Transition("firing", record, T0)], [], {}, tz=timezone.utc)
+    assert message is not None and "    power_above (gpu-a, GPU 0): 631.95 W\n" in message.text

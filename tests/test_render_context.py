@@ -8,12 +8,11 @@ import json
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from builders import CONTEXT, T0, Job, h100_host
 from gpuwatch.config import FreeGpuConfig
 from gpuwatch.model import Container, Disk, FleetSnapshot, HostErrorKind, HostSnapshot, SlurmJob
 from gpuwatch.render import fleet_table, snapshot_dict
 from gpuwatch.report import overview, user_report
-from test_rules import T0, Job, h100_host
-from test_rules_host import CONTEXT
 
 JUPYTER = Container(
     "docker",

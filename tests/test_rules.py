@@ -12,15 +12,33 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from builders import (
+    DAY,
+    H100_PIDS,
+    HOUR,
+    MIN,
+    T0,
+    Engine,
+    Job,
+    alerts_config,
+    alice,
+    down,
+    error_host,
+    h100_host,
+    h100_stack,
+    kinds,
+    l40s_host,
+    mig_host,
+    probe_output,
+)
 from fakefeishu import seen
 from fleet import (
     ERR_GPU_LOST,
@@ -28,24 +46,16 @@ from fleet import (
     ERR_UNKNOWN_SPACE,
     ERR_VERSION_MISMATCH,
     ERR_VERSION_MISMATCH_NVML,
-    ERROR_EXIT_CODES,
     H100_IDLE_QUERY,
-    H100_LOAD_APPS,
     H100_LOAD_QUERY,
-    L40S_APPS,
-    L40S_QUERY,
-    MIG_APPS,
-    MIG_QUERY,
     _stack_gpus,
     capture_bytes,
-    capture_pids,
-    gpu_uuid,
 )
-from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, parse_config
-from gpuwatch.model import FleetSnapshot, HostErrorKind, HostSnapshot, PsEntry
+from gpuwatch.config import ConfigError, parse_config
+from gpuwatch.model import HostErrorKind, HostSnapshot
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
-from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
-from gpuwatch.probe import PROBE_MARKER, snapshot_from_output
+from gpuwatch.parse import classify_nvidia_smi_error, parse_query_gpu
+from gpuwatch.probe import snapshot_from_output
 from gpuwatch.report import AlertWords, alert_message, alert_words, notice_text
 from gpuwatch.rules import (
     HOST_REMOVED,
@@ -57,7 +67,6 @@ from gpuwatch.rules import (
     Silence,
     Transition,
     advance,
-    evaluate,
     inhibited,
     silence_check,
 )
@@ -69,181 +78,11 @@ from gpuwatch.store import AlertStore, open_db
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
 UNRELATED_FAILURE = "errors/nvgpuexp-h100-mig-linux-590.48.01-nvlink-s-mig-not-supported.txt"
-T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC
-MIN, HOUR, DAY = 60.0, 3600.0, 86400.0
-H100_PIDS = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]: two memhog, one gpu_burn
-
-
-# ---------------------------------------------------------------- snapshots from real captures
-
-
-@dataclass(frozen=True)
-class Job:
-    """A process ps would report: it takes the next captured compute-app row of its GPU."""
-
-    user: str
-    pid: int
-    gpu: int
-    elapsed: int = 600
-    command: str = "python3 train.py --epochs 90"
-
-    def ps(self) -> PsEntry:
-        return PsEntry(pid=self.pid, user=self.user, elapsed_seconds=self.elapsed, command=self.command)
-
-
-@dataclass(frozen=True)
-class Stacked:
-    """A host's nvidia-smi output stacked from capture rows, and what ps says about its pids."""
-
-    name: str
-    query: str  # --query-gpu CSV
-    apps: str  # --query-compute-apps CSV
-    ps: dict[int, PsEntry]
-
-    def snapshot(self) -> HostSnapshot:
-        gpus, issues = parse_query_gpu(self.query)
-        assert issues == []
-        apps, issues = parse_compute_apps(self.apps)
-        assert issues == []
-        processes = attribute(gpus, apps, self.ps)
-        return HostSnapshot(name=self.name, address=self.name, ok=True, gpus=tuple(gpus), processes=processes)
-
-
-def _stack(name: str, rows: Sequence[tuple[str, int]], apps: Sequence[tuple[str, int]], jobs: Iterable[Job]) -> Stacked:
-    """GPUs and compute apps stacked from capture rows (tests/fleet.py). Job k of a GPU takes that
-    GPU's k-th captured process row: its pid cell is rewritten, as the stand-in's ``pids`` file does.
-    Rows no job takes keep their captured pid, which ps does not see (owner unknown)."""
-    query, compute_apps, _ = _stack_gpus(Path(name), rows, apps)
-    header, *lines = compute_apps.splitlines()
-    columns = [cell.split(" [", 1)[0] for cell in header.split(", ")]
-    pid_col, uuid_col = columns.index("pid"), columns.index("gpu_uuid")
-    by_uuid = {gpu_uuid(Path(name), i): i for i in range(len(rows))}
-    per_gpu: dict[int, list[Job]] = {}
-    for job in jobs:
-        per_gpu.setdefault(job.gpu, []).append(job)
-    taken: dict[int, int] = {}
-    out, ps = [header], {}
-    for line in lines:
-        cells = line.split(", ")  # pid and gpu_uuid come before process_name in these captures
-        gpu = by_uuid[cells[uuid_col]]
-        k = taken[gpu] = taken.get(gpu, -1) + 1
-        mine = per_gpu.get(gpu, [])
-        if k < len(mine):
-            cells[pid_col] = str(mine[k].pid)
-            ps[mine[k].pid] = mine[k].ps()
-        out.append(", ".join(cells))
-    return Stacked(name, query, "\n".join(out) + "\n", ps)
-
-
-def h100_stack(name: str, jobs: Iterable[Job] = (), n_gpus: int = 4) -> Stacked:
-    """An H100 box: a GPU with jobs replays the real *load* rows (100 %, 19818 MiB, 59 C, and the
-    capture's three processes), the others the real *idle* row (0 %, 0 MiB, 41 C, no process)."""
-    jobs = list(jobs)
-    busy = sorted({j.gpu for j in jobs})
-    rows = [((H100_LOAD_QUERY if i in busy else H100_IDLE_QUERY), 0) for i in range(n_gpus)]
-    return _stack(name, rows, [(H100_LOAD_APPS, g) for g in busy], jobs)
-
-
-def h100_host(name: str, jobs: Iterable[Job] = (), n_gpus: int = 4) -> HostSnapshot:
-    return h100_stack(name, jobs, n_gpus).snapshot()
-
-
-def l40s_host(name: str, jobs: Iterable[Job] = ()) -> HostSnapshot:
-    """One L40S under a light load (9 %, 1235 MiB held, two ffmpeg processes)."""
-    return _stack(name, [(L40S_QUERY, 0)], [(L40S_APPS, 0)], jobs).snapshot()
-
-
-def mig_host(name: str, jobs: Iterable[Job] = ()) -> HostSnapshot:
-    """One H100 in MIG mode: utilization [N/A], 11125 MiB held, three processes."""
-    return _stack(name, [(MIG_QUERY, 0)], [(MIG_APPS, 0)], jobs).snapshot()
-
-
-def error_host(name: str, capture: str) -> HostSnapshot:
-    """A host whose nvidia-smi printed a real error capture (classified as the probe does)."""
-    issue = classify_nvidia_smi_error(capture_bytes(capture).decode(), ERROR_EXIT_CODES.get(capture, 255))
-    assert issue is not None
-    return HostSnapshot.failed(name, name, issue.kind, issue.message)
-
-
-def down(name: str) -> HostSnapshot:
-    return HostSnapshot.failed(
-        name, name, HostErrorKind.UNREACHABLE, f"connection refused by {name}:22 (is sshd running on that port?)"
-    )
-
-
-def probe_output(host: Stacked, *, apps_exit: int = 0, ps_exit: int | None = 0, ps_text: str | None = None) -> str:
-    """What the probe script prints for ``host``, with the exit status of its compute-apps and ps
-    steps chosen: to make a host that answers, but only in part (probe.snapshot_from_output reads it)."""
-    apps = "" if apps_exit != 0 else host.apps
-    if ps_text is None:
-        ps_text = "".join(f"{e.pid:>7} {e.user:<64} {e.elapsed_seconds:>8} {e.command}\n" for e in host.ps.values())
-    lines = [PROBE_MARKER, "@@begin gpu", host.query, "@@end gpu 0", "@@begin apps", apps, f"@@end apps {apps_exit}"]
-    lines += ["@@begin ps", ps_text]
-    if ps_exit is not None:
-        lines.append(f"@@end ps {ps_exit}")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- the engine with an explicit clock
-
-
-def alerts_config(**alerts: Any) -> AlertsConfig:
-    """AlertsConfig exactly as the config file's ``alerts:`` section would give it."""
-    return parse_config({"hosts": ["gpu-a"], "alerts": alerts}).alerts
-
-
-class Engine:
-    """evaluate() + advance() poll after poll, as the daemon runs them, with persistence optional."""
-
-    def __init__(self, cfg: AlertsConfig, *, free: FreeGpuConfig = FreeGpuConfig(), store: AlertStore | None = None):
-        self.cfg = cfg
-        self.free = free
-        self.store = store
-        self.records: dict[str, AlertRecord] = {}
-        self.memory = Memory()
-        self.silences: list[Silence] = []
-        self.notices: list[Notice] = []
-
-    def step(
-        self,
-        now: float,
-        *hosts: HostSnapshot,
-        fresh: Iterable[str] | None = None,
-        removed: Iterable[str] = (),
-    ) -> list[Transition]:
-        """One evaluation of the fleet state ``hosts``; ``fresh``: the hosts with a new result (all
-        when None); ``removed``: hosts just removed from the config."""
-        if self.store is not None:
-            self.records, self.memory = self.store.records(), self.store.memory()
-            self.silences = self.store.silences(now)
-        snapshot = FleetSnapshot(taken_at=datetime.fromtimestamp(now, timezone.utc), hosts=hosts)
-        new = None if fresh is None else frozenset(fresh)
-        evaluation = evaluate(snapshot, self.cfg, self.memory, self.free, new)
-        gone = frozenset(removed)
-        self.records, transitions = advance(
-            self.records, evaluation, now, self.cfg, silence_check(self.silences), removed_hosts=gone
-        )
-        self.memory = evaluation.memory.forget(gone)
-        self.notices = list(evaluation.notices)
-        if self.store is not None:
-            self.store.save(self.records, self.memory)
-        return transitions
-
-    def firing(self) -> list[str]:
-        return sorted(k for k, r in self.records.items() if r.state == "firing")
 
 
 def said(record: AlertRecord) -> AlertWords:
-    """The words report.py makes of an alert (the rules give numbers and facts)."""
+    """The words of an alert: its rule's, from the numbers and facts its check gave."""
     return alert_words(record)
-
-
-def kinds(transitions: Iterable[Transition]) -> list[tuple[str, str]]:
-    return sorted((t.kind, t.record.key.id) for t in transitions)
-
-
-def alice(gpus: Iterable[int], elapsed: int = 600, first_pid: int = 4100) -> list[Job]:
-    return [Job("alice", first_pid + g, g, elapsed) for g in gpus]
 
 
 # ---------------------------------------------------------------- the builders themselves
@@ -1142,12 +981,11 @@ def test_a_removed_host_resolves_with_nothing_evaluated_and_a_pending_alert_goes
     assert kinds(fired) == [("firing", "host_down|gpu-b||||")]
     assert engine.records["max_gpus_per_user|gpu-d||alice||"].state == "pending"
     # an evaluation that judged nothing changes nothing...
-    assert advance(engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg) == (engine.records, [])
+    nothing = Evaluation(findings=(), notices=(), memory=engine.memory)
+    assert advance(engine.records, nothing, T0 + 6 * MIN, cfg) == (engine.records, [])
     # ...but the daemon's reload between two evaluations resolves what was said about removed hosts
     removed = frozenset({"gpu-b", "gpu-d"})
-    records, transitions = advance(
-        engine.records, Evaluation.nothing(engine.memory), T0 + 6 * MIN, cfg, removed_hosts=removed
-    )
+    records, transitions = advance(engine.records, nothing, T0 + 6 * MIN, cfg, removed_hosts=removed)
     assert [(t.kind, t.record.key.id, t.cause) for t in transitions] == [
         ("resolved", "host_down|gpu-b||||", HOST_REMOVED)
     ]  # gpu-d's alert was only pending: never announced, so nothing to take back

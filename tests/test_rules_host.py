@@ -2,7 +2,7 @@
 host_rebooted, driver_changed, ecc_errors, row_remap_pending, gpu_throttled), and "GPUs per user"
 counted by the person behind each process. Same lifecycle, silences and routes as the other rules.
 
-GPU rows are the real captures (tests/test_rules.py builders; their health fields are the captures'
+GPU rows are the real captures (tests/builders.py; their health fields are the captures'
 own); a reading a capture cannot show (an ECC error, a full disk) is set on the parsed record, and
 the end-to-end tests (tests/test_attribution_e2e.py) fill a real disk."""
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
+from builders import CONTEXT, DAY, MIN, T0, Engine, Job, alice, error_host, h100_host, kinds
 from fleet import ERR_VERSION_MISMATCH, ERR_VERSION_MISMATCH_NVML, capture_bytes
 from gpuwatch import probe
 from gpuwatch.config import AlertsConfig, ConfigError, parse_config
 from gpuwatch.daemon import Daemon
-from gpuwatch.model import Container, Disk, FleetSnapshot, HostContext, HostSnapshot, SlurmJob
+from gpuwatch.model import Container, Disk, FleetSnapshot, HostSnapshot, SlurmJob
 from gpuwatch.notify.base import Message
 from gpuwatch.poll import Poller
 from gpuwatch.report import alert_message, notice_text
@@ -29,24 +30,6 @@ from gpuwatch.rules.context import Threshold
 from gpuwatch.rules.health import EccErrors, GpuThrottled
 from gpuwatch.rules.users import GpuLimit
 from gpuwatch.store import AlertStore, Outbox, open_db
-from test_rules import DAY, MIN, T0, Engine, Job, alice, error_host, h100_host, kinds
-
-CONTEXT = HostContext(
-    load_1m=1.0,
-    load_5m=1.0,
-    load_15m=1.0,
-    cpus=8,
-    memory_total_kib=64 * 1024 * 1024,
-    memory_available_kib=48 * 1024 * 1024,
-    swap_total_kib=0,
-    swap_free_kib=0,
-    uptime_seconds=3600.0,
-    boot_time=1_799_996_400,
-    kernel="6.8.0-45-generic",
-    driver_version="590.48.01",
-    disks=(Disk("/", "ext4", 1000, 400, 600, 40, ("/", "/home", "/tmp")),),
-    disks_known=True,
-)
 
 
 def with_context(host: HostSnapshot, **changes: object) -> HostSnapshot:

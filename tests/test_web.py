@@ -25,7 +25,7 @@ from gpuwatch.metrics import build_registry
 from gpuwatch.model import HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
 from gpuwatch.render import snapshot_dict
-from gpuwatch.rules import AlertKey, AlertRecord
+from gpuwatch.rules import RULES, AlertKey, AlertRecord
 from gpuwatch.store import AlertStore, Outbox, StoreReader, open_db
 from gpuwatch.web import Query, WebApp, page_view
 
@@ -388,6 +388,21 @@ def test_metrics_read_the_alert_state_and_outbox_and_register_nothing_globally(t
     assert found[("gpuwatch_outbox_messages", (("channel", "email"),))] == 1
     store.close()
     assert not [m for m in prometheus_client.REGISTRY.collect() if m.name.startswith("gpuwatch")]
+
+
+def test_a_notice_only_rule_never_shows_as_an_alert_series(tmp_path: Path) -> None:
+    """host_rebooted, driver_changed and gpu_freed send notices, never alerts: switched on, they have
+    no gpuwatch_alerts_firing series (an always-zero one would say they could fire)."""
+    open_db(tmp_path / "state").close()
+    alerts = {"host_down": {"after": 3}, "host_rebooted": True, "driver_changed": True, "gpu_freed": {"users": ["al"]}}
+    cfg = parse_config({"hosts": ["gpu-a"], "state_dir": str(tmp_path / "state"), "alerts": alerts})
+    store = StoreReader(tmp_path / "state")
+    found = samples(prometheus_client.generate_latest(build_registry(fleet(Clock()), lambda: cfg, store)).decode())
+    store.close()
+    series = sorted(dict(labels)["rule"] for name, labels in found if name == "gpuwatch_alerts_firing")
+    assert series == ["host_down"]
+    notice_only = sorted(r.name for r in RULES if not r.announces.alerts)
+    assert notice_only == ["driver_changed", "gpu_freed", "host_rebooted"]
 
 
 # ---------------------------------------------------------------- config

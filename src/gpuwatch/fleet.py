@@ -1,8 +1,8 @@
 """The one fleet state every reader shares: the latest result of each host, with its age.
 
 Hosts are polled on their own clocks (``poll.Poller.start``) and each result is handed to
-:meth:`FleetState.update` as it arrives. Readers (reports, alert rules, ``status``, later the web
-page and ``/metrics``) call :meth:`FleetState.snapshot` and get an immutable
+:meth:`FleetState.update` as it arrives. Readers (reports, alert rules, ``status``, the web page
+and ``/metrics``) call :meth:`FleetState.snapshot` and get an immutable
 :class:`~gpuwatch.model.FleetSnapshot`; no reader ever causes a poll. A host whose latest result
 is older than ``STALE_AFTER_POLLS`` poll intervals comes back marked ``stale``: shown with its
 age, never as current and never as free.
@@ -54,7 +54,6 @@ class FleetState:
         self._last_ok: dict[str, datetime] = {}
         self._failing_since: dict[str, datetime] = {}
         self._errors: dict[str, Counter[str]] = {}
-        self._changed = threading.Condition(self._lock)
         self.set_hosts(hosts, poll_every)
 
     @property
@@ -84,7 +83,6 @@ class FleetState:
                     self._latest[name] = not_polled_yet(name, address)
             self._order = names
             self._version += 1
-            self._changed.notify_all()
             return removed
 
     def update(self, host: HostSnapshot) -> None:
@@ -102,21 +100,13 @@ class FleetState:
                 self._failing_since.pop(host.name, None)
             else:
                 self._failing_since.setdefault(host.name, host.taken_at)
-                kind = host.error_kind.value if host.error_kind else "error"
-                self._errors.setdefault(host.name, Counter())[kind] += 1
+                self._errors.setdefault(host.name, Counter())[host.error_name] += 1
             self._version += 1
-            self._changed.notify_all()
 
     @property
     def version(self) -> int:
         """Grows with every update: a cheap way for a reader to see that something changed."""
         with self._lock:
-            return self._version
-
-    def wait_for_change(self, version: int, timeout: float) -> int:
-        """Block until the version differs from ``version`` or ``timeout`` passes; the version now."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._version != version, timeout=timeout)
             return self._version
 
     def probe_errors(self) -> dict[tuple[str, str], int]:

@@ -24,6 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 from .config import Config
 from .fleet import FleetState
 from .model import FleetSnapshot, Gpu, HostSnapshot
+from .rules import BY_NAME
 from .store import StoreReader
 from .summary import users_on
 from .text import UNKNOWN
@@ -35,8 +36,6 @@ GPU_LABELS = ("host", "gpu", "uuid", "model")
 
 # A firing alert record's state (rules.lifecycle.AlertRecord.state).
 FIRING = "firing"
-# Rules that send notices, never alerts: no gpuwatch_alerts_firing series of their own.
-NOTICE_RULES = frozenset({"gpu_freed"})
 
 
 def channel_names(config: Config) -> list[str]:
@@ -147,7 +146,8 @@ class FleetCollector:
         firing = GaugeMetricFamily(
             "gpuwatch_alerts_firing", "Alerts firing now, silenced ones included", labels=["rule"]
         )
-        counts = dict.fromkeys((r for r in config.alerts.rules if r not in NOTICE_RULES), 0)
+        # A series for every rule switched on that announces alerts; a notice-only rule has none.
+        counts = dict.fromkeys((r for r in config.alerts.rules if r in BY_NAME and BY_NAME[r].announces.alerts), 0)
         for record in records.values():
             if record.state == FIRING:
                 counts[record.key.rule] = counts.get(record.key.rule, 0) + 1

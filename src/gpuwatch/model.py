@@ -283,6 +283,13 @@ class HostSnapshot:
         )
 
     @property
+    def error_name(self) -> str:
+        """The name of why this host gave no GPU data, in every output (text, JSON, logs, metric
+        labels): its ``HostErrorKind`` value, or ``error`` for a failure without a kind. Says
+        something only about a host that did not answer (``ok`` False)."""
+        return self.error_kind.value if self.error_kind is not None else "error"
+
+    @property
     def current(self) -> bool:
         """Answered, and recently: only a current host's GPUs can be called free or busy."""
         return self.ok and not self.stale

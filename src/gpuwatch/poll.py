@@ -95,7 +95,7 @@ def outcome(host: HostSnapshot) -> str:
     secs = f"{host.probe_seconds:.2f}s" if host.probe_seconds is not None else "?"
     if host.ok:
         return f"{host.name} ok ({plural(len(host.gpus), 'GPU')}, {secs})"
-    return f"{host.name} {host.error_kind.value if host.error_kind else 'failed'} ({secs})"
+    return f"{host.name} {host.error_name} ({secs})"
 
 
 def phase(name: str) -> float:
@@ -242,7 +242,7 @@ class _Clock:
                 break
             log.info("poll: %s", outcome(result))
             if not result.ok:
-                log.info("poll: %s: %s: %s", name, result.error_kind.value if result.error_kind else "?", result.error)
+                log.info("poll: %s: %s: %s", name, result.error_name, result.error)
             try:
                 self.on_result(result)
             except Exception:
@@ -299,7 +299,7 @@ class Poller:
             ", ".join(outcome(h) for h in snapshot.hosts),
         )
         for host in snapshot.down:
-            log.info("poll: %s: %s: %s", host.name, host.error_kind.value if host.error_kind else "?", host.error)
+            log.info("poll: %s: %s: %s", host.name, host.error_name, host.error)
         return snapshot
 
     # -- the daemon: each host on its own clock

@@ -24,7 +24,7 @@ from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
 
 def no_data_text(host: HostSnapshot, now: datetime) -> str:
     """Why a host has no current data, for people: down with its reason, or stale with its age."""
-    kind = host.error_kind.value if host.error_kind else "error"
+    kind = host.error_name
     if not host.stale:
         return f"DOWN {kind}: {host.error}"
     age = host.age_seconds(now)
@@ -214,7 +214,7 @@ def host_dict(host: HostSnapshot, thresholds: FreeGpuConfig | None = None) -> di
         "address": host.address,
         "ok": host.ok,
         "error": host.error,
-        "error_kind": host.error_kind.value if host.error_kind else None,
+        "error_kind": None if host.ok else host.error_name,
         "probe_seconds": None if host.probe_seconds is None else round(host.probe_seconds, 3),
         "taken_at": _iso(host.taken_at),
         "stale": host.stale,

@@ -4,8 +4,8 @@ Reports: the overview, one user's processes, the free GPUs. Each host is one blo
 that splits a long report never cuts a host in half. A host that did not answer is always listed
 with its reason: a report never lets a dead host look like an idle one.
 
-Alerts: the rules give numbers and facts (rules.Finding); the words of each rule are made here.
-The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
+Alerts: the rules give numbers and facts (rules.Finding) and declare their words (rules.Words);
+here they are laid out. The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
 0-7"), and each firing entry ends with the ``gpuwatch silence add`` line that mutes exactly it.
 
 Every message also carries its content as structure (``Message.body``: a section per host or
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import itertools
 import shlex
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .notify.base import Body, Message, Row, Section
-from .rules import FLEET, GPU_ERROR_KINDS, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
+from .rules import FLEET, HOST_REMOVED, RULES, AlertKey, AlertRecord, AlertWords, Notice, Rule, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
-from .text import UNKNOWN, format_duration, local_time, number, plural, quantity, size_kib
+from .text import UNKNOWN, format_duration, local_time, number, plural, quantity
 
 MAX_COMMAND_CHARS = 120
 
@@ -37,7 +36,6 @@ SILENCE_FOR = "24h"
 SILENCE_COMMENT = "acknowledged"
 # At most this many alerts are listed in one entry; the rest are counted (gpuwatch alerts lists all).
 MAX_ENTRY_LINES = 20
-_GPU_ERROR_VALUES = frozenset(kind.value for kind in GPU_ERROR_KINDS)
 
 
 def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
@@ -46,7 +44,7 @@ def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
 
 
 def _down_line(host: HostSnapshot, now: datetime | None = None) -> str:
-    kind = host.error_kind.value if host.error_kind else "error"
+    kind = host.error_name
     if host.stale and now is not None:
         last = plural(len(host.gpus), "GPU") if host.ok else f"{kind}: {host.error}"
         return f"{host.name}: STALE, no new result for {format_duration(host.age_seconds(now))} (last: {last})"
@@ -187,154 +185,6 @@ _LABELS = {"firing": "FIRING", "reminder": "STILL FIRING", "resolved": "RESOLVED
 _CAUSES = {HOST_REMOVED: "removed from the config"}
 
 
-@dataclass(frozen=True)
-class AlertWords:
-    """An alert said for people: what, where and who; the reading now; the limit."""
-
-    summary: str
-    value: str
-    threshold: str
-
-
-def _max_gpus_per_user(r: AlertRecord) -> AlertWords:
-    gpus = ", ".join(str(g) for g in r.facts.get("gpus", []))
-    return AlertWords(
-        f"{r.key.user} holds {quantity(r.value, 'GPUs')} on {r.key.host} (GPU {gpus})",
-        quantity(r.value, "GPUs"),
-        f"at most {number(r.threshold)} per host",
-    )
-
-
-def _max_gpus_per_user_fleet(r: AlertRecord) -> AlertWords:
-    hosts = ", ".join(r.facts.get("hosts", []))
-    return AlertWords(
-        f"{r.key.user} holds {quantity(r.value, 'GPUs')} across the fleet ({hosts})",
-        quantity(r.value, "GPUs"),
-        f"at most {number(r.threshold)} in the fleet",
-    )
-
-
-def _max_runtime(r: AlertRecord) -> AlertWords:
-    who = r.key.user or "an unknown user"
-    command = str(r.facts.get("command", ""))[:80]
-    if r.facts.get("context"):
-        command += f"; {r.facts['context']}"
-    return AlertWords(
-        f"{who}'s process {r.key.pid} ({command}) on {r.key.host} GPU {number(r.facts.get('gpu'))} "
-        f"has run {format_duration(r.value)}",
-        format_duration(r.value),
-        f"at most {format_duration(r.threshold)}",
-    )
-
-
-def _idle_gpu(r: AlertRecord) -> AlertWords:
-    used = number(r.facts.get("memory_used_mib"))
-    who = ", ".join(r.facts.get("owners", [])) or "no visible process"
-    return AlertWords(
-        f"{r.key.host} GPU {r.key.gpu} holds {used} MiB at {number(r.value, '%')} utilization ({who})",
-        f"{number(r.value, '%')}, {used} MiB",
-        f"idle (<{number(r.threshold, '%')}) with >{number(r.facts.get('memory_above_mib'))} MiB "
-        f"for {format_duration(r.facts.get('after'))}",
-    )
-
-
-def _host_down(r: AlertRecord) -> AlertWords:
-    if r.facts.get("error_kind") in _GPU_ERROR_VALUES:  # it answered; its GPUs did not (gpu_error is off)
-        summary = f"{r.key.host} answers, but no GPU data for {quantity(r.value, 'polls')}: {r.facts.get('error')}"
-    else:
-        summary = f"{r.key.host} has not answered for {quantity(r.value, 'polls')}: {r.facts.get('error')}"
-    return AlertWords(
-        summary,
-        quantity(r.value, "failed polls"),
-        f"alert after {number(r.threshold)}",
-    )
-
-
-def _gpu_missing(r: AlertRecord) -> AlertWords:
-    fewer = UNKNOWN if r.value is None or r.threshold is None else number(r.threshold - r.value)
-    return AlertWords(
-        f"{r.key.host} reports {quantity(r.value, 'GPUs')}, {fewer} fewer than the {number(r.threshold)} it had",
-        quantity(r.value, "GPUs"),
-        f"{quantity(r.threshold, 'GPUs')} seen before",
-    )
-
-
-def _gpu_error(r: AlertRecord) -> AlertWords:
-    return AlertWords(f"{r.key.host}: {r.facts.get('error')}", r.key.detail or "error", "no GPU error")
-
-
-def _temperature_above(r: AlertRecord) -> AlertWords:
-    return AlertWords(
-        f"{r.key.host} GPU {r.key.gpu} is at {number(r.value, '°C')}",
-        number(r.value, "°C"),
-        f"at most {number(r.threshold, '°C')}",
-    )
-
-
-def _gpu_named(r: AlertRecord) -> str:
-    name = r.facts.get("gpu_name")
-    return f"{r.key.host} GPU {r.key.gpu}" + (f" ({name})" if name else "")
-
-
-def _ecc_errors(r: AlertRecord) -> AlertWords:
-    volatile, aggregate = r.facts.get("volatile"), r.facts.get("aggregate")
-    return AlertWords(
-        f"{_gpu_named(r)} has uncorrectable ECC errors: {number(volatile)} since the driver loaded, "
-        f"{number(aggregate)} in its lifetime (was {number(r.facts.get('baseline'))}); its memory may be "
-        "failing: drain it and reset the GPU or reboot",
-        quantity(r.value, "errors"),
-        "no new uncorrectable error",
-    )
-
-
-def _row_remap_pending(r: AlertRecord) -> AlertWords:
-    if r.facts.get("failure"):
-        what = "has no spare memory rows left (remapped_rows.failure): the GPU needs service"
-    else:
-        pending = " and ".join(str(p).replace("_", " ") for p in r.facts.get("pending", []))
-        what = f"has {pending} waiting to be remapped: reset the GPU (or reboot) when it is free"
-    return AlertWords(f"{_gpu_named(r)} {what}", "pending" if not r.facts.get("failure") else "failure", "none")
-
-
-def _gpu_throttled(r: AlertRecord) -> AlertWords:
-    reasons = ", ".join(str(x).replace("_", " ") for x in r.facts.get("reasons", []))
-    return AlertWords(
-        f"{_gpu_named(r)} is slowed down by the hardware ({reasons}): check cooling and power",
-        reasons,
-        f"no hardware slowdown for {format_duration(r.facts.get('for'))}",
-    )
-
-
-def _disk_above(r: AlertRecord) -> AlertWords:
-    paths = [p for p in r.facts.get("paths", []) if p != r.key.detail]
-    on = f" (holds {', '.join(paths)})" if paths else ""
-    return AlertWords(
-        f"{r.key.host} disk {r.key.detail}{on} is {number(r.value, '%')} full, "
-        f"{size_kib(r.facts.get('available_kib'))} free of {size_kib(r.facts.get('size_kib'))}",
-        number(r.value, "%"),
-        f"at most {number(r.threshold, '%')}",
-    )
-
-
-def _memory_above(r: AlertRecord) -> AlertWords:
-    return AlertWords(
-        f"{r.key.host} memory is {number(r.value, '%')} used "
-        f"({size_kib(r.facts.get('used_kib'))} of {size_kib(r.facts.get('total_kib'))}; "
-        f"swap {size_kib(r.facts.get('swap_used_kib'))} of {size_kib(r.facts.get('swap_total_kib'))})",
-        number(r.value, "%"),
-        f"at most {number(r.threshold, '%')}",
-    )
-
-
-def _load_above(r: AlertRecord) -> AlertWords:
-    return AlertWords(
-        f"{r.key.host} load is {number(r.facts.get('load_5m'))} on {number(r.facts.get('cpus'))} CPUs "
-        f"({number(r.value)} per CPU, 5-minute average)",
-        f"{number(r.value)} per CPU",
-        f"at most {number(r.threshold)} per CPU",
-    )
-
-
 def _any_rule(r: AlertRecord) -> AlertWords:
     """A rule without words of its own: its name, where, and its numbers."""
     return AlertWords(
@@ -344,62 +194,28 @@ def _any_rule(r: AlertRecord) -> AlertWords:
     )
 
 
-_WORDS: Mapping[str, Callable[[AlertRecord], AlertWords]] = {
-    "max_gpus_per_user": _max_gpus_per_user,
-    "max_gpus_per_user_fleet": _max_gpus_per_user_fleet,
-    "max_runtime": _max_runtime,
-    "idle_gpu": _idle_gpu,
-    "host_down": _host_down,
-    "gpu_missing": _gpu_missing,
-    "gpu_error": _gpu_error,
-    "temperature_above": _temperature_above,
-    "ecc_errors": _ecc_errors,
-    "row_remap_pending": _row_remap_pending,
-    "gpu_throttled": _gpu_throttled,
-    "disk_above": _disk_above,
-    "memory_above": _memory_above,
-    "load_above": _load_above,
-}
+def _rule(name: str, rules: Sequence[Rule]) -> Rule | None:
+    return next((r for r in rules if r.name == name), None)
 
 
-def alert_words(record: AlertRecord) -> AlertWords:
-    """The words of an alert, from its rule's numbers and facts (or, for a record saved by an older
-    gpuwatch, the words it saved)."""
+def alert_words(record: AlertRecord, rules: Sequence[Rule] = RULES) -> AlertWords:
+    """The words of an alert, said by its rule (``rules``: the registry; a test may add one) from
+    its numbers and facts; for a record saved by an older gpuwatch, the words it saved; for a rule
+    this gpuwatch does not know, its name, where, and its numbers."""
     if record.words is not None:
         return AlertWords(
             record.words.get("summary", ""), record.words.get("value", ""), record.words.get("threshold", "")
         )
-    return _WORDS.get(record.key.rule, _any_rule)(record)
+    rule = _rule(record.key.rule, rules)
+    say = rule.words.alert if rule is not None else None
+    return say(record) if say is not None else _any_rule(record)
 
 
-def notice_text(notice: Notice) -> str:
-    """The words of a gpu_freed notice."""
-    if notice.kind == "gpu_free":
-        return f"{notice.host} GPU {notice.gpu} ({notice.facts.get('gpu_name') or 'GPU'}) is free now"
-    if notice.kind == "job_ended":
-        f = notice.facts
-        runtime = f.get("runtime")
-        ran = "" if runtime is None else f" (ran at least {format_duration(runtime)})"
-        job = f"{f.get('user')}'s job {f.get('pid')} ({f.get('command', '')})"
-        return f"{job} on {notice.host} GPU {number(notice.gpu)} has ended{ran}"
-    f = notice.facts
-    if notice.kind == "host_rebooted":
-        return (
-            f"{notice.host} rebooted at {local_time(f.get('boot_time'))} "
-            f"(up {format_duration(f.get('uptime_seconds'))}; "
-            f"the boot before was {local_time(f.get('previous_boot_time'))}): jobs running then were lost"
-        )
-    if notice.kind == "driver_changed":
-        text = f"{notice.host}: the NVIDIA driver changed from {f.get('from')} to {f.get('to')}"
-        if f.get("mismatch"):
-            text += "; the host now shows a driver/library mismatch: the old kernel module is still loaded, reboot it"
-        return text
-    if notice.kind == "driver_mismatch":
-        return (
-            f"{notice.host} shows a driver/library mismatch after running driver {f.get('from')}: the driver was "
-            "upgraded while the old kernel module is still loaded; reboot the host (jobs on its GPUs have stopped)"
-        )
-    return f"{notice.kind} on {notice.host}"
+def notice_text(notice: Notice, rules: Sequence[Rule] = RULES) -> str:
+    """The words of a notice, said by the rule that sent it."""
+    rule = _rule(notice.rule, rules)
+    say = rule.words.notice if rule is not None else None
+    return say(notice) if say is not None else f"{notice.kind.value} on {notice.host}"
 
 
 def _where(key: AlertKey) -> str:
@@ -474,15 +290,16 @@ def _entry_key(t: Transition) -> tuple[str, str, str, str]:
     return (t.kind, t.record.key.rule, t.record.key.host, t.cause or "")
 
 
-def alert_block(t: Transition, tz: tzinfo | None = None, config_path: str | None = None) -> str:
-    """One alert as an entry of a message."""
-    return alert_entry([t], tz, config_path)
-
-
-def alert_entry(entry: Sequence[Transition], tz: tzinfo | None = None, config_path: str | None = None) -> str:
+def alert_entry(
+    entry: Sequence[Transition],
+    tz: tzinfo | None = None,
+    config_path: str | None = None,
+    *,
+    rules: Sequence[Rule] = RULES,
+) -> str:
     """The transitions of one kind, rule and host (and cause) as one entry of a message: a head
-    saying what and where, a line per alert, the threshold and times, and for firing ones the
-    line that silences them."""
+    saying what and where, a line per alert in its rule's words, the threshold and times, and for
+    firing ones the line that silences them."""
     t = entry[0]
     r = t.record
     label = _LABELS.get(t.kind, t.kind.upper())
@@ -493,7 +310,7 @@ def alert_entry(entry: Sequence[Transition], tz: tzinfo | None = None, config_pa
         head = f"{label} {r.key.rule} on {where}: {_members([x.record.key for x in entry])}"
     if t.cause is not None:
         head += f": {_CAUSES.get(t.cause, t.cause)}"
-    said = [alert_words(x.record) for x in entry]
+    said = [alert_words(x.record, rules) for x in entry]
     threshold = "; ".join(dict.fromkeys(w.threshold for w in said))
     prefix = "was: " if t.kind == "resolved" else ""
     lines = [head, *(f"    {prefix}{w.summary}" for w in said[:MAX_ENTRY_LINES])]
@@ -521,10 +338,13 @@ def alert_message(
     mentions: Mapping[str, str],
     tz: tzinfo | None = None,
     config_path: str | None = None,
+    *,
+    rules: Sequence[Rule] = RULES,
 ) -> Message | None:
     """New, reminded and resolved alerts and notices of one cycle, grouped in one message: the
     alerts of one rule on one host are one entry. ``config_path``: the config file the daemon
-    runs with, named in the silence lines (so they work from any directory)."""
+    runs with, named in the silence lines (so they work from any directory). ``rules``: the
+    registry whose words say them (a test may add a rule)."""
     if not transitions and not notices:
         return None
     order = {"firing": 0, "reminder": 1, "resolved": 2}
@@ -535,8 +355,8 @@ def alert_message(
     counts += [f"{resolved} resolved"] if resolved else []
     counts += [plural(len(notices), "notice")] if notices else []
     entries = [list(group) for _, group in itertools.groupby(ordered, key=_entry_key)]
-    blocks = [alert_entry(entry, tz, config_path) for entry in entries]
-    blocks += [f"NOTICE {notice_text(n)}" for n in notices]
+    blocks = [alert_entry(entry, tz, config_path, rules=rules) for entry in entries]
+    blocks += [f"NOTICE {notice_text(n, rules)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]
     open_ids = tuple(dict.fromkeys(mentions[u] for u in users if u in mentions))

@@ -241,7 +241,7 @@ def problem_view(host: HostSnapshot, now: datetime) -> ProblemView:
         name=host.name,
         address=host.address,
         state="down",
-        kind=host.error_kind.value if host.error_kind else "error",
+        kind=host.error_name,
         reason=host.error or "",
         since=local_time(since),
         since_ts=_ts(since),

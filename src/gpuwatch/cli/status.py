@@ -179,7 +179,7 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
             for issue in snap.warnings:
                 out.write(f"  warning: {issue.message}\n")
             continue
-        kind = snap.error_kind.value if snap.error_kind else "error"
+        kind = snap.error_name
         failed.append(f"{snap.name} ({kind})")
         out.write(f"{snap.name}: FAILED ({kind}): {snap.error}\n")
         hint = host_hint(config, host, snap)
@@ -226,7 +226,7 @@ def _host_doc(
         "name": snap.name,
         "ok": snap.ok,
         "tried": True,
-        "error_kind": snap.error_kind.value if snap.error_kind else None,
+        "error_kind": None if snap.ok else snap.error_name,
         "error": snap.error,
         "hint": hint or None,
         "gpus": len(snap.gpus),

@@ -1,7 +1,9 @@
 """Alert rules and their lifecycle, pure: (fleet state, fresh hosts, memory, state, now) -> transitions.
 
-- ``base``: what a rule declares and returns (AlertKey, Finding with numbers, Notice);
-- ``hosts``, ``gpus``, ``users``, ``freed``: the rules, one function each, by family;
+- ``base``: what a rule declares (what it needs, what it announces, its words) and what its check
+  returns (AlertKey, Finding with numbers, Notice of a NoticeKind);
+- ``users``, ``gpus``, ``hosts``, ``health``, ``context``, ``freed``: the rules by family, each a
+  check, its config, its words and its declaration;
 - ``registry``: every rule, found by name (config, engine, silences, routes);
 - ``engine``: ``evaluate`` runs the registry over the fleet state; ``Memory``;
 - ``lifecycle``: ``advance`` moves each alert pending -> firing -> resolved; silences; inhibition
@@ -16,14 +18,20 @@ from .base import (
     FLEET,
     GPU_ERROR_KINDS,
     AlertKey,
+    AlertWords,
+    Announces,
+    CheckResult,
     Finding,
     FleetRule,
     HostRule,
     Inhibit,
     Needs,
     Notice,
+    NoticeKind,
+    Reading,
     Rule,
     Scope,
+    Words,
     processes_known,
 )
 from .engine import Evaluation, Memory, evaluate
@@ -49,6 +57,9 @@ __all__ = [
     "RULE_NAMES",
     "AlertKey",
     "AlertRecord",
+    "AlertWords",
+    "Announces",
+    "CheckResult",
     "Evaluation",
     "Finding",
     "FleetRule",
@@ -57,11 +68,14 @@ __all__ = [
     "Memory",
     "Needs",
     "Notice",
+    "NoticeKind",
+    "Reading",
     "Rule",
     "Scope",
     "Silence",
     "SilenceCheck",
     "Transition",
+    "Words",
     "advance",
     "evaluate",
     "inhibited",

@@ -1,8 +1,11 @@
 """What a rule is: its declaration (name, config, scope, the data it needs, what its alerts are
-about) and the plain records it returns (findings with numbers, notices, what it remembers).
+about, what it announces and its words) and the plain records its check returns (findings with
+numbers, notices, what it remembers).
 
-A rule never makes words: a finding carries the reading, the limit and the unit as numbers, and
-the facts the words need; ``report.py`` says it. So the same finding can feed /metrics or history.
+A rule's check makes no words: a finding carries the reading, the limit and the unit as numbers,
+and the facts the words need, so the same finding can feed /metrics or history. The words are
+declared beside the check (``Words``, as a Prometheus alerting rule carries its annotations
+beside its expression): functions of those numbers and facts, which ``report.py`` lays out.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 from ..config import FreeGpuConfig
 from ..model import HostErrorKind, HostSnapshot
@@ -139,21 +142,101 @@ class Inhibit:
         )
 
 
+class NoticeKind(str, enum.Enum):
+    """What a notice says happened; the rule that sends it has the words for it."""
+
+    GPU_FREE = "gpu_free"  # gpu_freed: a busy GPU is free now
+    JOB_ENDED = "job_ended"  # gpu_freed: a watched user's job has ended
+    HOST_REBOOTED = "host_rebooted"  # host_rebooted: the boot time moved
+    DRIVER_CHANGED = "driver_changed"  # driver_changed: the NVIDIA driver version changed
+    DRIVER_MISMATCH = "driver_mismatch"  # driver_changed: the hint to reboot after a driver upgrade
+
+
 @dataclass(frozen=True)
 class Notice:
-    """A one-off event for the users who asked (gpu_freed): not an alert, no lifecycle."""
+    """A one-off event (a GPU freed, a reboot, a driver change): not an alert, no lifecycle."""
 
-    kind: str  # "gpu_free" | "job_ended" | "host_rebooted" | "driver_changed" | "driver_mismatch"
+    kind: NoticeKind
     host: str
-    users: tuple[str, ...]  # who is told
+    users: tuple[str, ...]  # who is told (mentioned); () for a notice about the host
     gpu: int | None = None
-    facts: Mapping[str, Any] = field(default_factory=dict)  # gpu_name; user, pid, command, runtime
-    rule: str = "gpu_freed"  # the rule that made it: its alerts.routes entry decides where it goes
+    facts: Mapping[str, Any] = field(default_factory=dict)  # what its rule's words need
+    rule: str = "gpu_freed"  # the rule that made it: its words, and its alerts.routes entry decides where it goes
+
+
+class Announces(str, enum.Enum):
+    """What a rule's check sends: alerts (with a lifecycle, exported by /metrics), one-off
+    notices, or both. A rule has words for each of them (``Words``)."""
+
+    ALERTS = "alerts"
+    NOTICES = "notices"
+    BOTH = "both"
+
+    @property
+    def alerts(self) -> bool:
+        return self is not Announces.NOTICES
+
+    @property
+    def notices(self) -> bool:
+        return self is not Announces.ALERTS
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What one rule found in one result, and what it remembers about the host for next time."""
+class AlertWords:
+    """An alert said for people: what, where and who; the reading now; the limit."""
+
+    summary: str
+    value: str
+    threshold: str
+
+
+class Reading(Protocol):
+    """What alert words are made of: an alert's key and its latest numbers and facts (a
+    ``Finding``, or the ``AlertRecord`` that keeps them)."""
+
+    @property
+    def key(self) -> AlertKey: ...
+
+    @property
+    def value(self) -> float | None: ...
+
+    @property
+    def threshold(self) -> float | None: ...
+
+    @property
+    def unit(self) -> str: ...
+
+    @property
+    def facts(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Words:
+    """A rule's words: ``alert`` says one of its alerts, ``notice`` one of its notices (each set
+    when the rule announces them)."""
+
+    alert: Callable[[Reading], AlertWords] | None = None
+    notice: Callable[[Notice], str] | None = None
+
+    def says(self) -> str:
+        """What these are words for: ``alerts``, ``notices``, ``alerts and notices`` or ``nothing``."""
+        return " and ".join(w for w, f in (("alerts", self.alert), ("notices", self.notice)) if f) or "nothing"
+
+
+def _check_declaration(name: str, identity: tuple[str, ...], announces: Announces, words: Words) -> None:
+    """A rule's declaration holds together: its key fields are AlertKey's, and it has words for
+    exactly what it announces. Raises ValueError (a programming error, found when it is declared)."""
+    unknown = sorted(set(identity) - set(KEY_FIELDS))
+    if unknown:
+        raise ValueError(f"rule {name}: identity field(s) {', '.join(unknown)} not among {KEY_FIELDS}")
+    if announces.alerts != (words.alert is not None) or announces.notices != (words.notice is not None):
+        raise ValueError(f"rule {name}: announces {announces.value} but has words for {words.says()}")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What one rule's check found in one result (alert findings, notices), and what it remembers
+    about the host for next time."""
 
     findings: tuple[Finding, ...] = ()
     notices: tuple[Notice, ...] = ()
@@ -187,8 +270,10 @@ class HostRule(Generic[C]):
 
     name: str  # its key under alerts: (and in alerts.routes, silence add --rule)
     parse: Callable[[object, str], C | None]  # the YAML value at alerts.<name>, its key path -> config; None: off
-    check: Callable[[HostSnapshot, C, Context], Outcome]
+    check: Callable[[HostSnapshot, C, Context], CheckResult]
     needs: Needs
+    announces: Announces  # alerts, notices or both
+    words: Words  # how each of them is said
     identity: tuple[str, ...] = ()  # the AlertKey fields (KEY_FIELDS) that tell its alerts on one host apart
     default: C | None = None  # its config when the file has no alerts: section; None: off
     memory: str | None = None  # its slot in Memory, when it remembers something per host
@@ -197,6 +282,9 @@ class HostRule(Generic[C]):
     learn_when_off: bool = False
     scope: ClassVar[Scope] = Scope.HOST
 
+    def __post_init__(self) -> None:
+        _check_declaration(self.name, self.identity, self.announces, self.words)
+
 
 @dataclass(frozen=True)
 class FleetRule(Generic[C]):
@@ -204,12 +292,17 @@ class FleetRule(Generic[C]):
 
     name: str
     parse: Callable[[object, str], C | None]
-    check: Callable[[Sequence[HostSnapshot], C, Context], Outcome]
+    check: Callable[[Sequence[HostSnapshot], C, Context], CheckResult]
     needs: Needs
+    announces: Announces
+    words: Words
     identity: tuple[str, ...] = ()
     default: C | None = None
     memory: ClassVar[str | None] = None
     scope: ClassVar[Scope] = Scope.FLEET
+
+    def __post_init__(self) -> None:
+        _check_declaration(self.name, self.identity, self.announces, self.words)
 
 
 Rule: TypeAlias = HostRule[Any] | FleetRule[Any]

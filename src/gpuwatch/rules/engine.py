@@ -22,9 +22,11 @@ from .registry import RULES
 
 @dataclass(frozen=True)
 class Memory:
-    """What rules remember between results (persisted): rule slot -> host -> a JSON value.
+    """What rules remember between results (persisted): slot -> host -> a JSON value.
 
-    The slots: ``failures`` (host_down), ``gpu_counts`` (gpu_missing), ``gpu_freed``.
+    A rule that remembers declares its slot (``HostRule.memory``): e.g. ``failures`` (host_down),
+    ``gpu_counts`` (gpu_missing), ``ecc_baselines``, ``boot_times``, ``driver_versions``,
+    ``gpu_freed``. Only the rules running (switched on, or learning while off) keep their slots.
     """
 
     slots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -61,11 +63,6 @@ class Evaluation:
     enabled: frozenset[str] = frozenset()  # the rules switched on
     answered: frozenset[str] = frozenset()  # fresh hosts that answered
     all_answered: bool = False  # every host's latest result answered (none stale)
-
-    @classmethod
-    def nothing(cls, memory: Memory) -> Evaluation:
-        """An evaluation that judged nothing (e.g. to resolve a removed host's alerts on a reload)."""
-        return cls(findings=(), notices=(), memory=memory)
 
     def covers(self, key: AlertKey) -> bool:
         """Was this alert's condition actually judged? Only then may its absence resolve it."""
@@ -111,17 +108,17 @@ def evaluate(
                     continue
                 slot = slots[rule.memory] if rule.memory else None
                 ctx = Context(rule.name, host.name, rule.identity, thresholds, slot.get(host.name) if slot else None)
-                outcome = rule.check(host, rule_cfg, ctx)
-                _remember(slot, host, outcome.memory)
+                result = rule.check(host, rule_cfg, ctx)
+                _remember(slot, host, result.memory)
                 if on:
-                    findings += outcome.findings
-                    notices += outcome.notices
+                    findings += result.findings
+                    notices += result.notices
                     judged.add((rule.name, host.name))
         else:
             usable = [h for h in snapshot.hosts if not h.stale and rule.needs.met_by(h)]
-            outcome = rule.check(usable, rule_cfg, Context(rule.name, FLEET, rule.identity, thresholds))
-            findings += outcome.findings
-            notices += outcome.notices
+            result = rule.check(usable, rule_cfg, Context(rule.name, FLEET, rule.identity, thresholds))
+            findings += result.findings
+            notices += result.notices
             if len(usable) == len(snapshot.hosts):
                 judged.add((rule.name, FLEET))
     hold = cfg.for_seconds

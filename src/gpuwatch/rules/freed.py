@@ -10,7 +10,8 @@ from typing import Any
 from ..config import ConfigError, _check_keys, _mapping, _str
 from ..model import HostSnapshot
 from ..summary import is_free
-from .base import Context, HostRule, Needs, Notice, Outcome
+from ..text import format_duration, number
+from .base import Announces, CheckResult, Context, HostRule, Needs, Notice, NoticeKind, Words
 
 COMMAND_CHARS = 120
 
@@ -32,7 +33,7 @@ def parse_gpu_freed(value: object, path: str) -> GpuFreed | None:
     return GpuFreed(tuple(_str(u, f"{path}.users[{i}]") for i, u in enumerate(users)))
 
 
-def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> Outcome:
+def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> CheckResult:
     """Runs only when every process and owner is known: unknown processes are neither freed nor ended."""
     seen: Mapping[str, Any] = ctx.remembered or {}
     was_busy: list[int] | None = seen.get("busy")
@@ -41,7 +42,7 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> Outcome:
     if was_busy is not None:  # the first result of a host frees nothing
         for gpu in host.gpus:
             if gpu.index in was_busy and is_free(gpu, host.processes_on(gpu), ctx.thresholds):
-                notices.append(Notice("gpu_free", host.name, cfg.users, gpu.index, {"gpu_name": gpu.name}))
+                notices.append(Notice(NoticeKind.GPU_FREE, host.name, cfg.users, gpu.index, {"gpu_name": gpu.name}))
     live = {str(p.pid) for p in host.processes}
     for pid, job in sorted(old_jobs.items()):
         if pid not in live and job.get("user"):
@@ -51,7 +52,7 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> Outcome:
                 "command": job.get("command", ""),
                 "runtime": job.get("runtime"),
             }
-            notices.append(Notice("job_ended", host.name, (str(job["user"]),), job.get("gpu"), facts))
+            notices.append(Notice(NoticeKind.JOB_ENDED, host.name, (str(job["user"]),), job.get("gpu"), facts))
     memory = {
         "busy": [g.index for g in host.gpus if not is_free(g, host.processes_on(g), ctx.thresholds)],
         "jobs": {
@@ -65,7 +66,17 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> Outcome:
             if p.owner in cfg.users
         },
     }
-    return Outcome(notices=tuple(notices), memory=memory)
+    return CheckResult(notices=tuple(notices), memory=memory)
+
+
+def gpu_freed_words(notice: Notice) -> str:
+    f = notice.facts
+    if notice.kind is NoticeKind.GPU_FREE:
+        return f"{notice.host} GPU {notice.gpu} ({f.get('gpu_name') or 'GPU'}) is free now"
+    runtime = f.get("runtime")
+    ran = "" if runtime is None else f" (ran at least {format_duration(runtime)})"
+    job = f"{f.get('user')}'s job {f.get('pid')} ({f.get('command', '')})"
+    return f"{job} on {notice.host} GPU {number(notice.gpu)} has ended{ran}"
 
 
 GPU_FREED = HostRule(
@@ -73,5 +84,7 @@ GPU_FREED = HostRule(
     parse=parse_gpu_freed,
     check=gpu_freed,
     needs=Needs.PROCESSES,
+    announces=Announces.NOTICES,
+    words=Words(notice=gpu_freed_words),
     memory="gpu_freed",
 )

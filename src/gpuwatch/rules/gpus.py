@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from ..config import _check_keys, _int, _mapping, _optional_int, parse_duration
 from ..model import HostSnapshot
-from .base import Context, Finding, HostRule, Needs, Outcome
+from ..text import format_duration, number
+from .base import AlertWords, Announces, CheckResult, Context, Finding, HostRule, Needs, Reading, Words
 
 # ---------------------------------------------------------------- temperature_above
 
@@ -21,8 +22,8 @@ def parse_temperature_above(value: object, path: str) -> TemperatureAbove | None
     return None if limit is None else TemperatureAbove(limit)
 
 
-def temperature_above(host: HostSnapshot, cfg: TemperatureAbove, ctx: Context) -> Outcome:
-    return Outcome(
+def temperature_above(host: HostSnapshot, cfg: TemperatureAbove, ctx: Context) -> CheckResult:
+    return CheckResult(
         tuple(
             Finding(ctx.key(gpu=gpu.index), gpu.temperature_c, cfg.limit_c, "°C")
             for gpu in host.gpus
@@ -31,11 +32,21 @@ def temperature_above(host: HostSnapshot, cfg: TemperatureAbove, ctx: Context) -
     )
 
 
+def temperature_above_words(r: Reading) -> AlertWords:
+    return AlertWords(
+        f"{r.key.host} GPU {r.key.gpu} is at {number(r.value, '°C')}",
+        number(r.value, "°C"),
+        f"at most {number(r.threshold, '°C')}",
+    )
+
+
 TEMPERATURE_ABOVE = HostRule(
     name="temperature_above",
     parse=parse_temperature_above,
     check=temperature_above,
     needs=Needs.GPU_DATA,
+    announces=Announces.ALERTS,
+    words=Words(alert=temperature_above_words),
     identity=("gpu",),
 )
 
@@ -65,7 +76,7 @@ def parse_idle_gpu(value: object, path: str) -> IdleGpu | None:
     )
 
 
-def idle_gpu(host: HostSnapshot, cfg: IdleGpu, ctx: Context) -> Outcome:
+def idle_gpu(host: HostSnapshot, cfg: IdleGpu, ctx: Context) -> CheckResult:
     """Below ``util_below`` % with more than ``memory_above_mib`` held; it must hold for ``after``.
     Unknown utilization (MIG mode) is not evidence of idleness."""
     findings = []
@@ -81,7 +92,18 @@ def idle_gpu(host: HostSnapshot, cfg: IdleGpu, ctx: Context) -> Outcome:
             "owners": owners,
         }
         findings.append(Finding(ctx.key(gpu=gpu.index), util, cfg.util_below, "%", facts, hold_seconds=cfg.after))
-    return Outcome(tuple(findings))
+    return CheckResult(tuple(findings))
+
+
+def idle_gpu_words(r: Reading) -> AlertWords:
+    used = number(r.facts.get("memory_used_mib"))
+    who = ", ".join(r.facts.get("owners", [])) or "no visible process"
+    return AlertWords(
+        f"{r.key.host} GPU {r.key.gpu} holds {used} MiB at {number(r.value, '%')} utilization ({who})",
+        f"{number(r.value, '%')}, {used} MiB",
+        f"idle (<{number(r.threshold, '%')}) with >{number(r.facts.get('memory_above_mib'))} MiB "
+        f"for {format_duration(r.facts.get('after'))}",
+    )
 
 
 IDLE_GPU = HostRule(
@@ -89,5 +111,7 @@ IDLE_GPU = HostRule(
     parse=parse_idle_gpu,
     check=idle_gpu,
     needs=Needs.GPU_DATA,
+    announces=Announces.ALERTS,
+    words=Words(alert=idle_gpu_words),
     identity=("gpu",),
 )

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..config import ConfigError, _bool, _check_keys, _mapping, parse_duration
 from ..model import Gpu, HostSnapshot
-from .base import Context, Finding, HostRule, Needs, Outcome
+from ..text import format_duration, number, quantity
+from .base import AlertWords, Announces, CheckResult, Context, Finding, HostRule, Needs, Reading, Words
 
 # ---------------------------------------------------------------- ecc_errors
 
@@ -31,7 +32,7 @@ def _gpu_key(gpu: Gpu) -> str:
     return (gpu.uuid or f"index {gpu.index}").lower()
 
 
-def ecc_errors(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> Outcome:
+def ecc_errors(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> CheckResult:
     """Uncorrectable ECC errors rose: some since the driver loaded (volatile), or more in the GPU's
     lifetime (aggregate) than when gpuwatch first saw it. A reset or reboot that clears the
     volatile count takes the lifetime count as the new baseline, so the alert resolves."""
@@ -53,7 +54,23 @@ def ecc_errors(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> Outcome:
             value = volatile if volatile else risen
             facts = {"volatile": volatile, "aggregate": aggregate, "baseline": base, "gpu_name": gpu.name}
             findings.append(Finding(ctx.key(gpu=gpu.index), value, 0, "errors", facts))
-    return Outcome(tuple(findings), memory=baselines or None)
+    return CheckResult(tuple(findings), memory=baselines or None)
+
+
+def _gpu_named(r: Reading) -> str:
+    name = r.facts.get("gpu_name")
+    return f"{r.key.host} GPU {r.key.gpu}" + (f" ({name})" if name else "")
+
+
+def ecc_errors_words(r: Reading) -> AlertWords:
+    volatile, aggregate = r.facts.get("volatile"), r.facts.get("aggregate")
+    return AlertWords(
+        f"{_gpu_named(r)} has uncorrectable ECC errors: {number(volatile)} since the driver loaded, "
+        f"{number(aggregate)} in its lifetime (was {number(r.facts.get('baseline'))}); its memory may be "
+        "failing: drain it and reset the GPU or reboot",
+        quantity(r.value, "errors"),
+        "no new uncorrectable error",
+    )
 
 
 ECC_ERRORS = HostRule(
@@ -61,6 +78,8 @@ ECC_ERRORS = HostRule(
     parse=parse_ecc_errors,
     check=ecc_errors,
     needs=Needs.GPU_HEALTH,
+    announces=Announces.ALERTS,
+    words=Words(alert=ecc_errors_words),
     identity=("gpu",),
     memory="ecc_baselines",
 )
@@ -68,7 +87,7 @@ ECC_ERRORS = HostRule(
 # ---------------------------------------------------------------- row_remap_pending
 
 
-def row_remap_pending(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> Outcome:
+def row_remap_pending(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> CheckResult:
     """Memory rows (or, on older GPUs, pages) wait for a remap that needs a GPU reset, or the GPU
     has no spare rows left (``remapped_rows.failure``): its memory is no longer reliable."""
     findings = []
@@ -87,7 +106,16 @@ def row_remap_pending(host: HostSnapshot, cfg: EccErrors, ctx: Context) -> Outco
         if pending or health.remapped_rows_failure:
             facts = {"pending": pending, "failure": bool(health.remapped_rows_failure), "gpu_name": gpu.name}
             findings.append(Finding(ctx.key(gpu=gpu.index), None, None, "", facts))
-    return Outcome(tuple(findings))
+    return CheckResult(tuple(findings))
+
+
+def row_remap_pending_words(r: Reading) -> AlertWords:
+    if r.facts.get("failure"):
+        what = "has no spare memory rows left (remapped_rows.failure): the GPU needs service"
+    else:
+        pending = " and ".join(str(p).replace("_", " ") for p in r.facts.get("pending", []))
+        what = f"has {pending} waiting to be remapped: reset the GPU (or reboot) when it is free"
+    return AlertWords(f"{_gpu_named(r)} {what}", "pending" if not r.facts.get("failure") else "failure", "none")
 
 
 ROW_REMAP_PENDING = HostRule(
@@ -95,6 +123,8 @@ ROW_REMAP_PENDING = HostRule(
     parse=parse_ecc_errors,
     check=row_remap_pending,
     needs=Needs.GPU_HEALTH,
+    announces=Announces.ALERTS,
+    words=Words(alert=row_remap_pending_words),
     identity=("gpu",),
 )
 
@@ -126,7 +156,7 @@ def parse_gpu_throttled(value: object, path: str) -> GpuThrottled | None:
     return GpuThrottled(hold, reasons)
 
 
-def gpu_throttled(host: HostSnapshot, cfg: GpuThrottled, ctx: Context) -> Outcome:
+def gpu_throttled(host: HostSnapshot, cfg: GpuThrottled, ctx: Context) -> CheckResult:
     """The hardware slows a GPU down (HW slowdown, thermal, power brake) for ``for`` or longer."""
     findings = []
     for gpu in host.gpus:
@@ -136,7 +166,16 @@ def gpu_throttled(host: HostSnapshot, cfg: GpuThrottled, ctx: Context) -> Outcom
         if active:
             facts = {"reasons": active, "for": cfg.for_seconds, "gpu_name": gpu.name}
             findings.append(Finding(ctx.key(gpu=gpu.index), None, None, "", facts, hold_seconds=cfg.for_seconds))
-    return Outcome(tuple(findings))
+    return CheckResult(tuple(findings))
+
+
+def gpu_throttled_words(r: Reading) -> AlertWords:
+    reasons = ", ".join(str(x).replace("_", " ") for x in r.facts.get("reasons", []))
+    return AlertWords(
+        f"{_gpu_named(r)} is slowed down by the hardware ({reasons}): check cooling and power",
+        reasons,
+        f"no hardware slowdown for {format_duration(r.facts.get('for'))}",
+    )
 
 
 GPU_THROTTLED = HostRule(
@@ -144,5 +183,7 @@ GPU_THROTTLED = HostRule(
     parse=parse_gpu_throttled,
     check=gpu_throttled,
     needs=Needs.GPU_HEALTH,
+    announces=Announces.ALERTS,
+    words=Words(alert=gpu_throttled_words),
     identity=("gpu",),
 )

@@ -1,8 +1,9 @@
 """Every rule gpuwatch knows, in the order the README lists them.
 
 The config parser (the keys under ``alerts:`` and ``alerts.routes``), the engine, the silences'
-``--rule`` choices and the messages find rules here. Adding a rule is a function, its config and
-its ``HostRule``/``FleetRule`` entry in a family module, plus one line below.
+``--rule`` choices, the messages (each rule's ``words``) and ``/metrics`` (what each rule
+``announces``) find rules here. Adding a rule is a check, its config, its words and its
+``HostRule``/``FleetRule`` entry in a family module, plus one line below (and its README row).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from ..config import _optional_int, _positive_duration
 from ..model import HostSnapshot
 from ..summary import process_context
-from .base import Context, Finding, FleetRule, HostRule, Needs, Outcome
+from ..text import format_duration, number, quantity
+from .base import AlertWords, Announces, CheckResult, Context, Finding, FleetRule, HostRule, Needs, Reading, Words
 
 COMMAND_CHARS = 120  # of a command kept in an alert's facts (it is stored)
 
@@ -39,8 +40,8 @@ def parse_gpu_limit(value: object, path: str) -> GpuLimit | None:
 # ---------------------------------------------------------------- max_gpus_per_user
 
 
-def max_gpus_per_user(host: HostSnapshot, cfg: GpuLimit, ctx: Context) -> Outcome:
-    return Outcome(
+def max_gpus_per_user(host: HostSnapshot, cfg: GpuLimit, ctx: Context) -> CheckResult:
+    return CheckResult(
         tuple(
             Finding(ctx.key(user=user), len(gpus), cfg.limit, "GPUs", {"gpus": sorted(gpus)})
             for user, gpus in sorted(gpus_by_user(host).items())
@@ -49,23 +50,34 @@ def max_gpus_per_user(host: HostSnapshot, cfg: GpuLimit, ctx: Context) -> Outcom
     )
 
 
+def max_gpus_per_user_words(r: Reading) -> AlertWords:
+    gpus = ", ".join(str(g) for g in r.facts.get("gpus", []))
+    return AlertWords(
+        f"{r.key.user} holds {quantity(r.value, 'GPUs')} on {r.key.host} (GPU {gpus})",
+        quantity(r.value, "GPUs"),
+        f"at most {number(r.threshold)} per host",
+    )
+
+
 MAX_GPUS_PER_USER = HostRule(
     name="max_gpus_per_user",
     parse=parse_gpu_limit,
     check=max_gpus_per_user,
     needs=Needs.PROCESSES,
+    announces=Announces.ALERTS,
+    words=Words(alert=max_gpus_per_user_words),
     identity=("user",),
 )
 
 # ---------------------------------------------------------------- max_gpus_per_user_fleet
 
 
-def max_gpus_per_user_fleet(hosts: Sequence[HostSnapshot], cfg: GpuLimit, ctx: Context) -> Outcome:
+def max_gpus_per_user_fleet(hosts: Sequence[HostSnapshot], cfg: GpuLimit, ctx: Context) -> CheckResult:
     placed: dict[str, set[tuple[str, int]]] = {}
     for host in hosts:
         for user, gpus in gpus_by_user(host).items():
             placed.setdefault(user, set()).update((host.name, g) for g in gpus)
-    return Outcome(
+    return CheckResult(
         tuple(
             Finding(ctx.key(user=user), len(where), cfg.limit, "GPUs", {"hosts": sorted({h for h, _ in where})})
             for user, where in sorted(placed.items())
@@ -74,11 +86,22 @@ def max_gpus_per_user_fleet(hosts: Sequence[HostSnapshot], cfg: GpuLimit, ctx: C
     )
 
 
+def max_gpus_per_user_fleet_words(r: Reading) -> AlertWords:
+    hosts = ", ".join(r.facts.get("hosts", []))
+    return AlertWords(
+        f"{r.key.user} holds {quantity(r.value, 'GPUs')} across the fleet ({hosts})",
+        quantity(r.value, "GPUs"),
+        f"at most {number(r.threshold)} in the fleet",
+    )
+
+
 MAX_GPUS_PER_USER_FLEET = FleetRule(
     name="max_gpus_per_user_fleet",
     parse=parse_gpu_limit,
     check=max_gpus_per_user_fleet,
     needs=Needs.PROCESSES,
+    announces=Announces.ALERTS,
+    words=Words(alert=max_gpus_per_user_fleet_words),
     identity=("user",),
 )
 
@@ -96,9 +119,9 @@ def parse_max_runtime(value: object, path: str) -> MaxRuntime | None:
     return MaxRuntime(_positive_duration(value, path))
 
 
-def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> Outcome:
+def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> CheckResult:
     """One alert per process: a job restarted under a new pid is a new alert."""
-    return Outcome(
+    return CheckResult(
         tuple(
             Finding(
                 ctx.key(user=proc.owner, pid=proc.pid),
@@ -117,10 +140,25 @@ def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> Outcome:
     )
 
 
+def max_runtime_words(r: Reading) -> AlertWords:
+    who = r.key.user or "an unknown user"
+    command = str(r.facts.get("command", ""))[:80]
+    if r.facts.get("context"):
+        command += f"; {r.facts['context']}"
+    return AlertWords(
+        f"{who}'s process {r.key.pid} ({command}) on {r.key.host} GPU {number(r.facts.get('gpu'))} "
+        f"has run {format_duration(r.value)}",
+        format_duration(r.value),
+        f"at most {format_duration(r.threshold)}",
+    )
+
+
 MAX_RUNTIME = HostRule(
     name="max_runtime",
     parse=parse_max_runtime,
     check=max_runtime,
     needs=Needs.PROCESSES,
+    announces=Announces.ALERTS,
+    words=Words(alert=max_runtime_words),
     identity=("user", "pid"),
 )
