@@ -20,8 +20,8 @@ from fleet import ERR_VERSION_MISMATCH, ERR_VERSION_MISMATCH_NVML, capture_bytes
 from gpuwatch import probe
 from gpuwatch.config import AlertsConfig, ConfigError, parse_config
 from gpuwatch.daemon import Daemon
+from gpuwatch.message import Message
 from gpuwatch.model import Container, Disk, FleetSnapshot, HostContext, HostSnapshot, SlurmJob
-from gpuwatch.notify.base import Message
 from gpuwatch.poll import Poller
 from gpuwatch.report import alert_message, notice_text
 from gpuwatch.rules import BY_NAME

@@ -37,8 +37,8 @@ from gpuwatch.cli import build_channels, build_poller, main
 from gpuwatch.config import load_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
+from gpuwatch.message import Message
 from gpuwatch.model import FleetSnapshot
-from gpuwatch.notify.base import Message
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.poll import probe_host, utcnow
 from gpuwatch.report import host_block, overview

@@ -31,8 +31,9 @@ import schedule
 from .config import Config, ConfigError, HostConfig, ReportSchedule
 from .fleet import FleetState
 from .logsetup import ANNOUNCE
+from .message import Message
 from .model import FleetSnapshot, HostSnapshot
-from .notify.base import Channel, Message
+from .notify.base import Channel
 from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings

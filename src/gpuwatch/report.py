@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
+from .message import Body, Message, Row, Section
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .notify.base import Body, Message, Row, Section
 from .rules import FLEET, GPU_ERROR_KINDS, HOST_REMOVED, AlertKey, AlertRecord, Notice, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
 from .text import UNKNOWN, format_duration, local_time, number, plural, quantity, size_kib

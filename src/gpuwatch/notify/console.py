@@ -6,7 +6,8 @@ import json
 import threading
 from typing import Any, TextIO
 
-from .base import Channel, Message
+from ..message import Message
+from .base import Channel
 
 
 class ConsoleChannel:
