@@ -249,6 +249,8 @@ def test_a_probe_without_the_host_step_leaves_the_context_rules_unjudged() -> No
 class Recording:
     """A channel that keeps what it was asked to prepare (the daemon queues, the test reads)."""
 
+    dry_run = False
+
     def __init__(self, name: str) -> None:
         self.name = name
 

@@ -40,9 +40,14 @@ class DeliveryError(Exception):
 
 
 class Channel(Protocol):
-    """One destination (a Feishu bot, a mailbox, the console)."""
+    """One destination (a Feishu bot, a mailbox, the console).
+
+    ``dry_run``: what it delivers is printed, never sent (``--dry-run``, the demo), so the logs
+    never say "delivered" for it.
+    """
 
     name: str
+    dry_run: bool
 
     def prepare(self, message: Message) -> list[dict[str, Any]]:
         """Turn a message into payloads that each fit this channel's limits (in order)."""

@@ -14,6 +14,7 @@ class ConsoleChannel:
     """Prints each message as plain text (used by --dry-run when no channel is configured)."""
 
     name = "console"
+    dry_run = False  # printing is its way of delivering
 
     def __init__(self, out: TextIO) -> None:
         self.out = out

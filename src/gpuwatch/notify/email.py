@@ -225,6 +225,7 @@ class EmailChannel:
     """
 
     name = "email"
+    dry_run = False
 
     def __init__(
         self,
