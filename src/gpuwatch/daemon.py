@@ -5,11 +5,14 @@ Three run modes share one :class:`Daemon`:
 * ``run_forever`` (the daemon): the poller probes each host every ``poll_every`` on its own timer
   and hands each result to the fleet state. The main thread wakes when results arrive, gathers
   them for a moment (``BATCH_SECONDS``), evaluates the alert rules for exactly those hosts,
-  queues what must be said and flushes the outbox. Reports are ``schedule`` jobs that read the
-  fleet state; they never poll. SIGHUP re-reads the config; SIGINT/SIGTERM finish the current
-  step and return 0.
+  queues what must be said and wakes the delivery workers (one thread per channel,
+  :class:`~.notify.delivery.Deliveries`). A ``schedule`` job asks the timetable every second
+  which reports are due (:mod:`.timetable`, the same periods as ``--once``, from the
+  ``report_runs`` table); reports read the fleet state, they never poll. SIGHUP re-reads the
+  config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
 * ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
-  given (the CLI picks those due by their schedule, :mod:`.timetable`), flush.
+  given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
+  this thread (the same per-channel passes the workers run).
 
 An exception in one step is logged and the loop goes on.
 """

@@ -7,8 +7,9 @@ from .db import Database
 
 class ReportRuns:
     """When each scheduled report was last made (queued for sending), by its schedule's name
-    (``ReportSchedule.describe()``: "overview every 1h"): how a ``--once`` run from cron knows
-    whether a report is due by its own schedule (:mod:`gpuwatch.timetable`)."""
+    (``ReportSchedule.describe()``: "overview every 1h"): how a ``--once`` run from cron, and a
+    daemon after a restart, know whether a report is due by its own schedule
+    (:mod:`gpuwatch.timetable`)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
