@@ -32,6 +32,7 @@ from gpuwatch.config import HostConfig, parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
 from gpuwatch.model import HostErrorKind, HostSnapshot
+from gpuwatch.notify.delivery import Deliveries
 from gpuwatch.store import Outbox, ReportRuns, open_db
 from waiting import wait_for
 
@@ -221,3 +222,70 @@ def test_every_1h_reports_follow_the_clock_hours_and_a_restart_does_not_resend(t
         second.expect(1)
     finally:
         second.stop()
+
+
+# ---------------------------------------------------------------------- the workers
+
+
+class Gate(Recorder):
+    """A channel whose sends wait until the test opens the gate."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gate = threading.Event()
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        assert self.gate.wait(10), "the gate was never opened"
+        super().deliver(payload)
+
+
+def test_each_channel_delivers_on_its_own_worker_in_order_and_once() -> None:
+    outbox = Outbox(open_db(None))
+    slow, fast = Gate("slow"), Recorder("fast")
+    stop = threading.Event()
+    deliveries = Deliveries(outbox, {"slow": slow, "fast": fast}, stop)
+    for n in range(3):
+        for name in ("slow", "fast"):
+            outbox.add(name, f"alert {n}", [{"title": f"alert {n}"}], kind="alert")
+    deliveries.start()
+    try:
+        wait_for(lambda: len(fast.titles) == 3, 5, "the fast channel's three messages")
+        assert slow.titles == []  # still in its first send
+        outbox.add("fast", "alert 3", [{"title": "alert 3"}], kind="alert")  # a new batch
+        deliveries.wake()
+        wait_for(lambda: len(fast.titles) == 4, 5, "the new batch on the fast channel")
+        slow.gate.set()
+        wait_for(lambda: len(slow.titles) == 3, 5, "the slow channel's three messages")
+        deliveries.wake()
+        deliveries.wake()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        deliveries.close()
+    assert fast.titles == ["alert 0", "alert 1", "alert 2", "alert 3"]
+    assert slow.titles == ["alert 0", "alert 1", "alert 2"]  # in order, each once
+    assert outbox.count() == 0
+    outbox.db.close()
+
+
+def test_a_transaction_belongs_to_its_thread() -> None:
+    db = open_db(None)
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            inside.set()
+            leave.wait(5)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert inside.wait(5)
+        assert not db.in_transaction  # another thread's transaction is not this one's
+    finally:
+        leave.set()
+        other.join()
+    with db.transaction():
+        assert db.in_transaction
+    db.close()

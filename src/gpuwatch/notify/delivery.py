@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..store import Outbox, OutboxItem
 from ..text import format_duration, local_time
@@ -68,6 +69,12 @@ class FlushResult:
 
 
 NOTHING = FlushResult(0, 0, 0)
+
+
+class Stop(Protocol):
+    """What ends a pass early: a :class:`threading.Event`, or anything that says whether it is set."""
+
+    def is_set(self) -> bool: ...
 
 
 def doubt_wait(doubts: int) -> float:
@@ -117,7 +124,7 @@ def _refused(outbox: Outbox, item: OutboxItem, exc: DeliveryError, now: float, d
 
 
 def _one_pass(
-    outbox: Outbox, name: str, channel: Channel, stop: threading.Event | None, clock: Callable[[], float]
+    outbox: Outbox, name: str, channel: Channel, stop: Stop | None, clock: Callable[[], float]
 ) -> tuple[_Pass, list[str]]:
     done = _Pass(store_error=outbox.catch_up())
     errors: list[str] = []
@@ -161,7 +168,7 @@ def flush_channel(
     outbox: Outbox,
     name: str,
     channel: Channel,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     clock: Callable[[], float] = time.time,
 ) -> FlushResult:
     """Deliver what is pending for one channel, oldest first, until a failure (the rest waits for
@@ -176,7 +183,7 @@ def flush_channel(
 def flush(
     outbox: Outbox,
     channels: Mapping[str, Channel],
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     clock: Callable[[], float] | None = None,
 ) -> FlushResult:
     """Every channel's pass in turn (:func:`flush_channel`), in this thread: for ``--once``,
@@ -203,40 +210,42 @@ def flush(
 class _Worker:
     """One channel's thread: a pass over its pending messages each time it is woken."""
 
-    def __init__(self, deliveries: Deliveries, name: str, channel: Channel) -> None:
+    def __init__(self, deliveries: Deliveries, name: str, channel: Channel, after: threading.Thread | None) -> None:
         self.deliveries = deliveries
         self.name = name
         self.channel = channel
+        self.after = after  # the thread of an earlier worker for this channel, still ending
         self.wake = threading.Event()
         self.quit = threading.Event()
-        self.busy = False  # woken and not yet done with the pass (guarded by Deliveries.lock)
         self.removed = False  # taken out by a reload: this thread closes its channel at the end
         self.retired: list[Channel] = []  # replaced channels, closed by this thread between passes
         self.thread = threading.Thread(target=self.run, name=f"deliver-{name}", daemon=True)
 
-    def ended(self) -> bool:
+    def is_set(self) -> bool:
+        """Whether the pass must end (a :class:`Stop`): the daemon stops, or this worker ends."""
         return self.quit.is_set() or self.deliveries.stop.is_set()
 
     def run(self) -> None:
         deliveries = self.deliveries
+        if self.after is not None:
+            self.after.join()  # one sender per channel at any time: exactly once, in order
         while True:
             self.wake.wait()
-            if self.ended():
+            if self.is_set():
                 break
             with deliveries.lock:
                 self.wake.clear()
                 channel, retired, self.retired = self.channel, self.retired, []
             _close_all(retired)
             try:
-                result = flush_channel(deliveries.outbox, self.name, channel, deliveries.stop, deliveries.clock)
+                result = flush_channel(deliveries.outbox, self.name, channel, self, deliveries.clock)
             except Exception:  # one failed pass must not end the channel's deliveries
                 log.exception("%s: delivering the outbox failed; trying again on the next wake", self.name)
                 result = FlushResult(0, 1, 0, (f"{self.name}: delivery failed",))
-            deliveries.passed(self, result)
+            if deliveries.on_pass is not None:
+                deliveries.on_pass(self.name, result)
         with deliveries.lock:
             retired, self.retired = self.retired, []
-            self.busy = False
-            deliveries.ended()
         _close_all([*retired, self.channel] if self.removed else retired)
 
 
@@ -264,8 +273,8 @@ class Deliveries:
         self.clock = clock
         self.on_pass = on_pass
         self.lock = threading.Lock()
-        self._idle = threading.Condition(self.lock)
         self._workers: dict[str, _Worker] = {}
+        self._leaving: dict[str, threading.Thread] = {}  # workers of removed channels, still ending
         self._channels = dict(channels)
         self._started = False
 
@@ -278,7 +287,7 @@ class Deliveries:
         self.wake()
 
     def _add(self, name: str, channel: Channel) -> None:
-        worker = _Worker(self, name, channel)
+        worker = _Worker(self, name, channel, self._leaving.pop(name, None))
         self._workers[name] = worker
         worker.thread.start()
 
@@ -287,7 +296,6 @@ class Deliveries:
         after it)."""
         with self.lock:
             for worker in self._workers.values():
-                worker.busy = True
                 worker.wake.set()
 
     def set_channels(self, channels: Mapping[str, Channel]) -> None:
@@ -297,6 +305,7 @@ class Deliveries:
             self._channels = dict(channels)
             for name in [n for n in self._workers if n not in channels]:
                 worker = self._workers.pop(name)
+                self._leaving[name] = worker.thread
                 worker.removed = True
                 worker.quit.set()
                 worker.wake.set()
@@ -309,24 +318,6 @@ class Deliveries:
                     worker_now.retired.append(worker_now.channel)
                     worker_now.channel = channel
         self.wake()
-
-    def ended(self) -> None:
-        """A worker ended (called with :attr:`lock` held)."""
-        self._idle.notify_all()
-
-    def passed(self, worker: _Worker, result: FlushResult) -> None:
-        with self.lock:
-            worker.busy = worker.wake.is_set()
-            self._idle.notify_all()
-        if self.on_pass is not None:
-            self.on_pass(worker.name, result)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no worker has a pass to do (or ``timeout``); whether they are all idle."""
-        with self._idle:
-            return self._idle.wait_for(
-                lambda: not any(w.busy and w.thread.is_alive() for w in self._workers.values()), timeout
-            )
 
     def close(self, timeout: float = JOIN_SECONDS) -> None:
         """End every worker: the caller sets ``stop`` first to cut sends in flight short; without

@@ -176,11 +176,13 @@ class Database:
         self.path = path
         self.lock = threading.RLock()
         self._depth = 0
+        self._owner: int | None = None  # the thread inside the transaction
         self._after: list[tuple[Callable[[], None], Callable[[], None]]] = []
 
     @property
     def in_transaction(self) -> bool:
-        return self._depth > 0
+        """Whether the calling thread is inside a transaction (another thread's does not count)."""
+        return self._depth > 0 and self._owner == threading.get_ident()
 
     def after_transaction(self, committed: Callable[[], None], rolled_back: Callable[[], None]) -> None:
         """Call ``committed`` once the outermost transaction commits, else ``rolled_back``."""
@@ -206,6 +208,7 @@ class Database:
                         raise
                     raise error from exc
             self._depth += 1
+            self._owner = threading.get_ident()
             try:
                 yield self.connection
                 if outer:
@@ -223,6 +226,7 @@ class Database:
                 self._end(committed=True)
 
     def _end(self, *, committed: bool) -> None:
+        self._owner = None
         if not committed and self.connection.in_transaction:
             # SQLite may have rolled back by itself already (a full disk does that).
             with contextlib.suppress(sqlite3.Error):
