@@ -381,6 +381,9 @@ class Daemon:
         except StateError as exc:
             log.error("reports: cannot read when each was last made: %s; trying again", exc)
             return
+        except Exception:  # a job that raises would end the daemon's loop
+            log.exception("reports: cannot tell which are due; trying again")
+            return
         for spec in due:
             self._made[spec.describe()] = now
             self._guarded(f"report {spec.describe()}", self.report_cycle, spec)()
@@ -392,7 +395,7 @@ class Daemon:
         scheduler = self.build_scheduler()
         self._announce()
         self._started_at = self.clock()
-        self.deliveries = Deliveries(self.outbox, self.channels, self.stop, self.clock, self._passed)
+        self.deliveries = Deliveries(self.outbox, self.channels, self.stop, on_pass=self._passed)
         self.deliveries.start()
         self.poller.start(self.config.schedule.poll_every, self.on_result)
         for service in self.services:

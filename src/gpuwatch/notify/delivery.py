@@ -169,13 +169,13 @@ def flush_channel(
     name: str,
     channel: Channel,
     stop: Stop | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
 ) -> FlushResult:
     """Deliver what is pending for one channel, oldest first, until a failure (the rest waits for
     the next pass, in order) or ``stop`` (nothing more is sent: the rest goes first next time). A
     message that may have been delivered waits, and the channel's later messages behind it, until
-    its ``not_before``."""
-    done, errors = _one_pass(outbox, name, channel, stop, clock)
+    its ``not_before``. ``clock``: the outbox's unless given."""
+    done, errors = _one_pass(outbox, name, channel, stop, clock or outbox.clock)
     _said(outbox, done.store_error, errors)
     return done.result(errors)
 
@@ -265,12 +265,14 @@ class Deliveries:
         outbox: Outbox,
         channels: Mapping[str, Channel],
         stop: threading.Event,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         on_pass: Callable[[str, FlushResult], None] | None = None,
     ) -> None:
+        """``clock``: the outbox's unless given; ``on_pass``: told each pass's result (from the
+        worker's thread)."""
         self.outbox = outbox
         self.stop = stop
-        self.clock = clock
+        self.clock = clock or outbox.clock
         self.on_pass = on_pass
         self.lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
