@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,12 @@ def slow_feishu() -> Iterator[FakeFeishu]:
 def wecom() -> Iterator[FakeWeCom]:
     with FakeWeCom() as server:
         yield server
+
+
+def logged_at(log: str, words: str) -> float:
+    """When the first log line with ``words`` was written (Unix time)."""
+    line = next(line for line in log.splitlines() if words in line)
+    return datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
 
 
 def bodies(server: FakeWeCom) -> list[str]:
@@ -98,12 +105,16 @@ def test_a_slow_channel_holds_up_neither_the_other_channel_nor_the_next_alerts_a
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=10) == 0
         took = time.monotonic() - stopped_at
-        assert took < 1.5, f"SIGTERM during the slow send took {took:.2f}s"
+        # the whole process, with the interpreter's own teardown (about 0.3 s on a busy machine)
+        assert took < 2.5, f"SIGTERM during the slow send took {took:.2f}s"
     finally:
         if daemon.poll() is None:
             daemon.kill()
         daemon.communicate(timeout=10)
     log = (tmp_path / "state" / "gpuwatch.log").read_text(encoding="utf-8")
+    # the daemon itself: from the signal to the end of its loop, every send ended, within 1.5 s
+    took = logged_at(log, "gpuwatch stopping: ") - logged_at(log, "received SIGTERM")
+    assert 0 <= took < 1.5, f"the daemon took {took:.2f}s to stop"
     assert "wecom: delivered message" in log
     assert "feishu: message 1 " in log and "may have been delivered" in log  # the stop cut it: kept, in doubt
     assert "feishu: delivered message" not in log
