@@ -193,7 +193,7 @@ class Running:
     def expect(self, count: int) -> None:
         """``count`` overviews so far; none more after two more ticks of the schedule."""
         wait_for(lambda: self.sent() >= count, 5, f"{count} overviews")
-        time.sleep(2.2)
+        time.sleep(1.5)
         assert self.sent() == count, self.channel.titles
 
     def stop(self) -> None:
