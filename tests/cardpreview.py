@@ -160,8 +160,8 @@ def sample_cards() -> list[dict[str, Any]]:
 
     from builders import DAY, T0, Engine, Job, alerts_config, alice, down, h100_host, l40s_host
     from gpuwatch.config import FreeGpuConfig
+    from gpuwatch.message import Message
     from gpuwatch.model import FleetSnapshot
-    from gpuwatch.notify.base import Message
     from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
     from gpuwatch.report import alert_message, overview
 

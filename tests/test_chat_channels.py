@@ -26,6 +26,7 @@ from gpuwatch.config import ConfigError, FreeGpuConfig, parse_config
 from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify import dingtalk, feishu_card
 from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.notify.delivery import flush
 from gpuwatch.notify.dingtalk import DingTalkChannel, DingTalkSettings
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.notify.http import WebhookChannel
@@ -217,14 +218,14 @@ def test_exactly_once_across_an_outage(name: str, clock: FakeTime, session: requ
         message = overview(fleet(), FreeGpuConfig())
         outbox.add(name, message.title, channel.prepare(message))  # type: ignore[attr-defined]
         server.always(503)  # the platform is down
-        assert not outbox.flush({name: channel}).ok
+        assert not flush(outbox, {name: channel}).ok
         assert outbox.count() > 0 and not server.accepted
         assert len(server.exchanges) == 5  # tried with backoff, then kept for the next cycle
 
         server.always(None)
         server.reset()
-        first = outbox.flush({name: channel})
-        again = outbox.flush({name: channel})
+        first = flush(outbox, {name: channel})
+        again = flush(outbox, {name: channel})
         outbox.db.close()
     assert first.ok and first.sent >= 1 and again.sent == 0
     assert len(server.exchanges) == len(server.accepted) == first.sent  # each part once, none twice

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.message import Message
+from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.email import EmailChannel, EmailSettings, default_smtp_factory
 
 if TYPE_CHECKING:

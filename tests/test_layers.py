@@ -1,7 +1,9 @@
 """The layering the house style promises, kept true by walking the imports of src/gpuwatch.
 
-Pure modules (parsing, rules, words, the fleet state) import no I/O: no SSH, no store, no channel,
-no sqlite3/paramiko/requests. SSH and polling never import rules, reports, the store or channels.
+Pure modules (parsing, rules, words, messages, the fleet state) import no I/O: no SSH, no store, no
+channel (``gpuwatch.notify`` is I/O), no sqlite3/paramiko/requests. The store keeps rows and never
+delivers: it imports no channel either. SSH and polling never import rules, reports, the store or
+channels.
 Only the daemon and the CLI wire parts together; nothing imports them.
 """
 
@@ -14,8 +16,18 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "gpuwatch"
 
-PURE = ("model", "text", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
-IO_MODULES = ("gpuwatch.ssh", "gpuwatch.store", "gpuwatch.statedir", "gpuwatch.poll", "gpuwatch.daemon", "gpuwatch.cli")
+PURE = ("model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
+IO_MODULES = (
+    "gpuwatch.ssh",
+    "gpuwatch.store",
+    "gpuwatch.statedir",
+    "gpuwatch.poll",
+    "gpuwatch.daemon",
+    "gpuwatch.cli",
+    "gpuwatch.notify",
+)
+#: Modules that make or keep messages and must not know how they are delivered.
+NO_CHANNELS = ("report", "render", "rules", "store", "message")
 IO_LIBRARIES = ("sqlite3", "paramiko", "requests", "smtplib", "socket", "subprocess")
 WIRING = ("gpuwatch.daemon", "gpuwatch.cli")
 
@@ -54,6 +66,18 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
 def test_pure_modules_do_no_io(module: str) -> None:
     bad = sorted(i for i in MODULES[module] if _under(i, IO_MODULES) or _under(i, IO_LIBRARIES))
     assert not bad, f"{module} is pure but imports {bad}"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _under(m, tuple(f"gpuwatch.{p}" for p in NO_CHANNELS))])
+def test_messages_and_the_store_know_no_channel(module: str) -> None:
+    """Messages are plain records (gpuwatch.message) and the store keeps rows: delivery is notify's."""
+    bad = sorted(i for i in MODULES[module] if _under(i, ("gpuwatch.notify",)))
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_the_layers_see_the_split_packages() -> None:
+    assert {"gpuwatch.message", "gpuwatch.store.outbox", "gpuwatch.notify.delivery"} <= set(MODULES)
+    assert "gpuwatch.message.Message" in MODULES["gpuwatch.report"]
 
 
 @pytest.mark.parametrize("module", ["gpuwatch.ssh", "gpuwatch.poll"])

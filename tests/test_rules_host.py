@@ -21,8 +21,8 @@ from fleet import ERR_VERSION_MISMATCH, ERR_VERSION_MISMATCH_NVML, capture_bytes
 from gpuwatch import probe
 from gpuwatch.config import AlertsConfig, ConfigError, parse_config
 from gpuwatch.daemon import Daemon
+from gpuwatch.message import Message
 from gpuwatch.model import Container, Disk, FleetSnapshot, HostSnapshot, SlurmJob
-from gpuwatch.notify.base import Message
 from gpuwatch.poll import Poller
 from gpuwatch.report import alert_message, notice_text
 from gpuwatch.rules import BY_NAME
@@ -231,6 +231,8 @@ def test_a_probe_without_the_host_step_leaves_the_context_rules_unjudged() -> No
 
 class Recording:
     """A channel that keeps what it was asked to prepare (the daemon queues, the test reads)."""
+
+    dry_run = False
 
     def __init__(self, name: str) -> None:
         self.name = name

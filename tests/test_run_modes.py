@@ -37,8 +37,9 @@ from gpuwatch.cli import build_channels, build_poller, main
 from gpuwatch.config import load_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
+from gpuwatch.message import Message
 from gpuwatch.model import FleetSnapshot
-from gpuwatch.notify.base import Message
+from gpuwatch.notify.delivery import flush
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.poll import probe_host, utcnow
 from gpuwatch.report import host_block, overview
@@ -410,14 +411,14 @@ def test_message_queued_before_the_keyword_was_set_carries_it_when_sent(tmp_path
         before = FeishuChannel(FeishuSettings(url=server.url, secret=SECRET, format=fmt), session=session)
         outbox = Outbox(open_db(tmp_path / "state"))
         outbox.add("feishu", message.title, before.prepare(message))
-        assert not outbox.flush({"feishu": before}).ok
+        assert not flush(outbox, {"feishu": before}).ok
         assert server.codes == [19024]
 
         after = FeishuChannel(
             FeishuSettings(url=server.url, secret=SECRET, format=fmt, keyword=bot_keyword), session=session
         )
         stored = outbox.pending()[0].payload
-        result = outbox.flush({"feishu": after})
+        result = flush(outbox, {"feishu": after})
 
         assert result.sent == 1 and outbox.count() == 0
         assert server.codes == [19024, 0]

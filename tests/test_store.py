@@ -32,7 +32,9 @@ import yaml
 
 from fakefeishu import FakeFeishu
 from gpuwatch.notify.base import DeliveryError
-from gpuwatch.store import _MIGRATIONS, DB_NAME, AlertStore, Outbox, StoreError, open_db
+from gpuwatch.notify.delivery import flush
+from gpuwatch.store import DB_NAME, AlertStore, Outbox, StoreError, open_db
+from gpuwatch.store.db import _MIGRATIONS
 from waiting import wait_for
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -155,6 +157,8 @@ def read_only(directory: Path) -> Iterator[None]:
 
 class Recorder:
     """A channel that accepts everything and remembers it."""
+
+    dry_run = False
 
     def __init__(self) -> None:
         self.delivered: list[dict[str, Any]] = []
@@ -555,8 +559,8 @@ def test_full_disk_while_running_holds_messages_and_sends_each_once(small_disk: 
     assert outbox.held == 1 and outbox.count() == 1  # nothing half-written
 
     # sending goes on; what was sent but could not be marked sent is not sent again
-    first = outbox.flush({"feishu": channel})  # type: ignore[dict-item]
-    second = outbox.flush({"feishu": channel})  # type: ignore[dict-item]
+    first = flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
+    second = flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
     assert [p["text"] for p in channel.delivered] == ["before"]
     assert first.sent == 1 and second.sent == 0 and outbox.count() == 0
     assert any("no space left on device" in e for e in first.errors)
@@ -565,7 +569,7 @@ def test_full_disk_while_running_holds_messages_and_sends_each_once(small_disk: 
     outbox.add("feishu", "report 2", [{"text": "after"}])
     assert outbox.held == 0
     assert [i.summary for i in outbox.pending()] == ["report 1", "report 2"]
-    result = outbox.flush({"feishu": channel})  # type: ignore[dict-item]
+    result = flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
     assert result.sent == 2 and outbox.count() == 0
     assert [p["text"][:5] for p in channel.delivered] == ["befor", "xxxxx", "after"]
     db.close()
@@ -634,11 +638,11 @@ def test_delivery_error_marking_survives_a_full_disk(small_disk: Path) -> None:
 
     channel = Refusing()
     filler = fill(small_disk)
-    outbox.flush({"feishu": channel})  # type: ignore[dict-item]
-    outbox.flush({"feishu": channel})  # type: ignore[dict-item]
+    flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
+    flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
     assert [p["text"] for p in channel.delivered] == ["refused", "g"]
     filler.unlink()
-    outbox.flush({"feishu": channel})  # type: ignore[dict-item]
+    flush(outbox, {"feishu": channel})  # type: ignore[dict-item]
     db.close()
     with contextlib.closing(sqlite3.connect(state / DB_NAME)) as raw:
         assert raw.execute("SELECT summary, dead FROM outbox").fetchall() == [("bad", 1)]
@@ -680,6 +684,7 @@ class DoubtfulChannel:
     """A channel whose sends may or may not have arrived: it raises maybe_delivered until told not to."""
 
     name = "feishu"
+    dry_run = False
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -704,21 +709,21 @@ def test_a_send_that_may_have_been_delivered_waits_60s_then_120s_and_keeps_the_o
     outbox.add("feishu", "first", [{"n": 1}])
     outbox.add("feishu", "second", [{"n": 2}])
     channel = DoubtfulChannel()
-    result = outbox.flush({"feishu": channel})
+    result = flush(outbox, {"feishu": channel})
     assert channel.calls == [{"n": 1}]  # one post, then nothing behind it: no instant re-post
     assert result.failed == 2 and any("may have been delivered" in e for e in result.errors), result.errors
     now[0] += 59
-    outbox.flush({"feishu": channel})
+    flush(outbox, {"feishu": channel})
     assert len(channel.calls) == 1  # still waiting
     now[0] += 2
-    outbox.flush({"feishu": channel})
+    flush(outbox, {"feishu": channel})
     assert len(channel.calls) == 2  # tried again after 60 s, in doubt again: now 120 s
     now[0] += 119
-    outbox.flush({"feishu": channel})
+    flush(outbox, {"feishu": channel})
     assert len(channel.calls) == 2
     now[0] += 2
     channel.doubtful = False
-    result = outbox.flush({"feishu": channel})
+    result = flush(outbox, {"feishu": channel})
     assert channel.calls[2:] == [{"n": 1}, {"n": 2}] and result.sent == 2
     assert outbox.count() == 0
 
@@ -728,15 +733,15 @@ def test_the_wait_survives_a_restart_and_a_stop_sends_nothing(tmp_path: Path) ->
     outbox = Outbox(open_db(tmp_path / "state"), clock=lambda: now[0])
     outbox.add("feishu", "first", [{"n": 1}])
     channel = DoubtfulChannel()
-    outbox.flush({"feishu": channel})
+    flush(outbox, {"feishu": channel})
     outbox.db.close()
     again = Outbox(open_db(tmp_path / "state"), clock=lambda: now[0] + 30)
-    again.flush({"feishu": channel})
+    flush(again, {"feishu": channel})
     assert len(channel.calls) == 1  # the restarted process also waits
     stop = threading.Event()
     stop.set()
     channel.doubtful = False
-    assert Outbox(again.db, clock=lambda: now[0] + 100).flush({"feishu": channel}, stop=stop).sent == 0
+    assert flush(Outbox(again.db, clock=lambda: now[0] + 100), {"feishu": channel}, stop=stop).sent == 0
     assert len(channel.calls) == 1
 
 
@@ -770,9 +775,9 @@ def test_a_newer_report_replaces_the_waiting_one_of_its_scope_and_alerts_keep_th
         outbox.add("feishu", f"alice {run}", [{"alice": run}], kind="report", scope="user:alice")
         outbox.add("feishu", f"bob {run}", [{"bob": run}], kind="report", scope="user:bob")
         outbox.add("email", f"overview by mail {run}", [{"mail": run}], kind="report", scope="overview")
-        assert not outbox.flush({"feishu": down, "email": down}).ok
+        assert not flush(outbox, {"feishu": down, "email": down}).ok
     up = Recorder()
-    assert outbox.flush({"feishu": up, "email": up}).ok
+    assert flush(outbox, {"feishu": up, "email": up}).ok
     assert up.delivered == [
         {"alert": 1},
         {"alert": 2},

@@ -5,11 +5,14 @@ Three run modes share one :class:`Daemon`:
 * ``run_forever`` (the daemon): the poller probes each host every ``poll_every`` on its own timer
   and hands each result to the fleet state. The main thread wakes when results arrive, gathers
   them for a moment (``BATCH_SECONDS``), evaluates the alert rules for exactly those hosts,
-  queues what must be said and flushes the outbox. Reports are ``schedule`` jobs that read the
-  fleet state; they never poll. SIGHUP re-reads the config; SIGINT/SIGTERM finish the current
-  step and return 0.
+  queues what must be said and wakes the delivery workers (one thread per channel,
+  :class:`~.notify.delivery.Deliveries`). A ``schedule`` job asks the timetable every second
+  which reports are due (:mod:`.timetable`, the same periods as ``--once``, from the
+  ``report_runs`` table); reports read the fleet state, they never poll. SIGHUP re-reads the
+  config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
 * ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
-  given (the CLI picks those due by their schedule, :mod:`.timetable`), flush.
+  given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
+  this thread (the same per-channel passes the workers run).
 
 An exception in one step is logged and the loop goes on.
 """
@@ -31,8 +34,10 @@ import schedule
 from .config import Config, ConfigError, HostConfig, ReportSchedule
 from .fleet import FleetState
 from .logsetup import ANNOUNCE
+from .message import Message
 from .model import FleetSnapshot, HostSnapshot
-from .notify.base import Channel, Message
+from .notify.base import Channel
+from .notify.delivery import Deliveries, FlushResult, flush
 from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings
@@ -40,14 +45,17 @@ from .report import alert_message, alert_words, build_report
 from .rules import Notice, Transition, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
-from .store import AlertStore, FlushResult, Outbox, ReportRuns, StoreError
+from .store import AlertStore, Outbox, ReportRuns, StoreError
 from .text import format_duration, plural
+from .timetable import is_due
 
 log = logging.getLogger(__name__)
 
 # Results that arrive within this long of each other are evaluated together: one alert message,
 # not one per host, when many hosts change at once (a switch failed, a reboot wave).
 BATCH_SECONDS = 0.5
+#: How often the daemon asks the timetable which reports are due.
+REPORT_TICK_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._removed: set[str] = set()
         self.services: list[Service] = []  # started by run_forever, stopped when it returns
+        self.deliveries: Deliveries | None = None  # the channels' workers, while run_forever runs
+        self._started_at: float | None = None  # when run_forever began (the clock's time)
+        self._answered: set[str] = set()  # hosts with a result since then
+        self._made: dict[str, float] = {}  # report name -> when this process last made (or tried) it
 
     # -- the fleet state
 
@@ -111,6 +123,7 @@ class Daemon:
         self.state.update(host)
         with self._fresh_lock:
             self._fresh.add(host.name)
+            self._answered.add(host.name)
         self._wake.set()
 
     def take_fresh(self) -> frozenset[str]:
@@ -183,16 +196,35 @@ class Daemon:
     @property
     def dry_run(self) -> bool:
         """Every channel prints instead of sending (--dry-run, the demo)."""
-        return bool(self.channels) and all(getattr(ch, "dry_run", False) for ch in self.channels.values())
+        return bool(self.channels) and all(ch.dry_run for ch in self.channels.values())
 
     def flush(self) -> FlushResult:
-        result = self.outbox.flush(self.channels, stop=self.stop)
-        if self.dry_run:
-            if result.sent:
-                log.info("dry run: %s printed, none sent", plural(result.sent, "message"))
-        elif result.sent or not result.ok:
-            log.info("outbox: %d sent, %d still waiting, %d refused for good", result.sent, result.failed, result.dead)
+        """Deliver what the outbox holds, every channel in turn, in this thread (``--once``)."""
+        result = flush(self.outbox, self.channels, stop=self.stop)
+        self._said(result, dry_run=self.dry_run)
         return result
+
+    def deliver(self) -> None:
+        """Have the outbox delivered: by waking the channels' workers when they run (the daemon),
+        else at once in this thread."""
+        if self.deliveries is not None:
+            self.deliveries.wake()
+        else:
+            self.flush()
+
+    def _passed(self, name: str, result: FlushResult) -> None:
+        """A worker's pass over its channel (from that worker's thread)."""
+        channel = self.channels.get(name)
+        self._said(result, dry_run=channel is not None and channel.dry_run, name=f"{name}: ")
+
+    @staticmethod
+    def _said(result: FlushResult, *, dry_run: bool, name: str = "") -> None:
+        if dry_run:
+            if result.sent:
+                log.info("dry run: %s%s printed, none sent", name, plural(result.sent, "message"))
+        elif result.sent or not result.ok:
+            sent, failed, dead = result.sent, result.failed, result.dead
+            log.info("outbox: %s%d sent, %d still waiting, %d refused for good", name, sent, failed, dead)
 
     def mentions(self, channel: str) -> Mapping[str, str]:
         """Who to @-mention in that channel's alerts: user -> the channel's id for them."""
@@ -255,11 +287,11 @@ class Daemon:
         try:
             self.alerts(snapshot, fresh)
         finally:
-            self.flush()
+            self.deliver()
 
     def report_cycle(self, spec: ReportSchedule) -> None:
         self.report(spec)
-        self.flush()
+        self.deliver()
 
     # -- reload
 
@@ -289,9 +321,12 @@ class Daemon:
         removed = self.state.set_hosts(host_pairs(new), new.schedule.poll_every)
         self._removed.update(removed)
         if channels is not self.channels:
-            for name, channel in self.channels.items():
-                if channels.get(name) is not channel:
-                    _close(channel)
+            if self.deliveries is not None:  # each worker closes its old channel after its send in flight
+                self.deliveries.set_channels(channels)
+            else:
+                for name, channel in self.channels.items():
+                    if channels.get(name) is not channel:
+                        _close(channel)
             self.channels = dict(channels)
         self.config = new
         log.info("reloaded %s: hosts: %s", new.path, result.describe(), extra=ANNOUNCE)
@@ -305,17 +340,53 @@ class Daemon:
     # -- run modes
 
     def build_scheduler(self) -> schedule.Scheduler:
+        """The daemon's jobs: every second, the reports due by the timetable (:meth:`report_tick`);
+        every ``poll_every``, a wake of the delivery workers, to retry what the outbox still holds
+        even when no result brings news."""
         scheduler = schedule.Scheduler()
         every = self.config.schedule.poll_every
-        # Retry what the outbox still holds even when no result brings news.
-        scheduler.every(max(1, round(every))).seconds.do(self._guarded("outbox", self.flush))
-        for spec in self.config.schedule.reports:
-            job = self._guarded(f"report {spec.describe()}", self.report_cycle, spec)
-            if spec.every:
-                scheduler.every(max(1, round(spec.every))).seconds.do(job)
-            else:
-                scheduler.every().day.at(spec.at or "09:00").do(job)
+        scheduler.every(max(1, round(every))).seconds.do(self.deliver)
+        scheduler.every(REPORT_TICK_SECONDS).seconds.do(self.report_tick)
         return scheduler
+
+    def due_reports(self, now: float) -> list[ReportSchedule]:
+        """The reports due at ``now`` by the timetable that ``--once`` follows (:mod:`.timetable`):
+        a report's period follows the clock (``every: 1h``: each clock hour), and one made in its
+        period already, by this process or an earlier one (the ``report_runs`` table), is not due."""
+        last = self.report_runs.last()
+        for name, at in self._made.items():  # also what a full disk kept out of the table
+            last[name] = max(at, last.get(name, at))
+        return [spec for spec in self.config.schedule.reports if is_due(spec, last.get(spec.describe()), now)]
+
+    def warmed_up(self, now: float) -> bool:
+        """Whether reports may be made: every host has a first result since the start, or one
+        ``poll_every`` has passed (a report made before would show hosts not polled yet)."""
+        if self._started_at is None:
+            return True
+        with self._fresh_lock:
+            answered = set(self._answered)
+        waited = now - self._started_at >= self.config.schedule.poll_every
+        return waited or all(h.name in answered for h in self.config.hosts)
+
+    def report_tick(self) -> None:
+        """Make and deliver each report due now (a ``schedule`` job every second). A report that
+        failed is tried again in its next period, as the schedule's timers did."""
+        if self.stop.is_set():
+            return
+        now = self.clock()
+        if not self.warmed_up(now):
+            return
+        try:
+            due = self.due_reports(now)
+        except StateError as exc:
+            log.error("reports: cannot read when each was last made: %s; trying again", exc)
+            return
+        except Exception:  # a job that raises would end the daemon's loop
+            log.exception("reports: cannot tell which are due; trying again")
+            return
+        for spec in due:
+            self._made[spec.describe()] = now
+            self._guarded(f"report {spec.describe()}", self.report_cycle, spec)()
 
     def run_forever(self, install_signals: bool = True) -> int:
         """The daemon loop; returns 0 after SIGINT/SIGTERM."""
@@ -323,6 +394,9 @@ class Daemon:
             self._install_signals()
         scheduler = self.build_scheduler()
         self._announce()
+        self._started_at = self.clock()
+        self.deliveries = Deliveries(self.outbox, self.channels, self.stop, on_pass=self._passed)
+        self.deliveries.start()
         self.poller.start(self.config.schedule.poll_every, self.on_result)
         for service in self.services:
             service.start()
@@ -346,6 +420,9 @@ class Daemon:
                 except Exception:  # one that fails to stop must not keep the hosts' connections open
                     log.exception("stopping %s failed", type(service).__name__)
             self.poller.close()
+            self.stop.set()  # a stop of any kind ends the sends in flight
+            self.deliveries.close()
+            self.deliveries = None
         log.info("gpuwatch stopping: %s still in the outbox", plural(self.outbox.count(), "message"), extra=ANNOUNCE)
         return 0
 

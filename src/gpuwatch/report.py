@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
+from .message import Body, Message, Row, Section
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .notify.base import Body, Message, Row, Section
 from .rules import FLEET, HOST_REMOVED, RULES, AlertKey, AlertRecord, AlertWords, Notice, Rule, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
 from .text import UNKNOWN, format_duration, local_time, number, plural, quantity

@@ -1,9 +1,10 @@
-"""When a scheduled report is due for a ``--once`` run (cron), from when it was last made.
+"""When a scheduled report is due, from when it was last made: for a ``--once`` run (cron) and
+for the daemon alike (it asks every second).
 
-The daemon keeps its own timers; a ``--once`` run lives for seconds, so it asks: has the report's
-period begun since the last one was made? Periods follow the clock (local time), not the run
-that happened to send the last one, so the few seconds cron's start wanders from run to run never
-skip or double a report:
+The question is: has the report's period begun since the last one was made? Periods follow the
+clock (local time), not the run that happened to send the last one, so the few seconds cron's
+start wanders from run to run never skip or double a report, and a daemon sends at the same
+times as cron would:
 
 * ``every: 1h``: due in the first run of each clock hour (``30m``: of each half hour; ``1d``: of
   each day after midnight). A length that does not divide a day is counted from 1970-01-01 00:00
@@ -41,8 +42,8 @@ def period_start(spec: ReportSchedule, now: float, tz: tzinfo | None = None) -> 
 
 
 def is_due(spec: ReportSchedule, last: float | None, now: float, tz: tzinfo | None = None) -> bool:
-    """Whether a ``--once`` run at ``now`` should make ``spec``'s report, last made at ``last``
-    (None: never). A last time in the future (the clock was set back) does not hold it back."""
+    """Whether a run (``--once``, or the daemon) at ``now`` should make ``spec``'s report, last
+    made at ``last`` (None: never). A last time in the future (the clock was set back) does not hold it back."""
     if last is None or last > now:
         return True
     return last < period_start(spec, now, tz)

@@ -7,7 +7,8 @@ import socket
 from typing import TextIO
 
 from ..config import Config, ConfigError
-from ..notify.base import DeliveryError, Message
+from ..message import Message
+from ..notify.base import DeliveryError
 from .common import EXIT_FAILED, EXIT_OK
 from .wiring import build_channels
 

@@ -6,13 +6,15 @@ import json
 import threading
 from typing import Any, TextIO
 
-from .base import Channel, Message
+from ..message import Message
+from .base import Channel
 
 
 class ConsoleChannel:
     """Prints each message as plain text (used by --dry-run when no channel is configured)."""
 
     name = "console"
+    dry_run = False  # printing is its way of delivering
 
     def __init__(self, out: TextIO) -> None:
         self.out = out

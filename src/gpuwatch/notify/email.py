@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any, TypeAlias
 
-from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.message import Message
+from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ class EmailChannel:
     """
 
     name = "email"
+    dry_run = False
 
     def __init__(
         self,

@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gpuwatch.message import Message, Section
 from gpuwatch.notify import feishu_card, http
-from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import RateLimiter, Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import cut_section, feishu_text
 from gpuwatch.notify.split import cut_text, numbered, split

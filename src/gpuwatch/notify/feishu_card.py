@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Body, Section
+from ..message import Body, Section
 from .markup import lark_md
 
 #: The card's header colour for a message's state.

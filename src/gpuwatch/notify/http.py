@@ -424,6 +424,7 @@ class WebhookChannel:
     """
 
     name = "webhook"
+    dry_run = False
     service = "the webhook"
     #: after HTTP 429 or the service's rate-limit answer, wait at least this long
     rate_limited_floor = 1.0

@@ -17,7 +17,7 @@ platform needs its own escape:
   everything else as written, and have no escape).
 
 Also here: the markdown layout DingTalk and WeCom share (one line per row, colour by state), and
-cutting a :class:`~gpuwatch.notify.base.Section` too big for any part between its rows.
+cutting a :class:`~gpuwatch.message.Section` too big for any part between its rows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .base import Body, Message, Row, Section
+from ..message import Body, Message, Row, Section
 from .split import CONTINUED, cut_text, largest, numbered, split
 
 #: Characters with a meaning in Feishu card markdown (the table in Feishu's rich-text component

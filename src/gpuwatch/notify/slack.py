@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
-from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode
 from gpuwatch.notify.markup import render_parts, slack_escape
 

@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gpuwatch.message import Message
 from gpuwatch.notify import http
-from gpuwatch.notify.base import Message
 from gpuwatch.notify.http import Request, Retry, encode
 from gpuwatch.notify.split import cut_text, numbered, split
 

@@ -30,8 +30,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
+from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
-from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts, text_lines
 
