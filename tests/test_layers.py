@@ -74,7 +74,7 @@ def test_only_the_cli_imports_the_wiring() -> None:
 
 def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse", "gpuwatch.daemon", "gpuwatch.cli", "gpuwatch.rules"} <= set(MODULES)
-    assert "gpuwatch.model" in MODULES["gpuwatch.parse"]
+    assert "gpuwatch.model" in MODULES["gpuwatch.parse.gpu"]
 
 
 @pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.metrics"])

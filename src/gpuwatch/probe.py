@@ -451,7 +451,7 @@ def split_sections(output: str, token: str = "") -> dict[str, Section] | None:
 def _first_line(text: str) -> str:
     for line in text.split("\n"):
         if line.strip():
-            return parse.quote(line)
+            return parse.excerpt(line)
     return "(no output)"
 
 
@@ -478,7 +478,7 @@ def snapshot_from_output(
             name,
             address,
             HostErrorKind.UNPARSEABLE,
-            f"gpuwatch could not read this host's output ({type(exc).__name__}: {parse.quote(str(exc))}); "
+            f"gpuwatch could not read this host's output ({type(exc).__name__}: {parse.excerpt(str(exc))}); "
             "this is a gpuwatch bug, please report it with the output of gpuwatch status --json",
             probe_seconds,
         )
