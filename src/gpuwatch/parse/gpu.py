@@ -176,7 +176,7 @@ def supported_health_fields(help_text: str) -> tuple[str, ...]:
     """The :data:`HEALTH_QUERY_FIELDS` a host's ``nvidia-smi --help-query-gpu`` lists, one name per
     reading (the current name where both are listed), in that order.
 
-    The probe computes the same list on the host (``probe.HEALTH_AWK``) so that the poll that
+    The probe computes the same list on the host (``probe.gpu.HEALTH_AWK``) so that the poll that
     learns them can already ask for them; only names from the fixed list ever reach a query.
     """
     listed: set[str] = set()
