@@ -101,43 +101,7 @@ def parse_host(text: str) -> tuple[HostReadings, list[HostIssue]]:
     A key seen twice, or a value that is no number in its range, is unknown (with a warning):
     these files are the kernel's, so either means the output was damaged.
     """
-    fields: dict[str, list[str]] = {}
-    memory: dict[str, int] = {}
-    twice: set[str] = set()
-    bad: list[str] = []
-    newline_mount = False
-    for raw in text.split("\n"):
-        parts = raw.split()
-        if not parts:
-            continue
-        key = parts[0]
-        if key == "mount-with-newline" and len(parts) == 1:
-            newline_mount = True
-            continue
-        if key == "mem" and len(parts) == 3 and parts[1].endswith(":"):
-            name = parts[1][:-1]
-            value = _integer(parts[2], _MAX_KIB)
-            if name not in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree") or value is None:
-                bad.append(raw)
-            elif name in memory:
-                twice.add(name)
-            else:
-                memory[name] = value
-            continue
-        if key not in ("loadavg", "uptime", "btime", "cpus", "kernel"):
-            bad.append(raw)
-            continue
-        if key in fields:
-            twice.add(key)
-        fields[key] = parts[1:]
-    issues: list[HostIssue] = []
-    for key in sorted(twice):
-        fields.pop(key, None)
-        memory.pop(key, None)
-    if twice:
-        issues.append(_issue(f"the host readings listed {', '.join(sorted(twice))} twice; taken as unknown"))
-    if bad:
-        issues.append(_issue(f"the host readings hold a line gpuwatch does not know: {excerpt(bad[0])}"))
+    fields, memory, newline_mount, issues = _host_lines(text)
 
     def one(key: str, count: int) -> list[str] | None:
         values = fields.get(key)
@@ -189,6 +153,49 @@ def parse_host(text: str) -> tuple[HostReadings, list[HostIssue]]:
         mount_with_newline=newline_mount,
     )
     return readings, issues
+
+
+def _host_lines(text: str) -> tuple[dict[str, list[str]], dict[str, int], bool, list[HostIssue]]:
+    """The ``host`` section's lines by key: {key: values}, the memory readings (KiB), whether a
+    mount point holds a line break, and warnings for keys seen twice (dropped) and unknown lines."""
+    fields: dict[str, list[str]] = {}
+    memory: dict[str, int] = {}
+    twice: set[str] = set()
+    bad: list[str] = []
+    newline_mount = False
+    for raw in text.split("\n"):
+        parts = raw.split()
+        if not parts:
+            continue
+        key = parts[0]
+        if key == "mount-with-newline" and len(parts) == 1:
+            newline_mount = True
+            continue
+        if key == "mem" and len(parts) == 3 and parts[1].endswith(":"):
+            name = parts[1][:-1]
+            value = _integer(parts[2], _MAX_KIB)
+            if name not in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree") or value is None:
+                bad.append(raw)
+            elif name in memory:
+                twice.add(name)
+            else:
+                memory[name] = value
+            continue
+        if key not in ("loadavg", "uptime", "btime", "cpus", "kernel"):
+            bad.append(raw)
+            continue
+        if key in fields:
+            twice.add(key)
+        fields[key] = parts[1:]
+    issues: list[HostIssue] = []
+    for key in sorted(twice):
+        fields.pop(key, None)
+        memory.pop(key, None)
+    if twice:
+        issues.append(_issue(f"the host readings listed {', '.join(sorted(twice))} twice; taken as unknown"))
+    if bad:
+        issues.append(_issue(f"the host readings hold a line gpuwatch does not know: {excerpt(bad[0])}"))
+    return fields, memory, newline_mount, issues
 
 
 def _issue(message: str) -> HostIssue:
