@@ -263,7 +263,3 @@ def classify_nvidia_smi_error(text: str, exit_code: int | None) -> HostIssue | N
     if exit_code is None or exit_code == 0:
         return None
     return _exit_code_issue(text, exit_code)
-
-
-# ------------------------------------------------------------------------------------
-# CSV tables

@@ -283,7 +283,3 @@ def parse_query_gpu(
                 )
             )
     return gpus, [*issues, *warnings]
-
-
-# ------------------------------------------------------------------------------------
-# --query-compute-apps

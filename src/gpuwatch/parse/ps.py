@@ -114,7 +114,3 @@ def parse_ps_args(text: str) -> tuple[dict[int, str], list[HostIssue]]:
             HostIssue(HostErrorKind.UNPARSEABLE, f"ps printed the command of process {shown} more than once; unknown")
         )
     return commands, issues
-
-
-# ------------------------------------------------------------------------------------
-# attribution

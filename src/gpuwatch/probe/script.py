@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 
 from . import apps, cgroup, gpu, host, ps
 from .output import token_suffix
@@ -39,19 +40,20 @@ def build_script(
     nvidia_smi: str = "nvidia-smi",
     token: str = "",
     probe: HostProbe | None = None,
+    steps: Sequence[Step] = STEPS,
 ) -> str:
     """The probe script for one host (``nvidia_smi`` may be a full path); ``token`` goes into
     every section marker (see :func:`~gpuwatch.probe.output.new_token`). ``probe``: the host's
     :class:`HostProbe`, whose learned health fields are asked (or learned this poll) and whose known
     containers are not asked again; without one, no health field is asked and the default disks are
-    shown."""
+    shown. ``steps``: :data:`STEPS` (another list only in tests)."""
     values = {
         "__STEP__": str(step_timeout(command_timeout)),
         "__QUICK__": str(min(QUICK_SECONDS, step_timeout(command_timeout))),
         "__SMI__": shlex.quote(nvidia_smi),
         "__K__": token_suffix(token),
     }
-    for step in STEPS:
+    for step in steps:
         values.update(step.fill(probe))
-    script = _PRELUDE + "".join(step.shell for step in STEPS)
+    script = _PRELUDE + "".join(step.shell for step in steps)
     return _PLACEHOLDER_RE.sub(lambda m: values[m[0]], script)

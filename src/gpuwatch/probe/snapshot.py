@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from gpuwatch import parse
 from gpuwatch.model import HostErrorKind, HostIssue, HostSnapshot
@@ -16,7 +17,7 @@ from gpuwatch.model import HostErrorKind, HostIssue, HostSnapshot
 from .output import read_output
 from .script import SECTIONS, STEPS
 from .state import HostProbe
-from .step import Draft, StepOutput, first_line
+from .step import Draft, Step, StepOutput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ def snapshot_from_output(
     command_timeout: float = 30.0,
     token: str = "",
     probe: HostProbe | None = None,
+    steps: Sequence[Step] = STEPS,
 ) -> HostSnapshot:
     """Everything one probe printed -> the host's snapshot (never raises).
 
     ``token`` is the one the script was built with (:func:`~gpuwatch.probe.script.build_script`).
     ``probe``, the same :class:`HostProbe` the script was built with, learns from the output (health
-    fields, CUDA version, containers, uids): the only state this function changes."""
+    fields, CUDA version, containers, uids): the only state this function changes. ``steps``: those
+    the script was built with."""
     try:
-        return assemble_snapshot(name, address, stdout, stderr, probe_seconds, command_timeout, token, probe)
+        return assemble_snapshot(name, address, stdout, stderr, probe_seconds, command_timeout, token, probe, steps)
     except Exception as exc:  # a parser bug must cost this host's data, never the poll
         log.exception("could not read the probe output of %s", name)
         return HostSnapshot.failed(
@@ -68,20 +71,21 @@ def assemble_snapshot(
     command_timeout: float,
     token: str,
     probe: HostProbe | None = None,
+    steps: Sequence[Step] = STEPS,
 ) -> HostSnapshot:
     """:func:`snapshot_from_output` unguarded (a reader's exception propagates: the fuzzer's view).
 
     Each step reads its sections into one draft, in order; a failure (only the GPU step sets one:
     no probe output, no GPU list, a hung nvidia-smi) ends the loop with a failed snapshot that keeps
     the host's context."""
-    read = read_output(stdout, token, SECTIONS)
+    read = read_output(stdout, token, [name for step in steps for name in step.sections])
     if read is None:
         shown = first_line(stdout) if stdout.strip() else first_line(stderr)
         return HostSnapshot.failed(
             name, address, HostErrorKind.UNPARSEABLE, f"unexpected probe output: {shown!r}", probe_seconds
         )
     draft = Draft(read.sections, read.problems, probe, command_timeout, stdout, stderr)
-    for step in STEPS:
+    for step in steps:
         step.read(draft)
         if draft.failure is not None:
             failed = HostSnapshot.failed(name, address, draft.failure.kind, draft.failure.message, probe_seconds)
