@@ -40,7 +40,7 @@ from pathlib import Path
 
 from fleet import H100_IDLE_QUERY, H100_LOAD_APPS, H100_LOAD_QUERY, _stack_gpus
 from gpuwatch import parse, probe
-from gpuwatch.model import HostErrorKind, HostIssue, HostSnapshot
+from gpuwatch.model import Gpu, HostErrorKind, HostIssue, HostSnapshot
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvidia-smi"
 HOST_FIXTURES = FIXTURES.parent / "host"
@@ -510,7 +510,7 @@ def _message_ok(issue: HostIssue | str | None) -> bool:
     return text is None or ("\n" not in text and len(text) <= MAX_MESSAGE)
 
 
-def gpu_violations(gpus: Iterable[parse.Gpu]) -> list[str]:
+def gpu_violations(gpus: Iterable[Gpu]) -> list[str]:
     """Impossible or duplicate values among GPUs a reader accepted."""
     found: list[str] = []
     limits = parse.LIMITS
@@ -744,7 +744,7 @@ _Result = HostSnapshot | tuple[list[object], list[HostIssue]] | HostIssue | None
 def _read(seed: Seed) -> tuple[_Result, list[str]]:
     """Run the reader a seed is for (unguarded: an exception here is a finding) and check it."""
     if seed.kind == "probe":
-        snap = probe._snapshot("fuzz", "fuzz", seed.text, "", None, 30.0, seed.token)
+        snap = probe.assemble_snapshot("fuzz", "fuzz", seed.text, "", None, 30.0, seed.token)
         return snap, snapshot_violations(snap)
     if seed.kind == "query-gpu":
         gpus, issues = parse.parse_query_gpu(seed.text, seed.fields)

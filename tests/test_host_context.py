@@ -150,7 +150,7 @@ def test_the_learning_awk_reads_help_query_gpu_as_the_parser_does(capture: str) 
         text = CORPUS_RAW_465.read_text(encoding="utf-8").split("# nvidia-smi --help-query-gpu", 1)[1]
     else:
         text = (CAPTURES / capture).read_text(encoding="utf-8")
-    shell = run_awk(probe.HEALTH_AWK, variables={"want": probe._want()}, stdin=text).strip()
+    shell = run_awk(probe.HEALTH_AWK, variables={"want": probe.wanted_health_fields()}, stdin=text).strip()
     assert tuple(shell.split(",")) == parse.supported_health_fields(text)
     if capture == "raw-465":  # driver 465 knows only the older clocks_throttle_reasons names
         assert "clocks_throttle_reasons.hw_slowdown" in shell and "remapped_rows.pending" not in shell

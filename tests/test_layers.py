@@ -80,7 +80,7 @@ def test_the_layers_see_the_split_packages() -> None:
     assert "gpuwatch.message.Message" in MODULES["gpuwatch.report"]
 
 
-@pytest.mark.parametrize("module", ["gpuwatch.ssh", "gpuwatch.poll"])
+@pytest.mark.parametrize("module", [m for m in MODULES if _under(m, ("gpuwatch.ssh", "gpuwatch.poll"))])
 def test_polling_knows_nothing_of_rules_reports_store_or_channels(module: str) -> None:
     forbidden = ("gpuwatch.rules", "gpuwatch.report", "gpuwatch.store", "gpuwatch.notify")
     bad = sorted(i for i in MODULES[module] if _under(i, forbidden))
@@ -98,7 +98,8 @@ def test_only_the_cli_imports_the_wiring() -> None:
 
 def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse", "gpuwatch.daemon", "gpuwatch.cli", "gpuwatch.rules"} <= set(MODULES)
-    assert "gpuwatch.model" in MODULES["gpuwatch.parse"]
+    assert "gpuwatch.model" in MODULES["gpuwatch.parse.gpu"]
+    assert {"gpuwatch.parse.table", "gpuwatch.probe.gpu", "gpuwatch.ssh.hostkeys"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.metrics"])

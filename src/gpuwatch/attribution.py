@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import AttributionConfig
 from .model import Container, GpuProcess, HostErrorKind, HostIssue, SlurmJob
-from .parse import MAX_TEXT_CHARS, quote
+from .parse import MAX_TEXT_CHARS, excerpt
 
 __all__ = [
     "MAX_INSPECT_IDS",
@@ -152,7 +152,9 @@ def parse_cgroups(text: str) -> tuple[dict[int, CgroupRead], list[HostIssue]]:
     issues = []
     if bad:
         issues.append(
-            HostIssue(HostErrorKind.UNPARSEABLE, f"the cgroup listing holds a line that is no cgroup: {quote(bad[0])}")
+            HostIssue(
+                HostErrorKind.UNPARSEABLE, f"the cgroup listing holds a line that is no cgroup: {excerpt(bad[0])}"
+            )
         )
     return reads, issues
 
@@ -339,7 +341,7 @@ def parse_passwd(text: str) -> tuple[dict[int, str], list[HostIssue]]:
         names.pop(uid, None)
     issues = []
     if bad:
-        issues.append(HostIssue(HostErrorKind.UNPARSEABLE, f"getent printed a line that is no user: {quote(bad[0])}"))
+        issues.append(HostIssue(HostErrorKind.UNPARSEABLE, f"getent printed a line that is no user: {excerpt(bad[0])}"))
     return names, issues
 
 
@@ -359,7 +361,7 @@ def _text(value: object) -> str | None:
         return None
     text = value.strip()
     if not text.isprintable() or len(text) > MAX_TEXT_CHARS:
-        return quote(text)
+        return excerpt(text)
     return text
 
 
@@ -438,7 +440,7 @@ def _inspect_issues(what: str, bad: Sequence[str]) -> list[HostIssue]:
     return [
         HostIssue(
             HostErrorKind.UNPARSEABLE,
-            f"{what} printed a line gpuwatch cannot read: {quote(bad[0])}{more}; those containers are shown by id",
+            f"{what} printed a line gpuwatch cannot read: {excerpt(bad[0])}{more}; those containers are shown by id",
         )
     ]
 
@@ -541,7 +543,7 @@ def _owner(
         if value is not None:
             if valid_user_name(value.strip()):
                 return value.strip(), "label", None
-            return None, None, f"the container's {settings.owner_label} label {quote(value, 40)} is no user name"
+            return None, None, f"the container's {settings.owner_label} label {excerpt(value, 40)} is no user name"
     if settings.rootless_owner and container.rootless_uid is not None:
         name = users.get(container.rootless_uid)
         if name is not None:

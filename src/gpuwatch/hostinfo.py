@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .config import HostContextConfig
 from .model import Disk, HostContext, HostErrorKind, HostIssue
-from .parse import quote
+from .parse import excerpt
 
 __all__ = [
     "DEFAULT_DISKS",
@@ -101,6 +101,63 @@ def parse_host(text: str) -> tuple[HostReadings, list[HostIssue]]:
     A key seen twice, or a value that is no number in its range, is unknown (with a warning):
     these files are the kernel's, so either means the output was damaged.
     """
+    fields, memory, newline_mount, issues = _host_lines(text)
+
+    def one(key: str, count: int) -> list[str] | None:
+        values = fields.get(key)
+        if values is None:
+            return None
+        if len(values) != count:
+            issues.append(_issue(f"the host reading {key} is not {count} value(s): {excerpt(' '.join(values))}"))
+            return None
+        return values
+
+    load: tuple[float, float, float] | None = None
+    if (values := one("loadavg", 3)) is not None:
+        numbers = [_number(v, 1e6) for v in values]
+        if all(n is not None for n in numbers):
+            load = (numbers[0], numbers[1], numbers[2])  # type: ignore[assignment]
+        else:
+            issues.append(_issue(f"the load average is not three numbers: {excerpt(' '.join(values))}"))
+    uptime = None
+    if (values := one("uptime", 1)) is not None:
+        uptime = _number(values[0], 100 * 366 * 86_400)
+        if uptime is None:
+            issues.append(_issue(f"the uptime is not a number of seconds: {excerpt(values[0])}"))
+    boot = None
+    if (values := one("btime", 1)) is not None:
+        boot = _integer(values[0], 2**40)
+        if boot is None:
+            issues.append(_issue(f"the boot time is not a time: {excerpt(values[0])}"))
+    cpus = None
+    if (values := one("cpus", 1)) is not None:
+        cpus = _integer(values[0], 1 << 20)
+        if not cpus:
+            cpus = None
+            issues.append(_issue(f"the CPU count is not a count: {excerpt(values[0])}"))
+    kernel = None
+    if (values := one("kernel", 1)) is not None:
+        kernel = values[0][:_TEXT] if values[0].isprintable() else excerpt(values[0])
+    if memory.get("MemAvailable") is not None and memory.get("MemTotal") is not None:
+        if memory["MemAvailable"] > memory["MemTotal"]:
+            issues.append(_issue("MemAvailable is more than MemTotal; memory taken as unknown"))
+            memory.pop("MemAvailable")
+            memory.pop("MemTotal")
+    readings = HostReadings(
+        load=load,
+        cpus=cpus,
+        memory=memory or None,
+        uptime_seconds=uptime,
+        boot_time=boot,
+        kernel=kernel,
+        mount_with_newline=newline_mount,
+    )
+    return readings, issues
+
+
+def _host_lines(text: str) -> tuple[dict[str, list[str]], dict[str, int], bool, list[HostIssue]]:
+    """The ``host`` section's lines by key: {key: values}, the memory readings (KiB), whether a
+    mount point holds a line break, and warnings for keys seen twice (dropped) and unknown lines."""
     fields: dict[str, list[str]] = {}
     memory: dict[str, int] = {}
     twice: set[str] = set()
@@ -137,58 +194,8 @@ def parse_host(text: str) -> tuple[HostReadings, list[HostIssue]]:
     if twice:
         issues.append(_issue(f"the host readings listed {', '.join(sorted(twice))} twice; taken as unknown"))
     if bad:
-        issues.append(_issue(f"the host readings hold a line gpuwatch does not know: {quote(bad[0])}"))
-
-    def one(key: str, count: int) -> list[str] | None:
-        values = fields.get(key)
-        if values is None:
-            return None
-        if len(values) != count:
-            issues.append(_issue(f"the host reading {key} is not {count} value(s): {quote(' '.join(values))}"))
-            return None
-        return values
-
-    load: tuple[float, float, float] | None = None
-    if (values := one("loadavg", 3)) is not None:
-        numbers = [_number(v, 1e6) for v in values]
-        if all(n is not None for n in numbers):
-            load = (numbers[0], numbers[1], numbers[2])  # type: ignore[assignment]
-        else:
-            issues.append(_issue(f"the load average is not three numbers: {quote(' '.join(values))}"))
-    uptime = None
-    if (values := one("uptime", 1)) is not None:
-        uptime = _number(values[0], 100 * 366 * 86_400)
-        if uptime is None:
-            issues.append(_issue(f"the uptime is not a number of seconds: {quote(values[0])}"))
-    boot = None
-    if (values := one("btime", 1)) is not None:
-        boot = _integer(values[0], 2**40)
-        if boot is None:
-            issues.append(_issue(f"the boot time is not a time: {quote(values[0])}"))
-    cpus = None
-    if (values := one("cpus", 1)) is not None:
-        cpus = _integer(values[0], 1 << 20)
-        if not cpus:
-            cpus = None
-            issues.append(_issue(f"the CPU count is not a count: {quote(values[0])}"))
-    kernel = None
-    if (values := one("kernel", 1)) is not None:
-        kernel = values[0][:_TEXT] if values[0].isprintable() else quote(values[0])
-    if memory.get("MemAvailable") is not None and memory.get("MemTotal") is not None:
-        if memory["MemAvailable"] > memory["MemTotal"]:
-            issues.append(_issue("MemAvailable is more than MemTotal; memory taken as unknown"))
-            memory.pop("MemAvailable")
-            memory.pop("MemTotal")
-    readings = HostReadings(
-        load=load,
-        cpus=cpus,
-        memory=memory or None,
-        uptime_seconds=uptime,
-        boot_time=boot,
-        kernel=kernel,
-        mount_with_newline=newline_mount,
-    )
-    return readings, issues
+        issues.append(_issue(f"the host readings hold a line gpuwatch does not know: {excerpt(bad[0])}"))
+    return fields, memory, newline_mount, issues
 
 
 def _issue(message: str) -> HostIssue:
@@ -247,9 +254,9 @@ def parse_df(text: str) -> tuple[list[Disk], list[HostIssue]]:
     issues = []
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        issues.append(_issue(f"df printed a line that is no filesystem: {quote(bad[0])}{more}"))
+        issues.append(_issue(f"df printed a line that is no filesystem: {excerpt(bad[0])}{more}"))
     if twice:
-        shown = ", ".join(quote(m, 40) for m in sorted(twice)[:3])
+        shown = ", ".join(excerpt(m, 40) for m in sorted(twice)[:3])
         issues.append(_issue(f"df listed the mount point {shown} twice; its use is unknown"))
     return list(disks.values()), issues
 
@@ -271,7 +278,7 @@ def parse_disk_paths(text: str) -> tuple[dict[str, Disk], list[HostIssue]]:
         if len(disks) == 1 and len(data) == 1:
             found[path] = disks[0]
         elif data and not any("No such file or directory" in line for line in data):
-            issues.append(_issue(f"df {quote(path, 60)}: {quote(data[0])}"))
+            issues.append(_issue(f"df {excerpt(path, 60)}: {excerpt(data[0])}"))
 
     for line in text.split("\n"):
         if line.startswith("path "):

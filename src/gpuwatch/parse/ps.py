@@ -1,0 +1,116 @@
+"""The two ``ps`` listings: owners (``pid=,user:64=,etimes=``) and command lines (``pid=,args=``)."""
+
+from __future__ import annotations
+
+from gpuwatch.model import HostErrorKind, HostIssue, PsEntry
+
+from .values import LIMITS, MAX_COMMAND_CHARS, MAX_TEXT_CHARS, bad_value, capped, excerpt, parse_natural, split_lines
+
+PS_FORMAT = "pid=,user:64=,etimes="
+"""``ps -ww -o`` format for owners: no header; a user column wide enough for long names; no
+user-written text, so no command line can forge another process's owner."""
+
+ARGS_FORMAT = "pid=,args="
+"""``ps -ww -o`` format for command lines (ps escapes newlines and control characters)."""
+
+
+def _first_bad(count: int, line: str) -> str:
+    more = f" and {count - 1} more" if count > 1 else ""
+    return f"{excerpt(line)}{more}"
+
+
+_ETIMES_RANGE = LIMITS["etimes"].range_text
+
+
+def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
+    """Parse ``ps -ww -o pid=,user:64=,etimes=`` output (owners), keyed by pid.
+
+    The user is kept as printed (a name, or a UID when the name is unknown). A fourth
+    column, when printed (older probes asked for ``args`` there), is the command line.
+
+    Every line must be an owner: a line that is not (an error message, a fragment) and a pid
+    printed twice (one of the two lines is not ps's own) are ``probe_failed`` issues, and a
+    pid printed twice gets no owner: owners are then not known. A run time out of range is
+    unknown, with an ``unparseable`` warning.
+    """
+    entries: dict[int, PsEntry] = {}
+    twice: set[int] = set()
+    unreadable: list[str] = []
+    issues: list[HostIssue] = []
+    for raw in split_lines(text):
+        if not raw.strip():
+            continue
+        parts = raw.strip().split(maxsplit=3)
+        pid = parse_natural(parts[0]) if len(parts) >= 3 else None
+        elapsed_text = parts[2] if len(parts) >= 3 else ""
+        elapsed = parse_natural(elapsed_text)
+        if pid is None or pid not in LIMITS["pid"] or (elapsed is None and elapsed_text != "-"):
+            unreadable.append(raw)
+            continue
+        if elapsed is not None and elapsed not in LIMITS["etimes"]:
+            issues.append(bad_value(f"process {pid}", "etimes", elapsed_text, f"is out of range ({_ETIMES_RANGE})"))
+            elapsed = None
+        if pid in entries or pid in twice:
+            twice.add(pid)
+            entries.pop(pid, None)
+            continue
+        command = capped(parts[3].rstrip(), MAX_COMMAND_CHARS) if len(parts) > 3 else ""
+        user = capped(parts[1], MAX_TEXT_CHARS)
+        entries[pid] = PsEntry(pid=pid, user=user, elapsed_seconds=elapsed, command=command)
+    if unreadable:
+        issues.append(
+            HostIssue(
+                HostErrorKind.PROBE_FAILED,
+                f"ps printed a line that is no process owner: {_first_bad(len(unreadable), unreadable[0])}; "
+                "owners may be missing",
+            )
+        )
+    if twice:
+        shown = ", ".join(str(pid) for pid in sorted(twice)[:5])
+        issues.append(
+            HostIssue(
+                HostErrorKind.PROBE_FAILED,
+                f"ps printed process {shown} more than once; its owner is unknown",
+            )
+        )
+    return entries, issues
+
+
+def parse_ps_args(text: str) -> tuple[dict[int, str], list[HostIssue]]:
+    """Parse ``ps -ww -o pid=,args=`` output: {pid: command line}.
+
+    ps escapes newlines and control characters in command lines, so each line is one
+    process. A line that does not start with a pid, or a pid printed twice (that pid's
+    command becomes unknown), is an ``unparseable`` warning: command lines are only shown,
+    never used to decide who owns what.
+    """
+    commands: dict[int, str] = {}
+    twice: set[int] = set()
+    unreadable: list[str] = []
+    for raw in split_lines(text):
+        if not raw.strip():
+            continue
+        parts = raw.strip().split(maxsplit=1)
+        pid = parse_natural(parts[0])
+        if pid is None or pid not in LIMITS["pid"]:
+            unreadable.append(raw)
+            continue
+        if pid in commands or pid in twice:
+            twice.add(pid)
+            commands.pop(pid, None)
+            continue
+        commands[pid] = capped(parts[1].rstrip(), MAX_COMMAND_CHARS) if len(parts) > 1 else ""
+    issues: list[HostIssue] = []
+    if unreadable:
+        issues.append(
+            HostIssue(
+                HostErrorKind.UNPARSEABLE,
+                f"ps printed a line that is no command line: {_first_bad(len(unreadable), unreadable[0])}",
+            )
+        )
+    if twice:
+        shown = ", ".join(str(pid) for pid in sorted(twice)[:5])
+        issues.append(
+            HostIssue(HostErrorKind.UNPARSEABLE, f"ps printed the command of process {shown} more than once; unknown")
+        )
+    return commands, issues

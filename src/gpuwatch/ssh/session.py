@@ -1,0 +1,66 @@
+"""The wrapper every probe script runs in on a host: a session of its own, ended when the script
+exits or at its deadline."""
+
+from __future__ import annotations
+
+# The wrapper every script runs in on a host. sshd gives each exec a session, but nothing ends
+# it: closing the channel signals nobody (without a pty), `timeout` kills only its own process
+# group, and a child that ignores SIGTERM or sits in another group keeps running, holding the
+# output open. So the script runs in a new session (setsid) that the wrapper ends with SIGKILL
+# as soon as the script exits (children it left behind included), and a watchdog, in a session
+# of its own, ends it at the deadline whatever happens to the connection. K ends a session:
+# pkill -s finds its processes whatever their process group, pass after pass while it finds
+# some (one may have been forking during the previous pass); without pkill, kill -<pgid> ends
+# the script's own process group. The watchdog is killed by pid, then by process group, so it
+# cannot outlive the wrapper. Without setsid (not Linux), the script runs as it is.
+_PROBE_END = "__GPUWATCH_PROBE_END__"
+_SESSION_SCRIPT = """\
+# gpuwatch: the probe runs in a session of its own, ended when it exits or after __LIMIT__ s.
+# The probe reaches its shell through a file only the login user can read, never through an argv:
+# its section markers carry a per-poll secret that other users on the host must not see.
+PATH="$PATH:/usr/bin:/bin"; export PATH
+umask 077
+if ! f=$(mktemp "${TMPDIR:-/tmp}/gpuwatch-probe.XXXXXXXXXX" 2>/dev/null); then
+  f="${TMPDIR:-/tmp}/gpuwatch-probe.$$"  # no mktemp: created exclusively (O_EXCL), mode 0600
+  if ! (set -C; : > "$f") 2>/dev/null; then
+    echo "gpuwatch: cannot create a private file for the probe in ${TMPDIR:-/tmp}" >&2
+    exit 125
+  fi
+fi
+cat > "$f" <<'__PROBE_END__'
+__SCRIPT__
+__PROBE_END__
+if command -v setsid >/dev/null 2>&1; then
+  exec 3>&2 2>/dev/null  # the probe's stderr on 3; the shell's own notes ("Killed") to /dev/null
+  K='n=0; while [ "$n" -lt 3 ] && pkill -KILL -s "$1"; do n=$((n + 1)); done; kill -KILL -"$1"'
+  setsid sh "$f" </dev/null 2>&3 3>&- &
+  s=$!
+  setsid sh -c 'sleep "$1"; sh -c "$2" end "$3"' gpuwatch-deadline __LIMIT__ "$K" "$s" \\
+    </dev/null >/dev/null 2>&1 3>&- &
+  w=$!
+  wait "$s"
+  rc=$?
+  kill -KILL "$w"; kill -KILL -"$w"
+  sh -c "$K" end "$s" 3>&-
+  rm -f "$f"
+  exit "$rc"
+fi
+sh "$f" </dev/null
+rc=$?
+rm -f "$f"
+exit "$rc"
+"""
+
+
+def session_script(script: str, limit_seconds: int) -> str:
+    """``script`` wrapped so that it runs in a session of its own (POSIX sh), which is ended with
+    SIGKILL when the script exits or ``limit_seconds`` after it started; its exit status is the
+    script's. Runs as ``sh -s`` input, so it works whatever the login shell is. The script is
+    handed over in a private temporary file (removed afterwards), so no argv on the host holds it."""
+    if _PROBE_END in script.splitlines():
+        raise ValueError("the probe script must not contain its own end marker")
+    return (
+        _SESSION_SCRIPT.replace("__LIMIT__", str(max(1, int(limit_seconds))))
+        .replace("__PROBE_END__", _PROBE_END)
+        .replace("__SCRIPT__", script.rstrip("\n"))
+    )

@@ -1,0 +1,82 @@
+"""A probe step is one module: its shell snippet, its placeholders and its reader travel together.
+
+Shown with a hypothetical step (``nvidia-smi topo -m``) added end to end, as ``test_registry.py``
+does for a rule: the script runs it in the same single exec, its section comes back with its exit
+status, and its reader gets it; the other steps are untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from fleet import scenario_healthy_multi_gpu, standin_env
+from gpuwatch.config import HostContextConfig
+from gpuwatch.model import HostErrorKind, HostIssue
+from gpuwatch.probe import (
+    SECTIONS,
+    STEPS,
+    Draft,
+    HostProbe,
+    ProbeSettings,
+    Step,
+    StepOutput,
+    build_script,
+    new_token,
+    snapshot_from_output,
+)
+
+TOPO_SHELL = r"""echo "@@begin topo__K__"
+run "$SMI" topo __TOPO_FLAGS__ 2>&1
+printf '\n@@end topo__K__ %s\n' "$?"
+"""
+
+
+def topo_step(seen: list[StepOutput]) -> Step:
+    """What a new ``probe/topo.py`` would hold (its reader would fill a new field of the context)."""
+
+    def fill(host_probe: HostProbe | None) -> dict[str, str]:
+        return {"__TOPO_FLAGS__": "-m"}
+
+    def read(draft: Draft) -> None:
+        section = draft.sections.get("topo")
+        if section is None:
+            draft.warnings.append(HostIssue(HostErrorKind.PROBE_FAILED, "the topology step did not run"))
+            return
+        seen.append(section)
+
+    return Step("topo", TOPO_SHELL, ("topo",), fill, read)
+
+
+def test_a_new_step_runs_in_the_same_exec_and_its_reader_gets_its_section(tmp_path: Path) -> None:
+    scenario_healthy_multi_gpu(tmp_path / "standin" / "local")
+    seen: list[StepOutput] = []
+    steps = (*STEPS, topo_step(seen))
+    token = new_token()
+    script = build_script(30, token=token, steps=steps)
+    assert script.startswith(build_script(30, token=token))  # the other steps' shell as it was
+    done = subprocess.run(
+        ["sh", "-s"], input=script, env=standin_env(tmp_path / "standin"), capture_output=True, text=True, timeout=60
+    )
+    snap = snapshot_from_output("h", "h", done.stdout, done.stderr, token=token, steps=steps)
+    assert snap.ok and len(snap.gpus) == 4, snap.error
+    assert [s.exit_status for s in seen] == [0]
+    assert not any("malformed" in w.message or "topology" in w.message for w in snap.warnings), snap.warnings
+    assert len(snap.processes) == 3 and snap.context is not None  # the other steps read as before
+
+
+def test_each_step_prints_its_own_sections_and_no_section_twice() -> None:
+    for step in STEPS:
+        printed = set(re.findall(r"@@begin (\w+)__K__", step.shell))
+        assert printed == set(step.sections), step.name
+    assert len(SECTIONS) == len(set(SECTIONS))
+
+
+def test_every_placeholder_is_filled_and_a_value_is_never_read_again() -> None:
+    for host_probe in (None, HostProbe()):
+        script = build_script(30, token=new_token(), probe=host_probe)
+        assert not re.search(r"__[A-Z_]+__", script)
+    odd = HostProbe(ProbeSettings(host_context=HostContextConfig(disks=("/data/__K__", "/x/__SMI__"))))
+    script = build_script(30, token="a" * 32, probe=odd)
+    assert "for p in /data/__K__ /x/__SMI__; do" in script  # a configured path stays as written
