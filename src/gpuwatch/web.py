@@ -43,7 +43,7 @@ from .metrics import build_registry
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .render import alerts_dict, snapshot_dict
 from .store import StoreReader
-from .summary import is_free, totals
+from .summary import is_free, process_context, totals, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class Query:
 @dataclass(frozen=True)
 class ProcView:
     key: str  # stable across refreshes: keeps an expanded command open
-    user: str
+    owner: str  # the person behind it, as ``status`` and chat name them (``summary.who``'s owner)
+    context: str  # where it runs: container, Slurm job, another user's session (may be empty)
+    ps_user: str  # "run as root" when ps saw another account than the owner; else empty
     memory: str
     runtime: str
     name: str
@@ -175,26 +177,32 @@ def _mib(value: int | None) -> str:
 
 
 def proc_view(host: HostSnapshot, proc: GpuProcess) -> ProcView:
-    user = proc.user if proc.user is not None else f"pid {proc.pid} (owner unknown)"
+    """A process as the page shows it: the owner and context that ``status`` and chat show
+    (``summary.who``), the ``ps`` user only as detail when it is another account."""
+    owner = proc.owner if proc.owner is not None else f"pid {proc.pid} (owner unknown)"
+    ps_user = f"run as {proc.user}" if proc.user is not None and proc.user != proc.owner else ""
     command = proc.command or proc.name or UNKNOWN
     words = command.split()
     short = words[0].rsplit("/", 1)[-1] if words else UNKNOWN
     title = command if len(command) <= COMMAND_TITLE_CHARS else command[:COMMAND_TITLE_CHARS] + "…"
+    run_as = f", {ps_user}" if ps_user else ""
     return ProcView(
         key=f"{host.name}/{proc.gpu_index}/{proc.pid}",
-        user=user,
+        owner=owner,
+        context=process_context(proc) if proc.owner is not None else "",
+        ps_user=ps_user,
         memory=_mib(proc.used_memory_mib),
         runtime=format_duration(proc.runtime_seconds),
         name=short,
         command=command,
-        title=f"pid {proc.pid}: {title}",
+        title=f"pid {proc.pid}{run_as}: {title}",
     )
 
 
 def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
     used, total = gpu.memory_used_mib, gpu.memory_total_mib
     percent = round(100 * used / total, 1) if used is not None and total else None
-    procs = sorted(host.processes_on(gpu), key=lambda p: (p.user is None, -(p.used_memory_mib or 0), p.pid))
+    procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
     return GpuView(
         index=gpu.index,
         model=gpu.name or UNKNOWN,
@@ -212,9 +220,10 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
 
 
 def _gpu_matches(host: HostSnapshot, gpu: Gpu, terms: Sequence[str]) -> bool:
-    """Every term is found in the host's name, the GPU's model or a user on it."""
-    users = " ".join(p.user or "" for p in host.processes_on(gpu))
-    haystack = f"{host.name} {gpu.name or ''} {users}".lower()
+    """Every term is found in the host's name, the GPU's model or who is on it: the owner and
+    context of each process as ``status`` says them (``summary.who``), not the ``ps`` user."""
+    people = " ".join(who(p) for p in host.processes_on(gpu))
+    haystack = f"{host.name} {gpu.name or ''} {people}".lower()
     return all(term in haystack for term in terms)
 
 
