@@ -542,25 +542,17 @@ class WebApp:
 
 
 class WebServer:
-    """The app on a waitress server. The socket is bound at construction (so a busy port is a start-up
-    error, said at once); :meth:`start` serves in a daemon thread; :meth:`stop` closes it."""
+    """The app on a waitress server hardened against slow and huge clients (``webserver.py``). The
+    socket is bound at construction (so a busy port is a start-up error, said at once); :meth:`start`
+    serves in a daemon thread; :meth:`stop` closes it."""
 
     def __init__(self, app: WebApp, host: str, port: int, threads: int = 4) -> None:
-        from waitress.server import create_server  # imported here: nothing of the server at import time
+        from .webserver import guarded_server  # imported here: nothing of the server at import time
 
         self.app = app
         # A burst of requests queues for a moment: normal, not a warning worth a log line each time.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        self._server: Any = create_server(
-            app,
-            host=host,
-            port=port,
-            threads=threads,
-            ident="gpuwatch",
-            clear_untrusted_proxy_headers=True,
-            channel_timeout=60,
-            asyncore_use_poll=True,
-        )
+        self._server: Any = guarded_server(app, host, port, threads)
         self._thread: threading.Thread | None = None
 
     @property
