@@ -144,7 +144,9 @@ class GuardedServer(TcpWSGIServer):  # type: ignore[misc]
         now = self.clock()
         if now - self.logged_at >= LOG_EVERY_SECONDS:
             log.warning(
-                "web: closed %d connection(s), the last one for %s (a slow or stuck client?)", self.dropped, why
+                "web: closed %d connection(s) since the last such line, the latest for %s (a slow or stuck client?)",
+                self.dropped,
+                why,
             )
             self.dropped = 0
             self.logged_at = now
