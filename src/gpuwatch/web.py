@@ -18,13 +18,11 @@ Every string people read is made here, with ``text.py``, and the templates only 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gzip
 import hashlib
-import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +43,7 @@ from .render import alerts_dict, snapshot_dict
 from .store import StoreReader
 from .summary import is_free, process_context, totals, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
+from .webauth import LoginGuard, basic_credentials_match, peer_of
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +365,14 @@ def _json(doc: Mapping[str, Any], status: str = "200 OK") -> Response:
     return Response(status, body, "application/json; charset=utf-8")
 
 
+def _unauthorized() -> Response:
+    return _text(
+        "401 Unauthorized",
+        "this gpuwatch page needs a user name and password",
+        (("WWW-Authenticate", 'Basic realm="gpuwatch", charset="UTF-8"'),),
+    )
+
+
 def _load_static() -> dict[str, tuple[bytes, str]]:
     files = resources.files("gpuwatch") / "static"
     return {name: ((files / name).read_bytes(), ctype) for name, ctype in STATIC_FILES.items()}
@@ -373,7 +380,8 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 
 class WebApp:
     """The WSGI application. ``config`` gives the daemon's current config (it changes on SIGHUP);
-    ``web`` is fixed for the server's life (a new address or password needs a restart)."""
+    ``web`` is fixed for the server's life (a new address or password needs a restart); ``clock``
+    (monotonic seconds) times the waits after failed logins."""
 
     def __init__(
         self,
@@ -381,6 +389,7 @@ class WebApp:
         config: Callable[[], Config],
         web: WebConfig,
         store: StoreReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state = state
         self.config = config
@@ -398,6 +407,7 @@ class WebApp:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.logins = LoginGuard(clock)
         self._auth_user = web.auth.user if web.auth else None
         self._auth_password = web.auth.resolve_password() if web.auth else None
         if web.auth and not self._auth_password:
@@ -424,21 +434,28 @@ class WebApp:
         start_response(response.status, headers)
         return [b""] if method == "HEAD" else [body]
 
-    def _authorized(self, environ: Mapping[str, Any]) -> bool:
+    def _login(self, environ: Mapping[str, Any]) -> Response | None:
+        """None when the request may see the page; else the 401 (or, for a peer that must wait
+        after failed logins, the 429) to answer. Failed logins are counted, slowed and logged per
+        peer by :class:`~gpuwatch.webauth.LoginGuard`: no thread sleeps."""
         if self._auth_user is None or self._auth_password is None:
-            return True
-        header = str(environ.get("HTTP_AUTHORIZATION", ""))
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        # Both compared, always, in constant time: the answer's timing says nothing about either.
-        user_ok = hmac.compare_digest(user.encode(), self._auth_user.encode())
-        password_ok = hmac.compare_digest(password.encode(), self._auth_password.encode())
-        return user_ok and password_ok
+            return None
+        header = environ.get("HTTP_AUTHORIZATION")
+        if header is None:  # a browser's first request: not a failed login
+            return _unauthorized()
+        peer = peer_of(str(environ.get("REMOTE_ADDR", "")))
+        wait = self.logins.wait_seconds(peer)
+        if wait > 0:
+            self.logins.refused(peer)
+            return _text(
+                "429 Too Many Requests",
+                f"too many failed logins from {peer}; try again in {math.ceil(wait)} s",
+                (("Retry-After", str(math.ceil(wait))),),
+            )
+        if basic_credentials_match(str(header), self._auth_user, self._auth_password):
+            return None
+        self.logins.failed(peer)
+        return _unauthorized()
 
     def respond(self, environ: Mapping[str, Any]) -> Response:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -455,12 +472,9 @@ class WebApp:
         route = self._routes().get(path)
         if route is None and not path.startswith("/static/"):
             return _text("404 Not Found", f"no page {path}; try {self.base}/")
-        if not self._authorized(environ):
-            return _text(
-                "401 Unauthorized",
-                "this gpuwatch page needs a user name and password",
-                (("WWW-Authenticate", 'Basic realm="gpuwatch", charset="UTF-8"'),),
-            )
+        refused = self._login(environ)
+        if refused is not None:
+            return refused
         if route is None:
             return self.static_file(path[len("/static/") :])
         return route(environ, query)
