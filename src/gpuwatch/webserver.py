@@ -38,7 +38,7 @@ CONNECTION_LIMIT = 100  # open connections; past it the longest-waiting idle or 
 LOG_EVERY_SECONDS = 60.0  # dropped connections are summed up in one line at most this often
 
 
-class BodyRefused(Error):  # type: ignore[misc]  # waitress's Error is untyped
+class BodyRefused(Error):
     code = 413
     reason = "Content Too Large"
 
@@ -52,7 +52,7 @@ class BodyRefused(Error):  # type: ignore[misc]  # waitress's Error is untyped
         return status, headers, f"{self.body}\n".encode()
 
 
-class BodylessParser(HTTPRequestParser):  # type: ignore[misc]
+class BodylessParser(HTTPRequestParser):
     """waitress's request parser, refusing any body once the header is read: nothing of the body
     reaches a buffer, a temporary file or the app."""
 
@@ -69,7 +69,7 @@ class BodylessParser(HTTPRequestParser):  # type: ignore[misc]
         return consumed
 
 
-class GuardedChannel(HTTPChannel):  # type: ignore[misc]
+class GuardedChannel(HTTPChannel):
     """One connection: notes when its current request began, so a trickle cannot hold it open."""
 
     parser_class = BodylessParser
@@ -97,7 +97,7 @@ class GuardedChannel(HTTPChannel):  # type: ignore[misc]
         return self.request_started if self.request_started is not None else self.opened
 
 
-class GuardedServer(TcpWSGIServer):  # type: ignore[misc]
+class GuardedServer(TcpWSGIServer):
     """waitress's TCP server with a deadline per request and a connection limit that gives way."""
 
     channel_class = GuardedChannel
@@ -117,8 +117,8 @@ class GuardedServer(TcpWSGIServer):  # type: ignore[misc]
     def maintenance(self, now: float) -> None:
         super().maintenance(int(now))  # connections idle past channel_timeout
         cutoff = self.clock() - self.deadline_seconds
-        for channel in list(self._channels()):
-            started = getattr(channel, "request_started", None)
+        for channel in self._channels():
+            started = channel.request_started
             if started is not None and started < cutoff and not channel.requests and not channel.will_close:
                 channel.will_close = True  # the loop closes it
                 self._dropped(f"a request not complete within {self.deadline_seconds:g} s of its first byte")
