@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from gpuwatch.webserver import REQUEST_DEADLINE_SECONDS
+from test_layers import MODULES, _under
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 MIB = 1024 * 1024
@@ -247,3 +248,11 @@ def test_150_trickling_connections_do_not_keep_healthz_from_answering(server: Se
         for sock in socks:
             sock.close()
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("module", ["gpuwatch.webserver", "gpuwatch.webauth"])
+def test_the_server_and_the_login_guard_read_never_act(module: str) -> None:
+    """As test_layers.py asks of web.py: they never poll, connect or send."""
+    forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")
+    assert module in MODULES
+    assert not sorted(i for i in MODULES[module] if _under(i, forbidden))
