@@ -124,3 +124,24 @@ def test_a_peer_is_its_address_or_its_ipv6_64() -> None:
     assert peer_of("::ffff:203.0.113.7") == "203.0.113.7"
     assert [wait_after(FREE_FAILURES + n) for n in range(7)] == [0, 0.5, 1, 2, 4, 8, MAX_WAIT_SECONDS]
     assert wait_after(10**9) == MAX_WAIT_SECONDS
+
+
+def test_parallel_connections_guess_no_faster_than_one() -> None:
+    clock = Monotonic()
+    guard = LoginGuard(clock)
+    peer = "203.0.113.7"
+    assert [guard.admit(peer) for _ in range(4)] == [0, 0, 0, 0]  # no failure yet: all looked at at once
+    for _ in range(4):
+        guard.settle(peer, ok=False)
+    for _ in range(FREE_FAILURES - 4):
+        assert guard.admit(peer) == 0
+        guard.settle(peer, ok=False)
+    clock.now += 1
+    assert guard.admit(peer) == 0  # past the free failures: one try at a time ...
+    assert guard.admit(peer) > 0 and guard.admit(peer) > 0  # ... the others wait for its verdict
+    guard.settle(peer, ok=False)
+    assert guard.admit(peer) == wait_after(FREE_FAILURES + 1)  # and then for the wait it earned
+    clock.now += wait_after(FREE_FAILURES + 1)
+    assert guard.admit(peer) == 0
+    guard.settle(peer, ok=True)
+    assert guard.admit(peer) == 0  # a right password sets no wait

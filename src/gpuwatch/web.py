@@ -444,18 +444,19 @@ class WebApp:
         if header is None:  # a browser's first request: not a failed login
             return _unauthorized()
         peer = peer_of(str(environ.get("REMOTE_ADDR", "")))
-        wait = self.logins.wait_seconds(peer)
+        wait = self.logins.admit(peer)
         if wait > 0:
-            self.logins.refused(peer)
             return _text(
                 "429 Too Many Requests",
                 f"too many failed logins from {peer}; try again in {math.ceil(wait)} s",
                 (("Retry-After", str(math.ceil(wait))),),
             )
-        if basic_credentials_match(str(header), self._auth_user, self._auth_password):
-            return None
-        self.logins.failed(peer)
-        return _unauthorized()
+        ok = False
+        try:
+            ok = basic_credentials_match(str(header), self._auth_user, self._auth_password)
+        finally:
+            self.logins.settle(peer, ok)
+        return None if ok else _unauthorized()
 
     def respond(self, environ: Mapping[str, Any]) -> Response:
         method = environ.get("REQUEST_METHOD", "GET")

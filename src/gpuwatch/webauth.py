@@ -73,6 +73,7 @@ class _Peer:
     unlogged_failures: int = 0
     unlogged_refusals: int = 0  # tries answered 429 while it had to wait
     logged_at: float | None = None
+    in_flight: int = 0  # tries being looked at now
 
 
 def wait_after(failures: int) -> float:
@@ -93,21 +94,33 @@ class LoginGuard:
         self._lines: deque[float] = deque()  # when the recent log lines were written
         self._lock = threading.Lock()
 
-    def wait_seconds(self, peer: str) -> float:
-        """How long ``peer`` must still wait before a login of its is looked at (0: now)."""
+    def admit(self, peer: str) -> float:
+        """0 when ``peer``'s credentials may be looked at now (then call :meth:`settle`); else the
+        seconds it must still wait, and the try is counted as refused. While a peer past its free
+        failures has a try being looked at, its other tries wait too: parallel connections guess
+        no faster than one."""
         with self._lock:
             state = self._peers.get(peer)
             if state is None:
                 return 0.0
-            return max(0.0, state.last_failure + wait_after(state.failures) - self.clock())
-
-    def refused(self, peer: str) -> None:
-        """``peer`` tried while it had to wait (answered 429, its credentials not looked at)."""
-        with self._lock:
-            state = self._peers.get(peer)
-            if state is not None:
+            wait = state.last_failure + wait_after(state.failures) - self.clock()
+            if wait <= 0 and state.in_flight and state.failures >= FREE_FAILURES:
+                wait = FIRST_WAIT_SECONDS
+            if wait > 0:
                 state.unlogged_refusals += 1
                 self._maybe_log(peer, state)
+                return wait
+            state.in_flight += 1
+            return 0.0
+
+    def settle(self, peer: str, ok: bool) -> None:
+        """The try :meth:`admit` let through was right (``ok``) or wrong (counted as a failure)."""
+        with self._lock:
+            state = self._peers.get(peer)
+            if state is not None and state.in_flight:
+                state.in_flight -= 1
+        if not ok:
+            self.failed(peer)
 
     def failed(self, peer: str) -> float:
         """``peer`` sent wrong credentials: count it; returns the wait now due."""
