@@ -3,11 +3,11 @@
 A peer is the address the connection came from (an IPv6 address's /64, which one machine holds
 whole). After :data:`FREE_FAILURES` failed logins a peer waits before its next try, twice as long
 after each further failure (:data:`FIRST_WAIT_SECONDS` up to :data:`MAX_WAIT_SECONDS`); a try made
-while it must wait is answered 429 without its credentials being looked at, so guessing gets no
-faster by asking more often or over more connections, and no worker thread sleeps for anyone. A
-peer's failures are forgotten :data:`FORGET_SECONDS` after its last one. Behind a reverse proxy
-every browser is the proxy's address: a guesser there slows everyone's wrong passwords alike
-(never a right password given while no wait is due).
+while it must wait, or while another try of its is being looked at, is answered 429 without its
+credentials being looked at, so guessing gets no faster by asking more often or over more
+connections, and no worker thread sleeps for anyone. A peer's failures are forgotten
+:data:`FORGET_SECONDS` after its last one. Behind a reverse proxy every browser is the proxy's
+address: a guesser there makes everyone behind it wait alike, right passwords too.
 
 Failed logins are logged at most once a minute per peer, with the count since its last line, and
 at most :data:`LOG_LINES_PER_MINUTE` such lines a minute in all; what a client sent as user name
