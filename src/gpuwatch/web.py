@@ -13,7 +13,8 @@ Routes (under ``web.base_path``), GET and HEAD only:
 The app reads the fleet state and the store; it never polls and never sends. Everything from a host
 is escaped by the templates (Jinja2 autoescape); the Content-Security-Policy allows no inline script.
 Every string people read is made here, with ``text.py``, and the templates only place it.
-:class:`WebServer` serves the app with waitress in a daemon thread.
+:class:`WebServer` serves the app with waitress in a daemon thread, hardened against slow and huge
+clients by ``webserver.py``; with ``web.auth`` failed logins are slowed per peer (``webauth.py``).
 """
 
 from __future__ import annotations
