@@ -9,6 +9,7 @@ import io
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,13 +19,14 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpuwatch.attribution import AttributionSettings, CgroupRead, ContainerInfo, attribute_owners
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig, parse_config
 from gpuwatch.fleet import FleetState
 from gpuwatch.metrics import build_registry
 from gpuwatch.model import HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
-from gpuwatch.render import snapshot_dict
+from gpuwatch.render import fleet_table, snapshot_dict
 from gpuwatch.rules import RULES, AlertKey, AlertRecord
 from gpuwatch.store import AlertStore, Outbox, StoreReader, open_db
 from gpuwatch.web import Query, WebApp, page_view
@@ -429,3 +431,81 @@ def test_the_web_section() -> None:
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             web(**section)
+
+
+# ---------------------------------------------------------------- who: the person behind the process
+
+CGROUP = Path(__file__).parent / "fixtures" / "cgroup"
+DOCKER_ID = "9ec39b91f3d70e1beff50a308f77067065ea6be0d91a3378375056cd4422cf3d"  # docker-v1-systemd-centos.txt
+
+
+def attributed(snapshot: HostSnapshot, pid: int, capture: str, **facts: Any) -> HostSnapshot:
+    """``snapshot`` with process ``pid`` attributed from a real cgroup capture, as a poll does it."""
+    lines = tuple((CGROUP / capture).read_text(encoding="utf-8").splitlines())
+    procs, issues = attribute_owners(
+        snapshot.processes,
+        {pid: CgroupRead(lines=lines)},
+        facts.get("users", {}),
+        facts.get("inspected", {}),
+        AttributionSettings(),
+    )
+    assert not issues
+    return replace(snapshot, processes=procs)
+
+
+def owners_fleet(clock: Clock) -> FleetState:
+    """gpu-a: alice's process in a container labelled owner=bob; gpu-m: root runs carol's Slurm job."""
+    state = FleetState([(n, n) for n in ("gpu-a", "gpu-m")], poll_every=60, now=clock)
+    ps_a = {11327: PsEntry(11327, "alice", 7200, "python3 train.py --bf16")}
+    labelled = ContainerInfo(name="train-llm", image="pytorch:24.01", labels={"owner": "bob"})
+    gpu_a = attributed(
+        host("gpu-a", H100_LOAD, H100_APPS, ps_a),
+        11327,
+        "docker-v1-systemd-centos.txt",
+        inspected={DOCKER_ID: labelled},
+    )
+    ps_m = {21180: PsEntry(21180, "root", 60, "python3 sweep.py")}
+    gpu_m = attributed(
+        host("gpu-m", MIG_LOAD, MIG_APPS, ps_m), 21180, "slurm-v1-ex3-slurm21.txt", users={7319: "carol"}
+    )
+    state.update(gpu_a)
+    state.update(gpu_m)
+    return state
+
+
+def test_the_page_names_the_person_behind_a_process_as_status_does_with_the_ps_user_as_detail(
+    tmp_path: Path,
+) -> None:
+    state = owners_fleet(Clock())
+    snapshot = state.snapshot()
+    procs = {p.pid: p for h in snapshot.hosts for p in h.processes}
+    assert (procs[11327].user, procs[11327].owner) == ("alice", "bob")  # the capture really says so
+    assert (procs[21180].user, procs[21180].owner) == ("root", "carol")
+    view = page_view(snapshot, FreeGpuConfig(), Query())
+    shown = {p.key: p for h in view.hosts for g in h.gpus for p in g.processes}
+    bob, carol = shown["gpu-a/0/11327"], shown["gpu-m/0/21180"]
+    assert (bob.owner, bob.context, bob.ps_user) == ("bob", "docker train-llm, pytorch:24.01", "run as alice")
+    assert (carol.owner, carol.context, carol.ps_user) == ("carol", "slurm 748468", "run as root")
+    # The same owner and context as status (the fleet table) and the JSON document.
+    table = fleet_table(snapshot, FreeGpuConfig())
+    assert "bob (docker train-llm, pytorch:24.01)" in table and "carol (slurm 748468)" in table
+    assert {p["owner"] for h in snapshot_dict(snapshot)["hosts"] for p in h["processes"] if p["pid"] == 11327} == {
+        "bob"
+    }
+
+    def found(query: str) -> list[str]:
+        return [
+            f"{h.name}/{g.index}"
+            for h in page_view(snapshot, FreeGpuConfig(), Query.parse(query)).hosts
+            for g in h.gpus
+        ]
+
+    assert found("q=bob") == ["gpu-a/0"]  # bob's job, run by another account
+    assert found("q=carol") == ["gpu-m/0"]
+    assert found("q=train-llm") == ["gpu-a/0"] and found("q=748468") == ["gpu-m/0"]  # the context too
+    assert found("q=alice") == []  # the ps user is detail, not the owner
+    html = call(app_for(state, tmp_path), "/")[2].decode()
+    assert '<b class="user">bob</b> <span class="ctx">(docker train-llm, pytorch:24.01)</span>' in html
+    assert '<p class="where">bob: docker train-llm, pytorch:24.01; run as alice</p>' in html
+    assert 'title="pid 11327, run as alice: python3 train.py --bf16"' in html
+    assert '<b class="user">alice</b>' not in html

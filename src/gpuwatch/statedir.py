@@ -7,10 +7,14 @@ file gpuwatch creates in it 0600, whatever the umask (an existing directory keep
 gpuwatch's files in it are made 0600 when opened).
 
 Two processes that send from one state directory would each deliver the same outbox rows and
-each announce every alert, so the daemon and ``--once`` hold an exclusive ``flock`` on
-``<state_dir>/gpuwatch.lock`` for as long as they run; the file names the holder (pid, host,
-command, start time) for the one that is refused. The kernel drops the lock when the holder
-dies, even by SIGKILL: a stale file never blocks anyone.
+each announce every alert, so the daemon and ``--once`` hold an exclusive ``flock`` on the state
+directory itself for as long as they run: a directory cannot be deleted and created anew under
+a running daemon the way a lock file can (``rm gpuwatch.lock`` would let a second one lock a new
+file of the same name). They also lock ``<state_dir>/gpuwatch.lock``, which keeps a running older
+gpuwatch (that locks only the file) and a new one apart, and names the holder (pid, host, command,
+start time) for the one that is refused. The kernel drops both locks when the holder dies, even
+by SIGKILL: a stale file never blocks anyone. Where the directory cannot be locked (some network
+file systems refuse ``flock`` on a directory) the file's lock alone is taken, as before.
 """
 
 from __future__ import annotations
@@ -179,10 +183,11 @@ class Holder:
 class StateLock:
     """An exclusive hold on a state directory; :meth:`release` (or leaving the ``with``) ends it."""
 
-    def __init__(self, state_dir: Path, fd: int, holder: Holder) -> None:
+    def __init__(self, state_dir: Path, fd: int, holder: Holder, dir_fd: int | None = None) -> None:
         self.state_dir = state_dir
         self.holder = holder
         self._fd: int | None = fd
+        self._dir_fd = dir_fd  # the directory's own lock; None where the file system refused it
 
     @property
     def held(self) -> bool:
@@ -198,6 +203,9 @@ class StateLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+            dir_fd, self._dir_fd = self._dir_fd, None
+            if dir_fd is not None:
+                os.close(dir_fd)  # closing drops the directory's lock
 
     def __enter__(self) -> StateLock:
         return self
@@ -222,6 +230,56 @@ def _read_holder(fd: int, sleep: Callable[[float], None]) -> Holder | None:
     return None
 
 
+def _holder_by_name(path: Path, sleep: Callable[[float], None]) -> tuple[Holder | None, bool]:
+    """Who wrote ``path`` (the lock file of a directory another process has locked), and whether
+    the file is gone (deleted under its holder; a racing start creates it a moment later)."""
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            sleep(0.05)
+            continue
+        except OSError:
+            return None, False
+        try:
+            return _read_holder(fd, sleep), False
+        finally:
+            os.close(fd)
+    return None, True
+
+
+def _busy(state_dir: Path, holder: Holder | None, deleted: bool = False) -> StateDirBusy:
+    if holder is not None:
+        who = holder.describe()
+    elif deleted:
+        who = f"a process whose {LOCK_NAME} was deleted, so it cannot say which (`lsof {state_dir}` names it)"
+    else:
+        who = "a process that has not written its pid yet"
+    return StateDirBusy(
+        f"state_dir {state_dir} is in use by another gpuwatch: {who}; two would send every message twice. "
+        "Stop that one first, or give this config its own state_dir",
+        holder,
+    )
+
+
+def _lock_directory(state_dir: Path, sleep: Callable[[float], None]) -> int | None:
+    """An fd of ``state_dir`` holding its exclusive lock; None where the file system cannot lock
+    a directory. Raises :class:`StateDirBusy` when another process holds it."""
+    try:
+        dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise os_error(exc, state_dir, "open the directory") from None
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(dir_fd)
+        raise _busy(state_dir, *_holder_by_name(state_dir / LOCK_NAME, sleep)) from None
+    except OSError:
+        os.close(dir_fd)  # e.g. NFS: flock on a directory opened read-only; the file's lock stands alone
+        return None
+    return dir_fd
+
+
 def lock_state_dir(
     state_dir: Path,
     command: str,
@@ -232,24 +290,21 @@ def lock_state_dir(
     """Take the state directory for this process, or raise :class:`StateDirBusy` at once
     naming the process that has it. ``command`` says what this process is (shown to others)."""
     ensure_state_dir(state_dir)
+    dir_fd = _lock_directory(state_dir, sleep)
     path = state_dir / LOCK_NAME
     try:
         fd = open_private(path, os.O_RDWR)
     except OSError as exc:
+        _close(dir_fd)
         raise os_error(exc, state_dir, f"open {LOCK_NAME}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_holder(fd, sleep)
-        os.close(fd)
-        who = holder.describe() if holder is not None else "a process that has not written its pid yet"
-        raise StateDirBusy(
-            f"state_dir {state_dir} is in use by another gpuwatch: {who}; two would send every message twice. "
-            "Stop that one first, or give this config its own state_dir",
-            holder,
-        ) from None
+        holder = _read_holder(fd, sleep)  # an older gpuwatch, which locks only the file
+        _close(fd, dir_fd)
+        raise _busy(state_dir, holder) from None
     except OSError as exc:
-        os.close(fd)
+        _close(fd, dir_fd)
         raise os_error(exc, state_dir, f"lock {LOCK_NAME}") from None
     holder = Holder(pid=os.getpid(), host=socket.gethostname(), command=command, since=clock())
     data = json.dumps({"pid": holder.pid, "host": holder.host, "command": command, "since": holder.since}) + "\n"
@@ -257,6 +312,12 @@ def lock_state_dir(
         os.ftruncate(fd, 0)
         os.pwrite(fd, data.encode("utf-8"), 0)
     except OSError as exc:
-        os.close(fd)  # closing drops the lock
+        _close(fd, dir_fd)  # closing drops the locks
         raise os_error(exc, state_dir, f"write {LOCK_NAME}") from None
-    return StateLock(state_dir, fd, holder)
+    return StateLock(state_dir, fd, holder, dir_fd)
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

@@ -13,18 +13,17 @@ Routes (under ``web.base_path``), GET and HEAD only:
 The app reads the fleet state and the store; it never polls and never sends. Everything from a host
 is escaped by the templates (Jinja2 autoescape); the Content-Security-Policy allows no inline script.
 Every string people read is made here, with ``text.py``, and the templates only place it.
-:class:`WebServer` serves the app with waitress in a daemon thread.
+:class:`WebServer` serves the app with waitress in a daemon thread, hardened against slow and huge
+clients by ``webserver.py``; with ``web.auth`` failed logins are slowed per peer (``webauth.py``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gzip
 import hashlib
-import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,8 +42,9 @@ from .metrics import build_registry
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .render import alerts_dict, snapshot_dict
 from .store import StoreReader
-from .summary import is_free, totals
+from .summary import is_free, process_context, totals, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
+from .webauth import LoginGuard, basic_credentials_match, peer_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ class Query:
 @dataclass(frozen=True)
 class ProcView:
     key: str  # stable across refreshes: keeps an expanded command open
-    user: str
+    owner: str  # the person behind it, as ``status`` and chat name them (``summary.who``'s owner)
+    context: str  # where it runs: container, Slurm job, another user's session (may be empty)
+    ps_user: str  # "run as root" when ps saw another account than the owner; else empty
     memory: str
     runtime: str
     name: str
@@ -175,26 +177,32 @@ def _mib(value: int | None) -> str:
 
 
 def proc_view(host: HostSnapshot, proc: GpuProcess) -> ProcView:
-    user = proc.user if proc.user is not None else f"pid {proc.pid} (owner unknown)"
+    """A process as the page shows it: the owner and context that ``status`` and chat show
+    (``summary.who``), the ``ps`` user only as detail when it is another account."""
+    owner = proc.owner if proc.owner is not None else f"pid {proc.pid} (owner unknown)"
+    ps_user = f"run as {proc.user}" if proc.user is not None and proc.user != proc.owner else ""
     command = proc.command or proc.name or UNKNOWN
     words = command.split()
     short = words[0].rsplit("/", 1)[-1] if words else UNKNOWN
     title = command if len(command) <= COMMAND_TITLE_CHARS else command[:COMMAND_TITLE_CHARS] + "…"
+    run_as = f", {ps_user}" if ps_user else ""
     return ProcView(
         key=f"{host.name}/{proc.gpu_index}/{proc.pid}",
-        user=user,
+        owner=owner,
+        context=process_context(proc) if proc.owner is not None else "",
+        ps_user=ps_user,
         memory=_mib(proc.used_memory_mib),
         runtime=format_duration(proc.runtime_seconds),
         name=short,
         command=command,
-        title=f"pid {proc.pid}: {title}",
+        title=f"pid {proc.pid}{run_as}: {title}",
     )
 
 
 def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
     used, total = gpu.memory_used_mib, gpu.memory_total_mib
     percent = round(100 * used / total, 1) if used is not None and total else None
-    procs = sorted(host.processes_on(gpu), key=lambda p: (p.user is None, -(p.used_memory_mib or 0), p.pid))
+    procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
     return GpuView(
         index=gpu.index,
         model=gpu.name or UNKNOWN,
@@ -212,9 +220,10 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
 
 
 def _gpu_matches(host: HostSnapshot, gpu: Gpu, terms: Sequence[str]) -> bool:
-    """Every term is found in the host's name, the GPU's model or a user on it."""
-    users = " ".join(p.user or "" for p in host.processes_on(gpu))
-    haystack = f"{host.name} {gpu.name or ''} {users}".lower()
+    """Every term is found in the host's name, the GPU's model or who is on it: the owner and
+    context of each process as ``status`` says them (``summary.who``), not the ``ps`` user."""
+    people = " ".join(who(p) for p in host.processes_on(gpu))
+    haystack = f"{host.name} {gpu.name or ''} {people}".lower()
     return all(term in haystack for term in terms)
 
 
@@ -357,6 +366,14 @@ def _json(doc: Mapping[str, Any], status: str = "200 OK") -> Response:
     return Response(status, body, "application/json; charset=utf-8")
 
 
+def _unauthorized() -> Response:
+    return _text(
+        "401 Unauthorized",
+        "this gpuwatch page needs a user name and password",
+        (("WWW-Authenticate", 'Basic realm="gpuwatch", charset="UTF-8"'),),
+    )
+
+
 def _load_static() -> dict[str, tuple[bytes, str]]:
     files = resources.files("gpuwatch") / "static"
     return {name: ((files / name).read_bytes(), ctype) for name, ctype in STATIC_FILES.items()}
@@ -364,7 +381,8 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 
 class WebApp:
     """The WSGI application. ``config`` gives the daemon's current config (it changes on SIGHUP);
-    ``web`` is fixed for the server's life (a new address or password needs a restart)."""
+    ``web`` is fixed for the server's life (a new address or password needs a restart); ``clock``
+    (monotonic seconds) times the waits after failed logins."""
 
     def __init__(
         self,
@@ -372,6 +390,7 @@ class WebApp:
         config: Callable[[], Config],
         web: WebConfig,
         store: StoreReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state = state
         self.config = config
@@ -389,6 +408,7 @@ class WebApp:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.logins = LoginGuard(clock)
         self._auth_user = web.auth.user if web.auth else None
         self._auth_password = web.auth.resolve_password() if web.auth else None
         if web.auth and not self._auth_password:
@@ -415,21 +435,29 @@ class WebApp:
         start_response(response.status, headers)
         return [b""] if method == "HEAD" else [body]
 
-    def _authorized(self, environ: Mapping[str, Any]) -> bool:
+    def _login(self, environ: Mapping[str, Any]) -> Response | None:
+        """None when the request may see the page; else the 401 (or, for a peer that must wait
+        after failed logins, the 429) to answer. Failed logins are counted, slowed and logged per
+        peer by :class:`~gpuwatch.webauth.LoginGuard`: no thread sleeps."""
         if self._auth_user is None or self._auth_password is None:
-            return True
-        header = str(environ.get("HTTP_AUTHORIZATION", ""))
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
+            return None
+        header = environ.get("HTTP_AUTHORIZATION")
+        if header is None:  # a browser's first request: not a failed login
+            return _unauthorized()
+        peer = peer_of(str(environ.get("REMOTE_ADDR", "")))
+        wait = self.logins.admit(peer)
+        if wait > 0:
+            return _text(
+                "429 Too Many Requests",
+                f"too many failed logins from {peer}; try again in {math.ceil(wait)} s",
+                (("Retry-After", str(math.ceil(wait))),),
+            )
+        ok = False
         try:
-            user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        # Both compared, always, in constant time: the answer's timing says nothing about either.
-        user_ok = hmac.compare_digest(user.encode(), self._auth_user.encode())
-        password_ok = hmac.compare_digest(password.encode(), self._auth_password.encode())
-        return user_ok and password_ok
+            ok = basic_credentials_match(str(header), self._auth_user, self._auth_password)
+        finally:
+            self.logins.settle(peer, ok)
+        return None if ok else _unauthorized()
 
     def respond(self, environ: Mapping[str, Any]) -> Response:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -446,12 +474,9 @@ class WebApp:
         route = self._routes().get(path)
         if route is None and not path.startswith("/static/"):
             return _text("404 Not Found", f"no page {path}; try {self.base}/")
-        if not self._authorized(environ):
-            return _text(
-                "401 Unauthorized",
-                "this gpuwatch page needs a user name and password",
-                (("WWW-Authenticate", 'Basic realm="gpuwatch", charset="UTF-8"'),),
-            )
+        refused = self._login(environ)
+        if refused is not None:
+            return refused
         if route is None:
             return self.static_file(path[len("/static/") :])
         return route(environ, query)
@@ -533,25 +558,17 @@ class WebApp:
 
 
 class WebServer:
-    """The app on a waitress server. The socket is bound at construction (so a busy port is a start-up
-    error, said at once); :meth:`start` serves in a daemon thread; :meth:`stop` closes it."""
+    """The app on a waitress server hardened against slow and huge clients (``webserver.py``). The
+    socket is bound at construction (so a busy port is a start-up error, said at once); :meth:`start`
+    serves in a daemon thread; :meth:`stop` closes it."""
 
     def __init__(self, app: WebApp, host: str, port: int, threads: int = 4) -> None:
-        from waitress.server import create_server  # imported here: nothing of the server at import time
+        from .webserver import guarded_server  # imported here: nothing of the server at import time
 
         self.app = app
         # A burst of requests queues for a moment: normal, not a warning worth a log line each time.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        self._server: Any = create_server(
-            app,
-            host=host,
-            port=port,
-            threads=threads,
-            ident="gpuwatch",
-            clear_untrusted_proxy_headers=True,
-            channel_timeout=60,
-            asyncore_use_poll=True,
-        )
+        self._server: Any = guarded_server(app, host, port, threads)
         self._thread: threading.Thread | None = None
 
     @property
