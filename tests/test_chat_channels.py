@@ -21,7 +21,8 @@ import requests
 from fakechat import FakeDingTalk, FakeReceiver, FakeSlack, FakeWeCom, dingtalk_sign
 from fakefeishu import FakeFeishu, card_problems, seen
 from fakehook import FakeHook, Rendered, render_markdown
-from gpuwatch.config import ConfigError, FreeGpuConfig, parse_config
+from gpuwatch.config import ConfigError, FreeGpuConfig
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify import dingtalk, feishu_card
 from gpuwatch.notify.base import DeliveryError, Message

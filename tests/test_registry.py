@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from gpuwatch.cli import build_parser
-from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
+from gpuwatch.config import AlertsConfig, FreeGpuConfig
+from gpuwatch.config.load import parse_config
+from gpuwatch.config.values import ConfigError, optional_int
 from gpuwatch.model import FleetSnapshot, HostSnapshot
 from gpuwatch.report import alert_message
 from gpuwatch.rules import RULE_NAMES, RULES, Memory, Needs, Scope, advance, evaluate
@@ -85,7 +87,7 @@ class PowerAbove:
 
 
 def parse_power_above(value: object, path: str) -> PowerAbove | None:
-    limit = _optional_int(value, path, 1)
+    limit = optional_int(value, path, 1)
     return None if limit is None else PowerAbove(limit)
 
 

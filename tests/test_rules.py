@@ -41,7 +41,8 @@ from fleet import (
     capture_pids,
     gpu_uuid,
 )
-from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, parse_config
+from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import FleetSnapshot, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu

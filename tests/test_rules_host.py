@@ -18,7 +18,8 @@ import pytest
 
 from fleet import ERR_VERSION_MISMATCH, ERR_VERSION_MISMATCH_NVML, capture_bytes
 from gpuwatch import probe
-from gpuwatch.config import AlertsConfig, ConfigError, parse_config
+from gpuwatch.config import AlertsConfig, ConfigError
+from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.model import Container, Disk, FleetSnapshot, HostContext, HostSnapshot, SlurmJob
 from gpuwatch.notify.base import Message
