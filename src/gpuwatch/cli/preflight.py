@@ -18,7 +18,8 @@ import paramiko
 
 from ..config import Config, ConfigError, HostConfig
 from ..model import HostErrorKind, HostSnapshot
-from ..notify.registry import channel_spec, names_in_words
+from ..notify.registry import CHANNELS, names_in_words
+from ..notify.spec import ChannelSpec
 from ..statedir import LOCK_NAME, Holder, StateError
 from ..store import DB_NAME, open_db_readonly
 
@@ -47,14 +48,15 @@ class CheckLine:
 # ---------------------------------------------------------------- channels
 
 
-def channel_findings(config: Config) -> list[CheckLine]:
+def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> list[CheckLine]:
     """Build every configured channel as ``run`` would (secrets from the environment, URLs,
-    files), send nothing; and the web page's settings."""
+    files), send nothing, and say what its spec describes; and the web page's settings."""
     findings = []
     stop = threading.Event()
     stop.set()  # nothing built here may wait for anything
+    specs = {spec.name: spec for spec in channels}
     for name, settings in config.channels.items():
-        spec = channel_spec(name)
+        spec = specs.get(name)
         if spec is None:
             continue
         try:
@@ -81,8 +83,8 @@ def channel_findings(config: Config) -> list[CheckLine]:
             CheckLine(
                 "channels",
                 False,
-                f"no channel configured ({names_in_words(joiner='nor')}), nor web:, so there is nowhere to send "
-                "reports; add one (see config.example.yaml)",
+                f"no channel configured ({names_in_words(channels, joiner='nor')}), nor web:, so there is "
+                "nowhere to send reports; add one (see config.example.yaml)",
             )
         )
     return findings
