@@ -32,11 +32,9 @@ from urllib.parse import parse_qsl, quote_plus, urlsplit
 
 from gpuwatch.notify import http
 from gpuwatch.notify.base import Message, Section
-from gpuwatch.notify.dingtalk_settings import DingTalkSettings, token_of
-from gpuwatch.notify.dingtalk_settings import redact as redact_url
+from gpuwatch.notify.dingtalk_settings import DingTalkSettings
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts
-from gpuwatch.notify.masking import present
 from gpuwatch.notify.spec import Transport
 
 RATE_LIMITED = 130101
@@ -107,20 +105,6 @@ class DingTalkChannel(http.WebhookChannel[DingTalkSettings]):
 
     name = "dingtalk"
     service = "DingTalk"
-
-    def endpoint(self, settings: DingTalkSettings) -> http.Endpoint:
-        url = http.resolved_url(settings.url, "dingtalk")
-        return http.Endpoint(
-            url,
-            where=redact_url(url),
-            secrets=present(token_of(url), settings.secret),
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
-
-    def __repr__(self) -> str:
-        return f"DingTalkChannel({self._where})"
 
     # ------------------------------------------------------------------ prepare
 

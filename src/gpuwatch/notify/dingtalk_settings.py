@@ -10,14 +10,14 @@ secret are secrets: the repr masks them, :func:`secrets` lists them for every lo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ..config.values import ConfigError, check_keys, from_env, mapping, string
-from .masking import present, query_values, redact_url
-from .spec import ChannelSpec, Limits, env_secret, require_positive, settings_of, url_and_mentions
+from ..config.values import check_keys, from_env, mapping, string
+from .masking import present, redact_url
+from .spec import ChannelSpec, Limits, UrlSettings, env_secret, settings_of, url_and_mentions, url_secret_values
 
 #: DingTalk's documented limits: 20,000 bytes a message, 20 messages a minute per robot.
 MAX_BODY_BYTES = 20_000
@@ -37,31 +37,26 @@ def token_of(url: str) -> str:
 
 
 @dataclass(frozen=True, repr=False)
-class DingTalkSettings:
-    """One DingTalk group robot. ``url`` (its access token) and ``secret`` are secrets.
+class DingTalkSettings(UrlSettings):
+    """One DingTalk group robot. ``url`` (its access token) and ``secret`` are secrets."""
 
-    ``url`` is None when ``url_env`` names the variable that holds it (resolved by :meth:`resolved`).
-    """
+    SECTION = "dingtalk"
+    URL_SHAPE = "https://oapi.dingtalk.com/robot/send?access_token=<token>"
+    SECRET_SEGMENTS = 0  # the access token is a query value
 
-    url: str | None = None
     secret: str | None = field(default=None, repr=False)
+    secret_env: str | None = None
     keyword: str | None = None
     mentions: Mapping[str, str] = field(default_factory=dict)  # user -> mobile number or DingTalk userId
-    url_env: str | None = None
-    secret_env: str | None = None
-    timeout_seconds: float = 10.0
     max_body_bytes: int = MAX_BODY_BYTES
-    per_minute: int = PER_MINUTE
-    max_attempts: int = 5
+    per_minute: int | None = PER_MINUTE
 
-    def __post_init__(self) -> None:
-        if self.url is None and not self.url_env:
-            raise ValueError("dingtalk: needs 'url' (the robot's webhook) or 'url_env'")
-        if self.url is not None and (urlsplit(self.url).scheme not in ("http", "https") or not token_of(self.url)):
-            raise ValueError("dingtalk.url: expected https://oapi.dingtalk.com/robot/send?access_token=<token>")
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(token_of(url))
+
+    def check(self) -> None:
         if self.keyword is not None and not self.keyword.strip():
             raise ValueError("dingtalk.keyword: must not be empty (leave it out if the robot has no keyword)")
-        require_positive(self, ("timeout_seconds", "max_body_bytes", "per_minute", "max_attempts"), "dingtalk")
 
     def __repr__(self) -> str:
         return (
@@ -69,21 +64,14 @@ class DingTalkSettings:
             f"secret={'set' if self.secret else 'unset'}, keyword={self.keyword!r}, mentions={dict(self.mentions)!r})"
         )
 
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
-        return from_env(self.url_env, self.url, environ)
-
     def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
         return from_env(self.secret_env, self.secret, environ)
 
-    def resolved(self, environ: Mapping[str, str] | None = None) -> DingTalkSettings:
-        """These settings with the URL and secret read from the environment (ConfigError naming the
-        key when a variable is unset)."""
-        url = self.resolve_url(environ)
-        if not url:
-            raise ConfigError(f"dingtalk.url_env: ${self.url_env} is not set in the environment")
-        secret = env_secret(self.resolve_secret(environ), self.secret_env, "dingtalk.secret_env")
-        resolved: DingTalkSettings = settings_of(lambda: replace(self, url=url, secret=secret))
-        return resolved
+    def own_secrets(self) -> list[str]:
+        return present(self.resolve_secret())
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        return {"secret": env_secret(self.resolve_secret(environ), self.secret_env, "dingtalk.secret_env")}
 
 
 def parse(raw: object, base: Path) -> DingTalkSettings:
@@ -96,14 +84,7 @@ def parse(raw: object, base: Path) -> DingTalkSettings:
     for key in ("secret", "secret_env", "keyword"):
         if section.get(key) is not None:
             values[key] = string(section[key], f"dingtalk.{key}")
-    settings: DingTalkSettings = settings_of(lambda: DingTalkSettings(**values))
-    return settings
-
-
-def secrets(settings: DingTalkSettings) -> list[str]:
-    """The secret values in use (the URL, its access token, the signing secret), to mask in logs."""
-    url = settings.resolve_url()
-    return present(settings.resolve_secret(), url, *query_values(url))
+    return settings_of(lambda: DingTalkSettings(**values))
 
 
 def describe(settings: DingTalkSettings) -> str:
@@ -117,7 +98,7 @@ SPEC = ChannelSpec(
     name="dingtalk",
     parse=parse,
     sender="gpuwatch.notify.dingtalk",
-    secrets=secrets,
+    secrets=url_secret_values,
     inline_secrets=("secret", "url"),
     describe=describe,
     carries_reports=True,

@@ -108,8 +108,7 @@ class EmailSettings:
     def resolved(self, environ: Mapping[str, str] | None = None) -> EmailSettings:
         """These settings with the password read from the environment (ConfigError when unset)."""
         password = env_secret(self.resolve_password(environ), self.password_env, "email.password_env")
-        resolved: EmailSettings = settings_of(lambda: replace(self, password=password))
-        return resolved
+        return settings_of(lambda: replace(self, password=password))
 
 
 def parse(raw: object, base: Path) -> EmailSettings:
@@ -143,8 +142,7 @@ def parse(raw: object, base: Path) -> EmailSettings:
         values["ca_file"] = expand_path(string(section["ca_file"], "email.ca_file"), base)
     if tls == "none" and (values.get("password") or values.get("password_env")):
         raise ConfigError("email.tls: 'none' would send the SMTP password in clear text; use starttls or tls")
-    settings: EmailSettings = settings_of(lambda: EmailSettings(**values))
-    return settings
+    return settings_of(lambda: EmailSettings(**values))
 
 
 def secrets(settings: EmailSettings) -> list[str]:

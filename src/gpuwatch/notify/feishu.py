@@ -30,11 +30,10 @@ from typing import Any
 
 from gpuwatch.notify import feishu_card, http
 from gpuwatch.notify.base import Message, Section
-from gpuwatch.notify.feishu_settings import FORMATS, FeishuSettings, token_of
+from gpuwatch.notify.feishu_settings import FORMATS, FeishuSettings
 from gpuwatch.notify.feishu_settings import redact as redact_url
 from gpuwatch.notify.http import RateLimiter, Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import cut_section, feishu_text
-from gpuwatch.notify.masking import present
 from gpuwatch.notify.spec import Transport
 from gpuwatch.notify.split import cut_text, numbered, split
 
@@ -115,18 +114,6 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
     name = "feishu"
     service = "Feishu"
     rate_limited_floor = _RATE_LIMITED_FLOOR_SECONDS
-
-    def endpoint(self, settings: FeishuSettings) -> http.Endpoint:
-        url = http.resolved_url(settings.url, "feishu")
-        return http.Endpoint(
-            url,
-            where=redact_url(url),
-            secrets=present(token_of(url), settings.secret),
-            per_second=settings.per_second,
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
 
     def __repr__(self) -> str:
         return f"FeishuChannel({self._where}, format={self._settings.format!r})"

@@ -10,14 +10,14 @@ secret are secrets: the repr masks them, :func:`secrets` lists them for every lo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..config.values import ConfigError, check_keys, choice, from_env, mapping, string
 from .masking import present, redact_url
-from .spec import ChannelSpec, Limits, env_secret, require_positive, settings_of, url_and_mentions
+from .spec import ChannelSpec, Limits, UrlSettings, env_secret, settings_of, url_and_mentions, url_secret_values
 
 FORMATS = ("text", "post", "card")
 KEYS = ("url", "url_env", "keyword", "secret", "secret_env", "format", "mentions")
@@ -56,37 +56,32 @@ def _webhook_url(url: str) -> bool:
 
 
 @dataclass(frozen=True, repr=False)
-class FeishuSettings:
-    """One Feishu group bot. ``url`` and ``secret`` are secrets: the repr masks them.
+class FeishuSettings(UrlSettings):
+    """One Feishu group bot. ``url`` (its token) and ``secret`` are secrets: the repr masks them."""
 
-    ``url`` is None when ``url_env`` names the variable that holds it (resolved by :meth:`resolved`).
-    """
+    SECTION = "feishu"
+    URL_SHAPE = _URL_SHAPE
 
-    url: str | None = None
     keyword: str | None = None
     secret: str | None = field(default=None, repr=False)  # never in repr or logs
+    secret_env: str | None = None
     format: str = "post"  # text | post | card
     mentions: Mapping[str, str] = field(default_factory=dict)  # user name -> open_id (for alerts)
-    url_env: str | None = None
-    secret_env: str | None = None
-    timeout_seconds: float = 10.0  # the most one post may take: connect, send, and the whole answer
     max_body_bytes: int = MAX_BODY_BYTES  # UTF-8 bytes as sent, signature fields included
-    per_second: int = PER_SECOND
-    per_minute: int = PER_MINUTE
-    max_attempts: int = 5
+    per_second: int | None = PER_SECOND
+    per_minute: int | None = PER_MINUTE
 
-    def __post_init__(self) -> None:
-        if self.url is None and not self.url_env:
-            raise ValueError("feishu: needs 'url' (the bot's webhook) or 'url_env'")
-        if self.url is not None and (urlsplit(self.url).scheme not in ("http", "https") or not token_of(self.url)):
-            raise ValueError(f"feishu.url: expected {_URL_SHAPE}")
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(token_of(url))
+
+    def check(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"feishu.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.keyword is not None and not self.keyword.strip():
             raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
-        require_positive(
-            self, ("timeout_seconds", "max_body_bytes", "per_second", "per_minute", "max_attempts"), "feishu"
-        )
+
+    def redact(self, url: str) -> str:
+        return redact(url)
 
     def __repr__(self) -> str:
         return (
@@ -97,23 +92,17 @@ class FeishuSettings:
             f"per_minute={self.per_minute!r}, max_attempts={self.max_attempts!r})"
         )
 
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
-        return from_env(self.url_env, self.url, environ)
-
     def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
         return from_env(self.secret_env, self.secret, environ)
 
-    def resolved(self, environ: Mapping[str, str] | None = None) -> FeishuSettings:
-        """These settings with the URL and secret read from the environment (ConfigError naming the
-        key when a variable is unset or does not hold a webhook URL)."""
+    def own_secrets(self) -> list[str]:
+        return present(self.resolve_secret())
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
         url = self.resolve_url(environ)
-        if not url:
-            raise ConfigError(f"feishu.url_env: ${self.url_env} is not set in the environment")
-        if self.url_env and url != self.url and not _webhook_url(url):  # the file's own url was checked when read
+        if self.url_env and url != self.url and not _webhook_url(url or ""):  # the file's url was checked when read
             raise ConfigError(f"feishu.url_env: ${self.url_env} does not hold a webhook URL (expected {_URL_SHAPE})")
-        secret = env_secret(self.resolve_secret(environ), self.secret_env, "feishu.secret_env")
-        resolved: FeishuSettings = settings_of(lambda: replace(self, url=url, secret=secret))
-        return resolved
+        return {"secret": env_secret(self.resolve_secret(environ), self.secret_env, "feishu.secret_env")}
 
 
 def parse(raw: object, base: Path) -> FeishuSettings:
@@ -127,14 +116,7 @@ def parse(raw: object, base: Path) -> FeishuSettings:
     if "format" in section:
         values["format"] = choice(section["format"], "feishu.format", FORMATS)
     values.update(url_and_mentions(section, "feishu", "the bot's webhook"))
-    settings: FeishuSettings = settings_of(lambda: FeishuSettings(**values))
-    return settings
-
-
-def secrets(settings: FeishuSettings) -> list[str]:
-    """The secret values in use (the URL, its token, the signing secret), to mask in logs."""
-    url = settings.resolve_url()
-    return present(settings.resolve_secret(), url, token_of(url or ""))
+    return settings_of(lambda: FeishuSettings(**values))
 
 
 def describe(settings: FeishuSettings) -> str:
@@ -148,7 +130,7 @@ SPEC = ChannelSpec(
     name="feishu",
     parse=parse,
     sender="gpuwatch.notify.feishu",
-    secrets=secrets,
+    secrets=url_secret_values,
     inline_secrets=("secret", "url"),
     describe=describe,
     carries_reports=True,

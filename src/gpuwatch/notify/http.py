@@ -26,7 +26,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
 from typing import Any, Generic, TypeVar
@@ -42,9 +42,10 @@ from urllib3.poolmanager import PoolManager
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
 from gpuwatch.notify.masking import MASK
+from gpuwatch.notify.spec import UrlSettings
 
 logger = logging.getLogger(__name__)
-S = TypeVar("S")  # a channel's settings
+S = TypeVar("S", bound=UrlSettings)  # a channel's settings
 
 # Backoff between attempts: base * 2**(attempt-1), capped, with jitter in [50 %, 100 %].
 _BACKOFF_BASE_SECONDS = 1.0
@@ -371,27 +372,6 @@ class Retry:
     floor: float = 0.0
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """What :class:`WebhookChannel` needs of a channel's settings: the URL (resolved), how logs show
-    it (``where``), the secrets to scrub, the rate limits, the per-post deadline and the attempts."""
-
-    url: str
-    where: str
-    secrets: Sequence[str]
-    per_second: int | None = None
-    per_minute: int | None = None
-    timeout_seconds: float = 10.0
-    max_attempts: int = 5
-
-
-def resolved_url(url: str | None, section: str) -> str:
-    """The settings' URL, which a built channel always has (``build`` resolves ``url_env``)."""
-    if not url:
-        raise ValueError(f"{section}.url: not resolved; build the channel from its settings with build()")
-    return url
-
-
 class WebhookChannel(Generic[S]):
     """The delivery half of a chat webhook channel (see the module docstring).
 
@@ -430,7 +410,7 @@ class WebhookChannel(Generic[S]):
         """``settings`` are the channel's own (its :meth:`endpoint` says where and how fast to post);
         ``sleep`` defaults to ``stop.wait`` when ``stop`` is given (a stop cuts backoff short), else
         ``time.sleep``."""
-        endpoint = self.endpoint(settings)
+        endpoint = settings.endpoint()
         self._settings = settings
         self._url = endpoint.url
         self._own_session = session is None
@@ -453,9 +433,9 @@ class WebhookChannel(Generic[S]):
         self._timeout = endpoint.timeout_seconds
         self._max_attempts = endpoint.max_attempts
 
-    def endpoint(self, settings: S) -> Endpoint:
-        """Where and how fast this channel posts, from its settings (the URL resolved)."""
-        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where})"
 
     def close(self) -> None:
         """Close the HTTP session if this channel created it."""

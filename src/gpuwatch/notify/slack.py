@@ -26,8 +26,7 @@ from gpuwatch.notify import http
 from gpuwatch.notify.base import Message, Section
 from gpuwatch.notify.http import Request, Retry, encode
 from gpuwatch.notify.markup import render_parts, slack_escape
-from gpuwatch.notify.slack_settings import SlackSettings, secret_parts
-from gpuwatch.notify.slack_settings import redact as redact_url
+from gpuwatch.notify.slack_settings import SlackSettings
 from gpuwatch.notify.spec import Transport
 
 MAX_BLOCKS = 50
@@ -101,20 +100,6 @@ class SlackChannel(http.WebhookChannel[SlackSettings]):
 
     name = "slack"
     service = "Slack"
-
-    def endpoint(self, settings: SlackSettings) -> http.Endpoint:
-        url = http.resolved_url(settings.url, "slack")
-        return http.Endpoint(
-            url,
-            where=redact_url(url),
-            secrets=secret_parts(url),
-            per_second=settings.per_second,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
-
-    def __repr__(self) -> str:
-        return f"SlackChannel({self._where})"
 
     # ------------------------------------------------------------------ prepare
 

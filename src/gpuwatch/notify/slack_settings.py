@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config.values import ConfigError, check_keys, from_env, mapping
-from .masking import present, redact_url, url_secrets
-from .spec import ChannelSpec, Limits, require_positive, settings_of, url_and_mentions
+from ..config.values import check_keys, mapping
+from .masking import redact_url, url_secrets
+from .spec import ChannelSpec, Limits, UrlSettings, settings_of, url_and_mentions, url_secret_values
 
 MAX_BODY_BYTES = 40_000
 PER_SECOND = 1
@@ -41,43 +41,28 @@ def secret_parts(url: str) -> list[str]:
 
 
 @dataclass(frozen=True, repr=False)
-class SlackSettings:
-    """One Slack incoming webhook. ``url`` is a secret; None when ``url_env`` names it."""
+class SlackSettings(UrlSettings):
+    """One Slack incoming webhook. ``url`` is a secret (its last three path segments)."""
 
-    url: str | None = field(default=None, repr=False)
+    SECTION = "slack"
+    URL_SHAPE = "https://hooks.slack.com/services/T.../B.../..."
+    SECRET_SEGMENTS = 3
+
     mentions: Mapping[str, str] = field(default_factory=dict)  # user -> Slack member id (U...)
-    url_env: str | None = None
-    timeout_seconds: float = 10.0
     max_body_bytes: int = MAX_BODY_BYTES
-    per_second: int = PER_SECOND
-    max_attempts: int = 5
+    per_second: int | None = PER_SECOND
 
-    def __post_init__(self) -> None:
-        if self.url is None and not self.url_env:
-            raise ValueError("slack: needs 'url' (the incoming webhook) or 'url_env'")
-        if self.url is not None and (
-            urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).path.strip("/")
-        ):
-            raise ValueError("slack.url: expected https://hooks.slack.com/services/T.../B.../...")
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).path.strip("/"))
+
+    def check(self) -> None:
         for user, member in self.mentions.items():
             if not _MEMBER_ID.fullmatch(member):
                 raise ValueError(f"slack.mentions.{user}: {member!r} is not a Slack member id (like U0123ABCD)")
-        require_positive(self, ("timeout_seconds", "max_body_bytes", "per_second", "max_attempts"), "slack")
 
     def __repr__(self) -> str:
         shown = redact(self.url) if self.url else None
         return f"SlackSettings(url={shown!r}, mentions={dict(self.mentions)!r})"
-
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
-        return from_env(self.url_env, self.url, environ)
-
-    def resolved(self, environ: Mapping[str, str] | None = None) -> SlackSettings:
-        """These settings with the URL read from the environment (ConfigError when it is unset)."""
-        url = self.resolve_url(environ)
-        if not url:
-            raise ConfigError(f"slack.url_env: ${self.url_env} is not set in the environment")
-        resolved: SlackSettings = settings_of(lambda: replace(self, url=url))
-        return resolved
 
 
 def parse(raw: object, base: Path) -> SlackSettings:
@@ -87,14 +72,7 @@ def parse(raw: object, base: Path) -> SlackSettings:
     values: dict[str, Any] = url_and_mentions(
         section, "slack", "the incoming webhook, https://hooks.slack.com/services/..."
     )
-    settings: SlackSettings = settings_of(lambda: SlackSettings(**values))
-    return settings
-
-
-def secrets(settings: SlackSettings) -> list[str]:
-    """The secret values in use (the URL and its secret segments), to mask in logs."""
-    url = settings.resolve_url()
-    return present(url, *secret_parts(url or ""))
+    return settings_of(lambda: SlackSettings(**values))
 
 
 def describe(settings: SlackSettings) -> str:
@@ -106,7 +84,7 @@ SPEC = ChannelSpec(
     name="slack",
     parse=parse,
     sender="gpuwatch.notify.slack",
-    secrets=secrets,
+    secrets=url_secret_values,
     inline_secrets=("url",),
     describe=describe,
     carries_reports=True,

@@ -15,15 +15,18 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-from ..config.values import ConfigError, string, string_map
+from ..config.values import ConfigError, from_env, string, string_map
 from .base import Channel
+from .masking import present, redact_url, url_secrets
 
 Sleep = Callable[[float], None]
+U = TypeVar("U", bound="UrlSettings")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def env_secret(value: str | None, env: str | None, key: str) -> str | None:
     return value
 
 
-def settings_of(make: Callable[[], Any]) -> Any:
+def settings_of(make: Callable[[], T]) -> T:
     """``make()``, a settings check's ValueError said as a ConfigError (its text names the key)."""
     try:
         return make()
@@ -125,3 +128,110 @@ def url_and_mentions(section: Mapping[str, Any], name: str, example: str) -> dic
     if section.get("mentions") is not None:
         values["mentions"] = string_map(section["mentions"], f"{name}.mentions")
     return values
+
+
+# ---------------------------------------------------------------- what the webhook channels share
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a webhook sender needs of its settings: the URL (resolved), how logs show it
+    (``where``), the secrets to scrub, the rate limits, the per-post deadline and the attempts."""
+
+    url: str
+    where: str
+    secrets: Sequence[str]
+    per_second: int | None = None
+    per_minute: int | None = None
+    timeout_seconds: float = 10.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, repr=False)
+class UrlSettings:
+    """The settings every webhook channel shares: the URL (a secret), or ``url_env``, the variable
+    that holds it; the per-post deadline, the attempts, and the rate limits (None: none of the
+    channel's own). A channel's settings extend it with their own fields and say, in class
+    attributes, their section, the URL's shape and where its secret is; :meth:`check` adds their
+    own checks. Every number field must be positive."""
+
+    SECTION: ClassVar[str] = "webhook"
+    URL_SHAPE: ClassVar[str] = "an http(s):// URL"
+    SECRET_SEGMENTS: ClassVar[int] = 1  # the URL's last path segments that are secret (0: its query values)
+
+    url: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    timeout_seconds: float = 10.0  # the most one post may take: connect, send, and the whole answer
+    max_attempts: int = 5
+    per_second: int | None = None
+    per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None and not self.url_env:
+            raise ValueError(f"{self.SECTION}: needs 'url' or 'url_env'")
+        if self.url is not None and not self.url_fits(self.url):
+            raise ValueError(f"{self.SECTION}.url: expected {self.URL_SHAPE}")
+        self.check()
+        numbers = [
+            f.name
+            for f in fields(self)
+            if f.type in ("int", "float", "int | None") and getattr(self, f.name) is not None
+        ]
+        require_positive(self, tuple(numbers), self.SECTION)
+
+    def url_fits(self, url: str) -> bool:
+        """Whether ``url`` has the shape of this channel's webhook (its token where expected)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """The channel's own checks (ValueError naming the key)."""
+
+    def redact(self, url: str) -> str:
+        """``url`` as logs and errors may show it, its secret parts masked."""
+        return redact_url(url, path_segments=self.SECRET_SEGMENTS)
+
+    def own_secrets(self) -> list[str]:
+        """The channel's secrets beyond the URL (a signing secret, header values), as set now."""
+        return []
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The URL: from ``url_env`` when it is set in the environment, else ``url``."""
+        return from_env(self.url_env, self.url, environ)
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        """The channel's other values read from the environment when it is built (ConfigError)."""
+        return {}
+
+    def resolved(self: U, environ: Mapping[str, str] | None = None) -> U:
+        """These settings with the URL (and the channel's other secrets) read from the environment:
+        ConfigError naming the key when a variable is unset."""
+        url = self.resolve_url(environ)
+        if not url:
+            raise ConfigError(f"{self.SECTION}.url_env: ${self.url_env} is not set in the environment")
+        changes = {"url": url, **self.resolved_extra(environ)}
+        return settings_of(lambda: replace(self, **changes))
+
+    def secret_values(self) -> list[str]:
+        """Every secret value in use (the URL, its secret parts, the others), to mask in logs."""
+        url = self.resolve_url()
+        return present(url, *url_secrets(url or "", path_segments=self.SECRET_SEGMENTS), *self.own_secrets())
+
+    def endpoint(self) -> Endpoint:
+        """Where and how fast the sender posts (the settings resolved: see :meth:`resolved`)."""
+        url = self.url
+        if not url:
+            raise ValueError(f"{self.SECTION}.url: not resolved; build the channel from its settings with build()")
+        return Endpoint(
+            url,
+            where=self.redact(url),
+            secrets=present(*url_secrets(url, path_segments=self.SECRET_SEGMENTS), *self.own_secrets()),
+            per_second=self.per_second,
+            per_minute=self.per_minute,
+            timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+        )
+
+
+def url_secret_values(settings: UrlSettings) -> list[str]:
+    """A spec's ``secrets`` for a webhook channel."""
+    return settings.secret_values()

@@ -32,7 +32,6 @@ from typing import Any
 from gpuwatch.notify import http
 from gpuwatch.notify.base import Message
 from gpuwatch.notify.http import Request, Retry, encode
-from gpuwatch.notify.masking import redact_url, url_secrets
 from gpuwatch.notify.spec import Transport
 from gpuwatch.notify.split import cut_text, numbered, split
 from gpuwatch.notify.webhook_settings import (
@@ -68,20 +67,6 @@ class WebhookJsonChannel(http.WebhookChannel[WebhookSettings]):
 
     name = "webhook"
     service = "the webhook"
-
-    def endpoint(self, settings: WebhookSettings) -> http.Endpoint:
-        url = http.resolved_url(settings.url, "webhook")
-        return http.Endpoint(
-            url,
-            where=redact_url(url),
-            secrets=[*url_secrets(url), *settings.headers.values()],
-            per_second=settings.per_second,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
-
-    def __repr__(self) -> str:
-        return f"WebhookJsonChannel({self._where})"
 
     def prepare(self, message: Message) -> list[dict[str, Any]]:
         """One document per part, each at most ``max_body_bytes`` as sent."""

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..config.values import ConfigError, check_keys, expand_path, from_env, integer, mapping, string, string_map
-from .masking import present, redact_url, url_secrets
-from .spec import ChannelSpec, Limits, env_secret, require_positive, settings_of, url_and_mentions
+from .masking import redact_url
+from .spec import ChannelSpec, Limits, UrlSettings, env_secret, settings_of, url_and_mentions, url_secret_values
 
 #: The values a template may place (``{{name}}``).
 FIELDS = ("source", "kind", "severity", "title", "summary", "text", "blocks", "part", "parts", "link", "mentions")
@@ -54,46 +54,38 @@ def load_template(path: str) -> Any:
 
 
 @dataclass(frozen=True, repr=False)
-class WebhookSettings:
+class WebhookSettings(UrlSettings):
     """A URL to POST JSON to. The URL's token parts and the header values are secrets.
 
     ``template_file`` is the template as configured (an absolute path), ``template`` the document
     read from it when the channel is built (None: the default document).
     """
 
-    url: str | None = field(default=None, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    template: Any = None
-    url_env: str | None = None
-    header_env: Mapping[str, str] = field(default_factory=dict)  # header -> variable holding its value
-    template_file: str | None = None
-    timeout_seconds: float = 10.0
-    max_body_bytes: int = MAX_BODY_BYTES
-    per_second: int = PER_SECOND
-    max_attempts: int = 5
+    SECTION = "webhook"
+    URL_SHAPE = "an http(s):// URL"
 
-    def __post_init__(self) -> None:
-        if self.url is None and not self.url_env:
-            raise ValueError("webhook: needs 'url' (where to POST the JSON) or 'url_env'")
-        if self.url is not None and (
-            urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname
-        ):
-            raise ValueError("webhook.url: expected an http(s):// URL")
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    header_env: Mapping[str, str] = field(default_factory=dict)  # header -> variable holding its value
+    template: Any = None
+    template_file: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    per_second: int | None = PER_SECOND
+
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+
+    def check(self) -> None:
         unknown = placeholders(self.template) - set(FIELDS)
         if unknown:
             raise ValueError(
                 f"webhook.template: unknown placeholder(s) {', '.join(sorted(unknown))}; known: {', '.join(FIELDS)}"
             )
-        require_positive(self, ("timeout_seconds", "max_body_bytes", "per_second", "max_attempts"), "webhook")
 
     def __repr__(self) -> str:
         return (
             f"WebhookSettings(url={redact_url(self.url) if self.url else None!r}, headers={sorted(self.headers)!r}, "
             f"template={'set' if self.template is not None or self.template_file else 'default'})"
         )
-
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str | None:
-        return from_env(self.url_env, self.url, environ)
 
     def resolve_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers, those of ``header_env`` read from the environment (unset ones left out)."""
@@ -104,20 +96,16 @@ class WebhookSettings:
                 values[header] = value
         return values
 
-    def resolved(self, environ: Mapping[str, str] | None = None) -> WebhookSettings:
-        """These settings with the URL and headers read from the environment and the template read
-        from its file (ConfigError naming the key when something is unset or unreadable)."""
-        url = self.resolve_url(environ)
-        if not url:
-            raise ConfigError(f"webhook.url_env: ${self.url_env} is not set in the environment")
+    def own_secrets(self) -> list[str]:
+        return list(self.resolve_headers().values())
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        """The headers from the environment (each variable header_env names must be set) and the
+        template read from its file."""
         for header, name in self.header_env.items():
             env_secret(from_env(name, None, environ), name, f"webhook.header_env.{header}")
         template = load_template(self.template_file) if self.template_file else self.template
-        headers = self.resolve_headers(environ)
-        resolved: WebhookSettings = settings_of(
-            lambda: replace(self, url=url, headers=headers, header_env={}, template=template)
-        )
-        return resolved
+        return {"headers": self.resolve_headers(environ), "header_env": {}, "template": template}
 
 
 def parse(raw: object, base: Path) -> WebhookSettings:
@@ -132,14 +120,7 @@ def parse(raw: object, base: Path) -> WebhookSettings:
         values["template_file"] = expand_path(string(section["template"], "webhook.template"), base)
     if section.get("max_bytes") is not None:
         values["max_body_bytes"] = integer(section["max_bytes"], "webhook.max_bytes", 256, 10_000_000)
-    settings: WebhookSettings = settings_of(lambda: WebhookSettings(**values))
-    return settings
-
-
-def secrets(settings: WebhookSettings) -> list[str]:
-    """The secret values in use (the URL, its token parts, every header value), to mask in logs."""
-    url = settings.resolve_url()
-    return present(url, *url_secrets(url or ""), *settings.resolve_headers().values())
+    return settings_of(lambda: WebhookSettings(**values))
 
 
 def describe(settings: WebhookSettings) -> str:
@@ -153,7 +134,7 @@ SPEC = ChannelSpec(
     name="webhook",
     parse=parse,
     sender="gpuwatch.notify.webhook",
-    secrets=secrets,
+    secrets=url_secret_values,
     inline_secrets=("url", "headers"),
     describe=describe,
     carries_reports=True,

@@ -30,9 +30,7 @@ from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_
 from gpuwatch.notify.spec import Transport
 from gpuwatch.notify.wecom_settings import (
     WeComSettings,
-    key_of,
 )
-from gpuwatch.notify.wecom_settings import redact as redact_url
 
 #: WeCom's documented limits: markdown content 4,096 bytes, text content 2,048 bytes, 20 a minute.
 
@@ -74,17 +72,6 @@ class WeComChannel(http.WebhookChannel[WeComSettings]):
 
     name = "wecom"
     service = "WeCom"
-
-    def endpoint(self, settings: WeComSettings) -> http.Endpoint:
-        url = http.resolved_url(settings.url, "wecom")
-        return http.Endpoint(
-            url,
-            where=redact_url(url),
-            secrets=[key_of(url)],
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
 
     def __repr__(self) -> str:
         return f"WeComChannel({self._where}, format={self._settings.format!r})"
