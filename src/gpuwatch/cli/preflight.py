@@ -83,7 +83,7 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
             CheckLine(
                 "channels",
                 False,
-                f"no channel configured ({names_in_words(channels, joiner='nor')}), nor web:, so there is "
+                f"no channel configured (none of {names_in_words(channels)}) and no web:, so there is "
                 "nowhere to send reports; add one (see config.example.yaml)",
             )
         )

@@ -36,9 +36,9 @@ def channel_spec(name: str) -> ChannelSpec | None:
     return _BY_NAME.get(name)
 
 
-def names_in_words(channels: tuple[ChannelSpec, ...] = CHANNELS, joiner: str = "or") -> str:
+def names_in_words(channels: tuple[ChannelSpec, ...] = CHANNELS) -> str:
     """The channels' config sections for a sentence: ``feishu:, dingtalk:, ... or email:``."""
     sections = [f"{spec.name}:" for spec in channels]
     if len(sections) <= 1:
         return "".join(sections)
-    return f"{', '.join(sections[:-1])} {joiner} {sections[-1]}"
+    return f"{', '.join(sections[:-1])} or {sections[-1]}"
