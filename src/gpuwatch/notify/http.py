@@ -376,7 +376,9 @@ class WebhookChannel(Generic[S]):
     """The delivery half of a chat webhook channel (see the module docstring).
 
     A subclass sets :attr:`name` (its config section) and :attr:`service` (its name in sentences),
-    and implements :meth:`_request` and :meth:`_judge`. All I/O comes in as parameters: the HTTP
+    and implements :meth:`_request` and :meth:`_judge`; its settings (a
+    :class:`~gpuwatch.notify.spec.UrlSettings`, resolved) say where and how fast to post
+    (:meth:`~gpuwatch.notify.spec.UrlSettings.endpoint`). All I/O comes in as parameters: the HTTP
     session, the wall clock (for signatures), the monotonic clock and sleep (for the rate limiter
     and backoff), and ``stop``, the event that ends a send early (SIGTERM).
 
