@@ -7,6 +7,7 @@ The counterpart of tests/test_registry.py, which does the same for the alert rul
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -237,3 +238,35 @@ def test_reading_a_config_loads_no_sender() -> None:
 def _env() -> dict[str, str]:
     src = str(Path(gpuwatch.__file__).resolve().parent.parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_config_values_and_the_channel_declarations_stay_light() -> None:
+    """config/values.py imports nothing of gpuwatch but text; the channels' settings modules, their
+    spec and the registry import no sender (and nothing of the config but its values), and none of
+    them imports inside a function."""
+    src = ROOT / "src" / "gpuwatch"
+    light = [src / "config" / "values.py", src / "notify" / "spec.py", src / "notify" / "registry.py"]
+    light += sorted((src / "notify").glob("*_settings.py"))
+    senders = {f"gpuwatch.notify.{spec.name}" for spec in CHANNELS} | {"gpuwatch.notify.http"}
+    for path in light:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        package = "gpuwatch." + ".".join(path.relative_to(src).parent.parts)
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = f"{base}.{node.module}" if base and node.module else (node.module or base)
+                imported |= {module} | ({f"{module}.{a.name}" for a in node.names} if node.level else set())
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        ours = {m for m in imported if m.startswith("gpuwatch")}
+        assert not ours & senders, f"{path.name} imports a sender: {sorted(ours & senders)}"
+        assert {"requests", "smtplib", "urllib3"}.isdisjoint(imported), path.name
+        if path.name == "values.py":
+            assert ours <= {"gpuwatch", "gpuwatch.text", "gpuwatch.text.QUOTE_LIMIT", "gpuwatch.text.quote"}, ours
+        else:
+            config = {m for m in ours if m.startswith("gpuwatch.config")}
+            assert all(m.startswith("gpuwatch.config.values") for m in config), (path.name, config)
+        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            inner = [n for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert not inner, f"{path.name}: {func.name} imports inside a function"
