@@ -42,7 +42,7 @@ from fleet import (  # noqa: E402
     standin_env,
 )
 from gpuwatch.cli import build_poller  # noqa: E402
-from gpuwatch.config import load_config  # noqa: E402
+from gpuwatch.config.load import load_config  # noqa: E402
 from gpuwatch.probe import build_script  # noqa: E402
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from gpuwatch.config import HostConfig, parse_config  # noqa: E402
+from gpuwatch.config import HostConfig  # noqa: E402
+from gpuwatch.config.load import parse_config  # noqa: E402
 from gpuwatch.demo import H100_APPS, H100_IDLE, H100_LOAD, DemoFleet, capture_text, demo_hosts  # noqa: E402
 from gpuwatch.fleet import FleetState  # noqa: E402
 from gpuwatch.model import HostSnapshot, PsEntry  # noqa: E402

@@ -32,7 +32,8 @@ from fleet import (
     capture_pids,
     gpu_uuid,
 )
-from gpuwatch.config import AlertsConfig, FreeGpuConfig, parse_config
+from gpuwatch.config import AlertsConfig, FreeGpuConfig
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import Disk, FleetSnapshot, HostContext, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
 from gpuwatch.probe import PROBE_MARKER

@@ -22,10 +22,12 @@ from builders import DAY, T0, Engine, FakeTime, Job, alerts_config, alice, down,
 from fakechat import FakeDingTalk, FakeReceiver, FakeSlack, FakeWeCom, dingtalk_sign
 from fakefeishu import FakeFeishu, card_problems, seen
 from fakehook import FakeHook, Rendered, render_markdown
-from gpuwatch.config import ConfigError, FreeGpuConfig, parse_config
+from gpuwatch.config import ConfigError, FreeGpuConfig
+from gpuwatch.config.load import parse_config
+from gpuwatch.message import Message
 from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify import dingtalk, feishu_card
-from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.delivery import flush
 from gpuwatch.notify.dingtalk import DingTalkChannel, DingTalkSettings
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings

@@ -32,7 +32,7 @@ from fleet import H100_LOAD_APPS, capture_pids, scenario_healthy_multi_gpu
 from gpuwatch import __version__
 from gpuwatch.cli import build_parser, main
 from gpuwatch.cli import status as status_cli
-from gpuwatch.config import load_config
+from gpuwatch.config.load import load_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
 from gpuwatch.store import AlertStore, Outbox, open_db

@@ -13,15 +13,9 @@ import pytest
 import yaml
 
 from gpuwatch.cli import main
-from gpuwatch.config import (
-    ConfigError,
-    accepted_keys,
-    find_config_path,
-    format_duration,
-    load_config,
-    parse_config,
-    parse_duration,
-)
+from gpuwatch.config import ConfigError, find_config_path, parse_duration
+from gpuwatch.config.load import accepted_keys, load_config, parse_config
+from gpuwatch.text import format_duration
 
 
 def write(tmp_path: Path, text: str, name: str = "config.yaml", mode: int = 0o600) -> Path:

@@ -29,7 +29,8 @@ import yaml
 from fakechat import FakeWeCom
 from fakefeishu import FakeFeishu
 from fleet import ERR_NO_DRIVER, Fleet, scenario_error
-from gpuwatch.config import HostConfig, parse_config
+from gpuwatch.config import HostConfig
+from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
 from gpuwatch.model import HostErrorKind, HostSnapshot

@@ -22,7 +22,8 @@ import requests
 
 from builders import FakeTime
 from fakefeishu import DEFAULT_TOKEN, HUGE_ANSWER_BYTES, FakeFeishu, feishu_sign
-from gpuwatch.notify.base import DeliveryError, Message
+from gpuwatch.message import Message
+from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings, RateLimiter, explain, redact_url, sign
 
 SECRET = "s3cret-Xq9v-signing-key"

@@ -22,7 +22,7 @@ import yaml
 from fakefeishu import FakeFeishu
 from fleet import ERR_VERSION_MISMATCH, Fleet, scenario_error, scenario_idle
 from gpuwatch.cli import build_parser, main, run
-from gpuwatch.config import load_config
+from gpuwatch.config.load import load_config
 
 KEYWORD = "GPU"
 SECRET = "s3cret-for-the-ops-tests"

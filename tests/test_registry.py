@@ -14,7 +14,9 @@ import yaml
 
 from builders import DAY, MIN, T0, alice, h100_host, kinds
 from gpuwatch.cli import build_parser
-from gpuwatch.config import AlertsConfig, ConfigError, FreeGpuConfig, _optional_int, parse_config
+from gpuwatch.config import AlertsConfig, FreeGpuConfig
+from gpuwatch.config.load import parse_config
+from gpuwatch.config.values import ConfigError, optional_int
 from gpuwatch.model import FleetSnapshot, HostSnapshot
 from gpuwatch.report import alert_message, alert_words
 from gpuwatch.rules import (
@@ -132,7 +134,7 @@ class PowerAbove:
 
 
 def parse_power_above(value: object, path: str) -> PowerAbove | None:
-    limit = _optional_int(value, path, 1)
+    limit = optional_int(value, path, 1)
     return None if limit is None else PowerAbove(limit)
 
 

@@ -51,7 +51,8 @@ from fleet import (
     _stack_gpus,
     capture_bytes,
 )
-from gpuwatch.config import ConfigError, parse_config
+from gpuwatch.config import ConfigError
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import HostErrorKind, HostSnapshot
 from gpuwatch.notify.feishu import FeishuChannel, FeishuSettings
 from gpuwatch.parse import classify_nvidia_smi_error, parse_query_gpu

@@ -19,7 +19,8 @@ import pytest
 from builders import CONTEXT, DAY, MIN, T0, Engine, Job, alice, error_host, h100_host, kinds
 from fleet import ERR_VERSION_MISMATCH, ERR_VERSION_MISMATCH_NVML, capture_bytes
 from gpuwatch import probe
-from gpuwatch.config import AlertsConfig, ConfigError, parse_config
+from gpuwatch.config import AlertsConfig, ConfigError
+from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
 from gpuwatch.model import Container, Disk, FleetSnapshot, HostSnapshot, SlurmJob

@@ -34,7 +34,7 @@ import yaml
 from fakefeishu import Exchange, FakeFeishu, feishu_sign
 from fleet import ensure_user, scenario_healthy_multi_gpu, scenario_idle
 from gpuwatch.cli import build_channels, build_poller, main
-from gpuwatch.config import load_config
+from gpuwatch.config.load import load_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
 from gpuwatch.message import Message

@@ -18,7 +18,8 @@ from typing import Any
 import paramiko
 import pytest
 
-from gpuwatch.config import HostConfig, SshSettings, parse_config
+from gpuwatch.config import HostConfig, SshSettings
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import HostErrorKind
 from gpuwatch.probe import build_script, split_sections
 from gpuwatch.ssh import (

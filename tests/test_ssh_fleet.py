@@ -17,7 +17,7 @@ import yaml
 
 from fleet import Fleet, scenario_hang, scenario_l40s
 from gpuwatch.cli import main
-from gpuwatch.config import parse_config
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import HostErrorKind
 from gpuwatch.poll import probe_host
 from gpuwatch.ssh import DEFAULT_MAX_HANDSHAKES, HostFailure, HostKeyStore, SshConnection

@@ -27,7 +27,7 @@ from fleet import (
     scenario_mig,
 )
 from gpuwatch.cli import build_poller, main
-from gpuwatch.config import load_config
+from gpuwatch.config.load import load_config
 
 
 def write_config(tmp_path: Path, doc: dict[str, Any], mode: int = 0o600) -> Path:

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch.attribution import AttributionSettings, CgroupRead, ContainerInfo, attribute_owners
 from gpuwatch.cli import main
-from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig, parse_config
+from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig
+from gpuwatch.config.load import parse_config
 from gpuwatch.fleet import FleetState
 from gpuwatch.metrics import build_registry
 from gpuwatch.model import HostErrorKind, HostSnapshot, PsEntry

@@ -32,7 +32,7 @@ MIB = 1024 * 1024
 
 SERVER = textwrap.dedent("""
     import logging, sys
-    from gpuwatch.config import parse_config
+    from gpuwatch.config.load import parse_config
     from gpuwatch.fleet import FleetState
     from gpuwatch.model import HostSnapshot
     from gpuwatch.web import WebApp, WebServer

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .. import __version__
-from ..config import ConfigError, find_config_path, load_config
+from ..config import ConfigError, find_config_path
+from ..config.load import load_config
 from ..logsetup import setup_logging
 from ..statedir import StateError
 from . import alerts, completion, demo, notify, run, status

@@ -9,6 +9,7 @@ from typing import TextIO
 from ..config import Config, ConfigError
 from ..message import Message
 from ..notify.base import DeliveryError
+from ..notify.registry import names_in_words
 from .common import EXIT_FAILED, EXIT_OK
 from .wiring import build_channels
 
@@ -21,10 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 def cmd_test_notify(config: Config, out: TextIO) -> int:
     channels = build_channels(config)
     if not channels:
-        raise ConfigError(
-            "no channel configured; add a feishu:, dingtalk:, wecom:, slack:, webhook: or email: section "
-            "(see config.example.yaml)"
-        )
+        raise ConfigError(f"no channel configured; add a {names_in_words()} section (see config.example.yaml)")
     message = Message(
         title="gpuwatch test message",
         blocks=(

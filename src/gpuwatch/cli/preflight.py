@@ -16,9 +16,10 @@ from pathlib import Path
 
 import paramiko
 
-from ..config import Config, ConfigError, EmailConfig, FeishuConfig, HostConfig
+from ..config import Config, ConfigError, HostConfig
 from ..model import HostErrorKind, HostSnapshot
-from ..notify.registry import channel_spec
+from ..notify.registry import CHANNELS, names_in_words
+from ..notify.spec import ChannelSpec
 from ..statedir import LOCK_NAME, Holder, StateError
 from ..store import DB_NAME, open_db_readonly
 
@@ -27,7 +28,7 @@ STATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "gpuwatch.log", LOCK
 
 
 @dataclass(frozen=True)
-class Finding:
+class CheckLine:
     """One line of ``check``: what was checked, whether ``run`` can work with it, and why not."""
 
     subject: str  # "feishu", "state_dir /srv/gpuwatch", "ssh.key_file"
@@ -47,57 +48,46 @@ class Finding:
 # ---------------------------------------------------------------- channels
 
 
-def channel_findings(config: Config) -> list[Finding]:
+def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> list[CheckLine]:
     """Build every configured channel as ``run`` would (secrets from the environment, URLs,
-    files), send nothing; and the web page's settings."""
+    files), send nothing, and say what its spec describes; and the web page's settings."""
     findings = []
     stop = threading.Event()
     stop.set()  # nothing built here may wait for anything
+    specs = {spec.name: spec for spec in channels}
     for name, settings in config.channels.items():
-        spec = channel_spec(name)
+        spec = specs.get(name)
         if spec is None:
             continue
         try:
             channel = spec.build(settings, lambda seconds: None, stop)
         except ConfigError as exc:
-            findings.append(Finding(name, False, str(exc)))
+            findings.append(CheckLine(name, False, str(exc)))
             continue
         close = getattr(channel, "close", None)
         if callable(close):
             close()
-        findings.append(Finding(name, True, _describe_channel(settings)))
+        findings.append(CheckLine(name, True, spec.describe(settings)))
     web = config.web
     if web is not None:
         if web.auth is not None and not web.auth.resolve_password():
             findings.append(
-                Finding("web", False, f"web.auth.password_env: ${web.auth.password_env} is not set in the environment")
+                CheckLine(
+                    "web", False, f"web.auth.password_env: ${web.auth.password_env} is not set in the environment"
+                )
             )
         else:
-            findings.append(Finding("web", True, f"the page will listen on {web.listen}"))
+            findings.append(CheckLine("web", True, f"the page will listen on {web.listen}"))
     if not config.channels and web is None:
         findings.append(
-            Finding(
+            CheckLine(
                 "channels",
                 False,
-                "feishu: not configured (nor email:, nor web:), so there is nowhere to send reports; add a feishu: "
-                "section (see config.example.yaml)",
+                f"no channel configured (none of {names_in_words(channels)}) and no web:, so there is "
+                "nowhere to send reports; add one (see config.example.yaml)",
             )
         )
     return findings
-
-
-def _describe_channel(settings: object) -> str:
-    if isinstance(settings, FeishuConfig):
-        signed = "signed" if settings.resolve_secret() else "not signed"
-        keyword = f"keyword {settings.keyword!r}" if settings.keyword else "no keyword"
-        return f"{signed}, {keyword}, format {settings.format}"
-    if isinstance(settings, EmailConfig):
-        count = len(settings.to)
-        return (
-            f"{count} recipient{'s' if count != 1 else ''} through {settings.smtp_host}:{settings.smtp_port} "
-            f"({settings.tls})"
-        )
-    return "settings complete"
 
 
 # ---------------------------------------------------------------- key files
@@ -124,7 +114,7 @@ def key_file_problem(path: str) -> str | None:
     return None
 
 
-def key_file_findings(config: Config) -> dict[str, Finding]:
+def key_file_findings(config: Config) -> dict[str, CheckLine]:
     """Hosts whose ``key_file`` cannot be read, by host name: one finding per setting (the fleet-wide
     ``ssh.key_file`` once, however many hosts use it)."""
     by_setting: dict[str, tuple[str, list[str]]] = {}
@@ -137,7 +127,7 @@ def key_file_findings(config: Config) -> dict[str, Finding]:
     found = {}
     for setting, (problem, hosts) in by_setting.items():
         used = f" (used by {', '.join(hosts)})" if setting.startswith("ssh.") else ""
-        finding = Finding(setting, False, f"{problem}{used}", problem_text=f"{setting}: {problem}")
+        finding = CheckLine(setting, False, f"{problem}{used}", problem_text=f"{setting}: {problem}")
         for name in hosts:
             found[name] = finding
     return found
@@ -154,22 +144,22 @@ def refuse_unusable_key_files(config: Config) -> None:
 # ---------------------------------------------------------------- the state directory
 
 
-def state_dir_finding(config: Config) -> Finding:
+def state_dir_finding(config: Config) -> CheckLine:
     """Whether ``run`` can use the state directory: create it, write its files, take its lock.
     Changes nothing."""
     state_dir = config.state_dir
     subject = f"state_dir {state_dir}"
     user = getpass.getuser()
 
-    def failed(problem: str, fix: str) -> Finding:
-        return Finding(subject, False, f"{problem}; {fix}", problem_text=f"{subject}: {problem}")
+    def failed(problem: str, fix: str) -> CheckLine:
+        return CheckLine(subject, False, f"{problem}; {fix}", problem_text=f"{subject}: {problem}")
 
     if state_dir.exists() and not state_dir.is_dir():
         return failed("is a file, not a directory", "point state_dir at a directory (it is created if missing)")
     if not state_dir.exists():
         parent = next((p for p in state_dir.parents if p.exists()), Path("/"))
         if _writable(parent):
-            return Finding(subject, True, "does not exist yet; run creates it (mode 0700)")
+            return CheckLine(subject, True, "does not exist yet; run creates it (mode 0700)")
         return failed(
             f"does not exist, and this user ({user}) cannot create it in {parent}: {_why_not(parent)}",
             "create it for the user gpuwatch runs as, or point state_dir at a directory that user may write",
@@ -194,7 +184,7 @@ def state_dir_finding(config: Config) -> Finding:
     waiting = _waiting(state_dir)
     if waiting:
         notes.append(waiting)
-    return Finding(subject, True, "writable", tuple(notes))
+    return CheckLine(subject, True, "writable", tuple(notes))
 
 
 def _writable(path: Path) -> bool:

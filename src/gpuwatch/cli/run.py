@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TextIO
 
-from ..config import REPORT_KINDS, Config, ConfigError, ReportSchedule, load_config
+from ..config import REPORT_KINDS, Config, ConfigError, ReportSchedule
+from ..config.load import load_config
 from ..daemon import Daemon, Wiring
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
+from ..notify.registry import names_in_words
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
@@ -163,7 +165,7 @@ def cmd_run(
     else:
         if not channels and (config.web is None or once):
             raise ConfigError(
-                "no channel configured (feishu:, dingtalk:, wecom:, slack:, webhook: or email:), so there is "
+                f"no channel configured ({names_in_words()}), so there is "
                 "nowhere to send reports; add one (see config.example.yaml), a web: section for a page-only "
                 "deployment, or use --dry-run"
             )

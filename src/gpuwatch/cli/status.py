@@ -25,7 +25,7 @@ from ..render import fleet_table, snapshot_dict
 from ..summary import select
 from ..text import UNKNOWN, format_duration, plural
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, write_json
-from .preflight import Finding, channel_findings, host_hint, key_file_findings, state_dir_finding
+from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
 from .wiring import build_poller
 
 MIN_WATCH_SECONDS = 0.5
@@ -149,7 +149,7 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     out.write(f"config {config.path}: OK ({plural(count, 'host')})\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
-    findings: list[Finding] = []
+    findings: list[CheckLine] = []
     problems: list[str] = []
     for finding in [*channel_findings(config), state_dir_finding(config)]:
         _write_finding(finding, out, problems)
@@ -217,7 +217,7 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
 
 
 def _host_doc(
-    config: Config, host: HostConfig, snap: HostSnapshot | None, unusable: dict[str, Finding]
+    config: Config, host: HostConfig, snap: HostSnapshot | None, unusable: dict[str, CheckLine]
 ) -> dict[str, Any]:
     if snap is None:
         return {"name": host.name, "ok": False, "tried": False, "error": unusable[host.name].problem}
@@ -236,7 +236,7 @@ def _host_doc(
     }
 
 
-def _write_finding(finding: Finding, out: TextIO, problems: list[str]) -> None:
+def _write_finding(finding: CheckLine, out: TextIO, problems: list[str]) -> None:
     out.write(finding.line() + "\n")
     for note in finding.notes:
         out.write(f"  note: {note}\n")

@@ -17,7 +17,8 @@ from ..config import Config, ConfigError, HostConfig
 from ..daemon import Daemon
 from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
-from ..notify.registry import channel_spec
+from ..notify.registry import CHANNELS
+from ..notify.spec import ChannelSpec
 from ..poll import Poller
 from ..probe import ProbeSettings
 from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
@@ -27,12 +28,14 @@ from ..web import WebApp, WebServer
 log = logging.getLogger(__name__)
 
 
-def secrets(config: Config) -> list[str]:
-    """Every secret value in use (passwords, webhook tokens, signing secrets): masked in every log line."""
+def secrets(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> list[str]:
+    """Every secret value in use (passwords, webhook tokens, signing secrets): masked in every log
+    line. Each channel's spec (in ``channels``, the registry) says which of its values are secret."""
     values = [config.ssh.resolve_password() or ""]
     values += [h.ssh.resolve_password() or "" for h in config.hosts]
+    specs = {spec.name: spec for spec in channels}
     for name, settings in config.channels.items():
-        spec = channel_spec(name)
+        spec = specs.get(name)
         if spec is not None:
             values += spec.secrets(settings)
     return [v for v in values if v]
@@ -69,20 +72,22 @@ def build_poller(config: Config, handshakes: threading.Semaphore | None = None) 
 
 
 def build_channels(
-    config: Config, sleep: Callable[[float], None] = time.sleep, stop: threading.Event | None = None
+    config: Config,
+    sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
+    channels: tuple[ChannelSpec, ...] = CHANNELS,
 ) -> dict[str, Channel]:
     """The configured channels, keyed by name (the outbox remembers each message's channel), built
-    by their registry entries (notify.registry), which resolve secrets from the environment.
+    by their specs (``channels``, the registry notify.registry), which resolve secrets from the environment.
 
     ``sleep`` paces retries and rate limits; the daemon passes one that a stop request cuts short,
     and ``stop``, which also ends a send in flight within about a second.
     """
-    channels: dict[str, Channel] = {}
+    specs = {spec.name: spec for spec in channels}
+    built: dict[str, Channel] = {}
     for name, settings in config.channels.items():
-        spec = channel_spec(name)
-        assert spec is not None, name  # the config only holds channels of the registry
-        channels[name] = spec.build(settings, sleep, stop)
-    return channels
+        built[name] = specs[name].build(settings, sleep, stop)  # the config only holds channels of the registry
+    return built
 
 
 def attach_web(config: Config, daemon: Daemon) -> WebServer | None:

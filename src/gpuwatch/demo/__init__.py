@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..config import Config, HostConfig, parse_config
+from ..config import Config, HostConfig
+from ..config.load import parse_config
 from ..ssh import LocalRunner, Runner
 
 log = logging.getLogger(__name__)

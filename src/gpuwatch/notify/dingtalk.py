@@ -25,25 +25,17 @@ import base64
 import hashlib
 import hmac
 import html
-import math
 import re
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit
 
-import requests
-
 from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
+from gpuwatch.notify.dingtalk_settings import DingTalkSettings
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts
-
-#: DingTalk's documented limits: 20,000 bytes a message, 20 messages a minute per robot.
-MAX_BODY_BYTES = 20_000
-PER_MINUTE = 20
+from gpuwatch.notify.spec import Transport
 
 RATE_LIMITED = 130101
 SECURITY = 310000
@@ -108,79 +100,11 @@ def explain(code: int, errmsg: str = "") -> str:
     return f"DingTalk error code {code} (not one gpuwatch knows; see the robot's documentation)"
 
 
-def redact_url(url: str) -> str:
-    """``https://oapi.dingtalk.com/robot/send?access_token=ab12…(masked)``."""
-    return http.redact_url(url, path_segments=0)
-
-
-def _token_of(url: str) -> str:
-    return dict(parse_qsl(urlsplit(url).query)).get("access_token", "")
-
-
-@dataclass(frozen=True, repr=False)
-class DingTalkSettings:
-    """One DingTalk group robot. ``url`` (its access token) and ``secret`` are secrets."""
-
-    url: str
-    secret: str | None = field(default=None, repr=False)
-    keyword: str | None = None
-    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> mobile number or DingTalk userId
-    timeout_seconds: float = 10.0
-    max_body_bytes: int = MAX_BODY_BYTES
-    per_minute: int = PER_MINUTE
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("http", "https") or not _token_of(self.url):
-            raise ValueError("dingtalk.url: expected https://oapi.dingtalk.com/robot/send?access_token=<token>")
-        if self.keyword is not None and not self.keyword.strip():
-            raise ValueError("dingtalk.keyword: must not be empty (leave it out if the robot has no keyword)")
-        for name in ("timeout_seconds", "max_body_bytes", "per_minute", "max_attempts"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"dingtalk.{name}: must be a positive number")
-
-    def __repr__(self) -> str:
-        return (
-            f"DingTalkSettings(url={redact_url(self.url)!r}, secret={'set' if self.secret else 'unset'}, "
-            f"keyword={self.keyword!r}, mentions={dict(self.mentions)!r})"
-        )
-
-
-class DingTalkChannel(http.WebhookChannel):
+class DingTalkChannel(http.WebhookChannel[DingTalkSettings]):
     """Delivers messages to one DingTalk group through its custom robot (see the module docstring)."""
 
     name = "dingtalk"
     service = "DingTalk"
-
-    def __init__(
-        self,
-        settings: DingTalkSettings,
-        *,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> None:
-        super().__init__(
-            settings.url,
-            where=redact_url(settings.url),
-            secrets=[s for s in (_token_of(settings.url), settings.secret) if s],
-            per_second=None,
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            session=session,
-            clock=clock,
-            monotonic=monotonic,
-            sleep=sleep,
-            stop=stop,
-        )
-        self._settings = settings
-
-    def __repr__(self) -> str:
-        return f"DingTalkChannel({self._where})"
 
     # ------------------------------------------------------------------ prepare
 
@@ -239,7 +163,7 @@ class DingTalkChannel(http.WebhookChannel):
     # ------------------------------------------------------------------ deliver
 
     def _request(self, payload: Mapping[str, Any]) -> Request:
-        url = self._settings.url
+        url = self._url
         secret = self._settings.secret
         if secret:
             timestamp = int(self._clock() * 1000)
@@ -276,3 +200,8 @@ def _without_signature(url: str) -> str:
 def _font(text: str, state: str) -> str:
     colour = COLOURS.get(state)
     return f"<font color={colour}>{text}</font>" if colour else text
+
+
+def build(settings: DingTalkSettings, transport: Transport) -> DingTalkChannel:
+    """The channel for ``dingtalk:``: its URL and secret resolved from the environment now."""
+    return DingTalkChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)

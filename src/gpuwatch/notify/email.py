@@ -27,9 +27,7 @@ from __future__ import annotations
 import base64
 import email.policy
 import email.utils
-import ipaddress
 import logging
-import math
 import random
 import re
 import smtplib
@@ -37,17 +35,18 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any, TypeAlias
 
+from gpuwatch.config.values import ConfigError
 from gpuwatch.message import Message
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
+from gpuwatch.notify.email_settings import EmailSettings, address
+from gpuwatch.notify.spec import Transport
 
 logger = logging.getLogger(__name__)
 
-TLS_MODES = ("starttls", "tls", "none")
 
 # Backoff between attempts: base * 2**(attempt-1), capped, with jitter in [50 %, 100 %].
 _BACKOFF_BASE_SECONDS = 2.0
@@ -57,90 +56,10 @@ _MAX_SERVER_TEXT_CHARS = 200
 # shorter), so a relay without 8BITMIME passes it intact.
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _MSGID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>")
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 #: After a stop request, how long a session in flight may still take to finish.
 _STOP_GRACE_SECONDS = 1.0
 #: How the end of DATA looks on the wire: once it is sent, the mail may be delivered.
 _END_OF_DATA = b"\r\n.\r\n"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _address(text: str, key: str) -> str:
-    """The bare address (``a@b``) of ``text`` (``a@b`` or ``Name <a@b>``); ValueError naming ``key``."""
-    if "\r" in text or "\n" in text:
-        raise ValueError(f"{key}: an address must be on one line, got {text!r}")
-    _, addr = email.utils.parseaddr(text)
-    local, at, domain = addr.rpartition("@")
-    if not at or not local or not domain or any(c.isspace() for c in addr):
-        raise ValueError(f"{key}: expected an e-mail address such as ops@example.com, got {text!r}")
-    return addr
-
-
-@dataclass(frozen=True)
-class EmailSettings:
-    """One SMTP submission account and its recipients. ``password`` never shows in the repr."""
-
-    to: tuple[str, ...]
-    sender: str  # config key `from`; "ops@example.com" or "GPU watch <ops@example.com>"
-    smtp_host: str
-    smtp_port: int = 587
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)  # resolved from password_env by the caller
-    tls: str = "starttls"  # starttls | tls (implicit, port 465) | none (a relay on localhost only)
-    ca_file: str | None = None  # extra CA bundle (private CA); verification is always on
-    timeout_seconds: float = 20.0  # the most one reply may take to start arriving (a socket timeout)
-    deadline_seconds: float = 60.0  # the most one attempt may take: connect to QUIT, however slow the server
-    subject_prefix: str = "[gpuwatch]"
-    max_attempts: int = 3
-
-    def __post_init__(self) -> None:
-        to = (self.to,) if isinstance(self.to, str) else tuple(self.to)
-        object.__setattr__(self, "to", to)
-        if not to:
-            raise ValueError("email.to: at least one recipient is needed")
-        for index, recipient in enumerate(to):
-            _address(recipient, f"email.to[{index}]")
-        _address(self.sender, "email.from")
-        if not self.smtp_host.strip():
-            raise ValueError("email.smtp_host: must not be empty")
-        if not 0 < self.smtp_port < 65536:
-            raise ValueError(f"email.smtp_port: expected 1-65535, got {self.smtp_port}")
-        if self.tls not in TLS_MODES:
-            raise ValueError(f"email.tls: expected one of {', '.join(TLS_MODES)}, got {self.tls!r}")
-        if self.password is not None and not self.username:
-            raise ValueError("email.username: a password is set but no username to log in with")
-        if self.username and not self.password:
-            raise ValueError(
-                "email.password_env: email.username is set but no password was given "
-                "(set the environment variable that email.password_env names)"
-            )
-        if self.tls == "none":
-            if self.password:
-                raise ValueError(
-                    "email.tls: 'none' would send the password in plain text; "
-                    "use starttls (port 587) or tls (port 465), or a local relay without a login"
-                )
-            if not _is_loopback(self.smtp_host):
-                raise ValueError(
-                    f"email.tls: 'none' is only allowed for a relay on this machine (localhost), "
-                    f"not {self.smtp_host!r}; use starttls (port 587) or tls (port 465)"
-                )
-        if "\r" in self.subject_prefix or "\n" in self.subject_prefix:
-            raise ValueError("email.subject_prefix: must be on one line")
-        if not (math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0):
-            raise ValueError("email.timeout_seconds: must be a positive number")
-        if not (math.isfinite(self.deadline_seconds) and self.deadline_seconds > 0):
-            raise ValueError("email.deadline_seconds: must be a positive number")
-        if self.max_attempts <= 0:
-            raise ValueError("email.max_attempts: must be positive")
 
 
 #: Opens the connection (connected, before EHLO): ``(settings, ssl_context) -> smtplib.SMTP``.
@@ -262,7 +181,7 @@ class EmailChannel:
         return [{"subject": subject, "text": message.text, "to": list(self._settings.to), "message_id": self._msgid()}]
 
     def _msgid(self) -> str:
-        domain = _address(self._settings.sender, "email.from").rpartition("@")[2]
+        domain = address(self._settings.sender, "email.from").rpartition("@")[2]
         return email.utils.make_msgid(idstring="gpuwatch", domain=domain)
 
     def describe(self, payload: dict[str, Any]) -> str:
@@ -279,7 +198,7 @@ class EmailChannel:
         nothing is sent once ``stop`` is set.
         """
         mail, recipients = self._build(payload)
-        sender = _address(self._settings.sender, "email.from")
+        sender = address(self._settings.sender, "email.from")
         attempts = self._settings.max_attempts
         last = _Transient("no attempt made")
         for attempt in range(1, attempts + 1):
@@ -314,7 +233,7 @@ class EmailChannel:
             to = payload["to"]
             if isinstance(to, str) or not isinstance(to, Sequence) or not to:
                 raise ValueError("'to' must be a non-empty list of addresses")
-            recipients = [_address(str(t), "payload to") for t in to]
+            recipients = [address(str(t), "payload to") for t in to]
             mail = EmailMessage(policy=_POLICY)
             mail["From"] = self._settings.sender
             mail["To"] = ", ".join(str(t) for t in to)
@@ -567,3 +486,16 @@ def _backoff(attempt: int) -> float:
     """Exponential backoff with jitter: 50-100 % of base * 2**(attempt-1), capped."""
     ceiling = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
     return ceiling * (0.5 + random.random() / 2)
+
+
+def build(settings: EmailSettings, transport: Transport) -> EmailChannel:
+    """The channel for ``email:``: the password resolved from the environment now, and the CA file
+    read now (otherwise it is read at the first send: say it now, not when an alert is due)."""
+    resolved = settings.resolved(transport.environ)
+    if resolved.ca_file:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=resolved.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM file of certificates"
+            raise ConfigError(f"email.ca_file: {resolved.ca_file} cannot be read: {why}") from None
+    return EmailChannel(resolved, sleep=transport.sleep, stop=transport.stop)

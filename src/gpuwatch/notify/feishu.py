@@ -24,28 +24,23 @@ import hmac
 import html
 import json
 import logging
-import math
 import re
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
-
-import requests
 
 from gpuwatch.message import Message, Section
 from gpuwatch.notify import feishu_card, http
+from gpuwatch.notify.feishu_settings import FORMATS, FeishuSettings
+from gpuwatch.notify.feishu_settings import redact as redact_url
 from gpuwatch.notify.http import RateLimiter, Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import cut_section, feishu_text
+from gpuwatch.notify.spec import Transport
 from gpuwatch.notify.split import cut_text, numbered, split
 
 __all__ = ["FORMATS", "FeishuChannel", "FeishuSettings", "RateLimiter", "explain", "redact_url", "sign"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("text", "post", "card")
 
 #: Feishu reply codes that no retry can fix: each needs a change to the bot or the config.
 PERMANENT_CODES = frozenset({9499, 11246, 19001, 19021, 19022, 19024, 19036})
@@ -104,60 +99,10 @@ def sign(secret: str, timestamp: int) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _token_of(url: str) -> str:
-    path = urlsplit(url).path
-    return path.rstrip("/").rsplit("/", 1)[-1] if path.strip("/") else ""
-
-
-def redact_url(url: str) -> str:
-    """The webhook URL with its token (last path segment) masked, safe for logs and errors.
-
-    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12cd...`` becomes
-    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12…(masked)``. Short tokens are masked
-    whole; user info, query and fragment are dropped (they may hold secrets too).
-    """
-    return http.redact_url(url, query=False)
 
 
 
-@dataclass(frozen=True, repr=False)
-class FeishuSettings:
-    """One Feishu group bot. ``url`` and ``secret`` are secrets: the repr masks them."""
-
-    url: str
-    keyword: str | None = None
-    secret: str | None = field(default=None, repr=False)  # never in repr or logs
-    format: str = "post"  # text | post | card
-    mentions: Mapping[str, str] = field(default_factory=dict)  # user name -> open_id (for alerts)
-    timeout_seconds: float = 10.0  # the most one post may take: connect, send, and the whole answer
-    max_body_bytes: int = 20_000  # Feishu's documented limit is 20 KB: UTF-8 bytes as sent
-    per_second: int = 5
-    per_minute: int = 100
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("http", "https") or not _token_of(self.url):
-            raise ValueError("feishu.url: expected https://open.feishu.cn/open-apis/bot/v2/hook/<token>")
-        if self.format not in FORMATS:
-            raise ValueError(f"feishu.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.keyword is not None and not self.keyword.strip():
-            raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
-        for name in ("timeout_seconds", "max_body_bytes", "per_second", "per_minute", "max_attempts"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):  # NaN compares false both ways
-                raise ValueError(f"feishu.{name}: must be a positive number")
-
-    def __repr__(self) -> str:
-        return (
-            f"FeishuSettings(url={redact_url(self.url)!r}, keyword={self.keyword!r}, "
-            f"secret={'set' if self.secret else 'unset'}, format={self.format!r}, "
-            f"mentions={dict(self.mentions)!r}, timeout_seconds={self.timeout_seconds!r}, "
-            f"max_body_bytes={self.max_body_bytes!r}, per_second={self.per_second!r}, "
-            f"per_minute={self.per_minute!r}, max_attempts={self.max_attempts!r})"
-        )
-
-
-class FeishuChannel(http.WebhookChannel):
+class FeishuChannel(http.WebhookChannel[FeishuSettings]):
     """Delivers messages to one Feishu group through its custom-bot webhook.
 
     Implements :class:`gpuwatch.notify.base.Channel`; delivery, with its deadline, doubt and
@@ -169,32 +114,6 @@ class FeishuChannel(http.WebhookChannel):
     name = "feishu"
     service = "Feishu"
     rate_limited_floor = _RATE_LIMITED_FLOOR_SECONDS
-
-    def __init__(
-        self,
-        settings: FeishuSettings,
-        *,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> None:
-        super().__init__(
-            settings.url,
-            where=redact_url(settings.url),
-            secrets=[s for s in (_token_of(settings.url), settings.secret) if s],
-            per_second=settings.per_second,
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            session=session,
-            clock=clock,
-            monotonic=monotonic,
-            sleep=sleep,
-            stop=stop,
-        )
-        self._settings = settings
 
     def __repr__(self) -> str:
         return f"FeishuChannel({self._where}, format={self._settings.format!r})"
@@ -327,7 +246,7 @@ class FeishuChannel(http.WebhookChannel):
         return body
 
     def _request(self, payload: Mapping[str, Any]) -> Request:
-        return Request(self._settings.url, encode(self._signed(payload)))
+        return Request(self._url, encode(self._signed(payload)))
 
     def _signed(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         # Drop any stale signature (a payload kept in an outbox) before adding a fresh one.
@@ -402,3 +321,8 @@ def _tag_text(tag: Mapping[str, Any]) -> str:
     if tag.get("tag") == "a":
         return f"{tag.get('text', '')} <{tag.get('href', '')}>"
     return str(tag.get("text", ""))
+
+
+def build(settings: FeishuSettings, transport: Transport) -> FeishuChannel:
+    """The channel for ``feishu:``: its URL and secret resolved from the environment now."""
+    return FeishuChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)

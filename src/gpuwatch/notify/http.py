@@ -26,10 +26,10 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -41,8 +41,11 @@ from urllib3.poolmanager import PoolManager
 
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.deadline import current_attempt, run_guarded, shutdown_socket
+from gpuwatch.notify.masking import MASK
+from gpuwatch.notify.spec import UrlSettings
 
 logger = logging.getLogger(__name__)
+S = TypeVar("S", bound=UrlSettings)  # a channel's settings
 
 # Backoff between attempts: base * 2**(attempt-1), capped, with jitter in [50 %, 100 %].
 _BACKOFF_BASE_SECONDS = 1.0
@@ -61,7 +64,6 @@ MAX_ANSWER_BYTES = 64 * 1024
 _LOST_ANSWER_STATUSES = frozenset({504})
 #: After a stop request, how long a post in flight may still take to get its answer.
 _STOP_GRACE_SECONDS = 1.0
-MASK = "…(masked)"
 
 class RateLimiter:
     """Sliding windows: at most ``per_second`` sends in any second and ``per_minute`` in any minute.
@@ -340,39 +342,6 @@ def backoff(attempt: int) -> float:
 # ---------------------------------------------------------------------- secrets in URLs
 
 
-def _masked(value: str) -> str:
-    """A secret for people: its first 4 characters when it is long enough to keep them safe."""
-    return (value[:4] if len(value) >= 16 else "") + MASK
-
-
-def redact_url(url: str, *, path_segments: int = 1, query: bool = True) -> str:
-    """``url`` safe for logs and errors: its last ``path_segments`` path segments (where webhook
-    tokens live) and every query value masked (``query=False``: the query dropped); user info and
-    fragment dropped (they may hold secrets too)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    segments = parts.path.rstrip("/").split("/")
-    for i in range(max(1, len(segments) - path_segments), len(segments)):
-        if segments[i]:
-            segments[i] = _masked(segments[i])
-    shown_query = ""
-    if query and parts.query:
-        shown_query = "&".join(f"{k}={_masked(v)}" for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, host, "/".join(segments) if path_segments else parts.path, shown_query, ""))
-
-
-def url_secrets(url: str, *, path_segments: int = 1) -> list[str]:
-    """The secret parts of a webhook URL (last path segments, query values, user info), to scrub
-    wherever a library echoed them."""
-    parts = urlsplit(url)
-    found = [s for s in parts.path.rstrip("/").split("/")[-path_segments:] if s] if path_segments else []
-    found += [v for _, v in parse_qsl(parts.query, keep_blank_values=True) if v]
-    found += [s for s in (parts.username, parts.password) if s]
-    return [s for s in found if len(s) >= 4]  # masking 1-3 characters would garble every word holding them
-
-
 def with_query(url: str, extra: Mapping[str, str]) -> str:
     """``url`` with ``extra`` query parameters set (replacing any of the same name: a payload kept
     in an outbox never carries yesterday's signature)."""
@@ -403,11 +372,13 @@ class Retry:
     floor: float = 0.0
 
 
-class WebhookChannel:
+class WebhookChannel(Generic[S]):
     """The delivery half of a chat webhook channel (see the module docstring).
 
     A subclass sets :attr:`name` (its config section) and :attr:`service` (its name in sentences),
-    and implements :meth:`_request` and :meth:`_judge`. All I/O comes in as parameters: the HTTP
+    and implements :meth:`_request` and :meth:`_judge`; its settings (a
+    :class:`~gpuwatch.notify.spec.UrlSettings`, resolved) say where and how fast to post
+    (:meth:`~gpuwatch.notify.spec.UrlSettings.endpoint`). All I/O comes in as parameters: the HTTP
     session, the wall clock (for signatures), the monotonic clock and sleep (for the rate limiter
     and backoff), and ``stop``, the event that ends a send early (SIGTERM).
 
@@ -431,37 +402,43 @@ class WebhookChannel:
 
     def __init__(
         self,
-        url: str,
+        settings: S,
         *,
-        where: str,
-        secrets: Sequence[str],
-        per_second: int | None,
-        per_minute: int | None,
-        timeout_seconds: float = 10.0,
-        max_attempts: int = 5,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        """``sleep`` defaults to ``stop.wait`` when ``stop`` is given (a stop cuts backoff short),
-        else ``time.sleep``; ``where`` is the URL as logs may show it."""
+        """``settings`` are the channel's own (its :meth:`endpoint` says where and how fast to post);
+        ``sleep`` defaults to ``stop.wait`` when ``stop`` is given (a stop cuts backoff short), else
+        ``time.sleep``."""
+        endpoint = settings.endpoint()
+        self._settings = settings
+        self._url = endpoint.url
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
-        self._session.mount(origin(url), _GuardedAdapter())
+        self._session.mount(origin(endpoint.url), _GuardedAdapter())
         self._clock = clock
         self._stop = stop
         if sleep is None:
             sleep = waiter(stop) if stop is not None else time.sleep
         self._sleep = sleep
         self._limiter = RateLimiter(
-            per_second or 1_000_000, per_minute or 1_000_000, monotonic=monotonic, sleep=self._sleep, stop=stop
+            endpoint.per_second or 1_000_000,
+            endpoint.per_minute or 1_000_000,
+            monotonic=monotonic,
+            sleep=self._sleep,
+            stop=stop,
         )
-        self._where = where
-        self._secrets = tuple(sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True))
-        self._timeout = timeout_seconds
-        self._max_attempts = max_attempts
+        self._where = endpoint.where
+        self._secrets = tuple(sorted({s for s in endpoint.secrets if s and len(s) >= 4}, key=len, reverse=True))
+        self._timeout = endpoint.timeout_seconds
+        self._max_attempts = endpoint.max_attempts
+
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where})"
 
     def close(self) -> None:
         """Close the HTTP session if this channel created it."""

@@ -18,30 +18,22 @@ secret, masked in every log line and error):
 
 from __future__ import annotations
 
-import math
 import re
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
-
-import requests
 
 from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
 from gpuwatch.notify.http import Request, Retry, encode
 from gpuwatch.notify.markup import render_parts, slack_escape
+from gpuwatch.notify.slack_settings import SlackSettings
+from gpuwatch.notify.spec import Transport
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000
 MAX_HEADER_CHARS = 150
 MAX_FALLBACK_CHARS = 3000  # the notification text; Slack truncates long ones anyway
-MAX_BODY_BYTES = 40_000
-PER_SECOND = 1
 
-_MEMBER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
 #: A state's mark at the start of a line (Unicode, so that it needs no emoji parsing).
 MARKS = {
     "free": "🟢",
@@ -84,41 +76,6 @@ def explain(error: str) -> str:
     return _EXPLANATIONS.get(error, unknown)
 
 
-def redact_url(url: str) -> str:
-    """``https://hooks.slack.com/services/…(masked)/…(masked)/…(masked)``."""
-    return http.redact_url(url, path_segments=3)
-
-
-def _secret_parts(url: str) -> list[str]:
-    return http.url_secrets(url, path_segments=3)
-
-
-@dataclass(frozen=True, repr=False)
-class SlackSettings:
-    """One Slack incoming webhook. ``url`` is a secret."""
-
-    url: str = field(repr=False)
-    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> Slack member id (U...)
-    timeout_seconds: float = 10.0
-    max_body_bytes: int = MAX_BODY_BYTES
-    per_second: int = PER_SECOND
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).path.strip("/"):
-            raise ValueError("slack.url: expected https://hooks.slack.com/services/T.../B.../...")
-        for user, member in self.mentions.items():
-            if not _MEMBER_ID.fullmatch(member):
-                raise ValueError(f"slack.mentions.{user}: {member!r} is not a Slack member id (like U0123ABCD)")
-        for name in ("timeout_seconds", "max_body_bytes", "per_second", "max_attempts"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"slack.{name}: must be a positive number")
-
-    def __repr__(self) -> str:
-        return f"SlackSettings(url={redact_url(self.url)!r}, mentions={dict(self.mentions)!r})"
-
-
 def _plain(text: str) -> dict[str, Any]:
     return {"type": "plain_text", "text": text, "emoji": False}
 
@@ -138,40 +95,11 @@ def section_text(section: Section) -> str:
     return "\n".join(lines)
 
 
-class SlackChannel(http.WebhookChannel):
+class SlackChannel(http.WebhookChannel[SlackSettings]):
     """Delivers messages to one Slack channel through an incoming webhook (see the module docstring)."""
 
     name = "slack"
     service = "Slack"
-
-    def __init__(
-        self,
-        settings: SlackSettings,
-        *,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> None:
-        super().__init__(
-            settings.url,
-            where=redact_url(settings.url),
-            secrets=_secret_parts(settings.url),
-            per_second=settings.per_second,
-            per_minute=None,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            session=session,
-            clock=clock,
-            monotonic=monotonic,
-            sleep=sleep,
-            stop=stop,
-        )
-        self._settings = settings
-
-    def __repr__(self) -> str:
-        return f"SlackChannel({self._where})"
 
     # ------------------------------------------------------------------ prepare
 
@@ -232,7 +160,7 @@ class SlackChannel(http.WebhookChannel):
     # ------------------------------------------------------------------ deliver
 
     def _request(self, payload: Mapping[str, Any]) -> Request:
-        return Request(self._settings.url, encode(payload))
+        return Request(self._url, encode(payload))
 
     def _judge(self, answer: http.Answer) -> Retry | None:
         said = self.snippet(answer)
@@ -244,3 +172,8 @@ class SlackChannel(http.WebhookChannel):
                 f"HTTP {answer.status}: not a Slack webhook reply (check slack.url): {said!r}",
             )
         raise self._refused(f"HTTP {answer.status} {error}: {explain(error)}", message_fault=error in MESSAGE_FAULTS)
+
+
+def build(settings: SlackSettings, transport: Transport) -> SlackChannel:
+    """The channel for ``slack:``: its URL resolved from the environment now."""
+    return SlackChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)

@@ -26,46 +26,27 @@ segment and query values, and every header value, are treated as secrets.
 from __future__ import annotations
 
 import json
-import math
-import re
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
-
-import requests
 
 from gpuwatch.message import Message
 from gpuwatch.notify import http
 from gpuwatch.notify.http import Request, Retry, encode
+from gpuwatch.notify.spec import Transport
 from gpuwatch.notify.split import cut_text, numbered, split
-
-FIELDS = ("source", "kind", "severity", "title", "summary", "text", "blocks", "part", "parts", "link", "mentions")
-_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
-MAX_BODY_BYTES = 20_000
-PER_SECOND = 5
-
-
-def placeholders(template: object) -> set[str]:
-    """Every ``{{name}}`` in a template."""
-    if isinstance(template, str):
-        return set(_PLACEHOLDER.findall(template))
-    if isinstance(template, Mapping):
-        return {n for k, v in template.items() for n in placeholders(k) | placeholders(v)}
-    if isinstance(template, list):
-        return {n for item in template for n in placeholders(item)}
-    return set()
+from gpuwatch.notify.webhook_settings import (
+    PLACEHOLDER,
+    WebhookSettings,
+)
 
 
 def fill(template: object, values: Mapping[str, Any]) -> Any:
     """The template with its placeholders replaced (see the module docstring)."""
     if isinstance(template, str):
-        whole = _PLACEHOLDER.fullmatch(template.strip())
+        whole = PLACEHOLDER.fullmatch(template.strip())
         if whole:
             return values[whole.group(1)]
-        return _PLACEHOLDER.sub(lambda m: _as_text(values[m.group(1)]), template)
+        return PLACEHOLDER.sub(lambda m: _as_text(values[m.group(1)]), template)
     if isinstance(template, Mapping):
         return {fill(k, values): fill(v, values) for k, v in template.items()}
     if isinstance(template, list):
@@ -81,72 +62,11 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True, repr=False)
-class WebhookSettings:
-    """A URL to POST JSON to. The URL's token parts and the header values are secrets."""
-
-    url: str = field(repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    template: Any = None  # the parsed template (None: the default document)
-    timeout_seconds: float = 10.0
-    max_body_bytes: int = MAX_BODY_BYTES
-    per_second: int = PER_SECOND
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
-            raise ValueError("webhook.url: expected an http(s):// URL")
-        unknown = placeholders(self.template) - set(FIELDS)
-        if unknown:
-            raise ValueError(
-                f"webhook.template: unknown placeholder(s) {', '.join(sorted(unknown))}; known: {', '.join(FIELDS)}"
-            )
-        for name in ("timeout_seconds", "max_body_bytes", "per_second", "max_attempts"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"webhook.{name}: must be a positive number")
-
-    def __repr__(self) -> str:
-        return (
-            f"WebhookSettings(url={http.redact_url(self.url)!r}, headers={sorted(self.headers)!r}, "
-            f"template={'set' if self.template is not None else 'default'})"
-        )
-
-
-class WebhookJsonChannel(http.WebhookChannel):
+class WebhookJsonChannel(http.WebhookChannel[WebhookSettings]):
     """POSTs one JSON document per part to ``webhook.url`` (see the module docstring)."""
 
     name = "webhook"
     service = "the webhook"
-
-    def __init__(
-        self,
-        settings: WebhookSettings,
-        *,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> None:
-        super().__init__(
-            settings.url,
-            where=http.redact_url(settings.url),
-            secrets=[*http.url_secrets(settings.url), *settings.headers.values()],
-            per_second=settings.per_second,
-            per_minute=None,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            session=session,
-            clock=clock,
-            monotonic=monotonic,
-            sleep=sleep,
-            stop=stop,
-        )
-        self._settings = settings
-
-    def __repr__(self) -> str:
-        return f"WebhookJsonChannel({self._where})"
 
     def prepare(self, message: Message) -> list[dict[str, Any]]:
         """One document per part, each at most ``max_body_bytes`` as sent."""
@@ -195,7 +115,7 @@ class WebhookJsonChannel(http.WebhookChannel):
 
     def _request(self, payload: Mapping[str, Any]) -> Request:
         document = payload["__document__"] if set(payload) == {"__document__"} else payload
-        return Request(self._settings.url, encode_any(document), headers=dict(self._settings.headers))
+        return Request(self._url, encode_any(document), headers=dict(self._settings.headers))
 
     def _judge(self, answer: http.Answer) -> Retry | None:
         status = answer.status
@@ -222,3 +142,9 @@ class WebhookJsonChannel(http.WebhookChannel):
 def encode_any(document: Any) -> bytes:
     """Any JSON value as sent (UTF-8)."""
     return json.dumps(document, ensure_ascii=False).encode("utf-8")
+
+
+def build(settings: WebhookSettings, transport: Transport) -> WebhookJsonChannel:
+    """The channel for ``webhook:``: its URL and headers resolved from the environment and its
+    template read now."""
+    return WebhookJsonChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)

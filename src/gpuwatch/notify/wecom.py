@@ -19,27 +19,20 @@ group, so it is masked in every log line and error.
 from __future__ import annotations
 
 import html
-import math
 import re
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
-
-import requests
 
 from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts, text_lines
+from gpuwatch.notify.spec import Transport
+from gpuwatch.notify.wecom_settings import (
+    WeComSettings,
+)
 
-FORMATS = ("markdown", "text")
 #: WeCom's documented limits: markdown content 4,096 bytes, text content 2,048 bytes, 20 a minute.
-MAX_MARKDOWN_BYTES = 4096
-MAX_TEXT_BYTES = 2048
-PER_MINUTE = 20
 
 INVALID_KEY = 93000
 RATE_LIMITED = 45009
@@ -74,73 +67,11 @@ def explain(code: int) -> str:
     return f"WeCom error code {code} (not one gpuwatch knows; see the robot's documentation)"
 
 
-def redact_url(url: str) -> str:
-    """``https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=1a2b…(masked)``."""
-    return http.redact_url(url, path_segments=0)
-
-
-def _key_of(url: str) -> str:
-    return dict(parse_qsl(urlsplit(url).query)).get("key", "")
-
-
-@dataclass(frozen=True, repr=False)
-class WeComSettings:
-    """One WeCom group robot. ``url`` holds its key, a secret."""
-
-    url: str = field(repr=False)
-    format: str = "markdown"
-    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> WeCom userid (or a mobile number, text only)
-    timeout_seconds: float = 10.0
-    max_markdown_bytes: int = MAX_MARKDOWN_BYTES
-    max_text_bytes: int = MAX_TEXT_BYTES
-    per_minute: int = PER_MINUTE
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("http", "https") or not _key_of(self.url):
-            raise ValueError("wecom.url: expected https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=<key>")
-        if self.format not in FORMATS:
-            raise ValueError(f"wecom.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
-        for name in ("timeout_seconds", "max_markdown_bytes", "max_text_bytes", "per_minute", "max_attempts"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"wecom.{name}: must be a positive number")
-
-    def __repr__(self) -> str:
-        return f"WeComSettings(url={redact_url(self.url)!r}, format={self.format!r}, mentions={dict(self.mentions)!r})"
-
-
-class WeComChannel(http.WebhookChannel):
+class WeComChannel(http.WebhookChannel[WeComSettings]):
     """Delivers messages to one WeCom group through its robot (see the module docstring)."""
 
     name = "wecom"
     service = "WeCom"
-
-    def __init__(
-        self,
-        settings: WeComSettings,
-        *,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> None:
-        super().__init__(
-            settings.url,
-            where=redact_url(settings.url),
-            secrets=[_key_of(settings.url)],
-            per_second=None,
-            per_minute=settings.per_minute,
-            timeout_seconds=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            session=session,
-            clock=clock,
-            monotonic=monotonic,
-            sleep=sleep,
-            stop=stop,
-        )
-        self._settings = settings
 
     def __repr__(self) -> str:
         return f"WeComChannel({self._where}, format={self._settings.format!r})"
@@ -204,7 +135,7 @@ class WeComChannel(http.WebhookChannel):
     # ------------------------------------------------------------------ deliver
 
     def _request(self, payload: Mapping[str, Any]) -> Request:
-        return Request(self._settings.url, encode(payload))
+        return Request(self._url, encode(payload))
 
     def _judge(self, answer: http.Answer) -> Retry | None:
         reply = json_reply(answer)
@@ -227,3 +158,8 @@ class WeComChannel(http.WebhookChannel):
 def _font(text: str, state: str) -> str:
     colour = COLOURS.get(state)
     return f'<font color="{colour}">{text}</font>' if colour else text
+
+
+def build(settings: WeComSettings, transport: Transport) -> WeComChannel:
+    """The channel for ``wecom:``: its URL resolved from the environment now."""
+    return WeComChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, _bool, _check_keys, _int, _mapping, parse_duration
+from ..config.values import ConfigError, boolean, check_keys, integer, mapping, parse_duration
 from ..model import HostErrorKind, HostSnapshot
 from ..text import format_duration, local_time, number, size_kib
 from .base import (
@@ -40,18 +40,18 @@ class Threshold:
     for_seconds: float = 0.0
 
 
-def _threshold(value: object, path: str, key: str, low: float, high: float, integer: bool) -> Threshold | None:
+def _threshold(value: object, path: str, key: str, low: float, high: float, whole: bool) -> Threshold | None:
     """``rule: 90`` or ``rule: {<key>: 90, for: 10m}``; off when empty or false."""
     if value is None or value is False:
         return None
-    section: Mapping[str, Any] = {key: value} if not isinstance(value, Mapping) else _mapping(value, path)
-    _check_keys(section, (key, "for"), path)
+    section: Mapping[str, Any] = {key: value} if not isinstance(value, Mapping) else mapping(value, path)
+    check_keys(section, (key, "for"), path)
     if key not in section:
-        raise ConfigError(f"{path}: needs '{key}', e.g. {{{key}: {int(high * 0.9) if integer else 2}}}")
+        raise ConfigError(f"{path}: needs '{key}', e.g. {{{key}: {int(high * 0.9) if whole else 2}}}")
     where = f"{path}.{key}" if isinstance(value, Mapping) else path
     raw = section[key]
-    if integer:
-        limit: float = _int(raw, where, int(low), int(high))
+    if whole:
+        limit: float = integer(raw, where, int(low), int(high))
     else:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not low < raw <= high:
             raise ConfigError(f"{where}: expected a number above {low:g} and at most {high:g}, got {raw!r:.40}")
@@ -64,7 +64,7 @@ def _threshold(value: object, path: str, key: str, low: float, high: float, inte
 
 
 def parse_disk_above(value: object, path: str) -> Threshold | None:
-    return _threshold(value, path, "percent", 1, 100, integer=True)
+    return _threshold(value, path, "percent", 1, 100, whole=True)
 
 
 def disk_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> CheckResult:
@@ -117,7 +117,7 @@ DISK_ABOVE = HostRule(
 
 
 def parse_memory_above(value: object, path: str) -> Threshold | None:
-    return _threshold(value, path, "percent", 1, 100, integer=True)
+    return _threshold(value, path, "percent", 1, 100, whole=True)
 
 
 def memory_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> CheckResult:
@@ -158,7 +158,7 @@ MEMORY_ABOVE = HostRule(
 
 
 def parse_load_above(value: object, path: str) -> Threshold | None:
-    return _threshold(value, path, "per_cpu", 0, 1000, integer=False)
+    return _threshold(value, path, "per_cpu", 0, 1000, whole=False)
 
 
 def load_above(host: HostSnapshot, cfg: Threshold, ctx: Context) -> CheckResult:
@@ -200,7 +200,7 @@ class On:
 
 
 def parse_on(value: object, path: str) -> On | None:
-    return On() if _bool(value, path) else None
+    return On() if boolean(value, path) else None
 
 
 REBOOT_SLACK_SECONDS = 120  # /proc/stat btime moves by a second or so as the clock is adjusted

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, _check_keys, _mapping, _str
+from ..config.values import ConfigError, check_keys, mapping, string
 from ..model import HostSnapshot
 from ..summary import is_free
 from ..text import format_duration, number
@@ -25,12 +25,12 @@ def parse_gpu_freed(value: object, path: str) -> GpuFreed | None:
     """``gpu_freed: {users: [alice, bob]}``, or off."""
     if value is None or value is False:
         return None
-    section = _mapping(value, path)
-    _check_keys(section, ("users",), path)
+    section = mapping(value, path)
+    check_keys(section, ("users",), path)
     users = section.get("users") or []
     if not isinstance(users, list) or not users:
         raise ConfigError(f"{path}.users: expected a list of user names, e.g. [alice]")
-    return GpuFreed(tuple(_str(u, f"{path}.users[{i}]") for i, u in enumerate(users)))
+    return GpuFreed(tuple(string(u, f"{path}.users[{i}]") for i, u in enumerate(users)))
 
 
 def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> CheckResult:

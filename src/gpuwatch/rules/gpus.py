@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import _check_keys, _int, _mapping, _optional_int, parse_duration
+from ..config.values import check_keys, integer, mapping, optional_int, parse_duration
 from ..model import HostSnapshot
 from ..text import format_duration, number
 from .base import AlertWords, Announces, CheckResult, Context, Finding, HostRule, Needs, Reading, Words
@@ -18,7 +18,7 @@ class TemperatureAbove:
 
 
 def parse_temperature_above(value: object, path: str) -> TemperatureAbove | None:
-    limit = _optional_int(value, path, 1)
+    limit = optional_int(value, path, 1)
     return None if limit is None else TemperatureAbove(limit)
 
 
@@ -66,13 +66,15 @@ def parse_idle_gpu(value: object, path: str) -> IdleGpu | None:
     """``idle_gpu: {after: 30m, util_below: 5, memory_above_mib: 1024}``, ``true`` (these), or off."""
     if value is None or value is False:
         return None
-    section = {} if value is True else _mapping(value, path)
-    _check_keys(section, ("after", "util_below", "memory_above_mib"), path)
+    section = {} if value is True else mapping(value, path)
+    check_keys(section, ("after", "util_below", "memory_above_mib"), path)
     default = IdleGpu()
     return IdleGpu(
         after=parse_duration(section["after"], f"{path}.after") if "after" in section else default.after,
-        util_below=_int(section.get("util_below", default.util_below), f"{path}.util_below", 0, 101),
-        memory_above_mib=_int(section.get("memory_above_mib", default.memory_above_mib), f"{path}.memory_above_mib", 0),
+        util_below=integer(section.get("util_below", default.util_below), f"{path}.util_below", 0, 101),
+        memory_above_mib=integer(
+            section.get("memory_above_mib", default.memory_above_mib), f"{path}.memory_above_mib", 0
+        ),
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, _bool, _check_keys, _mapping, parse_duration
+from ..config.values import ConfigError, boolean, check_keys, mapping, parse_duration
 from ..model import Gpu, HostSnapshot
 from ..text import format_duration, number, quantity
 from .base import AlertWords, Announces, CheckResult, Context, Finding, HostRule, Needs, Reading, Words
@@ -25,7 +25,7 @@ class EccErrors:
 
 
 def parse_ecc_errors(value: object, path: str) -> EccErrors | None:
-    return EccErrors() if _bool(value, path) else None
+    return EccErrors() if boolean(value, path) else None
 
 
 def _gpu_key(gpu: Gpu) -> str:
@@ -143,8 +143,8 @@ def parse_gpu_throttled(value: object, path: str) -> GpuThrottled | None:
     """``gpu_throttled: {for: 5m, reasons: [hw_slowdown, thermal, power_brake]}``, ``true`` (these), or off."""
     if value is None or value is False:
         return None
-    section: Mapping[str, Any] = {} if value is True else _mapping(value, path)
-    _check_keys(section, ("for", "reasons"), path)
+    section: Mapping[str, Any] = {} if value is True else mapping(value, path)
+    check_keys(section, ("for", "reasons"), path)
     default = GpuThrottled()
     hold = parse_duration(section["for"], f"{path}.for") if "for" in section else default.for_seconds
     reasons = default.reasons

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import _bool, _check_keys, _int, _mapping
+from ..config.values import boolean, check_keys, integer, mapping
 from ..model import HostSnapshot
 from ..text import UNKNOWN, number, quantity
 from .base import (
@@ -38,9 +38,9 @@ def parse_host_down(value: object, path: str) -> HostDown | None:
         return None
     if value is True:
         return HostDown()
-    section = _mapping(value, path)
-    _check_keys(section, ("after",), path)
-    return HostDown(after=_int(section.get("after", HostDown.after), f"{path}.after", 1))
+    section = mapping(value, path)
+    check_keys(section, ("after",), path)
+    return HostDown(after=integer(section.get("after", HostDown.after), f"{path}.after", 1))
 
 
 def host_down(host: HostSnapshot, cfg: HostDown, ctx: Context) -> CheckResult:
@@ -92,7 +92,7 @@ class GpuMissing:
 
 
 def parse_gpu_missing(value: object, path: str) -> GpuMissing | None:
-    return GpuMissing() if _bool(value, path) else None
+    return GpuMissing() if boolean(value, path) else None
 
 
 def gpu_missing(host: HostSnapshot, cfg: GpuMissing, ctx: Context) -> CheckResult:
@@ -135,7 +135,7 @@ class GpuError:
 
 
 def parse_gpu_error(value: object, path: str) -> GpuError | None:
-    return GpuError() if _bool(value, path) else None
+    return GpuError() if boolean(value, path) else None
 
 
 def gpu_error(host: HostSnapshot, cfg: GpuError, ctx: Context) -> CheckResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import _optional_int, _positive_duration
+from ..config.values import optional_int, positive_duration
 from ..model import HostSnapshot
 from ..summary import process_context
 from ..text import format_duration, number, quantity
@@ -33,7 +33,7 @@ class GpuLimit:
 
 
 def parse_gpu_limit(value: object, path: str) -> GpuLimit | None:
-    limit = _optional_int(value, path, 1)
+    limit = optional_int(value, path, 1)
     return None if limit is None else GpuLimit(limit)
 
 
@@ -116,7 +116,7 @@ class MaxRuntime:
 def parse_max_runtime(value: object, path: str) -> MaxRuntime | None:
     if value is None or value is False:
         return None
-    return MaxRuntime(_positive_duration(value, path))
+    return MaxRuntime(positive_duration(value, path))
 
 
 def max_runtime(host: HostSnapshot, cfg: MaxRuntime, ctx: Context) -> CheckResult:

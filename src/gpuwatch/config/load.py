@@ -1,0 +1,480 @@
+"""A whole config: YAML file -> :class:`~gpuwatch.config.records.Config`, every section checked.
+
+The key names are a public interface (README, config.example.yaml). The predecessor's flat
+config (``ip_list``, ``port``, ``user``, ``password``, ``feishu_url``, ``feishu_keyword``)
+is accepted unchanged and mapped onto the same structure.
+
+This module sits above the rule and channel registries: each rule family and each channel reads
+its own section (with :mod:`gpuwatch.config.values`), and this assembles them. Nothing here opens
+a connection or reads a secret from the environment: secrets named by ``*_env`` keys are read when
+they are used, so a rotated secret needs no config change.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..notify.registry import CHANNELS
+from ..notify.spec import ChannelSpec
+from ..rules.registry import RULE_NAMES, default_rules, parse_rules
+from ..text import quote
+from .records import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_NAME,
+    HOST_KEY_POLICIES,
+    LOCAL_KEYS,
+    LOCAL_NAME,
+    LOG_LEVELS,
+    REPORT_KINDS,
+    SSH_KEYS,
+    AlertsConfig,
+    AttributionConfig,
+    Config,
+    FreeGpuConfig,
+    HostConfig,
+    HostContextConfig,
+    ReportSchedule,
+    ScheduleConfig,
+    SshSettings,
+    WebAuth,
+    WebConfig,
+)
+from .values import (
+    ConfigError,
+    boolean,
+    check_keys,
+    choice,
+    expand_path,
+    integer,
+    mapping,
+    parse_duration,
+    positive_duration,
+    recording_keys,
+    string,
+    type_name,
+)
+from .yaml import YamlLimitError, load_yaml
+
+_SSH_PARSERS: dict[str, Callable[[object, str], object]] = {
+    "user": string,
+    "port": lambda v, p: integer(v, p, 1, 65535),
+    "key_file": string,
+    "password": string,
+    "password_env": string,
+    "known_hosts": lambda v, p: None if v is None or v is False else string(v, p),
+    "host_key_policy": lambda v, p: choice(v, p, HOST_KEY_POLICIES),
+    "connect_timeout": positive_duration,
+    "command_timeout": positive_duration,
+    "keepalive": parse_duration,
+    "proxy_jump": string,
+    "nvidia_smi": string,
+    "use_ssh_config": boolean,
+}
+
+
+def _ssh_overrides(raw: Mapping[str, Any], path: str, base: Path) -> dict[str, object]:
+    """Validated ``ssh:`` keys (under ``ssh:`` or on a host), file paths made absolute."""
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        values[key] = _SSH_PARSERS[key](value, f"{path}.{key}" if path else key)
+    for key in ("key_file", "known_hosts"):
+        if isinstance(values.get(key), str):
+            values[key] = expand_path(str(values[key]), base)
+    return values
+
+
+# ---------------------------------------------------------------- sections
+
+TOP_KEYS = (
+    "hosts",
+    "ssh",
+    "state_dir",
+    "schedule",
+    "free_gpu",
+    "alerts",
+    "max_parallel",
+    "log_level",
+    "web",
+    "host_context",
+    "attribution",
+)
+LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
+HOST_KEYS = ("name", "address", *SSH_KEYS)
+
+
+def _parse_ssh(raw: object, base: Path) -> SshSettings:
+    section = mapping(raw, "ssh")
+    check_keys(section, SSH_KEYS, "ssh")
+    values = _ssh_overrides(section, "ssh", base)
+    return replace(SshSettings(), **values)  # type: ignore[arg-type]
+
+
+def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> HostConfig:
+    path = f"hosts[{index}]"
+    if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        name = string(raw, path)
+        return HostConfig(name=name, address=None, ssh=defaults, local=name == LOCAL_NAME)
+    entry = mapping(raw, path)
+    if not entry:
+        raise ConfigError(f"{path}: empty host entry; give a name, e.g. '- gpu-a'")
+    check_keys(entry, HOST_KEYS, path)
+    if "name" not in entry and "address" not in entry:
+        raise ConfigError(f"{path}: a host mapping needs 'name' (or 'address')")
+    address = string(entry["address"], f"{path}.address") if "address" in entry else None
+    name = string(entry["name"], f"{path}.name") if "name" in entry else str(address)
+    overrides = _ssh_overrides({k: v for k, v in entry.items() if k in SSH_KEYS}, path, base)
+    settings = replace(defaults, **overrides)  # type: ignore[arg-type]
+    local = name == LOCAL_NAME and set(entry) <= LOCAL_KEYS
+    return HostConfig(
+        name=name,
+        address=address,
+        ssh=settings,
+        explicit=frozenset(overrides),
+        local=local,
+    )
+
+
+_AT_RE = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
+
+
+def _parse_schedule(raw: object) -> ScheduleConfig:
+    section = mapping(raw, "schedule")
+    check_keys(section, ("poll_every", "reports"), "schedule")
+    poll_every = (
+        positive_duration(section["poll_every"], "schedule.poll_every")
+        if "poll_every" in section
+        else ScheduleConfig.poll_every
+    )
+    if "reports" not in section:
+        return ScheduleConfig(poll_every=poll_every)
+    raw_reports = section["reports"]
+    if raw_reports is None:
+        raw_reports = []
+    if not isinstance(raw_reports, list):
+        raise ConfigError(f"schedule.reports: expected a list, got {type_name(raw_reports)}")
+    reports = []
+    for i, item in enumerate(raw_reports):
+        path = f"schedule.reports[{i}]"
+        entry = mapping(item, path)
+        check_keys(entry, ("report", "every", "at", "user"), path)
+        if "report" not in entry:
+            raise ConfigError(f"{path}: needs 'report' ({', '.join(REPORT_KINDS)})")
+        kind = choice(entry["report"], f"{path}.report", REPORT_KINDS)
+        every = positive_duration(entry["every"], f"{path}.every") if "every" in entry else None
+        at = string(entry["at"], f"{path}.at") if "at" in entry else None
+        if at is not None and not _AT_RE.fullmatch(at):
+            raise ConfigError(f'{path}.at: {quote(at)} is not a time of day like "09:00"')
+        if (every is None) == (at is None):
+            raise ConfigError(f"{path}: give exactly one of 'every' (e.g. 1h) or 'at' (e.g. \"09:00\")")
+        user = string(entry["user"], f"{path}.user") if "user" in entry else None
+        if kind == "user" and not user:
+            raise ConfigError(f"{path}: report 'user' needs 'user: <name>'")
+        if kind != "user" and user:
+            raise ConfigError(f"{path}.user: only report 'user' takes a user")
+        reports.append(ReportSchedule(report=kind, every=every, at=at, user=user))
+    return ScheduleConfig(poll_every=poll_every, reports=tuple(reports))
+
+
+def _parse_free(raw: object) -> FreeGpuConfig:
+    section = mapping(raw, "free_gpu")
+    check_keys(section, ("memory_below_mib", "util_below_percent"), "free_gpu")
+    values: dict[str, int] = {}
+    if "memory_below_mib" in section:
+        values["memory_below_mib"] = integer(section["memory_below_mib"], "free_gpu.memory_below_mib", 0)
+    if "util_below_percent" in section:
+        values["util_below_percent"] = integer(section["util_below_percent"], "free_gpu.util_below_percent", 0, 101)
+    return FreeGpuConfig(**values)
+
+
+def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
+    """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry)."""
+    if raw is None:
+        return AlertsConfig(rules=default_rules())
+    section = mapping(raw, "alerts")
+    check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
+    # An alerts: section lists what the admin wants: rules it leaves out are off.
+    v: dict[str, Any] = {"rules": parse_rules(section, "alerts")}
+    if "send_resolved" in section:
+        v["send_resolved"] = boolean(section["send_resolved"], "alerts.send_resolved")
+    if "for" in section:
+        v["for_seconds"] = parse_duration(section["for"], "alerts.for")
+    if "repeat_every" in section:
+        v["repeat_every"] = positive_duration(section["repeat_every"], "alerts.repeat_every")
+    if "routes" in section:
+        routes = mapping(section["routes"], "alerts.routes")
+        check_keys(routes, (*RULE_NAMES, "default"), "alerts.routes")
+        parsed: dict[str, tuple[str, ...]] = {}
+        for name, targets in routes.items():
+            items = [targets] if isinstance(targets, str) else targets
+            if not isinstance(items, list) or not items:
+                raise ConfigError(f"alerts.routes.{name}: expected a list of channels, e.g. [feishu, email]")
+            parsed[name] = tuple(choice(t, f"alerts.routes.{name}", channel_names) for t in items)
+        v["routes"] = parsed
+    return AlertsConfig(**v)
+
+
+MAX_DISKS = 32
+
+
+def _parse_host_context(raw: object) -> HostContextConfig:
+    """``host_context: {disks: [/, /home, /tmp], full_percent: 90}``."""
+    section = mapping(raw, "host_context")
+    check_keys(section, ("disks", "full_percent"), "host_context")
+    values: dict[str, Any] = {}
+    if "disks" in section:
+        disks = section["disks"]
+        if not isinstance(disks, list) or len(disks) > MAX_DISKS:
+            raise ConfigError(
+                f"host_context.disks: expected a list of at most {MAX_DISKS} paths, e.g. [/, /home, /data]"
+            )
+        paths = []
+        for i, item in enumerate(disks):
+            path = string(item, f"host_context.disks[{i}]")
+            if not path.startswith("/") or not path.isprintable() or len(path) > 1024:
+                raise ConfigError(f"host_context.disks[{i}]: {quote(path)} is not an absolute path on the host")
+            paths.append(path)
+        values["disks"] = tuple(dict.fromkeys(paths))
+    if "full_percent" in section:
+        values["full_percent"] = integer(section["full_percent"], "host_context.full_percent", 1, 101)
+    return HostContextConfig(**values)
+
+
+def _parse_attribution(raw: object) -> AttributionConfig:
+    """``attribution: {owner_label: owner, rootless_owner: true}``."""
+    section = mapping(raw, "attribution")
+    check_keys(section, ("owner_label", "rootless_owner"), "attribution")
+    values: dict[str, Any] = {}
+    if "owner_label" in section:
+        label = section["owner_label"]
+        values["owner_label"] = None if label is None or label is False else string(label, "attribution.owner_label")
+    if "rootless_owner" in section:
+        values["rootless_owner"] = boolean(section["rootless_owner"], "attribution.rootless_owner")
+    return AttributionConfig(**values)
+
+
+_LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")
+
+
+def _parse_web(raw: object) -> WebConfig:
+    """``web:`` (present, even empty: serve on the default address)."""
+    section = mapping(raw, "web")
+    check_keys(section, ("listen", "base_path", "auth", "public_url"), "web")
+    values: dict[str, Any] = {}
+    if "listen" in section:
+        listen = string(section["listen"], "web.listen")
+        if listen.isdigit():
+            listen = f"127.0.0.1:{listen}"
+        match = _LISTEN_RE.fullmatch(listen)
+        if not match:
+            raise ConfigError(f"web.listen: {listen!r} is not host:port, e.g. 127.0.0.1:8787 or [::1]:8787")
+        values["host"] = match["v6"] or match["host"]
+        values["port"] = integer(int(match["port"]), "web.listen (port)", 0, 65535)
+    if "base_path" in section:
+        base = string(section["base_path"], "web.base_path").rstrip("/")
+        if base and (not base.startswith("/") or any(c in base for c in "?#% ")):
+            raise ConfigError(f"web.base_path: {base!r} must be a path such as /gpuwatch")
+        values["base_path"] = base
+    if section.get("auth") is not None:
+        auth = mapping(section["auth"], "web.auth")
+        check_keys(auth, ("user", "password_env"), "web.auth")
+        for key in ("user", "password_env"):
+            if key not in auth:
+                raise ConfigError(
+                    f"web.auth: needs '{key}' (the password is read from the variable password_env names)"
+                )
+        values["auth"] = WebAuth(
+            user=string(auth["user"], "web.auth.user"),
+            password_env=string(auth["password_env"], "web.auth.password_env"),
+        )
+    if section.get("public_url") is not None:
+        url = string(section["public_url"], "web.public_url")
+        if not re.match(r"https?://[^/\s]+", url):
+            raise ConfigError(f"web.public_url: expected an http(s):// address, got {url[:60]!r}")
+        values["public_url"] = url
+    return WebConfig(**values)
+
+
+def _merge_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """Map the predecessor's flat keys onto the structured ones (refusing contradictions)."""
+    legacy = {k: doc.pop(k) for k in LEGACY_KEYS if k in doc}
+    if not legacy:
+        return doc
+    if "ip_list" in legacy:
+        if "hosts" in doc:
+            raise ConfigError("ip_list and hosts: give one list of hosts, not both")
+        doc["hosts"] = legacy.pop("ip_list")
+    ssh = dict(mapping(doc.get("ssh"), "ssh"))
+    for old in ("port", "user", "password"):
+        if old in legacy:
+            if old in ssh:
+                raise ConfigError(f"{old} and ssh.{old}: set it in one place")
+            ssh[old] = legacy.pop(old)
+    if ssh:
+        doc["ssh"] = ssh
+    feishu_old = {k[len("feishu_") :]: legacy.pop(k) for k in ("feishu_url", "feishu_keyword") if k in legacy}
+    if feishu_old:
+        feishu = dict(mapping(doc.get("feishu"), "feishu"))
+        for key, value in feishu_old.items():
+            if key in feishu:
+                raise ConfigError(f"feishu_{key} and feishu.{key}: set it in one place")
+            feishu[key] = value
+        doc["feishu"] = feishu
+    return doc
+
+
+def _secret_keys(doc: Mapping[str, Any], channels: tuple[ChannelSpec, ...]) -> list[str]:
+    found = []
+    ssh = doc.get("ssh")
+    if isinstance(ssh, Mapping) and ssh.get("password"):
+        found.append("ssh.password")
+    hosts = doc.get("hosts")
+    if isinstance(hosts, list):
+        for i, host in enumerate(hosts):
+            if isinstance(host, Mapping) and host.get("password"):
+                found.append(f"hosts[{i}].password")
+    for spec in channels:
+        section = doc.get(spec.name)
+        if isinstance(section, Mapping):
+            found += [f"{spec.name}.{k}" for k in spec.inline_secrets if section.get(k)]
+    return found
+
+
+def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelSpec, ...] = CHANNELS) -> Config:
+    """Validate a parsed YAML document. Raises ConfigError naming the key path.
+
+    ``channels`` are the channels a config may configure (the registry; a test passes its own)."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"top level: expected a mapping of keys (hosts:, ssh:, ...), got {type_name(doc)}")
+    doc = _merge_legacy(dict(doc))
+    if "routes" in doc:
+        raise ConfigError("routes: belongs under alerts: (alerts.routes), e.g. alerts: {routes: {default: [feishu]}}")
+    channel_names = tuple(spec.name for spec in channels)
+    check_keys(doc, (*TOP_KEYS, *channel_names), "")
+    base = path.parent if path else Path.cwd()
+    ssh = _parse_ssh(doc.get("ssh"), base)
+    raw_hosts = doc.get("hosts")
+    if raw_hosts is None:
+        raise ConfigError("hosts: missing; list your GPU servers, e.g.\nhosts:\n  - gpu-a\n  - gpu-b")
+    if not isinstance(raw_hosts, list):
+        raise ConfigError(f"hosts: expected a list of hosts, got {type_name(raw_hosts)}")
+    if not raw_hosts:
+        raise ConfigError("hosts: the list is empty; add at least one GPU server")
+    hosts = tuple(_parse_host(h, i, ssh, base) for i, h in enumerate(raw_hosts))
+    seen: dict[str, int] = {}
+    for i, host in enumerate(hosts):
+        if host.name in seen:
+            raise ConfigError(
+                f"hosts[{i}]: the name {quote(host.name)} is already used by hosts[{seen[host.name]}]; "
+                "give each host its own name"
+            )
+        seen[host.name] = i
+    state_dir = Path(expand_path(string(doc["state_dir"], "state_dir"), base)) if "state_dir" in doc else base / "logs"
+    configured = {spec.name: spec.parse(doc[spec.name], base) for spec in channels if doc.get(spec.name) is not None}
+    schedule = _parse_schedule(doc.get("schedule"))
+    free_gpu = _parse_free(doc.get("free_gpu"))
+    alerts = _parse_alerts(doc.get("alerts"), channel_names)
+    for rule, targets in alerts.routes.items():
+        for target in targets:
+            if target not in configured:
+                raise ConfigError(f"alerts.routes.{rule}: routes to {target}, but there is no {target}: section")
+    web = _parse_web(doc["web"]) if "web" in doc else None
+    max_parallel = integer(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
+    host_context = _parse_host_context(doc.get("host_context"))
+    attribution = _parse_attribution(doc.get("attribution"))
+    log_level = choice(string(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
+    warnings = []
+    secrets = _secret_keys(doc, channels)
+    if secrets and path is not None and _readable_by_others(path):
+        warnings.append(
+            f"{path} is readable by other users and holds secrets ({', '.join(secrets)}); "
+            f"run 'chmod 600 {path}' or move them to the environment (password_env, secret_env)"
+        )
+    return Config(
+        path=path,
+        hosts=hosts,
+        ssh=ssh,
+        state_dir=state_dir,
+        schedule=schedule,
+        free_gpu=free_gpu,
+        alerts=alerts,
+        channels=configured,
+        max_parallel=max_parallel,
+        log_level=log_level,
+        warnings=tuple(warnings),
+        web=web,
+        host_context=host_context,
+        attribution=attribution,
+    )
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few KB; a fleet of thousands of hosts fits
+
+
+def accepted_keys(doc: object) -> dict[str, tuple[str, ...]]:
+    """Every section the parser checked while reading ``doc`` (key paths as errors name them:
+    ``""`` for the top level, ``ssh``, ``hosts[1]``, ``alerts.idle_gpu``), with the keys it accepts
+    there. A test reads config.example.yaml with it, so the example documents every key."""
+    with recording_keys() as checked:
+        parse_config(doc)
+    return checked
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file. Every failure is a ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; copy config.example.yaml to {path} and list your hosts, "
+            f"or pass -c FILE / set ${CONFIG_ENV}"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path}: is a directory, not a config file; pass the file, e.g. -c {path / DEFAULT_CONFIG_NAME}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MB, so not a gpuwatch config "
+            "(one is a few KB); check the path"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); check the path, or save the file as UTF-8"
+        ) from None
+    try:
+        doc = load_yaml(text)
+    except YamlLimitError as exc:
+        line = f" line {exc.mark.line + 1}" if exc.mark is not None else ""
+        raise ConfigError(f"{path}{line}: {exc.message}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # a limit above should come first; this is the backstop
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    try:
+        return parse_config(doc, path.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

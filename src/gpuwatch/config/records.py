@@ -1,0 +1,213 @@
+"""The records a config is read into: frozen dataclasses, one per section, and the whole :class:`Config`.
+
+Plain data with their defaults and a few derived properties; nothing here reads YAML or the
+environment except where a method says so (``resolve_password``). :mod:`gpuwatch.config.load` fills
+them; the rest of gpuwatch reads them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..text import format_duration
+from .values import from_env
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+CONFIG_ENV = "GPUWATCH_CONFIG"
+HOST_KEY_POLICIES = ("accept-new", "strict", "off")
+REPORT_KINDS = ("overview", "user", "free")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The one host entry polled on this machine without SSH: the name ``localhost``, bare or as a mapping
+# with no key but these. An address, or any key about the connection (port, user, proxy_jump, ...),
+# makes it an SSH host like any other: an SSH tunnel to 127.0.0.1:2222 is another machine.
+LOCAL_NAME = "localhost"
+LOCAL_KEYS = frozenset({"name", "nvidia_smi", "command_timeout"})
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How to reach a host. Every key can be set under ``ssh:`` and overridden per host."""
+
+    user: str | None = None  # None: ~/.ssh/config's User, else the local user
+    port: int | None = None  # None: ~/.ssh/config's Port, else 22
+    key_file: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_env: str | None = None
+    known_hosts: str | None = "~/.ssh/known_hosts"
+    host_key_policy: str = "accept-new"
+    connect_timeout: float = 10.0
+    command_timeout: float = 30.0
+    keepalive: float = 30.0
+    proxy_jump: str | None = None
+    nvidia_smi: str = "nvidia-smi"
+    use_ssh_config: bool = True
+
+    def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The password: from ``password_env`` when it is set in the environment, else ``password``."""
+        return from_env(self.password_env, self.password, environ)
+
+
+SSH_KEYS = tuple(f for f in SshSettings.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """One configured host. ``explicit`` holds the ssh keys set on this host's own entry."""
+
+    name: str
+    address: str | None  # None: resolve ``name`` through ~/.ssh/config, then DNS
+    ssh: SshSettings
+    explicit: frozenset[str] = frozenset()
+    local: bool = False  # polled on this machine, without SSH
+
+    @property
+    def display_address(self) -> str:
+        return "local" if self.local else (self.address or self.name)
+
+
+@dataclass(frozen=True)
+class ReportSchedule:
+    report: str  # overview | user | free
+    every: float | None = None  # seconds
+    at: str | None = None  # "HH:MM", daily
+    user: str | None = None  # for report: user
+
+    def describe(self) -> str:
+        when = f"every {format_duration(self.every)}" if self.every else f"daily at {self.at}"
+        who = f" for {self.user}" if self.user else ""
+        return f"{self.report}{who} {when}"
+
+    @property
+    def scope(self) -> str:
+        """What the report covers: ``overview``, ``free``, ``user:alice`` (its name for ``--report``;
+        a newer report of one scope replaces an older one still waiting to be sent)."""
+        return f"{self.report}:{self.user}" if self.user else self.report
+
+
+DEFAULT_REPORTS = (ReportSchedule(report="overview", every=3600.0),)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    poll_every: float = 60.0
+    reports: tuple[ReportSchedule, ...] = DEFAULT_REPORTS
+
+
+@dataclass(frozen=True)
+class FreeGpuConfig:
+    """When a GPU counts as free: both below their thresholds."""
+
+    memory_below_mib: int = 1024
+    util_below_percent: int = 10
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """The alert rules switched on, each with its own settings, and the Alertmanager-style
+    lifecycle settings.
+
+    ``rules`` maps a rule's name (see ``rules.registry``) to its parsed config. The parser fills
+    it: without an ``alerts:`` section, the alerts admins want most are on (a host down for 3
+    polls, a GPU missing, a GPU error); an ``alerts:`` section lists every rule wanted.
+    """
+
+    rules: Mapping[str, object] = field(default_factory=dict)
+    for_seconds: float = 0.0
+    repeat_every: float = 4 * 3600.0
+    send_resolved: bool = True
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rule (or "default") -> channels
+
+
+@dataclass(frozen=True)
+class HostContextConfig:
+    """What the probe shows of the rest of the host (``host_context:``)."""
+
+    disks: tuple[str, ...] = ("/", "/home", "/tmp")  # noqa: S108 (paths on the host, whose disks are shown)
+    full_percent: int = 90  # any other local mount at least this full is shown too
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How the person behind a GPU process is found beyond ``ps`` (``attribution:``)."""
+
+    owner_label: str | None = "owner"  # a container label naming its owner; None: labels are not used
+    rootless_owner: bool = True  # a rootless container belongs to the user who runs it
+
+
+@dataclass(frozen=True)
+class WebAuth:
+    """HTTP Basic for the page, the API and /metrics; the password comes from the environment."""
+
+    user: str
+    password_env: str
+
+    def resolve_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.password_env, None, environ)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``web:``: the live page, the JSON API and /metrics, served by the daemon."""
+
+    host: str = "127.0.0.1"
+    port: int = 8787  # 0: any free port (the log says which)
+    base_path: str = ""  # "" or "/gpuwatch": the path prefix behind a reverse proxy
+    auth: WebAuth | None = None
+    public_url: str | None = None  # the page's address as people reach it (printed at start)
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    hosts: tuple[HostConfig, ...]
+    ssh: SshSettings = SshSettings()
+    state_dir: Path = Path("logs")
+    schedule: ScheduleConfig = ScheduleConfig()
+    free_gpu: FreeGpuConfig = FreeGpuConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    # name -> settings of every configured channel, in registry order (notify.registry)
+    channels: Mapping[str, Any] = field(default_factory=dict)
+    max_parallel: int = 256
+    log_level: str = "INFO"
+    warnings: tuple[str, ...] = ()
+    web: WebConfig | None = None  # None: the daemon serves nothing
+    host_context: HostContextConfig = HostContextConfig()
+    attribution: AttributionConfig = AttributionConfig()
+
+    @property
+    def feishu(self) -> Any:
+        """The ``feishu:`` settings (:class:`gpuwatch.notify.feishu.FeishuSettings`), or None."""
+        return self.channels.get("feishu")
+
+    @property
+    def email(self) -> Any:
+        """The ``email:`` settings (:class:`gpuwatch.notify.email.EmailSettings`), or None."""
+        return self.channels.get("email")
+
+
+def find_config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``-c FILE``, else ``$GPUWATCH_CONFIG``, else ``./config.yaml``."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return Path(DEFAULT_CONFIG_NAME)
