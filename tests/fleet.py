@@ -186,11 +186,21 @@ def _run(argv: Sequence[str], *, input_text: str | None = None, retries: int = 0
     raise FleetError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
 
 
+DIRECTORY_USERS = ("john doe", "jos\u00e9", "jos\u00e8")
+"""Users named as a directory (AD/LDAP) may name them: a blank inside, letters beyond ASCII (which
+``ps`` prints as ``?`` under ``LC_ALL=C``, so the last two would look alike). Created by
+:func:`ensure_user` (``useradd --badname``) for the tests that need them; no fleet runs their jobs."""
+
+
 def ensure_user(name: str) -> pwd.struct_passwd:
-    """Create local user ``name`` (home dir, /bin/sh) unless it exists; idempotent and race tolerant."""
+    """Create local user ``name`` (home dir, /bin/sh) unless it exists; idempotent and race tolerant.
+    A name useradd calls bad (a blank, a letter beyond ASCII: see :data:`DIRECTORY_USERS`) is created
+    with ``--badname``."""
     with contextlib.suppress(KeyError):
         return pwd.getpwnam(name)
-    done = subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], capture_output=True, text=True, check=False)
+    plain = name.isascii() and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    argv = ["useradd", "-m", "-s", "/bin/sh", *([] if plain else ["--badname"]), name]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     try:
         return pwd.getpwnam(name)
     except KeyError:

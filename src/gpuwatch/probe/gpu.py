@@ -35,15 +35,16 @@ if ! command -v "$SMI" >/dev/null 2>&1; then
   exit 0
 fi
 X=__HEALTH__
-out=$(run "$SMI" --query-gpu=__GPU_FIELDS__${X:+,$X} --format=csv 2>&1)
-rc=$?
+got=$(grab run "$SMI" --query-gpu=__GPU_FIELDS__${X:+,$X} --format=csv); took "nvidia-smi --query-gpu" gpu
 refused=
 if [ "$rc" != 0 ] && [ -n "$X" ]; then
   case "$out" in
-    *"is not a valid field"*) refused=1; out=$(run "$SMI" --query-gpu=__GPU_FIELDS__ --format=csv 2>&1); rc=$? ;;
+    *"is not a valid field"*)
+      refused=1; got=$(grab run "$SMI" --query-gpu=__GPU_FIELDS__ --format=csv); took "nvidia-smi --query-gpu" gpu ;;
   esac
 fi
 printf '%s\n' "$out"
+out=
 printf '\n@@end gpu__K__ %s\n' "$rc"
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then exit 0; fi
 echo "@@begin health__K__"
@@ -52,7 +53,7 @@ if [ -n "$refused" ]; then echo refused; fi
 printf '\n@@end health__K__ 0\n'
 if [ __LEARN__ = 1 ] && [ "$rc" = 0 ]; then
   echo "@@begin learn__K__"
-  L=$(run "$SMI" --help-query-gpu 2>/dev/null | awk -v want=__WANT__ '__HEALTH_AWK__')
+  L=$(run "$SMI" --help-query-gpu 2>/dev/null | head -c "$C" | awk -v want=__WANT__ '__HEALTH_AWK__')
   printf 'fields %s\n' "$L"
   run "$SMI" --version 2>&1 | head -n 20
   printf '\n@@end learn__K__ %s\n' "$?"
