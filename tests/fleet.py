@@ -463,6 +463,27 @@ def scenario_hang(directory: Path) -> Path:
     return publish_scenario(Path(directory), {"hang": "", "SOURCES": "hang: no output, never exits\n"})
 
 
+def scenario_stream(
+    directory: Path,
+    data: bytes = b"y\n",
+    *,
+    on: str | None = None,
+    base: Callable[[Path], object] = scenario_healthy_multi_gpu,
+) -> Path:
+    """``base(directory)``, except that nvidia-smi prints ``data`` again and again without end (a
+    streaming nvidia-smi), on every call or only for query kind ``on`` (``query-gpu``,
+    ``query-compute-apps``); it stops when killed, when its reader goes away, or when the scenario is
+    replaced or the fleet stops."""
+    directory = Path(directory)
+    base(directory)
+    resolved = directory.resolve()
+    files = {p.name: p.read_bytes() for p in resolved.iterdir() if p.is_file()}
+    files["stream"] = data
+    if on is not None:
+        files["stream-on"] = f"{on}\n".encode()
+    return publish_scenario(directory, files)
+
+
 def scenario_sleep(
     directory: Path,
     seconds: float,
