@@ -10,21 +10,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fleet import MONITOR_USER, Fleet, scenario_stream
+from fleet import MONITOR_USER, Fleet, scenario_hang, scenario_stream
 from gpuwatch.config import parse_config
 from gpuwatch.model import HostErrorKind
 from gpuwatch.poll import probe_host
 from gpuwatch.probe import HostProbe
 from gpuwatch.ssh import HostKeyStore, SshConnection
+from waiting import wait_for
 
 SHELLS = ("sh", "dash", "bash")
 BOUND_KIB = 64 * 1024
@@ -124,3 +127,59 @@ def test_a_streaming_nvidia_smi_costs_the_host_shell_no_more_than_the_cap(
     assert not snap.ok and snap.error_kind is HostErrorKind.UNPARSEABLE
     assert "printed more than 4 MiB" in (snap.error or ""), snap.error
     assert "it begins 'y'" in (snap.error or ""), snap.error
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return []
+
+
+def _probe_files(pid: int) -> set[str]:
+    """The probe's temporary files ``pid`` has open (a removed one is named "... (deleted)")."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if "gpuwatch-probe." in target:
+                    found.add(target.removesuffix(" (deleted)"))
+    return found
+
+
+def test_killing_the_wrapper_shell_on_the_host_leaves_no_file_behind(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path
+) -> None:
+    """Five times: a probe waits on a hung nvidia-smi, its wrapper shell (``sh -s``) is killed with
+    SIGKILL; the probe's temporary file must be gone (it is removed as soon as it is open)."""
+    address = fleet.addresses[4]
+    scenario_hang(fleet.scenario_dir(address))
+    ssh = fleet.gpuwatch_ssh(command_timeout="4s")
+    host = parse_config({"hosts": [{"name": "gpu-k", "address": address}], "ssh": ssh}).hosts[0]
+    conn = SshConnection(host, HostKeyStore(tmp_path / "own_known_hosts", (known_hosts,)))
+    seen: list[set[str]] = []
+    try:
+        for _ in range(5):
+            done: list[object] = []
+            poll = threading.Thread(target=lambda: done.append(probe_host(host, conn, HostProbe())), daemon=True)
+            poll.start()
+            state: dict[str, Any] = {}
+
+            def started() -> bool:
+                shells = session_shells(fleet, address)
+                files = set().union(*(_probe_files(pid) for pid in shells)) if shells else set()
+                wrappers = [pid for pid in shells if _cmdline(pid) == [b"sh", b"-s"]]
+                state.update(files=files, wrappers=wrappers)
+                return bool(files and wrappers)
+
+            wait_for(started, 10, "the probe to be running on the host")
+            for pid in state["wrappers"]:
+                os.kill(pid, signal.SIGKILL)
+            poll.join(30)
+            assert done and not poll.is_alive()
+            seen.append(state["files"])
+    finally:
+        conn.close()
+    left = sorted(path for files in seen for path in files if os.path.exists(path))
+    assert all(seen) and not left, f"left behind: {left}"
