@@ -33,8 +33,10 @@ NL='
 grab() { { "$@" 2>&1; printf '\n@rc %s' "$?"; } | head -c $((C + 16)); }
 took() {
   case "$got" in *"$NL@rc "[0-9] | *"$NL@rc "[0-9][0-9] | *"$NL@rc "[0-9][0-9][0-9])
-    if [ "${#got}" -le $((C + 8)) ]; then rc=${got##*"$NL@rc "}; out=${got%"$NL@rc "*}; got=; return 0; fi ;;
+    rc=${got##*"$NL@rc "}; out=${got%"$NL@rc "*}
+    if [ "${#out}" -le "$C" ]; then got=; return 0; fi ;;
   esac
+  out=
   if [ -n "${2:-}" ]; then printf '\n@@end %s__K__ 141\n' "$2"; fi
   echo "@@begin overflow__K__"
   printf '%s\n%.200s' "$1" "$got"

@@ -17,7 +17,7 @@ from gpuwatch import attribution, parse
 from gpuwatch.model import Gpu, GpuProcess, HostErrorKind, HostIssue, PsEntry
 
 from .state import HostProbe
-from .step import Draft, Step, StepOutput, cut_short, first_line
+from .step import QUICK_SECONDS, TIMEOUT_EXITS, Draft, Step, StepOutput, cut_short, first_line
 
 MAX_UIDS = 64
 """Uids looked up per poll (the owners of one host's GPU processes: a handful)."""
@@ -103,6 +103,14 @@ def _named(
     warnings += issues
     if names_sec.exit_status is None:
         warnings.append(cut_short("getent", "some owners are shown as ps printed them", HostErrorKind.UNPARSEABLE))
+    elif names_sec.exit_status in TIMEOUT_EXITS:
+        warnings.append(
+            HostIssue(
+                HostErrorKind.UNPARSEABLE,
+                f"getent passwd did not answer within {QUICK_SECONDS}s (is the user directory reachable?); "
+                "some owners are shown as ps printed them",
+            )
+        )
     named = dict(entries)
     for pid, uid in uids.items():
         name = names.get(uid)
