@@ -14,7 +14,9 @@ What this module owns
 * Users (created with ``useradd -m`` when missing, kept afterwards): the login user ``gpuwatch-mon``
   (password :data:`MONITOR_PASSWORD`, locked again by the last running fleet at stop; plus a per-fleet
   ed25519 key) and the GPU job owners ``alice`` and ``verylongusername`` (longer than 8 characters, which
-  is what breaks ``ps -o user``).  Each job owner runs one real long-lived process (``fleet.jobs``,
+  is what breaks ``ps -o user``); :data:`DIRECTORY_USERS` (``john doe``, ``josé``, ``josè``: names a
+  directory may give, made with ``useradd --badname``) when a test asks :func:`ensure_user` for them.
+  Each job owner runs one real long-lived process (``fleet.jobs``,
   ``fleet.job_pids``); it also exits by itself if the test process dies.
 * Sessions get ``PATH=<fleet bin>:/usr/local/bin:/usr/bin:/bin`` and ``GPUWATCH_STANDIN_DIR=<scenarios>``
   through sshd_config ``SetEnv`` (verified by tests/test_fleet_harness.py: SetEnv overrides sshd's default
@@ -31,7 +33,9 @@ Scenarios
 ---------
 A scenario is a directory of small files (documented in tests/standin/nvidia-smi).  Build one with the
 ``scenario_*`` functions below, e.g. ``scenario_error(fleet.scenario_dir("127.0.0.3"), ERR_GPU_LOST)``.
-The stand-in reads the scenario on every call, so a test may rewrite a host's scenario between polls.
+``scenario_stream`` makes nvidia-smi print without end (a streaming nvidia-smi, on every call or for one
+query kind).  The stand-in reads the scenario on every call, so a test may rewrite a host's scenario
+between polls.
 Builders publish a scenario atomically (a fresh directory behind a symlink), so a poll in flight sees
 either the old or the new scenario, never half of one.  Captures come byte for byte from
 tests/fixtures/standin/ (copied from the shared nvidia-smi corpus; see SOURCES.tsv there).  Multi-GPU
