@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fleet import MONITOR_USER, Fleet, scenario_hang, scenario_stream
-from gpuwatch.config import parse_config
+from gpuwatch.config.load import parse_config
 from gpuwatch.model import HostErrorKind
 from gpuwatch.poll import probe_host
 from gpuwatch.probe import HostProbe
