@@ -817,3 +817,12 @@ def test_parse_owners_real_output() -> None:
     assert issues == []
     assert entries[os.getpid()].user == pwd.getpwuid(os.getuid()).pw_name
     assert uids == {os.getpid(): os.getuid()}
+
+
+def test_parse_owners_refuses_a_user_ps_cannot_print_under_the_c_locale() -> None:
+    """Two lines run together (a line break lost to a bad byte) are no owner line: the user would
+    swallow the next line, whose process would lose its owner without a word."""
+    text = "  15076     676  1003 verylongusername\ufffd   2056     656     0 root\n   12 5 0 root\n"
+    entries, uids, issues = parse_owners(text)
+    assert set(entries) == {12} and uids == {12: 0}
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED]

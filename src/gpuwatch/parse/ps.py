@@ -57,8 +57,9 @@ def parse_owners(text: str) -> tuple[dict[int, PsEntry], dict[int, int], list[Ho
     """Parse ``ps -ww -o pid=,etimes=,uid=,user:64=`` output: the owners keyed by pid, and each
     pid's uid (where ps printed one; ``-`` is none).
 
-    The user is the rest of the line after the uid (blanks inside it included), as ps printed it:
-    the caller puts the name ``getent`` gave for the uid in its place. The same rules as
+    The user is the rest of the line after the uid (blanks inside it included), as ps printed it
+    under the probe's ``LC_ALL=C``: printable ASCII (a line with anything else is not ps's, e.g. two
+    lines run together); the caller puts the name ``getent`` gave for the uid in its place. The same rules as
     :func:`parse_ps` otherwise: a line that is no owner and a pid printed twice are
     ``probe_failed`` issues (the pid then has no owner).
     """
@@ -67,7 +68,10 @@ def parse_owners(text: str) -> tuple[dict[int, PsEntry], dict[int, int], list[Ho
         parts = raw.strip().split(maxsplit=3)
         if len(parts) < 4 or not (parts[2] == "-" or parse_natural(parts[2]) is not None):
             return None
-        return parts[0], parts[1], parts[2], parts[3].strip(), ""
+        user = parts[3].strip()
+        if not (user.isascii() and user.isprintable()):
+            return None  # not ps's: under LC_ALL=C it prints "?" for every other byte
+        return parts[0], parts[1], parts[2], user, ""
 
     return _read_owners(text, split)
 
