@@ -14,7 +14,9 @@ What this module owns
 * Users (created with ``useradd -m`` when missing, kept afterwards): the login user ``gpuwatch-mon``
   (password :data:`MONITOR_PASSWORD`, locked again by the last running fleet at stop; plus a per-fleet
   ed25519 key) and the GPU job owners ``alice`` and ``verylongusername`` (longer than 8 characters, which
-  is what breaks ``ps -o user``).  Each job owner runs one real long-lived process (``fleet.jobs``,
+  is what breaks ``ps -o user``); :data:`DIRECTORY_USERS` (``john doe``, ``josé``, ``josè``: names a
+  directory may give, made with ``useradd --badname``) when a test asks :func:`ensure_user` for them.
+  Each job owner runs one real long-lived process (``fleet.jobs``,
   ``fleet.job_pids``); it also exits by itself if the test process dies.
 * Sessions get ``PATH=<fleet bin>:/usr/local/bin:/usr/bin:/bin`` and ``GPUWATCH_STANDIN_DIR=<scenarios>``
   through sshd_config ``SetEnv`` (verified by tests/test_fleet_harness.py: SetEnv overrides sshd's default
@@ -31,7 +33,9 @@ Scenarios
 ---------
 A scenario is a directory of small files (documented in tests/standin/nvidia-smi).  Build one with the
 ``scenario_*`` functions below, e.g. ``scenario_error(fleet.scenario_dir("127.0.0.3"), ERR_GPU_LOST)``.
-The stand-in reads the scenario on every call, so a test may rewrite a host's scenario between polls.
+``scenario_stream`` makes nvidia-smi print without end (a streaming nvidia-smi, on every call or for one
+query kind).  The stand-in reads the scenario on every call, so a test may rewrite a host's scenario
+between polls.
 Builders publish a scenario atomically (a fresh directory behind a symlink), so a poll in flight sees
 either the old or the new scenario, never half of one.  Captures come byte for byte from
 tests/fixtures/standin/ (copied from the shared nvidia-smi corpus; see SOURCES.tsv there).  Multi-GPU
@@ -186,11 +190,21 @@ def _run(argv: Sequence[str], *, input_text: str | None = None, retries: int = 0
     raise FleetError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
 
 
+DIRECTORY_USERS = ("john doe", "jos\u00e9", "jos\u00e8")
+"""Users named as a directory (AD/LDAP) may name them: a blank inside, letters beyond ASCII (which
+``ps`` prints as ``?`` under ``LC_ALL=C``, so the last two would look alike). Created by
+:func:`ensure_user` (``useradd --badname``) for the tests that need them; no fleet runs their jobs."""
+
+
 def ensure_user(name: str) -> pwd.struct_passwd:
-    """Create local user ``name`` (home dir, /bin/sh) unless it exists; idempotent and race tolerant."""
+    """Create local user ``name`` (home dir, /bin/sh) unless it exists; idempotent and race tolerant.
+    A name useradd calls bad (a blank, a letter beyond ASCII: see :data:`DIRECTORY_USERS`) is created
+    with ``--badname``."""
     with contextlib.suppress(KeyError):
         return pwd.getpwnam(name)
-    done = subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], capture_output=True, text=True, check=False)
+    plain = name.isascii() and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    argv = ["useradd", "-m", "-s", "/bin/sh", *([] if plain else ["--badname"]), name]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -451,6 +465,27 @@ def scenario_hang(directory: Path) -> Path:
     """Every call hangs (like nvidia-smi on a GPU that fell off the bus) until killed, e.g. by
     ``timeout``; it gives up by itself when the scenario is replaced or the fleet stops."""
     return publish_scenario(Path(directory), {"hang": "", "SOURCES": "hang: no output, never exits\n"})
+
+
+def scenario_stream(
+    directory: Path,
+    data: bytes = b"y\n",
+    *,
+    on: str | None = None,
+    base: Callable[[Path], object] = scenario_healthy_multi_gpu,
+) -> Path:
+    """``base(directory)``, except that nvidia-smi prints ``data`` again and again without end (a
+    streaming nvidia-smi), on every call or only for query kind ``on`` (``query-gpu``,
+    ``query-compute-apps``); it stops when killed, when its reader goes away, or when the scenario is
+    replaced or the fleet stops."""
+    directory = Path(directory)
+    base(directory)
+    resolved = directory.resolve()
+    files = {p.name: p.read_bytes() for p in resolved.iterdir() if p.is_file()}
+    files["stream"] = data
+    if on is not None:
+        files["stream-on"] = f"{on}\n".encode()
+    return publish_scenario(directory, files)
 
 
 def scenario_sleep(

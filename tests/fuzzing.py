@@ -6,8 +6,10 @@ What this module owns
   into whole probe outputs (for ``probe.snapshot_from_output``): each GPU capture with the
   compute-apps capture of the same machine, in the probe's own format (per-poll token, the probe's
   fields) and in the older format (no token, ``process_name`` asked, one ps listing with args); a
-  4-GPU host stacked by tests/fleet.py; each error capture as nvidia-smi's whole answer. The ps
-  listings name the compute apps' pids (owners alice, verylongusername, root, a UID; one pid unseen).
+  4-GPU host stacked by tests/fleet.py; each error capture as nvidia-smi's whole answer; a
+  streaming nvidia-smi cut on the host (the ``overflow`` section). The ps listings name the compute
+  apps' pids (owners alice, verylongusername, root, a UID; in the probe's own format also ``john
+  doe`` and ``josé``, named by the ``uids`` section; one pid unseen).
   One H100 output carries every other step too, from real captures: the host readings and df of
   tests/fixtures/host, the health fields of the all-fields capture, the cgroups of a Docker container
   and a Slurm v1 job (tests/fixtures/cgroup), getent, and docker inspect of a real container
@@ -49,6 +51,15 @@ CONTAINER_FIXTURES = FIXTURES.parent / "container"
 TOKEN = "0123456789abcdef0123456789abcdef"  # fixed, so a seed replays exactly
 LEGACY_APP_FIELDS = (*parse.APP_QUERY_FIELDS, "process_name")
 USERS = ("alice", "verylongusername", "root", "1001")
+# The probe's own owners listing: (uid, the name getent gives or None, what ps prints under LC_ALL=C).
+OWNERS = (
+    (1002, "alice", "alice"),
+    (1003, "verylongusername", "verylongusername"),
+    (0, "root", "root"),
+    (1001, None, "1001"),
+    (1004, "john doe", "john doe"),
+    (1005, "jos\u00e9", "jos??"),
+)
 MAX_MESSAGE = 600  # a warning quotes at most ~80 characters of what the host printed
 
 # Exit status per error capture (FIELD_NOTES; as tests/fleet.py gives them).
@@ -122,13 +133,13 @@ def probe_text(gpu: str, apps: str, pids: list[int], *, token: str, legacy: bool
     lines += ["", f"@@end gpu{suffix} 0", f"@@begin apps{suffix}", *apps.strip("\n").split("\n")]
     lines += ["", f"@@end apps{suffix} 0", f"@@begin ps{suffix}"]
     user_lines: list[int] = []
-    for pid, user in owners.items():
-        line = f"{pid:>7} {user:<64} {600 + pid % 1000:>7}"
-        if legacy:
+    if legacy:
+        for pid, user in owners.items():
             user_lines.append(len(lines))
-            line += f" {commands[pid]}"
-        lines.append(line)
-    lines += ["", f"@@end ps{suffix} 0"]
+            lines.append(f"{pid:>7} {user:<64} {600 + pid % 1000:>7} {commands[pid]}")
+        lines += ["", f"@@end ps{suffix} 0"]
+    else:
+        lines += _owners(list(owners), suffix)
     if not legacy and owners:
         lines.append(f"@@begin args{suffix}")
         for pid in owners:
@@ -136,6 +147,23 @@ def probe_text(gpu: str, apps: str, pids: list[int], *, token: str, legacy: bool
             lines.append(f"{pid:>7} {commands[pid]}")
         lines += ["", f"@@end args{suffix} 0"]
     return "\n".join(lines) + "\n", tuple(user_lines)
+
+
+def _owners(pids: list[int], suffix: str) -> list[str]:
+    """The ps section as the probe prints it (``format`` line, ``pid etimes uid user``) and the
+    ``uids`` section (``getent passwd`` of those uids)."""
+    if not pids:
+        return ["", f"@@end ps{suffix} 0"]
+    lines = [f"format {parse.OWNERS_FORMAT}"]
+    named: dict[int, str] = {}
+    for i, pid in enumerate(pids):
+        uid, name, shown = OWNERS[i % len(OWNERS)]
+        lines.append(f"{pid:>7} {600 + pid % 1000:>7} {uid:>5} {shown}")
+        if name is not None:
+            named[uid] = name
+    lines += ["", f"@@end ps{suffix} 0", f"@@begin uids{suffix}"]
+    lines += [f"{name}:x:{uid}:{uid}::/home/{name}:/bin/sh" for uid, name in named.items()]
+    return [*lines, "", f"@@end uids{suffix} {2 if len(named) < len(set(pids)) else 0}"]
 
 
 def _command_fields(name: str) -> tuple[str, ...] | None:
@@ -182,6 +210,11 @@ def seeds() -> list[Seed]:
     gpu = _project(query, parse.GPU_QUERY_FIELDS)
     own, user_lines = probe_text(gpu, _project(apps, parse.APP_QUERY_FIELDS), _pids(apps), token=TOKEN, legacy=False)
     out.append(Seed("probe:stacked-4xH100", "probe", own, token=TOKEN, user_lines=user_lines))
+    # A streaming nvidia-smi, cut on the host: the GPU section closed with 141 and the overflow section.
+    head = "\n".join(gpu.split("\n")[:2])
+    cut = [f"{probe.PROBE_MARKER} {TOKEN}", *_section("gpu", head + "\ny\ny", 141)]
+    cut += _section("overflow", "nvidia-smi --query-gpu\n" + "y\n" * 100)
+    out.append(Seed("probe:overflow", "probe", "\n".join(cut) + "\n", token=TOKEN))
     return out
 
 

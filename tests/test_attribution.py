@@ -199,6 +199,17 @@ def test_getent_lines_give_uid_names_and_nothing_else() -> None:
     assert len(issues) == 1
 
 
+def test_getent_names_from_a_directory_keep_their_blanks_and_letters() -> None:
+    """AD/LDAP names (through sssd or winbind) may hold blanks and any letter: each is one name."""
+    text = (
+        "john doe:*:1004:1004::/home/john doe:/bin/sh\njos\u00e9:x:1005:1005::/home/j:/bin/sh\n"
+        "CORP\\\u5f20\u4e09:*:1006:1:a:b:c\n\t:x:1007:1:a:b:c\n :x:1008:1:a:b:c\n"
+    )
+    names, issues = parse_passwd(text)
+    assert names == {1004: "john doe", 1005: "jos\u00e9", 1006: "CORP\\\u5f20\u4e09"}
+    assert len(issues) == 1  # a control character or nothing but a blank is no name
+
+
 def _standin(tool: str, argv: list[str], scenario: Path, fixture: str, key: str) -> str:
     data = json.loads((CONTAINER / fixture).read_text(encoding="utf-8"))
     (scenario / "local").mkdir(parents=True, exist_ok=True)

@@ -252,3 +252,64 @@ def test_without_a_host_probe_no_health_field_is_asked(counting: tuple[dict[str,
     snap = probe.snapshot_from_output("local", "local", done.stdout, token=token)
     assert snap.ok and snap.gpus[0].health is None
     assert Path(env["SMI_LOG"]).read_text().count("--help-query-gpu") == 0
+
+
+# ---------------------------------------------------------------- driver 610: CUDA UMD version
+
+VERSION_610 = (
+    "other/nvgpuexp-rtx2080super-linux-610.57.04-version.txt",
+    "other/nvgpuexp-rtx2080super-windows-610.62-version.txt",
+)
+TABLE_610 = (
+    "table/nvgpuexp-rtx2080super-linux-610.57.04-load-default-table.txt",
+    "table/nvgpuexp-rtx2080super-windows-610.62-load-default-table.txt",
+)
+
+
+@pytest.mark.parametrize("capture", VERSION_610 + TABLE_610)
+def test_driver_610_says_the_cuda_version_as_cuda_umd_version(capture: str) -> None:
+    """From driver 610 ``--version`` says ``CUDA version : Deprecated, ...`` and ``CUDA UMD version :
+    13.3``, and the table's banner ``CUDA UMD Version: 13.3`` (real RTX 2080 SUPER captures)."""
+    text = (CAPTURES / capture).read_text(encoding="utf-8")
+    assert "CUDA UMD" in text
+    assert parse.parse_cuda_version(text) == "13.3"
+
+
+def test_a_610_host_reports_its_cuda_version(counting: tuple[dict[str, str], Path]) -> None:
+    env, scenario = counting
+    scenario_healthy_multi_gpu(scenario, 1)
+    files = {p.name: p.read_bytes() for p in scenario.resolve().iterdir() if p.is_file()}
+    files["version.txt"] = (CAPTURES / VERSION_610[0]).read_bytes()
+    publish_scenario(scenario, files)
+    snap = poll(probe.HostProbe(), env)
+    assert snap.ok and snap.context is not None and snap.context.cuda_version == "13.3"
+
+
+_DROP_ROW_SMI = """#!{python}
+import os, subprocess, sys
+done = subprocess.run([{standin!r}, *sys.argv[1:]], capture_output=True, text=True)
+out = done.stdout
+if sys.argv[1].startswith("--query-gpu=") and "memory.total" not in sys.argv[1]:  # the health query
+    out = "".join(out.splitlines(keepends=True)[:-1])  # its last GPU row is missing
+sys.stdout.write(out)
+sys.exit(done.returncode)
+"""
+
+
+def test_a_gpu_missing_from_the_learning_polls_health_rows_is_a_warning(tmp_path: Path) -> None:
+    from fleet import STANDIN_EXE
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text(_DROP_ROW_SMI.format(python=sys.executable, standin=str(STANDIN_EXE)))
+    exe.chmod(0o755)
+    env = standin_env(tmp_path / "standin")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    scenario_healthy_multi_gpu(tmp_path / "standin" / "local", 2)
+    snap = poll(probe.HostProbe(), env)
+    assert snap.ok and snap.gpus[0].health is not None and snap.gpus[1].health is None
+    assert [w.message for w in snap.warnings] == [
+        "the GPU health query gave no row for GPU 1; its health is unknown this poll"
+    ]
+    assert snap.warnings[0].kind is HostErrorKind.UNPARSEABLE

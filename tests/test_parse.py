@@ -25,6 +25,7 @@ from gpuwatch.parse import (
     APP_QUERY_FIELDS,
     ARGS_FORMAT,
     GPU_QUERY_FIELDS,
+    OWNERS_FORMAT,
     PS_FORMAT,
     attribute,
     classify_nvidia_smi_error,
@@ -32,6 +33,7 @@ from gpuwatch.parse import (
     parse_compute_apps,
     parse_float,
     parse_int,
+    parse_owners,
     parse_ps,
     parse_ps_args,
     parse_query_gpu,
@@ -780,3 +782,47 @@ def test_a_damaged_header_is_no_header_rather_than_shifted_columns() -> None:
     gpus, issues = parse_query_gpu(damaged_header + "\n" + damaged_row + "\n")
     assert gpus == [] and issues and issues[0].kind is HostErrorKind.UNPARSEABLE
     assert expected and expected[0].power_w is not None
+
+
+def test_parse_owners_keeps_a_name_with_blanks_whole_and_gives_each_uid() -> None:
+    """``ps -o pid=,etimes=,uid=,user:64=``: the user last, so ``john doe`` is one name."""
+    text = (
+        "   4242   93784  1004 john doe                                                        \n"
+        "      2 8123456     0 root\n"
+        "    777       5  1001 1001\n"
+        "    888       - 70000 jos??\n"
+    )
+    entries, uids, issues = parse_owners(text)
+    assert issues == []
+    assert entries == {
+        4242: PsEntry(4242, "john doe", 93784, ""),
+        2: PsEntry(2, "root", 8123456, ""),
+        777: PsEntry(777, "1001", 5, ""),
+        888: PsEntry(888, "jos??", None, ""),
+    }
+    assert uids == {4242: 1004, 2: 0, 777: 1001, 888: 70000}
+    entries, uids, issues = parse_owners("   4242   93784  1004 john doe\n   4242 5 1005 mallory\n  99 5 x y\n")
+    assert entries == {} and uids == {}
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED, HostErrorKind.PROBE_FAILED]
+    assert "99 5 x y" in issues[0].message
+
+
+@pytest.mark.skipif(shutil.which("ps") is None, reason="no ps here")
+def test_parse_owners_real_output() -> None:
+    pid = str(os.getpid())
+    done = subprocess.run(["ps", "-ww", "-o", OWNERS_FORMAT, "-p", pid], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"ps does not support {OWNERS_FORMAT}: {done.stderr.strip()}")
+    entries, uids, issues = parse_owners(done.stdout)
+    assert issues == []
+    assert entries[os.getpid()].user == pwd.getpwuid(os.getuid()).pw_name
+    assert uids == {os.getpid(): os.getuid()}
+
+
+def test_parse_owners_refuses_a_user_ps_cannot_print_under_the_c_locale() -> None:
+    """Two lines run together (a line break lost to a bad byte) are no owner line: the user would
+    swallow the next line, whose process would lose its owner without a word."""
+    text = "  15076     676  1003 verylongusername\ufffd   2056     656     0 root\n   12 5 0 root\n"
+    entries, uids, issues = parse_owners(text)
+    assert set(entries) == {12} and uids == {12: 0}
+    assert [i.kind for i in issues] == [HostErrorKind.PROBE_FAILED]

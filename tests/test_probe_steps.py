@@ -8,9 +8,13 @@ status, and its reader gets it; the other steps are untouched.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
+import fuzzing
 from fleet import scenario_healthy_multi_gpu, standin_env
 from gpuwatch.config import HostContextConfig
 from gpuwatch.model import HostErrorKind, HostIssue
@@ -24,6 +28,7 @@ from gpuwatch.probe import (
     StepOutput,
     build_script,
     new_token,
+    overflow,
     snapshot_from_output,
 )
 
@@ -80,3 +85,44 @@ def test_every_placeholder_is_filled_and_a_value_is_never_read_again() -> None:
     odd = HostProbe(ProbeSettings(host_context=HostContextConfig(disks=("/data/__K__", "/x/__SMI__"))))
     script = build_script(30, token="a" * 32, probe=odd)
     assert "for p in /data/__K__ /x/__SMI__; do" in script  # a configured path stays as written
+
+
+@pytest.mark.parametrize(
+    ("printed", "kept"),
+    [("", True), ("0123456789", True), ("012345678\n", True), ("0123456789a", False), ("\n" * 40, False)],
+)
+def test_grab_holds_at_most_the_cap_and_carries_the_exit_status(printed: str, kept: bool) -> None:
+    """``grab``/``took`` with a 10-byte cap: an output of at most 10 bytes comes back whole with
+    its exit status; one byte more (even newlines only) is the overflow section and the end."""
+    shell = overflow.STEP.shell.replace("__CAP__", "10").replace("__K__", "")
+    script = (
+        f'{shell}got=$(grab sh -c \'printf "%s" "$1"; exit 3\' x {shlex.quote(printed)}); took test gpu\n'
+        'printf \'[%s] %s\\n\' "$out" "$rc"\n'
+    )
+    done = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, timeout=20)
+    if kept:
+        assert done.stdout == f"[{printed}] 3\n"
+    else:
+        assert done.stdout.startswith("\n@@end gpu 141\n@@begin overflow\ntest\n")
+        assert done.stdout.endswith("\n@@end overflow 0\n") and "[" not in done.stdout
+
+
+def test_owners_are_named_by_getent_and_a_silent_directory_is_said() -> None:
+    """The probe's owners listing names each uid as ``getent`` does (``john doe``, ``josé`` where
+    ps printed ``jos??``); when getent did not answer, ps's own names stand, with a warning."""
+    (seed,) = [
+        s
+        for s in fuzzing.seeds()
+        if s.name == "probe:nvgpuexp-rtx2080super-windows-610.62-load-query-gpu-all-fields.csv"
+    ]
+    snap = snapshot_from_output("h", "h", seed.text, token=seed.token)
+    assert snap.ok and snap.warnings == ()
+    owners = {p.owner for p in snap.processes}
+    assert {"john doe", "jos\u00e9", "1001"} <= owners and "jos??" not in owners
+    silent = re.sub(r"(@@begin uids \S+\n).*?(\n@@end uids \S+) \d+", r"\1\2 124", seed.text, flags=re.S)
+    snap = snapshot_from_output("h", "h", silent, token=seed.token)
+    assert "jos??" in {p.owner for p in snap.processes}
+    assert [w.message for w in snap.warnings] == [
+        "getent passwd did not answer within 3s (is the user directory reachable?); "
+        "some owners are shown as ps printed them"
+    ]

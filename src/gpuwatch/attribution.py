@@ -51,6 +51,7 @@ __all__ = [
     "parse_crictl_inspect",
     "parse_docker_inspect",
     "parse_passwd",
+    "valid_directory_name",
     "valid_user_name",
 ]
 
@@ -95,8 +96,20 @@ _MAX_UID = 2**32 - 2
 
 
 def valid_user_name(text: str) -> bool:
-    """A plain user name (what ``ps`` or ``getent`` would print), nothing more."""
+    """A plain user name (letters, digits, ``._@-``), nothing more: what a container's owner label
+    must be. A directory may hold others (:func:`valid_directory_name`)."""
     return bool(_USER_NAME.match(text))
+
+
+MAX_DIRECTORY_NAME_CHARS = 256
+"""The longest user name taken from ``getent`` (glibc's LOGIN_NAME_MAX)."""
+
+
+def valid_directory_name(text: str) -> bool:
+    """A user name as ``getent passwd`` may print it: from /etc/passwd a plain name, from a directory
+    (AD/LDAP through sssd or winbind) also blanks and any letter (``john doe``, ``josé``). One line
+    of printable text without the ``:`` that ends the name, at most 256 characters, not blank."""
+    return 0 < len(text) <= MAX_DIRECTORY_NAME_CHARS and text.isprintable() and ":" not in text and bool(text.strip())
 
 
 AttributionSettings = AttributionConfig
@@ -331,7 +344,7 @@ def parse_passwd(text: str) -> tuple[dict[int, str], list[HostIssue]]:
         uid = _pid(parts[2]) if len(parts) == 7 else None
         if uid is None and len(parts) == 7 and parts[2] == "0":
             uid = 0
-        if uid is None or not valid_user_name(parts[0]):
+        if uid is None or not valid_directory_name(parts[0]):
             bad.append(raw)
             continue
         if uid in names and names[uid] != parts[0]:

@@ -2,11 +2,11 @@
 
 This package owns: reading ``nvidia-smi --query-gpu`` and ``--query-compute-apps`` CSV
 output; classifying nvidia-smi's error messages and exit codes into ``HostErrorKind``;
-reading the two ``ps`` listings (``pid=,user:64=,etimes=`` for owners, ``pid=,args=`` for
-command lines); joining compute apps to their GPU and their ps owner; the physical range of
-every reading. It also owns the field lists the probe queries (``GPU_QUERY_FIELDS``,
-``APP_QUERY_FIELDS``, ``PS_FORMAT``, ``ARGS_FORMAT``), so what is asked and what is read
-cannot drift.
+reading the two ``ps`` listings (``pid=,etimes=,uid=,user:64=`` for owners, older probes'
+``pid=,user:64=,etimes=``; ``pid=,args=`` for command lines); joining compute apps to their GPU
+and their ps owner; the physical range of every reading. It also owns the field lists the probe
+queries (``GPU_QUERY_FIELDS``, ``APP_QUERY_FIELDS``, ``OWNERS_FORMAT``, ``ARGS_FORMAT``), so what is
+asked and what is read cannot drift.
 
 Pure functions over text: no I/O, nothing runs at import time. The parsers never raise
 on odd input; what they cannot use becomes a ``HostIssue``.
@@ -47,7 +47,7 @@ from .gpu import (
     supported_health_fields,
 )
 from .join import attribute
-from .ps import ARGS_FORMAT, PS_FORMAT, parse_ps, parse_ps_args
+from .ps import ARGS_FORMAT, OWNERS_FORMAT, PS_FORMAT, parse_owners, parse_ps, parse_ps_args
 from .values import (
     LIMITS,
     MAX_COMMAND_CHARS,
@@ -69,6 +69,7 @@ __all__ = [
     "LIMITS",
     "MAX_COMMAND_CHARS",
     "MAX_TEXT_CHARS",
+    "OWNERS_FORMAT",
     "PS_FORMAT",
     "Limit",
     "attribute",
@@ -82,6 +83,7 @@ __all__ = [
     "parse_cuda_version",
     "parse_float",
     "parse_int",
+    "parse_owners",
     "parse_ps",
     "parse_ps_args",
     "parse_query_gpu",

@@ -199,12 +199,14 @@ def health_fields_from(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(picked))
 
 
-_CUDA_RE = re.compile(r"^\s*\|?\s*(?:.*\s)?CUDA Version\s*:\s*([0-9]{1,3}(?:\.[0-9]{1,3}){0,2})\b")
+_CUDA_RE = re.compile(r"^\s*\|?\s*(?:.*\s)?CUDA (?:UMD )?[Vv]ersion\s*:\s*([0-9]{1,3}(?:\.[0-9]{1,3}){0,2})\b")
 
 
 def parse_cuda_version(text: str) -> str | None:
-    """The CUDA version from ``nvidia-smi --version`` (``CUDA Version        : 13.1``) or the
-    default table's header; ``None`` when neither is there (older drivers have no --version)."""
+    """The CUDA version from ``nvidia-smi --version`` (``CUDA Version        : 13.1``; from driver
+    610 ``CUDA UMD version    : 13.3``, its ``CUDA version`` line then says "Deprecated") or the
+    default table's header (``CUDA Version: 13.1``, from 610 ``CUDA UMD Version: 13.3``); ``None``
+    when neither is there (older drivers have no --version)."""
     for line in split_lines(text):
         match = _CUDA_RE.match(line)
         if match:

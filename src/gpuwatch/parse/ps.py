@@ -1,14 +1,23 @@
-"""The two ``ps`` listings: owners (``pid=,user:64=,etimes=``) and command lines (``pid=,args=``)."""
+"""The two ``ps`` listings: owners (``pid=,etimes=,uid=,user:64=``; older probes ``pid=,user:64=,etimes=``)
+and command lines (``pid=,args=``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from gpuwatch.model import HostErrorKind, HostIssue, PsEntry
 
 from .values import LIMITS, MAX_COMMAND_CHARS, MAX_TEXT_CHARS, bad_value, capped, excerpt, parse_natural, split_lines
 
 PS_FORMAT = "pid=,user:64=,etimes="
-"""``ps -ww -o`` format for owners: no header; a user column wide enough for long names; no
-user-written text, so no command line can forge another process's owner."""
+"""``ps -ww -o`` format for owners as older probes asked it (read by :func:`parse_ps`): a name with a
+blank in it (``john doe``, from a directory) cannot be read from it."""
+
+OWNERS_FORMAT = "pid=,etimes=,uid=,user:64="
+"""``ps -ww -o`` format for owners (read by :func:`parse_owners`): no header; the numbers first and
+the user last, so a name with blanks is one name; the numeric uid beside it, which the probe looks
+up with ``getent`` (whose bytes survive the probe's ``C`` locale, where ps prints ``?`` for every
+non-ASCII byte of a name). No user-written text, so no command line can forge an owner."""
 
 ARGS_FORMAT = "pid=,args="
 """``ps -ww -o`` format for command lines (ps escapes newlines and control characters)."""
@@ -23,7 +32,7 @@ _ETIMES_RANGE = LIMITS["etimes"].range_text
 
 
 def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
-    """Parse ``ps -ww -o pid=,user:64=,etimes=`` output (owners), keyed by pid.
+    """Parse ``ps -ww -o pid=,user:64=,etimes=`` output (owners, as older probes asked), keyed by pid.
 
     The user is kept as printed (a name, or a UID when the name is unknown). A fourth
     column, when printed (older probes asked for ``args`` there), is the command line.
@@ -33,18 +42,58 @@ def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
     pid printed twice gets no owner: owners are then not known. A run time out of range is
     unknown, with an ``unparseable`` warning.
     """
+
+    def split(raw: str) -> tuple[str, str, str, str, str] | None:
+        parts = raw.strip().split(maxsplit=3)
+        if len(parts) < 3:
+            return None
+        return parts[0], parts[2], "", parts[1], parts[3] if len(parts) > 3 else ""
+
+    entries, _, issues = _read_owners(text, split)
+    return entries, issues
+
+
+def parse_owners(text: str) -> tuple[dict[int, PsEntry], dict[int, int], list[HostIssue]]:
+    """Parse ``ps -ww -o pid=,etimes=,uid=,user:64=`` output: the owners keyed by pid, and each
+    pid's uid (where ps printed one; ``-`` is none).
+
+    The user is the rest of the line after the uid (blanks inside it included), as ps printed it
+    under the probe's ``LC_ALL=C``: printable ASCII (a line with anything else is not ps's, e.g. two
+    lines run together); the caller puts the name ``getent`` gave for the uid in its place. The same rules as
+    :func:`parse_ps` otherwise: a line that is no owner and a pid printed twice are
+    ``probe_failed`` issues (the pid then has no owner).
+    """
+
+    def split(raw: str) -> tuple[str, str, str, str, str] | None:
+        parts = raw.strip().split(maxsplit=3)
+        if len(parts) < 4 or not (parts[2] == "-" or parse_natural(parts[2]) is not None):
+            return None
+        user = parts[3].strip()
+        if not (user.isascii() and user.isprintable()):
+            return None  # not ps's: under LC_ALL=C it prints "?" for every other byte
+        return parts[0], parts[1], parts[2], user, ""
+
+    return _read_owners(text, split)
+
+
+_Split = Callable[[str], "tuple[str, str, str, str, str] | None"]
+"""One line -> (pid, etimes, uid, user, command) as printed, or None when it is no owner line."""
+
+
+def _read_owners(text: str, split: _Split) -> tuple[dict[int, PsEntry], dict[int, int], list[HostIssue]]:
     entries: dict[int, PsEntry] = {}
+    uids: dict[int, int] = {}
     twice: set[int] = set()
     unreadable: list[str] = []
     issues: list[HostIssue] = []
     for raw in split_lines(text):
         if not raw.strip():
             continue
-        parts = raw.strip().split(maxsplit=3)
-        pid = parse_natural(parts[0]) if len(parts) >= 3 else None
-        elapsed_text = parts[2] if len(parts) >= 3 else ""
+        cells = split(raw)
+        pid = parse_natural(cells[0]) if cells is not None else None
+        elapsed_text = cells[1] if cells is not None else ""
         elapsed = parse_natural(elapsed_text)
-        if pid is None or pid not in LIMITS["pid"] or (elapsed is None and elapsed_text != "-"):
+        if cells is None or pid is None or pid not in LIMITS["pid"] or (elapsed is None and elapsed_text != "-"):
             unreadable.append(raw)
             continue
         if elapsed is not None and elapsed not in LIMITS["etimes"]:
@@ -53,10 +102,18 @@ def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
         if pid in entries or pid in twice:
             twice.add(pid)
             entries.pop(pid, None)
+            uids.pop(pid, None)
             continue
-        command = capped(parts[3].rstrip(), MAX_COMMAND_CHARS) if len(parts) > 3 else ""
-        user = capped(parts[1], MAX_TEXT_CHARS)
-        entries[pid] = PsEntry(pid=pid, user=user, elapsed_seconds=elapsed, command=command)
+        _, _, uid_text, user, command = cells
+        entries[pid] = PsEntry(
+            pid=pid,
+            user=capped(user, MAX_TEXT_CHARS),
+            elapsed_seconds=elapsed,
+            command=capped(command.rstrip(), MAX_COMMAND_CHARS),
+        )
+        uid = parse_natural(uid_text)
+        if uid is not None:
+            uids[pid] = uid
     if unreadable:
         issues.append(
             HostIssue(
@@ -73,7 +130,7 @@ def parse_ps(text: str) -> tuple[dict[int, PsEntry], list[HostIssue]]:
                 f"ps printed process {shown} more than once; its owner is unknown",
             )
         )
-    return entries, issues
+    return entries, uids, issues
 
 
 def parse_ps_args(text: str) -> tuple[dict[int, str], list[HostIssue]]:

@@ -9,13 +9,16 @@ holding its shell snippet (printing its sections) and the reader of those sectio
   ``health`` says which were asked; once per host (and after a driver change) ``learn`` reads them
   from ``--help-query-gpu`` and the CUDA version from ``--version``, and ``gpuhealth`` asks them;
 - ``apps`` (:mod:`.apps`): ``nvidia-smi --query-compute-apps``;
-- ``ps`` and ``args`` (:mod:`.ps`): owners and command lines, joined to the apps and GPUs;
+- ``ps``, ``uids`` and ``args`` (:mod:`.ps`): owners (with their uids, named by ``getent``) and
+  command lines, joined to the apps and GPUs;
 - ``cgroup`` (:mod:`.cgroup`): each GPU process's /proc/PID/cgroup; ``passwd``, ``docker``,
   ``crictl``: the uids and containers those name (``getent``, ``docker inspect``, ``crictl
   inspect`` where the login user may run them).
 
-Each step is bounded on the host by ``timeout`` and reports its own exit status between section
-markers that carry a per-poll token::
+Each step is bounded on the host by ``timeout`` (in time) and by ``grab`` (:mod:`.overflow`: in
+memory, no captured output past the client's cap; one that would be ends the probe with an
+``overflow`` section) and reports its own exit status between section markers that carry a
+per-poll token::
 
     @@gpuwatch-probe 1 <token>
     @@begin gpu <token>

@@ -11,12 +11,13 @@ from gpuwatch.model import ComputeApp, HostErrorKind, HostIssue
 from .state import HostProbe
 from .step import Draft, Step, cut_short, first_line
 
-_APPS = r"""apps=$(run "$SMI" --query-compute-apps=__APP_FIELDS__ --format=csv 2>&1)
-rc=$?
+_APPS = r"""got=$(grab run "$SMI" --query-compute-apps=__APP_FIELDS__ --format=csv)
+took "nvidia-smi --query-compute-apps"
 echo "@@begin apps__K__"
-printf '%s\n' "$apps"
+printf '%s\n' "$out"
 printf '\n@@end apps__K__ %s\n' "$rc"
-pids=$(printf '%s\n' "$apps" | awk -F', ' 'NR > 1 && $1 ~ /^[0-9]+$/ { printf "%s%s", s, $1; s = "," }')
+pids=$(printf '%s\n' "$out" | awk -F', ' 'NR > 1 && $1 ~ /^[0-9]+$/ { printf "%s%s", s, $1; s = "," }')
+out=
 """
 
 

@@ -39,7 +39,7 @@ are asked. Loose on purpose (which path position counts is decided by ``attribut
 asked for nothing costs only its line."""
 
 _CGROUP = r"""if [ -n "$pids" ]; then
-  CG=$(
+  CG=$( (
     oifs=$IFS; IFS=,; set -f; set -- $pids; set +f; IFS=$oifs
     files=
     for p in "$@"; do
@@ -48,7 +48,8 @@ _CGROUP = r"""if [ -n "$pids" ]; then
       else printf 'unreadable %s\n' "$p"; fi
     done
     if [ -n "$files" ]; then quick awk '{ split(FILENAME, a, "/"); print "cg", a[3], $0 }' $files 2>/dev/null; fi
-  )
+  ) | head -c $((C + 1)))
+  if [ "${#CG}" -gt "$C" ]; then got=$CG; CG=; took "the cgroup listing"; fi
   echo "@@begin cgroup__K__"
   printf '%s\n' "$CG"
   printf '\n@@end cgroup__K__ 0\n'

@@ -35,15 +35,16 @@ if ! command -v "$SMI" >/dev/null 2>&1; then
   exit 0
 fi
 X=__HEALTH__
-out=$(run "$SMI" --query-gpu=__GPU_FIELDS__${X:+,$X} --format=csv 2>&1)
-rc=$?
+got=$(grab run "$SMI" --query-gpu=__GPU_FIELDS__${X:+,$X} --format=csv); took "nvidia-smi --query-gpu" gpu
 refused=
 if [ "$rc" != 0 ] && [ -n "$X" ]; then
   case "$out" in
-    *"is not a valid field"*) refused=1; out=$(run "$SMI" --query-gpu=__GPU_FIELDS__ --format=csv 2>&1); rc=$? ;;
+    *"is not a valid field"*)
+      refused=1; got=$(grab run "$SMI" --query-gpu=__GPU_FIELDS__ --format=csv); took "nvidia-smi --query-gpu" gpu ;;
   esac
 fi
 printf '%s\n' "$out"
+out=
 printf '\n@@end gpu__K__ %s\n' "$rc"
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then exit 0; fi
 echo "@@begin health__K__"
@@ -52,7 +53,7 @@ if [ -n "$refused" ]; then echo refused; fi
 printf '\n@@end health__K__ 0\n'
 if [ __LEARN__ = 1 ] && [ "$rc" = 0 ]; then
   echo "@@begin learn__K__"
-  L=$(run "$SMI" --help-query-gpu 2>/dev/null | awk -v want=__WANT__ '__HEALTH_AWK__')
+  L=$(run "$SMI" --help-query-gpu 2>/dev/null | head -c "$C" | awk -v want=__WANT__ '__HEALTH_AWK__')
   printf 'fields %s\n' "$L"
   run "$SMI" --version 2>&1 | head -n 20
   printf '\n@@end learn__K__ %s\n' "$?"
@@ -157,16 +158,34 @@ def _with_health(gpus: list[Gpu], draft: Draft) -> list[Gpu]:
         if extra_sec.exit_status is None:
             warnings.append(cut_short("the GPU health query", "health unknown", HostErrorKind.UNPARSEABLE))
         extra, extra_issues = parse.parse_query_gpu(extra_sec.text)
-        by_index = {g.index: g for g in extra if g.health is not None}
-        merged = []
-        for gpu in gpus:
-            found = by_index.get(gpu.index)
-            if found is not None and (found.uuid or "").lower() == (gpu.uuid or "").lower():
-                gpu = dataclasses.replace(gpu, health=found.health)
-            merged.append(gpu)
-        gpus = merged
+        gpus = _merge_health(gpus, extra, warnings, cut=extra_sec.exit_status is None)
         warnings += [i for i in extra_issues if i.kind is HostErrorKind.UNPARSEABLE]
     return gpus
+
+
+def _merge_health(gpus: list[Gpu], extra: list[Gpu], warnings: list[HostIssue], cut: bool) -> list[Gpu]:
+    """The learning poll's health rows matched to the GPUs by index and UUID; a GPU with no such
+    row (missing, or another UUID at its index) has its health unknown this poll, with a warning
+    (none when the section was cut short: that already has one)."""
+    by_index = {g.index: g for g in extra}
+    merged, missing = [], []
+    for gpu in gpus:
+        found = by_index.get(gpu.index)
+        if found is not None and (found.uuid or "").lower() == (gpu.uuid or "").lower():
+            if found.health is not None:
+                gpu = dataclasses.replace(gpu, health=found.health)
+        else:
+            missing.append(gpu.index)
+        merged.append(gpu)
+    if missing and not cut:
+        shown = ", ".join(str(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        warnings.append(
+            HostIssue(
+                HostErrorKind.UNPARSEABLE,
+                f"the GPU health query gave no row for GPU {shown}; its health is unknown this poll",
+            )
+        )
+    return merged
 
 
 def _read_health_section(draft: Draft) -> None:

@@ -11,12 +11,12 @@ import re
 import shlex
 from collections.abc import Sequence
 
-from . import apps, cgroup, gpu, host, ps
+from . import apps, cgroup, gpu, host, overflow, ps
 from .output import token_suffix
 from .state import HostProbe
 from .step import QUICK_SECONDS, Step, step_timeout
 
-STEPS: tuple[Step, ...] = (host.STEP, gpu.STEP, apps.STEP, ps.STEP, cgroup.STEP)
+STEPS: tuple[Step, ...] = (host.STEP, overflow.STEP, gpu.STEP, apps.STEP, ps.STEP, cgroup.STEP)
 """The probe's steps in the order they run; a new source is a new step module and a line here."""
 SECTIONS = tuple(name for step in STEPS for name in step.sections)
 

@@ -18,6 +18,11 @@ from .state import HostProbe, ProbeSettings
 
 TIMEOUT_EXITS = (124, 137)
 """Exit statuses of a step killed by ``timeout`` (124; 137 after its ``-k`` KILL)."""
+MAX_CAPTURE_BYTES = 4 * 1024 * 1024
+"""The most of one command's output the probe's shell holds on the host (``grab`` in the script's
+prelude): the client's own cap on the whole output (``gpuwatch.ssh.MAX_STDOUT_BYTES``), so a
+command that prints more would fail the poll anyway. Past it the probe stops and says so in its
+``overflow`` section."""
 QUICK_SECONDS = 3
 """Bound of the steps that only read the host (df, docker/crictl inspect, getent): a hung NFS
 mount or a stuck container runtime costs this, never the poll."""

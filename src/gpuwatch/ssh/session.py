@@ -17,7 +17,9 @@ _PROBE_END = "__GPUWATCH_PROBE_END__"
 _SESSION_SCRIPT = """\
 # gpuwatch: the probe runs in a session of its own, ended when it exits or after __LIMIT__ s.
 # The probe reaches its shell through a file only the login user can read, never through an argv:
-# its section markers carry a per-poll secret that other users on the host must not see.
+# its section markers carry a per-poll secret that other users on the host must not see. The file
+# is removed as soon as it is open (on fd 5): nothing is left if this shell is killed (logind's
+# KillUserProcesses, the OOM killer, an admin); the probe's shell reads it as /dev/fd/5.
 PATH="$PATH:/usr/bin:/bin"; export PATH
 umask 077
 if ! f=$(mktemp "${TMPDIR:-/tmp}/gpuwatch-probe.XXXXXXXXXX" 2>/dev/null); then
@@ -27,14 +29,19 @@ if ! f=$(mktemp "${TMPDIR:-/tmp}/gpuwatch-probe.XXXXXXXXXX" 2>/dev/null); then
     exit 125
   fi
 fi
-cat > "$f" <<'__PROBE_END__'
+exec 4>"$f" 5<"$f"
+if [ -r /dev/fd/5 ]; then rm -f "$f"; p=/dev/fd/5; else p=$f; fi
+cat >&4 <<'__PROBE_END__'
+exec 5<&-
 __SCRIPT__
 __PROBE_END__
+exec 4>&-
 if command -v setsid >/dev/null 2>&1; then
   exec 3>&2 2>/dev/null  # the probe's stderr on 3; the shell's own notes ("Killed") to /dev/null
   K='n=0; while [ "$n" -lt 3 ] && pkill -KILL -s "$1"; do n=$((n + 1)); done; kill -KILL -"$1"'
-  setsid sh "$f" </dev/null 2>&3 3>&- &
+  setsid sh "$p" </dev/null 2>&3 3>&- &
   s=$!
+  exec 5<&-
   setsid sh -c 'sleep "$1"; sh -c "$2" end "$3"' gpuwatch-deadline __LIMIT__ "$K" "$s" \\
     </dev/null >/dev/null 2>&1 3>&- &
   w=$!
@@ -45,7 +52,7 @@ if command -v setsid >/dev/null 2>&1; then
   rm -f "$f"
   exit "$rc"
 fi
-sh "$f" </dev/null
+sh "$p" </dev/null
 rc=$?
 rm -f "$f"
 exit "$rc"
@@ -56,7 +63,9 @@ def session_script(script: str, limit_seconds: int) -> str:
     """``script`` wrapped so that it runs in a session of its own (POSIX sh), which is ended with
     SIGKILL when the script exits or ``limit_seconds`` after it started; its exit status is the
     script's. Runs as ``sh -s`` input, so it works whatever the login shell is. The script is
-    handed over in a private temporary file (removed afterwards), so no argv on the host holds it."""
+    handed over in a private temporary file, removed as soon as it is open (where ``/dev/fd`` is
+    there, as on Linux; elsewhere when the script ends), so no argv on the host holds it and no
+    file outlives a killed wrapper."""
     if _PROBE_END in script.splitlines():
         raise ValueError("the probe script must not contain its own end marker")
     return (
