@@ -152,9 +152,25 @@ class Daemon:
         names = list(self.channels) if channel_names is None else [n for n in channel_names if n in self.channels]
         with self.outbox.db.transaction():
             for name in names:
-                payloads = self.channels[name].prepare(message)
+                payloads = self.prepared(name, message)
+                if payloads is None:
+                    continue
                 self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
                 log.info("queued %s for %s (%s)", message.title, name, plural(len(payloads), "part"))
+
+    def prepared(self, name: str, message: Message) -> list[dict[str, Any]] | None:
+        """``message`` as channel ``name``'s payloads, or None when that channel cannot make them
+        (its renderer failed): said in one line, and the message kept in the outbox for that
+        channel as refused for good (``check`` counts those), never lost silently. One channel's
+        failure costs that channel only: the others still get the message, and the alerts move on."""
+        try:
+            return self.channels[name].prepare(message)
+        except Exception as exc:  # the channel's fault, not the message's: no traceback every cycle
+            error = f"{name} could not prepare it: {type(exc).__name__}: {exc}"
+            log.error("%s not sent to %s: %s; kept in the outbox, refused for good", message.title, name, error)
+            for item_id in self.outbox.add(name, message.title, [{"unprepared": message.text}], kind=message.kind):
+                self.outbox.failed(item_id, error, dead=True)
+            return None
 
     def routes_for(self, rule: str) -> tuple[str, ...]:
         routes = self.config.alerts.routes

@@ -303,7 +303,7 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
             return {"msg_type": "interactive", "card": card}
         blocks: Sequence[str] = part
         if fmt == "text":
-            head = title
+            head = feishu_text(title)
             if mentions:
                 head += "\n" + " ".join(f'<at user_id="{m}"></at>' for m in mentions)
             text = "\n\n".join((head, *(feishu_text(b) for b in blocks)))
@@ -313,10 +313,11 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
         paragraphs: list[list[dict[str, str]]] = []
         if mentions:
             paragraphs.append([{"tag": "at", "user_id": m} for m in mentions])
-        paragraphs.extend([{"tag": "text", "text": block}] for block in blocks)
+        paragraphs.extend([{"tag": "text", "text": feishu_text(block)}] for block in blocks)
         if message.link:
             paragraphs.append([{"tag": "a", "text": feishu_card.BUTTON_TEXT, "href": message.link}])
-        return {"msg_type": "post", "content": {"post": {"zh_cn": {"title": title, "content": paragraphs}}}}
+        post = {"title": feishu_text(title), "content": paragraphs}
+        return {"msg_type": "post", "content": {"post": {"zh_cn": post}}}
 
     # ------------------------------------------------------------------ describe
 
