@@ -17,10 +17,10 @@ platform needs its own escape:
   user_id=..>``, ``<at id=..>``, ``<at email=..>``, in any letter case) is broken with a
   zero-width space after its ``<`` (they show everything else as written, and have no escape);
 * chat markdown for the generic webhook (Mattermost, Rocket.Chat, Discord): CommonMark's and
-  Discord's markup characters get a backslash (both show a backslashed star as a star), and a word joiner
-  (U+2060, invisible) follows every ``@`` and ``<`` and splits every ``://`` and ``www.``, so no
-  ``@everyone``, ``@here``, ``@channel``, ``<!here>``, ``<@id>``, ``[t](url)``, ``<url|t>``, bare
-  URL or e-mail address can mention anyone or make a link, whatever the platform's escapes.
+  Discord's markup characters get a backslash (both show the character alone), and a word
+  joiner (U+2060, invisible) follows every ``@`` and ``<`` and splits every ``://`` and ``www.``,
+  so no ``@everyone``, ``@here``, ``@channel``, ``<!here>``, ``<@id>``, ``[t](url)``, ``<url|t>``,
+  bare URL or e-mail address can mention anyone or make a link, whatever the platform's escapes.
 
 Also here: the markdown layout DingTalk and WeCom share (one line per row, colour by state), and
 cutting a :class:`~gpuwatch.message.Section` too big for any part between its rows.
