@@ -182,3 +182,22 @@ def test_a_channel_that_cannot_prepare_its_message_costs_that_channel_only(
     assert {r[1].split(" ")[1] for r in rows} == {"overview", "alerts:"}
     assert all("ValueError: webhook.max_body_bytes=256" in r[3] for r in rows)
     assert code == 1  # a message left unsent (for the webhook)
+
+
+def test_test_notify_says_which_channel_cannot_prepare_and_tries_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "hook.json").write_text(json.dumps({"text": "{{text}}", "pad": "x" * 400}), encoding="utf-8")
+    with FakeFeishu() as feishu, FakeReceiver() as hook:
+        config = _config(
+            tmp_path,
+            webhook={"url": hook.url, "max_bytes": 256, "template": "hook.json"},
+            feishu={"url": feishu.url},
+        )
+        out = io.StringIO()
+        assert main(["test-notify", "-c", str(config)], out=out) == 1
+        assert len(feishu.accepted) == 1 and hook.exchanges == []
+    lines = out.getvalue().splitlines()
+    assert "feishu: accepted" in lines
+    assert "webhook: NOT prepared: ValueError: webhook.max_body_bytes=256 cannot hold" in out.getvalue()
+    assert "Traceback" not in capsys.readouterr().err

@@ -91,8 +91,7 @@ def designed(
     if body.summary:
         header["subtitle"] = _plain(body.summary)
     tags = [
-        {"tag": "text_tag", "text": _plain(text), "color": TAG.get(state, "neutral")}
-        for text, state in body.tags[:3]
+        {"tag": "text_tag", "text": _plain(text), "color": TAG.get(state, "neutral")} for text, state in body.tags[:3]
     ]
     if tags:
         header["text_tag_list"] = tags
