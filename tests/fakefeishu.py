@@ -415,7 +415,8 @@ def seen(body: Mapping[str, Any]) -> Rendered:
         texts += [str(header.get(k, {}).get("content", "")) for k in ("title", "subtitle")]
         texts += [str(t.get("text", {}).get("content", "")) for t in header.get("text_tag_list", [])]
         _walk(card.get("body", {}).get("elements", card.get("elements", [])), add, texts, links)
-    return Rendered("\n".join(texts), tuple(mentions), tuple(links), tuple(emphasis))
+    shown = "\n".join(texts).replace("\u200b", "")  # a zero-width space is not seen, in any format
+    return Rendered(shown, tuple(mentions), tuple(links), tuple(emphasis))
 
 
 def _walk(

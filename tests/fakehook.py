@@ -585,3 +585,42 @@ def render_markdown(markdown: str, mention: re.Pattern[str] | None = None) -> Re
     while previous != text:
         previous, text = text, _EMPHASIS.sub(strip, text)
     return Rendered(html.unescape(text), mentions, tuple(links), tuple(emphasis))
+
+
+# ---------------------------------------------------------------------- what a person sees in a chat's markdown
+
+#: CommonMark (Mattermost, Rocket.Chat) and Discord: a backslash before ASCII punctuation shows it.
+_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+_HIDDEN = re.compile("\ue000(\\d+)\ue001")
+#: Who a message mentions: ``@everyone``, ``@here``, ``@channel``, ``@all``, ``@name``; Slack's
+#: ``<!here>``/``<!channel>``/``<!everyone>`` and ``<@U123>`` (Mattermost reads Slack's syntax
+#: too); Discord's ``<@123>``, ``<@!123>`` and ``<@&role>``.
+_CHAT_MENTION = re.compile(
+    r"(?<![\w@])@([A-Za-z0-9][\w.-]*)|<!(here|channel|everyone)(?:\|[^>]*)?>|<@[!&]?([A-Za-z0-9]+)>", re.IGNORECASE
+)
+#: Links: ``[t](u)``, Slack's ``<url|t>`` and ``<url>``, a bare URL or ``www.``, an e-mail address.
+_CHAT_LINKS = (
+    re.compile(r"!?\[[^\]]*\]\(([^)\s]*)\)"),
+    re.compile(r"<((?:https?|mailto|ftp)://[^>|\s]*|mailto:[^>|\s]*)(?:\|[^>]*)?>", re.IGNORECASE),
+    re.compile(r"(?<![\w/])((?:https?|ftp)://[^\s<]+|www\.[^\s<]+)", re.IGNORECASE),
+    re.compile(r"([\w.+-]+@[A-Za-z0-9-]+\.[A-Za-z0-9.-]+)"),
+)
+
+
+def render_chat_markdown(markdown: str) -> Rendered:
+    """A model of what Mattermost, Rocket.Chat and Discord make of a message's markdown: escaped
+    characters (a backslash before punctuation) show as themselves and make no markup; then the
+    mentions (:data:`_CHAT_MENTION`), links (:data:`_CHAT_LINKS`) and emphasis are read; a word
+    joiner (U+2060) is not seen."""
+    escaped: list[str] = []
+
+    def hide(m: re.Match[str]) -> str:
+        escaped.append(m.group(1))
+        return f"\ue000{len(escaped) - 1}\ue001"
+
+    text = _ESCAPE.sub(hide, markdown)
+    mentions = tuple(next(g for g in m.groups() if g) for m in _CHAT_MENTION.finditer(text))
+    links = tuple(link for pattern in _CHAT_LINKS for link in pattern.findall(text))
+    emphasis = tuple(m.group(2) for m in _EMPHASIS.finditer(text))
+    shown = _HIDDEN.sub(lambda m: escaped[int(m.group(1))], text).replace("\u2060", "")
+    return Rendered(shown, mentions, links, emphasis)

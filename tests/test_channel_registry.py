@@ -1,5 +1,5 @@
 """The channel registry: every place that names channels finds them there, and a channel added the
-way the registry asks (a settings module ending in its SPEC, a sender module, one registry entry)
+way the registry asks (one module, notify/<name>.py, ending in its SPEC, and one registry entry)
 is read, checked, routed, built, masked and described with nothing else changed.
 
 The counterpart of tests/test_registry.py, which does the same for the alert rules.
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import re
-import subprocess
 import sys
-import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +18,6 @@ from typing import Any
 
 import pytest
 
-import gpuwatch
 from gpuwatch.cli.preflight import channel_findings
 from gpuwatch.cli.wiring import build_channels, secrets
 from gpuwatch.config.load import parse_config
@@ -30,7 +26,7 @@ from gpuwatch.logsetup import SecretFilter
 from gpuwatch.message import Message
 from gpuwatch.notify.masking import present
 from gpuwatch.notify.registry import CHANNEL_NAMES, CHANNELS, channel_spec, names_in_words
-from gpuwatch.notify.spec import ChannelSpec, Limits, env_secret
+from gpuwatch.notify.spec import ChannelSpec, Limits, Transport, env_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -39,8 +35,8 @@ TOKEN = "pg-0123456789abcdef-token"
 
 
 # ---------------------------------------------------------------- a channel added the registry's way
-# What notify/pager_settings.py would hold: one settings record, its parser, its secrets and check
-# line, its limits, and its SPEC naming its sender module.
+# What notify/pager.py would hold: one settings record, its parser, its limits, its sender and its
+# build, its secrets and check line, ending in its SPEC.
 
 
 @dataclass(frozen=True)
@@ -68,11 +64,34 @@ def parse_pager(raw: object, base: Path) -> PagerSettings:
 
 
 PAGER_LIMITS = Limits(max_body_bytes=1000, per_minute=10)
-SENDER = "gpuwatch_test_pager_sender"
+
+
+class PagerChannel:
+    name = "pager"
+
+    def __init__(self, settings: PagerSettings, transport: Transport) -> None:
+        self.settings = settings
+        self.sent: list[tuple[str | None, dict[str, str]]] = []
+
+    def prepare(self, message: Message) -> list[dict[str, str]]:
+        text = message.text.encode()[: self.settings.max_body_bytes].decode(errors="ignore")
+        return [{"team": self.settings.team, "text": text}]
+
+    def deliver(self, payload: dict[str, str]) -> None:
+        self.sent.append((self.settings.url, payload))
+
+    def describe(self, payload: dict[str, str]) -> str:
+        return payload["text"]
+
+
+def build_pager(settings: PagerSettings, transport: Transport) -> Any:
+    return PagerChannel(settings.resolved(transport.environ), transport)
+
+
 PAGER = ChannelSpec(
     name="pager",
     parse=parse_pager,
-    sender=SENDER,
+    sender=build_pager,
     secrets=lambda settings: present(settings.resolve_url()),
     inline_secrets=("url",),
     describe=lambda settings: f"pages team {settings.team}",
@@ -80,44 +99,9 @@ PAGER = ChannelSpec(
     limits=PAGER_LIMITS,
 )
 
-# What notify/pager.py would hold: the sender, built from resolved settings. Loaded by the spec
-# from its module name, as the real senders are (so this test also shows the name is what counts).
-SENDER_SOURCE = """
-from gpuwatch.message import Message
 
-
-class PagerChannel:
-    name = "pager"
-
-    def __init__(self, settings, sleep, stop):
-        self.settings = settings
-        self.sent = []
-
-    def prepare(self, message: Message):
-        text = message.text.encode()[: self.settings.max_body_bytes].decode(errors="ignore")
-        return [{"team": self.settings.team, "text": text}]
-
-    def deliver(self, payload):
-        self.sent.append((self.settings.url, payload))
-
-    def describe(self, payload):
-        return payload["text"]
-
-
-def build(settings, transport):
-    return PagerChannel(settings.resolved(transport.environ), transport.sleep, transport.stop)
-"""
-
-
-@pytest.fixture
-def pager_sender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / f"{SENDER}.py").write_text(SENDER_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, SENDER, raising=False)
-
-
-def test_a_new_channel_is_its_settings_its_sender_and_one_entry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pager_sender: None, caplog: pytest.LogCaptureFixture
+def test_a_new_channel_is_one_module_and_one_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = (*CHANNELS, PAGER)
     doc: dict[str, Any] = {
@@ -176,7 +160,7 @@ def test_the_registry_names_each_channel_once_in_order() -> None:
     assert len(set(CHANNEL_NAMES)) == len(CHANNEL_NAMES)
     for spec in CHANNELS:
         assert channel_spec(spec.name) is spec
-        assert spec.sender == f"gpuwatch.notify.{spec.name}"
+        assert spec.sender.__module__ == f"gpuwatch.notify.{spec.name}"
     assert names_in_words() == "feishu:, dingtalk:, wecom:, slack:, webhook: or email:"
 
 
@@ -211,62 +195,19 @@ def test_the_readme_and_the_example_mention_every_channel_of_the_registry() -> N
         assert re.search(rf"^(# )?{name}:", example, re.M), f"config.example.yaml has no {name}: section"
 
 
-def test_reading_a_config_loads_no_sender() -> None:
-    """Parsing config.example.yaml imports neither requests nor smtplib: the channels' settings
-    and specs are light, and a sender is loaded only when its channel is built."""
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from pathlib import Path
-        import yaml
-        import gpuwatch.config
-        from gpuwatch.config.load import parse_config
-        doc = yaml.safe_load(Path({str(EXAMPLE)!r}).read_text(encoding="utf-8"))
-        config = parse_config(doc, Path("/nonexistent/config.yaml"))
-        assert config.channels, "the example configures a channel"
-        loaded = sorted(m for m in ("requests", "smtplib", "urllib3", "gpuwatch.notify.http") if m in sys.modules)
-        print(",".join(loaded))
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=_env(), check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"reading a config loaded {result.stdout.strip()}"
-
-
-def _env() -> dict[str, str]:
-    src = str(Path(gpuwatch.__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-
-
-def test_the_config_values_and_the_channel_declarations_stay_light() -> None:
-    """config/values.py imports nothing of gpuwatch but text; the channels' settings modules, their
-    spec and the registry import no sender (and nothing of the config but its values), and none of
-    them imports inside a function."""
-    src = ROOT / "src" / "gpuwatch"
-    light = [src / "config" / "values.py", src / "notify" / "spec.py", src / "notify" / "registry.py"]
-    light += sorted((src / "notify").glob("*_settings.py"))
-    senders = {f"gpuwatch.notify.{spec.name}" for spec in CHANNELS} | {"gpuwatch.notify.http"}
-    for path in light:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        package = "gpuwatch." + ".".join(path.relative_to(src).parent.parts)
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-                module = f"{base}.{node.module}" if base and node.module else (node.module or base)
-                imported |= {module} | ({f"{module}.{a.name}" for a in node.names} if node.level else set())
-            elif isinstance(node, ast.Import):
-                imported |= {a.name for a in node.names}
-        ours = {m for m in imported if m.startswith("gpuwatch")}
-        assert not ours & senders, f"{path.name} imports a sender: {sorted(ours & senders)}"
-        assert {"requests", "smtplib", "urllib3"}.isdisjoint(imported), path.name
-        if path.name == "values.py":
-            assert ours <= {"gpuwatch", "gpuwatch.text", "gpuwatch.text.QUOTE_LIMIT", "gpuwatch.text.quote"}, ours
-        else:
-            config = {m for m in ours if m.startswith("gpuwatch.config")}
-            assert all(m.startswith("gpuwatch.config.values") for m in config), (path.name, config)
-        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
-            inner = [n for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom))]
-            assert not inner, f"{path.name}: {func.name} imports inside a function"
+def test_each_channel_is_one_module_ending_in_its_spec() -> None:
+    """notify/<name>.py holds the whole channel and ends in its SPEC; the registry imports each
+    channel module at the top and lists its SPEC; no settings module is left beside it."""
+    notify = ROOT / "src" / "gpuwatch" / "notify"
+    assert not sorted(notify.glob("*_settings.py"))
+    registry = ast.parse((notify / "registry.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in registry.body if isinstance(n, ast.ImportFrom) and n.level == 1 for a in n.names}
+    for spec in CHANNELS:
+        assert spec.name in imported, f"registry.py does not import notify/{spec.name}.py"
+        module = sys.modules[f"gpuwatch.notify.{spec.name}"]
+        assert module.SPEC is spec
+        for part in (spec.parse, spec.sender, spec.describe):
+            assert getattr(part, "__module__", None) in (module.__name__, "gpuwatch.notify.spec"), (spec.name, part)
+        tree = ast.parse(Path(str(module.__file__)).read_text(encoding="utf-8"))
+        last = tree.body[-1]
+        assert isinstance(last, ast.Assign) and ast.unparse(last.targets[0]) == "SPEC", f"{spec.name}.py ends in SPEC"

@@ -4,7 +4,11 @@ Pure modules (parsing, rules, words, messages, the fleet state) import no I/O: n
 channel (``gpuwatch.notify`` is I/O), no sqlite3/paramiko/requests. The store keeps rows and never
 delivers: it imports no channel either. SSH and polling never import rules, reports, the store or
 channels.
-Only the daemon and the CLI wire parts together; nothing imports them.
+The config's values, its YAML loader and its records sit below everything: they import no
+registry and no I/O (values nothing of gpuwatch but ``text``); only ``config.load`` reads the
+registries. Only the daemon and the CLI wire parts together; nothing imports them. Nothing imports
+inside a function (a hidden cycle or a hidden dependency), but for the few listed and justified
+in :data:`FUNCTION_IMPORTS`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ IO_MODULES = (
 NO_CHANNELS = ("report", "render", "rules", "store", "message")
 IO_LIBRARIES = ("sqlite3", "paramiko", "requests", "smtplib", "socket", "subprocess")
 WIRING = ("gpuwatch.daemon", "gpuwatch.cli")
+#: The config below the registries: these read values, YAML and records, nothing that sends or polls.
+CONFIG_BELOW = ("gpuwatch.config.values", "gpuwatch.config.yaml", "gpuwatch.config.records")
+REGISTRIES = ("gpuwatch.rules", "gpuwatch.notify")
+
+#: The imports inside a function allowed, (module, function) -> what it imports, each justified.
+FUNCTION_IMPORTS = {
+    # `gpuwatch completion` prints a script made from the whole parser, and the parser lists this
+    # command (cli/__init__.py imports cli/completion.py to register it): the parser is looked up
+    # when the command runs. Known debt: main() could hand the parser to standalone commands.
+    ("gpuwatch.cli.completion", "cmd_completion"): {"gpuwatch.cli", "gpuwatch.cli.build_parser"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -37,21 +52,38 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def package_of(path: Path) -> list[str]:
+    """The package a module's relative imports start from."""
+    package = module_name(path).split(".")
+    return package if path.name == "__init__.py" else package[:-1]
+
+
+def names_imported(node: ast.AST, package: list[str]) -> set[str]:
+    """The absolute names an import statement imports (relative imports resolved); none for others."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom):
+        base = package[: len(package) - node.level + 1] if node.level else []
+        module = ".".join([*base, node.module] if node.module else base)
+        return {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return set()
+
+
 def imports_of(path: Path) -> set[str]:
     """Absolute names of everything ``path`` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = module_name(path).split(".")
-    if path.name != "__init__.py":
-        package = package[:-1]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            module = ".".join([*base, node.module] if node.module else base)
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
+    package = package_of(path)
+    return {name for node in ast.walk(tree) for name in names_imported(node, package)}
+
+
+def function_imports(source: str, package: list[str]) -> dict[str, set[str]]:
+    """Each function in ``source`` that imports inside its body -> what it imports (absolute names)."""
+    found: dict[str, set[str]] = {}
+    for func in ast.walk(ast.parse(source)):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            names = {name for node in ast.walk(func) for name in names_imported(node, package)}
+            if names:
+                found.setdefault(getattr(func, "name", "<lambda>"), set()).update(names)
     return found
 
 
@@ -108,3 +140,48 @@ def test_the_page_and_metrics_read_never_act(module: str) -> None:
     forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")
     bad = sorted(i for i in MODULES[module] if _under(i, forbidden))
     assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _under(m, CONFIG_BELOW)])
+def test_the_config_values_yaml_and_records_sit_below_the_registries(module: str) -> None:
+    """The rules and the channels import these to read their sections: they import neither back
+    (no cycle), nor anything that polls, stores or sends."""
+    bad = sorted(
+        i for i in MODULES[module] if _under(i, (*REGISTRIES, *IO_MODULES, *IO_LIBRARIES, "gpuwatch.config.load"))
+    )
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_the_config_values_import_nothing_of_gpuwatch_but_text() -> None:
+    ours = {i for i in MODULES["gpuwatch.config.values"] if _under(i, ("gpuwatch",))}
+    assert ours and all(_under(i, ("gpuwatch.text",)) or i == "gpuwatch" for i in ours), ours
+    assert "gpuwatch.text" in ours
+
+
+def test_only_config_load_reads_the_registries() -> None:
+    """The config package's namespace (records and values) imports no registry: rules and channels
+    import it; the whole Config is assembled above them, in config.load."""
+    for module in (m for m in MODULES if _under(m, ("gpuwatch.config",))):
+        bad = sorted(i for i in MODULES[module] if _under(i, REGISTRIES))
+        if module == "gpuwatch.config.load":
+            assert bad, "config.load reads the rule and channel registries"
+        else:
+            assert not bad, f"{module} imports {bad}"
+
+
+def test_nothing_imports_inside_a_function() -> None:
+    """An import inside a function hides a cycle or a dependency from the layer checks above; only
+    the ones in FUNCTION_IMPORTS, each with its reason, are allowed, and each still exists."""
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for function, names in function_imports(path.read_text(encoding="utf-8"), package_of(path)).items():
+            found[(module_name(path), function)] = names
+    unexpected = {key: sorted(names) for key, names in found.items() if FUNCTION_IMPORTS.get(key) != names}
+    assert not unexpected, f"imports inside a function: {unexpected}"
+    assert set(FUNCTION_IMPORTS) <= set(found), "an allowed function import is gone: drop it from FUNCTION_IMPORTS"
+
+
+def test_the_function_import_check_sees_one() -> None:
+    source = "import os\n\n\ndef f():\n    import json\n    from . import sibling\n\n\ng = lambda: None\n"
+    found = function_imports(source, ["gpuwatch", "notify"])
+    assert found == {"f": {"json", "gpuwatch.notify", "gpuwatch.notify.sibling"}}

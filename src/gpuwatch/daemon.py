@@ -115,6 +115,7 @@ class Daemon:
         self._started_at: float | None = None  # when run_forever began (the clock's time)
         self._answered: set[str] = set()  # hosts with a result since then
         self._made: dict[str, float] = {}  # report name -> when this process last made (or tried) it
+        self.unprepared = 0  # messages a channel could not prepare (kept as refused for good)
 
     # -- the fleet state
 
@@ -152,9 +153,26 @@ class Daemon:
         names = list(self.channels) if channel_names is None else [n for n in channel_names if n in self.channels]
         with self.outbox.db.transaction():
             for name in names:
-                payloads = self.channels[name].prepare(message)
+                payloads = self.prepared(name, message)
+                if payloads is None:
+                    continue
                 self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
                 log.info("queued %s for %s (%s)", message.title, name, plural(len(payloads), "part"))
+
+    def prepared(self, name: str, message: Message) -> list[dict[str, Any]] | None:
+        """``message`` as channel ``name``'s payloads, or None when that channel cannot make them
+        (its renderer failed): said in one line, and the message kept in the outbox for that
+        channel as refused for good (``check`` counts those), never lost silently. One channel's
+        failure costs that channel only: the others still get the message, and the alerts move on."""
+        try:
+            return self.channels[name].prepare(message)
+        except Exception as exc:  # the channel's fault, not the message's: no traceback every cycle
+            error = f"{name} could not prepare it: {type(exc).__name__}: {exc}"
+            log.error("%s not sent to %s: %s; kept in the outbox, refused for good", message.title, name, error)
+            self.unprepared += 1
+            for item_id in self.outbox.add(name, message.title, [{"unprepared": message.text}], kind=message.kind):
+                self.outbox.failed(item_id, error, dead=True)
+            return None
 
     def routes_for(self, rule: str) -> tuple[str, ...]:
         routes = self.config.alerts.routes
@@ -438,7 +456,8 @@ class Daemon:
 
     def run_once(self, reports: Sequence[tuple[ReportSchedule, Iterable[str] | None]] | None = None) -> int:
         """Poll once, evaluate the alerts, make ``reports`` (each with the names to record it
-        under; default: every configured report), send what the outbox holds; 0 when all delivered."""
+        under; default: every configured report), send what the outbox holds; 0 when all delivered
+        (1 also when a channel could not prepare a message)."""
         polled = self.poller.poll(self.stop)
         for host in polled.hosts:
             self.state.update(host)
@@ -461,7 +480,7 @@ class Daemon:
             for error in dict.fromkeys(result.errors):
                 log.error("%s", error)
             return 1
-        return 0 if result.dead == 0 else 1
+        return 0 if result.dead == 0 and not self.unprepared else 1
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:

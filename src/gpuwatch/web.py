@@ -45,6 +45,7 @@ from .store import StoreReader
 from .summary import is_free, process_context, totals, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
 from .webauth import LoginGuard, basic_credentials_match, peer_of
+from .webserver import guarded_server
 
 log = logging.getLogger(__name__)
 
@@ -563,8 +564,6 @@ class WebServer:
     serves in a daemon thread; :meth:`stop` closes it."""
 
     def __init__(self, app: WebApp, host: str, port: int, threads: int = 4) -> None:
-        from .webserver import guarded_server  # imported here: nothing of the server at import time
-
         self.app = app
         # A burst of requests queues for a moment: normal, not a warning worth a log line each time.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
+import shtab
+
 from .common import EXIT_OK
 
 SHELLS = ("bash", "zsh")
@@ -29,8 +31,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 
 
 def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
-    import shtab  # only this command needs it
-
     from . import build_parser
 
     parser = build_parser()

@@ -14,6 +14,7 @@ from typing import TextIO
 
 from ..config import ConfigError, parse_duration
 from ..daemon import Daemon
+from ..demo import DemoFleet, Toggler, demo_config, demo_hosts
 from ..logsetup import setup_logging
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
@@ -36,8 +37,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from ..demo import DemoFleet, Toggler, demo_config, demo_hosts
-
     try:
         poll_every = parse_duration(args.poll_every, "demo --poll-every")
         stop_after = parse_duration(args.duration, "demo --for") if args.duration else None

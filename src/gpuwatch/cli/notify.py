@@ -35,7 +35,13 @@ def cmd_test_notify(config: Config, out: TextIO) -> int:
     failures = 0
     for name, channel in channels.items():
         try:
-            for payload in channel.prepare(message):
+            payloads = channel.prepare(message)
+        except Exception as exc:  # that channel cannot make the message: said, and the others still tried
+            failures += 1
+            out.write(f"{name}: NOT prepared: {type(exc).__name__}: {exc}\n")
+            continue
+        try:
+            for payload in payloads:
                 channel.deliver(payload)
         except DeliveryError as exc:
             failures += 1

@@ -17,6 +17,11 @@ One group robot behind ``https://oapi.dingtalk.com/robot/send?access_token=...``
 
 The access token (in the URL) and the signing secret are secrets: masked in every log line and
 error.
+
+Its config is :class:`DingTalkSettings` (``dingtalk:``: ``url`` or ``url_env``, ``secret`` or
+``secret_env``, keyword, mentions), read and checked once when the config is read, with the limits
+the sender keeps (DingTalk's, :data:`LIMITS`); :func:`build` only resolves the secrets from the
+environment.
 """
 
 from __future__ import annotations
@@ -27,15 +32,104 @@ import hmac
 import html
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit
 
+from gpuwatch.config.values import check_keys, from_env, mapping, string
 from gpuwatch.message import Message, Section
 from gpuwatch.notify import http
-from gpuwatch.notify.dingtalk_settings import DingTalkSettings
 from gpuwatch.notify.http import Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import block_line, markdown, markdown_lines, render_parts
-from gpuwatch.notify.spec import Transport
+from gpuwatch.notify.masking import present, redact_url
+from gpuwatch.notify.spec import (
+    ChannelSpec,
+    Limits,
+    Transport,
+    UrlSettings,
+    env_secret,
+    settings_of,
+    url_and_mentions,
+    url_secret_values,
+)
+
+#: DingTalk's documented limits: 20,000 bytes a message, 20 messages a minute per robot.
+MAX_BODY_BYTES = 20_000
+PER_MINUTE = 20
+LIMITS = Limits(max_body_bytes=MAX_BODY_BYTES, per_minute=PER_MINUTE)
+KEYS = ("url", "url_env", "secret", "secret_env", "keyword", "mentions")
+
+
+def redact(url: str) -> str:
+    """``https://oapi.dingtalk.com/robot/send?access_token=ab12…(masked)``."""
+    return redact_url(url, path_segments=0)
+
+
+def token_of(url: str) -> str:
+    """The robot's access token (the ``access_token`` query value)."""
+    return dict(parse_qsl(urlsplit(url).query)).get("access_token", "")
+
+
+@dataclass(frozen=True, repr=False)
+class DingTalkSettings(UrlSettings):
+    """One DingTalk group robot. ``url`` (its access token) and ``secret`` are secrets."""
+
+    SECTION = "dingtalk"
+    URL_SHAPE = "https://oapi.dingtalk.com/robot/send?access_token=<token>"
+    SECRET_SEGMENTS = 0  # the access token is a query value
+
+    secret: str | None = field(default=None, repr=False)
+    secret_env: str | None = None
+    keyword: str | None = None
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user -> mobile number or DingTalk userId
+    max_body_bytes: int = MAX_BODY_BYTES
+    per_minute: int | None = PER_MINUTE
+
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(token_of(url))
+
+    def check(self) -> None:
+        if self.keyword is not None and not self.keyword.strip():
+            raise ValueError("dingtalk.keyword: must not be empty (leave it out if the robot has no keyword)")
+
+    def __repr__(self) -> str:
+        return (
+            f"DingTalkSettings(url={redact(self.url) if self.url else None!r}, "
+            f"secret={'set' if self.secret else 'unset'}, keyword={self.keyword!r}, mentions={dict(self.mentions)!r})"
+        )
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.secret_env, self.secret, environ)
+
+    def own_secrets(self) -> list[str]:
+        return present(self.resolve_secret())
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        return {"secret": env_secret(self.resolve_secret(environ), self.secret_env, "dingtalk.secret_env")}
+
+
+def parse(raw: object, base: Path) -> DingTalkSettings:
+    """``dingtalk:`` -> :class:`DingTalkSettings` (ConfigError naming the key path)."""
+    section = mapping(raw, "dingtalk")
+    check_keys(section, KEYS, "dingtalk")
+    values: dict[str, Any] = url_and_mentions(
+        section, "dingtalk", "the robot's webhook, https://oapi.dingtalk.com/robot/send?..."
+    )
+    for key in ("secret", "secret_env", "keyword"):
+        if section.get(key) is not None:
+            values[key] = string(section[key], f"dingtalk.{key}")
+    return settings_of(lambda: DingTalkSettings(**values))
+
+
+def describe(settings: DingTalkSettings) -> str:
+    """What ``check`` says of the robot: signed or not, its keyword, how many people it can @."""
+    signed = "signed" if settings.resolve_secret() else "not signed"
+    keyword = f"keyword {settings.keyword!r}" if settings.keyword else "no keyword"
+    return f"{signed}, {keyword}, {len(settings.mentions)} mention(s)"
+
+
+# ---------------------------------------------------------------- the sender
 
 RATE_LIMITED = 130101
 SECURITY = 310000
@@ -205,3 +299,16 @@ def _font(text: str, state: str) -> str:
 def build(settings: DingTalkSettings, transport: Transport) -> DingTalkChannel:
     """The channel for ``dingtalk:``: its URL and secret resolved from the environment now."""
     return DingTalkChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)
+
+
+SPEC = ChannelSpec(
+    name="dingtalk",
+    parse=parse,
+    sender=build,
+    secrets=url_secret_values,
+    inline_secrets=("secret", "url"),
+    describe=describe,
+    carries_reports=True,
+    limits=LIMITS,
+    mentions=lambda settings: settings.mentions,
+)

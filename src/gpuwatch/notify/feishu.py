@@ -14,6 +14,11 @@ bounded post, retries, the rate limiter, "maybe delivered") is :mod:`gpuwatch.no
 
 The webhook token (last path segment of the URL) and the signing secret are secrets: they never
 appear in a log line, an error message or a repr; :func:`redact_url` masks the token.
+
+Its config is :class:`FeishuSettings` (``feishu:``: ``url`` or ``url_env``, ``secret`` or
+``secret_env``, keyword, format, mentions), read and checked once when the config is read, with
+the limits the sender keeps (Feishu's, :data:`LIMITS`); :func:`build` only resolves the secrets
+from the environment.
 """
 
 from __future__ import annotations
@@ -26,20 +31,141 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from gpuwatch.config.values import ConfigError, check_keys, choice, from_env, mapping, string
 from gpuwatch.message import Message, Section
-from gpuwatch.notify import feishu_card, http
-from gpuwatch.notify.feishu_settings import FORMATS, FeishuSettings
-from gpuwatch.notify.feishu_settings import redact as redact_url
+from gpuwatch.notify import feishu_card, http, masking
 from gpuwatch.notify.http import RateLimiter, Request, Retry, encode, int_field, json_reply
 from gpuwatch.notify.markup import cut_section, feishu_text
-from gpuwatch.notify.spec import Transport
+from gpuwatch.notify.masking import present
+from gpuwatch.notify.spec import (
+    ChannelSpec,
+    Limits,
+    Transport,
+    UrlSettings,
+    env_secret,
+    settings_of,
+    url_and_mentions,
+    url_secret_values,
+)
 from gpuwatch.notify.split import cut_text, numbered, split
 
 __all__ = ["FORMATS", "FeishuChannel", "FeishuSettings", "RateLimiter", "explain", "redact_url", "sign"]
 
 logger = logging.getLogger(__name__)
+
+FORMATS = ("text", "post", "card")
+KEYS = ("url", "url_env", "keyword", "secret", "secret_env", "format", "mentions")
+MAX_BODY_BYTES = 20_000  # Feishu's documented limit is 20 KB
+PER_SECOND = 5
+PER_MINUTE = 100
+LIMITS = Limits(
+    max_body_bytes=MAX_BODY_BYTES,
+    per_second=PER_SECOND,
+    per_minute=PER_MINUTE,
+    measured="request body, signature fields included",
+    other="a card holds at most 200 components",
+)
+_URL_SHAPE = "https://open.feishu.cn/open-apis/bot/v2/hook/<token>"
+
+
+def token_of(url: str) -> str:
+    """The bot's token: the URL's last path segment."""
+    path = urlsplit(url).path
+    return path.rstrip("/").rsplit("/", 1)[-1] if path.strip("/") else ""
+
+
+def redact_url(url: str) -> str:
+    """The webhook URL with its token (last path segment) masked, safe for logs and errors.
+
+    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12cd...`` becomes
+    ``https://open.feishu.cn/open-apis/bot/v2/hook/ab12…(masked)``. Short tokens are masked
+    whole; user info, query and fragment are dropped (they may hold secrets too).
+    """
+    return masking.redact_url(url, query=False)
+
+
+def _webhook_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and bool(parts.path.strip("/"))
+
+
+@dataclass(frozen=True, repr=False)
+class FeishuSettings(UrlSettings):
+    """One Feishu group bot. ``url`` (its token) and ``secret`` are secrets: the repr masks them."""
+
+    SECTION = "feishu"
+    URL_SHAPE = _URL_SHAPE
+
+    keyword: str | None = None
+    secret: str | None = field(default=None, repr=False)  # never in repr or logs
+    secret_env: str | None = None
+    format: str = "post"  # text | post | card
+    mentions: Mapping[str, str] = field(default_factory=dict)  # user name -> open_id (for alerts)
+    max_body_bytes: int = MAX_BODY_BYTES  # UTF-8 bytes as sent, signature fields included
+    per_second: int | None = PER_SECOND
+    per_minute: int | None = PER_MINUTE
+
+    def url_fits(self, url: str) -> bool:
+        return urlsplit(url).scheme in ("http", "https") and bool(token_of(url))
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"feishu.format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.keyword is not None and not self.keyword.strip():
+            raise ValueError("feishu.keyword: must not be empty (leave it out if the bot has no keyword)")
+
+    def redact(self, url: str) -> str:
+        return redact_url(url)
+
+    def __repr__(self) -> str:
+        return (
+            f"FeishuSettings(url={redact_url(self.url) if self.url else None!r}, keyword={self.keyword!r}, "
+            f"secret={'set' if self.secret else 'unset'}, format={self.format!r}, "
+            f"mentions={dict(self.mentions)!r}, timeout_seconds={self.timeout_seconds!r}, "
+            f"max_body_bytes={self.max_body_bytes!r}, per_second={self.per_second!r}, "
+            f"per_minute={self.per_minute!r}, max_attempts={self.max_attempts!r})"
+        )
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return from_env(self.secret_env, self.secret, environ)
+
+    def own_secrets(self) -> list[str]:
+        return present(self.resolve_secret())
+
+    def resolved_extra(self, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        url = self.resolve_url(environ)
+        if self.url_env and url != self.url and not _webhook_url(url or ""):  # the file's url was checked when read
+            raise ConfigError(f"feishu.url_env: ${self.url_env} does not hold a webhook URL (expected {_URL_SHAPE})")
+        return {"secret": env_secret(self.resolve_secret(environ), self.secret_env, "feishu.secret_env")}
+
+
+def parse(raw: object, base: Path) -> FeishuSettings:
+    """``feishu:`` -> :class:`FeishuSettings` (ConfigError naming the key path)."""
+    section = mapping(raw, "feishu")
+    check_keys(section, KEYS, "feishu")
+    values: dict[str, Any] = {}
+    for key in ("keyword", "secret", "secret_env"):
+        if section.get(key) is not None:
+            values[key] = string(section[key], f"feishu.{key}")
+    if "format" in section:
+        values["format"] = choice(section["format"], "feishu.format", FORMATS)
+    values.update(url_and_mentions(section, "feishu", "the bot's webhook"))
+    return settings_of(lambda: FeishuSettings(**values))
+
+
+def describe(settings: FeishuSettings) -> str:
+    """What ``check`` says of the bot: signed or not, its keyword, its format."""
+    signed = "signed" if settings.resolve_secret() else "not signed"
+    keyword = f"keyword {settings.keyword!r}" if settings.keyword else "no keyword"
+    return f"{signed}, {keyword}, format {settings.format}"
+
+
+# ---------------------------------------------------------------- the sender
 
 
 #: Feishu reply codes that no retry can fix: each needs a change to the bot or the config.
@@ -97,9 +223,6 @@ def sign(secret: str, timestamp: int) -> str:
     key = f"{timestamp}\n{secret}".encode()
     digest = hmac.new(key, b"", hashlib.sha256).digest()
     return base64.b64encode(digest).decode("ascii")
-
-
-
 
 
 class FeishuChannel(http.WebhookChannel[FeishuSettings]):
@@ -180,7 +303,7 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
             return {"msg_type": "interactive", "card": card}
         blocks: Sequence[str] = part
         if fmt == "text":
-            head = title
+            head = feishu_text(title)
             if mentions:
                 head += "\n" + " ".join(f'<at user_id="{m}"></at>' for m in mentions)
             text = "\n\n".join((head, *(feishu_text(b) for b in blocks)))
@@ -190,10 +313,11 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
         paragraphs: list[list[dict[str, str]]] = []
         if mentions:
             paragraphs.append([{"tag": "at", "user_id": m} for m in mentions])
-        paragraphs.extend([{"tag": "text", "text": block}] for block in blocks)
+        paragraphs.extend([{"tag": "text", "text": feishu_text(block)}] for block in blocks)
         if message.link:
             paragraphs.append([{"tag": "a", "text": feishu_card.BUTTON_TEXT, "href": message.link}])
-        return {"msg_type": "post", "content": {"post": {"zh_cn": {"title": title, "content": paragraphs}}}}
+        post = {"title": feishu_text(title), "content": paragraphs}
+        return {"msg_type": "post", "content": {"post": {"zh_cn": post}}}
 
     # ------------------------------------------------------------------ describe
 
@@ -267,9 +391,7 @@ class FeishuChannel(http.WebhookChannel[FeishuSettings]):
         if code is None:
             code = int_field(reply, "StatusCode")  # old replies have only StatusCode
         if code is None:
-            raise self._refused(
-                f"reply is not a Feishu JSON answer (check feishu.url): {self.snippet(answer)!r}"
-            )
+            raise self._refused(f"reply is not a Feishu JSON answer (check feishu.url): {self.snippet(answer)!r}")
         if code == 0:
             return None
         assert reply is not None
@@ -326,3 +448,16 @@ def _tag_text(tag: Mapping[str, Any]) -> str:
 def build(settings: FeishuSettings, transport: Transport) -> FeishuChannel:
     """The channel for ``feishu:``: its URL and secret resolved from the environment now."""
     return FeishuChannel(settings.resolved(transport.environ), sleep=transport.sleep, stop=transport.stop)
+
+
+SPEC = ChannelSpec(
+    name="feishu",
+    parse=parse,
+    sender=build,
+    secrets=url_secret_values,
+    inline_secrets=("secret", "url"),
+    describe=describe,
+    carries_reports=True,
+    limits=LIMITS,
+    mentions=lambda settings: settings.mentions,
+)

@@ -19,7 +19,8 @@ The layout, made to read at a glance and to stay small (Feishu takes 200 compone
   those first); an alert is a band coloured by its state;
 * a button to the page when ``web.public_url`` is set.
 
-Every value from a host goes through :func:`~gpuwatch.notify.markup.lark_md`.
+Every value from a host goes through :func:`~gpuwatch.notify.markup.lark_md` (markdown) or
+:func:`~gpuwatch.notify.markup.feishu_text` (plain text).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..message import Body, Section
-from .markup import lark_md
+from .markup import feishu_text, lark_md
 
 #: The card's header colour for a message's state.
 HEADER = {
@@ -84,14 +85,13 @@ def designed(
         elements.append(_button(link))
     header: dict[str, Any] = {
         # The summary is the subtitle: said once, and the tags stay on the title's line.
-        "title": {"tag": "plain_text", "content": title.replace(f": {body.summary}", "") if body.summary else title},
+        "title": _plain(title.replace(f": {body.summary}", "") if body.summary else title),
         "template": HEADER.get(body.state, "blue"),
     }
     if body.summary:
-        header["subtitle"] = {"tag": "plain_text", "content": body.summary}
+        header["subtitle"] = _plain(body.summary)
     tags = [
-        {"tag": "text_tag", "text": {"tag": "plain_text", "content": text}, "color": TAG.get(state, "neutral")}
-        for text, state in body.tags[:3]
+        {"tag": "text_tag", "text": _plain(text), "color": TAG.get(state, "neutral")} for text, state in body.tags[:3]
     ]
     if tags:
         header["text_tag_list"] = tags
@@ -102,24 +102,30 @@ def plain(
     title: str, blocks: Sequence[str], mentions: Sequence[str], severity: str, link: str | None
 ) -> dict[str, Any]:
     """A 2.0 card of plain text blocks (a message without structure, e.g. a test message): each
-    block a ``plain_text`` component, shown exactly as written."""
+    block a ``plain_text`` component, shown as written (a mention tag from a host broken)."""
     elements: list[dict[str, Any]] = []
     if mentions:
         elements.append(_mentions(mentions))
-    elements += [{"tag": "div", "text": {"tag": "plain_text", "content": block}} for block in blocks]
+    elements += [{"tag": "div", "text": _plain(block)} for block in blocks]
     if link:
         elements.append(_button(link))
-    header = {"title": {"tag": "plain_text", "content": title}, "template": HEADER.get(severity, "blue")}
+    header = {"title": _plain(title), "template": HEADER.get(severity, "blue")}
     return _card(title, header, elements)
 
 
 def _card(title: str, header: dict[str, Any], elements: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "schema": "2.0",
-        "config": {"update_multi": True, "width_mode": "fill", "summary": {"content": title}},
+        "config": {"update_multi": True, "width_mode": "fill", "summary": {"content": feishu_text(title)}},
         "header": header,
         "body": {"elements": elements},
     }
+
+
+def _plain(text: str) -> dict[str, str]:
+    """Text from a host as a ``plain_text`` object: shown as written, a mention tag broken (Feishu
+    documents no mentions in plain text; this does not rely on it)."""
+    return {"tag": "plain_text", "content": feishu_text(text)}
 
 
 def _mentions(mentions: Sequence[str]) -> dict[str, Any]:

@@ -13,8 +13,14 @@ platform needs its own escape:
 * Slack: host text goes in ``plain_text`` objects (never parsed), and the ``mrkdwn`` fallback
   text only needs ``&``, ``<`` and ``>`` escaped (Slack's documented rule; ``<!channel>`` and
   ``<@U123>`` need a ``<``);
-* Feishu ``text`` messages: ``<at`` is broken with a zero-width space (text messages show
-  everything else as written, and have no escape).
+* Feishu ``text`` and ``post`` text, and card ``plain_text``: every Feishu mention tag (``<at
+  user_id=..>``, ``<at id=..>``, ``<at email=..>``, in any letter case) is broken with a
+  zero-width space after its ``<`` (they show everything else as written, and have no escape);
+* chat markdown for the generic webhook (Mattermost, Rocket.Chat, Discord): CommonMark's and
+  Discord's markup characters get a backslash (both show the character alone), and a word
+  joiner (U+2060, invisible) follows every ``@`` and ``<`` and splits every ``://`` and ``www.``,
+  so no ``@everyone``, ``@here``, ``@channel``, ``<!here>``, ``<@id>``, ``[t](url)``, ``<url|t>``,
+  bare URL or e-mail address can mention anyone or make a link, whatever the platform's escapes.
 
 Also here: the markdown layout DingTalk and WeCom share (one line per row, colour by state), and
 cutting a :class:`~gpuwatch.message.Section` too big for any part between its rows.
@@ -22,6 +28,7 @@ cutting a :class:`~gpuwatch.message.Section` too big for any part between its ro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -38,6 +45,15 @@ LARK_MD_SPECIAL = frozenset("\\`*_~[]()<>#+-!:|{}\"'$&/")
 MARKDOWN_SPECIAL = frozenset("\\`*_~[]()<>#+-!:|{}&@")
 
 ZERO_WIDTH_SPACE = "\u200b"
+#: Invisible and unbreakable: ``@\u2060here`` reads as "@here" and mentions no one.
+WORD_JOINER = "\u2060"
+#: Characters with a meaning in CommonMark (Mattermost, Rocket.Chat) or Discord markdown: each gets
+#: a backslash, which both show as the character itself.
+CHAT_MARKDOWN_SPECIAL = frozenset("\\`*_~[]()<>#|!&")
+#: Where a link starts: a scheme's ``://`` and ``www.`` (any case).
+_LINK_START = re.compile(r"(?i)(?<=[a-z0-9+.-])(?=\\?:\\?/\\?/)|(?<=\bwww)(?=\.)")
+#: Feishu's mention tags, in any letter case and spacing: ``<at user_id=..>``, ``<AT id=..>``, ``< At email=..>``.
+_FEISHU_AT = re.compile(r"<(?=\s*/?\s*at\b)", re.IGNORECASE)
 
 
 def entities(text: str, special: frozenset[str]) -> str:
@@ -63,8 +79,17 @@ def slack_escape(text: str) -> str:
 
 
 def feishu_text(text: str) -> str:
-    """A Feishu ``text`` message's content: an ``<at`` from a host broken so that it mentions no one."""
-    return text.replace("<at", f"<{ZERO_WIDTH_SPACE}at")
+    """Text from a host for Feishu's text, post text or card ``plain_text``: every mention tag
+    (``<at ...>`` in any letter case, with any attribute) broken so that it mentions no one."""
+    return _FEISHU_AT.sub(f"<{ZERO_WIDTH_SPACE}", text)
+
+
+def chat_markdown(text: str) -> str:
+    """Text from a host for the markdown of Mattermost, Rocket.Chat or Discord: shown as written,
+    mentioning no one and linking nowhere (see the module docstring). Line breaks are kept."""
+    escaped = "".join(f"\\{c}" if c in CHAT_MARKDOWN_SPECIAL else c for c in text)
+    escaped = escaped.replace("@", f"@{WORD_JOINER}").replace("<", f"<{WORD_JOINER}")
+    return _LINK_START.sub(WORD_JOINER, escaped)
 
 
 # ---------------------------------------------------------------------- sections too big alone

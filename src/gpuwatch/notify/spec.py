@@ -1,16 +1,15 @@
 """What a channel declares: its :class:`ChannelSpec`, its :class:`Limits`, and the :class:`Transport`
 it is built with.
 
-Light on purpose (no HTTP or SMTP library): the config reads every channel's section through its
-spec, and reading a config must not load a sender. A spec names its sender module instead
-(``sender``); :func:`gpuwatch.notify.registry.build` loads that module when a channel is built.
-Also here: the checks every channel's settings share (a positive number, a secret that must be
-set in the environment, ``url``/``url_env``/``mentions``).
+Each channel module (``notify/<name>.py``) ends in one ``SPEC``: how its section is read and
+checked, the function that builds its sender, its secrets, its limits and how ``check`` describes
+it. Also here: the checks every channel's settings share (a positive number, a secret that must be
+set in the environment, ``url``/``url_env``/``mentions``) and :class:`UrlSettings`, the settings
+every webhook channel extends.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import threading
@@ -64,15 +63,15 @@ class ChannelSpec:
     """One channel, as the config, the CLI and the daemon see it.
 
     ``parse`` reads its YAML section into its settings (checked once, ConfigError naming the key
-    path); ``sender`` is the module whose ``build(settings, transport) -> Channel`` makes the
-    channel, resolving secrets from the environment (ConfigError when one is unset); ``secrets``
+    path); ``sender`` makes the channel from those settings and a :class:`Transport`, only
+    resolving secrets from the environment (ConfigError when one is unset); ``secrets``
     lists the secret values in use (masked in every log line); ``inline_secrets`` the keys that
     put a secret in the file itself; ``describe`` says what ``check`` found in words.
     """
 
     name: str
     parse: Callable[[object, Path], Any]
-    sender: str
+    sender: Callable[[Any, Transport], Channel]
     secrets: Callable[[Any], list[str]]
     inline_secrets: tuple[str, ...]
     describe: Callable[[Any], str]
@@ -82,11 +81,8 @@ class ChannelSpec:
 
     def build(self, settings: Any, sleep: Sleep = time.sleep, stop: threading.Event | None = None) -> Channel:
         """The channel from its parsed settings, secrets read from the environment now (ConfigError
-        naming the key when one is unset). The sender module is loaded here, not when the config is
-        read: that is what keeps HTTP and SMTP libraries out of a config check."""
-        module = importlib.import_module(self.sender)
-        channel: Channel = module.build(settings, Transport(sleep=sleep, stop=stop))
-        return channel
+        naming the key when one is unset)."""
+        return self.sender(settings, Transport(sleep=sleep, stop=stop))
 
 
 # ---------------------------------------------------------------- shared checks
