@@ -1,17 +1,21 @@
 """Messages in doubt (a post that got no verdict) over long runs: issue 20 E11.
 
 The fault drill (bench/drill.py --seconds 720) counted messages that reached the group three times.
-These tests pin down what a message in doubt may cost: each wait runs from the try that left it in
-doubt, and a webhook that takes a message and hangs up before answering gets it at most twice
-before it is answered.
+What it counted were equal bodies: the extra host went down and came back several times within
+one minute, and each episode's "FIRING host_down (gpu-08) ... since 14:32" read the same, to the
+minute. Each episode now says when it started to the second. And a message in doubt waits from
+the try that left it in doubt.
 """
 
 from __future__ import annotations
 
+from datetime import timezone
 from typing import Any
 
+from builders import T0, Engine, alerts_config, down, h100_host
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.delivery import MAYBE_DELIVERED_WAIT_SECONDS, flush
+from gpuwatch.report import alert_message
 from gpuwatch.store import Outbox, open_db
 
 
@@ -63,3 +67,19 @@ def test_the_wait_after_a_doubtful_try_runs_from_that_try_not_from_the_start_of_
     channel.doubtful = False
     assert flush(outbox, {"feishu": channel}).sent == 1
     assert [c["n"] for c in channel.calls] == [1, 2, 2] and outbox.count() == 0
+
+
+def test_each_episode_of_a_flapping_alert_is_its_own_message() -> None:
+    """Before: three episodes of host_down within one minute were three equal messages ("since
+    2027-01-15 08:00 UTC"), which the group, and the drill, could not tell from one sent three times."""
+    engine = Engine(alerts_config(host_down={"after": 1}))
+    texts: dict[str, list[str]] = {"firing": [], "resolved": []}
+    for n in range(3):  # down for 5 s, up for 15 s, three times: all within 08:00
+        for at, host in ((T0 + 20 * n, down("gpu-b")), (T0 + 20 * n + 5, h100_host("gpu-b"))):
+            transitions = engine.step(at, host)
+            message = alert_message(transitions, [], {}, tz=timezone.utc)
+            assert message is not None
+            texts[transitions[0].kind].append(message.text)
+    assert len(set(texts["firing"])) == 3 and len(set(texts["resolved"])) == 3
+    assert "since 2027-01-15 08:00:20 UTC" in texts["firing"][1]
+    assert "fired 2027-01-15 08:00:40 UTC, resolved 2027-01-15 08:00:45 UTC (lasted 5s)" in texts["resolved"][2]
