@@ -553,16 +553,23 @@ def _is_sshd(pid: int) -> bool:
 
 
 def _cut_connections(root: int, timeout: float = 5.0) -> None:
-    """SIGKILL every sshd process under ``root`` at once, until none is left: each connection closes
-    there and then, before any command of its session ends. The sessions' processes are orphaned to
-    the reaper (a child subreaper) and ended by :func:`_kill_tree` afterwards."""
+    """SIGKILL the listening sshd under ``root`` (the reaper), so that no new connection is taken,
+    then every other sshd process under it (each connection's), until none is left: each
+    connection closes there and then, before any command of its session ends. The sessions'
+    processes are orphaned to the reaper (a child subreaper) and ended by :func:`_kill_tree`."""
     deadline = time.monotonic() + timeout
+    table = _proc_table()
+    listeners = [p for p, (ppid, _) in table.items() if ppid == root and _is_sshd(p)]
+    for pid in listeners:
+        _signal(pid, signal.SIGKILL)
+    while time.monotonic() < deadline and any(_proc_table().get(p, (0, "Z"))[1] != "Z" for p in listeners):
+        time.sleep(0.005)  # a client reconnecting now is refused, never served by a dying sshd
     while time.monotonic() < deadline:
         table = _proc_table()
         found = [p for p in _descendants(root, table) if table[p][1] != "Z" and _is_sshd(p)]
         if not found:
             return
-        for pid in found:
+        for pid in reversed(found):  # the deepest first: the process holding the socket goes at once
             _signal(pid, signal.SIGKILL)
         time.sleep(0.01)
 
