@@ -19,10 +19,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -136,6 +136,24 @@ def shown_gpus(driver: Any) -> list[str]:
     )
 
 
+T = TypeVar("T")
+
+
+def between_updates(read: Callable[[], T], timeout: float = 10.0) -> T:
+    """``read()`` the page, again when the page's live update (each poll, it replaces what ``#fleet``
+    holds, keeping open details open) made an element it found stale before it was used."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read()
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_the_page_in_a_real_browser(
     fleet: Fleet, known_hosts: Path, tmp_path: Path, xss_process: int, browser_ok: None
 ) -> None:
@@ -163,10 +181,12 @@ def test_the_page_in_a_real_browser(
             assert f"{len(hosts)} hosts" in text and f"{len(hosts) * GPUS_PER_HOST} GPUs" in text
 
             # the XSS command is text: no image, no alert, shown as written when expanded
-            summary = driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'] summary[title*='<img']")
-            summary.click()
-            code = driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open] code")
-            assert code.text == XSS
+            def expand_xss() -> str:
+                if not driver.find_elements(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open]"):
+                    driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'] summary[title*='<img']").click()
+                return str(driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open] code").text)
+
+            assert between_updates(expand_xss) == XSS
             assert driver.find_elements(By.TAG_NAME, "img") == []
             with pytest.raises(NoAlertPresentException):
                 driver.switch_to.alert
@@ -201,12 +221,14 @@ def test_the_page_in_a_real_browser(
             gone = time.monotonic()
 
             def extra_down() -> bool:
-                return any("extra" in p.text for p in driver.find_elements(By.CSS_SELECTOR, ".problems li"))
+                return between_updates(
+                    lambda: any("extra" in p.text for p in driver.find_elements(By.CSS_SELECTOR, ".problems li"))
+                )
 
             wait_for(extra_down, 30, "the page to show the removed host as down")
             took = time.monotonic() - gone
             assert driver.execute_script("return window.notReloaded") is True
-            problem = driver.find_element(By.CSS_SELECTOR, ".problems li").text
+            problem = between_updates(lambda: str(driver.find_element(By.CSS_SELECTOR, ".problems li").text))
             assert "unreachable" in problem.lower() and "since" in problem
             assert took <= 2 * POLL + 1.0 + 1.0, f"shown as down after {took:.1f}s"  # + a page refresh + slack
             full_page_screenshot(driver, tmp_path / "page-desktop-host-down.png")

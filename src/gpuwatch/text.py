@@ -8,7 +8,8 @@ Pure, and importing nothing of gpuwatch, so every other module may use it. The c
   or plain seconds;
 - counts agree with their number: ``1 host``, ``3 GPUs``, ``2 processes``;
 - times for people are the local time of the machine running gpuwatch, with its zone
-  (``2026-11-22 10:00 CST``; set ``TZ`` to change it); times for programs are ISO 8601 with their
+  (``2026-11-22 10:00 CST``; set ``TZ`` to change it; to the second where two moments within a
+  minute must read differently, such as when an alert started); times for programs are ISO 8601 with their
   offset (``2026-11-22T10:00:00+00:00``).
 """
 
@@ -149,14 +150,15 @@ def _aware(when: datetime | float, tz: tzinfo | None) -> datetime:
     return datetime.fromtimestamp(when, timezone.utc).astimezone(tz)
 
 
-def local_time(when: datetime | float | None, tz: tzinfo | None = None) -> str:
-    """A moment for people: ``2026-11-22 10:00 CST``, in this machine's zone unless ``tz`` is given.
+def local_time(when: datetime | float | None, tz: tzinfo | None = None, *, seconds: bool = False) -> str:
+    """A moment for people: ``2026-11-22 10:00 CST``, in this machine's zone unless ``tz`` is given;
+    ``seconds``: ``2026-11-22 10:00:07 CST`` (where two moments within a minute must differ).
 
     ``when`` is an aware datetime or epoch seconds; None -> ``N/A``.
     """
     if when is None:
         return UNKNOWN
-    return _aware(when, tz).strftime("%Y-%m-%d %H:%M %Z").strip()
+    return _aware(when, tz).strftime(f"%Y-%m-%d %H:%M{':%S' if seconds else ''} %Z").strip()
 
 
 def iso_time(when: datetime | float) -> str:
