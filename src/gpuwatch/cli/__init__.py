@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from .. import __version__
@@ -92,6 +93,14 @@ def _only_reads(command: str, args: argparse.Namespace) -> bool:
     return command in READ_ONLY_COMMANDS
 
 
+def _log_dir(command: str, state_dir: Path) -> Path | None:
+    """Where the command logs: ``check`` creates nothing (it adds to the log of a state directory
+    that exists, and logs to stderr alone before the first ``run`` made one)."""
+    if command == "check" and not state_dir.is_dir():
+        return None
+    return state_dir
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     unlogged: list[StateError] = []  # a command that only reads goes on without its log file
     try:
         setup_logging(
-            config.state_dir,
+            _log_dir(command, config.state_dir),
             level="DEBUG" if args.verbose else config.log_level,
             stderr_level="INFO" if args.verbose else "WARNING",
             secrets=secrets(config),

@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         parents=[common],
         help="check everything 'run' needs (channels and their secrets, key files, state_dir, each host) "
         "and say whether it is ready",
+        description="Check everything 'run' needs and say whether it is ready. Sends nothing and creates "
+        "nothing: no state directory, no database; it logs to gpuwatch.log only in a state directory that "
+        "exists already, and a host reached for the first time has its key recorded in "
+        "known_hosts as 'run' would (ssh.host_key_policy: accept-new). The channels are built, not tried: "
+        "'gpuwatch test-notify' sends a test message.",
     )
     check.add_argument("--json", action="store_true", help="print the result as one JSON document")
     # check prints the config's warnings itself (said once, not also on stderr)
