@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         parents=[common],
         help="poll the hosts and print the fleet (once, or every N seconds)",
         description="Poll every host (or the HOSTs named) and print one line per GPU. A host that did not "
-        "answer is always listed, with its reason. Exits 1 when no host answered.",
+        "answer is always listed, with its reason. Exits 1 when no host answered, or --user has no GPU process "
+        "on a host that did. Colour on a terminal, unless NO_COLOR is set.",
     )
     status.add_argument("hosts", nargs="*", metavar="HOST", help="only these hosts (names as in the config)")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON (with --watch: one per line)")
