@@ -51,6 +51,8 @@ def test_pid_command_runtime_and_power_columns_as_gpustat_writes_them(job: int, 
     # owner:command/pid(memory, runtime), one entry per process
     assert re.search(rf"\b{ME}:sleep/{job}\(2566M, [0-9]+s\)", first), first
     assert "N/A:" in first  # pids ps could not see: the owner is unknown, never invented
+    # -C/--command is not the subcommand's own "command" (a read-only status must stay "status")
+    assert build_parser().parse_args(["status", "-C"]).command == "status"
     code, out = cli(config, "status", "-p")
     assert re.search(rf"\b{ME}/{job}\(2566M\)", rows(out)[0]) and "POWER" not in out
     code, out = cli(config, "status", "-a")

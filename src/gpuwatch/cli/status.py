@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     shown = status.add_argument_group("columns (as gpustat's -p, -c, -P)")
     # -c is --config everywhere in gpuwatch: the command is -C (gpustat's -c)
     shown.add_argument("-p", "--pid", action="store_true", help="each process on its own, with its pid")
-    shown.add_argument("-C", "--command", action="store_true", help="each process with its command (python3)")
+    shown.add_argument(
+        "-C", "--command", dest="show_command", action="store_true", help="each process with its command (python3)"
+    )
     shown.add_argument("-r", "--runtime", action="store_true", help="each process with how long it has run")
     shown.add_argument("-P", "--power", action="store_true", help="a POWER column (power.draw, watts)")
     shown.add_argument("-a", "--all", action="store_true", help="all of -p -C -r -P")
@@ -120,7 +122,7 @@ def _table_options(args: argparse.Namespace, out: TextIO, environ: Mapping[str, 
     every = bool(getattr(args, "all", False))
     return TableOptions(
         pids=every or bool(getattr(args, "pid", False)),
-        commands=every or bool(getattr(args, "command", False)),
+        commands=every or bool(getattr(args, "show_command", False)),
         runtime=every or bool(getattr(args, "runtime", False)),
         power=every or bool(getattr(args, "power", False)),
         context=not getattr(args, "no_context", False),
