@@ -36,7 +36,10 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import gpuwatch, gpuwatch.ssh
 from gpuwatch.cli import build_poller
-from gpuwatch.config.load import parse_config
+try:
+    from gpuwatch.config.load import parse_config
+except ImportError:  # a gpuwatch from before config became a package
+    from gpuwatch.config import parse_config
 
 doc = json.loads(sys.argv[2])
 rounds = int(sys.argv[3])
