@@ -8,6 +8,7 @@ process of this user on GPUs 0 and 1; plus a loopback port where nothing listens
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -21,9 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from builders import T0, Job, h100_host
 from gpuwatch.cli import build_parser
 from gpuwatch.cli import status as status_cli
+from gpuwatch.cli.status import has_processes_of
+from gpuwatch.config import FreeGpuConfig
 from gpuwatch.config.load import load_config
+from gpuwatch.model import FleetSnapshot
+from gpuwatch.summary import select
 from gpuwatch.text import paint, wants_color
 from test_cli import GONE, ME, Terminal, cli, mine, write_config  # noqa: F401 (mine: the fixture below uses it)
 
@@ -158,3 +164,16 @@ def test_ctrl_c_at_any_moment_of_watch_exits_0(job: int, tmp_path: Path) -> None
         results = list(pool.map(lambda seed: _watch_and_interrupt(config, seed), range(20)))
     for code, err in results:
         assert code == 0 and "Traceback" not in err, (code, err)
+
+
+def test_user_filter_names_the_person_behind_a_process_not_the_ps_user() -> None:
+    """bob's container run by alice's account is bob's (as the page, chat and the rules say)."""
+    host = h100_host("gpu-a", [Job("alice", 5000, 0)])
+    proc = host.processes[0]
+    bobs = dataclasses.replace(proc, attributed_owner="bob", owner_source="label")
+    snapshot = FleetSnapshot(hosts=(dataclasses.replace(host, processes=(bobs,)),), taken_at=T0)
+    kept = select(snapshot, FreeGpuConfig(), user="bob")
+    assert [g.index for g in kept.hosts[0].gpus] == [0]
+    assert [p.owner for p in kept.hosts[0].processes] == ["bob"]
+    assert select(snapshot, FreeGpuConfig(), user="alice").hosts[0].gpus == ()
+    assert has_processes_of(snapshot, "bob") and not has_processes_of(snapshot, "alice")

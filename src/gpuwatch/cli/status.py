@@ -131,8 +131,8 @@ def _table_options(args: argparse.Namespace, out: TextIO, environ: Mapping[str, 
 
 
 def has_processes_of(snapshot: FleetSnapshot, user: str) -> bool:
-    """Does ``user`` have a GPU process on a host that answered?"""
-    return any(p.user == user for host in snapshot.answered for p in host.processes)
+    """Is ``user`` the person behind a GPU process (its owner) on a host that answered?"""
+    return any(p.owner == user for host in snapshot.answered for p in host.processes)
 
 
 def _nobody_text(snapshot: FleetSnapshot, user: str) -> str:
