@@ -1,5 +1,5 @@
 // gpuwatch fleet page: fetch the server-rendered fleet part after every poll and swap it in, count
-// the age of the data, keep the filter in the URL. It never builds HTML from data: the server
+// the age of the data, keep the filter, the sort and the view in the URL. It never builds HTML from data: the server
 // escapes everything (Jinja2 autoescape) and this script only moves its output into the page.
 (function () {
   "use strict";
@@ -10,6 +10,8 @@
   var form = document.getElementById("filter");
   var q = document.getElementById("q");
   var free = document.getElementById("free");
+  var sort = document.getElementById("sort");
+  var view = document.getElementById("view");
   var conn = document.getElementById("conn");
   var etag = null;
   var offset = 0; // server clock minus this browser's clock, in seconds
@@ -36,6 +38,8 @@
     var text = q.value.trim();
     if (text) params.set("q", text);
     if (free.checked) params.set("free", "1");
+    if (sort && sort.value) params.set("sort", sort.value);
+    if (view && view.value) params.set("view", view.value);
     var s = params.toString();
     return s ? "?" + s : "";
   }
@@ -109,6 +113,7 @@
 
   q.addEventListener("input", filterChanged);
   free.addEventListener("change", filterChanged);
+  if (sort) sort.addEventListener("change", filterChanged);
   form.addEventListener("submit", function (event) { event.preventDefault(); filterChanged(); });
   document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
   syncClock();
