@@ -105,8 +105,9 @@ class GpuView:
     processes: tuple[ProcView, ...]
     state: str = "busy"  # free | busy | held (memory in use, no process listed)
     note: str = ""  # why memory is held with no process, in words
-    people: str = ""  # the owners on it, for the wall: "alice, bob"
+    people: str = ""  # the owners on it, for the wall: "alice, bob" ("?": only processes ps did not see)
     memory_free_mib: int = 0  # for sorting: 0 when unknown
+    first_person: str = ""  # the wall's cell: the owner with the most memory (the others in its title)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
     percent = round(100 * used / total, 1) if used is not None and total else None
     procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
     held = not free and not procs and bool(used)
-    owners = dict.fromkeys(p.owner if p.owner is not None else "?" for p in procs)
+    owners = dict.fromkeys(p.owner for p in procs if p.owner is not None) or ({"?": None} if procs else {})
     return GpuView(
         index=gpu.index,
         model=gpu.name or UNKNOWN,
@@ -253,6 +254,7 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
         state="free" if free else "held" if held else "busy",
         note=f"{_mib(used)} in use, {HELD_REASON}" if held else "",
         people=", ".join(owners),
+        first_person=next(iter(owners), ""),
         memory_free_mib=max(0, total - used) if total is not None and used is not None else 0,
     )
 
