@@ -29,7 +29,7 @@ from gpuwatch.demo import demo_config
 from gpuwatch.fleet import FleetState
 from gpuwatch.metrics import build_registry
 from gpuwatch.model import GpuProcess, HostErrorKind, HostSnapshot, PsEntry
-from gpuwatch.pageview import proc_view
+from gpuwatch.pageview import AlertView, proc_view
 from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
 from gpuwatch.render import fleet_table, snapshot_dict
 from gpuwatch.rules import RULES, AlertKey, AlertRecord
@@ -734,3 +734,26 @@ def test_the_demo_page_says_it_is_a_demo(tmp_path: Path) -> None:
     assert "<title>Demo · GPUs · gpuwatch</title>" in html
     assert '<p class="demo" id="demo"><b>Demo:</b> an invented fleet' in html
     assert 'id="demo"' not in call(app_for(fleet(Clock()), tmp_path), "/")[2].decode()
+
+
+def test_the_wall_lists_at_most_a_screenful_of_alerts_and_people() -> None:
+    state = FleetState([("gpu-a", "gpu-a")], poll_every=60, now=Clock())
+    state.update(busy_host())
+    alerts = tuple(
+        AlertView("gpu_temperature", f"h{i}", f"h{i} GPU 0 at 91°C", "10:00", T0.timestamp(), "5m ago", "")
+        for i in range(9)
+    )
+    app = WebApp(state, lambda: parse_config({"hosts": ["gpu-a"]}), WebConfig())
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query(view="wall"), alerts=alerts, alerts_known=True)
+    html = app.templates.get_template("wall.html").render(view=view, base="")
+    assert "9 alerts firing" in html and html.count('class="alert"') == 6 and "and 3 more" in html
+    listed = replace(view, view="list")
+    assert app.templates.get_template("fleet.html").render(view=listed, base="").count('class="alert"') == 9
+
+
+def test_a_cgroup_that_told_nothing_is_no_place_in_the_per_person_summary() -> None:
+    state = FleetState([("gpu-a", "gpu-a")], poll_every=60, now=Clock())
+    snap = busy_host()
+    state.update(replace(snap, processes=tuple(replace(p, cgroup_note="unreadable") for p in snap.processes)))
+    people = {p.name: p for p in page_view(state.snapshot(), FreeGpuConfig(), Query()).people}
+    assert people["alice"].where == ""

@@ -33,6 +33,7 @@ HELD_REASON = (
     "no process listed: likely one in another container or PID namespace than gpuwatch's login, "
     "a graphics process (such as Xorg), or memory not released yet"
 )
+CGROUP_NOT_READ = "cgroup not read"  # summary.process_context's words when a cgroup told nothing
 UNSEEN_REASON = "ps could not see it: another PID namespace (a container), or it just ended"
 
 
@@ -346,7 +347,8 @@ def people_view(snapshot: FleetSnapshot, shown: Mapping[str, set[int]]) -> tuple
                 gpus[usage.user] = gpus.get(usage.user, 0) + 1
                 memory[usage.user] = memory.get(usage.user, 0) + (usage.memory_mib or 0)
                 hosts.setdefault(usage.user, {})[host.name] = None
-                where.setdefault(usage.user, {}).update(dict.fromkeys(usage.contexts))
+                places = (c for c in usage.contexts if c != CGROUP_NOT_READ)  # a note, not a place
+                where.setdefault(usage.user, {}).update(dict.fromkeys(places))
     order = sorted(gpus, key=lambda u: (u is None, -gpus[u], -memory[u], u or ""))
     views = []
     for user in order:
