@@ -173,6 +173,12 @@ def test_the_wall_shows_a_20x8_lab_on_one_1920x1080_screen(served: str, tmp_path
         wait_for(lambda: driver.execute_script("return !document.querySelector('.tiles[data-old]')"), 15, "a refresh")
         assert driver.execute_script("return window.notReloaded") is True
         assert len(rects(driver, ".tile .cell")) == len(HOSTS) * GPUS
+    with chromium(1920, 1080, dark=True) as driver:
+        driver.get(served + "?view=wall")
+        assert driver.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(20, 23, 28)"
+        scroll = driver.execute_script("return [document.documentElement.scrollHeight, window.innerHeight]")
+        assert scroll[0] <= scroll[1], f"the dark wall scrolls: {scroll}"
+        screenshot(driver, tmp_path / "wall-1920x1080-dark.png")
     for dark in (False, True):
         with chromium(390, 844, dark=dark) as phone:
             phone.get(served + "?view=wall")
