@@ -591,6 +591,8 @@ def test_memory_held_with_no_process_says_so_and_why(tmp_path: Path) -> None:
     html = call(app_for(state, tmp_path), "/")[2].decode()
     assert 'class="gpu held"' in html and "MEMORY HELD" in html and "another container or PID namespace" in html
     assert "HELD" in call(app_for(state, tmp_path), "/?view=wall")[2].decode()
+    state.update(replace(busy_host("gpu-h"), processes=(), gpus=(replace(busy_host().gpus[0], memory_used_mib=3),)))
+    assert page_view(state.snapshot(), FreeGpuConfig(), Query()).hosts[0].gpus[0].state == "busy"  # 3 MiB: not held
     # a process ps could not see says why, too
     shown = page_view(fleet(Clock()).snapshot(), FreeGpuConfig(), Query())
     unseen = next(p for h in shown.hosts for g in h.gpus for p in g.processes if p.owner.startswith("pid 11345"))
@@ -651,6 +653,7 @@ def test_sorts_free_first_by_memory_and_by_host_kept_in_the_url(tmp_path: Path) 
     assert Query.parse("q=a&sort=free&view=wall").url_query() == "?q=a&sort=free&view=wall"
     html = call(app_for(state, tmp_path), "/?sort=memory&view=wall")[2].decode()
     assert '<option value="memory" selected>' in html and 'id="view" value="wall"' in html
+    assert 'id="viewlink" href="/?sort=memory&amp;view=list"' in html  # the other view keeps the sort
     assert html.index('data-host="node-2"') < html.index('data-host="node-10"')
 
 

@@ -233,6 +233,8 @@ def test_the_list_page_alerts_people_and_sorts_in_a_real_browser(served: str, tm
         Select(driver.find_element("id", "sort")).select_by_value("memory")
         wait_for(lambda: "sort=memory" in driver.current_url, 10, "sort=memory in the URL")
         wait_for(lambda: host_order(driver)[-1] == "lab-16", 10, "the fullest host last")  # 8 of 8 GPUs busy
+        link = driver.find_element("id", "viewlink").get_attribute("href")
+        assert link.endswith("?sort=memory&view=wall"), link  # the wall view with the same sort
         driver.refresh()
         assert Select(driver.find_element("id", "sort")).first_selected_option.get_attribute("value") == "memory"
         assert host_order(driver)[-1] == "lab-16"

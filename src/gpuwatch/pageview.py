@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from urllib.parse import parse_qs, urlencode
 
@@ -181,6 +181,7 @@ class PageView:
     alerts: tuple[AlertView, ...] = ()
     alerts_known: bool = False  # the alert state was read (a daemon's page): say "no alert firing"
     sorts: tuple[tuple[str, str], ...] = tuple(SORTS.items())
+    other_view: str = ""  # the URL query of the same page in the other view (filter and sort kept)
     demo: bool = False
 
 
@@ -233,11 +234,13 @@ def proc_view(host: HostSnapshot, proc: GpuProcess) -> ProcView:
     )
 
 
-def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
+def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool, held_from_mib: int = 1) -> GpuView:
+    """A GPU as the page shows it; ``held_from_mib``: from this much memory in use with no process
+    listed, the GPU is *held* (``free_gpu.memory_below_mib``: the memory that makes it not free)."""
     used, total = gpu.memory_used_mib, gpu.memory_total_mib
     percent = round(100 * used / total, 1) if used is not None and total else None
     procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
-    held = not free and not procs and bool(used)
+    held = not free and not procs and used is not None and used >= held_from_mib
     owners = dict.fromkeys(p.owner for p in procs if p.owner is not None) or ({"?": None} if procs else {})
     return GpuView(
         index=gpu.index,
@@ -327,7 +330,7 @@ def sort_hosts(hosts: list[HostView], sort: str) -> list[HostView]:
 
 
 def _with_gpus(host: HostView, gpus: Iterable[GpuView]) -> HostView:
-    return HostView(**{**host.__dict__, "gpus": tuple(gpus)})
+    return replace(host, gpus=tuple(gpus))
 
 
 def people_view(snapshot: FleetSnapshot, shown: Mapping[str, set[int]]) -> tuple[PersonView, ...]:
@@ -398,7 +401,7 @@ def _host_view(host: HostSnapshot, thresholds: FreeGpuConfig, query: Query) -> t
         free_count += free
         if (query.free_only and not free) or not _gpu_matches(host, gpu, query.terms):
             continue
-        views.append(gpu_view(host, gpu, free))
+        views.append(gpu_view(host, gpu, free, thresholds.memory_below_mib))
     view = HostView(
         name=host.name,
         address=host.address,
@@ -491,7 +494,7 @@ def page_view(
         free += host_free
         shown[host.name] = {g.index for g in host_view.gpus}
         if host_view.gpus or not query.active:
-            hosts.append(HostView(**{**host_view.__dict__, "age": _ago(host.taken_at, now)}))
+            hosts.append(replace(host_view, age=_ago(host.taken_at, now)))
     taken = [h.taken_at for h in snapshot.hosts if h.taken_at is not None]
     newest = max(taken) if taken else None
     shown_gpus = sum(len(s) for s in shown.values())
@@ -507,6 +510,7 @@ def page_view(
         newest=_ts(newest),
         newest_age=_ago(newest, now),
         view=view,
+        other_view=replace(query, view="list" if view == "wall" else "wall").url_query(),
         waiting=f"Waiting for the first answer from {', '.join(names)}" if names else "",
         people=people_view(snapshot, shown),
         alerts=alerts,

@@ -12,6 +12,7 @@
   var free = document.getElementById("free");
   var sort = document.getElementById("sort");
   var view = document.getElementById("view");
+  var viewlink = document.getElementById("viewlink");
   var conn = document.getElementById("conn");
   var etag = null;
   var offset = 0; // server clock minus this browser's clock, in seconds
@@ -42,6 +43,13 @@
     if (view && view.value) params.set("view", view.value);
     var s = params.toString();
     return s ? "?" + s : "";
+  }
+
+  // The link to the other view (list or wall) keeps the filter and the sort.
+  function otherView() {
+    var params = new URLSearchParams(query().slice(1));
+    params.set("view", body.classList.contains("view-wall") ? "list" : "wall");
+    return location.pathname + "?" + params.toString();
   }
 
   function syncClock() {
@@ -106,6 +114,7 @@
     clearTimeout(debounce);
     debounce = setTimeout(function () {
       history.replaceState(null, "", location.pathname + query());
+      if (viewlink) viewlink.href = otherView();
       etag = null;
       load();
     }, 200);
