@@ -26,12 +26,14 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
 from fleet import Fleet, scenario_healthy_multi_gpu
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 POLL = 2.0  # seconds; the page asks for news every second
 XSS = "<img src=x onerror=alert(1)>"
@@ -279,6 +281,13 @@ def test_prometheus_scrapes_the_daemon_and_agrees_with_status_json(
         metrics = get(daemon.url + "metrics")
         check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, timeout=30)
         assert check.returncode == 0, (check.stdout + check.stderr).decode()
+        free_samples = {
+            sample.labels["gpu"]: sample.value
+            for family in text_string_to_metric_families(metrics.decode())
+            for sample in family.samples
+            if sample.name == "gpuwatch_gpu_free" and sample.labels["host"] == "h2"
+        }
+        assert free_samples, metrics.decode()[:2000]
 
         target = urllib.parse.urlsplit(daemon.url).netloc
         port = _free_port()
@@ -335,3 +344,5 @@ def test_prometheus_scrapes_the_daemon_and_agrees_with_status_json(
     gpu0 = next(g for g in h2["gpus"] if g["index"] == 0)
     assert float(result[0]["value"][1]) == gpu0["memory_used_mib"] * 1024 * 1024
     assert result[0]["metric"]["uuid"] == gpu0["uuid"] and result[0]["metric"]["model"] == gpu0["name"]
+    # gpuwatch_gpu_free says what the page and status call free
+    assert {int(k): float(v) for k, v in free_samples.items()} == {g["index"]: float(g["free"]) for g in h2["gpus"]}

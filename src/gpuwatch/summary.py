@@ -196,8 +196,9 @@ def select(
 ) -> FleetSnapshot:
     """The same fleet with only the GPUs ``user`` has a process on and/or (``free_only``) the free
     ones, each with every process on it. ``user`` is the person behind a process (its owner: a
-    Slurm job's user, a container's owner), as the page, chat and the rules name them. Hosts without current data stay, with their reason: a
-    filter never makes a host that did not answer look as if it had nothing to show."""
+    Slurm job's user, a container's owner), as the page, chat and the rules name them. Hosts
+    without current data stay, with their reason: a filter never makes a host that did not answer
+    look as if it had nothing to show."""
     if user is None and not free_only:
         return snapshot
     hosts = []

@@ -263,13 +263,14 @@ def _parse_attribution(raw: object) -> AttributionConfig:
     return AttributionConfig(**values)
 
 
+WEB_VIEWS = ("list", "wall")  # the page's views (web.py); ?view= picks one per visit
 _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")
 
 
 def _parse_web(raw: object) -> WebConfig:
     """``web:`` (present, even empty: serve on the default address)."""
     section = mapping(raw, "web")
-    check_keys(section, ("listen", "base_path", "auth", "public_url"), "web")
+    check_keys(section, ("listen", "base_path", "auth", "public_url", "view"), "web")
     values: dict[str, Any] = {}
     if "listen" in section:
         listen = string(section["listen"], "web.listen")
@@ -302,6 +303,11 @@ def _parse_web(raw: object) -> WebConfig:
         if not re.match(r"https?://[^/\s]+", url):
             raise ConfigError(f"web.public_url: expected an http(s):// address, got {url[:60]!r}")
         values["public_url"] = url
+    if section.get("view") is not None:
+        view = string(section["view"], "web.view")
+        if view not in WEB_VIEWS:
+            raise ConfigError(f"web.view: {view!r} is not one of {', '.join(WEB_VIEWS)}")
+        values["view"] = view
     return WebConfig(**values)
 
 
