@@ -1,8 +1,13 @@
-"""What every command shares: exit codes, the command-line error, JSON output."""
+"""What every command shares: exit codes, the command-line error, JSON output, and how a printed
+command line names gpuwatch."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from ..config import ConfigError
@@ -23,3 +28,26 @@ def write_json(document: Any, out: TextIO, *, one_line: bool = False) -> None:
         json.dump(document, out, indent=2, ensure_ascii=False, allow_nan=False)
         out.write("\n")
     out.flush()
+
+
+def program_words(
+    argv0: str | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    executable: str | None = None,
+) -> tuple[str, ...]:
+    """How a command line that gpuwatch prints (the "mute it" line under an alert) must start to
+    run as printed: ``gpuwatch`` when that name on the PATH is this very program; otherwise the
+    absolute path of the running one (a venv's ``bin/gpuwatch`` under systemd or cron, whose PATH
+    does not hold it), or ``<python> -m gpuwatch`` when this runs as a module with no ``gpuwatch``
+    on the PATH. ``argv0`` (default ``sys.argv[0]``), ``which`` and ``executable`` (default
+    ``sys.executable``) are parameters for tests."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    on_path = which("gpuwatch")
+    if os.path.basename(argv0) == "gpuwatch":
+        running = os.path.abspath(argv0) if os.sep in argv0 else which(argv0) or argv0
+        if on_path is not None and os.path.realpath(on_path) == os.path.realpath(running):
+            return ("gpuwatch",)
+        return (running,)
+    if on_path is not None:
+        return ("gpuwatch",)  # python -m gpuwatch, or main() called by a program: the one on the PATH
+    return (executable or sys.executable, "-m", "gpuwatch")

@@ -7,6 +7,7 @@ unset secret. Each problem names the setting to change (``hosts[1].key_file``, `
 
 from __future__ import annotations
 
+import errno
 import getpass
 import os
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import paramiko
 
-from ..config import Config, ConfigError, HostConfig
+from ..config import Config, ConfigError, HostConfig, WebConfig
 from ..model import HostErrorKind, HostSnapshot
 from ..notify.registry import CHANNELS, names_in_words
 from ..notify.spec import ChannelSpec
@@ -77,7 +78,7 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
                 )
             )
         else:
-            findings.append(CheckLine("web", True, f"the page will listen on {web.listen}"))
+            findings.append(web_port_finding(web, _lock_holder(config.state_dir)))
     if not config.channels and web is None:
         findings.append(
             CheckLine(
@@ -88,6 +89,52 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
             )
         )
     return findings
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``run`` could not listen on ``host:port`` (tried: bound for a moment, as the web server
+    binds it, then closed), or None. "in use by another process" for a port already taken."""
+    if port == 0:
+        return None  # any free port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host}: {exc}"
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {port} is in use by another process (`ss -ltnp 'sport = :{port}'` names it)"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"this user ({getpass.getuser()}) may not listen on port {port} (below 1024 needs root)"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+        return exc.strerror or str(exc)
+    return None
+
+
+def web_port_finding(web: WebConfig, holder: Holder | None) -> CheckLine:
+    """Whether the page's port can be bound now. A running gpuwatch of this state directory holds
+    its own port, so then a port in use is no problem but a note."""
+    problem = port_problem(web.host, web.port)
+    if problem is None:
+        return CheckLine("web", True, f"the page will listen on {web.listen} (the port is free)")
+    if holder is not None and "in use" in problem:
+        return CheckLine(
+            "web",
+            True,
+            f"the page listens on {web.listen}",
+            (f"the port is in use, most likely by the running gpuwatch ({holder.describe()})",),
+        )
+    return CheckLine(
+        "web",
+        False,
+        f"cannot listen on {web.listen}: {problem}; run would exit 2: stop that process or set web.listen "
+        "to a free port",
+        problem_text=f"web.listen {web.listen}: {problem}",
+    )
 
 
 # ---------------------------------------------------------------- key files

@@ -1,0 +1,197 @@
+"""What an install as the README writes it relies on (issue 19 items 1, 3, 6): the config's
+permissions that the systemd install uses are not warned about, the printed command lines run
+where ``gpuwatch`` is not on the PATH, and ``check`` says when the page's port is taken."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpuwatch.cli import main
+from gpuwatch.cli.common import program_words
+from gpuwatch.cli.preflight import port_problem, web_port_finding
+from gpuwatch.config.load import load_config, parse_config
+from gpuwatch.report import silence_command
+from gpuwatch.rules import AlertKey
+from gpuwatch.statedir import Holder
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+def write(tmp_path: Path, text: str, mode: int) -> Path:
+    path = tmp_path / f"config-{mode:o}.yaml"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+SECRET_CONFIG = "hosts: [a]\nfeishu: {url: 'https://open.feishu.cn/open-apis/bot/v2/hook/x', secret: s3cret}\n"
+
+
+def test_a_config_readable_by_its_group_is_not_warned_about(tmp_path: Path) -> None:
+    """0640 root:gpuwatch, as the systemd install makes it: the service's group reads it."""
+    assert load_config(write(tmp_path, SECRET_CONFIG, 0o640)).warnings == ()
+    assert load_config(write(tmp_path, SECRET_CONFIG, 0o600)).warnings == ()
+
+
+def test_a_config_readable_or_writable_by_everyone_is(tmp_path: Path) -> None:
+    (readable,) = load_config(write(tmp_path, SECRET_CONFIG, 0o644)).warnings
+    assert (
+        "readable by other users and holds secrets (feishu.secret, feishu.url)" in readable
+        and "s3cret'" not in readable
+    )
+    assert "chmod 600" in readable and "'chmod 640' with the group the service runs as" in readable
+    (writable,) = load_config(write(tmp_path, "hosts: [a]\n", 0o602)).warnings
+    assert writable.endswith(
+        f"is writable by every user: anyone can change where gpuwatch connects and sends; "
+        f"run 'chmod o-w {tmp_path / 'config-602.yaml'}'"
+    )
+    assert load_config(write(tmp_path, "hosts: [a]\n", 0o644)).warnings == ()  # no secrets: nothing to hide
+
+
+# ---------------------------------------------------------------- the printed command line
+
+
+def test_the_printed_program_is_gpuwatch_only_where_that_name_runs_this_one(tmp_path: Path) -> None:
+    venv = tmp_path / "opt" / "bin"
+    venv.mkdir(parents=True)
+    program = venv / "gpuwatch"
+    program.write_text("#!/bin/sh\n")
+    link = tmp_path / "usr-local-bin-gpuwatch"
+    link.symlink_to(program)
+    other = tmp_path / "other-gpuwatch"
+    other.write_text("#!/bin/sh\n")
+
+    # systemd or cron: the venv is not on the PATH: the absolute path, which runs as printed
+    assert program_words(str(program), lambda name: None) == (str(program),)
+    # the README's symlink step: /usr/local/bin/gpuwatch is this one
+    assert program_words(str(program), lambda name: str(link)) == ("gpuwatch",)
+    # another gpuwatch first on the PATH: it is not this one, so the path
+    assert program_words(str(program), lambda name: str(other)) == (str(program),)
+    # run as `gpuwatch` from the PATH
+    assert program_words("gpuwatch", lambda name: str(link)) == ("gpuwatch",)
+    # python -m gpuwatch with none on the PATH
+    main_py = "/x/site-packages/gpuwatch/__main__.py"
+    assert program_words(main_py, lambda name: None, "/usr/bin/python3") == ("/usr/bin/python3", "-m", "gpuwatch")
+    assert program_words(main_py, lambda name: str(link)) == ("gpuwatch",)
+
+
+def test_the_mute_line_with_an_absolute_program_runs_as_printed(tmp_path: Path) -> None:
+    key = AlertKey(rule="host_down", host="gpu-a")
+    config = "/etc/gpu watch/config.yaml"
+    line = silence_command([key], config, ("/opt/gpuwatch/bin/gpuwatch",))
+    assert line == (
+        "/opt/gpuwatch/bin/gpuwatch -c '/etc/gpu watch/config.yaml' silence add --rule host_down --host gpu-a "
+        "--for 24h --comment acknowledged"
+    )
+    assert silence_command([key], None, (sys.executable, "-m", "gpuwatch")).startswith(
+        f"{sys.executable} -m gpuwatch silence add --rule host_down"
+    )
+
+
+def test_run_prints_the_absolute_path_when_gpuwatch_is_not_on_the_path(tmp_path: Path) -> None:
+    """As under systemd or cron: the venv's bin/gpuwatch started by its path, PATH without it. The
+    console (--dry-run) prints the alert with its mute line, and that line runs as printed."""
+    bin_dir = Path(sys.executable).parent
+    program = bin_dir / "gpuwatch"
+    if not program.exists():
+        pytest.skip(f"no gpuwatch script beside {sys.executable} (bash scripts/test installs one in .venv)")
+    doc: dict[str, Any] = {
+        "hosts": [{"name": "dead", "address": "127.0.0.1", "port": 9, "connect_timeout": "2s"}],
+        "state_dir": str(tmp_path / "state"),
+        "feishu": {"url": "http://127.0.0.1:9/hook/x"},
+        "schedule": {"reports": []},
+        "alerts": {"host_down": {"after": 1}},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(
+        [str(program), "--once", "--dry-run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    mutes = [line.split(": ", 1)[1] for line in run.stdout.splitlines() if line.strip().startswith("mute it: ")]
+    assert mutes == [f"{program} -c {config} silence add --rule host_down --host dead --for 24h --comment acknowledged"]
+    pasted = subprocess.run(["sh", "-c", mutes[0]], capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert pasted.returncode == 0, pasted.stderr
+    assert pasted.stdout.startswith("silence #1 added: rule=host_down host=dead until ")
+
+
+# ---------------------------------------------------------------- check: the web port
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_check_says_the_web_port_is_in_use_and_run_exits_2(busy_port: int, tmp_path: Path) -> None:
+    assert port_problem("127.0.0.1", busy_port) == (
+        f"port {busy_port} is in use by another process (`ss -ltnp 'sport = :{busy_port}'` names it)"
+    )
+    web = parse_config({"hosts": ["a"], "web": {"listen": f"127.0.0.1:{busy_port}"}}).web
+    assert web is not None
+    finding = web_port_finding(web, None)
+    assert not finding.ok and finding.line().startswith(
+        f"web: FAILED: cannot listen on 127.0.0.1:{busy_port}: port {busy_port} is in use by another process"
+    )
+    holder = Holder(pid=4242, host="", command="gpuwatch run", since=None)
+    assert web_port_finding(web, holder).ok  # the running gpuwatch's own page
+
+    doc = {
+        "hosts": [{"name": "dead", "address": "127.0.0.1", "port": 9, "connect_timeout": "1s"}],
+        "state_dir": str(tmp_path / "state"),
+        "web": {"listen": f"127.0.0.1:{busy_port}"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    config.chmod(0o600)
+    out = io.StringIO()
+    assert main(["check", "-c", str(config)], out=out) == 2
+    assert f"web: FAILED: cannot listen on 127.0.0.1:{busy_port}: port {busy_port} is in use" in out.getvalue()
+    run = subprocess.run(
+        [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert f"port {busy_port} is in use by another process; stop it or set web.listen to a free port" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_check_says_a_free_web_port_is_free(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    web = parse_config({"hosts": ["a"], "web": {"listen": f"127.0.0.1:{port}"}}).web
+    assert web is not None
+    assert web_port_finding(web, None).line() == f"web: OK: the page will listen on 127.0.0.1:{port} (the port is free)"
