@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 
 from gpuwatch.cli import main
 from gpuwatch.cli.common import program_words
-from gpuwatch.cli.preflight import port_problem, web_port_finding
+from gpuwatch.cli.preflight import home_notes, port_problem, state_dir_finding, web_port_finding
 from gpuwatch.config.load import load_config, parse_config
 from gpuwatch.report import silence_command
 from gpuwatch.rules import AlertKey
@@ -195,3 +196,26 @@ def test_check_says_a_free_web_port_is_free(tmp_path: Path) -> None:
     web = parse_config({"hosts": ["a"], "web": {"listen": f"127.0.0.1:{port}"}}).web
     assert web is not None
     assert web_port_finding(web, None).line() == f"web: OK: the page will listen on 127.0.0.1:{port} (the port is free)"
+
+
+def test_check_says_when_a_key_path_with_a_tilde_is_not_the_service_users(tmp_path: Path) -> None:
+    """root checks the service's config: ``~`` is root's home, not that of the state_dir's owner."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a state_dir owned by another user)")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, pwd.getpwnam("nobody").pw_uid, -1)
+    nobody_home = pwd.getpwnam("nobody").pw_dir
+    doc = {"hosts": ["a", "b"], "ssh": {"key_file": "~/.ssh/id_ed25519"}, "state_dir": str(state)}
+    config = parse_config(doc)
+    (note,) = home_notes(config)
+    assert note == (
+        f"ssh.key_file {os.path.expanduser('~/.ssh/id_ed25519')} is in the home of this user (root), not of nobody "
+        f"(the owner of state_dir, home {nobody_home}): '~' in the config is the home of whoever runs gpuwatch; "
+        "write the absolute path of the service's key"
+    )
+    assert note in state_dir_finding(config).notes  # said by check
+    absolute = parse_config({**doc, "ssh": {"key_file": "/var/lib/gpuwatch/.ssh/id_ed25519"}})
+    assert home_notes(absolute) == []
+    os.chown(state, 0, -1)
+    assert home_notes(config) == []  # this user's own state_dir: ~ is the service's home

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import getpass
 import os
+import pwd
 import socket
 import threading
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def state_dir_finding(config: Config) -> CheckLine:
         path = state_dir / name
         if path.exists() and not os.access(path, os.W_OK):
             return failed(f"this user ({user}) cannot write {name} there: permission denied", fix)
-    notes = []
+    notes = home_notes(config)
     holder = _lock_holder(state_dir)
     if holder is not None:
         notes.append(
@@ -232,6 +233,43 @@ def state_dir_finding(config: Config) -> CheckLine:
     if waiting:
         notes.append(waiting)
     return CheckLine(subject, True, "writable", tuple(notes))
+
+
+def home_notes(config: Config) -> list[str]:
+    """Key files in this user's home where another user owns the state directory (the service's
+    user): ``~/.ssh/id_ed25519`` in the config is expanded to the home of whoever runs the command
+    (root's for an admin's ``status``), which the service does not have (nor may see: ProtectHome)."""
+    try:
+        owner = config.state_dir.stat().st_uid
+    except OSError:
+        return []
+    if owner == os.geteuid():
+        return []
+    try:
+        service = pwd.getpwuid(owner)
+    except KeyError:
+        return []
+    home = os.path.expanduser("~")
+    if os.path.realpath(service.pw_dir) == os.path.realpath(home):
+        return []
+    notes = []
+    for setting, path in _key_files(config).items():
+        if Path(path).is_relative_to(home):
+            notes.append(
+                f"{setting} {path} is in the home of this user ({getpass.getuser()}), not of {service.pw_name} "
+                f"(the owner of state_dir, home {service.pw_dir}): '~' in the config is the home of whoever runs "
+                "gpuwatch; write the absolute path of the service's key"
+            )
+    return notes
+
+
+def _key_files(config: Config) -> dict[str, str]:
+    """Each ``key_file`` setting in use and its path (the fleet-wide one once)."""
+    found: dict[str, str] = {}
+    for host in config.hosts:
+        if not host.local and host.ssh.key_file:
+            found.setdefault(setting_name(config, host, "key_file"), host.ssh.key_file)
+    return found
 
 
 def _writable(path: Path) -> bool:
