@@ -415,9 +415,9 @@ def _ssh_config_entry(host: HostConfig) -> dict[str, object]:
     if host.local or not host.ssh.use_ssh_config:
         return {}
     path = Path(os.path.expanduser("~/.ssh/config"))
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():  # raises where this user may not enter the home (HOME kept under another user)
+            return {}
         entry: dict[str, object] = dict(paramiko.SSHConfig.from_path(str(path)).lookup(host.name))
     except Exception:  # status says what is wrong with the file; a hint is not the place
         return {}
