@@ -8,9 +8,11 @@ import io
 import logging
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from gpuwatch.config.load import load_config, parse_config
 from gpuwatch.report import silence_command
 from gpuwatch.rules import AlertKey
 from gpuwatch.statedir import Holder
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -219,3 +223,61 @@ def test_check_says_when_a_key_path_with_a_tilde_is_not_the_service_users(tmp_pa
     assert home_notes(absolute) == []
     os.chown(state, 0, -1)
     assert home_notes(config) == []  # this user's own state_dir: ~ is the service's home
+
+
+# ---------------------------------------------------------------- the test command on a stock Debian/Ubuntu
+
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def test_the_test_command_runs_everything_from_its_own_environment() -> None:
+    """CI runs the README's command; that command runs pytest, ruff (lint and format) and mypy
+    with the interpreter of the environment scripts/venv.sh made, never the system's."""
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("exec bash scripts/test")
+    script = (ROOT / "scripts" / "test").read_text()
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    assert ". scripts/venv.sh" in script and not any("pip install" in line for line in code)
+    runs = [line for line in code if " -m " in line]
+    assert runs == [
+        '"$python" -m pytest "$@"',
+        '"$python" -m ruff check src tests bench',
+        '"$python" -m ruff format --check src tests bench',
+        '"$python" -m mypy src/',
+    ]
+    assert "/.venv/" in (ROOT / ".gitignore").read_text().splitlines() or ".venv/" in (ROOT / ".gitignore").read_text()
+
+
+@pytest.mark.slow
+def test_the_environment_is_made_from_the_system_python_and_reused(tmp_path: Path) -> None:
+    """As on a stock Debian 12 (PATH without pyenv: /usr/bin/python3, which refuses pip install):
+    a fresh copy makes its .venv from it and installs into it; a second run reuses it at once."""
+    system_python = Path("/usr/bin/python3")
+    if not system_python.exists() or shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs /usr/bin/python3 and the project's git checkout")
+    clone = copy_tracked_files(tmp_path / "clone")
+    env = ["env", "-i", f"PATH={SYSTEM_PATH}", f"HOME={Path.home()}"]  # HOME: pip's own settings (its index)
+    first = subprocess.run([*env, "bash", "scripts/venv.sh"], cwd=clone, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"making the virtual environment {clone}/.venv (from /usr/bin/python3)"
+    assert lines[-1] == f"{clone}/.venv/bin/python"
+    probe = subprocess.run(
+        [*env, f"{clone}/.venv/bin/python", "-c", "import sys, gpuwatch, pytest, ruff, mypy; "
+         "print(sys.base_prefix, gpuwatch.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert probe.stdout.split() == ["/usr", f"{clone}/src/gpuwatch/__init__.py"], probe.stderr
+    started = time.monotonic()
+    again = subprocess.run([*env, "bash", "scripts/venv.sh"], cwd=clone, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout == f"{clone}/.venv/bin/python\n", again.stdout + again.stderr
+    assert time.monotonic() - started < 30  # nothing installed again
+
+
+def copy_tracked_files(target: Path) -> Path:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
