@@ -40,10 +40,10 @@ def open_for_reading(state_dir: Path) -> Database:
     enter is one :class:`StateDirClosed` naming its owner, never a traceback."""
     try:
         (state_dir / DB_NAME).lstat()  # tried: os.access ignores capabilities (CAP_DAC_READ_SEARCH)
-    except FileNotFoundError:
-        pass
     except PermissionError:
         raise _closed(state_dir) from None
+    except OSError:
+        pass  # missing, or state_dir is a file: open_db says so as for any command
     return open_db(state_dir, read_only_ok=True)
 
 
