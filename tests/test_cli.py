@@ -171,8 +171,21 @@ def test_every_command_ends_quietly_when_its_reader_goes_away(
         os.close(write_end)
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert "BrokenPipe" not in done.stderr
-    # argparse itself ignores a failed write of its --help (and so exits 0)
-    assert done.returncode == (0 if argv == ["--help"] else 141)
+    # argparse itself ignores a failed write of its --help (and so exits 0) in newer Pythons; older
+    # ones (Debian 12's 3.11.2) let it reach gpuwatch, which exits 141 as for any other command
+    assert done.returncode == (0 if argv == ["--help"] and _argparse_ignores_failed_writes() else 141)
+
+
+def _argparse_ignores_failed_writes() -> bool:
+    class Gone(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    try:
+        argparse.ArgumentParser()._print_message("x", Gone())
+    except OSError:
+        return False
+    return True
 
 
 def test_status_json_piped_into_head_ends_quietly(mine: int, tmp_path: Path) -> None:

@@ -15,9 +15,13 @@ loopback address where nothing listens (``host_down`` fires for it, so ``alerts`
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +144,100 @@ def test_a_state_dir_this_user_cannot_create(tmp_path: Path, local_standin: Path
         f"it in {tmp_path}: permission denied"
     )
     assert not (tmp_path / "srv").exists()
+
+
+# ---------------------------------------------------------------- a state directory this user cannot enter
+
+NOBODY_PLAIN = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]  # no capability at all
+
+
+@pytest.fixture
+def closed_state(local_standin: Path) -> Iterator[Path]:
+    """As the systemd install leaves it for another admin: a config the admin's group may read
+    (0640) in a directory anyone may enter, and beside it a 0700 state_dir of another user (root)
+    holding a firing host_down. Yields the config."""
+    needs_root()
+    probe = subprocess.run([*NOBODY_PLAIN, sys.executable, "-m", "gpuwatch", "-V"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run {sys.executable} with gpuwatch (bash scripts/test runs from a .venv it can)")
+    top = Path(tempfile.mkdtemp(prefix="gpuwatch-closed-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        with FakeFeishu() as server:
+            doc = {
+                "hosts": ["localhost", {"name": "dead", "address": DEAD_ADDRESS, "port": 1, "connect_timeout": "2s"}],
+                "ssh": {"use_ssh_config": False},
+                "state_dir": str(top / "state"),
+                "feishu": {"url": server.url},
+                "schedule": {"poll_every": "1m", "reports": []},
+                "alerts": {"host_down": {"after": 1}},
+            }
+            config = top / "config.yaml"
+            config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+            config.chmod(0o640)
+            os.chown(config, 0, grp.getgrnam("nogroup").gr_gid)
+            first = gpuwatch([], "--once", "-c", str(config), cwd=top)
+            assert first.returncode == 0, first.stderr
+            assert (top / "state").stat().st_mode & 0o777 == 0o700
+            yield config
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("words", [["alerts"], ["silence", "list"]], ids=" ".join)
+def test_a_state_dir_this_user_cannot_enter_is_one_line_with_the_command_that_works(
+    closed_state: Path, words: list[str]
+) -> None:
+    state = closed_state.parent / "state"
+    done = gpuwatch(NOBODY_PLAIN, *words, "-c", str(closed_state), cwd=Path("/"))
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    prefix = (
+        f"gpuwatch: error: state_dir {state}: this user (nobody) cannot enter it (drwx------, owner root): "
+        "permission denied; run it as root: "
+    )
+    assert done.stderr.startswith(prefix) and done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    command = done.stderr[len(prefix) :].strip()
+    assert command.endswith(f"{shlex.join(words)} -c {closed_state}")
+    # the command it names works (as root: no sudo here; its PATH finds the gpuwatch it names)
+    works = subprocess.run(
+        ["bash", "-c", command.removeprefix("sudo ")], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert works.returncode in (0, 1) and works.stderr == "", works.stderr
+    assert ("host_down" in works.stdout) if words == ["alerts"] else works.stdout == "no silences in force\n"
+
+
+def test_status_works_where_the_state_dir_cannot_be_entered(closed_state: Path) -> None:
+    state = closed_state.parent / "state"
+    status = gpuwatch(NOBODY_PLAIN, "status", "-c", str(closed_state), cwd=Path("/"))
+    # (nobody cannot run the stand-in nvidia-smi under root's pytest folder: localhost is down for it)
+    assert status.stdout.startswith("HOST ") and "dead" in status.stdout and "localhost" in status.stdout
+    note = f"gpuwatch: note: nothing was logged to a file: state_dir {state}: cannot open gpuwatch.log: "
+    note += "permission denied\n"
+    assert status.stderr.endswith(note) and "Traceback" not in status.stderr, status.stderr
+    assert "readable by other users" not in status.stderr  # the 0640 config: its group may read it
+
+
+def test_silence_list_reads_a_read_only_copy(state_with_an_alert: Path) -> None:
+    """A readable state_dir this user may not write: ``silence list`` reads it as ``alerts`` does."""
+    added = gpuwatch(
+        [],
+        "silence",
+        "add",
+        "--host",
+        "dead",
+        "--for",
+        "1h",
+        "--comment",
+        "planned",
+        "-c",
+        str(state_with_an_alert),
+        cwd=Path("/"),
+    )
+    assert added.returncode == 0, added.stderr
+    for prefix in ([], NOBODY):
+        state = state_with_an_alert.parent / "state"
+        with read_only_mount(state) if not prefix else contextlib.nullcontext():
+            listed = gpuwatch(prefix, "silence", "list", "-c", str(state_with_an_alert), cwd=state_with_an_alert.parent)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.startswith("#1  host=dead  until "), listed.stdout
+        assert "Traceback" not in listed.stderr and "cannot open gpuwatch.log" in listed.stderr

@@ -94,8 +94,10 @@ class Daemon:
         wiring: Wiring | None = None,
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
+        program: Sequence[str] = ("gpuwatch",),
     ) -> None:
         self.config = config
+        self.program = tuple(program)  # how printed command lines start (cli.common.program_words)
         self.poller = poller
         self.outbox = outbox
         self.report_runs = ReportRuns(outbox.db)
@@ -203,7 +205,9 @@ class Daemon:
         with self.outbox.db.transaction():
             store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory, now)
             for name, (items, notices) in by_channel.items():
-                message = alert_message(items, notices, self.mentions(name), config_path=config_path)
+                message = alert_message(
+                    items, notices, self.mentions(name), config_path=config_path, program=self.program
+                )
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed

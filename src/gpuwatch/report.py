@@ -267,12 +267,15 @@ def _members(keys: Sequence[AlertKey]) -> str:
     return "; ".join(parts) or plural(len(keys), "alert")
 
 
-def silence_command(keys: Sequence[AlertKey], config_path: str | None = None) -> str:
+def silence_command(
+    keys: Sequence[AlertKey], config_path: str | None = None, program: Sequence[str] = ("gpuwatch",)
+) -> str:
     """The ``gpuwatch silence add`` line that mutes exactly these alerts (one alert, or one entry:
     the alerts of one rule on one host): every field they all share. Values are shell-quoted: a
-    user name comes from the host's ``ps``, and pasting it must never run anything."""
+    user name comes from the host's ``ps``, and pasting it must never run anything. ``program``:
+    how the line starts (the absolute path where ``gpuwatch`` is not on the PATH)."""
     first = keys[0]
-    args = ["gpuwatch"]
+    args = list(program)
     if config_path:
         args += ["-c", config_path]
     args += ["silence", "add", "--rule", first.rule]
@@ -296,6 +299,7 @@ def alert_entry(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
+    program: Sequence[str] = ("gpuwatch",),
 ) -> str:
     """The transitions of one kind, rule and host (and cause) as one entry of a message: a head
     saying what and where, a line per alert in its rule's words, the threshold and times, and for
@@ -329,7 +333,7 @@ def alert_entry(
         lines.append(f"    now: {said[0].value}; threshold: {threshold}; since {since}")
     else:
         lines.append(f"    threshold: {threshold}; since {since}")
-    mute = silence_command([x.record.key for x in entry], config_path)
+    mute = silence_command([x.record.key for x in entry], config_path, program)
     lines.append(f"    mute {'it' if len(entry) == 1 else 'them'}: {mute}")
     return "\n".join(lines)
 
@@ -342,10 +346,12 @@ def alert_message(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
+    program: Sequence[str] = ("gpuwatch",),
 ) -> Message | None:
     """New, reminded and resolved alerts and notices of one cycle, grouped in one message: the
     alerts of one rule on one host are one entry. ``config_path``: the config file the daemon
-    runs with, named in the silence lines (so they work from any directory). ``rules``: the
+    runs with, named in the silence lines (so they work from any directory); ``program``: how
+    those lines start. ``rules``: the
     registry whose words say them (a test may add a rule)."""
     if not transitions and not notices:
         return None
@@ -357,7 +363,7 @@ def alert_message(
     counts += [f"{resolved} resolved"] if resolved else []
     counts += [plural(len(notices), "notice")] if notices else []
     entries = [list(group) for _, group in itertools.groupby(ordered, key=_entry_key)]
-    blocks = [alert_entry(entry, tz, config_path, rules=rules) for entry in entries]
+    blocks = [alert_entry(entry, tz, config_path, rules=rules, program=program) for entry in entries]
     blocks += [f"NOTICE {notice_text(n, rules)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]

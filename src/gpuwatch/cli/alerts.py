@@ -19,7 +19,7 @@ from ..report import alert_words
 from ..rules import RULE_NAMES, Silence
 from ..store import AlertStore, open_db
 from ..text import format_duration, local_time
-from .common import EXIT_FAILED, EXIT_OK, UsageError, write_json
+from .common import EXIT_FAILED, EXIT_OK, UsageError, read_state, write_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def cmd_alerts(
     config: Config, *, as_json: bool, include_pending: bool, out: TextIO, quiet: bool = False
 ) -> int:
     """What the alert state says now (as of the last poll of a daemon or --once run)."""
-    db = open_db(config.state_dir, read_only_ok=True)
+    db = read_state(config, ["alerts"])
     try:
         store = AlertStore(db)
         now = time.time()
@@ -135,7 +135,7 @@ def _silence_id(text: str) -> int:
 def cmd_silence(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if args.silence_command == "remove":
         ids = [_silence_id(text) for text in args.ids]  # all checked before any is removed
-    db = open_db(config.state_dir)
+    db = read_state(config, ["silence", "list"]) if args.silence_command == "list" else open_db(config.state_dir)
     try:
         store = AlertStore(db)
         now = time.time()

@@ -7,8 +7,10 @@ unset secret. Each problem names the setting to change (``hosts[1].key_file``, `
 
 from __future__ import annotations
 
+import errno
 import getpass
 import os
+import pwd
 import socket
 import threading
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import paramiko
 
-from ..config import Config, ConfigError, HostConfig
+from ..config import Config, ConfigError, HostConfig, WebConfig
 from ..model import HostErrorKind, HostSnapshot
 from ..notify.registry import CHANNELS, names_in_words
 from ..notify.spec import ChannelSpec
@@ -78,7 +80,7 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
                 )
             )
         else:
-            findings.append(CheckLine("web", True, f"the page will listen on {web.listen}"))
+            findings.append(web_port_finding(web, _lock_holder(config.state_dir)))
     if not config.channels and web is None:
         findings.append(
             CheckLine(
@@ -89,6 +91,52 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
             )
         )
     return findings
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``run`` could not listen on ``host:port`` (tried: bound for a moment, as the web server
+    binds it, then closed), or None. "in use by another process" for a port already taken."""
+    if port == 0:
+        return None  # any free port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host}: {exc}"
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {port} is in use by another process (`ss -ltnp 'sport = :{port}'` names it)"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"this user ({getpass.getuser()}) may not listen on port {port} (below 1024 needs root)"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+        return exc.strerror or str(exc)
+    return None
+
+
+def web_port_finding(web: WebConfig, holder: Holder | None) -> CheckLine:
+    """Whether the page's port can be bound now. A running gpuwatch of this state directory holds
+    its own port, so then a port in use is no problem but a note."""
+    problem = port_problem(web.host, web.port)
+    if problem is None:
+        return CheckLine("web", True, f"the page will listen on {web.listen} (the port is free)")
+    if holder is not None and "in use" in problem:
+        return CheckLine(
+            "web",
+            True,
+            f"the page listens on {web.listen}",
+            (f"the port is in use, most likely by the running gpuwatch ({holder.describe()})",),
+        )
+    return CheckLine(
+        "web",
+        False,
+        f"cannot listen on {web.listen}: {problem}; run would exit 2: stop that process or set web.listen "
+        "to a free port",
+        problem_text=f"web.listen {web.listen}: {problem}",
+    )
 
 
 # ---------------------------------------------------------------- key files
@@ -175,7 +223,7 @@ def state_dir_finding(config: Config) -> CheckLine:
         path = state_dir / name
         if path.exists() and not os.access(path, os.W_OK):
             return failed(f"this user ({user}) cannot write {name} there: permission denied", fix)
-    notes = []
+    notes = home_notes(config)
     holder = _lock_holder(state_dir)
     if holder is not None:
         notes.append(
@@ -186,6 +234,43 @@ def state_dir_finding(config: Config) -> CheckLine:
     if waiting:
         notes.append(waiting)
     return CheckLine(subject, True, "writable", tuple(notes))
+
+
+def home_notes(config: Config) -> list[str]:
+    """Key files in this user's home where another user owns the state directory (the service's
+    user): ``~/.ssh/id_ed25519`` in the config is expanded to the home of whoever runs the command
+    (root's for an admin's ``status``), which the service does not have (nor may see: ProtectHome)."""
+    try:
+        owner = config.state_dir.stat().st_uid
+    except OSError:
+        return []
+    if owner == os.geteuid():
+        return []
+    try:
+        service = pwd.getpwuid(owner)
+    except KeyError:
+        return []
+    home = os.path.expanduser("~")
+    if os.path.realpath(service.pw_dir) == os.path.realpath(home):
+        return []
+    notes = []
+    for setting, path in _key_files(config).items():
+        if Path(path).is_relative_to(home):
+            notes.append(
+                f"{setting} {path} is in the home of this user ({getpass.getuser()}), not of {service.pw_name} "
+                f"(the owner of state_dir, home {service.pw_dir}): '~' in the config is the home of whoever runs "
+                "gpuwatch; write the absolute path of the service's key"
+            )
+    return notes
+
+
+def _key_files(config: Config) -> dict[str, str]:
+    """Each ``key_file`` setting in use and its path (the fleet-wide one once)."""
+    found: dict[str, str] = {}
+    for host in config.hosts:
+        if not host.local and host.ssh.key_file:
+            found.setdefault(setting_name(config, host, "key_file"), host.ssh.key_file)
+    return found
 
 
 def _writable(path: Path) -> bool:
@@ -331,9 +416,9 @@ def _ssh_config_entry(host: HostConfig) -> dict[str, object]:
     if host.local or not host.ssh.use_ssh_config:
         return {}
     path = Path(os.path.expanduser("~/.ssh/config"))
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():  # raises where this user may not enter the home (HOME kept under another user)
+            return {}
         entry: dict[str, object] = dict(paramiko.SSHConfig.from_path(str(path)).lookup(host.name))
     except Exception:  # status says what is wrong with the file; a hint is not the place
         return {}

@@ -28,7 +28,7 @@ from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
 from ..text import local_time, plural
 from ..timetable import is_due, period_start
-from .common import UsageError
+from .common import UsageError, program_words
 from .preflight import refuse_unusable_key_files
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory
 
@@ -205,7 +205,17 @@ def cmd_run(
         runner_factory=lambda new: make_runner_factory(new, handshakes),
         build_channels=lambda new: build_channels(new, sleep, stop),
     )
-    daemon = Daemon(config, poller, outbox, channels, alert_store=alert_store, stop=stop, wiring=wiring, clock=clock)
+    daemon = Daemon(
+        config,
+        poller,
+        outbox,
+        channels,
+        alert_store=alert_store,
+        stop=stop,
+        wiring=wiring,
+        clock=clock,
+        program=program_words(),
+    )
     try:
         if once or dry_run:
             return daemon.run_once(reports)

@@ -6,6 +6,7 @@ SSH, channel and poller classes together.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -109,7 +110,10 @@ def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
     try:
         server = WebServer(app, web.host, web.port)
     except OSError as exc:
-        raise ConfigError(f"web.listen: cannot listen on {web.listen}: {exc.strerror or exc}") from None
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = f"port {web.port} is in use by another process; stop it or set web.listen to a free port"
+        raise ConfigError(f"web.listen: cannot listen on {web.listen}: {why}") from None
     daemon.services.append(server)
     log.info("web page at %s", web.public_url or server.url(), extra=ANNOUNCE)
     return server

@@ -412,13 +412,7 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     host_context = _parse_host_context(doc.get("host_context"))
     attribution = _parse_attribution(doc.get("attribution"))
     log_level = choice(string(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
-    warnings = []
-    secrets = _secret_keys(doc, channels)
-    if secrets and path is not None and _readable_by_others(path):
-        warnings.append(
-            f"{path} is readable by other users and holds secrets ({', '.join(secrets)}); "
-            f"run 'chmod 600 {path}' or move them to the environment (password_env, secret_env)"
-        )
+    warnings = _permission_warnings(path, _secret_keys(doc, channels))
     return Config(
         path=path,
         hosts=hosts,
@@ -437,11 +431,29 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     )
 
 
-def _readable_by_others(path: Path) -> bool:
+def _permission_warnings(path: Path | None, secrets: list[str]) -> list[str]:
+    """What the config file's mode gives away. Readable by its group is fine (the systemd install:
+    0640 root:gpuwatch, read by the service's group); readable by every user is not when it holds
+    secrets, and writable by every user never is (whoever writes it picks the hosts and channels)."""
+    if path is None:
+        return []
     try:
-        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+        mode = path.stat().st_mode
     except OSError:
-        return False
+        return []
+    warnings: list[str] = []
+    if mode & stat.S_IWOTH:
+        warnings.append(
+            f"{path} is writable by every user: anyone can change where gpuwatch connects and sends; "
+            f"run 'chmod o-w {path}'"
+        )
+    if secrets and mode & stat.S_IROTH:
+        warnings.append(
+            f"{path} is readable by other users and holds secrets ({', '.join(secrets)}); "
+            f"run 'chmod 600 {path}' (or 'chmod 640' with the group the service runs as) "
+            "or move them to the environment (password_env, secret_env)"
+        )
+    return warnings
 
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few KB; a fleet of thousands of hosts fits

@@ -36,9 +36,9 @@ class Target:
 
 def load_ssh_config(path: str = "~/.ssh/config") -> paramiko.SSHConfig | None:
     full = Path(os.path.expanduser(path))
-    if not full.is_file():
-        return None
     try:
+        if not full.is_file():  # raises where this user may not enter the home (HOME kept under another user)
+            return None
         return paramiko.SSHConfig.from_path(str(full))
     except Exception as exc:  # a broken ssh config must not stop the poll of other hosts
         log.warning("cannot read %s: %s; ignoring it", full, exc)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .alerts import AlertStore
 from .db import DB_NAME, Database, SchemaError, StoreError, open_db, open_db_readonly
 from .outbox import Outbox, OutboxItem, replaces_older
-from .reader import StoreReader
+from .reader import StateDirClosed, StoreReader, open_for_reading
 from .runs import ReportRuns
 
 __all__ = [
@@ -26,9 +26,11 @@ __all__ = [
     "OutboxItem",
     "ReportRuns",
     "SchemaError",
+    "StateDirClosed",
     "StoreError",
     "StoreReader",
     "open_db",
     "open_db_readonly",
+    "open_for_reading",
     "replaces_older",
 ]

@@ -1,22 +1,67 @@
-"""Reading the state database from other threads (the web page, /metrics), read-only."""
+"""Reading the state database read-only: from other threads (the web page, /metrics), and for
+commands that only read (``alerts``, ``silence list``), which may run as a user who cannot write
+the state directory, or not even enter it."""
 
 from __future__ import annotations
 
+import getpass
 import logging
+import pwd
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from ..rules import AlertRecord, Silence
+from ..statedir import StateError
 from .alerts import AlertStore
-from .db import DB_NAME, Database, open_db_readonly
+from .db import DB_NAME, Database, open_db, open_db_readonly
 from .outbox import Outbox
 
 log = logging.getLogger(__package__)  # "gpuwatch.store", as before the split: log filters keep working
 
 T = TypeVar("T")
+
+
+class StateDirClosed(StateError):
+    """This user cannot enter the state directory (the service's 0700 ``/var/lib/gpuwatch`` seen by
+    another admin). ``owner``: the user who can, whom the command line to run is for."""
+
+    def __init__(self, message: str, owner: str) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+def open_for_reading(state_dir: Path) -> Database:
+    """The state database for a command that only reads: writable where this user may write it
+    (so a corrupt file is moved aside as usual), else read-only; a state directory this user cannot
+    enter is one :class:`StateDirClosed` naming its owner, never a traceback."""
+    try:
+        (state_dir / DB_NAME).lstat()  # tried: os.access ignores capabilities (CAP_DAC_READ_SEARCH)
+    except PermissionError:
+        raise _closed(state_dir) from None
+    except OSError:
+        pass  # missing, or state_dir is a file: open_db says so as for any command
+    return open_db(state_dir, read_only_ok=True)
+
+
+def _closed(state_dir: Path) -> StateDirClosed:
+    me = getpass.getuser()
+    try:
+        info = state_dir.stat()
+    except OSError:  # a directory above it is closed to this user
+        return StateDirClosed(f"state_dir {state_dir}: this user ({me}) cannot reach it: permission denied", "root")
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    return StateDirClosed(
+        f"state_dir {state_dir}: this user ({me}) cannot enter it ({stat.filemode(info.st_mode)}, owner {owner}): "
+        "permission denied",
+        owner,
+    )
 
 
 class StoreReader:
