@@ -65,8 +65,10 @@ def main() -> int:
         kinds: dict[str, int] = {}
         for h in refused:
             kinds[h["error"][:90]] = kinds.get(h["error"][:90], 0) + 1
-        print(f"{args.hosts} hosts behind one bastion (MaxStartups 10:30:100): {answered} answered, "
-              f"{len(refused)} failed, {wall:.1f}s wall")
+        print(
+            f"{args.hosts} hosts behind one bastion (MaxStartups 10:30:100): {answered} answered, "
+            f"{len(refused)} failed, {wall:.1f}s wall"
+        )
         for text, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f"  {count} x {text}")
         return 0 if answered == args.hosts else 1

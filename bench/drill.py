@@ -70,6 +70,7 @@ from fleet import (  # noqa: E402
 SECRET = "drill-secret"
 REPORT_USERS = ("alice", "verylongusername")  # the fleet's job owners
 
+
 def phases(seconds: float) -> list[tuple[str, float]]:
     """(name, seconds); "recover" phases last until the outbox is empty (at most --drain)."""
     webhook = max(30.0, seconds / 6)
@@ -84,6 +85,7 @@ def phases(seconds: float) -> list[tuple[str, float]]:
         ("calm", seconds / 4),
         ("recover", 0.0),
     ]
+
 
 # The stand-in wrapper for the streaming phase: a host whose scenario directory holds a file
 # named "stream" runs `yes` instead of nvidia-smi (the stand-in itself ignores unknown files).

@@ -231,13 +231,32 @@ _COMPONENT_KEYS: dict[str, set[str]] = {
     | {"horizontal_spacing", "horizontal_align", "flex_mode", "background_style", "action", "columns"},
     "column": _COMMON
     | {
-        "background_style", "width", "weight", "horizontal_spacing", "horizontal_align", "vertical_align",
-        "vertical_spacing", "direction", "padding", "action", "elements",
+        "background_style",
+        "width",
+        "weight",
+        "horizontal_spacing",
+        "horizontal_align",
+        "vertical_align",
+        "vertical_spacing",
+        "direction",
+        "padding",
+        "action",
+        "elements",
     },
     "button": _COMMON
     | {
-        "type", "size", "width", "text", "icon", "hover_tips", "disabled", "disabled_tips", "confirm",
-        "behaviors", "name", "form_action_type",
+        "type",
+        "size",
+        "width",
+        "text",
+        "icon",
+        "hover_tips",
+        "disabled",
+        "disabled_tips",
+        "confirm",
+        "behaviors",
+        "name",
+        "form_action_type",
     },
 }
 _PLAIN_TEXT_KEYS = {"tag", "content", "text_size", "text_color", "text_align", "lines", "i18n_content"}
@@ -419,9 +438,7 @@ def seen(body: Mapping[str, Any]) -> Rendered:
     return Rendered(shown, tuple(mentions), tuple(links), tuple(emphasis))
 
 
-def _walk(
-    elements: list[Any], add: Callable[[Rendered], None], texts: list[str], links: list[str]
-) -> None:
+def _walk(elements: list[Any], add: Callable[[Rendered], None], texts: list[str], links: list[str]) -> None:
     for element in elements:
         tag = element.get("tag")
         if tag == "markdown":

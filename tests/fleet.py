@@ -1027,9 +1027,7 @@ class Fleet:
         return {user: job.pid for user, job in self.jobs.items()}
 
     # -- sshd -----------------------------------------------------------------------------------
-    def _sshd_config(
-        self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()
-    ) -> str:
+    def _sshd_config(self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()) -> str:
         session_path = f"{self.bin_dir}:{SESSION_PATH_TAIL}"
         lines = [
             f"# gpuwatch test fleet: {name}",
@@ -1067,9 +1065,7 @@ class Fleet:
         lines = [line for line in lines if line.split()[0].lower() not in replaced]
         return "\n".join([*lines, *options]) + "\n"
 
-    def _spawn_sshd(
-        self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()
-    ) -> _Sshd:
+    def _spawn_sshd(self, name: str, addresses: Sequence[str], host_key: HostKey, options: Sequence[str] = ()) -> _Sshd:
         config = self.root / f"{name}.config"
         config.write_text(self._sshd_config(name, addresses, host_key, options))
         log = self.root / f"{name}.log"
@@ -1112,9 +1108,7 @@ class Fleet:
         path = self.root / "private" / f"host_{name or uuid.uuid4().hex[:8]}_ed25519_key"
         return _finish_keygen(_keygen(path, "gpuwatch-fleet-extra-host"), path)
 
-    def add_host(
-        self, address: str, host_key: HostKey | None = None, sshd_options: Sequence[str] = ()
-    ) -> HostKey:
+    def add_host(self, address: str, host_key: HostKey | None = None, sshd_options: Sequence[str] = ()) -> HostKey:
         """Serve one more host on ``address`` (127/8, fleet port) with its own sshd and host key
         (fresh unless given); its scenario starts as the default.  ``sshd_options`` are sshd_config
         lines that win over the fleet's (e.g. ``"MaxStartups 2:100:2"``).  Returns the host key used."""

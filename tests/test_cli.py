@@ -151,9 +151,7 @@ def test_completion_scripts_for_bash_and_zsh(shell: str, capsys: pytest.CaptureF
     ],
     ids=" ".join,
 )
-def test_every_command_ends_quietly_when_its_reader_goes_away(
-    argv: list[str], mine: int, tmp_path: Path
-) -> None:
+def test_every_command_ends_quietly_when_its_reader_goes_away(argv: list[str], mine: int, tmp_path: Path) -> None:
     """``gpuwatch ... | head -1`` when head has gone: no BrokenPipeError traceback, exit 141 (as a
     C program killed by SIGPIPE), whatever the command."""
     config = write_config(tmp_path)

@@ -133,9 +133,7 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
         daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded" in log_of(tmp_path), 10, "the reload")
         before = len(feishu.accepted)
-        wait_for(
-            lambda: any("GPU for gpu-c" in o for o in overviews(feishu)[before:]), 20, "an overview listing gpu-c"
-        )
+        wait_for(lambda: any("GPU for gpu-c" in o for o in overviews(feishu)[before:]), 20, "an overview listing gpu-c")
         log = log_of(tmp_path)
         assert re.search(r"reloaded .*config\.yaml: hosts: 1 added \(gpu-c\), 0 removed, .*2 kept", log), log
         assert log.count("connected to gpu-a ") == 1  # not reconnected

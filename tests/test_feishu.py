@@ -749,9 +749,7 @@ def stoppable_channel(url: str, session: requests.Session, stop: threading.Event
 
 
 @pytest.mark.parametrize("fault", ["silent", "slow:60", "trickle:1"])
-def test_stop_ends_a_post_waiting_for_its_answer(
-    session: requests.Session, fault: str
-) -> None:
+def test_stop_ends_a_post_waiting_for_its_answer(session: requests.Session, fault: str) -> None:
     stop = threading.Event()
     with FakeFeishu(keywords=[KEYWORD], secret=SECRET) as srv:
         channel = stoppable_channel(srv.url, session, stop, timeout_seconds=60)

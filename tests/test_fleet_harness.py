@@ -280,9 +280,7 @@ def test_added_host_with_another_key_is_rejected_then_goes_down(fleet: Fleet, tm
         socket.create_connection((address, fleet.port), timeout=2).close()
 
 
-def test_a_host_removed_mid_command_drops_the_connection_before_its_commands_end(
-    fleet: Fleet, tmp_path: Path
-) -> None:
+def test_a_host_removed_mid_command_drops_the_connection_before_its_commands_end(fleet: Fleet, tmp_path: Path) -> None:
     """A host going down cuts its connections: the client never hears how a command it was running
     ended. (Before: the command was sent SIGTERM first while sshd still forwarded, so the client got
     "killed: 143" and a clean exit status, as if someone had killed nvidia-smi on a live host; the

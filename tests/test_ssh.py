@@ -175,11 +175,7 @@ def test_local_probe_that_floods_its_output_is_cut_at_the_cap() -> None:
 def test_local_probe_past_its_deadline_leaves_no_process_behind(marker: str) -> None:
     """A child that ignores SIGTERM and holds stdout, and one in its own process group (as timeout(1)
     makes one): the run ends at its deadline and nothing it started lives on."""
-    script = (
-        f"sh -c 'trap \"\" TERM HUP INT; exec sleep {marker}' &\n"
-        f"timeout 1000 sleep {marker} &\n"
-        f"sleep {marker}\n"
-    )
+    script = f"sh -c 'trap \"\" TERM HUP INT; exec sleep {marker}' &\ntimeout 1000 sleep {marker} &\nsleep {marker}\n"
     with pytest.raises(HostFailure) as info:
         LocalRunner().run_script(script, 1.0)
     assert info.value.kind is HostErrorKind.PROBE_TIMEOUT

@@ -117,7 +117,7 @@ def test_a_hung_gpu_whose_helper_holds_the_output_is_reported_and_cleaned_up(
     tools.mkdir(mode=0o755)
     wrapper = tools / "nvidia-smi"
     wrapper.write_text(
-        f"#!/bin/sh\nsh -c 'trap \"\" TERM HUP; exec sleep {marker}' &\nexec {fleet.bin_dir}/nvidia-smi \"$@\"\n"
+        f'#!/bin/sh\nsh -c \'trap "" TERM HUP; exec sleep {marker}\' &\nexec {fleet.bin_dir}/nvidia-smi "$@"\n'
     )
     wrapper.chmod(0o755)
     doc = {
@@ -174,9 +174,7 @@ def test_a_host_offering_a_revoked_key_is_refused_whatever_the_policy(
     unlisted = tmp_path / "unlisted"
     unlisted.write_text(revoked)
     for user_file, policy in ((listed, "strict"), (unlisted, "accept-new"), (unlisted, "off")):
-        host = parse_config(
-            {"hosts": [address], "ssh": fleet.gpuwatch_ssh(user_file, host_key_policy=policy)}
-        ).hosts[0]
+        host = parse_config({"hosts": [address], "ssh": fleet.gpuwatch_ssh(user_file, host_key_policy=policy)}).hosts[0]
         own = tmp_path / f"own-{policy}"
         conn = SshConnection(host, HostKeyStore(own, (user_file,)))
         try:
@@ -212,9 +210,7 @@ def connect_all(conns: list[SshConnection]) -> list[HostFailure | None]:
     return results
 
 
-def test_many_hosts_behind_one_bastion_all_connect_with_the_handshake_limit(
-    fleet: Fleet, tmp_path: Path
-) -> None:
+def test_many_hosts_behind_one_bastion_all_connect_with_the_handshake_limit(fleet: Fleet, tmp_path: Path) -> None:
     """A bastion with OpenSSH's default MaxStartups (10:30:100) and 30 hosts behind it, connecting at
     once as on a daemon restart: without a limit some are refused; with the default limit, none."""
     bastion = "127.0.0.40"

@@ -79,9 +79,7 @@ def _firing_unmuted(rows: list[AlertRow]) -> bool:
     return any(row.record.state == "firing" and not row.muted for row in rows)
 
 
-def cmd_alerts(
-    config: Config, *, as_json: bool, include_pending: bool, out: TextIO, quiet: bool = False
-) -> int:
+def cmd_alerts(config: Config, *, as_json: bool, include_pending: bool, out: TextIO, quiet: bool = False) -> int:
     """What the alert state says now (as of the last poll of a daemon or --once run)."""
     db = read_state(config, ["alerts"])
     try:

@@ -65,6 +65,7 @@ _LOST_ANSWER_STATUSES = frozenset({504})
 #: After a stop request, how long a post in flight may still take to get its answer.
 _STOP_GRACE_SECONDS = 1.0
 
+
 class RateLimiter:
     """Sliding windows: at most ``per_second`` sends in any second and ``per_minute`` in any minute.
 
@@ -116,8 +117,6 @@ class RateLimiter:
             waited += wait
 
 
-
-
 @dataclass(frozen=True)
 class Answer:
     """What came back from one post: the status line, and the body of a 200 answer."""
@@ -139,9 +138,7 @@ def _is_network_error(exc: BaseException) -> bool:
     ``requests``' own errors all derive from OSError, so its classes are told apart first.
     """
     if isinstance(exc, requests.RequestException):
-        return isinstance(
-            exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-        )
+        return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))
     # Raised while reading the body from urllib3 directly (cut short, reset, shut down).
     return isinstance(exc, (urllib3.exceptions.HTTPError, HTTPException, OSError))
 
@@ -435,7 +432,6 @@ class WebhookChannel(Generic[S]):
         self._secrets = tuple(sorted({s for s in endpoint.secrets if s and len(s) >= 4}, key=len, reverse=True))
         self._timeout = endpoint.timeout_seconds
         self._max_attempts = endpoint.max_attempts
-
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where})"

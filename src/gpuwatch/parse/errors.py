@@ -97,6 +97,8 @@ def _not_found(line: str) -> str:
     if path is None:
         return _MSG_NOT_FOUND
     return f"no such file: {excerpt(path['path'])} (or the login user may not run it); check the nvidia_smi setting"
+
+
 _MSG_NOT_EXECUTABLE = "nvidia-smi was found but could not be executed (not a working binary, or no execute permission)"
 _MSG_NO_DRIVER = (
     "nvidia-smi cannot talk to the NVIDIA driver: the kernel module is not loaded "
