@@ -1,6 +1,7 @@
 """Builders the test modules share: hosts from real captures, the alert engine with an explicit
-clock, a host context, a fake clock for the channels. Test modules import them from here, never
-from each other.
+clock, a host context, a fake clock for the channels, a fleet state and a clock for the web app,
+the example config with its settings switched on. Test modules import them from here (fixtures
+from tests/conftest.py), never from each other.
 
 Every snapshot is built from real captures: GPU rows and compute-app rows come from the files in
 tests/fixtures/ (stacked into multi-GPU hosts by the helpers of tests/fleet.py, which rewrite only
@@ -10,15 +11,21 @@ the index/uuid/bus-id cells), error output from the real error captures, and the
 
 from __future__ import annotations
 
+import getpass
+import io
+import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fleet import (
+    CAPTURES,
     ERROR_EXIT_CODES,
     H100_IDLE_QUERY,
     H100_LOAD_APPS,
@@ -32,8 +39,10 @@ from fleet import (
     capture_pids,
     gpu_uuid,
 )
+from gpuwatch.cli import main
 from gpuwatch.config import AlertsConfig, FreeGpuConfig
 from gpuwatch.config.load import parse_config
+from gpuwatch.fleet import FleetState
 from gpuwatch.model import Disk, FleetSnapshot, HostContext, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
 from gpuwatch.probe import PROBE_MARKER
@@ -256,3 +265,98 @@ class FakeTime:
         with self._lock:
             self.sleeps.append(seconds)
             self.now += seconds
+
+
+# ---------------------------------------------------------------- a fleet state for the web app (tests/test_web*.py)
+
+XSS = "<img src=x onerror=alert(1)>"
+WEB_T0 = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    """A wall clock for the fleet state and the web app that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = WEB_T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def step(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def host(name: str, query: Path, apps: Path | None = None, ps: Mapping[int, PsEntry] | None = None) -> HostSnapshot:
+    """A host's result from a real query-gpu capture (and its compute-apps capture), owners from ``ps``."""
+    gpus, _ = parse_query_gpu(query.read_text())
+    procs = attribute(gpus, parse_compute_apps(apps.read_text())[0], ps or {}) if apps else ()
+    return HostSnapshot(name, name, ok=True, gpus=tuple(gpus), processes=procs, probe_seconds=0.31)
+
+
+def busy_host(name: str = "gpu-a") -> HostSnapshot:
+    """H100 under load: alice runs a process whose command line is an XSS attempt, 11345 is unseen by ps."""
+    ps = {
+        11327: PsEntry(11327, "alice", 7200, XSS),
+        11328: PsEntry(11328, "verylongusername", 600, "python3 train.py --lr 3e-4"),
+    }
+    return host(name, CAPTURES / H100_LOAD_QUERY, CAPTURES / H100_LOAD_APPS, ps)
+
+
+def fleet(clock: Clock) -> FleetState:
+    """gpu-a busy (H100), gpu-f free (idle H100), gpu-m in MIG mode, gpu-d down."""
+    state = FleetState([(n, n) for n in ("gpu-a", "gpu-f", "gpu-m", "gpu-d")], poll_every=60, now=clock)
+    state.update(busy_host())
+    state.update(host("gpu-f", CAPTURES / H100_IDLE_QUERY))
+    state.update(
+        host("gpu-m", CAPTURES / MIG_QUERY, CAPTURES / MIG_APPS, {21180: PsEntry(21180, "bob", 60, "jupyter-lab")})
+    )
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "connection refused by 10.9.9.9:22"))
+    return state
+
+
+def config(tmp_path: Path, **web: Any) -> Any:
+    return parse_config({"hosts": ["gpu-a"], "state_dir": str(tmp_path / "state"), "web": web})
+
+
+# ---------------------------------------------------------------- the command line (test_cli, test_status_view)
+
+ME = getpass.getuser()
+GONE = {"name": "gpu-gone", "address": "127.0.0.1", "port": 9, "connect_timeout": "2s"}  # nothing listens
+
+
+def write_config(tmp_path: Path, hosts: list[Any] | None = None, mode: int = 0o600, **extra: Any) -> Path:
+    doc: dict[str, Any] = {
+        "hosts": hosts or ["localhost"],
+        "ssh": {"use_ssh_config": False, "known_hosts": str(tmp_path / "known_hosts")},
+        "state_dir": str(tmp_path / "state"),
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def cli(config: Path, *argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main([*argv, "-c", str(config)], out=out)
+    return code, out.getvalue()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# ---------------------------------------------------------------- the example config
+
+
+def switched_on(text: str) -> str:
+    """The example with its commented-out settings (``# key: value``, ``#   - item``) switched on;
+    prose comments stay comments."""
+    lines = []
+    for line in text.splitlines():
+        for _ in range(2):  # "#   # ca_file:" is a commented-out line inside a commented-out section
+            line = re.sub(r"^(\s*)# ?(?=\s*(?:# ?\s*)?(?:[a-z_]+:|- ))", r"\1", line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -6,12 +6,20 @@ skipped, with the reason, where a fleet cannot run (not root, no sshd).
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fleet import Fleet, fleet_unavailable_reason, scenario_healthy_multi_gpu, standin_env
+from fleet import (
+    H100_LOAD_APPS,
+    Fleet,
+    capture_pids,
+    fleet_unavailable_reason,
+    scenario_healthy_multi_gpu,
+    standin_env,
+)
 
 FLEET_HOSTS = 8  # 127.0.0.2 .. 127.0.0.9
 _FLEET_FIXTURES = {
@@ -110,3 +118,14 @@ def local_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GPUWATCH_STANDIN_DIR", env["GPUWATCH_STANDIN_DIR"])
     monkeypatch.delenv("SSH_CONNECTION", raising=False)
     return scenario_healthy_multi_gpu(root / "local")
+
+
+@pytest.fixture
+def mine(local_standin: Path) -> Iterator[int]:
+    """A real process of this user on GPUs 0 and 1 of the local 4-GPU host (captured pid 11327)."""
+    captured = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]
+    proc = subprocess.Popen(["sleep", "300"])
+    scenario_healthy_multi_gpu(local_standin, 4, busy_gpus=(0, 1), owners_pids={captured[0]: proc.pid})
+    yield proc.pid
+    proc.kill()
+    proc.wait()

@@ -10,7 +10,6 @@ plus, where a host that does not answer matters, a loopback port where nothing l
 from __future__ import annotations
 
 import argparse
-import getpass
 import io
 import json
 import logging
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from fleet import H100_LOAD_APPS, capture_pids, scenario_healthy_multi_gpu
+from builders import GONE, ME, Terminal, cli, write_config
+from fleet import scenario_healthy_multi_gpu
 from gpuwatch import __version__
 from gpuwatch.cli import build_parser, main
 from gpuwatch.cli import status as status_cli
@@ -36,10 +35,6 @@ from gpuwatch.config.load import load_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
 from gpuwatch.store import AlertStore, Outbox, open_db
-
-ME = getpass.getuser()
-CAPTURED = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]
-GONE = {"name": "gpu-gone", "address": "127.0.0.1", "port": 9, "connect_timeout": "2s"}  # nothing listens
 
 
 @pytest.fixture(autouse=True)
@@ -53,35 +48,6 @@ def _restore_logging() -> Iterator[None]:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
-
-
-@pytest.fixture
-def mine(local_standin: Path) -> Iterator[int]:
-    """A real process of this user on GPUs 0 and 1 of the local 4-GPU host (captured pid 11327)."""
-    proc = subprocess.Popen(["sleep", "300"])
-    scenario_healthy_multi_gpu(local_standin, 4, busy_gpus=(0, 1), owners_pids={CAPTURED[0]: proc.pid})
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-def write_config(tmp_path: Path, hosts: list[Any] | None = None, mode: int = 0o600, **extra: Any) -> Path:
-    doc: dict[str, Any] = {
-        "hosts": hosts or ["localhost"],
-        "ssh": {"use_ssh_config": False, "known_hosts": str(tmp_path / "known_hosts")},
-        "state_dir": str(tmp_path / "state"),
-        **extra,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    path.chmod(mode)
-    return path
-
-
-def cli(config: Path, *argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = main([*argv, "-c", str(config)], out=out)
-    return code, out.getvalue()
 
 
 def gpuwatch(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -233,11 +199,6 @@ def test_status_names_a_host_it_does_not_know(tmp_path: Path, capsys: pytest.Cap
     assert "'gpu-alpa' is not a configured host; did you mean 'gpu-alpha'?" in capsys.readouterr().err
     code, _ = cli(config, "status", "--watch", "0.1")
     assert code == 2 and "at least 0.5s" in capsys.readouterr().err
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def _watch(config: Path, out: io.StringIO, *extra: str) -> tuple[int, list[float], int]:

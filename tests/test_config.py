@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builders import switched_on
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, find_config_path, parse_duration
 from gpuwatch.config.load import accepted_keys, load_config, parse_config
@@ -361,17 +362,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 # Sections whose keys are documented elsewhere too: any key of ssh: can be set on a host, and
 # alerts.routes takes the rule names listed under alerts:.
 DOCUMENTED_BY = {"hosts[]": "ssh", "alerts.routes": "alerts"}
-
-
-def switched_on(text: str) -> str:
-    """The example with its commented-out settings (``# key: value``, ``#   - item``) switched on;
-    prose comments stay comments."""
-    lines = []
-    for line in text.splitlines():
-        for _ in range(2):  # "#   # ca_file:" is a commented-out line inside a commented-out section
-            line = re.sub(r"^(\s*)# ?(?=\s*(?:# ?\s*)?(?:[a-z_]+:|- ))", r"\1", line)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
 
 
 def documented_keys(doc: object, path: str = "") -> dict[str, set[str]]:

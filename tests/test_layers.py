@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "gpuwatch"
+from imports import MODULES, SRC, function_imports, module_name, names_imported, package_of
+from imports import under as _under
 
+TESTS = Path(__file__).resolve().parent
 PURE = ("model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
 IO_MODULES = (
     "gpuwatch.ssh",
@@ -45,53 +47,6 @@ FUNCTION_IMPORTS = {
     # when the command runs. Known debt: main() could hand the parser to standalone commands.
     ("gpuwatch.cli.completion", "cmd_completion"): {"gpuwatch.cli", "gpuwatch.cli.build_parser"},
 }
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def package_of(path: Path) -> list[str]:
-    """The package a module's relative imports start from."""
-    package = module_name(path).split(".")
-    return package if path.name == "__init__.py" else package[:-1]
-
-
-def names_imported(node: ast.AST, package: list[str]) -> set[str]:
-    """The absolute names an import statement imports (relative imports resolved); none for others."""
-    if isinstance(node, ast.Import):
-        return {alias.name for alias in node.names}
-    if isinstance(node, ast.ImportFrom):
-        base = package[: len(package) - node.level + 1] if node.level else []
-        module = ".".join([*base, node.module] if node.module else base)
-        return {module} | {f"{module}.{alias.name}" for alias in node.names}
-    return set()
-
-
-def imports_of(path: Path) -> set[str]:
-    """Absolute names of everything ``path`` imports (relative imports resolved)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = package_of(path)
-    return {name for node in ast.walk(tree) for name in names_imported(node, package)}
-
-
-def function_imports(source: str, package: list[str]) -> dict[str, set[str]]:
-    """Each function in ``source`` that imports inside its body -> what it imports (absolute names)."""
-    found: dict[str, set[str]] = {}
-    for func in ast.walk(ast.parse(source)):
-        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            names = {name for node in ast.walk(func) for name in names_imported(node, package)}
-            if names:
-                found.setdefault(getattr(func, "name", "<lambda>"), set()).update(names)
-    return found
-
-
-MODULES = {module_name(p): imports_of(p) for p in sorted(SRC.rglob("*.py"))}
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if _under(m, tuple(f"gpuwatch.{p}" for p in PURE))])
@@ -185,3 +140,20 @@ def test_the_function_import_check_sees_one() -> None:
     source = "import os\n\n\ndef f():\n    import json\n    from . import sibling\n\n\ng = lambda: None\n"
     found = function_imports(source, ["gpuwatch", "notify"])
     assert found == {"f": {"json", "gpuwatch.notify", "gpuwatch.notify.sibling"}}
+
+
+def test_no_test_module_imports_another() -> None:
+    """Test modules share builders through the helper modules (tests/builders.py, tests/imports.py,
+    fixtures in tests/conftest.py), never by importing another test module: an import drags that
+    module's fixtures into the importer (a test function imported runs twice) and ties the files."""
+    tests = {path.stem for path in TESTS.glob("test_*.py")}
+    assert "test_layers" in tests
+    bad = {}
+    for path in sorted(TESTS.glob("test_*.py")):
+        names = {
+            name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) for name in names_imported(node, [])
+        }
+        imported = sorted(name for name in names if name.split(".")[0] in tests)
+        if imported:
+            bad[path.name] = imported
+    assert not bad, f"test modules importing other test modules: {bad}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders import DAY, MIN, T0, alice, h100_host, kinds
+from builders import DAY, MIN, T0, alice, h100_host, kinds, switched_on
 from gpuwatch.cli import build_parser
 from gpuwatch.config import AlertsConfig, FreeGpuConfig
 from gpuwatch.config.load import parse_config
@@ -38,7 +38,6 @@ from gpuwatch.rules import (
 from gpuwatch.rules.base import CheckResult, Context, Finding, HostRule
 from gpuwatch.rules.registry import default_rules
 from gpuwatch.text import number
-from test_config import switched_on
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import T0, Job, h100_host
+from builders import GONE, ME, T0, Job, Terminal, cli, h100_host, write_config
 from gpuwatch.cli import build_parser
 from gpuwatch.cli import status as status_cli
 from gpuwatch.cli.status import has_processes_of
@@ -31,13 +31,12 @@ from gpuwatch.config.load import load_config
 from gpuwatch.model import FleetSnapshot
 from gpuwatch.summary import select
 from gpuwatch.text import paint, wants_color
-from test_cli import GONE, ME, Terminal, cli, mine, write_config  # noqa: F401 (mine: the fixture below uses it)
 
 ESC = "\x1b["
 
 
 @pytest.fixture
-def job(mine: int) -> int:  # noqa: F811 (the fixture of test_cli)
+def job(mine: int) -> int:
     """A real process of this user on GPUs 0 and 1 of the local 4-GPU host: its pid."""
     return mine
 

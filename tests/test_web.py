@@ -10,9 +10,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from builders import WEB_T0 as T0
+from builders import XSS, Clock, busy_host, config, fleet, host
 from gpuwatch.attribution import AttributionSettings, CgroupRead, ContainerInfo, attribute_owners
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig
@@ -30,7 +30,6 @@ from gpuwatch.fleet import FleetState
 from gpuwatch.metrics import build_registry
 from gpuwatch.model import GpuProcess, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.pageview import AlertView, proc_view
-from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
 from gpuwatch.render import fleet_table, snapshot_dict
 from gpuwatch.rules import RULES, AlertKey, AlertRecord
 from gpuwatch.store import AlertStore, Outbox, StoreReader, open_db
@@ -43,50 +42,7 @@ H100_APPS = STANDIN / "csv-compute-apps/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-
 MIG_LOAD = STANDIN / "csv-query-gpu/nvgpuexp-h100-mig-linux-590.48.01-load-query-gpu-all-fields.csv"
 MIG_APPS = STANDIN / "csv-compute-apps/nvgpuexp-h100-mig-linux-590.48.01-load-compute-apps.csv"
 
-XSS = "<img src=x onerror=alert(1)>"
-T0 = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
 MIB = 1024 * 1024
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def step(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-def host(name: str, query: Path, apps: Path | None = None, ps: Mapping[int, PsEntry] | None = None) -> HostSnapshot:
-    """A host's result from a real query-gpu capture (and its compute-apps capture), owners from ``ps``."""
-    gpus, _ = parse_query_gpu(query.read_text())
-    procs = attribute(gpus, parse_compute_apps(apps.read_text())[0], ps or {}) if apps else ()
-    return HostSnapshot(name, name, ok=True, gpus=tuple(gpus), processes=procs, probe_seconds=0.31)
-
-
-def busy_host(name: str = "gpu-a") -> HostSnapshot:
-    """H100 under load: alice runs a process whose command line is an XSS attempt, 11345 is unseen by ps."""
-    ps = {
-        11327: PsEntry(11327, "alice", 7200, XSS),
-        11328: PsEntry(11328, "verylongusername", 600, "python3 train.py --lr 3e-4"),
-    }
-    return host(name, H100_LOAD, H100_APPS, ps)
-
-
-def fleet(clock: Clock) -> FleetState:
-    """gpu-a busy (H100), gpu-f free (idle H100), gpu-m in MIG mode, gpu-d down."""
-    state = FleetState([(n, n) for n in ("gpu-a", "gpu-f", "gpu-m", "gpu-d")], poll_every=60, now=clock)
-    state.update(busy_host())
-    state.update(host("gpu-f", H100_IDLE))
-    state.update(host("gpu-m", MIG_LOAD, MIG_APPS, {21180: PsEntry(21180, "bob", 60, "jupyter-lab")}))
-    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "connection refused by 10.9.9.9:22"))
-    return state
-
-
-def config(tmp_path: Path, **web: Any) -> Any:
-    return parse_config({"hosts": ["gpu-a"], "state_dir": str(tmp_path / "state"), "web": web})
 
 
 def app_for(state: FleetState, tmp_path: Path, store: StoreReader | None = None, **web: Any) -> WebApp:

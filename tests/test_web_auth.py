@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from builders import Clock, config, fleet
 from gpuwatch.web import WebApp
 from gpuwatch.webauth import FREE_FAILURES, MAX_WAIT_SECONDS, LoginGuard, peer_of, wait_after
-from test_web import Clock, config, fleet
 
 PASSWORD = "s3cret-pass"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from gpuwatch.webserver import REQUEST_DEADLINE_SECONDS
-from test_layers import MODULES, _under
+from imports import MODULES, under
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 MIB = 1024 * 1024
@@ -255,4 +255,4 @@ def test_the_server_and_the_login_guard_read_never_act(module: str) -> None:
     """As test_layers.py asks of web.py: they never poll, connect or send."""
     forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")
     assert module in MODULES
-    assert not sorted(i for i in MODULES[module] if _under(i, forbidden))
+    assert not sorted(i for i in MODULES[module] if under(i, forbidden))
