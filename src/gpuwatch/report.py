@@ -6,7 +6,9 @@ with its reason: a report never lets a dead host look like an idle one.
 
 Alerts: the rules give numbers and facts (rules.Finding) and declare their words (rules.Words);
 here they are laid out. The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
-0-7"), and each firing entry ends with the ``gpuwatch silence add`` line that mutes exactly it.
+0-7"), counted as one in the title. Where the channel shows command lines (``alerts.command_lines``),
+each firing entry ends with the ``gpuwatch ack`` line that acknowledges exactly it (no more
+reminders; RESOLVED is still said); elsewhere (a group chat) the message says in words how to.
 
 Every message also carries its content as structure (``Message.body``: a section per host or
 alert, a row per GPU with character bars, a state per row) for the channels that lay it out (a
@@ -17,6 +19,7 @@ from the same facts and words as the text blocks.
 from __future__ import annotations
 
 import itertools
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
@@ -286,6 +289,29 @@ def silence_command(keys: Sequence[AlertKey], config_path: str | None = None) ->
     return shlex.join(args)
 
 
+def ack_command(keys: Sequence[AlertKey], config_path: str | None = None, command: str = "gpuwatch") -> str:
+    """The ``gpuwatch ack`` line that acknowledges exactly these alerts (one alert, or one entry):
+    every field they all share, shell-quoted. ``command``: how gpuwatch is run from a shell
+    (:func:`~gpuwatch.text.command_name`, already quoted), so the line runs as printed."""
+    first = keys[0]
+    args = ["-c", config_path] if config_path else []
+    args += ["ack", "--rule", first.rule]
+    if first.host != FLEET:
+        args += ["--host", first.host]
+    for name in ("gpu", "user", "pid"):
+        values = {getattr(k, name) for k in keys}
+        if len(values) == 1 and (value := values.pop()) is not None:
+            args += [f"--{name}", str(value)]
+    return f"{command} {shlex.join(args)}"
+
+
+#: What a message without command lines (a group chat) says about acknowledging, once.
+ACK_WORDS = (
+    "An admin can acknowledge these alerts on the gpuwatch host ('gpuwatch ack') to stop the reminders; "
+    "everyone here still hears when they resolve."
+)
+
+
 def _entry_key(t: Transition) -> tuple[str, str, str, str]:
     return (t.kind, t.record.key.rule, t.record.key.host, t.cause or "")
 
@@ -296,10 +322,12 @@ def alert_entry(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
+    command: str | None = "gpuwatch",
 ) -> str:
     """The transitions of one kind, rule and host (and cause) as one entry of a message: a head
     saying what and where, a line per alert in its rule's words, the threshold and times, and for
-    firing ones the line that silences them."""
+    firing ones the line that acknowledges them (``command``: how gpuwatch is run from a shell;
+    None: no command line)."""
     t = entry[0]
     r = t.record
     label = _LABELS.get(t.kind, t.kind.upper())
@@ -324,12 +352,27 @@ def alert_entry(
         return "\n".join(lines)
     since = local_time(min(x.record.since for x in entry), tz)
     if len(entry) == 1:
-        lines.append(f"    now: {said[0].value}; threshold: {threshold}; since {since}")
+        lines.append(f"    now: {_reading(said[0].value)}; threshold: {threshold}; since {since}")
     else:
         lines.append(f"    threshold: {threshold}; since {since}")
-    mute = silence_command([x.record.key for x in entry], config_path)
-    lines.append(f"    mute {'it' if len(entry) == 1 else 'them'}: {mute}")
+    if command is not None:
+        ack = ack_command([x.record.key for x in entry], config_path, command)
+        lines.append(f"    an admin can acknowledge {'it' if len(entry) == 1 else 'them'}: {ack}")
     return "\n".join(lines)
+
+
+def _reading(value: str) -> str:
+    """A value as a person reads it: a code word such as ``driver_mismatch`` in words."""
+    return value.replace("_", " ") if re.fullmatch(r"[a-z]+(_[a-z]+)+", value) else value
+
+
+def _counted(word: str, entries: Sequence[Sequence[Transition]]) -> list[str]:
+    """``2 firing``, counting entries as the message shows them; with the alerts they hold when
+    an entry holds several: ``2 firing (9 alerts)``."""
+    if not entries:
+        return []
+    alerts = sum(len(e) for e in entries)
+    return [f"{len(entries)} {word}" + (f" ({plural(alerts, 'alert')})" if alerts != len(entries) else "")]
 
 
 def alert_message(
@@ -340,22 +383,26 @@ def alert_message(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
+    command: str | None = "gpuwatch",
 ) -> Message | None:
     """New, reminded and resolved alerts and notices of one cycle, grouped in one message: the
-    alerts of one rule on one host are one entry. ``config_path``: the config file the daemon
-    runs with, named in the silence lines (so they work from any directory). ``rules``: the
-    registry whose words say them (a test may add a rule)."""
+    alerts of one rule on one host are one entry, and the title counts entries. ``config_path``:
+    the config file the daemon runs with, named in the ack lines (so they work from any
+    directory). ``command``: how gpuwatch is run from a shell, for the ack line under each firing
+    entry; None: no command lines, the message says once in words how to acknowledge (a group
+    chat). ``rules``: the registry whose words say them (a test may add a rule)."""
     if not transitions and not notices:
         return None
     order = {"firing": 0, "reminder": 1, "resolved": 2}
     ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), t.cause or "", _key_order(t.record.key)))
-    firing = sum(t.kind != "resolved" for t in ordered)
-    resolved = len(ordered) - firing
-    counts = [f"{firing} firing"] if firing else []
-    counts += [f"{resolved} resolved"] if resolved else []
-    counts += [plural(len(notices), "notice")] if notices else []
     entries = [list(group) for _, group in itertools.groupby(ordered, key=_entry_key)]
-    blocks = [alert_entry(entry, tz, config_path, rules=rules) for entry in entries]
+    firing = [e for e in entries if e[0].kind != "resolved"]
+    resolved = [e for e in entries if e[0].kind == "resolved"]
+    counts = _counted("firing", firing) + _counted("resolved", resolved)
+    counts += [plural(len(notices), "notice")] if notices else []
+    blocks = [alert_entry(entry, tz, config_path, rules=rules, command=command) for entry in entries]
+    if firing and command is None:
+        blocks.append(ACK_WORDS)
     blocks += [f"NOTICE {notice_text(n, rules)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]
@@ -493,7 +540,7 @@ def alert_body(blocks: Sequence[str], counts: Sequence[str], severity: str) -> B
         sections.append(Section(head, state, "", tuple(Row((line.strip(),)) for line in rest if line.strip())))
     tags = []
     for count in counts:
-        word = count.partition(" ")[2]
+        word = count.split(" ")[1]  # "2 firing (9 alerts)": firing
         tags.append((count, {"firing": "firing", "resolved": "resolved"}.get(word, "notice")))
     return Body(
         summary=", ".join(counts),

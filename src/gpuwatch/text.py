@@ -15,8 +15,13 @@ Pure, and importing nothing of gpuwatch, so every other module may use it. The c
 from __future__ import annotations
 
 import math
+import os
 import re
 import reprlib
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
 from datetime import datetime, timezone, tzinfo
 
 UNKNOWN = "N/A"
@@ -184,3 +189,22 @@ def quantity(value: float | None, unit: str) -> str:
     if unit in ("%", "°C", "C", ""):
         return number(value, unit)
     return number(value, f" {unit}")
+
+
+def command_name(
+    executable: str = sys.executable,
+    which: Callable[[str], str | None] = shutil.which,
+) -> str:
+    """How a printed command line starts so that it runs as printed, pasted in a shell:
+    ``gpuwatch`` when that name on the PATH is this gpuwatch (beside ``executable``, the Python
+    running it), else the absolute path of the ``gpuwatch`` script beside that Python (a venv
+    not on the PATH: systemd, cron), else ``<python> -m gpuwatch``. Reads the file system, no
+    more (``executable`` and ``which`` are parameters for tests)."""
+    beside = os.path.join(os.path.dirname(executable), "gpuwatch")
+    here = os.path.isfile(beside) and os.access(beside, os.X_OK)
+    found = which("gpuwatch")
+    if found and (not here or os.path.realpath(found) == os.path.realpath(beside)):
+        return "gpuwatch"
+    if here:
+        return shlex.quote(beside)
+    return shlex.join([executable, "-m", "gpuwatch"])

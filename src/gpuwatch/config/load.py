@@ -193,12 +193,17 @@ def _parse_free(raw: object) -> FreeGpuConfig:
     return FreeGpuConfig(**values)
 
 
+#: ``alerts.command_lines``: which channels' alerts carry a shell line (admins: those that reach
+#: admins only, e-mail; a group chat gets words instead).
+COMMAND_LINES = ("admins", "all", "none")
+
+
 def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
     """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry)."""
     if raw is None:
         return AlertsConfig(rules=default_rules())
     section = mapping(raw, "alerts")
-    check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
+    check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes", "command_lines"), "alerts")
     # An alerts: section lists what the admin wants: rules it leaves out are off.
     v: dict[str, Any] = {"rules": parse_rules(section, "alerts")}
     if "send_resolved" in section:
@@ -207,6 +212,8 @@ def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
         v["for_seconds"] = parse_duration(section["for"], "alerts.for")
     if "repeat_every" in section:
         v["repeat_every"] = positive_duration(section["repeat_every"], "alerts.repeat_every")
+    if "command_lines" in section:
+        v["command_lines"] = choice(section["command_lines"], "alerts.command_lines", COMMAND_LINES)
     if "routes" in section:
         routes = mapping(section["routes"], "alerts.routes")
         check_keys(routes, (*RULE_NAMES, "default"), "alerts.routes")
