@@ -639,3 +639,87 @@ def test_a_broken_driver_is_gpu_error_and_not_also_host_down(
     (_, now_down) = alert_bodies(feishu)
     said = card_text(now_down)
     assert "FIRING host_down (gpu-c)" in said and "has not answered for 5 polls" in said
+
+
+# ---------------------------------------------------------------- acknowledge versus silence
+
+
+def ack_lines(text: str) -> list[str]:
+    """The command lines under firing entries ("an admin can acknowledge it: <line>")."""
+    marks = ("an admin can acknowledge it: ", "an admin can acknowledge them: ")
+    return [line.strip().split(": ", 1)[1] for line in text.splitlines() if line.strip().startswith(marks)]
+
+
+def test_acknowledged_with_the_printed_line_no_reminder_and_the_group_hears_resolved_once(
+    fleet: Fleet,
+    known_hosts: Path,
+    tmp_path: Path,
+    feishu: FakeFeishu,
+    smtp_server: LocalSMTPServer,
+) -> None:
+    """A real daemon over SSH, reminders every 8s, alerts to the group (Feishu) and the admins
+    (e-mail). FIRING reaches both; only the e-mail carries the ack line (the group is told in
+    words). The line, run as printed by a shell whose PATH has no gpuwatch (as under systemd or
+    cron), acknowledges the alert: no reminder follows; the fault clears: RESOLVED reaches the
+    group exactly once, and the ack ends by itself."""
+    assert smtp_server.login is not None
+    address = fleet.addresses[0]
+    owners = fleet.default_owner_map()
+
+    def hot(*gpus: int) -> None:  # a busy H100 row is at 59 C
+        scenario_healthy_multi_gpu(fleet.scenario_dir(address), 4, busy_gpus=gpus, owners_pids=owners)
+
+    hot(0)
+    doc = base_config(
+        tmp_path,
+        feishu,
+        [{"name": "gpu-a", "address": address}],
+        ssh=ssh_defaults(fleet, known_hosts),
+        alerts={"temperature_above": 55, "repeat_every": "8s"},
+        email=email_section(smtp_server),
+    )
+    config = write_config(tmp_path / "config.yaml", doc)
+    bare_path = "/usr/sbin:/usr/bin:/sbin:/bin"  # no gpuwatch here (the service's PATH)
+    env = {**os.environ, "PATH": bare_path, PASSWORD_ENV: smtp_server.login[1]}
+    assert subprocess.run(["bash", "-c", "command -v gpuwatch"], env=env, capture_output=True).returncode != 0
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        wait_for(lambda: len(alert_bodies(feishu)) >= 1 and len(smtp_server.received) >= 1, 20, "FIRING")
+        fired_at = time.monotonic()
+        group = card_text(alert_bodies(feishu)[0])
+        assert "FIRING temperature_above (gpu-a, GPU 0)" in group
+        assert "An admin can acknowledge these alerts on the gpuwatch host" in group and "ack --rule" not in group
+        mail = smtp_server.received[0].text
+        (line,) = ack_lines(mail)
+        assert line.endswith(f"-c {config} ack --rule temperature_above --host gpu-a --gpu 0")
+        assert not line.startswith("gpuwatch ")  # not on that PATH: the absolute path
+
+        acked = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=60)
+        assert acked.returncode == 0, acked.stderr
+        assert acked.stdout.startswith("ack #1 added by ")
+        assert "1 firing alert (rule=temperature_above host=gpu-a gpu=0): no more reminders" in acked.stdout
+        assert time.monotonic() - fired_at < 8, "acknowledged too late to show that no reminder follows"
+
+        code, shown = cli(config, "alerts")
+        assert code == 0  # acknowledged: nothing for a script to page about
+        assert "FIRING (acknowledged #1) temperature_above" in shown and "acknowledged by " in shown
+        wait_for(lambda: time.monotonic() - fired_at > 12, 20, "past the time of a reminder")
+        assert len(alert_bodies(feishu)) == 1 and len(smtp_server.received) == 1  # no reminder
+
+        hot()  # the fault clears
+        wait_for(lambda: len(alert_bodies(feishu)) >= 2 and len(smtp_server.received) >= 2, 20, "RESOLVED")
+        time.sleep(3)  # a few more polls: nothing more
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0, err.decode()
+    bodies = [card_text(b) for b in alert_bodies(feishu)]
+    assert len(bodies) == 2 and "STILL FIRING" not in "\n".join(bodies)
+    assert bodies[1].count("RESOLVED temperature_above (gpu-a, GPU 0)") == 1
+    assert "RESOLVED temperature_above (gpu-a, GPU 0)" in smtp_server.received[1].text
+    assert cli(config, "ack", "list") == (0, "no acks in force\n")  # it ended with its alert
