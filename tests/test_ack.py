@@ -13,19 +13,22 @@ import json
 import os
 import stat
 import time
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 
-from builders import HOUR, MIN, T0, Engine, alerts_config, alice, h100_host, kinds
+from builders import HOUR, MIN, T0, Engine, alerts_config, alice, down, error_host, h100_host, kinds
+from fleet import ERR_VERSION_MISMATCH
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError
 from gpuwatch.config.load import parse_config
+from gpuwatch.config.records import FreeGpuConfig
 from gpuwatch.message import Body
+from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify.feishu_card import designed
-from gpuwatch.report import ACK_WORDS, alert_message
+from gpuwatch.report import ACK_WORDS, alert_message, free_report, overview
 from gpuwatch.rules import Ack, AlertKey, AlertRecord, Transition, acknowledged_ids
 from gpuwatch.store import AlertStore, open_db
 from gpuwatch.text import command_name
@@ -225,3 +228,18 @@ def test_silence_add_for_a_user_never_seen_warns_with_the_closest_names(
     assert "gpuwatch silence remove 1" in err
     assert _cli(config, "silence", "add", "--user", "alice", "--for", "1h", "--comment", "x")[0] == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_long_reason_shared_by_hosts_is_said_once_per_report() -> None:
+    broken = [error_host(name, ERR_VERSION_MISMATCH) for name in ("gpu-c", "gpu-d", "gpu-e")]
+    hosts = (h100_host("gpu-a"), *broken, down("gpu-f"))
+    snapshot = FleetSnapshot(taken_at=datetime.fromtimestamp(T0, timezone.utc), hosts=hosts)
+    explanation = broken[0].error
+    assert explanation and len(explanation) > 150
+    for message in (overview(snapshot, FreeGpuConfig()), free_report(snapshot, FreeGpuConfig())):
+        assert message.text.count(explanation) == 1
+        assert "gpu-d: NO DATA (driver_mismatch): the same as gpu-c" in message.text
+        assert "connection refused by gpu-f:22" in message.text  # another reason: said as it is
+        assert message.body is not None
+        said = [s.note for s in message.body.sections if s.title in ("gpu-d", "gpu-e")]
+        assert said == ["NO DATA (driver_mismatch): the same as gpu-c"] * 2

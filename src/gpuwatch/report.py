@@ -46,19 +46,38 @@ def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
     return local_time(snapshot.taken_at, tz)
 
 
-def _down_line(host: HostSnapshot, now: datetime | None = None) -> str:
+def _down_line(host: HostSnapshot, now: datetime | None = None, same_as: str | None = None) -> str:
+    """Why a host has no current data; ``same_as``: a host this report already gave the same
+    reason for (a long explanation, such as a driver mismatch's, is said once per report)."""
     kind = host.error_name
     if host.stale and now is not None:
         last = plural(len(host.gpus), "GPU") if host.ok else f"{kind}: {host.error}"
         return f"{host.name}: STALE, no new result for {format_duration(host.age_seconds(now))} (last: {last})"
+    if same_as is not None:
+        return f"{host.name}: NO DATA ({kind}): the same as {same_as}"
     return f"{host.name}: NO DATA ({kind}): {host.error}"
+
+
+def _said_before(hosts: Iterable[HostSnapshot]) -> dict[str, str]:
+    """Host -> the first host in ``hosts`` that failed with the very same words (not stale)."""
+    first: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for host in hosts:
+        if host.current or host.stale or not host.error:
+            continue
+        said = first.setdefault(f"{host.error_name}\0{host.error}", host.name)
+        if said != host.name:
+            same[host.name] = said
+    return same
 
 
 def _no_data_block(snapshot: FleetSnapshot) -> list[str]:
     """Hosts that did not answer, said plainly: what they run is not known, not "nothing"."""
     if not snapshot.down:
         return []
-    return ["Not known (no data): " + "; ".join(_down_line(h, snapshot.taken_at) for h in snapshot.down)]
+    same = _said_before(snapshot.down)
+    lines = [_down_line(h, snapshot.taken_at, same.get(h.name)) for h in snapshot.down]
+    return ["Not known (no data): " + "; ".join(lines)]
 
 
 def _gpu_line(gpu: Gpu) -> str:
@@ -75,12 +94,15 @@ def _who(processes: Iterable[GpuProcess]) -> str:
     return "; ".join(parts)
 
 
-def host_block(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> str:
-    """The predecessor's familiar lines for one host, each GPU followed by who is on it."""
+def host_block(
+    host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None, same_as: str | None = None
+) -> str:
+    """The predecessor's familiar lines for one host, each GPU followed by who is on it
+    (``same_as``: see :func:`_down_line`)."""
     if not host.current:
         # A host whose GPUs failed may still say what else is wrong (its disk is full).
         problems = [] if host.stale else host_problems(host)
-        return "\n".join([_down_line(host, now), *(f"    {p}" for p in problems)])
+        return "\n".join([_down_line(host, now, same_as), *(f"    {p}" for p in problems)])
     lines = [f"GPU for {host.name}"]
     for gpu in host.gpus:
         procs = host.processes_on(gpu)
@@ -104,9 +126,10 @@ def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
     summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     # Hosts without data first: they are what someone must act on.
     hosts = sorted(snapshot.hosts, key=lambda h: h.current)
+    same = _said_before(hosts)
     return Message(
         title=f"GPU overview {_stamp(snapshot)}: {summary}",
-        blocks=tuple(host_block(h, thresholds, snapshot.taken_at) for h in hosts),
+        blocks=tuple(host_block(h, thresholds, snapshot.taken_at, same.get(h.name)) for h in hosts),
         kind="report",
         body=overview_body(snapshot, thresholds),
     )
@@ -458,15 +481,18 @@ def _host_note(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
     return f"{kinds or '0 GPUs'} · {free} free"
 
 
-def _down_section(host: HostSnapshot, now: datetime | None) -> Section:
-    words = _down_line(host, now).removeprefix(f"{host.name}: ")
+def _down_section(host: HostSnapshot, now: datetime | None, same_as: str | None = None) -> Section:
+    words = _down_line(host, now, same_as).removeprefix(f"{host.name}: ")
     return Section(host.name, "stale" if host.stale else "down", words)
 
 
-def host_section(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> Section:
-    """A host as a section: its GPUs as rows; a host without current data, its reason."""
+def host_section(
+    host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None, same_as: str | None = None
+) -> Section:
+    """A host as a section: its GPUs as rows; a host without current data, its reason
+    (``same_as``: see :func:`_down_line`)."""
     if not host.current:
-        return _down_section(host, now)
+        return _down_section(host, now, same_as)
     rows = [gpu_row(host, gpu, thresholds) for gpu in host.gpus]
     stray = [p for p in host.processes if p.gpu_index is None]
     if stray:
@@ -482,6 +508,7 @@ def overview_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
     down += f", {t.hosts_stale} stale" if t.hosts_stale else ""
     summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     hosts = sorted(snapshot.hosts, key=lambda h: h.current)
+    same = _said_before(hosts)
     tags = [(f"{t.free_gpus} free", "free")]
     tags += [(f"{t.hosts_down} down", "down")] if t.hosts_down else []
     tags += [(f"{t.hosts_stale} stale", "stale")] if t.hosts_stale else []
@@ -489,7 +516,7 @@ def overview_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
     return Body(
         summary=summary,
         state=state,
-        sections=tuple(host_section(h, thresholds, snapshot.taken_at) for h in hosts),
+        sections=tuple(host_section(h, thresholds, snapshot.taken_at, same.get(h.name)) for h in hosts),
         tags=tuple(tags),
     )
 
@@ -516,7 +543,8 @@ def free_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
             sections.append(Section(host.name, "free", f"{len(free)} free of {len(host.gpus)}", rows))
     if not sections:
         sections.append(Section("No GPU is free right now.", "busy"))
-    sections += [_down_section(h, snapshot.taken_at) for h in snapshot.down]
+    same = _said_before(snapshot.down)
+    sections += [_down_section(h, snapshot.taken_at, same.get(h.name)) for h in snapshot.down]
     tags = [(f"{t.free_gpus} free", "free")] + ([(f"{len(snapshot.down)} no data", "down")] if snapshot.down else [])
     return Body(
         summary=f"{t.free_gpus} of {plural(t.gpus, 'GPU')} free",
