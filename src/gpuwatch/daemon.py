@@ -224,12 +224,13 @@ class Daemon:
 
     def command_lines(self, channel: str) -> bool:
         """Whether channel ``channel``'s alerts carry the ``gpuwatch ack`` line (``alerts.command_lines``):
-        by default only a channel that reaches admins, not a group (e-mail, which carries no reports)."""
+        by default only a channel that reaches admins, not a group: e-mail (which carries no
+        reports), and gpuwatch's own console (the terminal of whoever runs it: ``demo``, no channel)."""
         setting = self.config.alerts.command_lines
         if setting != "admins":
             return setting == "all"
         spec = channel_spec(channel)
-        return spec is not None and not spec.carries_reports
+        return spec is None or not spec.carries_reports
 
     @property
     def dry_run(self) -> bool:
