@@ -25,12 +25,13 @@ from gpuwatch.cli import main
 from gpuwatch.config import ConfigError
 from gpuwatch.config.load import parse_config
 from gpuwatch.config.records import FreeGpuConfig
+from gpuwatch.daemon import Daemon
 from gpuwatch.message import Body
 from gpuwatch.model import FleetSnapshot
 from gpuwatch.notify.feishu_card import designed
 from gpuwatch.report import ACK_WORDS, alert_message, free_report, overview
 from gpuwatch.rules import Ack, AlertKey, AlertRecord, Transition, acknowledged_ids
-from gpuwatch.store import AlertStore, open_db
+from gpuwatch.store import AlertStore, Outbox, open_db
 from gpuwatch.text import command_name
 
 KEY = "max_gpus_per_user|gpu-a||alice||"
@@ -243,3 +244,20 @@ def test_a_long_reason_shared_by_hosts_is_said_once_per_report() -> None:
         assert message.body is not None
         said = [s.note for s in message.body.sections if s.title in ("gpu-d", "gpu-e")]
         assert said == ["NO DATA (driver_mismatch): the same as gpu-c"] * 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("admins", {"feishu": False, "email": True, "console": True}),
+        ("all", dict.fromkeys(("feishu", "email", "console"), True)),
+        ("none", dict.fromkeys(("feishu", "email", "console"), False)),
+    ],
+)
+def test_which_channels_get_the_command_line(setting: str, expected: dict[str, bool]) -> None:
+    doc = {"hosts": ["gpu-a"], "alerts": {"host_down": True, "command_lines": setting}}
+    config = parse_config(doc)
+    db = open_db(None)
+    daemon = Daemon(config, None, Outbox(db), {}, alert_store=AlertStore(db))  # type: ignore[arg-type]
+    assert {name: daemon.command_lines(name) for name in expected} == expected
+    db.close()
