@@ -1,6 +1,7 @@
 """One place for the small words every output shares: durations, counts, times, the unknown value.
 
-Pure, and importing nothing of gpuwatch, so every other module may use it. The conventions:
+Pure (but for :func:`command_name`, which looks at the file system and PATH when called), and
+importing nothing of gpuwatch, so every other module may use it. The conventions:
 
 - the unknown value is ``N/A`` wherever people read (``null`` in JSON): never ``?``, never a unit
   after it (``N/A``, not ``N/A MiB``);
