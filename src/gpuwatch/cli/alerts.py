@@ -16,14 +16,14 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import TextIO
 
 from ..config import Config, ConfigError, parse_duration
-from ..render import AlertRow, alert_rows, alert_state_stale, alerts_dict, silence_dict
+from ..render import AlertRow, ack_dict, alert_rows, alert_state_stale, alerts_dict, silence_dict
 from ..report import alert_words
 from ..rules import RULE_NAMES, Ack, AlertRecord, Silence, matching_firing
 from ..store import AlertStore, open_db
-from ..text import format_duration, iso_time, local_time, plural
+from ..text import format_duration, local_time, plural
 from .common import EXIT_FAILED, EXIT_OK, UsageError, write_json
 
 
@@ -155,11 +155,10 @@ def cmd_alerts(
         return code
     poll_every = config.schedule.poll_every
     if as_json:
-        doc = alerts_dict(records, silences, now, include_pending, taken_at=taken_at, poll_every=poll_every)
+        doc = alerts_dict(
+            records, silences, now, include_pending, taken_at=taken_at, poll_every=poll_every, acks=acks
+        )
         doc["alerts"] = [a for a in doc["alerts"] if _wanted(records[a["id"]], rule, host)]
-        for alert in doc["alerts"]:
-            alert["acknowledged"] = [ack_dict(a) for a in acked.get(alert["id"], [])]
-        doc["acks"] = [ack_dict(a) for a in acks if a.live(records, now)]
         write_json(doc, out)
         return code
     out.write(_state_line(taken_at, now, poll_every, str(config.state_dir)) + "\n")
@@ -186,19 +185,6 @@ def _write_row(row: AlertRow, acks: list[Ack], silences: Mapping[int, Silence], 
     for sid in row.silenced_by:
         s = silences[sid]
         out.write(f"           silence #{sid} until {local_time(s.ends_at)}{_by(s)}: {s.comment}\n")
-
-
-def ack_dict(ack: Ack) -> dict[str, Any]:
-    """An ack for programs: who, when, why, what it matched and which alerts it covers."""
-    return {
-        "id": ack.id,
-        "author": ack.author,
-        "created_at": iso_time(ack.created_at),
-        "comment": ack.comment,
-        "ends_at": None if ack.ends_at is None else iso_time(ack.ends_at),
-        **{k: getattr(ack, k) for k in ("rule", "host", "user", "gpu", "pid")},
-        "alerts": sorted(ack.alerts),
-    }
 
 
 def _by(item: Silence | Ack) -> str:
