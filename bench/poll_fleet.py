@@ -125,8 +125,21 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def daemon_run(fleet: Fleet, config_doc: dict[str, object], seconds: float, tmp: Path) -> dict[str, float]:
-    """``gpuwatch run`` for ``seconds`` (polls only, alerts on, no reports): CPU per host-poll, RSS."""
+def before_tree(ref: str) -> Path:
+    """``git archive <ref>``'s src/ in a temp dir: the version ``--before`` compares with."""
+    target = Path(tempfile.mkdtemp(prefix="gpuwatch-before-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target / "src"
+
+
+def daemon_run(
+    fleet: Fleet, config_doc: dict[str, object], seconds: float, tmp: Path, src: Path | None = None
+) -> dict[str, float]:
+    """``gpuwatch run`` for ``seconds`` (polls only, alerts on, no reports): CPU per host-poll, RSS.
+    ``src``: run that tree's gpuwatch (``--before``) instead of this checkout's."""
+    tmp = tmp / ("before" if src else "after")
+    tmp.mkdir(exist_ok=True)
     with FakeFeishu(keywords=["GPU"]) as server:
         doc = {
             **config_doc,
@@ -140,6 +153,7 @@ def daemon_run(fleet: Fleet, config_doc: dict[str, object], seconds: float, tmp:
             [sys.executable, "-m", "gpuwatch", "run", "-c", str(path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(src or ROOT / "src")},
         )
         try:
             time.sleep(min(10.0, seconds / 3))  # connected, first round done
@@ -162,7 +176,13 @@ def rss_kib(pid: int) -> int:
 
 
 def bench(
-    fleet: Fleet, count: int, sleep: float, rounds: int, light: Path | None, daemon_seconds: float
+    fleet: Fleet,
+    count: int,
+    sleep: float,
+    rounds: int,
+    light: Path | None,
+    daemon_seconds: float,
+    before: Path | None = None,
 ) -> dict[str, float]:
     addresses = fleet.addresses[:count]
     for address in addresses:
@@ -207,11 +227,13 @@ def bench(
                 assert len(snapshot.answered) == count, [h.error for h in snapshot.down]
         finally:
             poller.close()
-        daemon = (
-            daemon_run(fleet, yaml.safe_load(config_path.read_text()), daemon_seconds, Path(tmp))
-            if daemon_seconds
-            else {}
-        )
+        daemon: dict[str, float] = {}
+        if daemon_seconds:
+            doc = yaml.safe_load(config_path.read_text())
+            if before is not None:  # the same fleet, one after the other, in this one run
+                old = daemon_run(fleet, doc, daemon_seconds, Path(tmp), before)
+                daemon.update({f"before_{k}": v for k, v in old.items()})
+            daemon.update(daemon_run(fleet, doc, daemon_seconds, Path(tmp)))
     best = min(range(rounds), key=lambda i: walls[i])
     return {
         "hosts": count,
@@ -234,7 +256,9 @@ def main() -> int:
         "--light", action="store_true", help="use a /bin/sh stand-in (same output) instead of the Python one"
     )
     parser.add_argument("--daemon-seconds", type=float, default=30, help="how long to measure the daemon (0: skip)")
+    parser.add_argument("--before", help="also measure the daemon of this git ref, in the same run (e.g. main~5)")
     args = parser.parse_args()
+    before = before_tree(args.before) if args.before else None
     reason = fleet_unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
@@ -247,7 +271,7 @@ def main() -> int:
     with Fleet(max(args.counts)) as fleet, tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         light = light_standin(Path(tmp), args.sleep) if args.light else None
         for count in args.counts:
-            r = bench(fleet, count, args.sleep, args.rounds, light, args.daemon_seconds)
+            r = bench(fleet, count, args.sleep, args.rounds, light, args.daemon_seconds, before)
             daemon = (
                 f"{r['daemon_cpu_per_poll_ms']:>13.1f}ms  {r['daemon_rss_mib']:>5.0f}MiB"
                 if "daemon_rss_mib" in r
@@ -258,6 +282,11 @@ def main() -> int:
                 f"{r['steady_wall_s']:>10.2f}s  {r['all_at_once_wall_s']:>10.2f}s  "
                 f"{r['steady_wall_s'] / r['all_at_once_wall_s']:>5.2f}x  {daemon}"
             )
+            if "before_daemon_rss_mib" in r:
+                print(
+                    f"{'':>5}  {'before ' + args.before:>60}  {r['before_daemon_cpu_per_poll_ms']:>13.1f}ms  "
+                    f"{r['before_daemon_rss_mib']:>5.0f}MiB"
+                )
     print(f"(machine: {os.cpu_count()} cores)")
     return 0
 

@@ -7,7 +7,8 @@ branch left main, ``git merge-base main HEAD``) and ``after`` (this checkout). E
 process of its own, polls every host at once
 ``--rounds`` times over open connections, and reports per host-poll:
 
-- client CPU (user + system seconds of the gpuwatch process, divided by hosts x rounds);
+- client CPU (user + system seconds of the gpuwatch process, divided by hosts x rounds), and the
+  same without the first round (steady state: connections open, health fields learned);
 - wall time of a round (all hosts at once), and of the first round alone (it connects, and the
   ``after`` version learns each host's health fields there);
 - bytes of probe output per host.
@@ -36,7 +37,10 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import gpuwatch, gpuwatch.ssh
 from gpuwatch.cli import build_poller
-from gpuwatch.config.load import parse_config
+try:
+    from gpuwatch.config.load import parse_config
+except ImportError:  # a gpuwatch from before config became a package
+    from gpuwatch.config import parse_config
 
 doc = json.loads(sys.argv[2])
 rounds = int(sys.argv[3])
@@ -51,18 +55,23 @@ gpuwatch.ssh.SshConnection.run_script = counting
 poller = build_poller(config)
 walls = []
 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+def used(a, b):
+    return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
 try:
-    for _ in range(rounds):
+    for i in range(rounds):
         started = time.perf_counter()
         snapshot = poller.poll()
         walls.append(time.perf_counter() - started)
         assert all(h.ok for h in snapshot.hosts), [h.error for h in snapshot.hosts if not h.ok]
+        if i == 0:
+            after_first = resource.getrusage(resource.RUSAGE_SELF)
 finally:
     poller.close()
 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({
     "gpuwatch": gpuwatch.__file__,
-    "cpu": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+    "cpu": used(cpu0, cpu1),
+    "steady_cpu": used(after_first, cpu1),
     "walls": walls,
     "bytes": sizes,
 }))
@@ -102,9 +111,12 @@ def main(argv: list[str]) -> int:
     if reason:
         print(f"cannot run: {reason}")
         return 2
-    ref = args.before or subprocess.run(
-        ["git", "-C", str(ROOT), "merge-base", "main", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    ref = (
+        args.before
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "merge-base", "main", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     versions = {"before": before_tree(ref), "after": ROOT / "src"}
     try:
         return _run(args, versions)
@@ -129,13 +141,18 @@ def _run(args: argparse.Namespace, versions: dict[str, Path]) -> int:
             results.setdefault(name, []).append(result)
     polls = args.hosts * args.rounds
     print(f"{args.hosts} hosts x {args.rounds} rounds, each version run twice (alternating); per host-poll:")
-    print(f"{'version':8} {'client CPU ms':>14} {'round wall ms (median)':>23} {'first round ms':>15} {'bytes':>7}")
+    print(
+        f"{'version':8} {'client CPU ms':>14} {'steady CPU ms':>14} {'round wall ms (median)':>23} "
+        f"{'first round ms':>15} {'bytes':>7}"
+    )
     for name, runs in results.items():
         cpu = statistics.mean(r["cpu"] for r in runs) / polls * 1000  # type: ignore[operator]
+        # without the first round (connecting, learning each host's health fields)
+        steady_cpu = statistics.mean(r["steady_cpu"] for r in runs) / (polls - args.hosts) * 1000  # type: ignore[operator]
         steady = statistics.median(w for r in runs for w in r["walls"][1:])  # type: ignore[index]
         first = statistics.mean(r["walls"][0] for r in runs)  # type: ignore[index]
         size = statistics.median(b for r in runs for b in r["bytes"][args.hosts :])  # type: ignore[index]
-        print(f"{name:8} {cpu:14.2f} {steady * 1000:23.1f} {first * 1000:15.1f} {size:7.0f}")
+        print(f"{name:8} {cpu:14.2f} {steady_cpu:14.2f} {steady * 1000:23.1f} {first * 1000:15.1f} {size:7.0f}")
     return 0
 
 

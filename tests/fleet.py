@@ -45,9 +45,10 @@ Hosts that behave differently
 -----------------------------
 * :meth:`Fleet.add_host` starts an extra sshd for one more address (same port) with its own host key
   (fresh by default, or a given :class:`HostKey`); :meth:`Fleet.remove_host` kills it and all its
-  connections (a host that goes down).  "Host key changed": write a known_hosts entry for that address
-  with the fleet's key (:meth:`Fleet.known_hosts_text`) and serve it with another key, or remove the host
-  and add it back with ``host_key=fleet.new_host_key()``.
+  connections (a host that goes down: the connections drop before any command of theirs ends).
+  "Host key changed": write a known_hosts entry for that address with the fleet's key
+  (:meth:`Fleet.known_hosts_text`) and serve it with another key, or remove the host and add it back
+  with ``host_key=fleet.new_host_key()``.
 * :meth:`Fleet.refused_address` is an address in 127/8 where nothing listens on the fleet port.
 """
 
@@ -576,6 +577,36 @@ def _kill_tree(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def _is_sshd(pid: int) -> bool:
+    """The listener or a connection's process (``sshd``, OpenSSH 9.8+ ``sshd-session``, ``sshd-auth``)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("sshd")
+    except OSError:
+        return False
+
+
+def _cut_connections(root: int, timeout: float = 5.0) -> None:
+    """SIGKILL the listening sshd under ``root`` (the reaper), so that no new connection is taken,
+    then every other sshd process under it (each connection's), until none is left: each
+    connection closes there and then, before any command of its session ends. The sessions'
+    processes are orphaned to the reaper (a child subreaper) and ended by :func:`_kill_tree`."""
+    deadline = time.monotonic() + timeout
+    table = _proc_table()
+    listeners = [p for p, (ppid, _) in table.items() if ppid == root and _is_sshd(p)]
+    for pid in listeners:
+        _signal(pid, signal.SIGKILL)
+    while time.monotonic() < deadline and any(_proc_table().get(p, (0, "Z"))[1] != "Z" for p in listeners):
+        time.sleep(0.005)  # a client reconnecting now is refused, never served by a dying sshd
+    while time.monotonic() < deadline:
+        table = _proc_table()
+        found = [p for p in _descendants(root, table) if table[p][1] != "Z" and _is_sshd(p)]
+        if not found:
+            return
+        for pid in reversed(found):  # the deepest first: the process holding the socket goes at once
+            _signal(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def _kill_by_environ(marker: bytes) -> list[int]:
@@ -1108,10 +1139,16 @@ class Fleet:
         return key
 
     def remove_host(self, address: str) -> None:
-        """Stop a host added with :meth:`add_host`, dropping its open connections (a host going down)."""
+        """Stop a host added with :meth:`add_host`, dropping its open connections (a host going down).
+
+        The connections go first, all at once: a client never hears how a command it was running
+        ended (as when a machine loses power or its network). Ending the sessions' commands first
+        would let sshd forward "killed: exit 143" and a clean exit status, which is what a command
+        killed on a live host looks like, not a host going down."""
         sshd = self._extra.pop(address, None)
         if sshd is None:
             raise FleetError(f"{address} was not added with add_host")
+        _cut_connections(sshd.proc.pid)
         _kill_tree(sshd.proc)
         if sshd.proc.stdout:
             sshd.proc.stdout.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fleet import (
     MIG_QUERY,
     Fleet,
     FleetError,
+    _descendants,
+    _proc_table,
     capture_bytes,
     fleet_unavailable_reason,
     gpu_bus_id,
@@ -33,6 +36,7 @@ from fleet import (
     scenario_mig,
     scenario_sleep,
 )
+from waiting import wait_for
 
 GPU_FIELDS = "index,uuid,name,pci.bus_id,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 APP_FIELDS = "pid,gpu_uuid,gpu_bus_id,used_gpu_memory,process_name"
@@ -274,6 +278,53 @@ def test_added_host_with_another_key_is_rejected_then_goes_down(fleet: Fleet, tm
         client.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((address, fleet.port), timeout=2).close()
+
+
+def test_a_host_removed_mid_command_drops_the_connection_before_its_commands_end(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A host going down cuts its connections: the client never hears how a command it was running
+    ended. (Before: the command was sent SIGTERM first while sshd still forwarded, so the client got
+    "killed: 143" and a clean exit status, as if someone had killed nvidia-smi on a live host; the
+    web page then said "probe failed (exit 143)" instead of "unreachable", 1 run in 5.)"""
+    address = "127.0.0.41"
+    fleet.add_host(address)
+    known = fleet.write_known_hosts(tmp_path / "known", [address])
+    client = connect(fleet, address, known)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(run_script(client, "echo started; sleep 20; echo ended by $?\n", timeout=15))
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    root = fleet._extra[address].proc.pid  # the sshd's reaper: every session process is under it
+    try:
+        worker.start()
+        wait_for(lambda: "sleep 20" in _commands_under(root), 10, "the sleep")
+        fleet.remove_host(address)
+        worker.join(20)
+    finally:
+        client.close()
+    assert not worker.is_alive()
+    (result,) = outcome
+    if isinstance(result, tuple):  # the channel closed with the transport: no exit status (-1)
+        status, out, _ = result
+        assert status == -1 and "ended by" not in out, result
+    assert _commands_under(root) == []  # and nothing of the session is left
+
+
+def _commands_under(root: int) -> list[str]:
+    """Command lines of the processes under ``root``."""
+    lines = []
+    for pid in _descendants(root, _proc_table()):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            continue
+    return lines
 
 
 def test_refused_address(refused_address: str, fleet_port: int) -> None:

@@ -134,7 +134,7 @@ def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse.table", "gpuwatch.probe.gpu", "gpuwatch.ssh.hostkeys"} <= set(MODULES)
 
 
-@pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.metrics"])
+@pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.pageview", "gpuwatch.metrics"])
 def test_the_page_and_metrics_read_never_act(module: str) -> None:
     """They read the fleet state and the store; they never poll, connect or send."""
     forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")

@@ -660,7 +660,7 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     # what, where, who, since when, the threshold
     assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
-    assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00 UTC" in text
+    assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00:00 UTC" in text
     assert "FIRING host_down (gpu-b)" in text and "connection refused" in text
     # the three hot GPUs of gpu-a: one entry, a line each, one threshold, one ack line
     hot = next(b for b in message.blocks if "temperature_above" in b and "FIRING" in b)
@@ -669,11 +669,11 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
         "    gpu-a GPU 0 is at 59°C",
         "    gpu-a GPU 1 is at 59°C",
         "    gpu-a GPU 2 is at 59°C",
-        "    threshold: at most 55°C; since 2027-01-15 08:00 UTC",
+        "    threshold: at most 55°C; since 2027-01-15 08:00:00 UTC",
         "    an admin can acknowledge them: gpuwatch ack --rule temperature_above --host gpu-a",
     ]
     assert "RESOLVED temperature_above (gpu-a, GPU 3)" in text
-    assert "fired 2027-01-15 07:00 UTC, resolved 2027-01-15 08:00 UTC (lasted 1h)" in text
+    assert "fired 2027-01-15 07:00:00 UTC, resolved 2027-01-15 08:00:00 UTC (lasted 1h)" in text
     assert "NOTICE gpu-a GPU 3 (NVIDIA H100 80GB HBM3) is free now" in text
     # firing first, then resolved, then notices; one entry per kind, rule and host
     assert text.index("FIRING") < text.index("RESOLVED") < text.index("NOTICE")
@@ -1044,7 +1044,7 @@ def test_a_daemon_upgraded_in_place_reads_the_old_alert_state(tmp_path: Path) ->
     assert (
         "RESOLVED max_runtime (gpu-a, user alice, pid 4102)\n"
         "    was: alice's process 4102 (python3 train.py --epochs 90) on gpu-a GPU 2 has run 3d1m\n"
-        "    threshold: at most 3d; fired 2027-01-15 08:00 UTC, resolved 2027-01-15 09:00 UTC (lasted 1h)"
+        "    threshold: at most 3d; fired 2027-01-15 08:00:00 UTC, resolved 2027-01-15 09:00:00 UTC (lasted 1h)"
     ) in message.text  # the old record's own words, as 0.1.0 saved them
     assert "was: alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)\n    threshold: at most 2 per host;" in message.text
     assert sorted(notice_text(n) for n in engine.notices) == [

@@ -8,6 +8,8 @@ import gzip
 import io
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -23,9 +25,11 @@ from gpuwatch.attribution import AttributionSettings, CgroupRead, ContainerInfo,
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, FreeGpuConfig, WebConfig
 from gpuwatch.config.load import parse_config
+from gpuwatch.demo import demo_config
 from gpuwatch.fleet import FleetState
 from gpuwatch.metrics import build_registry
-from gpuwatch.model import HostErrorKind, HostSnapshot, PsEntry
+from gpuwatch.model import GpuProcess, HostErrorKind, HostSnapshot, PsEntry
+from gpuwatch.pageview import AlertView, proc_view
 from gpuwatch.parse import attribute, parse_compute_apps, parse_query_gpu
 from gpuwatch.render import fleet_table, snapshot_dict
 from gpuwatch.rules import RULES, AlertKey, AlertRecord
@@ -510,3 +514,249 @@ def test_the_page_names_the_person_behind_a_process_as_status_does_with_the_ps_u
     assert '<p class="where">bob: docker train-llm, pytorch:24.01; run as alice</p>' in html
     assert 'title="pid 11327, run as alice: python3 train.py --bf16"' in html
     assert '<b class="user">alice</b>' not in html
+
+
+# ---------------------------------------------------------------- the page for people and walls (issue 19)
+
+
+def eight_gpu_host(name: str, busy: int = 3) -> HostSnapshot:
+    """``busy`` GPUs under load (alice's processes from the real capture) and the rest idle, 8 in all."""
+    loaded, idle = busy_host(), host("x", H100_IDLE)
+    gpus = [replace(g, index=i) for i, g in enumerate([*loaded.gpus * busy, *idle.gpus * (8 - busy)])]
+    procs = tuple(replace(p, gpu_index=i) for i in range(busy) for p in loaded.processes)
+    return HostSnapshot(name, name, ok=True, gpus=tuple(gpus), processes=procs, probe_seconds=0.2)
+
+
+def summary_words(html: str) -> list[str]:
+    found = re.search(r'<p class="summary">(.*?)</p>', html)
+    assert found is not None
+    return re.sub("<[^>]+>", " ", found.group(1)).split()
+
+
+def test_a_down_hosts_gpus_count_as_unknown_not_gone(tmp_path: Path) -> None:
+    clock = Clock()
+    state = fleet(clock)
+    state.update(eight_gpu_host("gpu-d"))  # gpu-d answers once with 8 GPUs, then goes down
+    app = app_for(state, tmp_path)
+    assert summary_words(call(app, "/")[2].decode()) == "4 hosts 4 answered 11 GPUs 6 free".split()
+    clock.step(60)
+    state.update(HostSnapshot.failed("gpu-d", "gpu-d", HostErrorKind.UNREACHABLE, "connection refused"))
+    html = call(app, "/")[2].decode()
+    assert summary_words(html) == "4 hosts 3 answered 1 down 11 GPUs 1 free 8 unknown (no current data)".split()
+    wall = call(app, "/?view=wall")[2].decode()
+    tile = wall[wall.index('data-host="gpu-d"') : wall.index("</section>", wall.index('data-host="gpu-d"'))]
+    assert tile.count('class="cell unknown"') == 8 and "unreachable" in tile and "connection refused" in tile
+
+
+def test_waiting_for_the_first_answer_is_no_fault(tmp_path: Path) -> None:
+    state = FleetState([(n, n) for n in ("gpu-a", "gpu-b", "gpu-c", "gpu-d")], poll_every=60, now=Clock())
+    app = app_for(state, tmp_path)
+    html = call(app, "/")[2].decode()
+    assert summary_words(html) == "4 hosts waiting for the first answer".split()
+    assert 'class="bad"' not in html and "down" not in summary_words(html)
+    assert 'class="problems"' not in html  # no red box while every host is only waiting
+    assert "Waiting for the first answer from gpu-a, gpu-b, gpu-c, gpu-d." in html
+    state.update(busy_host())
+    assert summary_words(call(app, "/")[2].decode()) == (
+        "4 hosts 1 answered 3 waiting for the first answer 1 GPU 0 free".split()
+    )
+
+
+def test_process_labels_are_the_executables_name() -> None:
+    gpu = busy_host().gpus[0]
+    proc = GpuProcess(
+        pid=7,
+        gpu_index=gpu.index,
+        gpu_uuid=gpu.uuid,
+        user="alice",
+        name="/home/alice/my models/with spaces/python3.11",
+        command="/home/alice/my models/with spaces/python3.11 train.py --epochs 3",
+        used_memory_mib=100,
+        runtime_seconds=5,
+    )
+    snap = HostSnapshot("h", "h", ok=True, gpus=(gpu,), processes=(proc,))
+    assert proc_view(snap, proc).name == "python3.11"  # before: "my"
+    unnamed = replace(proc, name="", command="/opt/tools/bin/runner --x")
+    assert proc_view(snap, unnamed).name == "runner"
+
+
+def test_memory_held_with_no_process_says_so_and_why(tmp_path: Path) -> None:
+    state = FleetState([("gpu-h", "gpu-h")], poll_every=60, now=Clock())
+    state.update(replace(busy_host("gpu-h"), processes=()))  # 19818 MiB used, nvidia-smi lists no process
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query())
+    gpu = view.hosts[0].gpus[0]
+    assert (gpu.free, gpu.state) == (False, "held")
+    assert gpu.note.startswith("19,818 MiB in use, no process listed") or gpu.note.startswith("19818 MiB in use")
+    assert "another container or PID namespace" in gpu.note
+    html = call(app_for(state, tmp_path), "/")[2].decode()
+    assert 'class="gpu held"' in html and "MEMORY HELD" in html and "another container or PID namespace" in html
+    assert "HELD" in call(app_for(state, tmp_path), "/?view=wall")[2].decode()
+    state.update(replace(busy_host("gpu-h"), processes=(), gpus=(replace(busy_host().gpus[0], memory_used_mib=3),)))
+    assert page_view(state.snapshot(), FreeGpuConfig(), Query()).hosts[0].gpus[0].state == "busy"  # 3 MiB: not held
+    # a process ps could not see says why, too
+    shown = page_view(fleet(Clock()).snapshot(), FreeGpuConfig(), Query())
+    unseen = next(p for h in shown.hosts for g in h.gpus for p in g.processes if p.owner.startswith("pid 11345"))
+    assert "another PID namespace" in unseen.context
+
+
+def test_model_names_once_per_host() -> None:
+    state = FleetState([("big", "big")], poll_every=60, now=Clock())
+    state.update(eight_gpu_host("big"))
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query())
+    assert view.hosts[0].models == "8 × NVIDIA H100 80GB HBM3"
+    app = WebApp(state, lambda: parse_config({"hosts": ["big"]}), WebConfig())
+    for path in ("/", "/?view=wall"):
+        html = call(app, path)[2].decode()
+        assert html.count("NVIDIA H100 80GB HBM3") == 1, path
+
+
+def test_the_per_person_summary_names_container_and_slurm_owners(tmp_path: Path) -> None:
+    view = page_view(owners_fleet(Clock()).snapshot(), FreeGpuConfig(), Query())
+    people = {p.name: p for p in view.people}
+    assert set(people) == {"bob", "carol", "owner unknown"}  # the owners, not the ps users alice and root
+    assert list(people)[-1] == "owner unknown" and "another PID namespace" in people["owner unknown"].where
+    assert (people["bob"].gpus, people["bob"].hosts) == (1, "gpu-a")
+    assert people["bob"].where == "docker train-llm, pytorch:24.01" and people["carol"].where == "slurm 748468"
+    state = FleetState([("gpu-a", "gpu-a"), ("gpu-b", "gpu-b")], poll_every=60, now=Clock())
+    state.update(eight_gpu_host("gpu-a", busy=3))
+    state.update(eight_gpu_host("gpu-b", busy=2))
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query())
+    rows = [(p.name, p.gpus, p.memory, p.hosts) for p in view.people]
+    # per GPU: alice 2566 MiB, verylongusername 2566 MiB (the capture), pid 11345 unseen
+    assert rows[0] == ("alice", 5, f"{5 * 2566 / 1024:.1f} GiB", "gpu-a, gpu-b")
+    assert rows[-1][0] == "owner unknown" and rows[-1][1] == 5
+    html = call(app_for(state, tmp_path), "/")[2].decode()
+    assert 'id="people"' in html and '<th scope="row" class="user" title="">alice</th><td class="n">5</td>' in html
+    assert 'id="people"' in call(app_for(state, tmp_path), "/?view=wall")[2].decode()
+
+
+def test_sorts_free_first_by_memory_and_by_host_kept_in_the_url(tmp_path: Path) -> None:
+    names = ["node-10", "node-2", "node-1"]
+    state = FleetState([(n, n) for n in names], poll_every=60, now=Clock())
+    state.update(eight_gpu_host("node-10", busy=8))
+    state.update(eight_gpu_host("node-2", busy=2))
+    state.update(eight_gpu_host("node-1", busy=5))
+    snapshot = state.snapshot()
+
+    def order(query: str) -> list[str]:
+        return [h.name for h in page_view(snapshot, FreeGpuConfig(), Query.parse(query)).hosts]
+
+    assert order("") == names  # the config's order
+    assert order("sort=host") == ["node-1", "node-2", "node-10"]  # natural order
+    assert order("sort=free") == ["node-2", "node-1", "node-10"]  # most free GPUs first
+    assert order("sort=memory")[-1] == "node-10"  # the host with the least memory free last
+    assert order("sort=bogus") == names
+    first = page_view(snapshot, FreeGpuConfig(), Query.parse("sort=free")).hosts[1]
+    assert [g.free for g in first.gpus] == [True] * 3 + [False] * 5  # free GPUs first within a host
+    memory = page_view(snapshot, FreeGpuConfig(), Query.parse("sort=memory")).hosts[0]
+    assert [g.memory_free_mib for g in memory.gpus] == sorted((g.memory_free_mib for g in memory.gpus), reverse=True)
+    assert Query.parse("q=a&sort=free&view=wall").url_query() == "?q=a&sort=free&view=wall"
+    html = call(app_for(state, tmp_path), "/?sort=memory&view=wall")[2].decode()
+    assert '<option value="memory" selected>' in html and 'id="view" value="wall"' in html
+    assert 'id="viewlink" href="/?sort=memory&amp;view=list"' in html  # the other view keeps the sort
+    assert html.index('data-host="node-2"') < html.index('data-host="node-10"')
+
+
+def test_the_wall_view_by_url_and_as_the_default_setting(tmp_path: Path) -> None:
+    state = fleet(Clock())
+    html = call(app_for(state, tmp_path), "/?view=wall")[2].decode()
+    assert 'class="view-wall"' in html and 'class="tiles"' in html and '<section class="host"' not in html
+    assert [m for m in re.findall(r'data-host="([^"]+)"', html)] == ["gpu-a", "gpu-f", "gpu-m", "gpu-d"]
+    assert html.count('class="cell free"') == 1 and "FREE" in html
+    kiosk = app_for(state, tmp_path, view="wall")
+    assert 'class="view-wall"' in call(kiosk, "/")[2].decode()
+    assert 'class="tiles"' in call(kiosk, "/fragment")[2].decode()  # refreshes as the wall
+    assert 'class="view-list"' in call(kiosk, "/?view=list")[2].decode()
+    assert call(kiosk, "/fragment?view=list")[2].decode().count('<section class="host"') == 3
+    with pytest.raises(ConfigError, match=re.escape("web.view: 'kiosk' is not one of list, wall")):
+        config(tmp_path, view="kiosk")
+
+
+def firing_store(tmp_path: Path, silence: bool = False) -> StoreReader:
+    db = open_db(tmp_path / "state")
+    since = T0.timestamp()
+    firing = AlertRecord(
+        AlertKey("max_gpus_per_user", "gpu-a", user="alice"),
+        "firing",
+        since,
+        value=3,
+        threshold=2,
+        unit="GPUs",
+        fired_at=since,
+    )
+    pending = AlertRecord(AlertKey("host_down", "gpu-x"), "pending", since, value=1, threshold=3, unit="polls")
+    AlertStore(db).save({firing.key.id: firing, pending.key.id: pending}, AlertStore(db).memory())
+    if silence:
+        AlertStore(db).add_silence(ends_at=4e9, comment="agreed", now=since, user="alice")
+    db.close()
+    return StoreReader(tmp_path / "state")
+
+
+def test_the_alerts_panel_lists_what_is_firing(tmp_path: Path) -> None:
+    store = firing_store(tmp_path)
+    app = app_for(fleet(Clock()), tmp_path, store)
+    for path in ("/", "/?view=wall", "/fragment"):
+        html = call(app, path)[2].decode()
+        panel = html[html.index('<section class="alerts"') : html.index("</section>", html.index('class="alerts"'))]
+        assert "1 alert firing" in panel and "max_gpus_per_user" in panel
+        assert "alice holds 3 GPUs on gpu-a" in panel and "gpu-x" not in panel  # pending is not firing
+    _, headers, _ = call(app, "/fragment")
+    store.close()
+    muted = firing_store(tmp_path / "2", silence=True)
+    app = app_for(fleet(Clock()), tmp_path / "2", muted)
+    assert "since <time" in call(app, "/")[2].decode() and ", silenced</span>" in call(app, "/")[2].decode()
+    assert call(app, "/fragment", If_None_Match=headers["ETag"])[0] == 200
+    muted.close()
+    open_db(tmp_path / "3" / "state").close()
+    empty = StoreReader(tmp_path / "3" / "state")
+    assert "No alert firing." in call(app_for(fleet(Clock()), tmp_path / "3", empty), "/")[2].decode()
+    empty.close()
+    assert 'id="alerts"' not in call(app_for(fleet(Clock()), tmp_path), "/")[2].decode()  # no alert state here
+
+
+def test_gpuwatch_gpu_free_has_the_pages_meaning_of_free(tmp_path: Path) -> None:
+    state = fleet(Clock())
+    state.update(replace(busy_host("gpu-h"), name="gpu-m", processes=()))  # memory held, no process: not free
+    app = app_for(state, tmp_path)
+    body = call(app, "/metrics")[2]
+    found = samples(body.decode())
+    free = {dict(k[1])["host"]: v for k, v in found.items() if k[0] == "gpuwatch_gpu_free"}
+    page = page_view(state.snapshot(), FreeGpuConfig(), Query())
+    assert free == {h.name: float(g.free) for h in page.hosts for g in h.gpus}
+    assert free == {"gpu-a": 0.0, "gpu-f": 1.0, "gpu-m": 0.0}  # gpu-d is down: no sample
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+        assert check.returncode == 0, (check.stdout + check.stderr).decode()
+
+
+def test_the_demo_page_says_it_is_a_demo(tmp_path: Path) -> None:
+    cfg = demo_config(tmp_path / "state", "127.0.0.1:0", 2.0)
+    assert cfg.web is not None and cfg.web.demo
+    html = call(WebApp(fleet(Clock()), lambda: cfg, cfg.web), "/")[2].decode()
+    assert "<title>Demo · GPUs · gpuwatch</title>" in html
+    assert '<p class="demo" id="demo"><b>Demo:</b> an invented fleet' in html
+    assert 'id="demo"' not in call(app_for(fleet(Clock()), tmp_path), "/")[2].decode()
+
+
+def test_the_wall_lists_at_most_a_screenful_of_alerts_and_people() -> None:
+    state = FleetState([("gpu-a", "gpu-a")], poll_every=60, now=Clock())
+    state.update(busy_host())
+    alerts = tuple(
+        AlertView("gpu_temperature", f"h{i}", f"h{i} GPU 0 at 91°C", "10:00", T0.timestamp(), "5m ago", "")
+        for i in range(9)
+    )
+    app = WebApp(state, lambda: parse_config({"hosts": ["gpu-a"]}), WebConfig())
+    view = page_view(state.snapshot(), FreeGpuConfig(), Query(view="wall"), alerts=alerts, alerts_known=True)
+    html = app.templates.get_template("wall.html").render(view=view, base="")
+    assert "9 alerts firing" in html and html.count('class="alert"') == 6 and "and 3 more" in html
+    listed = replace(view, view="list")
+    assert app.templates.get_template("fleet.html").render(view=listed, base="").count('class="alert"') == 9
+
+
+def test_a_cgroup_that_told_nothing_is_no_place_in_the_per_person_summary() -> None:
+    state = FleetState([("gpu-a", "gpu-a")], poll_every=60, now=Clock())
+    snap = busy_host()
+    state.update(replace(snap, processes=tuple(replace(p, cgroup_note="unreadable") for p in snap.processes)))
+    people = {p.name: p for p in page_view(state.snapshot(), FreeGpuConfig(), Query()).people}
+    assert people["alice"].where == ""

@@ -19,19 +19,21 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
 from fleet import Fleet, scenario_healthy_multi_gpu
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 POLL = 2.0  # seconds; the page asks for news every second
 XSS = "<img src=x onerror=alert(1)>"
@@ -136,6 +138,24 @@ def shown_gpus(driver: Any) -> list[str]:
     )
 
 
+T = TypeVar("T")
+
+
+def between_updates(read: Callable[[], T], timeout: float = 10.0) -> T:
+    """``read()`` the page, again when the page's live update (each poll, it replaces what ``#fleet``
+    holds, keeping open details open) made an element it found stale before it was used."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read()
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_the_page_in_a_real_browser(
     fleet: Fleet, known_hosts: Path, tmp_path: Path, xss_process: int, browser_ok: None
 ) -> None:
@@ -163,10 +183,12 @@ def test_the_page_in_a_real_browser(
             assert f"{len(hosts)} hosts" in text and f"{len(hosts) * GPUS_PER_HOST} GPUs" in text
 
             # the XSS command is text: no image, no alert, shown as written when expanded
-            summary = driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'] summary[title*='<img']")
-            summary.click()
-            code = driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open] code")
-            assert code.text == XSS
+            def expand_xss() -> str:
+                if not driver.find_elements(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open]"):
+                    driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'] summary[title*='<img']").click()
+                return str(driver.find_element(By.CSS_SELECTOR, "details[data-key^='h2/0/'][open] code").text)
+
+            assert between_updates(expand_xss) == XSS
             assert driver.find_elements(By.TAG_NAME, "img") == []
             with pytest.raises(NoAlertPresentException):
                 driver.switch_to.alert
@@ -201,12 +223,14 @@ def test_the_page_in_a_real_browser(
             gone = time.monotonic()
 
             def extra_down() -> bool:
-                return any("extra" in p.text for p in driver.find_elements(By.CSS_SELECTOR, ".problems li"))
+                return between_updates(
+                    lambda: any("extra" in p.text for p in driver.find_elements(By.CSS_SELECTOR, ".problems li"))
+                )
 
             wait_for(extra_down, 30, "the page to show the removed host as down")
             took = time.monotonic() - gone
             assert driver.execute_script("return window.notReloaded") is True
-            problem = driver.find_element(By.CSS_SELECTOR, ".problems li").text
+            problem = between_updates(lambda: str(driver.find_element(By.CSS_SELECTOR, ".problems li").text))
             assert "unreachable" in problem.lower() and "since" in problem
             assert took <= 2 * POLL + 1.0 + 1.0, f"shown as down after {took:.1f}s"  # + a page refresh + slack
             full_page_screenshot(driver, tmp_path / "page-desktop-host-down.png")
@@ -257,6 +281,13 @@ def test_prometheus_scrapes_the_daemon_and_agrees_with_status_json(
         metrics = get(daemon.url + "metrics")
         check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, timeout=30)
         assert check.returncode == 0, (check.stdout + check.stderr).decode()
+        free_samples = {
+            sample.labels["gpu"]: sample.value
+            for family in text_string_to_metric_families(metrics.decode())
+            for sample in family.samples
+            if sample.name == "gpuwatch_gpu_free" and sample.labels["host"] == "h2"
+        }
+        assert free_samples, metrics.decode()[:2000]
 
         target = urllib.parse.urlsplit(daemon.url).netloc
         port = _free_port()
@@ -313,3 +344,5 @@ def test_prometheus_scrapes_the_daemon_and_agrees_with_status_json(
     gpu0 = next(g for g in h2["gpus"] if g["index"] == 0)
     assert float(result[0]["value"][1]) == gpu0["memory_used_mib"] * 1024 * 1024
     assert result[0]["metric"]["uuid"] == gpu0["uuid"] and result[0]["metric"]["model"] == gpu0["name"]
+    # gpuwatch_gpu_free says what the page and status call free
+    assert {int(k): float(v) for k, v in free_samples.items()} == {g["index"]: float(g["free"]) for g in h2["gpus"]}

@@ -8,7 +8,8 @@ is older than ``STALE_AFTER_POLLS`` poll intervals comes back marked ``stale``: 
 age, never as current and never as free.
 
 It also remembers what one result cannot say: when each host last answered, since when it has been
-failing, and how many of its probes failed, by kind (``/metrics`` reads these; a scrape never polls).
+failing, how many of its probes failed, by kind (``/metrics`` reads these; a scrape never polls), and
+how many GPUs it had when it last answered (the page counts a down host's GPUs as unknown, not gone).
 
 Thread-safe; no I/O; the clock is a parameter.
 """
@@ -54,6 +55,7 @@ class FleetState:
         self._last_ok: dict[str, datetime] = {}
         self._failing_since: dict[str, datetime] = {}
         self._errors: dict[str, Counter[str]] = {}
+        self._gpu_counts: dict[str, int] = {}
         self.set_hosts(hosts, poll_every)
 
     @property
@@ -78,6 +80,7 @@ class FleetState:
                 self._last_ok.pop(name, None)
                 self._failing_since.pop(name, None)
                 self._errors.pop(name, None)
+                self._gpu_counts.pop(name, None)
             for name, address in pairs:
                 if name not in self._latest:
                     self._latest[name] = not_polled_yet(name, address)
@@ -97,6 +100,7 @@ class FleetState:
             assert host.taken_at is not None
             if host.ok:
                 self._last_ok[host.name] = host.taken_at
+                self._gpu_counts[host.name] = len(host.gpus)
                 self._failing_since.pop(host.name, None)
             else:
                 self._failing_since.setdefault(host.name, host.taken_at)
@@ -113,6 +117,11 @@ class FleetState:
         """Failed probes since start (or since the host was added), by (host, error kind)."""
         with self._lock:
             return {(name, kind): n for name, kinds in self._errors.items() for kind, n in kinds.items()}
+
+    def last_gpu_counts(self) -> dict[str, int]:
+        """How many GPUs each host had when it last answered (hosts that never answered: absent)."""
+        with self._lock:
+            return dict(self._gpu_counts)
 
     def get(self, name: str) -> HostSnapshot | None:
         with self._lock:

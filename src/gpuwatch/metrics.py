@@ -21,12 +21,12 @@ from datetime import datetime
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from .config import Config
+from .config import Config, FreeGpuConfig
 from .fleet import FleetState
 from .model import FleetSnapshot, Gpu, HostSnapshot
 from .rules import BY_NAME
 from .store import StoreReader
-from .summary import users_on
+from .summary import is_free, users_on
 from .text import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,14 @@ def _epoch(when: datetime) -> float:
     return when.timestamp()
 
 
-def fleet_metrics(snapshot: FleetSnapshot, probe_errors: dict[tuple[str, str], int]) -> list[Metric]:
-    """The host, GPU and user families of one snapshot (pure)."""
+def fleet_metrics(
+    snapshot: FleetSnapshot,
+    probe_errors: dict[tuple[str, str], int],
+    thresholds: FreeGpuConfig | None = None,
+) -> list[Metric]:
+    """The host, GPU and user families of one snapshot (pure); ``thresholds`` (``free_gpu:``)
+    decide ``gpuwatch_gpu_free`` as they decide "free" on the page and in ``status``."""
+    limits = thresholds or FreeGpuConfig()
     up = GaugeMetricFamily(
         "gpuwatch_host_up",
         "1 when the host's latest poll answered with GPU data and is not stale, else 0",
@@ -76,6 +82,12 @@ def fleet_metrics(snapshot: FleetSnapshot, probe_errors: dict[tuple[str, str], i
         "gpuwatch_gpu_temperature_celsius", "GPU core temperature (temperature.gpu)", labels=GPU_LABELS
     )
     power = GaugeMetricFamily("gpuwatch_gpu_power_watts", "GPU power draw (power.draw)", labels=GPU_LABELS)
+    free = GaugeMetricFamily(
+        "gpuwatch_gpu_free",
+        "1 when the GPU is free as the page and status say (no process, memory and utilization under free_gpu), "
+        "else 0; no sample for a host without current data",
+        labels=GPU_LABELS,
+    )
     user_mem = GaugeMetricFamily(
         "gpuwatch_user_gpu_memory_bytes",
         f"GPU memory held by a user's processes on one GPU (user {UNKNOWN}: processes ps could not see)",
@@ -103,6 +115,7 @@ def fleet_metrics(snapshot: FleetSnapshot, probe_errors: dict[tuple[str, str], i
         gpus_of: dict[str, int] = {}
         for gpu in host.gpus:
             labels = _gpu_labels(host, gpu)
+            free.add_metric(labels, 1.0 if is_free(gpu, host.processes_on(gpu), limits) else 0.0)
             for family, value in (
                 (util, None if gpu.utilization_percent is None else gpu.utilization_percent / 100),
                 (used, None if gpu.memory_used_mib is None else gpu.memory_used_mib * MIB),
@@ -121,7 +134,7 @@ def fleet_metrics(snapshot: FleetSnapshot, probe_errors: dict[tuple[str, str], i
             user_gpus.add_metric([host.name, user], float(count))
     for (host_name, kind), count in sorted(probe_errors.items()):
         errors.add_metric([host_name, kind], float(count))
-    return [up, duration, last_ok, util, used, total, temp, power, user_mem, user_gpus, errors]
+    return [up, duration, last_ok, util, used, total, temp, power, free, user_mem, user_gpus, errors]
 
 
 class FleetCollector:
@@ -133,7 +146,7 @@ class FleetCollector:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        yield from fleet_metrics(self.state.snapshot(), self.state.probe_errors())
+        yield from fleet_metrics(self.state.snapshot(), self.state.probe_errors(), self.config().free_gpu)
         if self.store is None:
             return
         config = self.config()

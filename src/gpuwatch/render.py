@@ -19,7 +19,7 @@ from .model import Container, Disk, FleetSnapshot, Gpu, GpuHealth, GpuProcess, H
 from .report import alert_words
 from .rules import Ack, AlertRecord, Silence, inhibited
 from .summary import context_line, is_free, totals, users_on
-from .text import UNKNOWN, format_duration, iso_time, local_time, number, plural
+from .text import UNKNOWN, format_duration, iso_time, local_time, number, paint, plural
 
 
 def no_data_text(host: HostSnapshot, now: datetime) -> str:
@@ -40,61 +40,148 @@ def _users(processes: tuple[GpuProcess, ...]) -> str:
     return " ".join(f"{usage.label()}({number(usage.memory_mib, 'M')})" for usage in users_on(processes))
 
 
-def fleet_table(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> str:
-    """The fleet as an aligned table: one line per GPU, one line per host that did not answer."""
-    header = ("HOST", "GPU", "NAME", "UTIL", "MEM USED/TOTAL MiB", "TEMP", "USERS", "FREE")
-    rows: list[tuple[str, ...]] = []
+@dataclass(frozen=True)
+class TableOptions:
+    """What ``status`` shows beyond the default columns (gpustat's ``-p``, ``-c``, ``-P``).
+
+    ``pids``, ``commands`` or ``runtime``: each process on its own, as gpustat writes it
+    (``alice:python/4242(19818M, 3h12m)``) instead of grouped by owner; ``power``: a POWER column
+    (``power.draw`` in watts); ``context``: each host's context line; ``color``: escape codes."""
+
+    pids: bool = False
+    commands: bool = False
+    runtime: bool = False
+    power: bool = False
+    context: bool = True
+    color: bool = False
+
+    @property
+    def per_process(self) -> bool:
+        return self.pids or self.commands or self.runtime
+
+
+def _command_word(proc: GpuProcess) -> str:
+    """The executable's name (``python3``): the last part of nvidia-smi's process name (a path that
+    may hold spaces), else the first word of ps's command line."""
+    path = proc.name.strip() or (proc.command or "").split(" ", 1)[0]
+    return path.rstrip("/").rsplit("/", 1)[-1] or UNKNOWN
+
+
+def _process_text(proc: GpuProcess, options: TableOptions) -> str:
+    """One process as gpustat writes it: ``owner[:command][/pid](memory[, runtime])``."""
+    text = proc.owner or UNKNOWN
+    if options.commands:
+        text += f":{_command_word(proc)}"
+    if options.pids:
+        text += f"/{proc.pid}"
+    inner = number(proc.used_memory_mib, "M")
+    if options.runtime:
+        inner += f", {format_duration(proc.runtime_seconds)}"
+    return f"{text}({inner})"
+
+
+def _processes(processes: tuple[GpuProcess, ...], options: TableOptions) -> str:
+    if not options.per_process:
+        return _users(processes)
+    return " ".join(_process_text(p, options) for p in processes)
+
+
+def _heat(value: int | None, warm: int, hot: int) -> str | None:
+    if value is None:
+        return None
+    return "red" if value >= hot else "yellow" if value >= warm else "green"
+
+
+def fleet_table(
+    snapshot: FleetSnapshot,
+    thresholds: FreeGpuConfig,
+    options: TableOptions | None = None,
+    *,
+    whole: FleetSnapshot | None = None,
+) -> str:
+    """The fleet as an aligned table: one line per GPU, one line per host that did not answer,
+    then the summary, each host's context line and the notes.
+
+    ``whole``: the fleet before ``status`` filtered it (``--user``, ``--free``) into ``snapshot``:
+    the summary then counts the whole fleet and says how many GPUs are shown, and only the hosts
+    with a GPU shown get their context line and notes."""
+    options = options or TableOptions()
+    header = ["HOST", "GPU", "NAME", "UTIL", "MEM USED/TOTAL MiB", "TEMP"]
+    header += ["POWER"] * options.power + ["PROCESSES" if options.per_process else "USERS", "FREE"]
+    rows: list[list[tuple[str, str | None]]] = []  # cells: (text, style)
+    downs: list[tuple[str, str, bool]] = []  # (host, reason, stale): spans the rest of the line
     notes: list[str] = []
     contexts: list[str] = []  # a line per host: load, memory, disks, uptime, kernel, driver
+    filtered = whole is not None
+    # Colours as gpustat uses them: the host bold, the index cyan, the model blue, readings by how high.
     for host in snapshot.hosts:
         if not host.current:
-            rows.append((host.name, "-", no_data_text(host, snapshot.taken_at), "", "", "", "", ""))
+            rows.append([(host.name, "bold")])
+            downs.append((host.name, no_data_text(host, snapshot.taken_at), host.stale))
             continue
         for gpu in host.gpus:
             procs = host.processes_on(gpu)
-            rows.append(
-                (
-                    host.name,
-                    str(gpu.index),
-                    gpu.name or UNKNOWN,
-                    number(gpu.utilization_percent, "%"),
-                    _memory(gpu),
-                    number(gpu.temperature_c, "C"),
-                    _users(procs),
-                    "free" if is_free(gpu, procs, thresholds) else "",
-                )
-            )
+            row = [
+                (host.name, "bold"),
+                (str(gpu.index), "cyan"),
+                (gpu.name or UNKNOWN, "blue"),
+                (number(gpu.utilization_percent, "%"), _heat(gpu.utilization_percent, 30, 90)),
+                (_memory(gpu), "yellow"),
+                (number(gpu.temperature_c, "C"), _heat(gpu.temperature_c, 60, 80)),
+            ]
+            if options.power:
+                row.append((number(None if gpu.power_w is None else round(gpu.power_w), "W"), "dim"))
+            row.append((_processes(procs, options), None))
+            row.append(("free" if is_free(gpu, procs, thresholds) else "", "green"))
+            rows.append(row)
+        if filtered and not host.gpus:
+            continue  # nothing of this host is shown: nor its context
         orphans = tuple(p for p in host.processes if p.gpu_index is None)
         if orphans:
-            notes.append(f"{host.name}: processes on an unlisted GPU: {_users(orphans)}")
+            notes.append(f"{host.name}: processes on an unlisted GPU: {_processes(orphans, options)}")
         notes.extend(f"{host.name}: warning: {w.message}" for w in host.warnings)
-    for host in snapshot.hosts:
-        line = context_line(host) if not host.stale else None
+        line = context_line(host) if options.context else None
         if line is not None:
             contexts.append(line)
-    widths = [len(h) for h in header]
-    for row in rows:
-        if row[1] == "-":  # a down host's message spans the rest of the line
-            widths[0] = max(widths[0], len(row[0]))
-            continue
-        widths = [max(w, len(c)) for w, c in zip(widths, row)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
-    for row in rows:
-        if row[1] == "-":
-            lines.append(f"{row[0].ljust(widths[0])}  {'-'.ljust(widths[1])}  {row[2]}")
-        else:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    t = totals(snapshot, thresholds)
+    lines = _aligned(header, rows, downs, options.color)
     lines.append("")
-    lines.append(
-        f"{t.hosts - t.hosts_down - t.hosts_stale} of {plural(t.hosts, 'host')} answered"
-        + (f", {t.hosts_stale} stale" if t.hosts_stale else "")
-        + f", {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
-        f" (taken {local_time(snapshot.taken_at)})"
-    )
+    lines.append(_summary_line(snapshot, whole, thresholds))
     lines += contexts
     lines += notes
     return "\n".join(lines)
+
+
+def _aligned(
+    header: list[str], rows: list[list[tuple[str, str | None]]], downs: list[tuple[str, str, bool]], color: bool
+) -> list[str]:
+    """The header and rows padded to their columns, then coloured (escape codes take no width)."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(cell[0])) for w, cell in zip(widths, row)] + widths[len(row) :]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    down = iter(downs)
+    for row in rows:
+        if len(row) == 1:  # a host without current data: its reason spans the rest of the line
+            _, reason, stale = next(down)
+            name = paint(row[0][0].ljust(widths[0]), "bold", color)
+            lines.append(f"{name}  {'-'.ljust(widths[1])}  {paint(reason, 'yellow' if stale else 'red', color)}")
+            continue
+        cells = [paint(text.ljust(w), style, color) if text else text.ljust(w) for (text, style), w in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _summary_line(snapshot: FleetSnapshot, whole: FleetSnapshot | None, thresholds: FreeGpuConfig) -> str:
+    """``1 of 2 hosts answered, 8 GPUs, 2 free`` for the whole fleet; when filtered, how many are shown."""
+    t = totals(whole or snapshot, thresholds)
+    line = (
+        f"{t.hosts - t.hosts_down - t.hosts_stale} of {plural(t.hosts, 'host')} answered"
+        + (f", {t.hosts_stale} stale" if t.hosts_stale else "")
+        + f", {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
+    )
+    if whole is not None:
+        line += f"; {plural(sum(len(h.gpus) for h in snapshot.answered), 'GPU')} shown"
+    return line + f" (taken {local_time(snapshot.taken_at)})"
 
 
 def gpu_dict(gpu: Gpu, free: bool = False) -> dict[str, Any]:

@@ -370,10 +370,12 @@ def alert_entry(
     if t.kind == "resolved":
         fired = min((x.record.fired_at or x.record.since) for x in entry)
         lasted = format_duration(t.at - fired)
-        when = f"fired {local_time(fired, tz)}, resolved {local_time(t.at, tz)} (lasted {lasted})"
+        when = f"fired {local_time(fired, tz, seconds=True)}, resolved {local_time(t.at, tz, seconds=True)}"
+        when += f" (lasted {lasted})"
         lines.append(f"    threshold: {threshold}; {when}")
         return "\n".join(lines)
-    since = local_time(min(x.record.since for x in entry), tz)
+    # To the second: each episode of a flapping alert is its own message, never a copy of the last.
+    since = local_time(min(x.record.since for x in entry), tz, seconds=True)
     if len(entry) == 1:
         lines.append(f"    now: {_reading(said[0].value)}; threshold: {threshold}; since {since}")
     else:

@@ -195,8 +195,10 @@ def select(
     snapshot: FleetSnapshot, thresholds: FreeGpuConfig, *, user: str | None = None, free_only: bool = False
 ) -> FleetSnapshot:
     """The same fleet with only the GPUs ``user`` has a process on and/or (``free_only``) the free
-    ones, each with every process on it. Hosts without current data stay, with their reason: a
-    filter never makes a host that did not answer look as if it had nothing to show."""
+    ones, each with every process on it. ``user`` is the person behind a process (its owner: a
+    Slurm job's user, a container's owner), as the page, chat and the rules name them. Hosts
+    without current data stay, with their reason: a filter never makes a host that did not answer
+    look as if it had nothing to show."""
     if user is None and not free_only:
         return snapshot
     hosts = []
@@ -207,13 +209,13 @@ def select(
         kept = [
             gpu
             for gpu in host.gpus
-            if (user is None or any(p.user == user for p in host.processes_on(gpu)))
+            if (user is None or any(p.owner == user for p in host.processes_on(gpu)))
             and (not free_only or is_free(gpu, host.processes_on(gpu), thresholds))
         ]
         indices = {gpu.index for gpu in kept}
         stray = not free_only and user is not None  # the user's processes on a GPU nvidia-smi did not list
         processes = tuple(
-            p for p in host.processes if p.gpu_index in indices or (stray and p.gpu_index is None and p.user == user)
+            p for p in host.processes if p.gpu_index in indices or (stray and p.gpu_index is None and p.owner == user)
         )
         hosts.append(replace(host, gpus=tuple(kept), processes=processes))
     return replace(snapshot, hosts=tuple(hosts))

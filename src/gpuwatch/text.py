@@ -8,8 +8,11 @@ importing nothing of gpuwatch, so every other module may use it. The conventions
 - durations read ``1m30s``, ``3d2h`` (the two largest units) and parse from ``30s``, ``5m``, ``1h30m``
   or plain seconds;
 - counts agree with their number: ``1 host``, ``3 GPUs``, ``2 processes``;
+- colour (:func:`paint`) is added after a column is padded, only where :func:`wants_color` says
+  so: never when ``NO_COLOR`` is set (https://no-color.org) unless asked for on the command line;
 - times for people are the local time of the machine running gpuwatch, with its zone
-  (``2026-11-22 10:00 CST``; set ``TZ`` to change it); times for programs are ISO 8601 with their
+  (``2026-11-22 10:00 CST``; set ``TZ`` to change it; to the second where two moments within a
+  minute must read differently, such as when an alert started); times for programs are ISO 8601 with their
   offset (``2026-11-22T10:00:00+00:00``).
 """
 
@@ -22,7 +25,7 @@ import reprlib
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone, tzinfo
 
 UNKNOWN = "N/A"
@@ -155,14 +158,15 @@ def _aware(when: datetime | float, tz: tzinfo | None) -> datetime:
     return datetime.fromtimestamp(when, timezone.utc).astimezone(tz)
 
 
-def local_time(when: datetime | float | None, tz: tzinfo | None = None) -> str:
-    """A moment for people: ``2026-11-22 10:00 CST``, in this machine's zone unless ``tz`` is given.
+def local_time(when: datetime | float | None, tz: tzinfo | None = None, *, seconds: bool = False) -> str:
+    """A moment for people: ``2026-11-22 10:00 CST``, in this machine's zone unless ``tz`` is given;
+    ``seconds``: ``2026-11-22 10:00:07 CST`` (where two moments within a minute must differ).
 
     ``when`` is an aware datetime or epoch seconds; None -> ``N/A``.
     """
     if when is None:
         return UNKNOWN
-    return _aware(when, tz).strftime("%Y-%m-%d %H:%M %Z").strip()
+    return _aware(when, tz).strftime(f"%Y-%m-%d %H:%M{':%S' if seconds else ''} %Z").strip()
 
 
 def iso_time(when: datetime | float) -> str:
@@ -190,6 +194,30 @@ def quantity(value: float | None, unit: str) -> str:
     if unit in ("%", "°C", "C", ""):
         return number(value, unit)
     return number(value, f" {unit}")
+
+
+# ---------------------------------------------------------------- colour on a terminal
+
+COLORS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
+COLOR_CHOICES = ("auto", "always", "never")
+
+
+def wants_color(choice: str, is_terminal: bool, environ: Mapping[str, str]) -> bool:
+    """Colour or not: ``always`` and ``never`` as asked; ``auto`` on a terminal whose ``TERM`` is not
+    ``dumb``, unless ``NO_COLOR`` is set to anything but the empty string (a command-line choice
+    overrides ``NO_COLOR``, as https://no-color.org asks)."""
+    if choice == "always":
+        return True
+    if choice == "never" or environ.get("NO_COLOR"):
+        return False
+    return is_terminal and environ.get("TERM", "") != "dumb"
+
+
+def paint(text: str, style: str | None, on: bool) -> str:
+    """``text`` in ``style`` (a name of :data:`COLORS`) when ``on``; as it is otherwise."""
+    if not on or not style or not text:
+        return text
+    return f"\x1b[{COLORS[style]}m{text}\x1b[0m"
 
 
 def command_name(

@@ -4,7 +4,9 @@ Routes (under ``web.base_path``), GET and HEAD only:
 
 * ``/``: the page, rendered on the server (readable without JavaScript); its small script
   (``static/gpuwatch.js``) fetches ``/fragment`` with the same query after every poll and swaps it in.
-  ``?q=`` filters by user, host or GPU model; ``?free=1`` shows only free GPUs.
+  ``?q=`` filters by user, host or GPU model; ``?free=1`` shows only free GPUs; ``?sort=`` orders
+  hosts and GPUs (free, memory, host); ``?view=wall`` is the dense view for a screen on a wall
+  (``web.view: wall`` makes it the default). What it shows is made by ``pageview.py``.
 * ``/api/v1/snapshot``: :func:`~gpuwatch.render.snapshot_dict`, the ``status --json`` document;
   ``/api/v1/alerts``: :func:`~gpuwatch.render.alerts_dict`, the ``alerts --json`` document;
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
@@ -26,24 +28,24 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 import jinja2
 from prometheus_client.exposition import choose_encoder
 
-from .config import Config, FreeGpuConfig, WebConfig
+from .config import Config, WebConfig
 from .fleet import STALE_AFTER_POLLS, FleetState
 from .metrics import build_registry
-from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
-from .render import alerts_dict, snapshot_dict
+from .model import FleetSnapshot
+from .pageview import AlertView, PageView, Query, alert_views, page_view
+from .render import alert_rows, alerts_dict, snapshot_dict
 from .store import StoreReader
-from .summary import is_free, process_context, totals, who
-from .text import UNKNOWN, format_duration, local_time, number, plural
+from .text import format_duration, plural
 from .webauth import LoginGuard, basic_credentials_match, peer_of
 from .webserver import guarded_server
 
@@ -63,264 +65,11 @@ SECURITY_HEADERS = (
 )
 STATIC_FILES = {"gpuwatch.css": "text/css; charset=utf-8", "gpuwatch.js": "text/javascript; charset=utf-8"}
 GZIP_ABOVE_BYTES = 1024
-COMMAND_TITLE_CHARS = 2000  # a command line longer than this is cut in the hover text (shown whole on expand)
+
+__all__ = ["Query", "WebApp", "WebServer", "health", "page_view"]  # Query, page_view: from pageview.py
 
 
-# ---------------------------------------------------------------- what the page shows (pure)
-
-
-@dataclass(frozen=True)
-class Query:
-    """The page's filter, as in its URL: ``?q=alice h100&free=1``."""
-
-    text: str = ""
-    free_only: bool = False
-
-    @classmethod
-    def parse(cls, query_string: str) -> Query:
-        params = parse_qs(query_string, keep_blank_values=False)
-        text = " ".join(params.get("q", [""])[-1].split())[:200]
-        return cls(text=text, free_only=params.get("free", [""])[-1] in ("1", "on", "true", "yes"))
-
-    @property
-    def terms(self) -> list[str]:
-        return self.text.lower().split()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.text) or self.free_only
-
-    def url_query(self) -> str:
-        params = {k: v for k, v in (("q", self.text), ("free", "1" if self.free_only else "")) if v}
-        return f"?{urlencode(params)}" if params else ""
-
-
-@dataclass(frozen=True)
-class ProcView:
-    key: str  # stable across refreshes: keeps an expanded command open
-    owner: str  # the person behind it, as ``status`` and chat name them (``summary.who``'s owner)
-    context: str  # where it runs: container, Slurm job, another user's session (may be empty)
-    ps_user: str  # "run as root" when ps saw another account than the owner; else empty
-    memory: str
-    runtime: str
-    name: str
-    command: str
-    title: str
-
-
-@dataclass(frozen=True)
-class GpuView:
-    index: int
-    model: str
-    util: str
-    util_value: int | None
-    memory: str
-    memory_percent: float | None
-    memory_value: int | None
-    memory_total: int | None
-    temperature: str
-    power: str
-    free: bool
-    processes: tuple[ProcView, ...]
-
-
-@dataclass(frozen=True)
-class HostView:
-    name: str
-    address: str
-    gpus: tuple[GpuView, ...]
-    gpu_count: int
-    free_count: int
-    taken_at: float | None  # epoch seconds: the page counts its age
-    age: str
-    probe: str
-    warnings: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ProblemView:
-    name: str
-    address: str
-    state: str  # down | stale | waiting
-    kind: str
-    reason: str
-    since: str
-    since_ts: float | None
-    since_age: str
-    last_ok: str
-
-
-@dataclass(frozen=True)
-class PageView:
-    summary: tuple[tuple[str, str], ...]  # (text, css class)
-    problems: tuple[ProblemView, ...]
-    hosts: tuple[HostView, ...]
-    shown: str  # "showing 5 of 30 GPUs" when a filter is on
-    empty: str  # what to say when the filter leaves nothing
-    query: Query
-    now: float
-    newest: float | None
-    newest_age: str
-
-
-def _ts(when: datetime | None) -> float | None:
-    return None if when is None else when.timestamp()
-
-
-def _ago(when: datetime | None, now: datetime) -> str:
-    if when is None:
-        return UNKNOWN
-    return f"{format_duration(max(0.0, (now - when).total_seconds()))} ago"
-
-
-def _mib(value: int | None) -> str:
-    return number(value, " MiB")
-
-
-def proc_view(host: HostSnapshot, proc: GpuProcess) -> ProcView:
-    """A process as the page shows it: the owner and context that ``status`` and chat show
-    (``summary.who``), the ``ps`` user only as detail when it is another account."""
-    owner = proc.owner if proc.owner is not None else f"pid {proc.pid} (owner unknown)"
-    ps_user = f"run as {proc.user}" if proc.user is not None and proc.user != proc.owner else ""
-    command = proc.command or proc.name or UNKNOWN
-    words = command.split()
-    short = words[0].rsplit("/", 1)[-1] if words else UNKNOWN
-    title = command if len(command) <= COMMAND_TITLE_CHARS else command[:COMMAND_TITLE_CHARS] + "…"
-    run_as = f", {ps_user}" if ps_user else ""
-    return ProcView(
-        key=f"{host.name}/{proc.gpu_index}/{proc.pid}",
-        owner=owner,
-        context=process_context(proc) if proc.owner is not None else "",
-        ps_user=ps_user,
-        memory=_mib(proc.used_memory_mib),
-        runtime=format_duration(proc.runtime_seconds),
-        name=short,
-        command=command,
-        title=f"pid {proc.pid}{run_as}: {title}",
-    )
-
-
-def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool) -> GpuView:
-    used, total = gpu.memory_used_mib, gpu.memory_total_mib
-    percent = round(100 * used / total, 1) if used is not None and total else None
-    procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
-    return GpuView(
-        index=gpu.index,
-        model=gpu.name or UNKNOWN,
-        util=number(gpu.utilization_percent, "%"),
-        util_value=gpu.utilization_percent,
-        memory=f"{number(used)} / {_mib(total)}" if total is not None else _mib(used),
-        memory_percent=percent,
-        memory_value=used,
-        memory_total=total,
-        temperature=number(gpu.temperature_c, "°C"),
-        power=UNKNOWN if gpu.power_w is None else f"{gpu.power_w:.0f} W",
-        free=free,
-        processes=tuple(proc_view(host, p) for p in procs),
-    )
-
-
-def _gpu_matches(host: HostSnapshot, gpu: Gpu, terms: Sequence[str]) -> bool:
-    """Every term is found in the host's name, the GPU's model or who is on it: the owner and
-    context of each process as ``status`` says them (``summary.who``), not the ``ps`` user."""
-    people = " ".join(who(p) for p in host.processes_on(gpu))
-    haystack = f"{host.name} {gpu.name or ''} {people}".lower()
-    return all(term in haystack for term in terms)
-
-
-def problem_view(host: HostSnapshot, now: datetime) -> ProblemView:
-    if host.taken_at is None:
-        return ProblemView(host.name, host.address, "waiting", "waiting", host.error or "", UNKNOWN, None, "", UNKNOWN)
-    last_ok = local_time(host.last_ok_at) if host.last_ok_at else "never since gpuwatch started"
-    if host.stale:
-        age = format_duration(host.age_seconds(now))
-        last = plural(len(host.gpus), "GPU") if host.ok else f"{host.error}"
-        return ProblemView(
-            name=host.name,
-            address=host.address,
-            state="stale",
-            kind="stale",
-            reason=f"no new result for {age} (last: {last})",
-            since=local_time(host.taken_at),
-            since_ts=_ts(host.taken_at),
-            since_age=_ago(host.taken_at, now),
-            last_ok=last_ok,
-        )
-    since = host.failing_since or host.taken_at
-    return ProblemView(
-        name=host.name,
-        address=host.address,
-        state="down",
-        kind=host.error_name,
-        reason=host.error or "",
-        since=local_time(since),
-        since_ts=_ts(since),
-        since_age=_ago(since, now),
-        last_ok=last_ok,
-    )
-
-
-def page_view(snapshot: FleetSnapshot, thresholds: FreeGpuConfig, query: Query) -> PageView:
-    """What the page shows for this snapshot and filter: problems first, then the hosts that answered."""
-    now = snapshot.taken_at
-    terms = query.terms
-    t = totals(snapshot, thresholds)
-    problems = []
-    hosts = []
-    shown_gpus = 0
-    for host in snapshot.hosts:
-        if not host.current:
-            if all(term in host.name.lower() for term in terms):
-                problems.append(problem_view(host, now))
-            continue
-        views = []
-        free_count = 0
-        for gpu in host.gpus:
-            free = is_free(gpu, host.processes_on(gpu), thresholds)
-            free_count += free
-            if (query.free_only and not free) or not _gpu_matches(host, gpu, terms):
-                continue
-            views.append(gpu_view(host, gpu, free))
-        shown_gpus += len(views)
-        if not views and query.active:
-            continue
-        hosts.append(
-            HostView(
-                name=host.name,
-                address=host.address,
-                gpus=tuple(views),
-                gpu_count=len(host.gpus),
-                free_count=free_count,
-                taken_at=_ts(host.taken_at),
-                age=_ago(host.taken_at, now),
-                probe=UNKNOWN if host.probe_seconds is None else f"{host.probe_seconds:.2f}s",
-                warnings=tuple(w.message for w in host.warnings),
-            )
-        )
-    down = t.hosts_down
-    summary: list[tuple[str, str]] = [
-        (plural(t.hosts, "host"), ""),
-        (f"{t.hosts - down - t.hosts_stale} answered", ""),
-    ]
-    if down:
-        summary.append((f"{down} down", "bad"))
-    if t.hosts_stale:
-        summary.append((f"{t.hosts_stale} stale", "warn"))
-    summary.append((plural(t.gpus, "GPU"), ""))
-    summary.append((f"{t.free_gpus} free", "good" if t.free_gpus else ""))
-    taken = [h.taken_at for h in snapshot.hosts if h.taken_at is not None]
-    newest = max(taken) if taken else None
-    return PageView(
-        summary=tuple(summary),
-        problems=tuple(problems),
-        hosts=tuple(hosts),
-        shown=f"showing {shown_gpus} of {plural(t.gpus, 'GPU')}" if query.active else "",
-        empty="no GPU matches the filter" if query.active and not hosts else "",
-        query=query,
-        now=now.timestamp(),
-        newest=_ts(newest),
-        newest_age=_ago(newest, now),
-    )
+# ---------------------------------------------------------------- /healthz (pure)
 
 
 def health(snapshot: FleetSnapshot, poll_every: float, started: datetime) -> tuple[bool, str]:
@@ -504,15 +253,34 @@ class WebApp:
         """How often the page asks for news: twice per poll interval, between 1 s and 10 s."""
         return int(1000 * min(10.0, max(1.0, self.state.poll_every / 2)))
 
-    def _etag(self, snapshot: FleetSnapshot, version: int, query: Query) -> str:
-        stale = ",".join(h.name for h in snapshot.hosts if h.stale)
-        raw = f"{version}|{stale}|{query.text}|{query.free_only}|{self.config().free_gpu}"
-        return '"' + hashlib.sha256(raw.encode()).hexdigest()[:20] + '"'
+    def _alerts(self) -> tuple[tuple[AlertView, ...], bool]:
+        """The firing alerts for the page's panel, and whether the alert state could be read."""
+        if self.store is None:
+            return (), False
+        records, silences = self.store.alerts()
+        now = time.time()
+        rows = alert_rows(records, [s for s in silences if s.ends_at > now], now)
+        return alert_views(rows, now), True
 
     def _view(self, query: Query) -> tuple[PageView, str]:
+        """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the query)."""
         version = self.state.version
         snapshot = self.state.snapshot()
-        return page_view(snapshot, self.config().free_gpu, query), self._etag(snapshot, version, query)
+        alerts, alerts_known = self._alerts()
+        view = page_view(
+            snapshot,
+            self.config().free_gpu,
+            query,
+            last_gpus=self.state.last_gpu_counts(),
+            alerts=alerts,
+            alerts_known=alerts_known,
+            default_view=self.web.view,
+            demo=self.web.demo,
+        )
+        stale = ",".join(h.name for h in snapshot.hosts if h.stale)
+        firing = ",".join(f"{a.rule}/{a.host}/{a.summary}/{a.muted}" for a in alerts)
+        raw = f"{version}|{stale}|{firing}|{query}|{self.config().free_gpu}"
+        return view, '"' + hashlib.sha256(raw.encode()).hexdigest()[:20] + '"'
 
     def page(self, environ: Mapping[str, Any], query_string: str) -> Response:
         query = Query.parse(query_string)
@@ -533,7 +301,8 @@ class WebApp:
         view, etag = self._view(query)
         if environ.get("HTTP_IF_NONE_MATCH") == etag:
             return Response("304 Not Modified", b"", headers=(("ETag", etag),), compress=False)
-        html = self.templates.get_template("fleet.html").render(view=view, base=self.base)
+        template = "wall.html" if view.view == "wall" else "fleet.html"
+        html = self.templates.get_template(template).render(view=view, base=self.base)
         return Response("200 OK", html.encode(), "text/html; charset=utf-8", (("ETag", etag),))
 
     def api_snapshot(self, environ: Mapping[str, Any], query_string: str) -> Response:

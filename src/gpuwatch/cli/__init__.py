@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from .. import __version__
@@ -28,6 +29,7 @@ from ..logsetup import setup_logging
 from ..statedir import StateError
 from . import alerts, completion, demo, notify, run, status
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
+from .manpage import render_manpage
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory, secrets
 
 __all__ = [
@@ -75,8 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="what to do (default: run, the daemon)")
     for group in COMMAND_GROUPS:
         group.register(sub, common)
+    man = sub.add_parser(
+        "man",
+        help="print the manual page (roff), made from this parser: gpuwatch man | man -l -",
+        description="Print the manual page for gpuwatch, every command and option as --help shows them, "
+        "with the exit codes, environment and files. Read it with: gpuwatch man | man -l -; install it with: "
+        "gpuwatch man | sudo tee /usr/local/share/man/man1/gpuwatch.1",
+    )
+    man.set_defaults(handler=None, standalone=_cmd_man)
     parser.set_defaults(handler=run.handle)  # bare `gpuwatch` is the daemon
     return parser
+
+
+def _cmd_man(args: argparse.Namespace, out: TextIO) -> int:
+    out.write(render_manpage(build_parser(), __version__))
+    return EXIT_OK
 
 
 # Commands that record nothing in the state directory: a user who may not write it (a read-only
@@ -92,6 +107,14 @@ def _only_reads(command: str, args: argparse.Namespace) -> bool:
     if command == "run":
         return bool(getattr(args, "dry_run", False) or args.dry_run_top)
     return command in READ_ONLY_COMMANDS
+
+
+def _log_dir(command: str, state_dir: Path) -> Path | None:
+    """Where the command logs: ``check`` creates nothing (it adds to the log of a state directory
+    that exists, and logs to stderr alone before the first ``run`` made one)."""
+    if command == "check" and not state_dir.is_dir():
+        return None
+    return state_dir
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -119,7 +142,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     unlogged: list[StateError] = []  # a command that only reads goes on without its log file
     try:
         setup_logging(
-            config.state_dir,
+            _log_dir(command, config.state_dir),
             level="DEBUG" if args.verbose else config.log_level,
             stderr_level="INFO" if args.verbose else "WARNING",
             secrets=secrets(config),

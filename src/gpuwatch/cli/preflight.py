@@ -67,7 +67,8 @@ def channel_findings(config: Config, channels: tuple[ChannelSpec, ...] = CHANNEL
         close = getattr(channel, "close", None)
         if callable(close):
             close()
-        findings.append(CheckLine(name, True, spec.describe(settings)))
+        untried = f"not tried: a wrong token or address shows only when sending; 'gpuwatch test-notify' sends to {name}"
+        findings.append(CheckLine(name, True, spec.describe(settings), notes=(untried,)))
     web = config.web
     if web is not None:
         if web.auth is not None and not web.auth.resolve_password():

@@ -13,11 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from ..config import REPORT_KINDS, Config, ConfigError, ReportSchedule
 from ..config.load import load_config
 from ..daemon import Daemon, Wiring
+from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
 from ..notify.registry import names_in_words
@@ -135,6 +137,20 @@ def _next_period(spec: ReportSchedule, now: float) -> float:
     return period_start(spec, nxt)
 
 
+def without_unsendable_reports(config: Config) -> Config:
+    """A page-only deployment (a ``web:`` section, no channel) makes no report: there is nobody to
+    send one to, so the daemon neither schedules nor announces any (it said it would send the
+    default overview before). Said once in the log."""
+    if config.channels or not config.schedule.reports:
+        return config
+    log.info(
+        "no channel configured: the reports in schedule.reports (%s) are not made; the web page shows the fleet",
+        ", ".join(spec.describe() for spec in config.schedule.reports),
+        extra=ANNOUNCE,
+    )
+    return replace(config, schedule=replace(config.schedule, reports=()))
+
+
 def cmd_run(
     config: Config,
     *,
@@ -169,6 +185,7 @@ def cmd_run(
                 "nowhere to send reports; add one (see config.example.yaml), a web: section for a page-only "
                 "deployment, or use --dry-run"
             )
+        config = without_unsendable_reports(config)
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
         reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
@@ -181,7 +198,7 @@ def cmd_run(
             return config
         new = load_config(path)
         refuse_unusable_key_files(new)
-        return new
+        return new if dry_run else without_unsendable_reports(new)
 
     wiring = Wiring(
         load_config=reload_config,

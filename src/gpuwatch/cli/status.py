@@ -3,8 +3,10 @@ also checks everything else ``run`` needs (:mod:`.preflight`).
 
 ``status`` polls once, or every N seconds with ``--watch N`` (one set of connections kept across
 polls; on a terminal the table is redrawn in place, with ``--json`` each poll is one document on
-its own line). ``HOST ...``, ``--user`` and ``--free`` narrow what is shown; a host that did not
-answer is always shown, with its reason.
+its own line). ``HOST ...``, ``--user`` and ``--free`` narrow what is shown, context lines
+included, while the summary still counts the whole fleet; a host that did not answer is always
+shown, with its reason. ``-p -C -r -P`` add gpustat's columns; colour on a terminal unless
+``NO_COLOR`` is set. Ctrl-C ends a watch with exit 0 at any moment.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import argparse
 import dataclasses
 import difflib
 import io
+import os
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, TextIO
 
 from ..config import Config, ConfigError, HostConfig, parse_duration
 from ..model import FleetSnapshot, HostSnapshot
-from ..render import fleet_table, snapshot_dict
+from ..render import TableOptions, fleet_table, no_data_text, snapshot_dict
 from ..summary import select
-from ..text import UNKNOWN, format_duration, plural
+from ..text import COLOR_CHOICES, UNKNOWN, format_duration, plural, wants_color
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, write_json
 from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
 from .wiring import build_poller
@@ -39,23 +44,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         parents=[common],
         help="poll the hosts and print the fleet (once, or every N seconds)",
         description="Poll every host (or the HOSTs named) and print one line per GPU. A host that did not "
-        "answer is always listed, with its reason. Exits 1 when no host answered.",
+        "answer is always listed, with its reason. Exits 1 when no host answered, or --user has no GPU process "
+        "on a host that did. Colour on a terminal, unless NO_COLOR is set.",
     )
     status.add_argument("hosts", nargs="*", metavar="HOST", help="only these hosts (names as in the config)")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON (with --watch: one per line)")
-    status.add_argument("--user", metavar="USER", help="only the GPUs this user has a process on")
+    status.add_argument(
+        "--user", metavar="USER", help="only the GPUs this user has a process on (exit 1 when the user has none)"
+    )
     status.add_argument("--free", action="store_true", help="only the free GPUs (free_gpu: in the config)")
     status.add_argument(
         "--watch",
         metavar="N",
-        help="poll again every N seconds (e.g. 2, 5s, 1m) until Ctrl-C; the SSH connections are kept",
+        help="poll again every N seconds (e.g. 2, 5s, 1m) until Ctrl-C (exit 0); the SSH connections are kept",
     )
+    shown = status.add_argument_group("columns (as gpustat's -p, -c, -P)")
+    # -c is --config everywhere in gpuwatch: the command is -C (gpustat's -c)
+    shown.add_argument("-p", "--pid", action="store_true", help="each process on its own, with its pid")
+    shown.add_argument(
+        "-C", "--command", dest="show_command", action="store_true", help="each process with its command (python3)"
+    )
+    shown.add_argument("-r", "--runtime", action="store_true", help="each process with how long it has run")
+    shown.add_argument("-P", "--power", action="store_true", help="a POWER column (power.draw, watts)")
+    shown.add_argument("-a", "--all", action="store_true", help="all of -p -C -r -P")
+    shown.add_argument("--no-context", action="store_true", help="no context line per host (load, memory, disks)")
+    shown.add_argument(
+        "--color",
+        metavar="WHEN",
+        default="auto",
+        choices=COLOR_CHOICES,
+        help="colour: auto (the default: on a terminal, unless NO_COLOR is set), always or never",
+    )
+    shown.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color=never")
     status.set_defaults(handler=cmd_status)
     check = sub.add_parser(
         "check",
         parents=[common],
         help="check everything 'run' needs (channels and their secrets, key files, state_dir, each host) "
         "and say whether it is ready",
+        description="Check everything 'run' needs and say whether it is ready. Sends nothing and creates "
+        "nothing: no state directory, no database; it logs to gpuwatch.log only in a state directory that "
+        "exists already, and a host reached for the first time has its key recorded in "
+        "known_hosts as 'run' would (ssh.host_key_policy: accept-new). The channels are built, not tried: "
+        "'gpuwatch test-notify' sends a test message.",
     )
     check.add_argument("--json", action="store_true", help="print the result as one JSON document")
     # check prints the config's warnings itself (said once, not also on stderr)
@@ -87,6 +118,31 @@ def _watch_seconds(text: str | None) -> float | None:
     return seconds
 
 
+def _table_options(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -> TableOptions:
+    every = bool(getattr(args, "all", False))
+    return TableOptions(
+        pids=every or bool(getattr(args, "pid", False)),
+        commands=every or bool(getattr(args, "show_command", False)),
+        runtime=every or bool(getattr(args, "runtime", False)),
+        power=every or bool(getattr(args, "power", False)),
+        context=not getattr(args, "no_context", False),
+        color=wants_color(getattr(args, "color", None) or "auto", out.isatty(), environ),
+    )
+
+
+def has_processes_of(snapshot: FleetSnapshot, user: str) -> bool:
+    """Is ``user`` the person behind a GPU process (its owner) on a host that answered?"""
+    return any(p.owner == user for host in snapshot.answered for p in host.processes)
+
+
+def _nobody_text(snapshot: FleetSnapshot, user: str) -> str:
+    """What ``--user`` says when the user has no GPU process: that, and the hosts it could not ask."""
+    answered, count = len(snapshot.answered), len(snapshot.hosts)
+    lines = [f"no processes of {user} ({answered} of {plural(count, 'host')} answered)"]
+    lines += [f"{h.name}: {no_data_text(h, snapshot.taken_at)}" for h in snapshot.down]
+    return "\n".join(lines)
+
+
 def cmd_status(
     config: Config,
     args: argparse.Namespace,
@@ -94,21 +150,33 @@ def cmd_status(
     *,
     wait: Callable[[float], Any] | None = None,
     max_polls: int | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
-    """``wait`` (default: sleep) and ``max_polls`` (default: until Ctrl-C) are for tests."""
+    """``wait`` (default: sleep until Ctrl-C), ``max_polls`` (default: until Ctrl-C) and ``environ``
+    (``NO_COLOR``, ``TERM``; default: the process's) are for tests. Exit 1 when no host answered, or
+    ``--user`` has no GPU process on any host that did."""
     hosts = _pick_hosts(config, list(getattr(args, "hosts", None) or []))
     every = _watch_seconds(getattr(args, "watch", None))
     as_json = bool(getattr(args, "json", False))
     user, free_only = getattr(args, "user", None), bool(getattr(args, "free", False))
-    wait = wait or threading.Event().wait  # Ctrl-C ends it at once
+    options = _table_options(args, out, os.environ if environ is None else environ)
     only = ", ".join([f"user {user}"] * bool(user) + ["free GPUs"] * free_only)
 
-    def show(snapshot: FleetSnapshot) -> None:
+    def show(snapshot: FleetSnapshot) -> bool:
+        """Print one poll; False when ``--user`` has no process on any host that answered."""
+        found = user is None or has_processes_of(snapshot, user)
         shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
         if as_json:
             write_json(snapshot_dict(shown, config.free_gpu), out, one_line=every is not None)
-            return
-        text = fleet_table(shown, config.free_gpu) + (f"\nshowing only: {only}" if only else "") + "\n"
+            if not found and every is None:
+                print(f"gpuwatch: no processes of {user}", file=sys.stderr)
+            return found
+        if not found:
+            text = _nobody_text(snapshot, str(user)) + "\n"
+        else:
+            whole = snapshot if only else None
+            table = fleet_table(shown, config.free_gpu, options, whole=whole)
+            text = table + (f"\nshowing only: {only}" if only else "") + "\n"
         if every is not None:
             if out.isatty():
                 text = f"{CLEAR}gpuwatch status, every {format_duration(every)} (Ctrl-C stops)\n\n{text}"
@@ -116,26 +184,69 @@ def cmd_status(
                 text += "\n"
         out.write(text)
         out.flush()
+        return found
 
+    if every is not None:
+        return _watch(replace(config, hosts=hosts), every, show, wait, max_polls)
     poller = build_poller(replace(config, hosts=hosts))
     try:
-        if every is None:
-            snapshot = poller.poll()
-            show(snapshot)
-            return EXIT_OK if snapshot.answered else EXIT_FAILED
-        polls = 0
+        snapshot = poller.poll()
+    finally:
+        poller.close()
+    found = show(snapshot)
+    return EXIT_OK if snapshot.answered and found else EXIT_FAILED
+
+
+def _watch(
+    config: Config,
+    every: float,
+    show: Callable[[FleetSnapshot], object],
+    wait: Callable[[float], Any] | None,
+    max_polls: int | None,
+) -> int:
+    """Poll and show every ``every`` seconds until Ctrl-C, then exit 0 whatever moment it came at.
+
+    In the main thread Ctrl-C only sets a flag that every step looks at (a KeyboardInterrupt raised
+    in the middle of closing the connections, or between the last poll and the exit, made it exit
+    130 now and then). Once it came, Ctrl-C is ignored until the process ends: a second one cannot
+    turn the clean end into an interrupted one (not even while the interpreter shuts down, when
+    Python's own handlers are gone: hence SIG_IGN, which outlives them)."""
+    stop = threading.Event()
+    wait = wait or stop.wait
+    previous = _catch_ctrl_c(stop)
+    try:
+        poller = build_poller(config)
         try:
-            while max_polls is None or polls < max_polls:
+            polls = 0
+            while not stop.is_set() and (max_polls is None or polls < max_polls):
                 started = time.monotonic()
-                show(poller.poll())
+                snapshot = poller.poll(stop)
+                if stop.is_set():
+                    break  # a poll cut short by Ctrl-C is not shown
+                show(snapshot)
                 polls += 1
                 if max_polls is None or polls < max_polls:
                     wait(max(0.0, every - (time.monotonic() - started)))
-        except KeyboardInterrupt:
-            pass  # Ctrl-C is how a watch ends
-        return EXIT_OK
-    finally:
-        poller.close()
+        finally:
+            poller.close()
+    except KeyboardInterrupt:
+        pass  # not the main thread: Ctrl-C arrives as the exception, and is still how a watch ends
+    if previous is not None and not stop.is_set():
+        signal.signal(signal.SIGINT, previous)
+    return EXIT_OK
+
+
+def _catch_ctrl_c(stop: threading.Event) -> Any:
+    """Make the next SIGINT set ``stop`` and ignore the ones after it; the handler it replaced, or
+    None when signals cannot be caught here."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return signal.signal(signal.SIGINT, on_ctrl_c)
 
 
 def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:

@@ -60,7 +60,7 @@ from .values import (
     string,
     type_name,
 )
-from .yaml import YamlLimitError, load_yaml
+from .yaml import YamlLimitError, explain, load_yaml
 
 _SSH_PARSERS: dict[str, Callable[[object, str], object]] = {
     "user": string,
@@ -199,13 +199,17 @@ COMMAND_LINES = ("admins", "all", "none")
 
 
 def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
-    """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry)."""
+    """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry). Without a
+    rule named in it (only ``for``, ``repeat_every``, ``send_resolved``, ``routes``), the default
+    rules stay on."""
     if raw is None:
         return AlertsConfig(rules=default_rules())
     section = mapping(raw, "alerts")
     check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes", "command_lines"), "alerts")
-    # An alerts: section lists what the admin wants: rules it leaves out are off.
-    v: dict[str, Any] = {"rules": parse_rules(section, "alerts")}
+    # An alerts: section that names a rule lists what the admin wants: rules it leaves out are off.
+    # One that only sets for/repeat_every/send_resolved/routes/command_lines keeps the default rules on.
+    names_a_rule = any(name in section for name in RULE_NAMES)
+    v: dict[str, Any] = {"rules": parse_rules(section, "alerts") if names_a_rule else default_rules()}
     if "send_resolved" in section:
         v["send_resolved"] = boolean(section["send_resolved"], "alerts.send_resolved")
     if "for" in section:
@@ -266,13 +270,14 @@ def _parse_attribution(raw: object) -> AttributionConfig:
     return AttributionConfig(**values)
 
 
+WEB_VIEWS = ("list", "wall")  # the page's views (web.py); ?view= picks one per visit
 _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")
 
 
 def _parse_web(raw: object) -> WebConfig:
     """``web:`` (present, even empty: serve on the default address)."""
     section = mapping(raw, "web")
-    check_keys(section, ("listen", "base_path", "auth", "public_url"), "web")
+    check_keys(section, ("listen", "base_path", "auth", "public_url", "view"), "web")
     values: dict[str, Any] = {}
     if "listen" in section:
         listen = string(section["listen"], "web.listen")
@@ -305,12 +310,25 @@ def _parse_web(raw: object) -> WebConfig:
         if not re.match(r"https?://[^/\s]+", url):
             raise ConfigError(f"web.public_url: expected an http(s):// address, got {url[:60]!r}")
         values["public_url"] = url
+    if section.get("view") is not None:
+        view = string(section["view"], "web.view")
+        if view not in WEB_VIEWS:
+            raise ConfigError(f"web.view: {view!r} is not one of {', '.join(WEB_VIEWS)}")
+        values["view"] = view
     return WebConfig(**values)
 
 
 def _merge_legacy(doc: dict[str, Any]) -> dict[str, Any]:
     """Map the predecessor's flat keys onto the structured ones (refusing contradictions)."""
     legacy = {k: doc.pop(k) for k in LEGACY_KEYS if k in doc}
+    stray = [k for k in ("port", "user", "password") if k in legacy]
+    if stray and "ssh" in doc and not doc["ssh"]:
+        # "ssh:" with nothing under it and its keys at the top: a block that lost its indentation
+        keys = ", ".join(f"{k}:" for k in stray)
+        raise ConfigError(
+            f"ssh: is empty, and {keys} stand at the top level: indent them under ssh: (two spaces), "
+            "e.g.\nssh:\n  user: gpuwatch"
+        )
     if not legacy:
         return doc
     if "ip_list" in legacy:
@@ -365,6 +383,9 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     if "routes" in doc:
         raise ConfigError("routes: belongs under alerts: (alerts.routes), e.g. alerts: {routes: {default: [feishu]}}")
     channel_names = tuple(spec.name for spec in channels)
+    for key in doc:
+        if key in SSH_KEYS and key not in TOP_KEYS:  # an ssh: key that lost its indentation
+            raise ConfigError(f"{key}: is an ssh: key, not a top-level one; indent it under ssh: (two spaces)")
     check_keys(doc, (*TOP_KEYS, *channel_names), "")
     base = path.parent if path else Path.cwd()
     ssh = _parse_ssh(doc.get("ssh"), base)
@@ -475,10 +496,7 @@ def load_config(path: Path) -> Config:
         line = f" line {exc.mark.line + 1}" if exc.mark is not None else ""
         raise ConfigError(f"{path}{line}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{path}{explain(exc, text)}") from None
     except RecursionError:  # a limit above should come first; this is the backstop
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     try:

@@ -160,6 +160,8 @@ class WebConfig:
     base_path: str = ""  # "" or "/gpuwatch": the path prefix behind a reverse proxy
     auth: WebAuth | None = None
     public_url: str | None = None  # the page's address as people reach it (printed at start)
+    view: str = "list"  # the page's default view: list (for people) or wall (dense, for a screen on a wall)
+    demo: bool = False  # set by ``gpuwatch demo`` (no key): the page says it shows an invented fleet
 
     @property
     def listen(self) -> str:

@@ -1,7 +1,8 @@
 """The bounded YAML loader: ``yaml.safe_load`` that refuses what would cost a reader time or memory.
 
 On its own so that anything reading YAML from outside (the config, a webhook template) gets the
-same limits; it knows nothing of what the document means.
+same limits; it knows nothing of what the document means. :func:`explain` turns PyYAML's words for
+the usual indentation and tab mistakes into what is probably wrong, with line and column.
 """
 
 from __future__ import annotations
@@ -89,3 +90,53 @@ def load_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def _line(text: str, number: int) -> str:
+    lines = text.splitlines()
+    return lines[number - 1] if 0 < number <= len(lines) else ""
+
+
+def explain(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error for people: `` line 3, column 5: invalid YAML: ...`` (to follow the file's name)
+    saying what is probably wrong (a tab, a key indented wrongly, a value holding ``: ``), then the
+    line as written; ``: invalid YAML: ...`` with PyYAML's words when it gives no place."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return f": invalid YAML: {problem}"
+    line, column = mark.line + 1, mark.column + 1
+    written = _line(text, line)
+    context = getattr(exc, "context", None) or ""
+    if "'\\t'" in problem or ("\t" in written[: mark.column + 1] and "cannot start any token" in problem):
+        why = "a tab is not allowed for indentation in YAML; indent with spaces"
+    elif problem == "mapping values are not allowed here":
+        before = written[: mark.column]
+        if ": " in before or before.rstrip().endswith(":"):
+            why = "a value holds ': '; put the value in quotes (key: \"a: b\")"
+        else:
+            why = (
+                f"the key on line {line} is indented wrongly (further in than the key above it), "
+                "or the line above it lacks its ':'"
+            )
+    elif "expected <block end>" in problem and context == "while parsing a block mapping":
+        if problem.endswith("'-'") or "block sequence" in problem:
+            why = (
+                f"the list item on line {line} is indented wrongly: a list goes under a key ending in ':', "
+                "its '-' lines further in than that key, each in the same column"
+            )
+        else:
+            why = (
+                f"the key on line {line} is indented wrongly: it lines up with none of the keys above it "
+                "(the keys of one section start in the same column)"
+            )
+    elif "could not find expected ':'" in problem:
+        start = getattr(exc, "context_mark", None) or mark  # where the key without its ':' began
+        line, column, written = start.line + 1, start.column + 1, _line(text, start.line + 1)
+        why = f"line {line} has no ':' after its key (write key: value)"
+    else:
+        why = problem
+    shown = written.rstrip()
+    return f" line {line}, column {column}: invalid YAML: {why}" + (
+        f" (the line reads: {quote(shown)})" if shown else ""
+    )

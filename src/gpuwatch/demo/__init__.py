@@ -23,7 +23,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -287,7 +287,8 @@ class DemoFleet:
 
 
 def demo_config(state_dir: Path, listen: str, poll_every: float) -> Config:
-    """The demo's config: its hosts, the default alerts plus a notice when erin's GPU is free, the page."""
+    """The demo's config: its hosts, the default alerts plus a notice when erin's GPU is free, the page
+    (which says it is a demo: ``web.demo``)."""
     doc = {
         "hosts": [h.name for h in demo_hosts()],
         "state_dir": str(state_dir),
@@ -296,7 +297,9 @@ def demo_config(state_dir: Path, listen: str, poll_every: float) -> Config:
         "alerts": {"host_down": {"after": 3}, "gpu_missing": True, "gpu_error": True, "gpu_freed": {"users": ["erin"]}},
         "web": {"listen": listen},
     }
-    return parse_config(doc)
+    config = parse_config(doc)
+    assert config.web is not None
+    return replace(config, web=replace(config.web, demo=True))
 
 
 class Toggler:

@@ -143,7 +143,9 @@ def _one_pass(
             channel.deliver(item.payload)
         except DeliveryError as exc:
             errors.append(f"{name}: {exc}")
-            if _refused(outbox, item, exc, now, done):
+            # The wait runs from this try, not from the start of the pass: the earlier messages'
+            # sends (rate limits, retries) may have taken longer than the wait itself.
+            if _refused(outbox, item, exc, clock(), done):
                 done.failed += len(pending) - n
                 break
             continue

@@ -87,6 +87,16 @@ _RANK_GENERIC = 6
 RANK_VERSION = 99  # "NVML library version: X" only completes a mismatch message
 
 _MSG_NOT_FOUND = "nvidia-smi is not installed on this host or not on the PATH of the SSH session"
+_RE_PATH_NOT_FOUND = re.compile(r"^(?P<path>/\S+?)'?:\s*(?:command not found|not found|No such file or directory)\s*$")
+
+
+def _not_found(line: str) -> str:
+    """Not found: a configured full path (``nvidia_smi: /opt/bin/nvidia-smi``) is no such file;
+    a bare name is not on the PATH."""
+    path = _RE_PATH_NOT_FOUND.match(line.strip())
+    if path is None:
+        return _MSG_NOT_FOUND
+    return f"no such file: {excerpt(path['path'])} (or the login user may not run it); check the nvidia_smi setting"
 _MSG_NOT_EXECUTABLE = "nvidia-smi was found but could not be executed (not a working binary, or no execute permission)"
 _MSG_NO_DRIVER = (
     "nvidia-smi cannot talk to the NVIDIA driver: the kernel module is not loaded "
@@ -147,7 +157,7 @@ def classify_line(line: str, generic: bool = True) -> LineError | None:
     if _RE_NOT_FOUND.search(text) or (
         failed_to_run and not re.search(r"Permission denied", failed_to_run["reason"], re.IGNORECASE)
     ):
-        return LineError(_RANK_NOT_FOUND, HostErrorKind.NVIDIA_SMI_NOT_FOUND, _MSG_NOT_FOUND)
+        return LineError(_RANK_NOT_FOUND, HostErrorKind.NVIDIA_SMI_NOT_FOUND, _not_found(text))
     if failed_to_run or _RE_NOT_EXECUTABLE.search(text):
         return LineError(_RANK_NOT_FOUND, HostErrorKind.NVIDIA_SMI_NOT_FOUND, _MSG_NOT_EXECUTABLE)
     if _RE_MISMATCH.search(text):
@@ -222,7 +232,7 @@ def _exit_code_issue(text: str, exit_code: int) -> HostIssue:
     first = next((line.strip() for line in split_lines(text) if line.strip()), "")
     quoted = f": {excerpt(first)}" if first else " and printed nothing"
     if exit_code == 127:
-        return HostIssue(HostErrorKind.NVIDIA_SMI_NOT_FOUND, _MSG_NOT_FOUND)
+        return HostIssue(HostErrorKind.NVIDIA_SMI_NOT_FOUND, _not_found(first))
     if exit_code == 126:
         return HostIssue(HostErrorKind.NVIDIA_SMI_NOT_FOUND, _MSG_NOT_EXECUTABLE)
     if exit_code in (124, 137):

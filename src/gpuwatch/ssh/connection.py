@@ -375,7 +375,12 @@ class SshConnection:
                 raise TimeoutError()
             if expired.is_set():
                 raise TimeoutError()
-            if not chan.exit_status_ready() and not transport.is_active():
+            # No exit status (paramiko's exit_status_ready() is also true for a closed channel:
+            # -1 is "none came"), and the host never ended its side (no EOF) or the connection is
+            # gone: the session was cut (the host went down mid-probe), not ended. paramiko wakes
+            # this thread when it closes the channels of a dead connection, a moment before it
+            # marks the connection inactive, so is_active() alone can still say "live".
+            if chan.exit_status == -1 and (not chan.eof_received or not transport.is_active()):
                 raise paramiko.SSHException(f"the connection to {self.host.name} was lost during the probe")
             status = chan.exit_status
         except (TimeoutError, paramiko.SSHException, EOFError, OSError):

@@ -1,5 +1,5 @@
 // gpuwatch fleet page: fetch the server-rendered fleet part after every poll and swap it in, count
-// the age of the data, keep the filter in the URL. It never builds HTML from data: the server
+// the age of the data, keep the filter, the sort and the view in the URL. It never builds HTML from data: the server
 // escapes everything (Jinja2 autoescape) and this script only moves its output into the page.
 (function () {
   "use strict";
@@ -10,6 +10,9 @@
   var form = document.getElementById("filter");
   var q = document.getElementById("q");
   var free = document.getElementById("free");
+  var sort = document.getElementById("sort");
+  var view = document.getElementById("view");
+  var viewlink = document.getElementById("viewlink");
   var conn = document.getElementById("conn");
   var etag = null;
   var offset = 0; // server clock minus this browser's clock, in seconds
@@ -36,8 +39,17 @@
     var text = q.value.trim();
     if (text) params.set("q", text);
     if (free.checked) params.set("free", "1");
+    if (sort && sort.value) params.set("sort", sort.value);
+    if (view && view.value) params.set("view", view.value);
     var s = params.toString();
     return s ? "?" + s : "";
+  }
+
+  // The link to the other view (list or wall) keeps the filter and the sort.
+  function otherView() {
+    var params = new URLSearchParams(query().slice(1));
+    params.set("view", body.classList.contains("view-wall") ? "list" : "wall");
+    return location.pathname + "?" + params.toString();
   }
 
   function syncClock() {
@@ -102,6 +114,7 @@
     clearTimeout(debounce);
     debounce = setTimeout(function () {
       history.replaceState(null, "", location.pathname + query());
+      if (viewlink) viewlink.href = otherView();
       etag = null;
       load();
     }, 200);
@@ -109,6 +122,7 @@
 
   q.addEventListener("input", filterChanged);
   free.addEventListener("change", filterChanged);
+  if (sort) sort.addEventListener("change", filterChanged);
   form.addEventListener("submit", function (event) { event.preventDefault(); filterChanged(); });
   document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
   syncClock();

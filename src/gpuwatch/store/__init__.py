@@ -1,6 +1,7 @@
 """SQLite state under state_dir: rows only (the outbox, alert state and silences, report runs).
 
-* :mod:`.db`: the connection, migrations, corruption handling (moved aside), :class:`StoreError`;
+* :mod:`.db`: the connection, migrations, corruption handling (moved aside), a schema
+  this gpuwatch does not write refused (:class:`SchemaError`), :class:`StoreError`;
 * :mod:`.outbox`: messages waiting for their channel (pending, delivered, refused for good, in
   doubt, held in memory, a newer report replacing an older one);
 * :mod:`.alerts`: alert records, rule memory, silences; :mod:`.runs`: when each scheduled report
@@ -12,7 +13,7 @@ The store never sends anything: delivering the outbox is :mod:`gpuwatch.notify.d
 from __future__ import annotations
 
 from .alerts import AlertStore
-from .db import DB_NAME, Database, StoreError, open_db, open_db_readonly
+from .db import DB_NAME, Database, SchemaError, StoreError, open_db, open_db_readonly
 from .outbox import Outbox, OutboxItem, replaces_older
 from .reader import StoreReader
 from .runs import ReportRuns
@@ -24,6 +25,7 @@ __all__ = [
     "Outbox",
     "OutboxItem",
     "ReportRuns",
+    "SchemaError",
     "StoreError",
     "StoreReader",
     "open_db",

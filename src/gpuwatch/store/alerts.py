@@ -127,8 +127,16 @@ class AlertStore:
             aid = int(cur.lastrowid or 0)
         return Ack(aid, now, dict(alerts), comment, ends_at, rule, host, user, gpu, pid, author)
 
+    def _has(self, table: str) -> bool:
+        """Whether the database has this table: a database of an older schema opened read-only
+        (an admin reading the service's state before the daemon upgraded it) may not."""
+        return bool(self.db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)))
+
     def acks(self) -> list[Ack]:
-        """Every acknowledgement kept, oldest first (``Ack.live`` says which still count)."""
+        """Every acknowledgement kept, oldest first (``Ack.live`` says which still count); none in
+        a database of an older schema opened read-only."""
+        if not self._has("acks"):
+            return []
         rows = self.db.query(
             "SELECT id, created_at, alerts, comment, ends_at, rule, host, user, gpu, pid, author FROM acks ORDER BY id"
         )
@@ -160,4 +168,6 @@ class AlertStore:
 
     def users_seen(self) -> list[str]:
         """Every user a host has shown since this state directory began, by name."""
+        if not self._has("users_seen"):
+            return []
         return [str(r[0]) for r in self.db.query("SELECT name FROM users_seen ORDER BY name")]

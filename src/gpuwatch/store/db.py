@@ -1,16 +1,22 @@
 """The state database under state_dir: the connection, its migrations and what the disk does to it.
 
 A corrupt file is moved aside at open and a fresh one started; a full or read-only disk is one
-:class:`StoreError` naming the directory. :class:`Database` serializes every use of its one
-connection through one lock, so threads (the daemon's main loop, each channel's delivery worker)
-share it safely; readers in other threads (the web page) open their own read-only connection
-(:func:`open_db_readonly`).
+:class:`StoreError` naming the directory. A file SQLite reads whole but whose tables are not the
+ones this gpuwatch writes (a table recreated without its columns, or a schema a newer gpuwatch
+made) is refused at open, read-only opens included, as one :class:`SchemaError` (exit 2), and left
+where it is: unlike a corrupt file it may hold what someone wants back (a newer gpuwatch's state,
+a change made on purpose), and a service that moved it aside at each start would lose it silently.
+
+:class:`Database` serializes every use of its one connection through one lock, so threads (the
+daemon's main loop, each channel's delivery worker) share it safely; readers in other threads (the
+web page) open their own read-only connection (:func:`open_db_readonly`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import pwd
@@ -22,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..statedir import (
     StateDirBusy,
     StateError,
@@ -93,6 +100,13 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE silences ADD COLUMN author TEXT;
     ALTER TABLE rule_memory ADD COLUMN evaluated_at REAL
     """,
+    # which gpuwatch last brought the schema up to date (an older one refusing the file names it)
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )
+    """,
     # acknowledgements: stop the reminders of the alerts firing when made (``alerts``: JSON
     # {alert id: since}), until those resolve (or ``ends_at``, when given); the users the hosts
     # have shown (``silence add --user`` warns of a name never seen)
@@ -126,6 +140,11 @@ class StoreError(StateError):
     def __init__(self, message: str, *, disk_full: bool = False) -> None:
         super().__init__(message)
         self.disk_full = disk_full
+
+
+class SchemaError(StoreError):
+    """SQLite reads the file, but its tables are not the ones this gpuwatch writes: damaged (a table
+    recreated without its columns), or made by a newer gpuwatch. Nothing was written to it."""
 
 
 # SQLite's primary result codes (the low byte of an extended code).
@@ -276,26 +295,112 @@ class _Corrupt(Exception):
     """The file is not an SQLite database, or one with damaged pages."""
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema up to date. The version is read again under the write lock, so processes
-    that open a new database at once run each migration exactly once."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= len(_MIGRATIONS):
+    that open a new database at once run each migration exactly once. A schema newer than this
+    gpuwatch knows, or one a migration cannot alter, is a :class:`SchemaError` (nothing written)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= len(_MIGRATIONS):
+        _refuse_newer(conn, path, version)
         return  # the common case: no write lock needed (read-only commands stay read-only)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        _refuse_newer(conn, path, version)
         for script in _MIGRATIONS[version:]:
             for statement in script.split(";"):
                 if statement.strip():
-                    conn.execute(statement)
+                    _alter(conn, statement, path)
         if version < len(_MIGRATIONS):
             conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_written_by', ?)", (__version__,))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+def _alter(conn: sqlite3.Connection, statement: str, path: Path) -> None:
+    """One statement of a migration; a table it cannot alter (dropped, or recreated without its
+    columns) is a :class:`SchemaError` rather than a traceback."""
+    try:
+        conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if _is_store_error(exc):
+            raise
+        raise _schema_error(path, f"it cannot be brought up to date ({exc})") from None
+
+
+def _refuse_newer(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """A schema a newer gpuwatch made: its rows may mean what this one does not know."""
+    if version <= len(_MIGRATIONS):
+        return
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_written_by'").fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    writer = f"gpuwatch {row[0]}" if row and isinstance(row[0], str) and row[0] else "a newer gpuwatch"
+    run = f"run {writer} (or newer) on it" if row else "run that newer gpuwatch (or newer) on it"
+    raise SchemaError(
+        f"state_dir {path.parent}: {path.name} was written by {writer} (schema version {version}, "
+        f"this gpuwatch {__version__} knows up to {len(_MIGRATIONS)}); {run}, or move the file aside "
+        "to start afresh with this one (its outbox, alert state and silences stay in the moved file)"
+    )
+
+
+def _schema_error(path: Path, why: str) -> SchemaError:
+    return SchemaError(
+        f"state_dir {path.parent}: {path.name} does not have the tables gpuwatch {__version__} writes: {why}; "
+        f"move it aside (mv {path} {path}.damaged) to start afresh, or restore it from a backup"
+    )
+
+
+@functools.cache
+def _expected_tables(version: int) -> dict[str, tuple[str, ...]]:
+    """Table -> its column names in order, as the first ``version`` migrations make them (built in
+    memory when first needed, once per version)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for script in _MIGRATIONS[:version]:
+            conn.executescript(script)
+        return {table: tuple(str(c[1]) for c in _columns(conn, table)) for table in _tables(conn)}
+    finally:
+        conn.close()
+
+
+def _tables(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    return [str(r[0]) for r in rows.fetchall()]
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[Any, ...]]:
+    """``PRAGMA table_info``: (cid, name, type, notnull, default, pk) per column."""
+    return conn.execute(f'PRAGMA table_info("{table}")').fetchall()
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Every table and column that the file's schema version has is there (a read-only open leaves
+    an older version as it is), and no other column needs a value gpuwatch does not give (NOT NULL
+    without a default); tables and columns a person added are fine."""
+    version = min(conn.execute("PRAGMA user_version").fetchone()[0], len(_MIGRATIONS))
+    present = set(_tables(conn))
+    problems: list[str] = []
+    for table, wanted in _expected_tables(version).items():
+        if table not in present:
+            problems.append(f"no table {table}")
+            continue
+        columns = _columns(conn, table)
+        have = {str(c[1]) for c in columns}
+        missing = [name for name in wanted if name not in have]
+        if missing:
+            problems.append(f"table {table} has no column {', '.join(missing)}")
+        unfilled = [str(c[1]) for c in columns if c[1] not in wanted and c[3] and c[4] is None and not c[5]]
+        if unfilled:
+            problems.append(f"table {table} has a column gpuwatch does not fill: {', '.join(unfilled)}")
+    if problems:
+        raise _schema_error(path, ", ".join(problems))
 
 
 _HEADER = b"SQLite format 3\x00"
@@ -326,7 +431,8 @@ def _connect(path: Path, monotonic: Callable[[], float], sleep: Callable[[float]
             problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
             if problems != ["ok"]:
                 raise _Corrupt("; ".join(problems)[:200])
-            _migrate(conn)
+            _migrate(conn, path)
+            _check_schema(conn, path)
             return conn
         except sqlite3.Error as exc:
             conn.close()
@@ -358,7 +464,7 @@ def _create(path: Path) -> None:
         conn = sqlite3.connect(temp, timeout=30, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")  # kept in the file
-            _migrate(conn)
+            _migrate(conn, temp)
         finally:
             conn.close()  # checkpoints: everything is in the main file now
         try:
@@ -440,7 +546,7 @@ def open_db(
     """
     if state_dir is None:
         memory = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-        _migrate(memory)
+        _migrate(memory, Path(":memory:"))
         return Database(memory)
     if not read_only_ok:
         return _open_writable(state_dir, lock, clock, monotonic, sleep)
@@ -497,7 +603,8 @@ def _open_writable(
 def open_db_readonly(state_dir: Path) -> Database:
     """A read-only connection to the state database: for readers in other threads (the web page,
     /metrics), where in WAL mode its reads never wait for the daemon's writes, nor block them; and
-    for commands that only read, run by a user who may not write the state directory.
+    for commands that only read, run by a user who may not write the state directory. A schema
+    this gpuwatch does not write is a :class:`SchemaError`, as for :func:`open_db`.
 
     SQLite opens a WAL database read-only only when its -shm file exists or can be made. Where it
     can be neither (a read-only mount after the daemon stopped), every committed change is in the
@@ -507,7 +614,6 @@ def open_db_readonly(state_dir: Path) -> Database:
     try:
         db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=5, check_same_thread=False, isolation_level=None)
         db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the open is lazy: fail here, not later
-        return Database(db, path)
     except sqlite3.Error as exc:
         wal = Path(f"{path}-wal")
         no_shm = _code(exc) in (_CANTOPEN, _READONLY)  # READONLY_DIRECTORY: no -shm, none can be made
@@ -519,7 +625,16 @@ def open_db_readonly(state_dir: Path) -> Database:
                     f"that owns it ({_owner(path)})"
                 ) from None
             raise _explain(exc, path, "read") from None
-    db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        _refuse_newer(db, path, db.execute("PRAGMA user_version").fetchone()[0])
+        _check_schema(db, path)
+    except sqlite3.Error as exc:
+        db.close()
+        raise _explain(exc, path, "read") from None
+    except BaseException:
+        db.close()
+        raise
     return Database(db, path)
 
 
