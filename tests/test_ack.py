@@ -261,3 +261,13 @@ def test_which_channels_get_the_command_line(setting: str, expected: dict[str, b
     daemon = Daemon(config, None, Outbox(db), {}, alert_store=AlertStore(db))  # type: ignore[arg-type]
     assert {name: daemon.command_lines(name) for name in expected} == expected
     db.close()
+
+
+def test_a_database_of_the_schema_before_acks_read_only_has_no_acks(tmp_path: Path) -> None:
+    """An admin reading the service's state (read-only) before the daemon brought it up to date."""
+    db = open_db(None)
+    db.connection.execute("DROP TABLE acks")
+    db.connection.execute("DROP TABLE users_seen")
+    store = AlertStore(db)
+    assert store.acks() == [] and store.users_seen() == []
+    db.close()
