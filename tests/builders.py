@@ -183,6 +183,7 @@ class Engine:
         self.memory = Memory()
         self.silences: list[Silence] = []
         self.notices: list[Notice] = []
+        self.acknowledged: frozenset[str] = frozenset()  # alert ids an ack covers (no reminders)
 
     def step(
         self,
@@ -201,7 +202,13 @@ class Engine:
         evaluation = evaluate(snapshot, self.cfg, self.memory, self.free, new)
         gone = frozenset(removed)
         self.records, transitions = advance(
-            self.records, evaluation, now, self.cfg, silence_check(self.silences), removed_hosts=gone
+            self.records,
+            evaluation,
+            now,
+            self.cfg,
+            silence_check(self.silences),
+            removed_hosts=gone,
+            acknowledged=self.acknowledged,
         )
         self.memory = evaluation.memory.forget(gone)
         self.notices = list(evaluation.notices)

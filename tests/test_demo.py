@@ -60,6 +60,13 @@ def test_demo_serves_a_replayed_fleet_and_prints_what_it_would_send(tmp_path: Pa
         assert {"alice", "bob", "verylongusername"} <= users
         wait_for(lambda: "FIRING gpu_error (old-f)" in read_more(), 30, "the gpu_error alert printed")
         assert "----- would send to console -----" in read_more()
+        # the printed ack line runs as printed (from another shell, while the demo runs)
+        wait_for(lambda: "an admin can acknowledge it: " in read_more(), 10, "the ack line")
+        line = re.search(r"an admin can acknowledge it: (.+)", read_more())
+        assert line, read_more()
+        acked = subprocess.run(["bash", "-c", line.group(1)], capture_output=True, text=True, timeout=60, env=env)
+        assert acked.returncode == 0, acked.stdout + acked.stderr
+        assert "1 firing alert (rule=gpu_error host=old-f): no more reminders" in acked.stdout
         with urllib.request.urlopen(url, timeout=10) as response:
             assert b"old-f" in response.read()
     finally:

@@ -116,7 +116,7 @@ def test_the_mute_line_with_an_absolute_program_runs_as_printed(tmp_path: Path) 
 
 def test_run_prints_the_absolute_path_when_gpuwatch_is_not_on_the_path(tmp_path: Path) -> None:
     """As under systemd or cron: the venv's bin/gpuwatch started by its path, PATH without it. The
-    console (--dry-run) prints the alert with its mute line, and that line runs as printed."""
+    console (--dry-run) prints the alert with its ack line, and that line runs as printed."""
     bin_dir = Path(sys.executable).parent
     program = bin_dir / "gpuwatch"
     if not program.exists():
@@ -126,7 +126,7 @@ def test_run_prints_the_absolute_path_when_gpuwatch_is_not_on_the_path(tmp_path:
         "state_dir": str(tmp_path / "state"),
         "feishu": {"url": "http://127.0.0.1:9/hook/x"},
         "schedule": {"reports": []},
-        "alerts": {"host_down": {"after": 1}},
+        "alerts": {"host_down": {"after": 1}, "command_lines": "all"},
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(doc), encoding="utf-8")
@@ -139,11 +139,14 @@ def test_run_prints_the_absolute_path_when_gpuwatch_is_not_on_the_path(tmp_path:
         env=env,
         cwd=tmp_path,
     )
-    mutes = [line.split(": ", 1)[1] for line in run.stdout.splitlines() if line.strip().startswith("mute it: ")]
-    assert mutes == [f"{program} -c {config} silence add --rule host_down --host dead --for 24h --comment acknowledged"]
-    pasted = subprocess.run(["sh", "-c", mutes[0]], capture_output=True, text=True, timeout=60, env=env, cwd="/")
-    assert pasted.returncode == 0, pasted.stderr
-    assert pasted.stdout.startswith("silence #1 added: rule=host_down host=dead until ")
+    marker = "an admin can acknowledge it: "
+    acks = [line.split(marker, 1)[1] for line in run.stdout.splitlines() if marker in line]
+    assert acks == [f"{program} -c {config} ack --rule host_down --host dead"]
+    # the same run for real keeps the alert state (a dry run keeps nothing); then the line, pasted
+    subprocess.run([str(program), "--once", "-c", str(config)], capture_output=True, timeout=60, env=env, cwd=tmp_path)
+    pasted = subprocess.run(["sh", "-c", acks[0]], capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    assert pasted.stdout.startswith("ack #1 added")
 
 
 # ---------------------------------------------------------------- check: the web port

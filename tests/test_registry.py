@@ -200,7 +200,7 @@ def test_a_new_rule_is_a_function_its_config_its_words_and_its_entry() -> None:
         "FIRING power_above (gpu-a, GPU 0)\n"
         "    gpu-a GPU 0 draws 631.95 W\n"
         "    now: 631.95 W; threshold: at most 600 W; since 2027-01-15 08:00:00 UTC\n"
-        "    mute it: gpuwatch silence add --rule power_above --host gpu-a --gpu 0 --for 24h --comment acknowledged"
+        "    an admin can acknowledge it: gpuwatch ack --rule power_above --host gpu-a --gpu 0"
     )
     assert step(T0 + MIN, busy) == []
     assert kinds(step(T0 + 2 * MIN, h100_host("gpu-a"))) == [("resolved", "power_above|gpu-a|0|||")]

@@ -654,14 +654,15 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
     message = alert_message(transitions, notices, {"alice": "ou_alice", "bob": "ou_bob"}, tz=timezone.utc)
     assert message is not None
     assert message.kind == "alert" and message.severity == "firing"
-    assert message.title == "GPU alerts: 5 firing, 1 resolved, 1 notice"
+    # counted as shown: 3 entries (the three hot GPUs of gpu-a are one) holding 5 alerts
+    assert message.title == "GPU alerts: 3 firing (5 alerts), 1 resolved, 1 notice"
     text = message.text
     # what, where, who, since when, the threshold
     assert "FIRING max_gpus_per_user (gpu-a, user alice)" in text
     assert "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)" in text
     assert "now: 3 GPUs; threshold: at most 2 per host; since 2027-01-15 08:00:00 UTC" in text
     assert "FIRING host_down (gpu-b)" in text and "connection refused" in text
-    # the three hot GPUs of gpu-a: one entry, a line each, one threshold, one silence line
+    # the three hot GPUs of gpu-a: one entry, a line each, one threshold, one ack line
     hot = next(b for b in message.blocks if "temperature_above" in b and "FIRING" in b)
     assert hot.splitlines() == [
         "FIRING temperature_above on gpu-a: GPUs 0-2",
@@ -669,7 +670,7 @@ def test_new_and_resolved_alerts_of_one_cycle_go_out_in_one_message() -> None:
         "    gpu-a GPU 1 is at 59°C",
         "    gpu-a GPU 2 is at 59°C",
         "    threshold: at most 55°C; since 2027-01-15 08:00:00 UTC",
-        "    mute them: gpuwatch silence add --rule temperature_above --host gpu-a --for 24h --comment acknowledged",
+        "    an admin can acknowledge them: gpuwatch ack --rule temperature_above --host gpu-a",
     ]
     assert "RESOLVED temperature_above (gpu-a, GPU 3)" in text
     assert "fired 2027-01-15 07:00:00 UTC, resolved 2027-01-15 08:00:00 UTC (lasted 1h)" in text
@@ -705,7 +706,7 @@ def test_a_big_cycle_is_split_under_the_limit_never_inside_an_entry() -> None:
     assert len(transitions) == 320
     message = alert_message(transitions, [], {"alice": "ou_alice"})
     assert message is not None
-    assert message.title == "GPU alerts: 320 firing" and len(message.blocks) == 40  # one entry per host
+    assert message.title == "GPU alerts: 40 firing (320 alerts)" and len(message.blocks) == 40  # one entry per host
     channel = FeishuChannel(FeishuSettings(url="http://127.0.0.1:9/open-apis/bot/v2/hook/x", format="card"))
     payloads = channel.prepare(message)
     assert len(payloads) > 1
@@ -716,8 +717,8 @@ def test_a_big_cycle_is_split_under_the_limit_never_inside_an_entry() -> None:
         pids = sorted(t.record.key.pid or 0 for t in transitions if t.record.key.host == host.name)
         head = f"FIRING max_runtime on {host.name}: user alice; pids {', '.join(map(str, pids))}"
         assert joined.count(head) == 1  # each entry whole, in exactly one part
-        mute = f"gpuwatch silence add --rule max_runtime --host {host.name} --user alice --for 24h"
-        assert joined.count(mute) == 1
+        ack = f"gpuwatch ack --rule max_runtime --host {host.name} --user alice"
+        assert joined.count(ack) == 1
     for t in transitions:
         assert joined.count(f"alice's process {t.record.key.pid} ") == 40  # the same pids on every host
     assert all(p["card"]["header"]["template"] == "red" for p in payloads)
@@ -731,7 +732,7 @@ def test_ordering_of_blocks_never_compares_none_with_a_value() -> None:
     assert message is not None and len(message.blocks) == 1
     (entry,) = message.blocks
     assert entry.startswith("FIRING max_runtime on gpu-a: users alice, an unknown user; pids 4, 5\n")
-    assert entry.endswith("gpuwatch silence add --rule max_runtime --host gpu-a --for 24h --comment acknowledged")
+    assert entry.endswith("an admin can acknowledge them: gpuwatch ack --rule max_runtime --host gpu-a")
 
 
 # ---------------------------------------------------------------- the alerts:, email: and routes: keys

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import signal
 import threading
 import time
@@ -42,7 +43,7 @@ from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings
 from .report import alert_message, alert_words, build_report
-from .rules import Notice, Transition, advance, evaluate, silence_check
+from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
 from .store import AlertStore, Outbox, ReportRuns, StoreError
@@ -118,6 +119,7 @@ class Daemon:
         self._answered: set[str] = set()  # hosts with a result since then
         self._made: dict[str, float] = {}  # report name -> when this process last made (or tried) it
         self.unprepared = 0  # messages a channel could not prepare (kept as refused for good)
+        self.command = shlex.join(self.program)  # how the printed ack lines run gpuwatch from a shell
 
     # -- the fleet state
 
@@ -191,8 +193,15 @@ class Daemon:
         removed = frozenset(self._removed)
         evaluation = evaluate(snapshot, self.config.alerts, store.memory(), self.config.free_gpu, fresh)
         silences = store.silences(now)
+        before = store.records()
         records, transitions = advance(
-            store.records(), evaluation, now, self.config.alerts, silence_check(silences), removed_hosts=removed
+            before,
+            evaluation,
+            now,
+            self.config.alerts,
+            silence_check(silences),
+            removed_hosts=removed,
+            acknowledged=acknowledged_ids(store.acks(), before, now),
         )
         by_channel: dict[str, tuple[list[Transition], list[Notice]]] = {}
         for t in transitions:
@@ -204,16 +213,27 @@ class Daemon:
         config_path = str(self.config.path.resolve()) if self.config.path is not None else None
         with self.outbox.db.transaction():
             store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory, now)
+            store.prune_acks(records, now)  # an ack ends when its alerts resolve
+            store.saw_users((p.owner for h in snapshot.answered for p in h.processes if p.owner), now)
             for name, (items, notices) in by_channel.items():
-                message = alert_message(
-                    items, notices, self.mentions(name), config_path=config_path, program=self.program
-                )
+                command = self.command if self.command_lines(name) else None
+                message = alert_message(items, notices, self.mentions(name), config_path=config_path, command=command)
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed
         for t in transitions:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
+
+    def command_lines(self, channel: str) -> bool:
+        """Whether channel ``channel``'s alerts carry the ``gpuwatch ack`` line (``alerts.command_lines``):
+        by default only a channel that reaches admins, not a group: e-mail (which carries no
+        reports), and gpuwatch's own console (the terminal of whoever runs it: ``demo``, no channel)."""
+        setting = self.config.alerts.command_lines
+        if setting != "admins":
+            return setting == "all"
+        spec = channel_spec(channel)
+        return spec is None or not spec.carries_reports
 
     @property
     def dry_run(self) -> bool:

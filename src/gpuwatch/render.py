@@ -17,7 +17,7 @@ from .config import FreeGpuConfig
 from .fleet import STALE_AFTER_POLLS
 from .model import Container, Disk, FleetSnapshot, Gpu, GpuHealth, GpuProcess, HostContext, HostSnapshot, SlurmJob
 from .report import alert_words
-from .rules import AlertRecord, Silence, inhibited
+from .rules import Ack, AlertRecord, Silence, inhibited
 from .summary import context_line, is_free, totals, users_on
 from .text import UNKNOWN, format_duration, iso_time, local_time, number, paint, plural
 
@@ -398,6 +398,23 @@ def silence_dict(silence: Silence) -> dict[str, Any]:
     }
 
 
+def ack_dict(ack: Ack) -> dict[str, Any]:
+    """An acknowledgement for programs: who, when, why, the fields it was given, the alerts it covers."""
+    return {
+        "id": ack.id,
+        "author": ack.author,
+        "created_at": iso_time(ack.created_at),
+        "comment": ack.comment,
+        "ends_at": _iso_or_none(ack.ends_at),
+        "rule": ack.rule,
+        "host": ack.host,
+        "user": ack.user,
+        "gpu": ack.gpu,
+        "pid": ack.pid,
+        "alerts": sorted(ack.alerts),
+    }
+
+
 def alerts_dict(
     records: Mapping[str, AlertRecord],
     silences: Iterable[Silence],
@@ -406,15 +423,23 @@ def alerts_dict(
     *,
     taken_at: float | None = None,
     poll_every: float = 60.0,
+    acks: Iterable[Ack] = (),
 ) -> dict[str, Any]:
     """The alerts for programs: when a poll last updated them (``taken_at``, ``stale`` after 3 poll
-    intervals without one), each alert with its summary, silences and inhibitions, and the
-    silences in force."""
+    intervals without one), each alert with its summary, silences, inhibitions and the acks
+    covering it (``acknowledged``), then the silences and the acks in force."""
     in_force = [s for s in silences if s.ends_at > now]
+    live = [a for a in acks if a.live(records, now)]
     rows = alert_rows(records, in_force, now, include_pending)
+    alerts = []
+    for row in rows:
+        alert = alert_dict(row)
+        alert["acknowledged"] = [ack_dict(a) for a in live if a.covers(row.record, now)]
+        alerts.append(alert)
     return {
         "taken_at": _iso_or_none(taken_at),
         "stale": alert_state_stale(taken_at, now, poll_every),
-        "alerts": [alert_dict(row) for row in rows],
+        "alerts": alerts,
         "silences": [silence_dict(s) for s in in_force],
+        "acks": [ack_dict(a) for a in live],
     }

@@ -6,7 +6,9 @@ with its reason: a report never lets a dead host look like an idle one.
 
 Alerts: the rules give numbers and facts (rules.Finding) and declare their words (rules.Words);
 here they are laid out. The alerts of one rule on one host in one message are one entry ("FIRING idle_gpu on gpu01: GPUs
-0-7"), and each firing entry ends with the ``gpuwatch silence add`` line that mutes exactly it.
+0-7"), counted as one in the title. Where the channel shows command lines (``alerts.command_lines``),
+each firing entry ends with the ``gpuwatch ack`` line that acknowledges exactly it (no more
+reminders; RESOLVED is still said); elsewhere (a group chat) the message says in words how to.
 
 Every message also carries its content as structure (``Message.body``: a section per host or
 alert, a row per GPU with character bars, a state per row) for the channels that lay it out (a
@@ -17,6 +19,7 @@ from the same facts and words as the text blocks.
 from __future__ import annotations
 
 import itertools
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
@@ -43,19 +46,38 @@ def _stamp(snapshot: FleetSnapshot, tz: tzinfo | None = None) -> str:
     return local_time(snapshot.taken_at, tz)
 
 
-def _down_line(host: HostSnapshot, now: datetime | None = None) -> str:
+def _down_line(host: HostSnapshot, now: datetime | None = None, same_as: str | None = None) -> str:
+    """Why a host has no current data; ``same_as``: a host this report already gave the same
+    reason for (a long explanation, such as a driver mismatch's, is said once per report)."""
     kind = host.error_name
     if host.stale and now is not None:
         last = plural(len(host.gpus), "GPU") if host.ok else f"{kind}: {host.error}"
         return f"{host.name}: STALE, no new result for {format_duration(host.age_seconds(now))} (last: {last})"
+    if same_as is not None:
+        return f"{host.name}: NO DATA ({kind}): the same as {same_as}"
     return f"{host.name}: NO DATA ({kind}): {host.error}"
+
+
+def _said_before(hosts: Iterable[HostSnapshot]) -> dict[str, str]:
+    """Host -> the first host in ``hosts`` that failed with the very same words (not stale)."""
+    first: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for host in hosts:
+        if host.current or host.stale or not host.error:
+            continue
+        said = first.setdefault(f"{host.error_name}\0{host.error}", host.name)
+        if said != host.name:
+            same[host.name] = said
+    return same
 
 
 def _no_data_block(snapshot: FleetSnapshot) -> list[str]:
     """Hosts that did not answer, said plainly: what they run is not known, not "nothing"."""
     if not snapshot.down:
         return []
-    return ["Not known (no data): " + "; ".join(_down_line(h, snapshot.taken_at) for h in snapshot.down)]
+    same = _said_before(snapshot.down)
+    lines = [_down_line(h, snapshot.taken_at, same.get(h.name)) for h in snapshot.down]
+    return ["Not known (no data): " + "; ".join(lines)]
 
 
 def _gpu_line(gpu: Gpu) -> str:
@@ -72,12 +94,15 @@ def _who(processes: Iterable[GpuProcess]) -> str:
     return "; ".join(parts)
 
 
-def host_block(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> str:
-    """The predecessor's familiar lines for one host, each GPU followed by who is on it."""
+def host_block(
+    host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None, same_as: str | None = None
+) -> str:
+    """The predecessor's familiar lines for one host, each GPU followed by who is on it
+    (``same_as``: see :func:`_down_line`)."""
     if not host.current:
         # A host whose GPUs failed may still say what else is wrong (its disk is full).
         problems = [] if host.stale else host_problems(host)
-        return "\n".join([_down_line(host, now), *(f"    {p}" for p in problems)])
+        return "\n".join([_down_line(host, now, same_as), *(f"    {p}" for p in problems)])
     lines = [f"GPU for {host.name}"]
     for gpu in host.gpus:
         procs = host.processes_on(gpu)
@@ -101,9 +126,10 @@ def overview(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
     summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     # Hosts without data first: they are what someone must act on.
     hosts = sorted(snapshot.hosts, key=lambda h: h.current)
+    same = _said_before(hosts)
     return Message(
         title=f"GPU overview {_stamp(snapshot)}: {summary}",
-        blocks=tuple(host_block(h, thresholds, snapshot.taken_at) for h in hosts),
+        blocks=tuple(host_block(h, thresholds, snapshot.taken_at, same.get(h.name)) for h in hosts),
         kind="report",
         body=overview_body(snapshot, thresholds),
     )
@@ -289,6 +315,29 @@ def silence_command(
     return shlex.join(args)
 
 
+def ack_command(keys: Sequence[AlertKey], config_path: str | None = None, command: str = "gpuwatch") -> str:
+    """The ``gpuwatch ack`` line that acknowledges exactly these alerts (one alert, or one entry):
+    every field they all share, shell-quoted. ``command``: how gpuwatch is run from a shell
+    (:func:`~gpuwatch.cli.common.program_words`, joined and quoted), so the line runs as printed."""
+    first = keys[0]
+    args = ["-c", config_path] if config_path else []
+    args += ["ack", "--rule", first.rule]
+    if first.host != FLEET:
+        args += ["--host", first.host]
+    for name in ("gpu", "user", "pid"):
+        values = {getattr(k, name) for k in keys}
+        if len(values) == 1 and (value := values.pop()) is not None:
+            args += [f"--{name}", str(value)]
+    return f"{command} {shlex.join(args)}"
+
+
+#: What a message without command lines (a group chat) says about acknowledging, once.
+ACK_WORDS = (
+    "An admin can acknowledge these alerts on the gpuwatch host ('gpuwatch ack') to stop the reminders; "
+    "everyone here still hears when they resolve."
+)
+
+
 def _entry_key(t: Transition) -> tuple[str, str, str, str]:
     return (t.kind, t.record.key.rule, t.record.key.host, t.cause or "")
 
@@ -299,11 +348,12 @@ def alert_entry(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
-    program: Sequence[str] = ("gpuwatch",),
+    command: str | None = "gpuwatch",
 ) -> str:
     """The transitions of one kind, rule and host (and cause) as one entry of a message: a head
     saying what and where, a line per alert in its rule's words, the threshold and times, and for
-    firing ones the line that silences them."""
+    firing ones the line that acknowledges them (``command``: how gpuwatch is run from a shell;
+    None: no command line)."""
     t = entry[0]
     r = t.record
     label = _LABELS.get(t.kind, t.kind.upper())
@@ -330,12 +380,27 @@ def alert_entry(
     # To the second: each episode of a flapping alert is its own message, never a copy of the last.
     since = local_time(min(x.record.since for x in entry), tz, seconds=True)
     if len(entry) == 1:
-        lines.append(f"    now: {said[0].value}; threshold: {threshold}; since {since}")
+        lines.append(f"    now: {_reading(said[0].value)}; threshold: {threshold}; since {since}")
     else:
         lines.append(f"    threshold: {threshold}; since {since}")
-    mute = silence_command([x.record.key for x in entry], config_path, program)
-    lines.append(f"    mute {'it' if len(entry) == 1 else 'them'}: {mute}")
+    if command is not None:
+        ack = ack_command([x.record.key for x in entry], config_path, command)
+        lines.append(f"    an admin can acknowledge {'it' if len(entry) == 1 else 'them'}: {ack}")
     return "\n".join(lines)
+
+
+def _reading(value: str) -> str:
+    """A value as a person reads it: a code word such as ``driver_mismatch`` in words."""
+    return value.replace("_", " ") if re.fullmatch(r"[a-z]+(_[a-z]+)+", value) else value
+
+
+def _counted(word: str, entries: Sequence[Sequence[Transition]]) -> list[str]:
+    """``2 firing``, counting entries as the message shows them; with the alerts they hold when
+    an entry holds several: ``2 firing (9 alerts)``."""
+    if not entries:
+        return []
+    alerts = sum(len(e) for e in entries)
+    return [f"{len(entries)} {word}" + (f" ({plural(alerts, 'alert')})" if alerts != len(entries) else "")]
 
 
 def alert_message(
@@ -346,24 +411,26 @@ def alert_message(
     config_path: str | None = None,
     *,
     rules: Sequence[Rule] = RULES,
-    program: Sequence[str] = ("gpuwatch",),
+    command: str | None = "gpuwatch",
 ) -> Message | None:
     """New, reminded and resolved alerts and notices of one cycle, grouped in one message: the
-    alerts of one rule on one host are one entry. ``config_path``: the config file the daemon
-    runs with, named in the silence lines (so they work from any directory); ``program``: how
-    those lines start. ``rules``: the
-    registry whose words say them (a test may add a rule)."""
+    alerts of one rule on one host are one entry, and the title counts entries. ``config_path``:
+    the config file the daemon runs with, named in the ack lines (so they work from any
+    directory). ``command``: how gpuwatch is run from a shell, for the ack line under each firing
+    entry; None: no command lines, the message says once in words how to acknowledge (a group
+    chat). ``rules``: the registry whose words say them (a test may add a rule)."""
     if not transitions and not notices:
         return None
     order = {"firing": 0, "reminder": 1, "resolved": 2}
     ordered = sorted(transitions, key=lambda t: (order.get(t.kind, 3), t.cause or "", _key_order(t.record.key)))
-    firing = sum(t.kind != "resolved" for t in ordered)
-    resolved = len(ordered) - firing
-    counts = [f"{firing} firing"] if firing else []
-    counts += [f"{resolved} resolved"] if resolved else []
-    counts += [plural(len(notices), "notice")] if notices else []
     entries = [list(group) for _, group in itertools.groupby(ordered, key=_entry_key)]
-    blocks = [alert_entry(entry, tz, config_path, rules=rules, program=program) for entry in entries]
+    firing = [e for e in entries if e[0].kind != "resolved"]
+    resolved = [e for e in entries if e[0].kind == "resolved"]
+    counts = _counted("firing", firing) + _counted("resolved", resolved)
+    counts += [plural(len(notices), "notice")] if notices else []
+    blocks = [alert_entry(entry, tz, config_path, rules=rules, command=command) for entry in entries]
+    if firing and command is None:
+        blocks.append(ACK_WORDS)
     blocks += [f"NOTICE {notice_text(n, rules)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
     users += [u for n in notices for u in n.users]
@@ -419,15 +486,18 @@ def _host_note(host: HostSnapshot, thresholds: FreeGpuConfig) -> str:
     return f"{kinds or '0 GPUs'} · {free} free"
 
 
-def _down_section(host: HostSnapshot, now: datetime | None) -> Section:
-    words = _down_line(host, now).removeprefix(f"{host.name}: ")
+def _down_section(host: HostSnapshot, now: datetime | None, same_as: str | None = None) -> Section:
+    words = _down_line(host, now, same_as).removeprefix(f"{host.name}: ")
     return Section(host.name, "stale" if host.stale else "down", words)
 
 
-def host_section(host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None) -> Section:
-    """A host as a section: its GPUs as rows; a host without current data, its reason."""
+def host_section(
+    host: HostSnapshot, thresholds: FreeGpuConfig, now: datetime | None = None, same_as: str | None = None
+) -> Section:
+    """A host as a section: its GPUs as rows; a host without current data, its reason
+    (``same_as``: see :func:`_down_line`)."""
     if not host.current:
-        return _down_section(host, now)
+        return _down_section(host, now, same_as)
     rows = [gpu_row(host, gpu, thresholds) for gpu in host.gpus]
     stray = [p for p in host.processes if p.gpu_index is None]
     if stray:
@@ -443,6 +513,7 @@ def overview_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
     down += f", {t.hosts_stale} stale" if t.hosts_stale else ""
     summary = f"{plural(t.hosts, 'host')}{down}, {plural(t.gpus, 'GPU')}, {t.free_gpus} free"
     hosts = sorted(snapshot.hosts, key=lambda h: h.current)
+    same = _said_before(hosts)
     tags = [(f"{t.free_gpus} free", "free")]
     tags += [(f"{t.hosts_down} down", "down")] if t.hosts_down else []
     tags += [(f"{t.hosts_stale} stale", "stale")] if t.hosts_stale else []
@@ -450,7 +521,7 @@ def overview_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
     return Body(
         summary=summary,
         state=state,
-        sections=tuple(host_section(h, thresholds, snapshot.taken_at) for h in hosts),
+        sections=tuple(host_section(h, thresholds, snapshot.taken_at, same.get(h.name)) for h in hosts),
         tags=tuple(tags),
     )
 
@@ -477,7 +548,8 @@ def free_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
             sections.append(Section(host.name, "free", f"{len(free)} free of {len(host.gpus)}", rows))
     if not sections:
         sections.append(Section("No GPU is free right now.", "busy"))
-    sections += [_down_section(h, snapshot.taken_at) for h in snapshot.down]
+    same = _said_before(snapshot.down)
+    sections += [_down_section(h, snapshot.taken_at, same.get(h.name)) for h in snapshot.down]
     tags = [(f"{t.free_gpus} free", "free")] + ([(f"{len(snapshot.down)} no data", "down")] if snapshot.down else [])
     return Body(
         summary=f"{t.free_gpus} of {plural(t.gpus, 'GPU')} free",
@@ -501,7 +573,7 @@ def alert_body(blocks: Sequence[str], counts: Sequence[str], severity: str) -> B
         sections.append(Section(head, state, "", tuple(Row((line.strip(),)) for line in rest if line.strip())))
     tags = []
     for count in counts:
-        word = count.partition(" ")[2]
+        word = count.split(" ")[1]  # "2 firing (9 alerts)": firing
         tags.append((count, {"firing": "firing", "resolved": "resolved"}.get(word, "notice")))
     return Body(
         summary=", ".join(counts),

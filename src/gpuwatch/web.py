@@ -316,7 +316,15 @@ class WebApp:
         taken_at = self.store.alerts_evaluated_at()
         poll_every = self.config().schedule.poll_every
         return _json(
-            alerts_dict(records, silences, time.time(), include_pending, taken_at=taken_at, poll_every=poll_every)
+            alerts_dict(
+                records,
+                silences,
+                time.time(),
+                include_pending,
+                taken_at=taken_at,
+                poll_every=poll_every,
+                acks=self.store.acks(),
+            )
         )
 
     def metrics(self, environ: Mapping[str, Any], query_string: str) -> Response:

@@ -102,6 +102,8 @@ READ_ONLY_COMMANDS = frozenset({"status", "check", "alerts", "test-notify"})
 def _only_reads(command: str, args: argparse.Namespace) -> bool:
     if command == "silence":
         return getattr(args, "silence_command", None) == "list"
+    if command == "ack":
+        return getattr(args, "action", None) == "list"
     if command == "run":
         return bool(getattr(args, "dry_run", False) or args.dry_run_top)
     return command in READ_ONLY_COMMANDS

@@ -7,12 +7,15 @@ with ``nvidia-smi``/``ps`` stand-ins replaying bundled real captures (``gpuwatch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import threading
 from pathlib import Path
 from typing import TextIO
 
-from ..config import ConfigError, parse_duration
+import yaml
+
+from ..config import Config, ConfigError, parse_duration
 from ..daemon import Daemon
 from ..demo import DemoFleet, Toggler, demo_config, demo_hosts
 from ..logsetup import setup_logging
@@ -36,6 +39,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     demo.set_defaults(handler=None, standalone=cmd_demo)
 
 
+def _with_config_file(config: Config, path: Path) -> Config:
+    """The demo's config with a file of its own (its hosts and state directory, 0600), named in
+    the ack lines it prints: so they run as printed, from another shell, while the demo runs."""
+    doc = {"hosts": [h.name for h in config.hosts], "state_dir": str(config.state_dir)}
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    path.chmod(0o600)
+    return dataclasses.replace(config, path=path)
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         poll_every = parse_duration(args.poll_every, "demo --poll-every")
@@ -48,6 +60,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             config = demo_config(root / "state", args.listen, max(1.0, poll_every))
         except ConfigError as exc:
             raise UsageError(f"demo --listen: {exc}") from None
+        config = _with_config_file(config, root / "config.yaml")
         setup_logging(
             config.state_dir,
             level="DEBUG" if args.verbose else "INFO",

@@ -193,6 +193,11 @@ def _parse_free(raw: object) -> FreeGpuConfig:
     return FreeGpuConfig(**values)
 
 
+#: ``alerts.command_lines``: which channels' alerts carry a shell line (admins: those that reach
+#: admins only, e-mail; a group chat gets words instead).
+COMMAND_LINES = ("admins", "all", "none")
+
+
 def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
     """``alerts:``: each rule's value is parsed by the rule's own parser (rules.registry). Without a
     rule named in it (only ``for``, ``repeat_every``, ``send_resolved``, ``routes``), the default
@@ -200,9 +205,9 @@ def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
     if raw is None:
         return AlertsConfig(rules=default_rules())
     section = mapping(raw, "alerts")
-    check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes"), "alerts")
+    check_keys(section, (*RULE_NAMES, "for", "repeat_every", "send_resolved", "routes", "command_lines"), "alerts")
     # An alerts: section that names a rule lists what the admin wants: rules it leaves out are off.
-    # One that only sets for/repeat_every/send_resolved/routes keeps the default rules on.
+    # One that only sets for/repeat_every/send_resolved/routes/command_lines keeps the default rules on.
     names_a_rule = any(name in section for name in RULE_NAMES)
     v: dict[str, Any] = {"rules": parse_rules(section, "alerts") if names_a_rule else default_rules()}
     if "send_resolved" in section:
@@ -211,6 +216,8 @@ def _parse_alerts(raw: object, channel_names: tuple[str, ...]) -> AlertsConfig:
         v["for_seconds"] = parse_duration(section["for"], "alerts.for")
     if "repeat_every" in section:
         v["repeat_every"] = positive_duration(section["repeat_every"], "alerts.repeat_every")
+    if "command_lines" in section:
+        v["command_lines"] = choice(section["command_lines"], "alerts.command_lines", COMMAND_LINES)
     if "routes" in section:
         routes = mapping(section["routes"], "alerts.routes")
         check_keys(routes, (*RULE_NAMES, "default"), "alerts.routes")

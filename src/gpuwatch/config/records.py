@@ -121,6 +121,7 @@ class AlertsConfig:
     repeat_every: float = 4 * 3600.0
     send_resolved: bool = True
     routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rule (or "default") -> channels
+    command_lines: str = "admins"  # which channels' alerts carry the ack line: admins (e-mail) | all | none
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,11 @@ def designed(
         "title": _plain(title.replace(f": {body.summary}", "") if body.summary else title),
         "template": HEADER.get(body.state, "blue"),
     }
-    if body.summary:
+    shown = body.tags[:3]
+    # A subtitle that only repeats the tags ("2 firing" twice, as an alert's counts are) is left out.
+    if body.summary and body.summary != ", ".join(text for text, _ in shown):
         header["subtitle"] = _plain(body.summary)
-    tags = [
-        {"tag": "text_tag", "text": _plain(text), "color": TAG.get(state, "neutral")} for text, state in body.tags[:3]
-    ]
+    tags = [{"tag": "text_tag", "text": _plain(text), "color": TAG.get(state, "neutral")} for text, state in shown]
     if tags:
         header["text_tag_list"] = tags
     return _card(title, header, elements)

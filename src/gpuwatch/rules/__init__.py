@@ -37,12 +37,15 @@ from .base import (
 from .engine import Evaluation, Memory, evaluate
 from .lifecycle import (
     HOST_REMOVED,
+    Ack,
     AlertRecord,
     Silence,
     SilenceCheck,
     Transition,
+    acknowledged_ids,
     advance,
     inhibited,
+    matching_firing,
     silence_check,
 )
 from .registry import BY_NAME, INHIBITS, RULE_NAMES, RULES
@@ -55,6 +58,7 @@ __all__ = [
     "INHIBITS",
     "RULES",
     "RULE_NAMES",
+    "Ack",
     "AlertKey",
     "AlertRecord",
     "AlertWords",
@@ -76,9 +80,11 @@ __all__ = [
     "SilenceCheck",
     "Transition",
     "Words",
+    "acknowledged_ids",
     "advance",
     "evaluate",
     "inhibited",
+    "matching_firing",
     "processes_known",
     "silence_check",
 ]

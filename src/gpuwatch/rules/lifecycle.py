@@ -3,7 +3,10 @@
 Modelled on Prometheus Alertmanager. An alert waits ``for`` before firing (so a flapping condition
 stays quiet), fires once, reminds after ``repeat_every``, and resolves when its rule judged it
 again and it no longer holds. An alert its rule could not judge (the host did not answer, or has
-no new result) neither fires anew nor resolves. Silences mute by matcher for a time window.
+no new result) neither fires anew nor resolves. Silences mute by matcher for a time window (no
+FIRING, no RESOLVED: planned work). An acknowledgement (:class:`Ack`) stops only the reminders of
+the alerts firing when it was made: RESOLVED is still said to everyone who heard FIRING, and the
+ack ends when those alerts resolve.
 """
 
 from __future__ import annotations
@@ -97,8 +100,12 @@ def advance(
     silenced: SilenceCheck = lambda key, now: False,
     removed_hosts: frozenset[str] = frozenset(),
     inhibits: Sequence[Inhibit] = INHIBITS,
+    acknowledged: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, AlertRecord], list[Transition]]:
     """Move every alert one step: pending -> firing -> (reminders) -> resolved.
+
+    The alerts in ``acknowledged`` (alert ids, :func:`acknowledged_ids`) get no reminders; they
+    still resolve and say so.
 
     The alerts about ``removed_hosts`` (removed from the config) resolve now, with the cause
     HOST_REMOVED, whatever the evaluation says about them. A firing alert that another firing
@@ -141,7 +148,7 @@ def advance(
         if record.last_sent_at is None:
             record = out[kid] = replace(record, last_sent_at=now)
             transitions.append(Transition("firing", record, now))
-        elif now - record.last_sent_at >= cfg.repeat_every:
+        elif now - record.last_sent_at >= cfg.repeat_every and kid not in acknowledged:
             record = out[kid] = replace(record, last_sent_at=now)
             transitions.append(Transition("reminder", record, now))
     for record, removed in ending:
@@ -205,3 +212,54 @@ def silence_check(silences: Sequence[Silence]) -> SilenceCheck:
         return any(s.matches(key, now) for s in silences)
 
     return check
+
+
+@dataclass(frozen=True)
+class Ack:
+    """An acknowledgement: someone is on it. Stops the reminders of ``alerts``, the alerts that
+    matched its fields and fired when it was made (alert id -> its ``since``, so the same alert
+    firing again later is a new one, not acknowledged), until they resolve or ``ends_at``."""
+
+    id: int
+    created_at: float
+    alerts: Mapping[str, float]
+    comment: str = ""
+    ends_at: float | None = None  # None: until its alerts resolve
+    rule: str | None = None
+    host: str | None = None
+    user: str | None = None
+    gpu: int | None = None
+    pid: int | None = None
+    author: str | None = None
+
+    def matchers(self) -> list[tuple[str, str | int]]:
+        """The fields it was given, in the order ``ack`` takes them."""
+        fields = (("rule", self.rule), ("host", self.host), ("user", self.user), ("gpu", self.gpu), ("pid", self.pid))
+        return [(k, v) for k, v in fields if v is not None]
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.matchers()) or "everything"
+
+    def in_force(self, now: float) -> bool:
+        return self.ends_at is None or now < self.ends_at
+
+    def covers(self, record: AlertRecord, now: float) -> bool:
+        """Whether it acknowledges this alert now (the same firing of it, and not ended)."""
+        return self.in_force(now) and self.alerts.get(record.key.id) == record.since
+
+    def live(self, records: Mapping[str, AlertRecord], now: float) -> bool:
+        """Whether it still acknowledges any alert: an ack ends by itself when its alerts resolve."""
+        return any(self.covers(r, now) for r in records.values())
+
+
+def matching_firing(records: Mapping[str, AlertRecord], **fields: str | int | None) -> list[AlertRecord]:
+    """The firing alerts whose key has every given field (``rule``, ``host``, ``user``, ``gpu``, ``pid``)."""
+    wanted = {k: v for k, v in fields.items() if v is not None}
+    return [
+        r for r in records.values() if r.state == "firing" and all(getattr(r.key, k) == v for k, v in wanted.items())
+    ]
+
+
+def acknowledged_ids(acks: Iterable[Ack], records: Mapping[str, AlertRecord], now: float) -> frozenset[str]:
+    """The ids of the alerts an ack in force covers."""
+    return frozenset(kid for kid, r in records.items() if any(a.covers(r, now) for a in acks))

@@ -1,11 +1,11 @@
-"""Alert records, rule memory and silences in the state database."""
+"""Alert records, rule memory, silences and acknowledgements in the state database."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from ..rules import AlertRecord, Memory, Silence
+from ..rules import Ack, AlertRecord, Memory, Silence
 from .db import Database
 
 
@@ -102,3 +102,72 @@ class AlertStore:
     def remove_silence(self, silence_id: int) -> bool:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM silences WHERE id = ?", (silence_id,)).rowcount > 0
+
+    def add_ack(
+        self,
+        *,
+        alerts: Mapping[str, float],
+        now: float,
+        comment: str = "",
+        ends_at: float | None = None,
+        rule: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        gpu: int | None = None,
+        pid: int | None = None,
+        author: str | None = None,
+    ) -> Ack:
+        """Acknowledge ``alerts`` (alert id -> its ``since``), matched by the fields given."""
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO acks (rule, host, user, gpu, pid, author, comment, created_at, ends_at, alerts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rule, host, user, gpu, pid, author, comment, now, ends_at, json.dumps(dict(alerts))),
+            )
+            aid = int(cur.lastrowid or 0)
+        return Ack(aid, now, dict(alerts), comment, ends_at, rule, host, user, gpu, pid, author)
+
+    def _has(self, table: str) -> bool:
+        """Whether the database has this table: a database of an older schema opened read-only
+        (an admin reading the service's state before the daemon upgraded it) may not."""
+        return bool(self.db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)))
+
+    def acks(self) -> list[Ack]:
+        """Every acknowledgement kept, oldest first (``Ack.live`` says which still count); none in
+        a database of an older schema opened read-only."""
+        if not self._has("acks"):
+            return []
+        rows = self.db.query(
+            "SELECT id, created_at, alerts, comment, ends_at, rule, host, user, gpu, pid, author FROM acks ORDER BY id"
+        )
+        return [Ack(r[0], r[1], {str(k): float(v) for k, v in json.loads(r[2]).items()}, *r[3:]) for r in rows]
+
+    def remove_ack(self, ack_id: int) -> bool:
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM acks WHERE id = ?", (ack_id,)).rowcount > 0
+
+    def prune_acks(self, records: Mapping[str, AlertRecord], now: float) -> int:
+        """Forget the acks that no longer acknowledge anything (their alerts resolved, or they
+        ended): call inside the transaction that saves ``records``. Returns how many."""
+        ended = [a.id for a in self.acks() if not a.live(records, now)]
+        if ended:
+            with self.db.transaction() as conn:
+                conn.executemany("DELETE FROM acks WHERE id = ?", [(i,) for i in ended])
+        return len(ended)
+
+    def saw_users(self, names: Iterable[str], now: float) -> None:
+        """Remember that a host showed these users (process owners) at ``now``."""
+        rows = [(name, now) for name in set(names) if name]
+        if rows:
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO users_seen (name, last_seen) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen",
+                    rows,
+                )
+
+    def users_seen(self) -> list[str]:
+        """Every user a host has shown since this state directory began, by name."""
+        if not self._has("users_seen"):
+            return []
+        return [str(r[0]) for r in self.db.query("SELECT name FROM users_seen ORDER BY name")]

@@ -107,6 +107,28 @@ _MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     )
     """,
+    # acknowledgements: stop the reminders of the alerts firing when made (``alerts``: JSON
+    # {alert id: since}), until those resolve (or ``ends_at``, when given); the users the hosts
+    # have shown (``silence add --user`` warns of a name never seen)
+    """
+    CREATE TABLE acks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT,
+        host TEXT,
+        user TEXT,
+        gpu INTEGER,
+        pid INTEGER,
+        author TEXT,
+        comment TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        ends_at REAL,
+        alerts TEXT NOT NULL
+    );
+    CREATE TABLE users_seen (
+        name TEXT PRIMARY KEY,
+        last_seen REAL NOT NULL
+    )
+    """,
 )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..rules import AlertRecord, Silence
+from ..rules import Ack, AlertRecord, Silence
 from ..statedir import StateError
 from .alerts import AlertStore
 from .db import DB_NAME, Database, open_db, open_db_readonly
@@ -101,6 +101,10 @@ class StoreReader:
         """Every alert record and every silence (the caller picks those in force)."""
         empty: tuple[dict[str, AlertRecord], list[Silence]] = ({}, [])
         return self._read(lambda db: (AlertStore(db).records(), AlertStore(db).silences()), empty)
+
+    def acks(self) -> list[Ack]:
+        """Every acknowledgement kept (``Ack.live`` says which still count)."""
+        return self._read(lambda db: AlertStore(db).acks(), [])
 
     def alerts_evaluated_at(self) -> float | None:
         """When a poll last updated the alert state; None if never (or no database yet)."""
