@@ -38,7 +38,7 @@ def program_words(
     which: Callable[[str], str | None] = shutil.which,
     executable: str | None = None,
 ) -> tuple[str, ...]:
-    """How a command line that gpuwatch prints (the "mute it" line under an alert) must start to
+    """How a command line that gpuwatch prints (the ack line under an alert, the command that works as another user) must start to
     run as printed: ``gpuwatch`` when that name on the PATH is this very program; otherwise the
     absolute path of the running one (a venv's ``bin/gpuwatch`` under systemd or cron, whose PATH
     does not hold it), or ``<python> -m gpuwatch`` when this runs as a module with no ``gpuwatch``
