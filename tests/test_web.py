@@ -628,7 +628,7 @@ def test_the_wall_view_by_url_and_as_the_default_setting(tmp_path: Path) -> None
         config(tmp_path, view="kiosk")
 
 
-def firing_store(tmp_path: Path, silence: bool = False) -> StoreReader:
+def firing_store(tmp_path: Path, silence: bool = False, ack: bool = False) -> StoreReader:
     db = open_db(tmp_path / "state")
     since = T0.timestamp()
     firing = AlertRecord(
@@ -644,6 +644,8 @@ def firing_store(tmp_path: Path, silence: bool = False) -> StoreReader:
     AlertStore(db).save({firing.key.id: firing, pending.key.id: pending}, AlertStore(db).memory())
     if silence:
         AlertStore(db).add_silence(ends_at=4e9, comment="agreed", now=since, user="alice")
+    if ack:
+        AlertStore(db).add_ack(alerts={firing.key.id: since}, now=since, comment="on it <b>", author="bob")
     db.close()
     return StoreReader(tmp_path / "state")
 
@@ -668,6 +670,18 @@ def test_the_alerts_panel_lists_what_is_firing(tmp_path: Path) -> None:
     assert "No alert firing." in call(app_for(fleet(Clock()), tmp_path / "3", empty), "/")[2].decode()
     empty.close()
     assert 'id="alerts"' not in call(app_for(fleet(Clock()), tmp_path), "/")[2].decode()  # no alert state here
+
+
+def test_the_alerts_panel_says_who_acknowledged_an_alert(tmp_path: Path) -> None:
+    """gpuwatch ack shows on the page beside the alert it acknowledged, its comment as text."""
+    store = firing_store(tmp_path, ack=True)
+    html = call(app_for(fleet(Clock()), tmp_path, store), "/")[2].decode()
+    store.close()
+    panel = html[html.index('<section class="alerts"') : html.index("</section>", html.index('class="alerts"'))]
+    assert '<span class="ack">acknowledged by bob: on it &lt;b&gt;</span>' in panel
+    plain = firing_store(tmp_path / "2")
+    assert 'class="ack"' not in call(app_for(fleet(Clock()), tmp_path / "2", plain), "/")[2].decode()
+    plain.close()
 
 
 def test_gpuwatch_gpu_free_has_the_pages_meaning_of_free(tmp_path: Path) -> None:

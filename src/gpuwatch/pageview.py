@@ -22,6 +22,7 @@ from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .render import AlertRow
 from .report import alert_words
+from .rules import Ack, AlertRecord
 from .summary import is_free, process_context, users_on, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
 
@@ -162,6 +163,7 @@ class AlertView:
     since_ts: float
     since_age: str
     muted: str  # "silenced" | "inhibited" | ""
+    acknowledged: str = ""  # "acknowledged by bob: on it", "" when no one did
 
 
 @dataclass(frozen=True)
@@ -370,8 +372,19 @@ def people_view(snapshot: FleetSnapshot, shown: Mapping[str, set[int]]) -> tuple
     return tuple(views)
 
 
-def alert_views(rows: Iterable[AlertRow], now: float) -> tuple[AlertView, ...]:
-    """The firing alerts (``render.alert_rows``) as the page lists them, with the rule's own words."""
+def _acknowledged(record: AlertRecord, acks: Sequence[Ack], now: float) -> str:
+    """Who acknowledged this firing of the alert, in words (the newest ack), or ""."""
+    found = [a for a in acks if a.covers(record, now)]
+    if not found:
+        return ""
+    ack = max(found, key=lambda a: a.created_at)
+    by = f" by {ack.author}" if ack.author else ""
+    return f"acknowledged{by}" + (f": {ack.comment}" if ack.comment else "")
+
+
+def alert_views(rows: Iterable[AlertRow], now: float, acks: Sequence[Ack] = ()) -> tuple[AlertView, ...]:
+    """The firing alerts (``render.alert_rows``) as the page lists them, with the rule's own words
+    and who acknowledged them (``gpuwatch ack``)."""
     views = []
     for row in rows:
         record = row.record
@@ -387,6 +400,7 @@ def alert_views(rows: Iterable[AlertRow], now: float) -> tuple[AlertView, ...]:
                 since_ts=since,
                 since_age=f"{format_duration(max(0.0, now - since))} ago",
                 muted="silenced" if row.silenced_by else "inhibited" if row.inhibited_by else "",
+                acknowledged=_acknowledged(record, acks, now),
             )
         )
     return tuple(views)

@@ -260,7 +260,7 @@ class WebApp:
         records, silences = self.store.alerts()
         now = time.time()
         rows = alert_rows(records, [s for s in silences if s.ends_at > now], now)
-        return alert_views(rows, now), True
+        return alert_views(rows, now, self.store.acks()), True
 
     def _view(self, query: Query) -> tuple[PageView, str]:
         """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the query)."""

@@ -38,12 +38,13 @@ def program_words(
     which: Callable[[str], str | None] = shutil.which,
     executable: str | None = None,
 ) -> tuple[str, ...]:
-    """How a command line that gpuwatch prints (the ack line under an alert, the command that works as another user) must start to
-    run as printed: ``gpuwatch`` when that name on the PATH is this very program; otherwise the
-    absolute path of the running one (a venv's ``bin/gpuwatch`` under systemd or cron, whose PATH
-    does not hold it), or ``<python> -m gpuwatch`` when this runs as a module with no ``gpuwatch``
-    on the PATH. ``argv0`` (default ``sys.argv[0]``), ``which`` and ``executable`` (default
-    ``sys.executable``) are parameters for tests."""
+    """How a command line that gpuwatch prints (the ack line under an alert, the command that
+    works as another user) must start to run as printed: ``gpuwatch`` when that name on the PATH
+    is this very program; otherwise the absolute path of the running one (a venv's
+    ``bin/gpuwatch`` under systemd or cron, whose PATH does not hold it), or ``<python> -m
+    gpuwatch`` when this runs as a module with no ``gpuwatch`` on the PATH. ``argv0`` (default
+    ``sys.argv[0]``), ``which`` and ``executable`` (default ``sys.executable``) are parameters for
+    tests."""
     argv0 = sys.argv[0] if argv0 is None else argv0
     on_path = which("gpuwatch")
     if os.path.basename(argv0) == "gpuwatch":
