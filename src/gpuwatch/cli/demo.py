@@ -24,7 +24,7 @@ from ..notify.console import ConsoleChannel, DryRunChannel
 from ..poll import Poller
 from ..store import AlertStore, Outbox, open_db
 from ..text import format_duration
-from .common import UsageError
+from .common import UsageError, program_words
 from .wiring import attach_web
 
 
@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         poller = Poller(config.hosts, fleet.runner_factory(), max_parallel=config.max_parallel)
         outbox = Outbox(open_db(config.state_dir))
         channels: dict[str, Channel] = {"console": DryRunChannel(ConsoleChannel(out), out)}
-        daemon = Daemon(config, poller, outbox, channels, alert_store=AlertStore(outbox.db))
+        daemon = Daemon(config, poller, outbox, channels, alert_store=AlertStore(outbox.db), program=program_words())
         try:
             server = attach_web(config, daemon)
             assert server is not None
