@@ -125,6 +125,29 @@ def test_reconnect_backs_off_after_repeated_failures(tmp_path: Path) -> None:
     assert conn.failures == 3
 
 
+def test_a_server_that_accepts_tcp_but_never_speaks_ssh_is_unreachable_with_why(tmp_path: Path) -> None:
+    """A port that answers TCP and then says nothing (a hung sshd, the wrong service): paramiko
+    gives up waiting for the handshake and then fails to log in ("No existing session"); the
+    host is unreachable because no SSH banner came, said as such."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        host = HostConfig(
+            name="silent",
+            address="127.0.0.1",
+            ssh=SshSettings(port=port, connect_timeout=1.5, use_ssh_config=False),
+            explicit=frozenset({"port"}),
+        )
+        conn = SshConnection(host, HostKeyStore(tmp_path / "known_hosts"))
+        started = time.monotonic()
+        with pytest.raises(HostFailure) as info:
+            conn.transport()
+    assert time.monotonic() - started < 10
+    assert info.value.kind is HostErrorKind.UNREACHABLE, info.value.message
+    assert info.value.message == f"127.0.0.1:{port} accepted TCP but sent no SSH banner within 1.5s"
+
+
 def test_probe_script_is_posix_sh_and_reports_each_step(tmp_path: Path) -> None:
     """The script runs under dash (Debian's /bin/sh) and reports a missing nvidia-smi as data."""
     script = build_script(30, nvidia_smi="/nonexistent/nvidia-smi")

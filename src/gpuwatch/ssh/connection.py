@@ -180,8 +180,12 @@ class SshConnection:
                 sock=sock,
             )
         except (paramiko.SSHException, OSError) as exc:
+            # paramiko ends its wait for the handshake at ``timeout`` without an error and then
+            # fails to log in ("No existing session"): a server that never sent its banner
+            transport = client.get_transport()
+            banner = transport is not None and bool(transport.remote_version)
             client.close()
-            raise self._login_failure(target, exc) from None
+            raise self._login_failure(target, exc, banner_seen=banner) from None
         transport = client.get_transport()
         if transport is not None and settings.keepalive > 0:
             transport.set_keepalive(int(settings.keepalive))
@@ -198,8 +202,11 @@ class SshConnection:
                 why = "does not exist" if not os.path.lexists(path) else f"cannot be read: {exc.strerror or exc}"
                 raise HostFailure(HostErrorKind.AUTH_FAILED, f"the key file {path} ({where}) {why}") from None
 
-    def _login_failure(self, target: Target, exc: paramiko.SSHException | OSError) -> HostFailure:
-        """What a failed ``connect`` (handshake, host key, authentication) means, classified."""
+    def _login_failure(
+        self, target: Target, exc: paramiko.SSHException | OSError, *, banner_seen: bool = True
+    ) -> HostFailure:
+        """What a failed ``connect`` (handshake, host key, authentication) means, classified;
+        ``banner_seen``: whether the server sent its SSH banner at all."""
         timeout = self.host.ssh.connect_timeout
         if isinstance(exc, paramiko.BadHostKeyException):
             return HostFailure(HostErrorKind.HOST_KEY_CHANGED, self._changed_key_message(target, exc))
@@ -225,7 +232,7 @@ class SshConnection:
                 f"{target.hostname}:{target.port} closed the connection before the SSH handshake "
                 "(sshd refuses new connections: too many at once (MaxStartups), or a firewall rule)",
             )
-        if "banner" in lowered or "timeout" in lowered:
+        if "banner" in lowered or "timeout" in lowered or not banner_seen:
             return HostFailure(
                 HostErrorKind.UNREACHABLE,
                 f"{target.hostname}:{target.port} accepted TCP but sent no SSH banner within {timeout:g}s",
