@@ -266,7 +266,7 @@ def wish_dict(wish: Wish) -> dict[str, Any]:
             started_at=_iso(wish.started_at),
             peak_memory_mib=wish.peak_memory_mib,
             last_seen_at=_iso(wish.last_seen_at),
-            gpus=list(wish.gpu_indexes),
+            gpu_indexes=list(wish.gpu_indexes),
         )
     doc.update(ended_at=_iso(wish.ended_at), outcome=wish.outcome)
     return doc
