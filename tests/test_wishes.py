@@ -273,8 +273,11 @@ def test_the_daemon_queues_an_ending_once_to_the_report_channels_with_each_chann
 # ---------------------------------------------------------------- the command line
 
 
+FEISHU = {"url": "http://127.0.0.1:9/hook", "mentions": {"alice": "ou_alice"}}  # never sent to here
+
+
 def test_the_cli_registers_lists_as_json_and_cancels_a_free_wish(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, feishu=FEISHU)
     code, out = cli(config, "notify-when-free", "--user", "alice", "--gpus", "2", "--same-host", "--model", "A100")
     assert code == 0 and out.startswith("wish #1 added: tell alice when 2 GPUs on one host, model A100 are free;")
     code, out = cli(config, "notify-when-free", "--list", "--json")
@@ -320,7 +323,19 @@ def test_the_cli_registers_lists_as_json_and_cancels_a_free_wish(tmp_path: Path)
 def test_the_cli_refuses_what_it_cannot_register(
     tmp_path: Path, argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, feishu=FEISHU)
     code, _ = cli(config, *argv)
     assert code == 2
     assert words in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_wish_nobody_could_be_told_of_and_notes_a_user_no_channel_mentions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(write_config(tmp_path), "notify-when-free", "--gpus", "1")[0] == 2
+    assert "no channel is configured (feishu:, " in capsys.readouterr().err
+    config = write_config(tmp_path, feishu=FEISHU)
+    assert cli(config, "notify-when-free", "--gpus", "1", "--user", "bob")[0] == 0
+    assert "note: no channel has a mention for 'bob'" in capsys.readouterr().err
+    assert cli(config, "notify-when-free", "--gpus", "1", "--user", "alice")[0] == 0
+    assert capsys.readouterr().err == ""

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ..config import Config, ConfigError, HostConfig, parse_duration
 from ..model import HostSnapshot
-from ..notify.registry import channel_spec
+from ..notify.registry import channel_spec, names_in_words
 from ..rules import processes_known
 from ..store import open_db
 from ..store.wishes import WishStore
@@ -110,6 +110,10 @@ def cmd_wish(
         return _cancel(config, kind, args.cancel, out, clock())
     if args.all or args.json:
         raise UsageError(f"{command}: --all and --json go with --list")
+    if not config.channels:
+        raise UsageError(
+            f"{command}: no channel is configured ({names_in_words()}), so there is nobody to tell; nothing registered"
+        )
     seconds = _seconds(args.duration or DEFAULT_FOR[kind], command)
     if kind == FREE:
         return _add_free(config, args, out, seconds, clock)
@@ -180,7 +184,7 @@ def _mentioned_anywhere(config: Config, user: str) -> bool:
         spec = channel_spec(name)
         if spec is not None and user in spec.mentions(settings):
             return True
-    return not config.channels  # no channel: nothing to say about mentions
+    return False
 
 
 def poll_one(config: Config, host: HostConfig) -> HostSnapshot:
