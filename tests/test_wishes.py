@@ -315,6 +315,8 @@ def test_the_cli_registers_lists_as_json_and_cancels_a_free_wish(tmp_path: Path)
         (["notify-when-free", "--gpus", "1", "--for", "soon"], "is not a duration"),
         (["notify-when-free", "--list", "--gpus", "2"], "--gpus cannot go with it"),
         (["notify-when-free", "--gpus", "2", "--json"], "--all and --json go with --list"),
+        (["notify-when-free", "--cancel", "1", "--json"], "--cancel: --json cannot go with it"),
+        (["notify-when-done", "--list", "--cancel", "1"], "--list: --cancel cannot go with it"),
         (["notify-when-done", "--host", "localhost"], "give --host HOST and --pid PID"),
         (["notify-when-done", "--host", "gpu03", "--pid", "4711"], "'gpu03' is not a configured host"),
         (["notify-when-done", "--cancel", "x"], "'x' is not a wish id"),

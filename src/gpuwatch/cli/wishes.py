@@ -99,10 +99,14 @@ def cmd_wish(
 ) -> int:
     """Register, list or cancel a wish of ``kind``."""
     command = COMMANDS[kind]
-    wanted = _given(args, kind)
+    given = _given(args, kind)
     if args.list or args.cancel is not None:
         mode = "--list" if args.list else "--cancel"
-        clash = [f"--{name.replace('_', '-')}" for name in wanted] + (["--cancel"] if args.list and args.cancel else [])
+        if args.list:
+            given += ["cancel"] if args.cancel is not None else []
+        else:
+            given += [name for name in ("all", "json") if getattr(args, name)]
+        clash = [f"--{name.replace('_', '-')}" for name in given]
         if clash:
             raise UsageError(f"{command} {mode}: {', '.join(clash)} cannot go with it")
         if args.list:
