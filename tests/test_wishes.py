@@ -106,6 +106,9 @@ def test_an_unmet_free_wish_expires_with_one_short_message() -> None:
     assert message.title == "Wish #1 expired"
     assert message.blocks == ("wish #1: 2 GPUs, model A100 for alice expired unmet after 1d",)
     assert message.mentions == ("ou_alice",)
+    free_now = fleet(T0 + 2 * DAY, h100_host("gpu-a"))  # the daemon was stopped past the wish's end
+    (late,) = judge(free_now, [free_wish(2)], T0 + 2 * DAY, FREE_GPU).ended
+    assert late.outcome == "expired"
 
 
 def test_an_ended_wish_is_not_judged_again() -> None:

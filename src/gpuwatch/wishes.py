@@ -123,8 +123,8 @@ def judge(snapshot: FleetSnapshot, wishes: Sequence[Wish], now: float, threshold
     for wish in wishes:
         if not wish.open:
             continue
-        if wish.kind == FREE:
-            where = placement(wish, snapshot, thresholds)
+        if wish.kind == FREE:  # GPUs free after the wish expired (the daemon was stopped) are not for it
+            where = None if now >= wish.expires_at else placement(wish, snapshot, thresholds)
             if where is not None:
                 ended.append(Ending(wish, "met", now, where))
             elif now >= wish.expires_at:
