@@ -8,6 +8,7 @@ job takes its GPU's next row), the others the idle row (0 %, 0 MiB).
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -17,13 +18,15 @@ from typing import Any
 import pytest
 
 from builders import DAY, HOUR, MIN, T0, Job, cli, down, h100_host, write_config
+from gpuwatch.cli import build_parser
+from gpuwatch.cli.wishes import cmd_wish
 from gpuwatch.config import FreeGpuConfig
 from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
 from gpuwatch.model import FleetSnapshot, HostErrorKind, HostIssue, HostSnapshot
 from gpuwatch.poll import Poller
-from gpuwatch.store import Outbox, open_db
+from gpuwatch.store import Outbox, StoreError, open_db
 from gpuwatch.store.wishes import KEEP_ENDED_SECONDS, WishStore
 from gpuwatch.wishes import DONE, FREE, Judgement, Wish, judge
 
@@ -344,3 +347,57 @@ def test_the_cli_refuses_a_wish_nobody_could_be_told_of_and_notes_a_user_no_chan
     assert "note: no channel has a mention for 'bob'" in capsys.readouterr().err
     assert cli(config, "notify-when-free", "--gpus", "1", "--user", "alice")[0] == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_wish_ends_in_the_transaction_that_queues_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (a full disk) keeps the wish open and queues nothing; the next cycle says it once."""
+    config = parse_config(
+        {"hosts": ["gpu-a"], "state_dir": str(tmp_path), "feishu": {"url": "http://127.0.0.1:9/hook"}}
+    )
+    outbox = Outbox(open_db(tmp_path))
+    daemon = Daemon(config, Poller([], lambda h: None), outbox, {"feishu": Recording("feishu")}, clock=lambda: T0 + MIN)  # type: ignore[arg-type, return-value]
+    WishStore(outbox.db).add(free_wish(1))
+    snapshot = fleet(T0 + MIN, h100_host("gpu-a"))
+
+    def full(self: WishStore, now: float) -> int:
+        raise StoreError("state_dir /x: cannot write gpuwatch.sqlite3: no space left on device", disk_full=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WishStore, "prune", full)
+        daemon.tell_wishes(snapshot)  # logged, not raised
+    assert outbox.pending() == [] and [w.id for w in WishStore(outbox.db).open()] == [1]
+    daemon.tell_wishes(snapshot)
+    assert [item.summary for item in outbox.pending()] == ["1 GPU free for alice"]
+    assert WishStore(outbox.db).open() == []
+    outbox.db.close()
+
+
+def test_notify_when_done_records_the_process_as_the_poll_saw_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The host's poll (a seam: no SSH here) gives the start time, command, GPUs and memory; the
+    owner is told unless --user says otherwise; a poll without every owner is said, and registered."""
+    config = parse_config(
+        {"hosts": ["gpu-a"], "state_dir": str(tmp_path / "state"), "feishu": {"url": "http://127.0.0.1:9/hook"}}
+    )
+    host = at(h100_host("gpu-a", [Job("carol", 4100, 0, elapsed=3600), Job("carol", 4100, 1, elapsed=3600)]), T0)
+    out = io.StringIO()
+    args = build_parser().parse_args(["notify-when-done", "--host", "gpu-a", "--pid", "4100"])
+    assert cmd_wish(config, args, out, kind=DONE, poll_host=lambda c, h: host, clock=lambda: T0 + 1) == 0
+    assert out.getvalue().startswith(
+        "wish #1 added: tell carol when gpu-a pid 4100 (python3 train.py --epochs 90) ends (running 1h1s, 5132 MiB of"
+        " GPU memory now); until "
+    )
+    db = open_db(tmp_path / "state")
+    (wish,) = WishStore(db).open()
+    db.close()
+    assert (wish.user, wish.started_at, wish.gpu_indexes, wish.peak_memory_mib) == ("carol", T0 - HOUR, (0, 1), 5132)
+    assert (wish.last_seen_at, wish.created_at, wish.expires_at) == (T0, T0 + 1, T0 + 1 + 30 * DAY)
+    assert wish.author
+
+    unknown = replace(host, warnings=(HostIssue(HostErrorKind.PROBE_FAILED, "ps failed; owners unknown"),))
+    args = build_parser().parse_args(["notify-when-done", "--host", "gpu-a", "--pid", "4100", "--user", "dave"])
+    assert cmd_wish(config, args, io.StringIO(), kind=DONE, poll_host=lambda c, h: unknown) == 0
+    assert "did not tell every process's owner this time; registered anyway" in capsys.readouterr().err
