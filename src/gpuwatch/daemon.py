@@ -47,8 +47,10 @@ from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, sile
 from .ssh import Runner
 from .statedir import StateError
 from .store import AlertStore, Outbox, ReportRuns, StoreError
+from .store.wishes import WishStore
 from .text import format_duration, plural
 from .timetable import is_due
+from .wishes import Ending, judge
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class Daemon:
         self.poller = poller
         self.outbox = outbox
         self.report_runs = ReportRuns(outbox.db)
+        self.wish_store = WishStore(outbox.db)
         self.channels = dict(channels)
         self.alert_store = alert_store
         self.state = state or FleetState(host_pairs(config), config.schedule.poll_every)
@@ -225,6 +228,38 @@ class Daemon:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
 
+    def wishes(self, snapshot: FleetSnapshot) -> list[Ending]:
+        """Judge the open wishes (``notify-when-free``/``-done``, read afresh each cycle, so one made
+        while the daemon runs counts at once) against the latest results. Each wish that ends is
+        said once, to the channels that carry reports, mentioning its user: queued in the
+        transaction that ends it (:mod:`.wishes`)."""
+        wishes = self.wish_store.open()
+        if not wishes:
+            return []
+        now = self.clock()
+        judgement = judge(snapshot, wishes, now, self.config.free_gpu)
+        said = []
+        with self.outbox.db.transaction():
+            self.wish_store.seen(judgement.seen)
+            for ending in judgement.ended:
+                if self.wish_store.end(ending.wish, ending.outcome, ending.at):
+                    for name in self.report_channels():
+                        self.enqueue(ending.message(self.mentions(name)), [name])
+                    said.append(ending)
+            self.wish_store.prune(now)
+        for ending in said:
+            log.info("wish #%d (%s): %s", ending.wish.id, ending.wish.describe(), ending.outcome)
+        return said
+
+    def tell_wishes(self, snapshot: FleetSnapshot) -> None:
+        """:meth:`wishes`, whose failure (a full disk) costs only this cycle's wishes: tried again next time."""
+        try:
+            self.wishes(snapshot)
+        except StateError as exc:
+            log.error("wishes: %s; trying again next cycle", exc)
+        except Exception:
+            log.exception("wishes failed; trying again next cycle")
+
     def command_lines(self, channel: str) -> bool:
         """Whether channel ``channel``'s alerts carry the ``gpuwatch ack`` line (``alerts.command_lines``):
         by default only a channel that reaches admins, not a group: e-mail (which carries no
@@ -329,6 +364,7 @@ class Daemon:
         try:
             self.alerts(snapshot, fresh)
         finally:
+            self.tell_wishes(snapshot)
             self.deliver()
 
     def report_cycle(self, spec: ReportSchedule) -> None:
@@ -490,6 +526,7 @@ class Daemon:
             self.alerts(snapshot)
         except Exception:
             log.exception("alert evaluation failed")
+        self.tell_wishes(snapshot)
         for spec, record in [(s, None) for s in self.config.schedule.reports] if reports is None else reports:
             try:
                 self.report(spec, snapshot, record=record)

@@ -129,6 +129,31 @@ _MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     )
     """,
+    # "tell me when": one-shot wishes (notify-when-free, notify-when-done), open until ended_at;
+    # a running process's peak GPU memory and when it was last seen are kept up to date in its row
+    """
+    CREATE TABLE wishes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        user TEXT,
+        author TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        gpus INTEGER NOT NULL DEFAULT 0,
+        same_host INTEGER NOT NULL DEFAULT 0,
+        model TEXT,
+        host TEXT,
+        pid INTEGER,
+        command TEXT,
+        started_at REAL,
+        peak_memory_mib INTEGER,
+        last_seen_at REAL,
+        gpu_indexes TEXT NOT NULL DEFAULT '',
+        ended_at REAL,
+        outcome TEXT
+    );
+    CREATE INDEX wishes_open ON wishes (ended_at)
+    """,
 )
 
 
