@@ -39,6 +39,7 @@ import jinja2
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config, WebConfig
+from .config.shard import with_shard
 from .fleet import STALE_AFTER_POLLS, FleetState
 from .metrics import build_registry
 from .model import FleetSnapshot
@@ -306,7 +307,8 @@ class WebApp:
         return Response("200 OK", html.encode(), "text/html; charset=utf-8", (("ETag", etag),))
 
     def api_snapshot(self, environ: Mapping[str, Any], query_string: str) -> Response:
-        return _json(snapshot_dict(self.state.snapshot(), self.config().free_gpu))
+        config = self.config()
+        return _json(with_shard(snapshot_dict(self.state.snapshot(), config.free_gpu), config))
 
     def api_alerts(self, environ: Mapping[str, Any], query_string: str) -> Response:
         if self.store is None:
