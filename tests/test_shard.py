@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from gpuwatch.config import ConfigError
 from gpuwatch.config.load import parse_config
 from gpuwatch.config.shard import Shard, in_shard, parse_shard, shard_doc, shard_number, shard_words
 from gpuwatch.metrics import shard_metric
+from waiting import wait_for
 
 
 def gone(name: str) -> dict[str, Any]:
@@ -140,3 +144,43 @@ def test_status_says_its_shard_in_the_table_and_the_json(
     assert "'localhost' is in another shard than this one (shard 2/2: 1 of 3 hosts)" in capsys.readouterr().err
     code, out = cli(write_config(tmp_path, ["localhost"]), "status", "--json")
     assert "shard" not in json.loads(out)  # the whole fleet: the document as before
+
+
+def test_the_flag_still_holds_after_a_reload_and_the_daemon_says_its_shard(tmp_path: Path) -> None:
+    """``run --shard 2/2`` with ``shard: 1/2`` in the config: the flag wins at start and after SIGHUP,
+    when a new host of shard 2 starts polling and one of shard 1 does not."""
+    config = write_config(tmp_path, [gone("gone-1"), gone("gone-2")], shard="1/2", web={"listen": "127.0.0.1:0"})
+    log = tmp_path / "daemon.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpuwatch", "run", "-v", "--shard", "2/2", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        found: list[str] = []
+
+        def started() -> bool:
+            assert proc.poll() is None, log.read_text()
+            found[:] = re.findall(r"web page at (http://\S+)", log.read_text())
+            return bool(found)
+
+        wait_for(started, 30, "the daemon's page")
+
+        def hosts() -> list[str]:
+            with urllib.request.urlopen(found[0] + "api/v1/snapshot", timeout=10) as response:
+                doc = json.loads(response.read())
+            assert doc["shard"]["shard"] == "2/2"
+            return [h["name"] for h in doc["hosts"]]
+
+        assert hosts() == ["gone-2"]
+        assert "shard 2/2: 1 of 2 hosts (gone-2)" in log.read_text()
+        more = [gone("gone-1"), gone("gone-2"), gone("gone-3"), gone("gpu-a")]
+        write_config(tmp_path, more, shard="1/2", web={"listen": "127.0.0.1:0"})
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: hosts() == ["gone-2", "gpu-a"], 30, "the reload to add gpu-a (shard 2) and not gone-3")
+        assert "shard 2/2: 2 of 4 hosts (gone-2, gpu-a)" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text()

@@ -61,6 +61,7 @@ def test_the_site_view_skips_itself_and_keeps_a_silent_peers_hosts_as_not_answer
     assert c.words.startswith("not answering for 1m (since ") and ": connection refused; its hosts as of" in c.words
     assert [(h.name, h.state, h.free) for h in c.hosts] == [("c1", "not-answering", 0)]
     assert d.state == "waiting" and d.words == "not asked yet (1m40s since start)" and d.hosts == ()
+    assert site.own == "this page: shard 1/3"
     assert site.summary == (
         "Whole site: 4 shards, 4 hosts, 6 GPUs with current data, 3 free; "
         "shard 3/3 not answering (1 host, 2 GPUs not known now)"

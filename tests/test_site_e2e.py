@@ -68,6 +68,7 @@ def test_the_whole_site_page_shows_a_stopped_shards_hosts_as_not_answering(
             assert "shard 2/2" in peers[0].text and f"answering; {len(theirs)} hosts" in peers[0].text
             assert [r[0] for r in peer_rows(driver)] == theirs
             assert {r[1] for r in peer_rows(driver)} == {"ok"}
+            assert driver.find_element(By.CSS_SELECTOR, "#site h2").text == "The whole site (this page: shard 1/2)"
             site = driver.find_element(By.CSS_SELECTOR, "#site .site-summary").text
             assert site.startswith(f"Whole site: 2 shards, {len(own) + len(theirs)} hosts, ")
             full_page_screenshot(driver, tmp_path / "site-both.png")

@@ -62,6 +62,7 @@ class PeerView:
 @dataclass(frozen=True)
 class SiteView:
     peers: tuple[PeerView, ...]
+    own: str  # "this page: shard 1/3" ("" when this daemon is not a shard)
     summary: str  # "Whole site: 3 shards, 9 hosts, 20 GPUs with current data, 12 free; shard 2/3 not answering (...)"
 
 
@@ -161,4 +162,5 @@ def site_view(
             parts.append(
                 f"{p.title} not answering ({plural(len(p.hosts), 'host')}, {plural(unknown, 'GPU')} not known now)"
             )
-    return SiteView(tuple(peers), "; ".join(parts))
+    own_words = f"this page: shard {own_shard}" if own_shard else ""
+    return SiteView(tuple(peers), own_words, "; ".join(parts))
