@@ -187,3 +187,7 @@ def test_the_snapshot_document_read_back_is_what_the_view_reads() -> None:
     assert states["gpu-d"][0] == "down" and states["gpu-f"] == ("ok", 1, 1)
     assert states["gpu-a"][0] == "ok" and states["gpu-a"][1] >= 1
     assert any(h.people for h in p.hosts)
+    unseen = {"gpu_index": 0, "owner": None, "user": None}
+    mixed = {"name": "x", "ok": True, "gpus": [{"index": 0}], "processes": [unseen, {"gpu_index": 0, "owner": "bob"}]}
+    (x,) = site_view([PeerAnswer("u", {"hosts": [mixed]}, 1.0, None, "", True)], "1/2", [], 0, 0, 2, 0).peers  # type: ignore[union-attr]
+    assert x.hosts[0].people == "bob 1, owner unknown 1"

@@ -21,6 +21,7 @@ from typing import Any
 from .text import format_duration, local_time, plural
 
 NOT_ANSWERING = "not answering"
+OWNER_UNKNOWN = "owner unknown"  # as the page's people panel says it
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class PeerHostView:
     words: str  # "3 of 4 GPUs free", "down: unreachable", "not answering: its shard is unreachable"
     gpus: int
     free: int
-    people: str  # "alice 2, bob 1" (GPUs per person)
+    people: str  # "alice 2, bob 1, owner unknown 1" (GPUs per person)
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ def _people(host: Mapping[str, Any]) -> str:
     for proc in host.get("processes") or ():
         if not isinstance(proc, Mapping):
             continue
-        who = proc.get("owner") or proc.get("user") or "?"
+        who = proc.get("owner") or proc.get("user") or OWNER_UNKNOWN
         gpus_of.setdefault(str(who), set()).add(_int(proc.get("gpu_index")))
-    ranked = sorted(gpus_of.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    # processes ps could not see come last, named as the page names them
+    ranked = sorted(gpus_of.items(), key=lambda kv: (kv[0] == OWNER_UNKNOWN, -len(kv[1]), kv[0]))
     return ", ".join(f"{who} {len(gpus)}" for who, gpus in ranked)
 
 
