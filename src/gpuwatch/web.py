@@ -12,7 +12,10 @@ Routes (under ``web.base_path``), GET and HEAD only:
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
 * ``/metrics``: Prometheus text (``metrics.py``).
 
-The app reads the fleet state and the store; it never polls and never sends. Everything from a host
+The app reads the fleet state and the store; it never polls and never sends. With ``web.peers`` the
+list view also shows the other shards (``siteview.py``) from what :class:`~gpuwatch.peers.PeerWatcher`
+last read in its own threads (started and stopped with :class:`WebServer`): a request never waits
+for a peer. Everything from a host
 is escaped by the templates (Jinja2 autoescape); the Content-Security-Policy allows no inline script.
 Every string people read is made here, with ``text.py``, and the templates only place it.
 :class:`WebServer` serves the app with waitress in a daemon thread, hardened against slow and huge

@@ -238,6 +238,9 @@ def cmd_run(
                 close()
 
 
+SHARD_NAMES_SHOWN = 10  # the start-up line names this many of a shard's hosts, then counts the rest
+
+
 def _announce_shard(config: Config) -> None:
     """Say which shard this is (once at start and on each reload); a shard that holds no host is
     worth a warning (a small fleet, or N larger than meant)."""
@@ -246,7 +249,11 @@ def _announce_shard(config: Config) -> None:
     if not config.hosts:
         log.warning("%s: this shard holds no host; it polls nothing until one is added", shard_words(config))
         return
-    log.info("%s (%s)", shard_words(config), ", ".join(h.name for h in config.hosts), extra=ANNOUNCE)
+    names = [h.name for h in config.hosts]
+    shown = ", ".join(names[:SHARD_NAMES_SHOWN]) + (
+        f", +{len(names) - SHARD_NAMES_SHOWN}" if len(names) > SHARD_NAMES_SHOWN else ""
+    )
+    log.info("%s (%s)", shard_words(config), shown, extra=ANNOUNCE)
 
 
 def _real_report_runs(config: Config) -> dict[str, float]:
