@@ -35,6 +35,7 @@ PURE = (
     "rules",
     "timetable",
     "wishes",
+    "siteview",
 )
 IO_MODULES = (
     "gpuwatch.ssh",

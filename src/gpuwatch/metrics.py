@@ -137,6 +137,18 @@ def fleet_metrics(
     return [up, duration, last_ok, util, used, total, temp, power, free, user_mem, user_gpus, errors]
 
 
+def shard_metric(config: Config) -> Metric:
+    """``gpuwatch_shard_hosts{shard="1/2"}``: how many hosts this daemon polls, and which shard it is
+    (``1/1`` without ``--shard``): summed over the shards, the size of the fleet."""
+    family = GaugeMetricFamily(
+        "gpuwatch_shard_hosts",
+        "Hosts this daemon polls, labelled with its shard K/N (1/1: the whole fleet)",
+        labels=["shard"],
+    )
+    family.add_metric([str(config.shard or "1/1")], float(len(config.hosts)))
+    return family
+
+
 class FleetCollector:
     """Reads the fleet state and the store at each scrape."""
 
@@ -147,6 +159,7 @@ class FleetCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from fleet_metrics(self.state.snapshot(), self.state.probe_errors(), self.config().free_gpu)
+        yield shard_metric(self.config())
         if self.store is None:
             return
         config = self.config()

@@ -12,7 +12,10 @@ Routes (under ``web.base_path``), GET and HEAD only:
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
 * ``/metrics``: Prometheus text (``metrics.py``).
 
-The app reads the fleet state and the store; it never polls and never sends. Everything from a host
+The app reads the fleet state and the store; it never polls and never sends. With ``web.peers`` the
+list view also shows the other shards (``siteview.py``) from what :class:`~gpuwatch.peers.PeerWatcher`
+last read in its own threads (started and stopped with :class:`WebServer`): a request never waits
+for a peer. Everything from a host
 is escaped by the templates (Jinja2 autoescape); the Content-Security-Policy allows no inline script.
 Every string people read is made here, with ``text.py``, and the templates only place it.
 :class:`WebServer` serves the app with waitress in a daemon thread, hardened against slow and huge
@@ -39,12 +42,16 @@ import jinja2
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config, WebConfig
+from .config.shard import with_shard
 from .fleet import STALE_AFTER_POLLS, FleetState
 from .metrics import build_registry
 from .model import FleetSnapshot
 from .pageview import AlertView, PageView, Query, alert_views, page_view
+from .peers import PeerWatcher
 from .render import alert_rows, alerts_dict, snapshot_dict
+from .siteview import SiteView, site_view
 from .store import StoreReader
+from .summary import totals
 from .text import format_duration, plural
 from .webauth import LoginGuard, basic_credentials_match, peer_of
 from .webserver import guarded_server
@@ -141,8 +148,10 @@ class WebApp:
         web: WebConfig,
         store: StoreReader | None = None,
         clock: Callable[[], float] = time.monotonic,
+        peers: PeerWatcher | None = None,
     ) -> None:
         self.state = state
+        self.peers = peers  # web.peers: the other shards, read in the background (started by WebServer)
         self.config = config
         self.web = web
         self.store = store
@@ -279,13 +288,32 @@ class WebApp:
         )
         stale = ",".join(h.name for h in snapshot.hosts if h.stale)
         firing = ",".join(f"{a.rule}/{a.host}/{a.summary}/{a.muted}" for a in alerts)
-        raw = f"{version}|{stale}|{firing}|{query}|{self.config().free_gpu}"
+        peers = self.peers.version if self.peers is not None else 0
+        raw = f"{version}|{stale}|{firing}|{query}|{self.config().free_gpu}|{peers}"
         return view, '"' + hashlib.sha256(raw.encode()).hexdigest()[:20] + '"'
+
+    def _site(self) -> SiteView | None:
+        """The other shards (``web.peers``) as last read, with the whole site in one line."""
+        if self.peers is None:
+            return None
+        config = self.config()
+        snapshot = self.state.snapshot()
+        counted = totals(snapshot, config.free_gpu)
+        return site_view(
+            self.peers.answers(),
+            None if config.shard is None else str(config.shard),
+            [h.name for h in snapshot.hosts],
+            counted.gpus,
+            counted.free_gpus,
+            time.time(),
+            self.peers.started_at,
+        )
 
     def page(self, environ: Mapping[str, Any], query_string: str) -> Response:
         query = Query.parse(query_string)
         view, _ = self._view(query)
         html = self.templates.get_template("page.html").render(
+            site=self._site(),
             view=view,
             base=self.base,
             static_version=self.static_version,
@@ -302,11 +330,12 @@ class WebApp:
         if environ.get("HTTP_IF_NONE_MATCH") == etag:
             return Response("304 Not Modified", b"", headers=(("ETag", etag),), compress=False)
         template = "wall.html" if view.view == "wall" else "fleet.html"
-        html = self.templates.get_template(template).render(view=view, base=self.base)
+        html = self.templates.get_template(template).render(view=view, base=self.base, site=self._site())
         return Response("200 OK", html.encode(), "text/html; charset=utf-8", (("ETag", etag),))
 
     def api_snapshot(self, environ: Mapping[str, Any], query_string: str) -> Response:
-        return _json(snapshot_dict(self.state.snapshot(), self.config().free_gpu))
+        config = self.config()
+        return _json(with_shard(snapshot_dict(self.state.snapshot(), config.free_gpu), config))
 
     def api_alerts(self, environ: Mapping[str, Any], query_string: str) -> Response:
         if self.store is None:
@@ -362,11 +391,15 @@ class WebServer:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)
         self._thread.start()
+        if self.app.peers is not None:
+            self.app.peers.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listening socket and every connection (in the server's own loop thread), then
         let the worker threads finish what they are doing."""
         server = self._server
+        if self.app.peers is not None:
+            self.app.peers.stop()
 
         def close_all() -> None:
             for channel in list(server._map.values()):

@@ -3,6 +3,7 @@ command line names gpuwatch, and the state database opened for a command that on
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from ..config import Config, ConfigError
+from ..config.shard import Shard, parse_shard
 from ..statedir import StateError
 from ..store import Database, StateDirClosed, open_for_reading
 
@@ -80,3 +82,22 @@ def read_state(config: Config, words: Sequence[str]) -> Database:
         return open_for_reading(config.state_dir)
     except StateDirClosed as exc:
         raise StateError(f"{exc}; {as_user_command(exc.owner, config, words)}") from None
+
+
+def shard_option(value: str) -> Shard:
+    """``--shard K/N`` (argparse's ``type``): a bad value is argparse's usage error, exit 2."""
+    try:
+        return parse_shard(value, "--shard")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard: ")) from None
+
+
+def add_shard_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--shard K/N`` on ``run``, ``status`` and ``check`` (it wins over the config's ``shard:``)."""
+    parser.add_argument(
+        "--shard",
+        type=shard_option,
+        metavar="K/N",
+        help=f"{what} only the hosts of shard K of N (a stable hash of each host's name; 1/1: all); "
+        "wins over the config's shard:",
+    )

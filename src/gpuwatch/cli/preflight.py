@@ -145,7 +145,7 @@ def web_port_finding(web: WebConfig, holder: Holder | None) -> CheckLine:
 def setting_name(config: Config, host: HostConfig, key: str) -> str:
     """The key path of an ``ssh:`` setting as it applies to ``host``: its own entry's when set there."""
     if key in host.explicit:
-        return f"hosts[{config.hosts.index(host)}].{key}"
+        return f"hosts[{config.host_index(host)}].{key}"
     return f"ssh.{key}"
 
 
@@ -341,11 +341,11 @@ def host_hint(config: Config, host: HostConfig, snap: HostSnapshot) -> str:
     user = _value(config, host, "user", "user", found, getpass.getuser())
     port = _value(config, host, "port", "port", found, 22)
     if host.address:
-        address, address_setting = host.address, f"hosts[{config.hosts.index(host)}].address"
+        address, address_setting = host.address, f"hosts[{config.host_index(host)}].address"
     elif "hostname" in found and found["hostname"] != host.name:
         address, address_setting = str(found["hostname"]), f"HostName in ~/.ssh/config for {host.name}"
     else:
-        index = config.hosts.index(host)
+        index = config.host_index(host)
         address = host.name
         address_setting = f"hosts[{index}] (the name {host.name}, resolved by DNS; or set an address)"
     if kind == HostErrorKind.UNREACHABLE:
@@ -382,7 +382,7 @@ def host_hint(config: Config, host: HostConfig, snap: HostSnapshot) -> str:
         where = (
             setting_name(config, host, "nvidia_smi")
             if "nvidia_smi" in host.explicit
-            else f"hosts[{config.hosts.index(host)}].nvidia_smi"
+            else f"hosts[{config.host_index(host)}].nvidia_smi"
         )
         now = host.ssh.nvidia_smi
         return f"install the NVIDIA driver there, or set {where} to the full path of nvidia-smi (now {now})"

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from ..config import REPORT_KINDS, Config, ConfigError, ReportSchedule
 from ..config.load import load_config
+from ..config.shard import Shard, in_shard, shard_words
 from ..daemon import Daemon, Wiring
 from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
@@ -28,7 +29,7 @@ from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
 from ..text import local_time, plural
 from ..timetable import is_due, period_start
-from .common import UsageError, program_words
+from .common import UsageError, add_shard_option, program_words
 from .preflight import refuse_unusable_key_files
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory
 
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     run.add_argument(
         "--dry-run", action="store_true", help="print the messages that would be sent; send nothing (-v: JSON too)"
     )
+    add_shard_option(run, "poll")
     run.set_defaults(handler=handle)
 
 
@@ -66,6 +68,7 @@ def handle(config: Config, args: argparse.Namespace, out: TextIO, clock: Callabl
             lock=lock,
             forced=reports,
             clock=clock,
+            shard=getattr(args, "shard", None),
         )
 
 
@@ -161,7 +164,11 @@ def cmd_run(
     lock: StateLock | None = None,
     forced: Sequence[ReportSchedule] = (),
     clock: Callable[[], float] = time.time,
+    shard: Shard | None = None,
 ) -> int:
+    """``shard`` (``--shard``) wins over the config's ``shard:``, on start and on every reload."""
+    config = in_shard(config, shard)
+    _announce_shard(config)
     refuse_unusable_key_files(config)
     stop = threading.Event()
 
@@ -196,7 +203,8 @@ def cmd_run(
     def reload_config() -> Config:
         if path is None:
             return config
-        new = load_config(path)
+        new = in_shard(load_config(path), shard)
+        _announce_shard(new)
         refuse_unusable_key_files(new)
         return new if dry_run else without_unsendable_reports(new)
 
@@ -228,6 +236,24 @@ def cmd_run(
             close = getattr(channel, "close", None)
             if callable(close):
                 close()
+
+
+SHARD_NAMES_SHOWN = 10  # the start-up line names this many of a shard's hosts, then counts the rest
+
+
+def _announce_shard(config: Config) -> None:
+    """Say which shard this is (once at start and on each reload); a shard that holds no host is
+    worth a warning (a small fleet, or N larger than meant)."""
+    if config.shard is None:
+        return
+    if not config.hosts:
+        log.warning("%s: this shard holds no host; it polls nothing until one is added", shard_words(config))
+        return
+    names = [h.name for h in config.hosts]
+    shown = ", ".join(names[:SHARD_NAMES_SHOWN]) + (
+        f", +{len(names) - SHARD_NAMES_SHOWN}" if len(names) > SHARD_NAMES_SHOWN else ""
+    )
+    log.info("%s (%s)", shard_words(config), shown, extra=ANNOUNCE)
 
 
 def _real_report_runs(config: Config) -> dict[str, float]:

@@ -25,11 +25,12 @@ from dataclasses import replace
 from typing import Any, TextIO
 
 from ..config import Config, ConfigError, HostConfig, parse_duration
+from ..config.shard import in_shard, shard_doc, shard_words, with_shard
 from ..model import FleetSnapshot, HostSnapshot
 from ..render import TableOptions, fleet_table, no_data_text, snapshot_dict
 from ..summary import select
 from ..text import COLOR_CHOICES, UNKNOWN, format_duration, plural, wants_color
-from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, write_json
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, add_shard_option, write_json
 from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
 from .wiring import build_poller
 
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         metavar="N",
         help="poll again every N seconds (e.g. 2, 5s, 1m) until Ctrl-C (exit 0); the SSH connections are kept",
     )
+    add_shard_option(status, "show")
     shown = status.add_argument_group("columns (as gpustat's -p, -c, -P)")
     # -c is --config everywhere in gpuwatch: the command is -C (gpustat's -c)
     shown.add_argument("-p", "--pid", action="store_true", help="each process on its own, with its pid")
@@ -89,8 +91,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         "'gpuwatch test-notify' sends a test message.",
     )
     check.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    add_shard_option(check, "check")
     # check prints the config's warnings itself (said once, not also on stderr)
-    check.set_defaults(handler=lambda config, args, out: cmd_check(config, out, as_json=args.json), shows_warnings=True)
+    check.set_defaults(
+        handler=lambda config, args, out: cmd_check(in_shard(config, args.shard), out, as_json=args.json),
+        shows_warnings=True,
+    )
 
 
 def _pick_hosts(config: Config, names: list[str]) -> tuple[HostConfig, ...]:
@@ -98,6 +104,8 @@ def _pick_hosts(config: Config, names: list[str]) -> tuple[HostConfig, ...]:
         return config.hosts
     known = {h.name: h for h in config.hosts}
     for name in names:
+        if name not in known and any(h.name == name for h in config.all_hosts):
+            raise UsageError(f"status: {name!r} is in another shard than this one ({shard_words(config)})")
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; the hosts are: {', '.join(known)}"
@@ -154,7 +162,9 @@ def cmd_status(
 ) -> int:
     """``wait`` (default: sleep until Ctrl-C), ``max_polls`` (default: until Ctrl-C) and ``environ``
     (``NO_COLOR``, ``TERM``; default: the process's) are for tests. Exit 1 when no host answered, or
-    ``--user`` has no GPU process on any host that did."""
+    ``--user`` has no GPU process on any host that did. ``--shard`` (or the config's ``shard:``): only
+    that shard's hosts, said under the table and as ``shard`` in the JSON."""
+    config = in_shard(config, getattr(args, "shard", None))
     hosts = _pick_hosts(config, list(getattr(args, "hosts", None) or []))
     every = _watch_seconds(getattr(args, "watch", None))
     as_json = bool(getattr(args, "json", False))
@@ -167,7 +177,7 @@ def cmd_status(
         found = user is None or has_processes_of(snapshot, user)
         shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
         if as_json:
-            write_json(snapshot_dict(shown, config.free_gpu), out, one_line=every is not None)
+            write_json(with_shard(snapshot_dict(shown, config.free_gpu), config), out, one_line=every is not None)
             if not found and every is None:
                 print(f"gpuwatch: no processes of {user}", file=sys.stderr)
             return found
@@ -176,7 +186,7 @@ def cmd_status(
         else:
             whole = snapshot if only else None
             table = fleet_table(shown, config.free_gpu, options, whole=whole)
-            text = table + (f"\nshowing only: {only}" if only else "") + "\n"
+            text = table + (f"\nshowing only: {only}" if only else "") + _shard_line(config) + "\n"
         if every is not None:
             if out.isatty():
                 text = f"{CLEAR}gpuwatch status, every {format_duration(every)} (Ctrl-C stops)\n\n{text}"
@@ -195,6 +205,11 @@ def cmd_status(
         poller.close()
     found = show(snapshot)
     return EXIT_OK if snapshot.answered and found else EXIT_FAILED
+
+
+def _shard_line(config: Config) -> str:
+    words = shard_words(config)
+    return f"\n{words}" if words else ""
 
 
 def _watch(
@@ -258,6 +273,8 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     text = io.StringIO()
     real_out, out = out, text
     out.write(f"config {config.path}: OK ({plural(count, 'host')})\n")
+    if config.shard is not None:
+        out.write(f"{shard_words(config)} (this daemon polls only these)\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
     findings: list[CheckLine] = []
@@ -316,6 +333,7 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
             "ready": code == EXIT_OK,
             "problems": problems,
             "warnings": list(config.warnings),
+            "shard": shard_doc(config),
             "findings": [
                 {"subject": f.subject, "ok": f.ok, "detail": f.detail, "notes": list(f.notes)} for f in findings
             ],

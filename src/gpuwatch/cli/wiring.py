@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Config, ConfigError, HostConfig
+from ..config import Config, ConfigError, HostConfig, WebConfig
 from ..daemon import Daemon
 from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.registry import CHANNELS
 from ..notify.spec import ChannelSpec
+from ..peers import PeerWatcher, http_fetch
 from ..poll import Poller
 from ..probe import ProbeSettings
 from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
@@ -91,6 +92,15 @@ def build_channels(
     return built
 
 
+def peer_watcher(web: WebConfig) -> PeerWatcher | None:
+    """``web.peers``: the other shards' pages, asked with this page's own ``web.auth`` (one shared config)."""
+    if not web.peers:
+        return None
+    password = web.auth.resolve_password() if web.auth else None
+    auth = (web.auth.user, password) if web.auth and password else None
+    return PeerWatcher(web.peers, http_fetch(auth))
+
+
 def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
     """``web:``: the page, the API and /metrics, served in a thread of the daemon (its run_forever
     starts and stops it). The port is bound here, so a busy port stops the start with a clear error."""
@@ -104,7 +114,7 @@ def attach_web(config: Config, daemon: Daemon) -> WebServer | None:
             web.listen,
         )
     try:
-        app = WebApp(daemon.state, lambda: daemon.config, web, StoreReader(config.state_dir))
+        app = WebApp(daemon.state, lambda: daemon.config, web, StoreReader(config.state_dir), peers=peer_watcher(web))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:

@@ -46,6 +46,7 @@ from .records import (
     WebAuth,
     WebConfig,
 )
+from .shard import parse_shard
 from .values import (
     ConfigError,
     boolean,
@@ -104,6 +105,7 @@ TOP_KEYS = (
     "web",
     "host_context",
     "attribution",
+    "shard",
 )
 LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
 HOST_KEYS = ("name", "address", *SSH_KEYS)
@@ -277,7 +279,7 @@ _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P
 def _parse_web(raw: object) -> WebConfig:
     """``web:`` (present, even empty: serve on the default address)."""
     section = mapping(raw, "web")
-    check_keys(section, ("listen", "base_path", "auth", "public_url", "view"), "web")
+    check_keys(section, ("listen", "base_path", "auth", "public_url", "view", "peers"), "web")
     values: dict[str, Any] = {}
     if "listen" in section:
         listen = string(section["listen"], "web.listen")
@@ -315,7 +317,30 @@ def _parse_web(raw: object) -> WebConfig:
         if view not in WEB_VIEWS:
             raise ConfigError(f"web.view: {view!r} is not one of {', '.join(WEB_VIEWS)}")
         values["view"] = view
+    if section.get("peers") is not None:
+        values["peers"] = _parse_peers(section["peers"])
     return WebConfig(**values)
+
+
+MAX_PEERS = 100
+
+
+def _parse_peers(raw: object) -> tuple[str, ...]:
+    """``web.peers``: the pages of the other shards (base URLs, as people open them)."""
+    if not isinstance(raw, list) or len(raw) > MAX_PEERS:
+        raise ConfigError(
+            f"web.peers: expected a list of at most {MAX_PEERS} page addresses, e.g. [http://gpu-mon-2:8787/]"
+        )
+    peers = []
+    for i, item in enumerate(raw):
+        url = string(item, f"web.peers[{i}]").rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s?#@]+(/[^\s?#]*)?", url):
+            raise ConfigError(
+                f"web.peers[{i}]: expected the http(s):// address of another shard's page (no user or password "
+                f"in it: web.auth is used), got {quote(url[:60])}"
+            )
+        peers.append(url)
+    return tuple(dict.fromkeys(peers))
 
 
 def _merge_legacy(doc: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +444,7 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     host_context = _parse_host_context(doc.get("host_context"))
     attribution = _parse_attribution(doc.get("attribution"))
     log_level = choice(string(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
+    shard = parse_shard(doc["shard"], "shard") if doc.get("shard") is not None else None
     warnings = _permission_warnings(path, _secret_keys(doc, channels))
     return Config(
         path=path,
@@ -435,6 +461,7 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
         web=web,
         host_context=host_context,
         attribution=attribution,
+        shard=shard,
     )
 
 

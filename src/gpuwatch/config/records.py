@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..text import format_duration
+from .shard import Shard
 from .values import from_env
 
 DEFAULT_CONFIG_NAME = "config.yaml"
@@ -162,6 +163,7 @@ class WebConfig:
     public_url: str | None = None  # the page's address as people reach it (printed at start)
     view: str = "list"  # the page's default view: list (for people) or wall (dense, for a screen on a wall)
     demo: bool = False  # set by ``gpuwatch demo`` (no key): the page says it shows an invented fleet
+    peers: tuple[str, ...] = ()  # the other shards' pages (base URLs): the page shows the whole site
 
     @property
     def listen(self) -> str:
@@ -194,6 +196,12 @@ class Config:
     web: WebConfig | None = None  # None: the daemon serves nothing
     host_context: HostContextConfig = HostContextConfig()
     attribution: AttributionConfig = AttributionConfig()
+    shard: Shard | None = None  # ``shard: K/N`` (or ``--shard``): this daemon polls only its part of ``hosts``
+    all_hosts: tuple[HostConfig, ...] = ()  # with a shard: every configured host (``hosts`` holds the shard's)
+
+    def host_index(self, host: HostConfig) -> int:
+        """Where ``host`` stands in the config's ``hosts:`` list (``hosts[7]``), a shard's or not."""
+        return (self.all_hosts or self.hosts).index(host)
 
     @property
     def feishu(self) -> Any:
