@@ -30,7 +30,14 @@ from ..text import local_time, plural
 from ..timetable import is_due, period_start
 from .common import UsageError, program_words
 from .preflight import refuse_unusable_key_files
-from .wiring import attach_web, build_channels, build_poller, make_runner_factory
+from .wiring import (
+    attach_web,
+    build_channels,
+    build_discovery,
+    build_poller,
+    make_runner_factory,
+    with_discovered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +197,8 @@ def cmd_run(
         alert_store = AlertStore(outbox.db)
         reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
     handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    discovery = build_discovery(config, handshakes)
+    config = with_discovered(config, discovery)
     poller = build_poller(config, handshakes)
     path = config.path
 
@@ -215,6 +224,7 @@ def cmd_run(
         wiring=wiring,
         clock=clock,
         program=program_words(),
+        discovery=None if once or dry_run else discovery,
     )
     try:
         if once or dry_run:
@@ -222,6 +232,8 @@ def cmd_run(
         attach_web(config, daemon)
         return daemon.run_forever()
     finally:
+        if discovery is not None:
+            discovery.close()
         poller.close()
         outbox.db.close()
         for channel in daemon.channels.values():
