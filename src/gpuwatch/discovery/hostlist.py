@@ -7,8 +7,9 @@ Conventions:
   ranges (``gpu[01-04,07]``). Several brackets in one name multiply (``a[1-2]b[3-4]`` is a1b3, a1b4,
   a2b3, a2b4), in Slurm's order. A range keeps the zero padding of its lower bound as written
   (``[08-10]`` is 08, 09, 10; ``[8-10]`` is 8, 9, 10).
-* A line may hold several names separated by blanks or top-level commas; ``#`` starts a comment
-  (a whole line, or the rest of one). Blank lines are skipped.
+* A line holds one name or one host list (names separated by top-level commas); ``#`` starts a
+  comment (a whole line, or the rest of one). Blank lines are skipped. A line with a blank inside
+  (``Welcome to the cluster``: a login banner) is an error, not three host names.
 * A name is what a host name may be: letters, digits, ``.``, ``-``, ``_``, at most 253 characters,
   not starting with ``-`` (an SSH option). Anything else is a :class:`HostListError` that names the
   line and quotes the text: a list with a bad entry is refused whole, never read in part.
@@ -116,9 +117,9 @@ def check_name(name: str) -> str:
 
 def _entries(text: str) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(text.splitlines(), 1):
-        content = line.split("#", 1)[0]
-        for word in content.split():
-            yield number, word
+        content = line.split("#", 1)[0].strip()
+        if content:
+            yield number, content
 
 
 def names_from_text(text: str, *, hostlists: bool = True) -> list[str]:
@@ -129,6 +130,8 @@ def names_from_text(text: str, *, hostlists: bool = True) -> list[str]:
     names: list[str] = []
     for number, word in _entries(text):
         try:
+            if any(c.isspace() for c in word):
+                raise HostListError(f"{quote(word)}: one host (or host list) a line, without blanks")
             expanded = expand_hostlist(word) if hostlists else split_top_level(word)
             names += [check_name(n) for n in expanded]
         except HostListError as exc:

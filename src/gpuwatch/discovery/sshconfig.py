@@ -127,11 +127,12 @@ class SshConfigSource:
     def __init__(self, spec: DiscoverySource) -> None:
         self.spec = spec
         self.path = spec.path or os.path.expanduser("~/.ssh/config")
+        self.include_base = str(Path("~/.ssh").expanduser())  # where relative Include paths are, as for ssh
 
     def fetch(self) -> tuple[DiscoveredHost, ...]:
         text = read_text(self.path)
         try:
-            full = expand_includes(text, include_reader(str(Path("~/.ssh").expanduser())))
+            full = expand_includes(text, include_reader(self.include_base))
             return tuple(hosts_in_ssh_config(full, self.spec.pattern or "*"))
         except DiscoveryError as exc:
             raise DiscoveryError(f"{self.path}: {exc}") from None
