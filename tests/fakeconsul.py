@@ -49,7 +49,8 @@ class FakeConsul:
         self.nodes: list[Node] = []
         self.garbage = False
         self.down = False
-        self.requests: list[Request] = []
+        self.requests: list[Request] = []  # answered
+        self.arrived: list[dict[str, str]] = []  # every request's query as it arrived (a held one too)
         self._changed = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -77,6 +78,10 @@ class FakeConsul:
             self.nodes = list(nodes)
             self.index += 1
             self._changed.notify_all()
+
+    def held(self) -> bool:
+        """Whether a blocking query has arrived (it may still be held)."""
+        return any("index" in query for query in self.arrived)
 
     def blocking_requests(self) -> list[Request]:
         return [r for r in self.requests if "index" in r.query]
@@ -111,6 +116,7 @@ class FakeConsul:
                 started = time.monotonic()
                 parts = urlsplit(self.path)
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                fake.arrived.append(query)
                 match = re.fullmatch(r"/v1/catalog/service/([^/]+)", parts.path)
                 had_token = fake.token is not None and self.headers.get("X-Consul-Token") == fake.token
                 if match is None:

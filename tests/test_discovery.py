@@ -198,10 +198,10 @@ def test_a_command_prints_slurm_host_lists_and_its_failures_are_said(tmp_path: P
     source = CommandSource(spec, LocalRunner())
     assert [h.name for h in source.fetch()] == ["gpu01", "gpu02", "gpu03", "gpu07", "gpu-a1b1", "gpu-a2b1"]
     (tmp_path / "mode").write_text("fail")
-    with pytest.raises(DiscoveryError, match=r"locally exited with status 1: 'sinfo: error: Unable to contact"):
+    with pytest.raises(DiscoveryError, match=r"run here, it exited with status 1: 'sinfo: error: Unable to contact"):
         source.fetch()
     (tmp_path / "mode").write_text("junk")
-    with pytest.raises(DiscoveryError, match=r"printed line 1: 'Welcome to the cluster!': one host \(or host list\)"):
+    with pytest.raises(DiscoveryError, match=r"it printed line 1: 'Welcome to the cluster!': one host"):
         source.fetch()
     (tmp_path / "mode").write_text("hang")
     started = time.monotonic()

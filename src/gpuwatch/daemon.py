@@ -517,7 +517,7 @@ class Daemon:
                         scheduler = self.build_scheduler()
                         self._announce()
                 if self._discovery_news.is_set():
-                    self._guarded("discovery", self.follow_discovery)()
+                    self._discovery_tick()
                 if self._wake.is_set() and not self.stop.wait(BATCH_SECONDS):
                     self._guarded("alerts", self.results_cycle)()
                 scheduler.run_pending()

@@ -21,7 +21,8 @@ class DiscoveredHost:
 
 class DiscoveryError(Exception):
     """A source could not give its list this time; the message says what and where, for people
-    (never a secret). The source's last good list stays in use."""
+    (never a secret), after the source's label (which it does not repeat). The source's last good
+    list stays in use."""
 
 
 class Source(Protocol):

@@ -26,22 +26,22 @@ class CommandSource:
     def __init__(self, spec: DiscoverySource, runner: Runner) -> None:
         self.spec = spec
         self.runner = runner
-        self.where = f"on {spec.via}" if spec.via else "locally"
+        self.where = f"on {spec.via}" if spec.via else "here"
 
     def fetch(self) -> tuple[DiscoveredHost, ...]:
         command = self.spec.command or ""
         try:
             result = self.runner.run_script(command + "\n", self.spec.timeout)
         except HostFailure as failure:
-            raise DiscoveryError(f"{quote(command)} {self.where}: {failure.message}") from None
+            raise DiscoveryError(f"run {self.where}: {failure.message}") from None
         if result.exit_status != 0:
             first = (result.stderr.strip().splitlines() or [""])[0]
             said = f": {quote(first)}" if first else ""
-            raise DiscoveryError(f"{quote(command)} {self.where} exited with status {result.exit_status}{said}")
+            raise DiscoveryError(f"run {self.where}, it exited with status {result.exit_status}{said}")
         try:
             return tuple(DiscoveredHost(name) for name in names_from_text(result.stdout))
         except HostListError as exc:
-            raise DiscoveryError(f"{quote(command)} {self.where} printed {exc}") from None
+            raise DiscoveryError(f"run {self.where}, it printed {exc}") from None
 
     def wait(self, stop: threading.Event, ok: bool) -> None:
         wait_refresh(self.spec, stop, ok)

@@ -93,7 +93,7 @@ class ConsulSource:
             return {}
         token = self.environ.get(self.spec.token_env)
         if not token:
-            raise DiscoveryError(f"{self.spec.label}: the token variable {self.spec.token_env} is not set")
+            raise DiscoveryError(f"the token variable {self.spec.token_env} is not set")
         return {"X-Consul-Token": token}
 
     def fetch(self) -> tuple[DiscoveredHost, ...]:
@@ -113,19 +113,19 @@ class ConsulSource:
                 status, header = reply.status_code, reply.headers.get("X-Consul-Index")
         except requests.RequestException as exc:
             self.index = 0
-            raise DiscoveryError(f"{self.spec.label}: {type(exc).__name__}: {exc}") from None
+            raise DiscoveryError(f"{type(exc).__name__}: {exc}") from None
         if len(body) > MAX_BODY_BYTES:
-            raise DiscoveryError(f"{self.spec.label}: the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
+            raise DiscoveryError(f"the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
         if status != 200:
             self.index = 0
             why = " (the ACL token is missing or not allowed to read the service)" if status == 403 else ""
             text = body[:120].decode("utf-8", "replace").strip()
-            raise DiscoveryError(f"{self.spec.label}: HTTP {status}{why}: {quote(text)}")
+            raise DiscoveryError(f"HTTP {status}{why}: {quote(text)}")
         try:
             hosts = hosts_in_catalog(body)
-        except DiscoveryError as exc:
+        except DiscoveryError:
             self.index = 0
-            raise DiscoveryError(f"{self.spec.label}: {exc}") from None
+            raise
         self.index = next_index(self.index, header)
         return hosts
 
