@@ -5,6 +5,7 @@ config's errors, and the ``discovery_failed`` rule. The daemon end to end: test_
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fakeconsul import FakeConsul, Node
+from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, DiscoverySource, FreeGpuConfig
 from gpuwatch.config.load import parse_config
 from gpuwatch.discovery import (
@@ -482,3 +484,26 @@ def test_a_host_removed_by_discovery_resolves_its_alerts_with_the_reason() -> No
     assert [(t.kind, t.cause) for t in transitions] == [("resolved", cause)]
     message = alert_message(transitions, [], {})
     assert message is not None and "RESOLVED host_down (gpu1): left discovery source file:hosts.txt" in message.text
+
+
+def test_check_says_a_failing_source_and_is_not_ready(
+    local_standin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts_file = tmp_path / "hosts.txt"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "hosts: [localhost]\n"
+        "hosts_from:\n  - file: hosts.txt\n"
+        "feishu: {url: 'http://127.0.0.1:9/hook/x'}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+    )
+    config.chmod(0o600)
+    assert main(["check", "-c", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"hosts_from file:hosts.txt: FAILED: {hosts_file}: cannot read: No such file or directory" in out
+    assert "localhost: OK: " in out and "[from" not in out
+    assert f"not ready: hosts_from file:hosts.txt failed: {hosts_file}: cannot read" in out
+    hosts_file.write_text("localhost\n")  # an explicit entry wins over a source that names the host too
+    assert main(["check", "--json", "-c", str(config)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(h["name"], h["source"]) for h in doc["hosts"]] == [("localhost", "hosts")]
