@@ -14,6 +14,13 @@ Three run modes share one :class:`Daemon`:
   given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
   this thread (the same per-channel passes the workers run).
 
+With ``hosts_from:`` the daemon also follows the discovery sources (:class:`~.discovery.Discovery`,
+each on its own thread): after a source's refresh, and every second for the hosts whose grace
+ended, the host list is merged again (:func:`~.discovery.merge_hosts`) and handed to the poller
+(``Poller.reload``): new hosts start at once, the others keep their connections, and the alerts of
+a host dropped resolve with the source it left. The sources' health goes to the rules
+(``discovery_failed``).
+
 An exception in one step is logged and the loop goes on.
 """
 

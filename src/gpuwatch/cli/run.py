@@ -224,7 +224,7 @@ def cmd_run(
         wiring=wiring,
         clock=clock,
         program=program_words(),
-        discovery=None if once or dry_run else discovery,
+        discovery=discovery,  # followed by run_forever; --once judges discovery_failed with it
     )
     try:
         if once or dry_run:
