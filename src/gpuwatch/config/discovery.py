@@ -18,8 +18,7 @@ from .records import DISCOVERY_KINDS, DiscoverySource
 from .values import ConfigError, check_keys, expand_path, mapping, positive_duration, string, type_name
 
 MAX_SOURCES = 32
-# Consul caps a blocking query's wait at 10 minutes.
-MAX_REFRESH_SECONDS = 7 * 24 * 3600.0
+MAX_REFRESH_SECONDS = 7 * 24 * 3600.0  # refresh, grace, timeout: at most a week
 _COMMON = ("refresh", "grace")
 _KEYS: Mapping[str, tuple[str, ...]] = {
     "ssh_config": ("ssh_config", "file", *_COMMON),
@@ -64,7 +63,7 @@ def _times(entry: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
                 raise ConfigError(f"{path}.{key}: at most 7d")
             values[key] = seconds
     if kind == "consul" and values.get("refresh", 0.0) > 600:
-        values["refresh"] = 600.0  # Consul's longest blocking wait; a change still shows at once
+        values["refresh"] = 600.0  # Consul caps a blocking query's wait at 10m; a change still shows at once
     return values
 
 

@@ -86,7 +86,7 @@ class Discovery:
         now = self.clock()
         with self._lock:
             was = self._health[label]
-            kept = len([m for m in self._members[label].values()])
+            kept = len(self._members[label])
             since = was.failing_since if not was.ok and was.failing_since is not None else now
             self._health[label] = SourceHealth(label, False, error, since, kept, was.last_ok_at)
             self._version += 1
