@@ -111,6 +111,7 @@ def test_each_rule_declares_what_it_needs_and_what_its_alerts_are_about() -> Non
         "host_down": (Scope.HOST, Needs.RESULT, ()),
         "gpu_missing": (Scope.HOST, Needs.GPU_DATA, ()),
         "gpu_error": (Scope.HOST, Needs.GPU_STATE, ("detail",)),
+        "discovery_failed": (Scope.FLEET, Needs.SOURCES, ("detail",)),
         "temperature_above": (Scope.HOST, Needs.GPU_DATA, ("gpu",)),
         "ecc_errors": (Scope.HOST, Needs.GPU_HEALTH, ("gpu",)),
         "row_remap_pending": (Scope.HOST, Needs.GPU_HEALTH, ("gpu",)),

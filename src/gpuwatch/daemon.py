@@ -14,6 +14,13 @@ Three run modes share one :class:`Daemon`:
   given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
   this thread (the same per-channel passes the workers run).
 
+With ``hosts_from:`` the daemon also follows the discovery sources (:class:`~.discovery.Discovery`,
+each on its own thread): after a source's refresh, and every second for the hosts whose grace
+ended, the host list is merged again (:func:`~.discovery.merged`, cut to the shard) and handed to the poller
+(``Poller.reload``): new hosts start at once, the others keep their connections, and the alerts of
+a host dropped resolve with the source it left. The sources' health goes to the rules
+(``discovery_failed``).
+
 An exception in one step is logged and the loop goes on.
 """
 
@@ -33,6 +40,7 @@ from typing import Any, Protocol
 import schedule
 
 from .config import Config, ConfigError, HostConfig, ReportSchedule
+from .discovery import Discovery, merged
 from .fleet import FleetState
 from .logsetup import ANNOUNCE
 from .message import Message
@@ -98,6 +106,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
         program: Sequence[str] = ("gpuwatch",),
+        discovery: Discovery | None = None,
     ) -> None:
         self.config = config
         self.program = tuple(program)  # how printed command lines start (cli.common.program_words)
@@ -116,6 +125,10 @@ class Daemon:
         self._wake = threading.Event()
         self._reload_requested = threading.Event()
         self._removed: set[str] = set()
+        self._causes: dict[str, str] = {}  # removed host -> why, when not "removed from the config"
+        self.discovery = discovery  # hosts_from: followed while run_forever runs
+        self._discovered = -1  # the Discovery.version the host list was last merged from
+        self._discovery_news = threading.Event()  # a source refreshed: merge, and judge discovery_failed
         self.services: list[Service] = []  # started by run_forever, stopped when it returns
         self.deliveries: Deliveries | None = None  # the channels' workers, while run_forever runs
         self._started_at: float | None = None  # when run_forever began (the clock's time)
@@ -194,7 +207,11 @@ class Daemon:
         store = self.alert_store
         now = self.clock()
         removed = frozenset(self._removed)
-        evaluation = evaluate(snapshot, self.config.alerts, store.memory(), self.config.free_gpu, fresh)
+        causes = {name: self._causes[name] for name in removed if name in self._causes}
+        sources = self.discovery.health() if self.discovery is not None else None
+        evaluation = evaluate(
+            snapshot, self.config.alerts, store.memory(), self.config.free_gpu, fresh, sources=sources
+        )
         silences = store.silences(now)
         before = store.records()
         records, transitions = advance(
@@ -205,6 +222,7 @@ class Daemon:
             silence_check(silences),
             removed_hosts=removed,
             acknowledged=acknowledged_ids(store.acks(), before, now),
+            causes=causes,
         )
         by_channel: dict[str, tuple[list[Transition], list[Notice]]] = {}
         for t in transitions:
@@ -224,6 +242,8 @@ class Daemon:
                 if message is not None:
                     self.enqueue(message, [name])
         self._removed -= removed
+        for name in removed:
+            self._causes.pop(name, None)
         for t in transitions:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
@@ -356,7 +376,9 @@ class Daemon:
     def results_cycle(self) -> None:
         """Alerts for the hosts whose results arrived since the last time, then the outbox."""
         fresh = self.take_fresh()
-        if not fresh and not self._removed:
+        news = self._discovery_news.is_set()
+        self._discovery_news.clear()
+        if not fresh and not self._removed and not news:
             return
         snapshot = self.snapshot()
         answered = sum(1 for h in snapshot.hosts if h.name in fresh and h.ok)
@@ -393,6 +415,11 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, still running the previous config: config error: %s", exc)
             return False
+        if new.hosts_from != old.hosts_from:
+            log.warning("hosts_from: the changes to this section take effect when gpuwatch restarts")
+            new = dataclasses.replace(new, hosts_from=old.hosts_from)
+        if self.discovery is not None:
+            new = merged(new, self.discovery.lists())
         result = self.poller.reload(
             new.hosts, self.wiring.runner_factory(new), new.schedule.poll_every, settings=ProbeSettings.of(new)
         )
@@ -415,6 +442,47 @@ class Daemon:
                 log.warning("%s", warning)
         return True
 
+    # -- discovery (hosts_from:)
+
+    def discovery_changed(self) -> None:
+        """A source refreshed (from its thread): merge on the main loop, and judge discovery_failed."""
+        self._discovery_news.set()
+        self._wake.set()
+
+    def follow_discovery(self) -> None:
+        """Poll the hosts the sources give now: new ones start at once, those whose grace ended stop,
+        and their alerts resolve saying which source they left. Cheap when nothing changed."""
+        if self.discovery is None:
+            return
+        self.discovery.prune()
+        version = self.discovery.version
+        if version == self._discovered:
+            return
+        self._discovered = version
+        old = self.config
+        new = merged(old, self.discovery.lists())
+        if new.hosts == old.hosts:
+            return
+        if self.wiring is None:
+            log.error("discovery: the host list changed, but this mode cannot add or remove hosts")
+            return
+        result = self.poller.reload(new.hosts, self.wiring.runner_factory(new))
+        removed = self.state.set_hosts(host_pairs(new))
+        sources = {h.name: h.source for h in old.hosts}
+        for name in removed:
+            if sources.get(name, "hosts") != "hosts":
+                self._causes[name] = f"left discovery source {sources[name]}"
+        self._removed.update(removed)
+        self.config = new
+        self._wake.set()
+        log.info("discovery: hosts: %s", result.describe(), extra=ANNOUNCE)
+
+    def _discovery_tick(self) -> None:
+        try:
+            self.follow_discovery()
+        except Exception:  # a job that raises would end the daemon's loop
+            log.exception("discovery: following the sources failed; trying again")
+
     # -- run modes
 
     def build_scheduler(self) -> schedule.Scheduler:
@@ -425,6 +493,8 @@ class Daemon:
         every = self.config.schedule.poll_every
         scheduler.every(max(1, round(every))).seconds.do(self.deliver)
         scheduler.every(REPORT_TICK_SECONDS).seconds.do(self.report_tick)
+        if self.discovery is not None:  # a host whose grace ended is dropped within a second
+            scheduler.every(1).seconds.do(self._discovery_tick)
         return scheduler
 
     def due_reports(self, now: float) -> list[ReportSchedule]:
@@ -476,6 +546,8 @@ class Daemon:
         self.deliveries = Deliveries(self.outbox, self.channels, self.stop, on_pass=self._passed)
         self.deliveries.start()
         self.poller.start(self.config.schedule.poll_every, self.on_result)
+        if self.discovery is not None:
+            self.discovery.start(self.discovery_changed)
         for service in self.services:
             service.start()
         try:
@@ -486,6 +558,8 @@ class Daemon:
                     if self.reload() and self.config.schedule != old_reports:
                         scheduler = self.build_scheduler()
                         self._announce()
+                if self._discovery_news.is_set():
+                    self._discovery_tick()
                 if self._wake.is_set() and not self.stop.wait(BATCH_SECONDS):
                     self._guarded("alerts", self.results_cycle)()
                 scheduler.run_pending()
@@ -497,6 +571,8 @@ class Daemon:
                     service.stop()
                 except Exception:  # one that fails to stop must not keep the hosts' connections open
                     log.exception("stopping %s failed", type(service).__name__)
+            if self.discovery is not None:
+                self.discovery.close()
             self.poller.close()
             self.stop.set()  # a stop of any kind ends the sends in flight
             self.deliveries.close()

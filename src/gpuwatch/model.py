@@ -322,3 +322,17 @@ class FleetSnapshot:
     def down(self) -> tuple[HostSnapshot, ...]:
         """Hosts without current GPU data: they failed, or their data is stale."""
         return tuple(h for h in self.hosts if not h.current)
+
+
+@dataclass(frozen=True)
+class SourceHealth:
+    """A discovery source's latest refresh (``hosts_from:``), as the ``discovery_failed`` rule judges it.
+
+    A failing source keeps its last good list: ``hosts`` counts it. Times are epoch seconds."""
+
+    label: str  # e.g. "file:/etc/gpuwatch/hosts.txt"
+    ok: bool  # its latest refresh worked
+    error: str | None = None  # why the latest refresh failed, for people
+    failing_since: float | None = None  # the first failed refresh of the current run of failures
+    hosts: int = 0  # hosts in its last good list
+    last_ok_at: float | None = None  # its latest good refresh (None: none since start)

@@ -31,7 +31,14 @@ from ..text import local_time, plural
 from ..timetable import is_due, period_start
 from .common import UsageError, add_shard_option, program_words
 from .preflight import refuse_unusable_key_files
-from .wiring import attach_web, build_channels, build_poller, make_runner_factory
+from .wiring import (
+    attach_web,
+    build_channels,
+    build_discovery,
+    build_poller,
+    make_runner_factory,
+    with_discovered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +204,8 @@ def cmd_run(
         alert_store = AlertStore(outbox.db)
         reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
     handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    discovery = build_discovery(config, handshakes)
+    config = with_discovered(config, discovery)
     poller = build_poller(config, handshakes)
     path = config.path
 
@@ -223,6 +232,7 @@ def cmd_run(
         wiring=wiring,
         clock=clock,
         program=program_words(),
+        discovery=discovery,  # followed by run_forever; --once judges discovery_failed with it
     )
     try:
         if once or dry_run:
@@ -230,6 +240,8 @@ def cmd_run(
         attach_web(config, daemon)
         return daemon.run_forever()
     finally:
+        if discovery is not None:
+            discovery.close()
         poller.close()
         outbox.db.close()
         for channel in daemon.channels.values():

@@ -32,7 +32,7 @@ from ..summary import select
 from ..text import COLOR_CHOICES, UNKNOWN, format_duration, plural, wants_color
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, add_shard_option, write_json
 from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
-from .wiring import build_poller
+from .wiring import build_discovery, build_poller, with_discovered
 
 MIN_WATCH_SECONDS = 0.5
 # Home and clear the screen: the table is redrawn in place, as watch(1) and gpustat --watch do.
@@ -164,7 +164,8 @@ def cmd_status(
     (``NO_COLOR``, ``TERM``; default: the process's) are for tests. Exit 1 when no host answered, or
     ``--user`` has no GPU process on any host that did. ``--shard`` (or the config's ``shard:``): only
     that shard's hosts, said under the table and as ``shard`` in the JSON."""
-    config = in_shard(config, getattr(args, "shard", None))
+    config, _ = discovered(in_shard(config, getattr(args, "shard", None)))
+    sources = {h.name: h.source for h in config.hosts}
     hosts = _pick_hosts(config, list(getattr(args, "hosts", None) or []))
     every = _watch_seconds(getattr(args, "watch", None))
     as_json = bool(getattr(args, "json", False))
@@ -177,7 +178,10 @@ def cmd_status(
         found = user is None or has_processes_of(snapshot, user)
         shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
         if as_json:
-            write_json(with_shard(snapshot_dict(shown, config.free_gpu), config), out, one_line=every is not None)
+            document = snapshot_dict(shown, config.free_gpu)
+            for host in document["hosts"]:  # where each host came from: "hosts" or a hosts_from: source
+                host["source"] = sources.get(host["name"], "hosts")
+            write_json(with_shard(document, config), out, one_line=every is not None)
             if not found and every is None:
                 print(f"gpuwatch: no processes of {user}", file=sys.stderr)
             return found
@@ -264,11 +268,28 @@ def _catch_ctrl_c(stop: threading.Event) -> Any:
     return signal.signal(signal.SIGINT, on_ctrl_c)
 
 
+def discovered(config: Config) -> tuple[Config, list[CheckLine]]:
+    """``config`` with the hosts its ``hosts_from:`` sources give now (each asked once), and a
+    ``check`` line per source: how many hosts it gave, or why it failed."""
+    discovery = build_discovery(config)
+    if discovery is None:
+        return config, []
+    try:
+        lines = [
+            CheckLine(f"hosts_from {h.label}", h.ok, plural(h.hosts, "host") if h.ok else str(h.error))
+            for h in discovery.health().values()
+        ]
+        return with_discovered(config, discovery), lines
+    finally:
+        discovery.close()
+
+
 def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     """Everything ``run`` needs: the channels (secrets, URLs, files), the state directory, each
     host's key file and each host; ends with one line: ready or not, and why. Exit 0 when ready,
     2 when a setting is wrong (``run`` would stop with a config error), 1 when only hosts failed.
     ``as_json``: the same as one JSON document (``ready``, ``problems``, ``findings``, ``hosts``)."""
+    config, sources = discovered(config)
     count = len(config.hosts)
     text = io.StringIO()
     real_out, out = out, text
@@ -281,6 +302,9 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     problems: list[str] = []
     for finding in [*channel_findings(config), state_dir_finding(config)]:
         _write_finding(finding, out, problems)
+        findings.append(finding)
+    for finding in sources:  # a failing source is said, but is no setting run would stop on
+        _write_finding(finding, out, [])
         findings.append(finding)
     unusable = key_file_findings(config)
     for finding in dict.fromkeys(unusable.values()):
@@ -296,20 +320,21 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
             poller.close()
     failed: list[str] = []
     for host in config.hosts:
+        origin = f" [from {host.source}]" if host.source != "hosts" else ""
         snap = polled.get(host.name)
         if snap is None:
-            out.write(f"{host.name}: NOT TRIED: {unusable[host.name].problem}\n")
+            out.write(f"{host.name}: NOT TRIED: {unusable[host.name].problem}{origin}\n")
             continue
         if snap.ok:
             secs = f"{snap.probe_seconds:.2f}s" if snap.probe_seconds is not None else UNKNOWN
             counts = f"{plural(len(snap.gpus), 'GPU')}, {plural(len(snap.processes), 'GPU process')}"
-            out.write(f"{snap.name}: OK: {counts} ({secs})\n")
+            out.write(f"{snap.name}: OK: {counts} ({secs}){origin}\n")
             for issue in snap.warnings:
                 out.write(f"  warning: {issue.message}\n")
             continue
         kind = snap.error_name
         failed.append(f"{snap.name} ({kind})")
-        out.write(f"{snap.name}: FAILED ({kind}): {snap.error}\n")
+        out.write(f"{snap.name}: FAILED ({kind}): {snap.error}{origin}\n")
         hint = host_hint(config, host, snap)
         if hint:
             out.write(f"  hint: {hint}\n")
@@ -317,6 +342,7 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     out.write(f"{answered}/{count} hosts OK\n")
     hosts_doc = [_host_doc(config, host, polled.get(host.name), unusable) for host in config.hosts]
     settings_wrong = bool(problems)  # run would stop with a config error (exit 2)
+    problems += [f"{f.subject} failed: {f.detail}" for f in sources if not f.ok]
     if failed:
         down = f"{len(failed)} of {plural(count, 'host')} did not answer: {', '.join(failed)}"
         problems.append(down if settings_wrong else f"{down} (gpuwatch run would start and report them as down)")
@@ -349,10 +375,17 @@ def _host_doc(
     config: Config, host: HostConfig, snap: HostSnapshot | None, unusable: dict[str, CheckLine]
 ) -> dict[str, Any]:
     if snap is None:
-        return {"name": host.name, "ok": False, "tried": False, "error": unusable[host.name].problem}
+        return {
+            "name": host.name,
+            "source": host.source,
+            "ok": False,
+            "tried": False,
+            "error": unusable[host.name].problem,
+        }
     hint = None if snap.ok else host_hint(config, host, snap)
     return {
         "name": snap.name,
+        "source": host.source,
         "ok": snap.ok,
         "tried": True,
         "error_kind": None if snap.ok else snap.error_name,

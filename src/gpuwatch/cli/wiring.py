@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Config, ConfigError, HostConfig, WebConfig
+from ..config import Config, ConfigError, DiscoverySource, HostConfig, WebConfig, from_env
 from ..daemon import Daemon
+from ..discovery import CommandSource, ConsulSource, Discovery, FileSource, Source, SshConfigSource, merged
 from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.registry import CHANNELS
@@ -35,6 +36,10 @@ def secrets(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> lis
     line. Each channel's spec (in ``channels``, the registry) says which of its values are secret."""
     values = [config.ssh.resolve_password() or ""]
     values += [h.ssh.resolve_password() or "" for h in config.hosts]
+    for pattern in config.host_patterns:  # match: entries give discovered hosts their passwords
+        password, env = pattern.overrides.get("password"), pattern.overrides.get("password_env")
+        values.append(from_env(str(env) if env else None, str(password) if password else None) or "")
+    values += [from_env(s.token_env, None) or "" for s in config.hosts_from if s.token_env]
     specs = {spec.name: spec for spec in channels}
     for name, settings in config.channels.items():
         spec = specs.get(name)
@@ -62,6 +67,45 @@ def make_runner_factory(
         return SshConnection(host, store, ssh_config, handshakes=handshakes)
 
     return factory
+
+
+def via_host(config: Config, name: str) -> HostConfig:
+    """The host a ``command`` source runs on: the configured host of that name, else the name
+    with the ``ssh:`` defaults (resolved through ~/.ssh/config as any host)."""
+    for host in config.hosts:
+        if host.name == name and host.source == "hosts":
+            return host
+    return HostConfig(name=name, address=None, ssh=config.ssh, source="via")
+
+
+def build_source(spec: DiscoverySource, config: Config, runner_factory: Callable[[HostConfig], Runner]) -> Source:
+    """One ``hosts_from:`` entry at work; a ``command`` gets the local runner or its ``via:`` host's."""
+    if spec.kind == "ssh_config":
+        return SshConfigSource(spec)
+    if spec.kind == "file":
+        return FileSource(spec)
+    if spec.kind == "command":
+        runner = runner_factory(via_host(config, spec.via)) if spec.via else LocalRunner()
+        return CommandSource(spec, runner)
+    return ConsulSource(spec)
+
+
+def build_discovery(config: Config, handshakes: threading.Semaphore | None = None) -> Discovery | None:
+    """The ``hosts_from:`` sources (None: there are none), each asked once already."""
+    if not config.hosts_from:
+        return None
+    factory = make_runner_factory(config, handshakes)
+    discovery = Discovery([build_source(spec, config, factory) for spec in config.hosts_from])
+    discovery.refresh_all()
+    return discovery
+
+
+def with_discovered(config: Config, discovery: Discovery | None) -> Config:
+    """``config`` with the hosts to poll: its own and the sources', cut to its shard
+    (:func:`~gpuwatch.discovery.merged`)."""
+    if discovery is None:
+        return config
+    return merged(config, discovery.lists())
 
 
 def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:

@@ -23,8 +23,10 @@ import yaml
 
 from ..notify.registry import CHANNELS
 from ..notify.spec import ChannelSpec
+from ..rules.discovery import DiscoveryFailed
 from ..rules.registry import RULE_NAMES, default_rules, parse_rules
 from ..text import quote
+from .discovery import host_pattern, is_pattern_entry, parse_hosts_from
 from .records import (
     CONFIG_ENV,
     DEFAULT_CONFIG_NAME,
@@ -40,6 +42,7 @@ from .records import (
     FreeGpuConfig,
     HostConfig,
     HostContextConfig,
+    HostPattern,
     ReportSchedule,
     ScheduleConfig,
     SshSettings,
@@ -106,6 +109,7 @@ TOP_KEYS = (
     "host_context",
     "attribution",
     "shard",
+    "hosts_from",
 )
 LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
 HOST_KEYS = ("name", "address", *SSH_KEYS)
@@ -141,6 +145,46 @@ def _parse_host(raw: object, index: int, defaults: SshSettings, base: Path) -> H
         explicit=frozenset(overrides),
         local=local,
     )
+
+
+def _parse_pattern(raw: object, index: int, base: Path) -> HostPattern:
+    """``- {match: "gpu*", user: ops, port: 2222}``: ssh settings for the discovered hosts it matches."""
+    path = f"hosts[{index}]"
+    entry = mapping(raw, path)
+    check_keys(entry, ("match", *SSH_KEYS), path)
+    pattern = host_pattern(entry["match"], f"{path}.match")
+    return HostPattern(pattern, _ssh_overrides({k: v for k, v in entry.items() if k != "match"}, path, base))
+
+
+def _parse_hosts(
+    raw_hosts: object, discovering: bool, ssh: SshSettings, base: Path
+) -> tuple[tuple[HostConfig, ...], tuple[HostPattern, ...]]:
+    """``hosts:``: the explicit hosts, and the ``match:`` entries (settings for discovered hosts)."""
+    if raw_hosts is None and discovering:
+        raw_hosts = []
+    if raw_hosts is None:
+        raise ConfigError("hosts: missing; list your GPU servers, e.g.\nhosts:\n  - gpu-a\n  - gpu-b")
+    if not isinstance(raw_hosts, list):
+        raise ConfigError(f"hosts: expected a list of hosts, got {type_name(raw_hosts)}")
+    if not raw_hosts and not discovering:
+        raise ConfigError("hosts: the list is empty; add at least one GPU server")
+    patterns = tuple(_parse_pattern(h, i, base) for i, h in enumerate(raw_hosts) if is_pattern_entry(h))
+    if patterns and not discovering:
+        raise ConfigError("hosts: an entry with match: gives settings to discovered hosts; add hosts_from:")
+    hosts: list[HostConfig] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_hosts):
+        if is_pattern_entry(raw):
+            continue
+        host = _parse_host(raw, i, ssh, base)
+        if host.name in seen:
+            raise ConfigError(
+                f"hosts[{i}]: the name {quote(host.name)} is already used by hosts[{seen[host.name]}]; "
+                "give each host its own name"
+            )
+        seen[host.name] = i
+        hosts.append(host)
+    return tuple(hosts), patterns
 
 
 _AT_RE = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
@@ -414,27 +458,15 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     check_keys(doc, (*TOP_KEYS, *channel_names), "")
     base = path.parent if path else Path.cwd()
     ssh = _parse_ssh(doc.get("ssh"), base)
-    raw_hosts = doc.get("hosts")
-    if raw_hosts is None:
-        raise ConfigError("hosts: missing; list your GPU servers, e.g.\nhosts:\n  - gpu-a\n  - gpu-b")
-    if not isinstance(raw_hosts, list):
-        raise ConfigError(f"hosts: expected a list of hosts, got {type_name(raw_hosts)}")
-    if not raw_hosts:
-        raise ConfigError("hosts: the list is empty; add at least one GPU server")
-    hosts = tuple(_parse_host(h, i, ssh, base) for i, h in enumerate(raw_hosts))
-    seen: dict[str, int] = {}
-    for i, host in enumerate(hosts):
-        if host.name in seen:
-            raise ConfigError(
-                f"hosts[{i}]: the name {quote(host.name)} is already used by hosts[{seen[host.name]}]; "
-                "give each host its own name"
-            )
-        seen[host.name] = i
+    hosts_from = parse_hosts_from(doc.get("hosts_from"), base)
+    hosts, patterns = _parse_hosts(doc.get("hosts"), bool(hosts_from), ssh, base)
     state_dir = Path(expand_path(string(doc["state_dir"], "state_dir"), base)) if "state_dir" in doc else base / "logs"
     configured = {spec.name: spec.parse(doc[spec.name], base) for spec in channels if doc.get(spec.name) is not None}
     schedule = _parse_schedule(doc.get("schedule"))
     free_gpu = _parse_free(doc.get("free_gpu"))
     alerts = _parse_alerts(doc.get("alerts"), channel_names)
+    if hosts_from and not _names_a_rule(doc.get("alerts")):  # discovery's own alert comes with it
+        alerts = replace(alerts, rules={**alerts.rules, "discovery_failed": DiscoveryFailed()})
     for rule, targets in alerts.routes.items():
         for target in targets:
             if target not in configured:
@@ -462,7 +494,13 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
         host_context=host_context,
         attribution=attribution,
         shard=shard,
+        hosts_from=hosts_from,
+        host_patterns=patterns,
     )
+
+
+def _names_a_rule(raw: object) -> bool:
+    return isinstance(raw, Mapping) and any(name in raw for name in RULE_NAMES)
 
 
 def _permission_warnings(path: Path | None, secrets: list[str]) -> list[str]:

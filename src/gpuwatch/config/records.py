@@ -65,10 +65,45 @@ class HostConfig:
     ssh: SshSettings
     explicit: frozenset[str] = frozenset()
     local: bool = False  # polled on this machine, without SSH
+    source: str = "hosts"  # where it came from: "hosts", or a discovery source's label (DiscoverySource.label)
 
     @property
     def display_address(self) -> str:
         return "local" if self.local else (self.address or self.name)
+
+
+DISCOVERY_KINDS = ("ssh_config", "command", "file", "consul")
+
+
+@dataclass(frozen=True)
+class DiscoverySource:
+    """One entry of ``hosts_from:``: where host names come from and how often to ask.
+
+    ``label`` names it wherever gpuwatch says where a host came from (``check``, ``status --json``,
+    the ``discovery_failed`` alert): ``ssh_config:~/.ssh/config``, ``file:/etc/gpuwatch/hosts.txt``,
+    ``command:sinfo -N -h -o %N``, ``consul:http://127.0.0.1:8500/gpu``. Times are in seconds."""
+
+    kind: str  # one of DISCOVERY_KINDS
+    label: str
+    pattern: str | None = None  # ssh_config: which Host names (fnmatch, e.g. "gpu*")
+    path: str | None = None  # ssh_config: the file (None: ~/.ssh/config); file: the file
+    command: str | None = None  # command: a shell command line printing host names
+    via: str | None = None  # command: run on this host over SSH (None: on this machine)
+    url: str | None = None  # consul: the agent's address, e.g. http://127.0.0.1:8500
+    service: str | None = None  # consul: the service whose nodes to poll
+    tag: str | None = None  # consul: only the service's instances with this tag
+    token_env: str | None = None  # consul: the environment variable holding the ACL token
+    refresh: float = 300.0
+    grace: float = 600.0  # a host that left the source is dropped this long after
+    timeout: float = 30.0  # one command or HTTP call (a Consul blocking query: on top of its wait)
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """A ``hosts:`` entry with ``match:``: ssh settings for the discovered hosts whose names match."""
+
+    pattern: str  # fnmatch, e.g. "gpu*"
+    overrides: Mapping[str, object] = field(default_factory=dict)  # ssh keys -> values, checked
 
 
 @dataclass(frozen=True)
@@ -202,6 +237,8 @@ class Config:
     def host_index(self, host: HostConfig) -> int:
         """Where ``host`` stands in the config's ``hosts:`` list (``hosts[7]``), a shard's or not."""
         return (self.all_hosts or self.hosts).index(host)
+    hosts_from: tuple[DiscoverySource, ...] = ()  # discovery (gpuwatch.discovery); hosts holds the merged list
+    host_patterns: tuple[HostPattern, ...] = ()  # hosts: entries with match:, for discovered hosts
 
     @property
     def feishu(self) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 from ..config import FreeGpuConfig
-from ..model import HostErrorKind, HostSnapshot
+from ..model import HostErrorKind, HostSnapshot, SourceHealth
 
 FLEET = "*"  # the host of fleet-wide alerts
 
@@ -57,9 +57,10 @@ class Needs(str, enum.Enum):
     GPU_HEALTH = "gpu_health"  # ... and every GPU's health fields were read (where the driver has them)
     HOST_CONTEXT = "host_context"  # the host's load and memory were read (even when its GPUs failed)
     DISKS = "disks"  # ... and df listed its filesystems
+    SOURCES = "sources"  # no host result: the discovery sources' health (a fleet rule, judged every time)
 
     def met_by(self, host: HostSnapshot) -> bool:
-        if self is Needs.RESULT:
+        if self in (Needs.RESULT, Needs.SOURCES):
             return True
         if self is Needs.GPU_STATE:
             return host.ok or host.error_kind in GPU_ERROR_KINDS
@@ -252,6 +253,7 @@ class Context:
     identity: tuple[str, ...]
     thresholds: FreeGpuConfig  # when a GPU counts as free
     remembered: Any = None  # this rule's memory of this host from its last run, or None
+    sources: Mapping[str, SourceHealth] = field(default_factory=dict)  # discovery: label -> health
 
     def key(self, **fields: Any) -> AlertKey:
         """This rule's alert key about this host; only the fields the rule declared may be set."""

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import AlertsConfig, FreeGpuConfig
-from ..model import FleetSnapshot, HostSnapshot
-from .base import FLEET, AlertKey, Context, Finding, HostRule, Notice, Rule
+from ..model import FleetSnapshot, HostSnapshot, SourceHealth
+from .base import FLEET, AlertKey, Context, Finding, HostRule, Needs, Notice, Rule
 from .registry import RULES
 
 
@@ -80,13 +80,15 @@ def evaluate(
     fresh: frozenset[str] | None = None,
     *,
     rules: Sequence[Rule] = RULES,
+    sources: Mapping[str, SourceHealth] | None = None,
 ) -> Evaluation:
     """Every enabled rule over the fleet state -> the conditions that hold now, and updated memory.
 
     ``fresh``: the hosts with a new result since the last evaluation (None: every host in the
     snapshot, as after a poll of all of them). A stale host (its latest result too old) is never
     fresh, and counts as not answered for the fleet-wide rules. ``rules``: the registry (a test
-    may add one).
+    may add one). ``sources``: the discovery sources' health (label -> SourceHealth), for the
+    fleet rules that judge it (``Needs.SOURCES``: judged every time, whatever the hosts).
     """
     fresh_hosts = [h for h in snapshot.hosts if not h.stale and (fresh is None or h.name in fresh)]
     running: list[tuple[Rule, object]] = [(r, cfg.rules[r.name]) for r in rules if r.name in cfg.rules]
@@ -116,10 +118,11 @@ def evaluate(
                     judged.add((rule.name, host.name))
         else:
             usable = [h for h in snapshot.hosts if not h.stale and rule.needs.met_by(h)]
-            result = rule.check(usable, rule_cfg, Context(rule.name, FLEET, rule.identity, thresholds))
+            ctx = Context(rule.name, FLEET, rule.identity, thresholds, sources=dict(sources or {}))
+            result = rule.check(usable, rule_cfg, ctx)
             findings += result.findings
             notices += result.notices
-            if len(usable) == len(snapshot.hosts):
+            if rule.needs is Needs.SOURCES or len(usable) == len(snapshot.hosts):
                 judged.add((rule.name, FLEET))
     hold = cfg.for_seconds
     return Evaluation(

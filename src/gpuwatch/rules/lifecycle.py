@@ -86,7 +86,7 @@ class Transition:
     kind: str  # firing | reminder | resolved
     record: AlertRecord
     at: float
-    cause: str | None = None  # why it resolved when not because the condition cleared: HOST_REMOVED
+    cause: str | None = None  # why it resolved when not because the condition cleared: HOST_REMOVED, or words
 
 
 SilenceCheck = Callable[[AlertKey, float], bool]
@@ -101,6 +101,7 @@ def advance(
     removed_hosts: frozenset[str] = frozenset(),
     inhibits: Sequence[Inhibit] = INHIBITS,
     acknowledged: frozenset[str] = frozenset(),
+    causes: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, AlertRecord], list[Transition]]:
     """Move every alert one step: pending -> firing -> (reminders) -> resolved.
 
@@ -108,7 +109,8 @@ def advance(
     still resolve and say so.
 
     The alerts about ``removed_hosts`` (removed from the config) resolve now, with the cause
-    HOST_REMOVED, whatever the evaluation says about them. A firing alert that another firing
+    HOST_REMOVED (or the host's own in ``causes``, e.g. "left discovery source file:hosts.txt"),
+    whatever the evaluation says about them. A firing alert that another firing
     alert inhibits (``inhibits``) is kept but not announced, like a silenced one.
     """
     out: dict[str, AlertRecord] = {}
@@ -154,7 +156,8 @@ def advance(
     for record, removed in ending:
         announced = record.state == "firing" and record.last_sent_at is not None
         if announced and cfg.send_resolved and not silenced(record.key, now):
-            transitions.append(Transition("resolved", record, now, HOST_REMOVED if removed else None))
+            cause = (causes or {}).get(record.key.host, HOST_REMOVED) if removed else None
+            transitions.append(Transition("resolved", record, now, cause))
     return out, transitions
 
 

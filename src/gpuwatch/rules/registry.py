@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from .base import Inhibit, Rule
 from .context import DISK_ABOVE, DRIVER_CHANGED, HOST_REBOOTED, LOAD_ABOVE, MEMORY_ABOVE
+from .discovery import DISCOVERY_FAILED
 from .freed import GPU_FREED
 from .gpus import IDLE_GPU, TEMPERATURE_ABOVE
 from .health import ECC_ERRORS, GPU_THROTTLED, ROW_REMAP_PENDING
@@ -26,6 +27,7 @@ RULES: tuple[Rule, ...] = (
     HOST_DOWN,
     GPU_MISSING,
     GPU_ERROR,
+    DISCOVERY_FAILED,
     TEMPERATURE_ABOVE,
     ECC_ERRORS,
     ROW_REMAP_PENDING,
