@@ -37,12 +37,13 @@ from .fleet import FleetState
 from .logsetup import ANNOUNCE
 from .message import Message
 from .model import FleetSnapshot, HostSnapshot
+from .notify.alertmanager import Resender
 from .notify.base import Channel
 from .notify.delivery import Deliveries, FlushResult, flush
 from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings
-from .report import alert_message, alert_words, build_report
+from .report import alert_message, alert_words, build_report, firing_alerts
 from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
@@ -114,6 +115,7 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._removed: set[str] = set()
         self.services: list[Service] = []  # started by run_forever, stopped when it returns
+        self.resender = Resender(lambda: self.channels, self.firing_for)  # Alertmanager's re-posts, in run_forever
         self.deliveries: Deliveries | None = None  # the channels' workers, while run_forever runs
         self._started_at: float | None = None  # when run_forever began (the clock's time)
         self._answered: set[str] = set()  # hosts with a result since then
@@ -158,7 +160,7 @@ class Daemon:
         with self.outbox.db.transaction():
             for name in names:
                 payloads = self.prepared(name, message)
-                if payloads is None:
+                if not payloads:  # None: it could not; []: nothing for it (a notice for Alertmanager)
                     continue
                 self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
                 log.info("queued %s for %s (%s)", message.title, name, plural(len(payloads), "part"))
@@ -225,6 +227,15 @@ class Daemon:
             log.info("alert %s: %s: %s", t.kind, t.record.key.id, alert_words(t.record).summary)
         return transitions
 
+    def firing_for(self, channel: str) -> Message | None:
+        """The alerts firing now that are routed to ``channel``, for a channel told the whole firing
+        set again and again (Alertmanager, :class:`~.notify.alertmanager.Resender`)."""
+        if self.alert_store is None:
+            return None
+        records = self.alert_store.records().values()
+        message = firing_alerts(records, self.clock(), lambda rule: channel in self.routes_for(rule))
+        return self.linked(message) if message is not None else None
+
     def command_lines(self, channel: str) -> bool:
         """Whether channel ``channel``'s alerts carry the ``gpuwatch ack`` line (``alerts.command_lines``):
         by default only a channel that reaches admins, not a group: e-mail (which carries no
@@ -277,9 +288,10 @@ class Daemon:
     def report_channels(self) -> list[str]:
         """Scheduled reports go to the chat channels: e-mail carries alerts only (as routed), so an
         inbox gets what the admin asked to be alerted about, not an overview every hour. With
-        e-mail as the only channel, reports go there: a configured report is never dropped."""
+        e-mail as the only channel, reports go there: a configured report is never dropped. Never to
+        a channel that takes alerts only (Alertmanager)."""
         chat = [name for name in self.channels if (spec := channel_spec(name)) is None or spec.carries_reports]
-        return chat or list(self.channels)
+        return chat or [name for name in self.channels if not ((spec := channel_spec(name)) and spec.alerts_only)]
 
     def report(
         self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None, *, record: Iterable[str] | None = None
@@ -440,7 +452,7 @@ class Daemon:
         self.deliveries = Deliveries(self.outbox, self.channels, self.stop, on_pass=self._passed)
         self.deliveries.start()
         self.poller.start(self.config.schedule.poll_every, self.on_result)
-        for service in self.services:
+        for service in (*self.services, self.resender):
             service.start()
         try:
             while not self.stop.is_set():
@@ -456,7 +468,7 @@ class Daemon:
                 idle = scheduler.idle_seconds
                 self._wake.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
         finally:
-            for service in self.services:
+            for service in (*self.services, self.resender):
                 try:
                     service.stop()
                 except Exception:  # one that fails to stop must not keep the hosts' connections open
@@ -496,6 +508,7 @@ class Daemon:
             except Exception:
                 log.exception("report %s failed", spec.describe())
         result = self.flush()
+        self.resender.tick()  # a run from cron is also Alertmanager's re-post of what still fires
         left, held = self.outbox.count(), self.outbox.held
         if held:
             log.error("%d messages could not be written to the outbox (the disk is full) and are lost", held)
