@@ -121,9 +121,10 @@ def alerts_endpoint(url: str) -> str:
 
 @dataclass(frozen=True, repr=False)
 class AlertmanagerSettings:
-    """``alertmanager:``: where to post (``urls``, each an Alertmanager), the per-post deadline, how
-    often the firing alerts are posted again, the credentials (read from the environment when the
-    channel is built: ``bearer_token`` and ``password`` hold them then), and the labels."""
+    """``alertmanager:``: where to post (``urls``, each an Alertmanager: ``url`` and ``urls`` together),
+    the per-post deadline, how often the firing alerts are posted again, the credentials (read from
+    the environment when the channel is built: ``bearer_token`` and ``password`` hold them then; a
+    bearer token wins over basic auth), and the labels."""
 
     urls: tuple[str, ...]
     timeout_seconds: float = 10.0
@@ -139,8 +140,6 @@ class AlertmanagerSettings:
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError("alertmanager: needs 'url' or 'urls'")
-        if self.bearer_token_env and (self.username or self.password_env):
-            raise ValueError("alertmanager: give bearer_token_env or username and password_env, not both")
         if bool(self.username) != bool(self.password_env):
             raise ValueError("alertmanager: username and password_env go together (HTTP basic auth)")
         reserved = sorted(set(self.labels) & set(_RESERVED_LABELS))
@@ -203,16 +202,15 @@ def parse(raw: object, base: Path) -> AlertmanagerSettings:
     """``alertmanager:`` -> :class:`AlertmanagerSettings` (ConfigError naming the key path)."""
     section = mapping(raw, "alertmanager")
     check_keys(section, KEYS, "alertmanager")
-    if ("url" in section) == ("urls" in section):
-        raise ConfigError("alertmanager: needs 'url' (http://alertmanager:9093) or 'urls' (a list), one of them")
-    if "url" in section:
-        urls = [http_url(section["url"], "alertmanager.url")]
-    else:
+    if "url" not in section and "urls" not in section:
+        raise ConfigError("alertmanager: needs 'url' (http://alertmanager:9093) or 'urls' (a list)")
+    urls = [http_url(section["url"], "alertmanager.url")] if "url" in section else []
+    if "urls" in section:
         listed = section["urls"]
         if not isinstance(listed, list) or not listed:
             raise ConfigError("alertmanager.urls: expected a list of http(s):// addresses")
-        urls = [http_url(u, f"alertmanager.urls[{i}]") for i, u in enumerate(listed)]
-    values: dict[str, Any] = {"urls": tuple(urls)}
+        urls += [http_url(u, f"alertmanager.urls[{i}]") for i, u in enumerate(listed)]
+    values: dict[str, Any] = {"urls": tuple(dict.fromkeys(urls))}
     if section.get("timeout") is not None:
         values["timeout_seconds"] = positive_duration(section["timeout"], "alertmanager.timeout")
     if section.get("resend_every") is not None:
@@ -230,7 +228,11 @@ def describe(settings: AlertmanagerSettings) -> str:
     """What ``check`` says of it: where it posts, with what credentials, how often, and that it
     takes alerts only."""
     where = ", ".join(redact_url(u, path_segments=0) for u in settings.urls)
-    auth = "bearer token" if settings.bearer_token_env else ("basic auth" if settings.username else "no auth")
+    auth = "no auth"
+    if settings.bearer_token_env:
+        auth = "bearer token" + (" (username and password_env unused)" if settings.username else "")
+    elif settings.username:
+        auth = f"basic auth as {settings.username}"
     return (
         f"{plural(len(settings.urls), 'Alertmanager')} ({where}), {auth}; alerts only (reports and notices "
         f"are not sent there); firing alerts re-posted every {format_duration(settings.resend_every_seconds)}, "
