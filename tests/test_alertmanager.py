@@ -7,6 +7,7 @@ The end-to-end case, two daemons behind a real Alertmanager, is tests/test_alert
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from alertmanager import Alertmanager, Receiver, alertmanager_path, free_port, missing_reason
+from gpuwatch.cli import main
 from gpuwatch.cli.preflight import channel_findings
 from gpuwatch.config.load import parse_config
 from gpuwatch.config.values import ConfigError
@@ -305,3 +308,38 @@ def test_a_real_alertmanager_takes_every_shape_gpuwatch_posts(real_alertmanager:
     assert {"max_gpus_per_user", "max_gpus_per_user_fleet", "gpuwatch_test"} <= set(held)
     assert held["max_gpus_per_user"]["status"]["state"] == "active"
     assert held["max_gpus_per_user"]["annotations"]["summary"] == message.alerts[0].summary
+
+
+# ---------------------------------------------------------------- the daemon's routing
+
+
+def test_once_posts_alerts_never_reports_and_a_later_run_posts_the_firing_set_again(
+    tmp_path: Path, local_standin: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = {
+        "hosts": ["localhost"],
+        "state_dir": str(tmp_path / "state"),
+        "alertmanager": {"url": receiver.url},
+        "schedule": {"poll_every": "1s", "reports": [{"report": "overview", "every": "1h"}]},
+        "alerts": {"temperature_above": 50, "gpu_freed": {"users": ["alice"]}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    out = io.StringIO()
+    assert main(["run", "--once", "-c", str(path)], out=out) == 0, capsys.readouterr().err
+    # the overview is made (due) but has nowhere to go: Alertmanager takes alerts only
+    assert all(isinstance(body, list) for body in receiver.notifications)
+    posted = [a["labels"] for body in receiver.notifications for a in body]
+    assert posted and {p["alertname"] for p in posted} == {"temperature_above"}
+    assert {(p["host"], p["gpu"]) for p in posted} == {("localhost", "0")}
+    first = len(receiver.notifications)  # the firing post, and the run's re-post of what fires
+    assert first == 2
+
+    assert main(["run", "--once", "-c", str(path)], out=out) == 0
+    assert len(receiver.notifications) == first + 1  # no news: only the re-post of what still fires
+    (again,) = receiver.notifications[-1]
+    assert again["labels"] == posted[0] and again["startsAt"] == receiver.notifications[0][0]["startsAt"]
+
+    assert main(["test-notify", "-c", str(path)], out=out) == 0
+    assert out.getvalue().endswith("alertmanager: accepted\n")
+    assert receiver.notifications[-1][0]["labels"]["alertname"] == "gpuwatch_test"
