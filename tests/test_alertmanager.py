@@ -35,6 +35,7 @@ from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.spec import Transport
 from gpuwatch.report import alert_message, firing_alerts
 from gpuwatch.rules import FLEET, AlertKey, AlertRecord, Notice, NoticeKind, Transition
+from waiting import wait_for
 
 T0 = 1_765_000_000.0  # 2025-12-06T05:46:40Z
 STARTED = "2025-12-06T05:46:40+00:00"
@@ -343,3 +344,27 @@ def test_once_posts_alerts_never_reports_and_a_later_run_posts_the_firing_set_ag
     assert main(["test-notify", "-c", str(path)], out=out) == 0
     assert out.getvalue().endswith("alertmanager: accepted\n")
     assert receiver.notifications[-1][0]["labels"]["alertname"] == "gpuwatch_test"
+
+
+@pytest.mark.slow
+def test_re_posts_keep_an_alert_firing_past_its_lease_and_it_ends_by_itself_once_they_stop(
+    real_alertmanager: Alertmanager, receiver: Receiver
+) -> None:
+    """resend_every 1s: each post is good for 4 s. While the resender runs the alert stays firing
+    well past that; once gpuwatch stops, Alertmanager resolves it by itself and says so."""
+    ch = AlertmanagerChannel(
+        AlertmanagerSettings(urls=(real_alertmanager.url,), resend_every_seconds=1), Transport(sleep=lambda s: None)
+    )
+    now = time.time()
+    firing = firing_alerts([record(ALICE, fired_at=now)], now, lambda rule: True)
+    resender = Resender(lambda: {"alertmanager": ch}, lambda name: firing, tick_seconds=0.2)
+    resender.start()
+    try:
+        wait_for(lambda: bool(receiver.alerts("firing")), 20, "the firing notification")
+        time.sleep(7)  # longer than one post's lease
+        assert [a["status"]["state"] for a in real_alertmanager.alerts()] == ["active"]
+        assert not receiver.alerts("resolved")
+    finally:
+        resender.stop()
+    wait_for(lambda: bool(receiver.alerts("resolved")), 20, "Alertmanager resolving it by itself")
+    assert len(receiver.alerts("firing")) == 1
