@@ -8,11 +8,13 @@ Three run modes share one :class:`Daemon`:
   queues what must be said and wakes the delivery workers (one thread per channel,
   :class:`~.notify.delivery.Deliveries`). A ``schedule`` job asks the timetable every second
   which reports are due (:mod:`.timetable`, the same periods as ``--once``, from the
-  ``report_runs`` table); reports read the fleet state, they never poll. SIGHUP re-reads the
-  config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
+  ``report_runs`` table); reports read the fleet state, they never poll. A thread re-posts the
+  firing alerts to Alertmanager channels (:class:`~.notify.alertmanager.Resender`). SIGHUP re-reads
+  the config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
 * ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
   given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
-  this thread (the same per-channel passes the workers run).
+  this thread (the same per-channel passes the workers run), then re-post the firing alerts to
+  Alertmanager channels.
 
 An exception in one step is logged and the loop goes on.
 """
