@@ -7,8 +7,9 @@ each gets every post, as Prometheus sends to each). An alert message becomes one
 
     [{"labels": {"alertname": "max_gpus_per_user", "host": "gpu-a", "user": "alice",
                  "severity": "warning", "alert_id": "max_gpus_per_user|gpu-a||alice||"},
-      "annotations": {"summary": "alice holds 3 GPUs on gpu-a",
-                      "description": "alice holds 3 GPUs on gpu-a\\nnow: 3 GPUs; threshold: 2 GPUs"},
+      "annotations": {"summary": "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)",
+                      "description": "alice holds 3 GPUs on gpu-a (GPU 0, 1, 2)\\nnow: 3 GPUs; "
+                                     "threshold: at most 2 per host"},
       "startsAt": "2026-12-07T09:12:03+00:00", "endsAt": "2026-12-07T09:16:10+00:00",
       "generatorURL": "https://gpu.lab.example/gpuwatch/"}]
 
