@@ -11,6 +11,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gpuwatch.cli import main
 from gpuwatch.cli.preflight import channel_findings
 from gpuwatch.config.load import parse_config
 from gpuwatch.config.values import ConfigError
+from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
 from gpuwatch.notify.alertmanager import (
     AlertmanagerChannel,
@@ -34,7 +36,8 @@ from gpuwatch.notify.alertmanager import (
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.spec import Transport
 from gpuwatch.report import alert_message, firing_alerts
-from gpuwatch.rules import FLEET, AlertKey, AlertRecord, Notice, NoticeKind, Transition
+from gpuwatch.rules import FLEET, AlertKey, AlertRecord, Memory, Notice, NoticeKind, Transition
+from gpuwatch.store import AlertStore, Outbox, open_db
 from waiting import wait_for
 
 T0 = 1_765_000_000.0  # 2025-12-06T05:46:40Z
@@ -368,3 +371,28 @@ def test_re_posts_keep_an_alert_firing_past_its_lease_and_it_ends_by_itself_once
         resender.stop()
     wait_for(lambda: bool(receiver.alerts("resolved")), 20, "Alertmanager resolving it by itself")
     assert len(receiver.alerts("firing")) == 1
+
+
+def test_the_daemon_sends_alertmanager_no_report_nor_notice_and_re_posts_what_was_announced() -> None:
+    doc = {
+        "hosts": ["gpu-a", "gpu-b"],
+        "alertmanager": {"url": dead_url()},
+        "alerts": {"host_down": True, "max_gpus_per_user": 2, "routes": {"max_gpus_per_user": ["alertmanager"]}},
+    }
+    config = parse_config(doc)
+    db = open_db(None)
+    store = AlertStore(db)
+    daemon = Daemon(config, None, Outbox(db), {"alertmanager": channel()}, alert_store=store)  # type: ignore[arg-type]
+    assert daemon.report_channels() == []  # the only channel takes alerts only: the report goes nowhere
+    notice = alert_message([], [Notice(NoticeKind.GPU_FREE, "gpu-a", ("alice",), gpu=0, facts={"gpus": [0]})], {})
+    assert notice is not None
+    daemon.enqueue(notice)
+    assert daemon.outbox.count() == 0  # nothing for Alertmanager in a notice: nothing queued
+
+    pending = AlertRecord(DOWN, "pending", T0)
+    held_back = replace(record(AlertKey("max_gpus_per_user", "gpu-b", user="bob")), last_sent_at=None)  # silenced
+    store.save({r.key.id: r for r in (record(ALICE), pending, held_back)}, Memory(), T0)
+    firing = daemon.firing_for("alertmanager")
+    assert firing is not None and [a.id for a in firing.alerts] == [ALICE.id]
+    assert daemon.firing_for("feishu") is None  # not routed there
+    db.close()
