@@ -331,7 +331,9 @@ def test_once_posts_alerts_never_reports_and_a_later_run_posts_the_firing_set_ag
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     out = io.StringIO()
     assert main(["run", "--once", "-c", str(path)], out=out) == 0, capsys.readouterr().err
-    # the overview is made (due) but has nowhere to go: Alertmanager takes alerts only
+    # the overview is not made: Alertmanager takes alerts only
+    log = (tmp_path / "state" / "gpuwatch.log").read_text(encoding="utf-8")
+    assert "alertmanager takes alerts only: the reports in schedule.reports (overview every 1h) are not made" in log
     assert all(isinstance(body, list) for body in receiver.notifications)
     posted = [a["labels"] for body in receiver.notifications for a in body]
     assert posted and {p["alertname"] for p in posted} == {"temperature_above"}
