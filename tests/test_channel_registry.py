@@ -152,16 +152,16 @@ def test_a_new_channel_is_one_module_and_one_entry(
     assert not line.ok and "pager.url_env: $PAGER_URL is not set" in line.detail
 
     # The error texts that list channels take the names from the registry.
-    assert names_in_words(registry).endswith("email: or pager:")
+    assert names_in_words(registry).endswith("email:, alertmanager: or pager:")
 
 
 def test_the_registry_names_each_channel_once_in_order() -> None:
-    assert CHANNEL_NAMES == ("feishu", "dingtalk", "wecom", "slack", "webhook", "email")
+    assert CHANNEL_NAMES == ("feishu", "dingtalk", "wecom", "slack", "webhook", "email", "alertmanager")
     assert len(set(CHANNEL_NAMES)) == len(CHANNEL_NAMES)
     for spec in CHANNELS:
         assert channel_spec(spec.name) is spec
         assert spec.sender.__module__ == f"gpuwatch.notify.{spec.name}"
-    assert names_in_words() == "feishu:, dingtalk:, wecom:, slack:, webhook: or email:"
+    assert names_in_words() == "feishu:, dingtalk:, wecom:, slack:, webhook:, email: or alertmanager:"
 
 
 def test_check_describes_every_channel_from_its_spec(tmp_path: Path) -> None:
@@ -173,6 +173,7 @@ def test_check_describes_every_channel_from_its_spec(tmp_path: Path) -> None:
         "slack": {"url": "https://hooks.slack.com/services/T000/B000/abcdefabcdef", "mentions": {"alice": "U0123ABCD"}},
         "webhook": {"url": "https://chat.lab.example/hooks/xxxx0123", "headers": {"X-Source": "gpuwatch"}},
         "email": {"to": ["ops@example.com"], "from": "gpuwatch@example.com", "smtp_host": "smtp.example.com"},
+        "alertmanager": {"urls": ["http://am1.lab.example:9093", "http://am2.lab.example:9093"]},
     }
     config = parse_config(doc, tmp_path / "config.yaml")
     assert tuple(config.channels) == CHANNEL_NAMES
@@ -185,6 +186,10 @@ def test_check_describes_every_channel_from_its_spec(tmp_path: Path) -> None:
     assert described["feishu"] == "not signed, keyword 'GPU', format post"
     assert described["dingtalk"].startswith("signed, no keyword")
     assert described["email"] == "1 recipient through smtp.example.com:587 (starttls)"
+    assert described["alertmanager"] == (
+        "2 Alertmanagers (http://am1.lab.example:9093, http://am2.lab.example:9093), no auth; alerts only "
+        "(reports and notices are not sent there); firing alerts re-posted every 1m, each good for 4m"
+    )
 
 
 def test_the_readme_and_the_example_mention_every_channel_of_the_registry() -> None:

@@ -586,8 +586,9 @@ def test_webhook_template_headers_and_secrets(
 
 def test_every_channel_declares_its_limits_and_secrets() -> None:
     names = [spec.name for spec in CHANNELS]
-    assert names == ["feishu", "dingtalk", "wecom", "slack", "webhook", "email"]
+    assert names == ["feishu", "dingtalk", "wecom", "slack", "webhook", "email", "alertmanager"]
     limits = {spec.name: spec.limits for spec in CHANNELS}
+    assert [spec.name for spec in CHANNELS if spec.alerts_only] == ["alertmanager"]
     assert (limits["dingtalk"].max_body_bytes, limits["dingtalk"].per_minute) == (20_000, 20)
     assert (limits["wecom"].max_body_bytes, limits["wecom"].per_minute) == (4096, 20)
     assert "2,048" in limits["wecom"].measured

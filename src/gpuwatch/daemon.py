@@ -8,11 +8,13 @@ Three run modes share one :class:`Daemon`:
   queues what must be said and wakes the delivery workers (one thread per channel,
   :class:`~.notify.delivery.Deliveries`). A ``schedule`` job asks the timetable every second
   which reports are due (:mod:`.timetable`, the same periods as ``--once``, from the
-  ``report_runs`` table); reports read the fleet state, they never poll. SIGHUP re-reads the
-  config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
+  ``report_runs`` table); reports read the fleet state, they never poll. A thread re-posts the
+  firing alerts to Alertmanager channels (:class:`~.notify.alertmanager.Resender`). SIGHUP re-reads
+  the config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
 * ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
   given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
-  this thread (the same per-channel passes the workers run).
+  this thread (the same per-channel passes the workers run), then re-post the firing alerts to
+  Alertmanager channels.
 
 With ``hosts_from:`` the daemon also follows the discovery sources (:class:`~.discovery.Discovery`,
 each on its own thread): after a source's refresh, and every second for the hosts whose grace
@@ -45,12 +47,13 @@ from .fleet import FleetState
 from .logsetup import ANNOUNCE
 from .message import Message
 from .model import FleetSnapshot, HostSnapshot
+from .notify.alertmanager import Resender
 from .notify.base import Channel
 from .notify.delivery import Deliveries, FlushResult, flush
 from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings
-from .report import alert_message, alert_words, build_report
+from .report import alert_message, alert_words, build_report, firing_alerts
 from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
@@ -130,6 +133,7 @@ class Daemon:
         self._discovered = -1  # the Discovery.version the host list was last merged from
         self._discovery_news = threading.Event()  # a source refreshed: merge, and judge discovery_failed
         self.services: list[Service] = []  # started by run_forever, stopped when it returns
+        self.resender = Resender(lambda: self.channels, self.firing_for)  # Alertmanager's re-posts, in run_forever
         self.deliveries: Deliveries | None = None  # the channels' workers, while run_forever runs
         self._started_at: float | None = None  # when run_forever began (the clock's time)
         self._answered: set[str] = set()  # hosts with a result since then
@@ -174,7 +178,7 @@ class Daemon:
         with self.outbox.db.transaction():
             for name in names:
                 payloads = self.prepared(name, message)
-                if payloads is None:
+                if not payloads:  # None: it could not; []: nothing for it (a notice for Alertmanager)
                     continue
                 self.outbox.add(name, message.title, payloads, kind=message.kind, scope=scope)
                 log.info("queued %s for %s (%s)", message.title, name, plural(len(payloads), "part"))
@@ -280,6 +284,15 @@ class Daemon:
         except Exception:
             log.exception("wishes failed; trying again next cycle")
 
+    def firing_for(self, channel: str) -> Message | None:
+        """The alerts firing now that are routed to ``channel``, for a channel told the whole firing
+        set again and again (Alertmanager, :class:`~.notify.alertmanager.Resender`)."""
+        if self.alert_store is None:
+            return None
+        records = self.alert_store.records().values()
+        message = firing_alerts(records, self.clock(), lambda rule: channel in self.routes_for(rule))
+        return self.linked(message) if message is not None else None
+
     def command_lines(self, channel: str) -> bool:
         """Whether channel ``channel``'s alerts carry the ``gpuwatch ack`` line (``alerts.command_lines``):
         by default only a channel that reaches admins, not a group: e-mail (which carries no
@@ -332,9 +345,10 @@ class Daemon:
     def report_channels(self) -> list[str]:
         """Scheduled reports go to the chat channels: e-mail carries alerts only (as routed), so an
         inbox gets what the admin asked to be alerted about, not an overview every hour. With
-        e-mail as the only channel, reports go there: a configured report is never dropped."""
+        e-mail as the only channel, reports go there: a configured report is never dropped. Never to
+        a channel that takes alerts only (Alertmanager)."""
         chat = [name for name in self.channels if (spec := channel_spec(name)) is None or spec.carries_reports]
-        return chat or list(self.channels)
+        return chat or [name for name in self.channels if not ((spec := channel_spec(name)) and spec.alerts_only)]
 
     def report(
         self, spec: ReportSchedule, snapshot: FleetSnapshot | None = None, *, record: Iterable[str] | None = None
@@ -548,7 +562,7 @@ class Daemon:
         self.poller.start(self.config.schedule.poll_every, self.on_result)
         if self.discovery is not None:
             self.discovery.start(self.discovery_changed)
-        for service in self.services:
+        for service in (*self.services, self.resender):
             service.start()
         try:
             while not self.stop.is_set():
@@ -566,7 +580,7 @@ class Daemon:
                 idle = scheduler.idle_seconds
                 self._wake.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
         finally:
-            for service in self.services:
+            for service in (*self.services, self.resender):
                 try:
                     service.stop()
                 except Exception:  # one that fails to stop must not keep the hosts' connections open
@@ -609,6 +623,7 @@ class Daemon:
             except Exception:
                 log.exception("report %s failed", spec.describe())
         result = self.flush()
+        self.resender.tick()  # a run from cron is also Alertmanager's re-post of what still fires
         left, held = self.outbox.count(), self.outbox.held
         if held:
             log.error("%d messages could not be written to the outbox (the disk is full) and are lost", held)

@@ -53,6 +53,28 @@ class Body:
 
 
 @dataclass(frozen=True)
+class AlertItem:
+    """One alert of an alert message as data, for a channel that takes alerts rather than words
+    (Alertmanager). The key fields are the alert's identity (``None``: not part of it; ``host``
+    None for a fleet-wide alert); ``id`` is gpuwatch's alert id. Times are epoch seconds:
+    ``started_at`` when it began firing, ``resolved_at`` when it resolved (None while firing).
+    ``summary`` and ``description`` are its words, as the chat message says them."""
+
+    kind: str  # firing | reminder | resolved
+    id: str
+    rule: str
+    host: str | None
+    started_at: float
+    summary: str
+    description: str
+    gpu: int | None = None
+    user: str | None = None
+    pid: int | None = None
+    detail: str | None = None
+    resolved_at: float | None = None
+
+
+@dataclass(frozen=True)
 class Message:
     """A channel-neutral message.
 
@@ -67,6 +89,7 @@ class Message:
     kind: str = "report"  # report | alert | test: for logs and the outbox
     body: Body | None = None  # the same content as structure, for channels that lay it out
     link: str | None = None  # the page to open (web.public_url): a card's button
+    alerts: tuple[AlertItem, ...] = ()  # an alert message's alerts as data (notices are not among them)
 
     @property
     def text(self) -> str:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 
 from .config import FreeGpuConfig
-from .message import Body, Message, Row, Section
+from .message import AlertItem, Body, Message, Row, Section
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .rules import FLEET, HOST_REMOVED, RULES, AlertKey, AlertRecord, AlertWords, Notice, Rule, Transition
 from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
@@ -443,6 +443,57 @@ def alert_message(
         mentions=open_ids,
         kind="alert",
         body=alert_body(blocks, counts, severity),
+        alerts=tuple(alert_item(t, rules) for t in ordered),
+    )
+
+
+def alert_item(t: Transition, rules: Sequence[Rule] = RULES) -> AlertItem:
+    """One transition as data (:class:`~gpuwatch.message.AlertItem`), in the words of its entry in
+    the chat message: its summary, then the reading and threshold (``was:`` once resolved, with why
+    when it is not that the condition cleared)."""
+    r, key = t.record, t.record.key
+    words = alert_words(r, rules)
+    if t.kind == "resolved":
+        cause = f" ({_CAUSES.get(t.cause, t.cause)})" if t.cause is not None else ""
+        description = f"was: {words.summary}{cause}\nthreshold: {words.threshold}"
+    else:
+        description = f"{words.summary}\nnow: {_reading(words.value)}; threshold: {words.threshold}"
+    return AlertItem(
+        kind=t.kind,
+        id=key.id,
+        rule=key.rule,
+        host=None if key.host == FLEET else key.host,
+        started_at=r.fired_at if r.fired_at is not None else r.since,
+        summary=words.summary,
+        description=description,
+        gpu=key.gpu,
+        user=key.user,
+        pid=key.pid,
+        detail=key.detail,
+        resolved_at=t.at if t.kind == "resolved" else None,
+    )
+
+
+def firing_alerts(
+    records: Iterable[AlertRecord], now: float, wanted: Callable[[str], bool], rules: Sequence[Rule] = RULES
+) -> Message | None:
+    """The alerts firing now that were announced (not pending, not held back by a silence or an
+    inhibition before they were ever said), of the rules ``wanted`` takes, as one alert message
+    of data (``Message.alerts``), for a channel that is told the whole firing set again and again
+    (Alertmanager); None when there are none."""
+    items = tuple(
+        alert_item(Transition("firing", r, now), rules)
+        for r in sorted(records, key=lambda r: _key_order(r.key))
+        if r.state == "firing" and r.last_sent_at is not None and wanted(r.key.rule)
+    )
+    if not items:
+        return None
+    return Message(
+        title=f"GPU alerts: {plural(len(items), 'alert')} firing",
+        blocks=tuple(f"FIRING {i.rule}: {i.summary}" for i in items),
+        severity="firing",
+        kind="alert",
+        alerts=items,
     )
 
 

@@ -23,7 +23,7 @@ from ..daemon import Daemon, Wiring
 from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
-from ..notify.registry import names_in_words
+from ..notify.registry import channel_spec, names_in_words
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
@@ -150,14 +150,20 @@ def _next_period(spec: ReportSchedule, now: float) -> float:
 def without_unsendable_reports(config: Config) -> Config:
     """A page-only deployment (a ``web:`` section, no channel) makes no report: there is nobody to
     send one to, so the daemon neither schedules nor announces any (it said it would send the
-    default overview before). Said once in the log."""
-    if config.channels or not config.schedule.reports:
+    default overview before). Nor do channels that take alerts only (Alertmanager). Said once in the log."""
+    takes_reports = [n for n in config.channels if not ((spec := channel_spec(n)) and spec.alerts_only)]
+    if takes_reports or not config.schedule.reports:
         return config
-    log.info(
-        "no channel configured: the reports in schedule.reports (%s) are not made; the web page shows the fleet",
-        ", ".join(spec.describe() for spec in config.schedule.reports),
-        extra=ANNOUNCE,
-    )
+    reports = ", ".join(spec.describe() for spec in config.schedule.reports)
+    if config.channels:
+        why = f"{', '.join(config.channels)} takes alerts only"
+        log.info("%s: the reports in schedule.reports (%s) are not made", why, reports, extra=ANNOUNCE)
+    else:
+        log.info(
+            "no channel configured: the reports in schedule.reports (%s) are not made; the web page shows the fleet",
+            reports,
+            extra=ANNOUNCE,
+        )
     return replace(config, schedule=replace(config.schedule, reports=()))
 
 

@@ -233,12 +233,12 @@ class Config:
     attribution: AttributionConfig = AttributionConfig()
     shard: Shard | None = None  # ``shard: K/N`` (or ``--shard``): this daemon polls only its part of ``hosts``
     all_hosts: tuple[HostConfig, ...] = ()  # with a shard: every configured host (``hosts`` holds the shard's)
+    hosts_from: tuple[DiscoverySource, ...] = ()  # discovery (gpuwatch.discovery); hosts holds the merged list
+    host_patterns: tuple[HostPattern, ...] = ()  # hosts: entries with match:, for discovered hosts
 
     def host_index(self, host: HostConfig) -> int:
         """Where ``host`` stands in the config's ``hosts:`` list (``hosts[7]``), a shard's or not."""
         return (self.all_hosts or self.hosts).index(host)
-    hosts_from: tuple[DiscoverySource, ...] = ()  # discovery (gpuwatch.discovery); hosts holds the merged list
-    host_patterns: tuple[HostPattern, ...] = ()  # hosts: entries with match:, for discovered hosts
 
     @property
     def feishu(self) -> Any:

@@ -10,7 +10,7 @@ example lines). Every channel goes through the same outbox, retries, routes, sil
 
 from __future__ import annotations
 
-from . import dingtalk, email, feishu, slack, webhook, wecom
+from . import alertmanager, dingtalk, email, feishu, slack, webhook, wecom
 from .spec import ChannelSpec, Limits
 
 __all__ = ["CHANNELS", "CHANNEL_NAMES", "ChannelSpec", "Limits", "channel_spec", "names_in_words"]
@@ -22,6 +22,7 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     slack.SPEC,
     webhook.SPEC,
     email.SPEC,
+    alertmanager.SPEC,
 )
 CHANNEL_NAMES: tuple[str, ...] = tuple(spec.name for spec in CHANNELS)
 _BY_NAME = {spec.name: spec for spec in CHANNELS}

@@ -78,6 +78,7 @@ class ChannelSpec:
     carries_reports: bool  # scheduled reports go here (chat), or only the alerts routed to it
     limits: Limits
     mentions: Callable[[Any], Mapping[str, str]] = _no_mentions  # user -> the channel's id for @
+    alerts_only: bool = False  # takes alerts only: never a report, even as the only channel (Alertmanager)
 
     def build(self, settings: Any, sleep: Sleep = time.sleep, stop: threading.Event | None = None) -> Channel:
         """The channel from its parsed settings, secrets read from the environment now (ConfigError
