@@ -27,10 +27,12 @@ from typing import Any, TextIO
 from ..config import Config, ConfigError, HostConfig, parse_duration
 from ..model import FleetSnapshot, HostSnapshot
 from ..render import TableOptions, fleet_table, no_data_text, snapshot_dict
+from ..reservation import with_reservations
 from ..summary import select
 from ..text import COLOR_CHOICES, UNKNOWN, format_duration, plural, wants_color
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, write_json
 from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
+from .reserve import read_bookings
 from .wiring import build_poller
 
 MIN_WATCH_SECONDS = 0.5
@@ -164,6 +166,7 @@ def cmd_status(
 
     def show(snapshot: FleetSnapshot) -> bool:
         """Print one poll; False when ``--user`` has no process on any host that answered."""
+        snapshot = with_reservations(snapshot, read_bookings(config, ["status"]))
         found = user is None or has_processes_of(snapshot, user)
         shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
         if as_json:

@@ -129,6 +129,21 @@ _MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     )
     """,
+    # GPU bookings (gpuwatch reserve): ``gpus`` a JSON list of indices; in force on [starts_at, ends_at)
+    """
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user TEXT NOT NULL,
+        host TEXT NOT NULL,
+        gpus TEXT NOT NULL,
+        starts_at REAL NOT NULL,
+        ends_at REAL NOT NULL,
+        comment TEXT NOT NULL DEFAULT '',
+        author TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX reservations_by_host ON reservations (host, ends_at)
+    """,
 )
 
 
