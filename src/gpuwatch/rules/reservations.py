@@ -31,14 +31,14 @@ from .base import (
 )
 from .context import parse_on
 
-UNKNOWN_OWNER = "someone unknown"  # a process whose owner ps could not see
 
-
-def _intruders(host: HostSnapshot, booking: Reservation) -> dict[str | None, set[int]]:
-    """Each person other than the holder with a process on a GPU of ``booking`` -> those GPUs."""
-    found: dict[str | None, set[int]] = {}
+def _intruders(host: HostSnapshot, booking: Reservation) -> dict[str, set[int]]:
+    """Each person other than the holder with a process on a GPU of ``booking`` -> those GPUs. A
+    process whose owner is unknown (ps did not see it: another PID namespace) is no one's: it may
+    well be the holder's own container, and an alert must name who."""
+    found: dict[str, set[int]] = {}
     for proc in host.processes:
-        if proc.gpu_index in booking.gpus and proc.owner != booking.user:
+        if proc.gpu_index in booking.gpus and proc.owner is not None and proc.owner != booking.user:
             found.setdefault(proc.owner, set()).add(proc.gpu_index)
     return found
 
@@ -67,7 +67,7 @@ def reservation_conflict(host: HostSnapshot, cfg: object, ctx: Context) -> Check
     a notice, once (the first result of a host only remembers)."""
     findings = []
     for booking in host.reservations:
-        for user, gpus in sorted(_intruders(host, booking).items(), key=lambda item: item[0] or ""):
+        for user, gpus in sorted(_intruders(host, booking).items()):
             key = ctx.key(user=user, detail=f"reservation {booking.id}")
             findings.append(Finding(key, len(gpus), None, "GPUs", _facts(booking, gpus)))
     seen: Mapping[str, Any] = ctx.remembered or {}
@@ -87,7 +87,7 @@ def reservation_conflict(host: HostSnapshot, cfg: object, ctx: Context) -> Check
 
 def reservation_conflict_words(r: Reading) -> AlertWords:
     f = r.facts
-    who = r.key.user or UNKNOWN_OWNER
+    who = r.key.user
     holder = f.get("holder")
     gpus = gpu_ranges(f.get("gpus", []))
     return AlertWords(
