@@ -323,7 +323,7 @@ class WebApp:
     def api_reservations(self, environ: Mapping[str, Any], query_string: str) -> Response:
         if self.store is None:
             return _json({"error": "no bookings in this mode"}, "503 Service Unavailable")
-        now = time.time()
+        now = self.state.snapshot().taken_at.timestamp()  # the fleet state's clock, as the page's
         include_past = parse_qs(query_string).get("all", [""])[-1] == "1"
         bookings = [b for b in self.store.reservations() if include_past or b.ends_at > now]
         return _json(reservations_dict(bookings, now))
