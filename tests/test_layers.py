@@ -23,6 +23,7 @@ from imports import under as _under
 
 TESTS = Path(__file__).resolve().parent
 PURE = ("model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
+PURE += ("reservation",)  # GPU bookings: read, overlaps, in force (store/reservations.py keeps the rows)
 IO_MODULES = (
     "gpuwatch.ssh",
     "gpuwatch.store",
