@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from builders import DAY, HOUR, T0, Engine, Job, alerts_config, cli, h100_host, write_config
+from gpuwatch.cli import _only_reads, build_parser
 from gpuwatch.config import FreeGpuConfig
 from gpuwatch.metrics import fleet_metrics
 from gpuwatch.model import FleetSnapshot, HostSnapshot, Reservation
@@ -26,7 +27,7 @@ from gpuwatch.reservation import (
     reservations_dict,
     with_reservations,
 )
-from gpuwatch.store import Overlap, ReservationStore, open_db
+from gpuwatch.store import AlertStore, Overlap, ReservationStore, open_db
 from gpuwatch.summary import free_gpus, gpu_free, reserved_idle, totals
 
 CST = timezone(timedelta(hours=8), "CST")
@@ -405,3 +406,23 @@ def test_reserve_add_says_what_is_wrong_and_exits_2(
 def test_reserve_list_with_no_state_yet_lists_none(tmp_path: Path) -> None:
     config = write_config(tmp_path, hosts=["gpu03"])
     assert cli(config, "reserve", "list") == (0, "no reservations in force or to come\n")
+
+
+def test_a_user_no_host_has_shown_is_booked_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, hosts=["gpu03"])
+    db = open_db(tmp_path / "state")
+    AlertStore(db).saw_users(["bob", "alice"], T0)
+    db.close()
+    code, out = cli(config, "reserve", "add", "--user", "bobb", "--host", "gpu03", "--gpus", "0", "--for", "1h")
+    err = capsys.readouterr().err
+    assert code == 0 and out.startswith("reservation #1 added: bobb: gpu03 GPU 0, ")
+    assert "warning: no host has shown a user 'bobb' yet; did you mean 'bob'? the booking is added anyway" in err
+    assert "gpuwatch reserve remove 1" in err
+    cli(config, "reserve", "add", "--user", "alice", "--host", "gpu03", "--gpus", "1", "--for", "1h")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_reserve_list_only_reads() -> None:
+    parser = build_parser()
+    assert _only_reads("reserve", parser.parse_args(["reserve", "list"]))
+    assert not _only_reads("reserve", parser.parse_args(["reserve", "remove", "1"]))

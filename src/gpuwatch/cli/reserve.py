@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, parse_duration
 from ..model import Reservation
 from ..reservation import TIME_FORMATS, booking_state, describe, gpu_ranges, parse_gpus, parse_time, reservations_dict
 from ..statedir import StateError
-from ..store import DB_NAME, Overlap, ReservationStore, open_db
+from ..store import DB_NAME, AlertStore, Overlap, ReservationStore, open_db
 from ..text import local_time
 from .common import EXIT_FAILED, EXIT_OK, UsageError, read_state, write_json
 
@@ -76,13 +76,17 @@ def cmd_reserve(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             return _remove(ReservationStore(db), ids, out)
         finally:
             db.close()
+    return _add(config, args, out)
+
+
+def _add(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``reserve add``: checked before the database is opened; an overlap refused, naming it."""
     now = time.time()
     user, host, gpus, starts_at, ends_at = _booking(config, args, now)
     db = open_db(config.state_dir)
     try:
-        store = ReservationStore(db)
         try:
-            booking = store.add(
+            booking = ReservationStore(db).add(
                 user=user,
                 host=host,
                 gpus=gpus,
@@ -100,9 +104,18 @@ def cmd_reserve(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                 file=sys.stderr,
             )
             return EXIT_FAILED
+        seen = AlertStore(db).users_seen()
     finally:
         db.close()
     out.write(f"reservation #{booking.id} added: {describe(booking)[len(f'#{booking.id} ') :]}{_comment(booking)}\n")
+    if seen and user not in seen:  # a typo books for no one: said, the booking kept
+        close = difflib.get_close_matches(user, seen, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        print(
+            f"warning: no host has shown a user {user!r} yet; {hint}the booking is added anyway "
+            f"(if it is a typo: gpuwatch reserve remove {booking.id})",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
