@@ -137,3 +137,24 @@ def test_the_free_report_and_status_show_a_booked_idle_gpu_as_reserved(
     assert "gpu-a" in out and "reserved for carol" not in out  # --free: only GPUs 2 and 3
     code, out = cli(config, "status", "--color", "never")
     assert "reserved for carol until " in out
+
+
+def test_a_booking_that_starts_while_its_gpu_is_busy_is_said_once(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path, feishu: FakeFeishu
+) -> None:
+    address = fleet.addresses[4]
+    scenario_healthy_multi_gpu(fleet.scenario_dir(address), 4, busy_gpus=(0,), owners_pids=fleet.default_owner_map())
+    config = fleet_config(tmp_path, fleet, known_hosts, feishu, address)
+    assert cli(config, "run", "--once")[0] == 0  # the host's first result: nothing booked, nothing said
+    assert feishu.accepted == []
+
+    assert cli(config, "reserve", "add", "--user", "carol", "--host", "gpu-a", "--gpus", "0-1", "--for", "1h")[0] == 0
+    assert cli(config, "run", "--once")[0] == 0
+    (message,) = feishu.accepted
+    text = seen(message).text
+    assert "NOTICE carol's reservation #1 of gpu-a GPU 0-1 has started, until " in text
+    assert "but GPU 0 is still busy (alice, verylongusername still on it)" in text
+    assert "FIRING reservation_conflict on gpu-a: users alice, verylongusername" in text
+    assert set(seen(message).mentions) == {"ou_alice", "ou_vlu", "ou_carol"}
+    assert cli(config, "run", "--once")[0] == 0
+    assert len(feishu.accepted) == 1  # said once
