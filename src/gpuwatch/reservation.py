@@ -5,8 +5,8 @@ Conventions: times are epoch seconds; a booking is in force on ``[starts_at, end
 person types is in this machine's zone unless ``tz`` is given (a test's explicit zone) or the text
 carries an offset. The one place a booking takes a GPU away from "free" is
 :func:`with_reservations`: it puts the bookings in force at the fleet's ``taken_at`` on each host
-(``HostSnapshot.reservations``), and :func:`gpu_free` (via ``summary``) reads them there, so the
-page, ``status``, the reports, ``/metrics`` and the rules agree.
+(``HostSnapshot.reservations``), and ``summary.gpu_free`` reads them there, so the page,
+``status``, the reports, ``/metrics`` and the rules (``reservation_conflict``, ``gpu_freed``) agree.
 """
 
 from __future__ import annotations
