@@ -4,6 +4,7 @@ the store, a booked GPU free for no one else in every view, and the rule reserva
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from gpuwatch.reservation import (
     reservations_dict,
     with_reservations,
 )
-from gpuwatch.store import AlertStore, Overlap, ReservationStore, open_db
+from gpuwatch.store import DB_NAME, AlertStore, Overlap, ReservationStore, open_db, open_db_readonly
+from gpuwatch.store.db import _MIGRATIONS
 from gpuwatch.summary import free_gpus, gpu_free, reserved_idle, totals
 
 CST = timezone(timedelta(hours=8), "CST")
@@ -426,3 +428,17 @@ def test_reserve_list_only_reads() -> None:
     parser = build_parser()
     assert _only_reads("reserve", parser.parse_args(["reserve", "list"]))
     assert not _only_reads("reserve", parser.parse_args(["reserve", "remove", "1"]))
+
+
+def test_an_older_schema_read_only_has_no_bookings(tmp_path: Path) -> None:
+    """A reader (the web page, ``reserve list``) of a file an older gpuwatch left: no bookings yet."""
+    state = tmp_path / "state"
+    open_db(state).close()
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute("DROP TABLE reservations")
+    before = next(i for i, script in enumerate(_MIGRATIONS) if "CREATE TABLE reservations" in script)
+    conn.execute(f"PRAGMA user_version = {before}")
+    conn.close()
+    db = open_db_readonly(state)
+    assert ReservationStore(db).all() == [] and ReservationStore(db).get(1) is None
+    db.close()
