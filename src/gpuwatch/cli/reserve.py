@@ -219,8 +219,12 @@ def read_bookings(config: Config, words: list[str], *, quiet: bool = True) -> li
     command, named in the line to run as another user). No database yet: none. ``quiet`` (for
     ``status``, which polls the hosts whatever the state directory says): a state directory that
     cannot be read is a warning and no bookings, not an error."""
-    if not (config.state_dir / DB_NAME).exists():
-        return []
+    try:
+        (config.state_dir / DB_NAME).lstat()
+    except FileNotFoundError:
+        return []  # nothing booked yet (and nothing created by asking)
+    except OSError:
+        pass  # a state directory this user cannot enter: read_state says so, with the command that works
     try:
         db = read_state(config, words)
     except StateError as exc:
