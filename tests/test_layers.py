@@ -36,6 +36,7 @@ PURE = (
     "timetable",
     "wishes",
     "siteview",
+    "reservation",  # GPU bookings: read, overlaps, in force (store/reservations.py keeps the rows)
 )
 IO_MODULES = (
     "gpuwatch.ssh",

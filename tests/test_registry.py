@@ -122,6 +122,7 @@ def test_each_rule_declares_what_it_needs_and_what_its_alerts_are_about() -> Non
         "host_rebooted": (Scope.HOST, Needs.HOST_CONTEXT, ()),
         "driver_changed": (Scope.HOST, Needs.RESULT, ()),
         "gpu_freed": (Scope.HOST, Needs.PROCESSES, ()),
+        "reservation_conflict": (Scope.HOST, Needs.PROCESSES, ("user", "detail")),
     }
 
 

@@ -24,7 +24,7 @@ from gpuwatch.config import FreeGpuConfig
 from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
 from gpuwatch.message import Message
-from gpuwatch.model import FleetSnapshot, HostErrorKind, HostIssue, HostSnapshot
+from gpuwatch.model import FleetSnapshot, HostErrorKind, HostIssue, HostSnapshot, Reservation
 from gpuwatch.poll import Poller
 from gpuwatch.store import Outbox, StoreError, open_db
 from gpuwatch.store.wishes import KEEP_ENDED_SECONDS, WishStore
@@ -86,6 +86,18 @@ def test_the_model_is_a_part_of_the_gpu_name_in_any_case() -> None:
     snapshot = fleet(T0 + MIN, h100_host("gpu-a"))
     assert judge(snapshot, [free_wish(1, model="h100 80gb")], T0 + MIN, FREE_GPU).ended
     assert judge(snapshot, [free_wish(1, model="A100")], T0 + MIN, FREE_GPU) == Judgement()
+
+
+def test_gpus_booked_for_someone_else_are_not_free_for_a_wish_but_are_for_the_holder() -> None:
+    """gpu-a: GPU 0 busy, 1-3 idle, 1-2 booked for bob (gpuwatch reserve): alice's wish for two
+    GPUs on one host waits; bob's is met on his booked GPUs."""
+    booked = Reservation(7, "bob", "gpu-a", (1, 2), T0, T0 + DAY)
+    host = replace(h100_host("gpu-a", [Job("carol", 4000, 0)]), reservations=(booked,))
+    snapshot = fleet(T0 + MIN, host)
+    assert judge(snapshot, [free_wish(2, same_host=True)], T0 + MIN, FREE_GPU) == Judgement()
+    bobs = replace(free_wish(2, same_host=True), user="bob")
+    (ending,) = judge(snapshot, [bobs], T0 + MIN, FREE_GPU).ended
+    assert [(h, gpus) for h, gpus, _ in ending.where] == [("gpu-a", (1, 2))]
 
 
 def test_a_host_that_did_not_answer_is_stale_or_lost_its_process_list_frees_nothing() -> None:

@@ -54,10 +54,11 @@ from .notify.registry import channel_spec
 from .poll import Poller
 from .probe import ProbeSettings
 from .report import alert_message, alert_words, build_report, firing_alerts
+from .reservation import with_reservations
 from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, silence_check
 from .ssh import Runner
 from .statedir import StateError
-from .store import AlertStore, Outbox, ReportRuns, StoreError
+from .store import AlertStore, Outbox, ReportRuns, ReservationStore, StoreError
 from .store.wishes import WishStore
 from .text import format_duration, plural
 from .timetable import is_due
@@ -158,8 +159,14 @@ class Daemon:
         return fresh
 
     def snapshot(self) -> FleetSnapshot:
-        """What every reader sees: each host's latest result, stale ones marked."""
-        return self.state.snapshot()
+        """What every reader sees: each host's latest result, stale ones marked, with the bookings
+        in force on it (so the rules and the reports agree on which GPUs are reserved)."""
+        snapshot = self.state.snapshot()
+        try:
+            return with_reservations(snapshot, ReservationStore(self.outbox.db).all())
+        except StoreError as exc:
+            log.error("cannot read the bookings (%s): going on as if there were none", exc)
+            return snapshot
 
     # -- steps
 

@@ -24,9 +24,10 @@ from prometheus_client.registry import CollectorRegistry
 from .config import Config, FreeGpuConfig
 from .fleet import FleetState
 from .model import FleetSnapshot, Gpu, HostSnapshot
+from .reservation import with_reservations
 from .rules import BY_NAME
 from .store import StoreReader
-from .summary import is_free, users_on
+from .summary import gpu_free, users_on
 from .text import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,14 @@ def fleet_metrics(
     power = GaugeMetricFamily("gpuwatch_gpu_power_watts", "GPU power draw (power.draw)", labels=GPU_LABELS)
     free = GaugeMetricFamily(
         "gpuwatch_gpu_free",
-        "1 when the GPU is free as the page and status say (no process, memory and utilization under free_gpu), "
-        "else 0; no sample for a host without current data",
+        "1 when the GPU is free as the page and status say (no process, memory and utilization under free_gpu, "
+        "not booked for someone), else 0; no sample for a host without current data",
+        labels=GPU_LABELS,
+    )
+    reserved = GaugeMetricFamily(
+        "gpuwatch_gpu_reserved",
+        "1 while a booking (gpuwatch reserve) is in force on the GPU, else 0; "
+        "no sample for a host without current data",
         labels=GPU_LABELS,
     )
     user_mem = GaugeMetricFamily(
@@ -115,7 +122,8 @@ def fleet_metrics(
         gpus_of: dict[str, int] = {}
         for gpu in host.gpus:
             labels = _gpu_labels(host, gpu)
-            free.add_metric(labels, 1.0 if is_free(gpu, host.processes_on(gpu), limits) else 0.0)
+            free.add_metric(labels, 1.0 if gpu_free(host, gpu, limits) else 0.0)
+            reserved.add_metric(labels, 0.0 if host.reservation_on(gpu) is None else 1.0)
             for family, value in (
                 (util, None if gpu.utilization_percent is None else gpu.utilization_percent / 100),
                 (used, None if gpu.memory_used_mib is None else gpu.memory_used_mib * MIB),
@@ -134,7 +142,7 @@ def fleet_metrics(
             user_gpus.add_metric([host.name, user], float(count))
     for (host_name, kind), count in sorted(probe_errors.items()):
         errors.add_metric([host_name, kind], float(count))
-    return [up, duration, last_ok, util, used, total, temp, power, free, user_mem, user_gpus, errors]
+    return [up, duration, last_ok, util, used, total, temp, power, free, reserved, user_mem, user_gpus, errors]
 
 
 def shard_metric(config: Config) -> Metric:
@@ -158,7 +166,13 @@ class FleetCollector:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        yield from fleet_metrics(self.state.snapshot(), self.state.probe_errors(), self.config().free_gpu)
+        snapshot = self.state.snapshot()
+        if self.store is not None:
+            try:
+                snapshot = with_reservations(snapshot, self.store.reservations())
+            except Exception:  # the fleet is still worth a scrape: GPUs then count as if not booked
+                log.warning("metrics: the bookings could not be read; gpuwatch_gpu_free leaves them out")
+        yield from fleet_metrics(snapshot, self.state.probe_errors(), self.config().free_gpu)
         yield shard_metric(self.config())
         if self.store is None:
             return

@@ -243,6 +243,29 @@ class HostContext:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """A booking of GPUs (``gpuwatch reserve add``): ``user`` has GPUs ``gpus`` of ``host`` from
+    ``starts_at`` until ``ends_at`` (epoch seconds; in force while ``starts_at <= now < ends_at``).
+    Kept in the state database, not seen by a poll: while in force its GPUs are free for no one else."""
+
+    id: int
+    user: str
+    host: str
+    gpus: tuple[int, ...]
+    starts_at: float
+    ends_at: float
+    comment: str = ""
+    author: str | None = None  # who added it (login name)
+    created_at: float = 0.0
+
+    def in_force(self, now: float) -> bool:
+        return self.starts_at <= now < self.ends_at
+
+    def covers(self, host: str, gpu: int) -> bool:
+        return self.host == host and gpu in self.gpus
+
+
+@dataclass(frozen=True)
 class HostSnapshot:
     """What one poll of one host produced: GPU data, or the classified reason there is none."""
 
@@ -261,6 +284,9 @@ class HostSnapshot:
     # Set by the fleet state, which remembers a host across polls (None from a single poll):
     last_ok_at: datetime | None = None  # when the host last answered with GPU data
     failing_since: datetime | None = None  # when the current run of failed polls began (None: answering)
+    # Set from the store (``reservation.with_reservations``), never by a poll: the bookings in force
+    # on this host as of the fleet's ``taken_at``; their GPUs are free for no one else.
+    reservations: tuple[Reservation, ...] = ()
 
     @classmethod
     def failed(
@@ -300,6 +326,10 @@ class HostSnapshot:
 
     def processes_on(self, gpu: Gpu) -> tuple[GpuProcess, ...]:
         return tuple(p for p in self.processes if p.gpu_index == gpu.index)
+
+    def reservation_on(self, gpu: Gpu) -> Reservation | None:
+        """The booking in force on this GPU (``reservations``), or None."""
+        return next((r for r in self.reservations if gpu.index in r.gpus), None)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 screen across a room) and serves them; nothing here reads a clock, a file or the network.
 
 Conventions: every string people read is made here (with ``text.py``); "free" is
-:func:`gpuwatch.summary.is_free`, as in ``status``, chat and ``gpuwatch_gpu_free``; the person
+:func:`gpuwatch.summary.gpu_free` (idle and not booked), as in ``status``, chat and ``gpuwatch_gpu_free``; the person
 behind a process is its owner as ``status`` names it (``summary.who``: containers and Slurm jobs
 included). A host without current data is never free: its GPUs are *unknown* (counted from its last
 answer) and it is listed with the reason; a host not polled yet is *waiting*, which is no fault.
@@ -22,8 +22,9 @@ from .config import FreeGpuConfig
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
 from .render import AlertRow
 from .report import alert_words
+from .reservation import reserved_words
 from .rules import Ack, AlertRecord
-from .summary import is_free, process_context, users_on, who
+from .summary import gpu_free, process_context, users_on, who
 from .text import UNKNOWN, format_duration, local_time, number, plural
 
 COMMAND_TITLE_CHARS = 2000  # a command line longer than this is cut in the hover text (shown whole on expand)
@@ -105,11 +106,13 @@ class GpuView:
     power: str
     free: bool
     processes: tuple[ProcView, ...]
-    state: str = "busy"  # free | busy | held (memory in use, no process listed)
+    state: str = "busy"  # free | busy | held (memory in use, no process listed) | reserved (idle, booked)
     note: str = ""  # why memory is held with no process, in words
     people: str = ""  # the owners on it, for the wall: "alice, bob" ("?": only processes ps did not see)
     memory_free_mib: int = 0  # for sorting: 0 when unknown
     first_person: str = ""  # the wall's cell: the owner with the most memory (the others in its title)
+    reserved: str = ""  # a booking in force: "reserved for bob until 2026-12-03 18:00 CST (comment)"
+    reserved_for: str = ""  # its holder, for the wall's cell
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool, held_from_mib: int = 1) -
     percent = round(100 * used / total, 1) if used is not None and total else None
     procs = sorted(host.processes_on(gpu), key=lambda p: (p.owner is None, -(p.used_memory_mib or 0), p.pid))
     held = not free and not procs and used is not None and used >= held_from_mib
+    booking = host.reservation_on(gpu)
+    reserved = "" if booking is None else reserved_words(booking) + (f" ({booking.comment})" if booking.comment else "")
     owners = dict.fromkeys(p.owner for p in procs if p.owner is not None) or ({"?": None} if procs else {})
     return GpuView(
         index=gpu.index,
@@ -257,11 +262,13 @@ def gpu_view(host: HostSnapshot, gpu: Gpu, free: bool, held_from_mib: int = 1) -
         power=UNKNOWN if gpu.power_w is None else f"{gpu.power_w:.0f} W",
         free=free,
         processes=tuple(proc_view(host, p) for p in procs),
-        state="free" if free else "held" if held else "busy",
+        state="free" if free else "held" if held else "busy" if procs or booking is None else "reserved",
         note=f"{_mib(used)} in use, {HELD_REASON}" if held else "",
         people=", ".join(owners),
         first_person=next(iter(owners), ""),
         memory_free_mib=max(0, total - used) if total is not None and used is not None else 0,
+        reserved=reserved,
+        reserved_for="" if booking is None else booking.user,
     )
 
 
@@ -411,7 +418,7 @@ def _host_view(host: HostSnapshot, thresholds: FreeGpuConfig, query: Query) -> t
     views = []
     free_count = 0
     for gpu in host.gpus:
-        free = is_free(gpu, host.processes_on(gpu), thresholds)
+        free = gpu_free(host, gpu, thresholds)
         free_count += free
         if (query.free_only and not free) or not _gpu_matches(host, gpu, query.terms):
             continue

@@ -15,10 +15,22 @@ from typing import Any
 
 from .config import FreeGpuConfig
 from .fleet import STALE_AFTER_POLLS
-from .model import Container, Disk, FleetSnapshot, Gpu, GpuHealth, GpuProcess, HostContext, HostSnapshot, SlurmJob
+from .model import (
+    Container,
+    Disk,
+    FleetSnapshot,
+    Gpu,
+    GpuHealth,
+    GpuProcess,
+    HostContext,
+    HostSnapshot,
+    Reservation,
+    SlurmJob,
+)
 from .report import alert_words
+from .reservation import reserved_words
 from .rules import Ack, AlertRecord, Silence, inhibited
-from .summary import context_line, is_free, totals, users_on
+from .summary import context_line, gpu_free, totals, users_on
 from .text import UNKNOWN, format_duration, iso_time, local_time, number, paint, plural
 
 
@@ -132,7 +144,7 @@ def fleet_table(
             if options.power:
                 row.append((number(None if gpu.power_w is None else round(gpu.power_w), "W"), "dim"))
             row.append((_processes(procs, options), None))
-            row.append(("free" if is_free(gpu, procs, thresholds) else "", "green"))
+            row.append(_free_cell(host, gpu, thresholds))
             rows.append(row)
         if filtered and not host.gpus:
             continue  # nothing of this host is shown: nor its context
@@ -184,7 +196,23 @@ def _summary_line(snapshot: FleetSnapshot, whole: FleetSnapshot | None, threshol
     return line + f" (taken {local_time(snapshot.taken_at)})"
 
 
-def gpu_dict(gpu: Gpu, free: bool = False) -> dict[str, Any]:
+def _free_cell(host: HostSnapshot, gpu: Gpu, thresholds: FreeGpuConfig) -> tuple[str, str | None]:
+    """The FREE column: ``free``, ``reserved for bob until ...`` (a booking in force), or empty."""
+    booking = host.reservation_on(gpu)
+    if booking is not None:
+        return (reserved_words(booking), "yellow")
+    return ("free" if gpu_free(host, gpu, thresholds) else "", "green")
+
+
+def _reserved_dict(booking: Reservation | None) -> dict[str, Any] | None:
+    if booking is None:
+        return None
+    return {"id": booking.id, "user": booking.user, "until": iso_time(booking.ends_at), "comment": booking.comment}
+
+
+def gpu_dict(gpu: Gpu, free: bool = False, reserved: Reservation | None = None) -> dict[str, Any]:
+    """One GPU for programs; ``reserved``: the booking in force on it (``reserved_for``: its id,
+    user, end and comment), which makes it free for no one else."""
     return {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -196,6 +224,7 @@ def gpu_dict(gpu: Gpu, free: bool = False) -> dict[str, Any]:
         "temperature_c": gpu.temperature_c,
         "power_w": _finite(gpu.power_w),
         "free": free,
+        "reserved_for": _reserved_dict(reserved),
         "health": None if gpu.health is None else health_dict(gpu.health),
     }
 
@@ -307,7 +336,7 @@ def host_dict(host: HostSnapshot, thresholds: FreeGpuConfig | None = None) -> di
         "stale": host.stale,
         "last_ok_at": _iso(host.last_ok_at),
         "failing_since": _iso(host.failing_since),
-        "gpus": [gpu_dict(g, host.current and is_free(g, host.processes_on(g), limits)) for g in host.gpus],
+        "gpus": [gpu_dict(g, host.current and gpu_free(host, g, limits), host.reservation_on(g)) for g in host.gpus],
         "processes": [process_dict(p) for p in host.processes],
         "warnings": [{"kind": w.kind.value, "message": w.message} for w in host.warnings],
         "context": None if host.context is None else context_dict(host.context),

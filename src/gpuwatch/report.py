@@ -27,8 +27,9 @@ from datetime import datetime, tzinfo
 from .config import FreeGpuConfig
 from .message import AlertItem, Body, Message, Row, Section
 from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .reservation import reserved_words
 from .rules import FLEET, HOST_REMOVED, RULES, AlertKey, AlertRecord, AlertWords, Notice, Rule, Transition
-from .summary import free_gpus, host_problems, is_free, process_context, totals, users_on
+from .summary import free_gpus, gpu_free, host_problems, process_context, reserved_idle, totals, users_on
 from .text import UNKNOWN, format_duration, local_time, number, plural, quantity
 
 MAX_COMMAND_CHARS = 120
@@ -107,10 +108,13 @@ def host_block(
     for gpu in host.gpus:
         procs = host.processes_on(gpu)
         lines.append(_gpu_line(gpu))
+        booking = host.reservation_on(gpu)
         if procs:
             lines.append(f"    {_who(procs)}")
-        elif is_free(gpu, procs, thresholds):
+        elif gpu_free(host, gpu, thresholds):
             lines.append("    free")
+        if booking is not None:
+            lines.append(f"    {reserved_words(booking)}")
     stray = [p for p in host.processes if p.gpu_index is None]
     if stray:
         lines.append(f"    on an unlisted GPU: {_who(stray)}")
@@ -173,19 +177,23 @@ def user_report(snapshot: FleetSnapshot, user: str) -> Message:
 
 
 def free_report(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Message:
-    """The GPUs free right now, by host."""
+    """The GPUs free right now, by host; an idle GPU booked for someone (``gpuwatch reserve``) is
+    listed under its host as reserved, never as free."""
     t = totals(snapshot, thresholds)
-    blocks = []
+    blocks = [] if t.free_gpus else ["No GPU is free right now."]
     for host in snapshot.answered:
         free = free_gpus(host, thresholds)
+        booked = reserved_idle(host, thresholds)
+        if not free and not booked:
+            continue
+        head = f"{host.name}: {len(free)} free of {len(host.gpus)}"
         if free:
             listed = ", ".join(
                 f"{g.index} ({number(g.memory_used_mib)}/{number(g.memory_total_mib)} MiB)" for g in free
             )
-            name = free[0].name or "GPU"
-            blocks.append(f"{host.name}: {len(free)} free of {len(host.gpus)} {name}: GPU {listed}")
-    if not blocks:
-        blocks.append("No GPU is free right now.")
+            head += f" {free[0].name or 'GPU'}: GPU {listed}"
+        lines = [head, *(f"    GPU {g.index} is idle but {reserved_words(r)}" for g, r in booked)]
+        blocks.append("\n".join(lines))
     blocks += _no_data_block(snapshot)
     return Message(
         title=f"Free GPUs {_stamp(snapshot)}: {t.free_gpus} of {t.gpus}",
@@ -433,6 +441,8 @@ def alert_message(
         blocks.append(ACK_WORDS)
     blocks += [f"NOTICE {notice_text(n, rules)}" for n in notices]
     users: list[str] = [t.record.key.user for t in ordered if t.record.key.user]
+    # The others an alert concerns (reservation_conflict: the booking's holder), from its facts.
+    users += [str(u) for t in ordered for u in t.record.facts.get("people") or ()]
     users += [u for n in notices for u in n.users]
     open_ids = tuple(dict.fromkeys(mentions[u] for u in users if u in mentions))
     severity = "firing" if firing else ("resolved" if resolved else "info")
@@ -518,13 +528,16 @@ def gpu_row(host: HostSnapshot, gpu: Gpu, thresholds: FreeGpuConfig) -> Row:
     """One GPU as a row: index, model (when the host mixes models; else its section says it),
     utilization bar, memory bar, who is on it (or free)."""
     procs = host.processes_on(gpu)
-    free = is_free(gpu, procs, thresholds)
+    free = gpu_free(host, gpu, thresholds)
+    booking = host.reservation_on(gpu)
     util = f"util {bar(gpu.utilization_percent)} {number(gpu.utilization_percent, '%')}"
     memory = (
         f"mem {bar(gpu.memory_used_mib, gpu.memory_total_mib)} "
         f"{number(gpu.memory_used_mib)}/{number(gpu.memory_total_mib)} MiB"
     )
     who = _who(procs) if procs else ("free" if free else "no process")
+    if booking is not None:
+        who = reserved_words(booking) if not procs else f"{who}; {reserved_words(booking)}"
     mixed = len({_model(g.name) for g in host.gpus}) > 1
     model = (_model(gpu.name),) if mixed else ()
     return Row((str(gpu.index), *model, util, memory, who), "free" if free else "busy")
@@ -583,7 +596,11 @@ def free_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
     sections = []
     for host in snapshot.answered:
         free = free_gpus(host, thresholds)
-        if free:
+        booked = tuple(
+            Row((str(g.index), _model(g.name), f"idle, {reserved_words(r)}"), "busy")
+            for g, r in reserved_idle(host, thresholds)
+        )
+        if free or booked:
             rows = tuple(
                 Row(
                     (
@@ -596,9 +613,10 @@ def free_body(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> Body:
                 )
                 for g in free
             )
-            sections.append(Section(host.name, "free", f"{len(free)} free of {len(host.gpus)}", rows))
-    if not sections:
-        sections.append(Section("No GPU is free right now.", "busy"))
+            state = "free" if free else "busy"
+            sections.append(Section(host.name, state, f"{len(free)} free of {len(host.gpus)}", rows + booked))
+    if not t.free_gpus:
+        sections.insert(0, Section("No GPU is free right now.", "busy"))
     same = _said_before(snapshot.down)
     sections += [_down_section(h, snapshot.taken_at, same.get(h.name)) for h in snapshot.down]
     tags = [(f"{t.free_gpus} free", "free")] + ([(f"{len(snapshot.down)} no data", "down")] if snapshot.down else [])

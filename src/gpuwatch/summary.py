@@ -1,7 +1,8 @@
 """Pure questions asked of a snapshot: is this GPU free, who is on it, fleet totals.
 
 Shared by the terminal view, the reports and the rules, so that "free" means the
-same thing everywhere.
+same thing everywhere: :func:`gpu_free`, idle by its readings (:func:`is_free`) and not booked
+for someone (the bookings in force that ``reservation.with_reservations`` put on the host).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from .config import FreeGpuConfig
-from .model import Container, FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .model import Container, FleetSnapshot, Gpu, GpuProcess, HostSnapshot, Reservation
 from .text import UNKNOWN, format_duration, number, size_kib
 
 
@@ -25,6 +26,12 @@ def is_free(gpu: Gpu, processes: Iterable[GpuProcess], thresholds: FreeGpuConfig
     if gpu.memory_used_mib is None or gpu.memory_used_mib >= thresholds.memory_below_mib:
         return False
     return gpu.utilization_percent is None or gpu.utilization_percent < thresholds.util_below_percent
+
+
+def gpu_free(host: HostSnapshot, gpu: Gpu, thresholds: FreeGpuConfig) -> bool:
+    """Free for anyone: idle by its readings (:func:`is_free`) and no booking in force on it
+    (``host.reservations``, put there by ``reservation.with_reservations``)."""
+    return host.reservation_on(gpu) is None and is_free(gpu, host.processes_on(gpu), thresholds)
 
 
 def container_text(container: Container) -> str:
@@ -111,7 +118,7 @@ def totals(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> FleetTotals:
     for host in snapshot.answered:
         for gpu in host.gpus:
             gpus += 1
-            free += is_free(gpu, host.processes_on(gpu), thresholds)
+            free += gpu_free(host, gpu, thresholds)
     stale = sum(1 for h in snapshot.hosts if h.stale)
     return FleetTotals(
         hosts=len(snapshot.hosts), hosts_down=len(snapshot.down) - stale, gpus=gpus, free_gpus=free, hosts_stale=stale
@@ -119,7 +126,17 @@ def totals(snapshot: FleetSnapshot, thresholds: FreeGpuConfig) -> FleetTotals:
 
 
 def free_gpus(host: HostSnapshot, thresholds: FreeGpuConfig) -> list[Gpu]:
-    return [g for g in host.gpus if is_free(g, host.processes_on(g), thresholds)]
+    return [g for g in host.gpus if gpu_free(host, g, thresholds)]
+
+
+def reserved_idle(host: HostSnapshot, thresholds: FreeGpuConfig) -> list[tuple[Gpu, Reservation]]:
+    """The GPUs idle by their readings that a booking in force keeps from being free, with it."""
+    found = []
+    for gpu in host.gpus:
+        booking = host.reservation_on(gpu)
+        if booking is not None and is_free(gpu, host.processes_on(gpu), thresholds):
+            found.append((gpu, booking))
+    return found
 
 
 # ---------------------------------------------------------------- what is wrong with a host
@@ -210,7 +227,7 @@ def select(
             gpu
             for gpu in host.gpus
             if (user is None or any(p.owner == user for p in host.processes_on(gpu)))
-            and (not free_only or is_free(gpu, host.processes_on(gpu), thresholds))
+            and (not free_only or gpu_free(host, gpu, thresholds))
         ]
         indices = {gpu.index for gpu in kept}
         stray = not free_only and user is not None  # the user's processes on a GPU nvidia-smi did not list

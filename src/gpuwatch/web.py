@@ -9,14 +9,17 @@ Routes (under ``web.base_path``), GET and HEAD only:
   (``web.view: wall`` makes it the default). What it shows is made by ``pageview.py``.
 * ``/api/v1/snapshot``: :func:`~gpuwatch.render.snapshot_dict`, the ``status --json`` document;
   ``/api/v1/alerts``: :func:`~gpuwatch.render.alerts_dict`, the ``alerts --json`` document;
+  ``/api/v1/reservations``: :func:`~gpuwatch.reservation.reservations_dict`, the ``reserve list --json``
+  document (the bookings in force and to come; ``?all=1``: past ones too);
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
 * ``/metrics``: Prometheus text (``metrics.py``).
 
 The app reads the fleet state and the store; it never polls and never sends. With ``web.peers`` the
 list view also shows the other shards (``siteview.py``) from what :class:`~gpuwatch.peers.PeerWatcher`
 last read in its own threads (started and stopped with :class:`WebServer`): a request never waits
-for a peer. Everything from a host
-is escaped by the templates (Jinja2 autoescape); the Content-Security-Policy allows no inline script.
+for a peer. The bookings in force (``gpuwatch reserve``) are read with each view, so a booked GPU
+is "reserved", never "free". Everything from a host is escaped by the templates (Jinja2
+autoescape); the Content-Security-Policy allows no inline script.
 Every string people read is made here, with ``text.py``, and the templates only place it.
 :class:`WebServer` serves the app with waitress in a daemon thread, hardened against slow and huge
 clients by ``webserver.py``; with ``web.auth`` failed logins are slowed per peer (``webauth.py``).
@@ -49,6 +52,7 @@ from .model import FleetSnapshot
 from .pageview import AlertView, PageView, Query, alert_views, page_view
 from .peers import PeerWatcher
 from .render import alert_rows, alerts_dict, snapshot_dict
+from .reservation import reservations_dict, with_reservations
 from .siteview import SiteView, site_view
 from .store import StoreReader
 from .summary import totals
@@ -246,6 +250,7 @@ class WebApp:
             "/fragment": self.fragment,
             "/api/v1/snapshot": self.api_snapshot,
             "/api/v1/alerts": self.api_alerts,
+            "/api/v1/reservations": self.api_reservations,
             "/metrics": self.metrics,
         }
 
@@ -271,10 +276,16 @@ class WebApp:
         rows = alert_rows(records, [s for s in silences if s.ends_at > now], now)
         return alert_views(rows, now, self.store.acks()), True
 
-    def _view(self, query: Query) -> tuple[PageView, str]:
-        """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the query)."""
-        version = self.state.version
+    def _snapshot(self) -> FleetSnapshot:
+        """The fleet state with the bookings in force on its hosts."""
         snapshot = self.state.snapshot()
+        return snapshot if self.store is None else with_reservations(snapshot, self.store.reservations())
+
+    def _view(self, query: Query) -> tuple[PageView, str]:
+        """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the
+        bookings in force, the query)."""
+        version = self.state.version
+        snapshot = self._snapshot()
         alerts, alerts_known = self._alerts()
         view = page_view(
             snapshot,
@@ -288,8 +299,9 @@ class WebApp:
         )
         stale = ",".join(h.name for h in snapshot.hosts if h.stale)
         firing = ",".join(f"{a.rule}/{a.host}/{a.summary}/{a.muted}" for a in alerts)
+        booked = ",".join(f"{h.name}/{r.id}/{r.ends_at}" for h in snapshot.hosts for r in h.reservations)
         peers = self.peers.version if self.peers is not None else 0
-        raw = f"{version}|{stale}|{firing}|{query}|{self.config().free_gpu}|{peers}"
+        raw = f"{version}|{stale}|{firing}|{booked}|{query}|{self.config().free_gpu}|{peers}"
         return view, '"' + hashlib.sha256(raw.encode()).hexdigest()[:20] + '"'
 
     def _site(self) -> SiteView | None:
@@ -335,7 +347,15 @@ class WebApp:
 
     def api_snapshot(self, environ: Mapping[str, Any], query_string: str) -> Response:
         config = self.config()
-        return _json(with_shard(snapshot_dict(self.state.snapshot(), config.free_gpu), config))
+        return _json(with_shard(snapshot_dict(self._snapshot(), config.free_gpu), config))
+
+    def api_reservations(self, environ: Mapping[str, Any], query_string: str) -> Response:
+        if self.store is None:
+            return _json({"error": "no bookings in this mode"}, "503 Service Unavailable")
+        now = self.state.snapshot().taken_at.timestamp()  # the fleet state's clock, as the page's
+        include_past = parse_qs(query_string).get("all", [""])[-1] == "1"
+        bookings = [b for b in self.store.reservations() if include_past or b.ends_at > now]
+        return _json(reservations_dict(bookings, now))
 
     def api_alerts(self, environ: Mapping[str, Any], query_string: str) -> Response:
         if self.store is None:

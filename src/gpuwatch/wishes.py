@@ -33,7 +33,7 @@ from datetime import tzinfo
 
 from .config import FreeGpuConfig
 from .message import Message
-from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot
+from .model import FleetSnapshot, Gpu, GpuProcess, HostSnapshot, Reservation
 from .rules import processes_known
 from .summary import is_free
 from .text import format_duration, local_time, plural
@@ -152,11 +152,24 @@ def model_matches(gpu: Gpu, model: str | None) -> bool:
     return model is None or model.casefold() in (gpu.name or "").casefold()
 
 
-def free_gpus(host: HostSnapshot, thresholds: FreeGpuConfig, model: str | None = None) -> list[Gpu]:
-    """The free GPUs of ``model`` on a host that answered, now, with every process known; else none."""
+def free_gpus(
+    host: HostSnapshot, thresholds: FreeGpuConfig, model: str | None = None, user: str | None = None
+) -> list[Gpu]:
+    """The free GPUs of ``model`` on a host that answered, now, with every process known; else none.
+    A GPU booked for someone (``gpuwatch reserve``, in force) is free only for that ``user``."""
     if not host.current or not processes_known(host):
         return []
-    return [g for g in host.gpus if is_free(g, host.processes_on(g), thresholds) and model_matches(g, model)]
+    return [
+        g
+        for g in host.gpus
+        if is_free(g, host.processes_on(g), thresholds)
+        and model_matches(g, model)
+        and _bookable(host.reservation_on(g), user)
+    ]
+
+
+def _bookable(booking: Reservation | None, user: str | None) -> bool:
+    return booking is None or (user is not None and booking.user == user)
 
 
 def placement(
@@ -167,7 +180,7 @@ def placement(
     hold them (the hosts with the most free GPUs first)."""
     if wish.gpus < 1:
         return None
-    free = [(h.name, gpus) for h in snapshot.hosts if (gpus := free_gpus(h, thresholds, wish.model))]
+    free = [(h.name, gpus) for h in snapshot.hosts if (gpus := free_gpus(h, thresholds, wish.model, wish.user))]
     if wish.same_host:
         one = next(((name, gpus) for name, gpus in free if len(gpus) >= wish.gpus), None)
         free = [one] if one is not None else []

@@ -27,7 +27,7 @@ from ..config import ConfigError, find_config_path
 from ..config.load import load_config
 from ..logsetup import setup_logging
 from ..statedir import StateError
-from . import alerts, completion, demo, notify, run, status, wishes
+from . import alerts, completion, demo, notify, reserve, run, status, wishes
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
 from .manpage import render_manpage
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory, secrets
@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The command groups, in the order --help lists them.
-COMMAND_GROUPS = (run, status, alerts, notify, wishes, demo, completion)
+COMMAND_GROUPS = (run, status, alerts, reserve, notify, wishes, demo, completion)
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
@@ -104,6 +104,8 @@ def _only_reads(command: str, args: argparse.Namespace) -> bool:
         return getattr(args, "silence_command", None) == "list"
     if command == "ack":
         return getattr(args, "action", None) == "list"
+    if command == "reserve":
+        return getattr(args, "reserve_command", None) == "list"
     if command == "run":
         return bool(getattr(args, "dry_run", False) or args.dry_run_top)
     if command in wishes.COMMANDS.values():

@@ -28,10 +28,12 @@ from ..config import Config, ConfigError, HostConfig, parse_duration
 from ..config.shard import in_shard, shard_doc, shard_words, with_shard
 from ..model import FleetSnapshot, HostSnapshot
 from ..render import TableOptions, fleet_table, no_data_text, snapshot_dict
+from ..reservation import with_reservations
 from ..summary import select
 from ..text import COLOR_CHOICES, UNKNOWN, format_duration, plural, wants_color
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError, add_shard_option, write_json
 from .preflight import CheckLine, channel_findings, host_hint, key_file_findings, state_dir_finding
+from .reserve import read_bookings
 from .wiring import build_discovery, build_poller, with_discovered
 
 MIN_WATCH_SECONDS = 0.5
@@ -175,6 +177,7 @@ def cmd_status(
 
     def show(snapshot: FleetSnapshot) -> bool:
         """Print one poll; False when ``--user`` has no process on any host that answered."""
+        snapshot = with_reservations(snapshot, read_bookings(config, ["status"]))
         found = user is None or has_processes_of(snapshot, user)
         shown = select(snapshot, config.free_gpu, user=user, free_only=free_only)
         if as_json:

@@ -151,6 +151,7 @@ class NoticeKind(str, enum.Enum):
     HOST_REBOOTED = "host_rebooted"  # host_rebooted: the boot time moved
     DRIVER_CHANGED = "driver_changed"  # driver_changed: the NVIDIA driver version changed
     DRIVER_MISMATCH = "driver_mismatch"  # driver_changed: the hint to reboot after a driver upgrade
+    RESERVATION_BUSY = "reservation_busy"  # reservation_conflict: a booking started while its GPUs are busy
 
 
 @dataclass(frozen=True)

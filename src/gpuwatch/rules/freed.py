@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config.values import ConfigError, check_keys, mapping, string
 from ..model import HostSnapshot
-from ..summary import is_free
+from ..summary import gpu_free
 from ..text import format_duration, number
 from .base import Announces, CheckResult, Context, HostRule, Needs, Notice, NoticeKind, Words
 
@@ -41,7 +41,7 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> CheckResult:
     notices = []
     if was_busy is not None:  # the first result of a host frees nothing
         for gpu in host.gpus:
-            if gpu.index in was_busy and is_free(gpu, host.processes_on(gpu), ctx.thresholds):
+            if gpu.index in was_busy and gpu_free(host, gpu, ctx.thresholds):
                 notices.append(Notice(NoticeKind.GPU_FREE, host.name, cfg.users, gpu.index, {"gpu_name": gpu.name}))
     live = {str(p.pid) for p in host.processes}
     for pid, job in sorted(old_jobs.items()):
@@ -54,7 +54,7 @@ def gpu_freed(host: HostSnapshot, cfg: GpuFreed, ctx: Context) -> CheckResult:
             }
             notices.append(Notice(NoticeKind.JOB_ENDED, host.name, (str(job["user"]),), job.get("gpu"), facts))
     memory = {
-        "busy": [g.index for g in host.gpus if not is_free(g, host.processes_on(g), ctx.thresholds)],
+        "busy": [g.index for g in host.gpus if not gpu_free(host, g, ctx.thresholds)],  # a booked GPU too
         "jobs": {
             str(p.pid): {
                 "user": p.owner,

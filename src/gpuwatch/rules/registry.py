@@ -17,6 +17,7 @@ from .freed import GPU_FREED
 from .gpus import IDLE_GPU, TEMPERATURE_ABOVE
 from .health import ECC_ERRORS, GPU_THROTTLED, ROW_REMAP_PENDING
 from .hosts import GPU_ERROR, GPU_ERROR_INHIBITS_HOST_DOWN, GPU_MISSING, HOST_DOWN
+from .reservations import RESERVATION_CONFLICT
 from .users import MAX_GPUS_PER_USER, MAX_GPUS_PER_USER_FLEET, MAX_RUNTIME
 
 RULES: tuple[Rule, ...] = (
@@ -38,6 +39,7 @@ RULES: tuple[Rule, ...] = (
     HOST_REBOOTED,
     DRIVER_CHANGED,
     GPU_FREED,
+    RESERVATION_CONFLICT,
 )
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in RULES)
 BY_NAME: Mapping[str, Rule] = {r.name: r for r in RULES}

@@ -5,7 +5,8 @@
 * :mod:`.outbox`: messages waiting for their channel (pending, delivered, refused for good, in
   doubt, held in memory, a newer report replacing an older one);
 * :mod:`.alerts`: alert records, rule memory, silences; :mod:`.runs`: when each scheduled report
-  was last made; :mod:`.reader`: what other threads read, read-only.
+  was last made; :mod:`.reservations`: GPU bookings; :mod:`.reader`: what other threads read,
+  read-only.
 
 The store never sends anything: delivering the outbox is :mod:`gpuwatch.notify.delivery`.
 """
@@ -16,6 +17,7 @@ from .alerts import AlertStore
 from .db import DB_NAME, Database, SchemaError, StoreError, open_db, open_db_readonly
 from .outbox import Outbox, OutboxItem, replaces_older
 from .reader import StateDirClosed, StoreReader, open_for_reading
+from .reservations import Overlap, ReservationStore
 from .runs import ReportRuns
 
 __all__ = [
@@ -24,7 +26,9 @@ __all__ = [
     "Database",
     "Outbox",
     "OutboxItem",
+    "Overlap",
     "ReportRuns",
+    "ReservationStore",
     "SchemaError",
     "StateDirClosed",
     "StoreError",

@@ -154,6 +154,21 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX wishes_open ON wishes (ended_at)
     """,
+    # GPU bookings (gpuwatch reserve): ``gpus`` a JSON list of indices; in force on [starts_at, ends_at)
+    """
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user TEXT NOT NULL,
+        host TEXT NOT NULL,
+        gpus TEXT NOT NULL,
+        starts_at REAL NOT NULL,
+        ends_at REAL NOT NULL,
+        comment TEXT NOT NULL DEFAULT '',
+        author TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX reservations_by_host ON reservations (host, ends_at)
+    """,
 )
 
 

@@ -14,11 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..model import Reservation
 from ..rules import Ack, AlertRecord, Silence
 from ..statedir import StateError
 from .alerts import AlertStore
 from .db import DB_NAME, Database, open_db, open_db_readonly
 from .outbox import Outbox
+from .reservations import ReservationStore
 
 log = logging.getLogger(__package__)  # "gpuwatch.store", as before the split: log filters keep working
 
@@ -109,6 +111,10 @@ class StoreReader:
     def alerts_evaluated_at(self) -> float | None:
         """When a poll last updated the alert state; None if never (or no database yet)."""
         return self._read(lambda db: AlertStore(db).evaluated_at(), None)
+
+    def reservations(self) -> list[Reservation]:
+        """Every GPU booking kept (``Reservation.in_force`` says which count now)."""
+        return self._read(lambda db: ReservationStore(db).all(), [])
 
     def outbox_counts(self) -> dict[str, int]:
         return self._read(lambda db: Outbox(db).count_by_channel(), {})
