@@ -22,7 +22,10 @@ from imports import MODULES, SRC, function_imports, module_name, names_imported,
 from imports import under as _under
 
 TESTS = Path(__file__).resolve().parent
-PURE = ("model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable")
+PURE = (
+    "model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable",
+    "usage", "usagereport",
+)
 IO_MODULES = (
     "gpuwatch.ssh",
     "gpuwatch.store",

@@ -327,3 +327,25 @@ def usage_document(
         },
         "never_used": sorted(never_used),
     }
+
+
+# ---------------------------------------------------------------- periods
+
+
+def hour_floor(t: float) -> float:
+    return math.floor(t / 3600) * 3600.0
+
+
+def period(
+    now: float, since: float | None = None, start: float | None = None, end: float | None = None
+) -> tuple[float, float]:
+    """``[start, end)`` for a usage question: ``since`` seconds back from ``now`` (default 7
+    days), or from ``start`` to ``end`` (default now). Bounds other than now are aligned down to
+    whole hours, the hourly roll-ups' grain. Raises ValueError for an empty or future period."""
+    if since is not None and start is not None:
+        raise ValueError("give either a duration back from now (since) or a start (from), not both")
+    end_at = now if end is None else min(hour_floor(end), now)
+    start_at = hour_floor(start if start is not None else now - (7 * 86400.0 if since is None else since))
+    if start_at >= end_at:
+        raise ValueError("the period is empty: its start is not before its end")
+    return start_at, end_at

@@ -20,7 +20,7 @@ from .values import from_env
 DEFAULT_CONFIG_NAME = "config.yaml"
 CONFIG_ENV = "GPUWATCH_CONFIG"
 HOST_KEY_POLICIES = ("accept-new", "strict", "off")
-REPORT_KINDS = ("overview", "user", "free")
+REPORT_KINDS = ("overview", "user", "free", "usage")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The one host entry polled on this machine without SSH: the name ``localhost``, bare or as a mapping
 # with no key but these. An address, or any key about the connection (port, user, proxy_jump, ...),
@@ -72,7 +72,7 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class ReportSchedule:
-    report: str  # overview | user | free
+    report: str  # overview | user | free | usage
     every: float | None = None  # seconds
     at: str | None = None  # "HH:MM", daily
     user: str | None = None  # for report: user
@@ -141,6 +141,20 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """``history:``: the usage history kept in ``<state_dir>/history.sqlite3`` (durations in seconds).
+
+    ``idle_below`` None: the ``idle_gpu`` rule's ``util_below`` when that rule is on, else 5 %."""
+
+    enabled: bool = True
+    raw_for: float = 48 * 3600.0  # every poll, as it was
+    five_minutes_for: float = 7 * 86400.0  # 5-minute means and maxima per GPU (charts)
+    keep: float = 400 * 86400.0  # hourly sums per GPU and per person (usage, reports)
+    half_life: float = 7 * 86400.0  # of the per-person weighted average (ewma_gpus)
+    idle_below: int | None = None  # percent: a GPU held under this utilization is "held idle"
+
+
+@dataclass(frozen=True)
 class WebAuth:
     """HTTP Basic for the page, the API and /metrics; the password comes from the environment."""
 
@@ -194,6 +208,7 @@ class Config:
     web: WebConfig | None = None  # None: the daemon serves nothing
     host_context: HostContextConfig = HostContextConfig()
     attribution: AttributionConfig = AttributionConfig()
+    history: HistoryConfig = HistoryConfig()
 
     @property
     def feishu(self) -> Any:

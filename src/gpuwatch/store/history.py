@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config
 from ..model import HostErrorKind, HostSnapshot
 from ..statedir import ensure_state_dir, make_private, open_private
 from ..usage import GpuReading, GpuTally, HostSample, PersonOnGpu, PersonTally, account, readings_of, stands_for
@@ -48,6 +49,8 @@ ROLLUP_GRACE_SECONDS = 120
 FLUSH_SECONDS = 2.0
 #: At most this many polls wait for the writer; beyond, the oldest are dropped (said in the log).
 MAX_QUEUED = 20000
+#: Percent: a GPU held under this utilization is held idle, unless the config says otherwise.
+DEFAULT_IDLE_BELOW = 5
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -128,6 +131,16 @@ class HistorySettings:
     five_minutes_for: float = 7 * 86400.0
     keep: float = 400 * 86400.0
     idle_below: float = 5.0
+    half_life: float = 7 * 86400.0
+
+    @classmethod
+    def of(cls, config: Config) -> HistorySettings:
+        """From ``history:``; the idle threshold defaults to the ``idle_gpu`` rule's ``util_below``
+        when that rule is on, else :data:`DEFAULT_IDLE_BELOW`."""
+        h = config.history
+        rule = config.alerts.rules.get("idle_gpu")
+        idle = h.idle_below if h.idle_below is not None else getattr(rule, "util_below", DEFAULT_IDLE_BELOW)
+        return cls(h.raw_for, h.five_minutes_for, h.keep, float(idle), h.half_life)
 
 
 def history_path(state_dir: Path) -> Path:
@@ -471,6 +484,7 @@ class HistoryWriter:
         self._last: dict[str, float] = {}
         self._gpus: dict[str, tuple[int, ...]] = {}
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # the writer thread, and a report that wants all written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._said: str | None = None
@@ -550,6 +564,10 @@ class HistoryWriter:
     def flush(self) -> None:
         """Write what is queued (one transaction), then roll up and, once an hour, delete what has
         aged out. Logs and drops on failure."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         batch: list[HostSample] = []
         with contextlib.suppress(queue.Empty):
             while True:

@@ -63,7 +63,7 @@ class HistoryReader:
     def __init__(self, state_dir: Path) -> None:
         self.path = history_path(state_dir)
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one connection, shared by the web server's threads
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is None and self.path.exists():
@@ -71,19 +71,21 @@ class HistoryReader:
         return self._conn
 
     def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        conn = self._connection()
-        if conn is None:
-            return []
-        try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            self.close()
-            raise HistoryError(f"cannot read {self.path}: {exc}") from None
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return []
+            try:
+                return conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                self.close()
+                raise HistoryError(f"cannot read {self.path}: {exc}") from None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _meta(self, key: str) -> float | None:
         rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
@@ -175,8 +177,9 @@ class HistoryReader:
         """The ``usage --json`` document for ``[start, end)`` grouped ``by`` user, host, model or gpu."""
         if by not in GROUPINGS:
             raise ValueError(f"by: {by!r} is not one of {', '.join(GROUPINGS)}")
-        found = self.tallies(start, end, idle_below)
-        infos = self.gpus()
+        with self._lock:
+            found = self.tallies(start, end, idle_below)
+            infos = self.gpus()
         fleet = GpuTally()
         groups: dict[str, GpuTally] = {}
         for gid, tally in found.gpus.items():
