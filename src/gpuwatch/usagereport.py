@@ -20,6 +20,10 @@ TOP_PEOPLE = 10
 MAX_NEVER_USED = 40
 
 
+def _people_count(count: int, more: str = "") -> str:
+    return f"{count} {more}{'person' if count == 1 else 'people'}"
+
+
 def _hours(value: float) -> str:
     return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
 
@@ -80,7 +84,7 @@ def usage_report(current: Mapping[str, Any], previous: Mapping[str, Any]) -> Mes
         for g in top
     ]
     if len(people) > len(top):
-        lines.append(f"and {plural(len(people) - len(top), 'more person')}")
+        lines.append(f"and {_people_count(len(people) - len(top), 'more ')}")
     never = [str(n) for n in current.get("never_used", [])]
     blocks = [
         f"From {local_time(start)} to {local_time(end)}.\n{_fleet_line(fleet, before_fleet)}",
@@ -88,7 +92,7 @@ def usage_report(current: Mapping[str, Any], previous: Mapping[str, Any]) -> Mes
     ]
     if never:
         blocks.append(_never_used(never))
-    title = f"GPU usage, last {span}: {_hours(float(fleet['gpu_hours']))} GPU-hours, {plural(len(people), 'person')}"
+    title = f"GPU usage, last {span}: {_hours(float(fleet['gpu_hours']))} GPU-hours, {_people_count(len(people))}"
     return Message(title=title, blocks=tuple(blocks), kind="report", body=_body(title, blocks, lines, never))
 
 
