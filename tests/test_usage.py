@@ -20,7 +20,7 @@ from gpuwatch.store.history import HOUR, HistorySettings
 from gpuwatch.usage import period
 from gpuwatch.usagereport import TOP_PEOPLE, usage_report
 from gpuwatch.web import WebApp
-from test_history import ALICE, ALICE_IDLE, BOB, T0, two_hours
+from timeline import ALICE, ALICE_IDLE, BOB, T0, two_hours
 
 
 def local(t: float) -> str:
@@ -94,7 +94,7 @@ def test_the_api_serves_the_same_document(config_path: Path, monkeypatch: pytest
     assert response.status == "200 OK"
     doc = json.loads(response.body)
     assert {g["user"] for g in doc["groups"]} == {"alice", "bob"}
-    code, out = cli(config_path, "usage", "--json", "--from", local(T0), "--to", local(T0 + 2 * HOUR))
+    _, out = cli(config_path, "usage", "--json", "--from", local(T0), "--to", local(T0 + 2 * HOUR))
     assert doc["groups"] == json.loads(out)["groups"]
     bad = app.respond({"PATH_INFO": "/api/v1/usage", "QUERY_STRING": "by=nobody"})
     assert bad.status == "400 Bad Request"
