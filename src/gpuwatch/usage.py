@@ -305,13 +305,13 @@ def usage_document(
     for r in records:
         item: dict[str, object] = {
             by: r.key,
-            "gpu_hours": round(r.gpu_hours, 4),
-            "held_idle_gpu_hours": round(r.held_idle_gpu_hours, 4),
+            "gpu_hours": round(r.gpu_hours, 6),
+            "held_idle_gpu_hours": round(r.held_idle_gpu_hours, 6),
         }
         for name in ("known_gpu_hours", "unknown_gpu_hours", "utilization_percent", "ewma_gpus"):
             value = getattr(r, name)
             if value is not None:
-                item[name] = round(value, 4)
+                item[name] = round(value, 6)
         groups.append(item)
     return {
         "from": start,
@@ -319,10 +319,10 @@ def usage_document(
         "by": by,
         "groups": groups,
         "fleet": {
-            "gpu_hours": round(fleet.used_s / 3600.0, 4),
-            "held_idle_gpu_hours": round(fleet.idle_s / 3600.0, 4),
-            "known_gpu_hours": round(fleet.known_s / 3600.0, 4),
-            "unknown_gpu_hours": round(fleet.down_s / 3600.0, 4),
+            "gpu_hours": round(fleet.used_s / 3600.0, 6),
+            "held_idle_gpu_hours": round(fleet.idle_s / 3600.0, 6),
+            "known_gpu_hours": round(fleet.known_s / 3600.0, 6),
+            "unknown_gpu_hours": round(fleet.down_s / 3600.0, 6),
             "utilization_percent": None if fleet.utilization_percent is None else round(fleet.utilization_percent, 2),
         },
         "never_used": sorted(never_used),

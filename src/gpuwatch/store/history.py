@@ -472,13 +472,13 @@ class HistoryWriter:
         poll_every: float,
         *,
         clock: Callable[[], float] = time.time,
-        flush_every: float = FLUSH_SECONDS,
+        flush_every: float | None = None,
     ) -> None:
         self.path = history_path(state_dir)
         self.settings = settings
         self.poll_every = poll_every
         self.clock = clock
-        self.flush_every = flush_every
+        self.flush_every = FLUSH_SECONDS if flush_every is None else flush_every
         self._queue: queue.Queue[HostSample] = queue.Queue(MAX_QUEUED)
         self._store: HistoryStore | None = None
         self._last: dict[str, float] = {}
