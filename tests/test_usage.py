@@ -17,6 +17,7 @@ from gpuwatch.config import ReportSchedule, WebConfig
 from gpuwatch.config.load import load_config
 from gpuwatch.fleet import FleetState
 from gpuwatch.store.history import HOUR, HistorySettings
+from gpuwatch.text import iso_time
 from gpuwatch.usage import period
 from gpuwatch.usagereport import TOP_PEOPLE, usage_report
 from gpuwatch.web import WebApp
@@ -110,7 +111,14 @@ def doc(people: dict[str, float], *, never: list[str] | None = None) -> dict[str
         "unknown_gpu_hours": 2.0,
         "utilization_percent": 41.0,
     }
-    return {"from": T0, "to": T0 + 7 * 86400, "by": "user", "groups": groups, "fleet": fleet, "never_used": never or []}
+    return {
+        "from": iso_time(T0),
+        "to": iso_time(T0 + 7 * 86400),
+        "by": "user",
+        "groups": groups,
+        "fleet": fleet,
+        "never_used": never or [],
+    }
 
 
 def test_the_usage_report_names_the_top_people_the_change_and_the_gpus_never_used() -> None:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .model import HostSnapshot
+from .text import iso_time
 
 UNKNOWN_PERSON = "?"
 #: A previous poll longer ago than this many poll intervals does not stretch ``dt``.
@@ -300,7 +301,7 @@ def usage_document(
 ) -> dict[str, object]:
     """The ``usage --json`` and ``/api/v1/usage`` document: the period, one record per group
     (its key under the group's name: ``user``, ``host``, ``model``, ``gpu``), the fleet's totals
-    and the GPUs nobody used in the period."""
+    and the GPUs nobody used in the period. Times are ISO 8601, as in every JSON gpuwatch prints."""
     groups = []
     for r in records:
         item: dict[str, object] = {
@@ -314,8 +315,8 @@ def usage_document(
                 item[name] = round(value, 6)
         groups.append(item)
     return {
-        "from": start,
-        "to": end,
+        "from": iso_time(start),
+        "to": iso_time(end),
         "by": by,
         "groups": groups,
         "fleet": {

@@ -11,6 +11,7 @@ and :data:`MAX_NEVER_USED` GPUs are named (the rest are counted).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from .message import Body, Message, Row, Section
@@ -73,7 +74,7 @@ def _never_used(names: Sequence[str]) -> str:
 
 def usage_report(current: Mapping[str, Any], previous: Mapping[str, Any]) -> Message:
     """The ``usage`` report for ``current`` (compared with ``previous``, the period before it)."""
-    start, end = float(current["from"]), float(current["to"])
+    start, end = (datetime.fromisoformat(str(current[k])).timestamp() for k in ("from", "to"))
     span = format_duration(end - start)
     fleet, before_fleet = current["fleet"], previous.get("fleet", {})
     people, before = _people(current), _people(previous)

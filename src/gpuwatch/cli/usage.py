@@ -116,7 +116,8 @@ def _cell(value: object) -> str:
 
 def write_text(doc: Mapping[str, Any], out: TextIO, exists: bool) -> None:
     by, fleet = str(doc["by"]), doc["fleet"]
-    out.write(f"Usage from {local_time(doc['from'])} to {local_time(doc['to'])}, by {by}\n")
+    start, end = (datetime.fromisoformat(str(doc[k])) for k in ("from", "to"))
+    out.write(f"Usage from {local_time(start)} to {local_time(end)}, by {by}\n")
     if not exists:
         out.write("No usage history yet: the daemon (gpuwatch run) records it as it polls.\n")
         return
