@@ -123,6 +123,10 @@ class HistoryError(Exception):
     """The history file could not be opened, read or written (said in one line, never fatal)."""
 
 
+class CorruptHistory(HistoryError):
+    """The history file is not an SQLite database, or has damaged pages."""
+
+
 @dataclass(frozen=True)
 class HistorySettings:
     """What the writer needs of ``history:`` (seconds and percent)."""
@@ -159,11 +163,18 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
             conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            if conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                conn.close()
+                raise CorruptHistory("damaged pages")
             _migrate(conn, path)
             for suffix in ("-wal", "-shm"):
                 make_private(Path(f"{path}{suffix}"))
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except (sqlite3.Error, OSError) as exc:
+    except sqlite3.DatabaseError as exc:
+        if any(words in str(exc).lower() for words in ("not a database", "malformed")):
+            raise CorruptHistory(str(exc)) from None
+        raise HistoryError(f"cannot open {path}: {exc}") from None
+    except OSError as exc:
         raise HistoryError(f"cannot open {path}: {exc}") from None
     if version > len(_MIGRATIONS):
         conn.close()
@@ -535,12 +546,13 @@ class HistoryWriter:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        else:
+        elif not self._queue.empty():
             self.flush()
-        if self._store is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._store.conn.close()
-            self._store = None
+        with self._flushing:
+            if self._store is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._store.conn.close()
+                self._store = None
 
     close = stop
 
@@ -551,7 +563,18 @@ class HistoryWriter:
 
     def _open(self) -> HistoryStore:
         if self._store is None:
-            self._store = HistoryStore(connect(self.path), self.settings)
+            try:
+                conn = connect(self.path)
+            except CorruptHistory as exc:
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+                log.error(
+                    "history: %s was corrupt (%s): moved it aside to %s, starting afresh", self.path, exc, aside.name
+                )
+                conn = connect(self.path)
+            self._store = HistoryStore(conn, self.settings)
             last = self._store.last_polls()
             known = self._store.known_gpus()
             with self._lock:
