@@ -36,7 +36,17 @@ from pathlib import Path
 from ..config import Config
 from ..model import HostErrorKind, HostSnapshot
 from ..statedir import ensure_state_dir, make_private, open_private
-from ..usage import GpuReading, GpuTally, HostSample, PersonOnGpu, PersonTally, account, readings_of, stands_for
+from ..usage import (
+    MAX_GAP_POLLS,
+    GpuReading,
+    GpuTally,
+    HostSample,
+    PersonOnGpu,
+    PersonTally,
+    account,
+    readings_of,
+    stands_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +337,13 @@ class HistoryStore:
                 count += 1
         return count
 
-    def last_polls(self) -> dict[str, float]:
-        """Each host's latest sample time (for the first ``dt`` after a restart)."""
-        rows = self.conn.execute("SELECT h.name, MAX(r.t) FROM raw r JOIN hosts h ON h.id = r.host_id GROUP BY h.name")
+    def last_polls(self, since: float) -> dict[str, float]:
+        """Each host's latest sample time from ``since`` on (for the first ``dt`` after a restart;
+        an older one would not count, and only the newest rows are read)."""
+        rows = self.conn.execute(
+            "SELECT h.name, MAX(r.t) FROM raw r JOIN hosts h ON h.id = r.host_id WHERE r.t >= ? GROUP BY h.name",
+            (int(since),),
+        )
         return {str(n): float(t) for n, t in rows}
 
     def known_gpus(self) -> dict[str, tuple[int, ...]]:
@@ -575,7 +589,7 @@ class HistoryWriter:
                 )
                 conn = connect(self.path)
             self._store = HistoryStore(conn, self.settings)
-            last = self._store.last_polls()
+            last = self._store.last_polls(self.clock() - MAX_GAP_POLLS * self.poll_every)
             known = self._store.known_gpus()
             with self._lock:
                 for name, t in last.items():
