@@ -9,7 +9,8 @@
   and memory, kept for ``history.five_minutes_for`` (for charts);
 * ``gpu_hour`` and ``person_hour``: per GPU and hour, and per person, host and hour, the seconds
   :mod:`gpuwatch.usage` accounts (known, down, used, held idle; a person's share), with means and
-  maxima, kept for ``history.keep``.
+  maxima, kept for ``history.keep``; ``gpu_day`` and ``person_day``, their sums per UTC day (so a
+  month or a year is read from few rows), kept as long.
 
 Its own file, connection and writer thread (:class:`HistoryWriter`): a big batch, a roll-up or a
 retention delete never holds the lock the outbox is delivered under, and a full disk or a
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 HISTORY_NAME = "history.sqlite3"
 FIVE_MINUTES = 300
 HOUR = 3600
+DAY = 86400
 #: A bucket is rolled up this long after it ended: results of slow hosts still come in.
 ROLLUP_GRACE_SECONDS = 120
 #: The writer commits what it gathered once per this many seconds.
@@ -110,6 +112,33 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (t, gpu_id)
     ) WITHOUT ROWID;
     CREATE TABLE person_hour (
+        t INTEGER NOT NULL,
+        person_id INTEGER NOT NULL,
+        host_id INTEGER NOT NULL,
+        gpu_ms INTEGER NOT NULL,
+        idle_ms INTEGER NOT NULL,
+        mem_max INTEGER NOT NULL,
+        gpus_max INTEGER NOT NULL,
+        PRIMARY KEY (t, person_id, host_id)
+    ) WITHOUT ROWID
+    """,
+    # daily sums of the hourly rows (UTC days): a month's usage reads 30 rows per GPU, not 720
+    """
+    CREATE TABLE gpu_day (
+        t INTEGER NOT NULL,
+        gpu_id INTEGER NOT NULL,
+        known_s INTEGER NOT NULL,
+        down_s INTEGER NOT NULL,
+        used_s INTEGER NOT NULL,
+        idle_s INTEGER NOT NULL,
+        util_s INTEGER NOT NULL,
+        util_sum INTEGER NOT NULL,
+        util_max INTEGER,
+        mem_mean INTEGER,
+        mem_max INTEGER,
+        PRIMARY KEY (t, gpu_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE person_day (
         t INTEGER NOT NULL,
         person_id INTEGER NOT NULL,
         host_id INTEGER NOT NULL,
@@ -362,29 +391,51 @@ class HistoryStore:
 
     def rollup(self, now: float, *, limit: int = 10_000) -> int:
         """Roll up every 5-minute and hourly bucket that ended at least :data:`ROLLUP_GRACE_SECONDS`
-        before ``now`` and is not rolled up yet (each bucket one transaction); returns how many."""
+        before ``now``, and every UTC day whose hours are all rolled up, not rolled up yet (each
+        bucket one transaction); returns how many."""
         done = 0
-        for key, step in (("rolled_5m", FIVE_MINUTES), ("rolled_hour", HOUR)):
-            horizon = math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step
+        for key, step in (("rolled_5m", FIVE_MINUTES), ("rolled_hour", HOUR), ("rolled_day", DAY)):
+            horizon = float(math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step)
+            if step == DAY:
+                horizon = min(horizon, self._meta("rolled_hour") or 0)
             while done < limit:
-                start = self._next_bucket(key, step, horizon)
+                start = self._next_bucket(key, step, horizon, "gpu_hour" if step == DAY else "raw")
                 if start is None:
                     break
                 with self.transaction():
-                    self._roll(start, step)
+                    if step == DAY:
+                        self._roll_day(start)
+                    else:
+                        self._roll(start, step)
                     self.conn.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(start + step))
                     )
                 done += 1
         return done
 
-    def _next_bucket(self, key: str, step: int, horizon: float) -> int | None:
+    def _next_bucket(self, key: str, step: int, horizon: float, source: str) -> int | None:
         rolled = self._meta(key)
-        row = self.conn.execute("SELECT MIN(t) FROM raw WHERE t >= ?", (rolled or 0,)).fetchone()
+        row = self.conn.execute(f"SELECT MIN(t) FROM {source} WHERE t >= ?", (rolled or 0,)).fetchone()  # noqa: S608
         if row[0] is None:
             return None
         start = int(row[0]) // step * step
         return start if start + step <= horizon else None
+
+    def _roll_day(self, start: int) -> None:
+        """A UTC day's sums, from its hourly rows."""
+        span = (start, start, start + DAY)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO gpu_day SELECT ?, gpu_id, SUM(known_s), SUM(down_s), SUM(used_s), SUM(idle_s), "
+            "SUM(util_s), SUM(util_sum), MAX(util_max), CAST(ROUND(SUM(mem_mean * known_s) * 1.0 / "
+            "NULLIF(SUM(CASE WHEN mem_mean IS NULL THEN 0 ELSE known_s END), 0)) AS INTEGER), MAX(mem_max) "
+            "FROM gpu_hour WHERE t >= ? AND t < ? GROUP BY gpu_id",
+            span,
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO person_day SELECT ?, person_id, host_id, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), "
+            "MAX(gpus_max) FROM person_hour WHERE t >= ? AND t < ? GROUP BY person_id, host_id",
+            span,
+        )
 
     def _roll(self, start: int, step: int) -> None:
         gpus = self.gpu_infos()
@@ -469,6 +520,8 @@ class HistoryStore:
             "gpu_5m": now - s.five_minutes_for,
             "gpu_hour": now - s.keep,
             "person_hour": now - s.keep,
+            "gpu_day": now - s.keep,
+            "person_day": now - s.keep,
         }
         deleted = {}
         with self.transaction() as conn:
