@@ -294,7 +294,8 @@ def report(args: argparse.Namespace, directory: Path, settings: HistorySettings)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(os.path.getsize(p) for p in directory.glob("history.sqlite3*"))
     counts = {
-        t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("raw", "gpu_5m", "gpu_hour", "person_hour", "gpu_day", "person_day")
+        t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+        for t in ("raw", "gpu_5m", "gpu_hour", "person_hour", "gpu_day", "person_day")
     }
     print(
         f"database: {size / 2**20:,.0f} MiB ({size / 1e9:.2f} GB); rows: "
