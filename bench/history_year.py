@@ -48,11 +48,11 @@ from gpuwatch.store.history import (  # noqa: E402
     HOUR,
     HistorySettings,
     HistoryStore,
-    HistoryWriter,
     connect,
     history_path,
 )
 from gpuwatch.store.historyread import HistoryReader  # noqa: E402
+from gpuwatch.store.historywriter import HistoryWriter  # noqa: E402
 from gpuwatch.usage import GpuReading, HostSample, PersonOnGpu  # noqa: E402
 
 DAY = 86400

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuwatch.store.history import HOUR, HistoryStore, HistoryWriter, connect, history_path
+from gpuwatch.store.history import HOUR, HistoryStore, connect, history_path
 from gpuwatch.store.historyread import HistoryReader
+from gpuwatch.store.historywriter import HistoryWriter
 from gpuwatch.usage import (
     GpuReading,
     HostSample,
