@@ -37,6 +37,8 @@ PURE = (
     "wishes",
     "siteview",
     "reservation",  # GPU bookings: read, overlaps, in force (store/reservations.py keeps the rows)
+    "usage",
+    "usagereport",
 )
 IO_MODULES = (
     "gpuwatch.ssh",

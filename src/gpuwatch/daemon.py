@@ -59,9 +59,14 @@ from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, sile
 from .ssh import Runner
 from .statedir import StateError
 from .store import AlertStore, Outbox, ReportRuns, ReservationStore, StoreError
+from .store.history import HistoryError, HistorySettings
+from .store.historyread import HistoryReader
+from .store.historywriter import HistoryWriter
 from .store.wishes import WishStore
 from .text import format_duration, plural
 from .timetable import is_due
+from .usage import period
+from .usagereport import usage_report
 from .wishes import Ending, judge
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,7 @@ class Daemon:
         stop: threading.Event | None = None,
         program: Sequence[str] = ("gpuwatch",),
         discovery: Discovery | None = None,
+        history: HistoryWriter | None = None,
     ) -> None:
         self.config = config
         self.program = tuple(program)  # how printed command lines start (cli.common.program_words)
@@ -141,12 +147,15 @@ class Daemon:
         self._made: dict[str, float] = {}  # report name -> when this process last made (or tried) it
         self.unprepared = 0  # messages a channel could not prepare (kept as refused for good)
         self.command = shlex.join(self.program)  # how the printed ack lines run gpuwatch from a shell
+        self.history = history  # where each result is also recorded (None: no usage history)
 
     # -- the fleet state
 
     def on_result(self, host: HostSnapshot) -> None:
         """A host's new result (from its timer thread): record it, wake the main loop."""
         self.state.update(host)
+        if self.history is not None:
+            self.history.record(host)
         with self._fresh_lock:
             self._fresh.add(host.name)
             self._answered.add(host.name)
@@ -363,8 +372,11 @@ class Daemon:
         """Make ``spec``'s report and queue it; remember when, under ``record`` (default: the
         schedule's own name), in the same transaction: what ``--once`` asks to know if it is due."""
         snapshot = snapshot or self.snapshot()
-        message = self.linked(build_report(spec.report, snapshot, self.config.free_gpu, spec.user))
         now = self.clock()
+        if spec.report == "usage":
+            message = self.linked(self.usage_report(spec, now))
+        else:
+            message = self.linked(build_report(spec.report, snapshot, self.config.free_gpu, spec.user))
         try:
             with self.outbox.db.transaction():
                 self.enqueue(message, self.report_channels(), scope=spec.scope)
@@ -376,6 +388,25 @@ class Daemon:
                     name, message.title, self.channels[name].prepare(message), kind=message.kind, scope=spec.scope
                 )
             log.error("%s not queued: %s; kept in memory until it can be", message.title, exc)
+
+    def usage_report(self, spec: ReportSchedule, now: float) -> Message:
+        """The ``usage`` report over the schedule's period (``every``, else a day) up to ``now``,
+        compared with the period before, from the history file (:mod:`.store.historyread`)."""
+        if self.history is not None:
+            self.history.flush()  # what the writer still holds counts too
+        settings = HistorySettings.of(self.config)
+        span = spec.every or 86400.0
+        start, end = period(now, since=span)
+        reader = HistoryReader(self.config.state_dir)
+        try:
+            kw = {"idle_below": settings.idle_below, "half_life": settings.half_life}
+            current = reader.usage(start, end, "user", **kw)
+            previous = reader.usage(start - span, start, "user", **kw) if start - span >= 0 else {}
+        except HistoryError as exc:
+            raise StateError(f"usage report: {exc}") from None
+        finally:
+            reader.close()
+        return usage_report(current, previous)
 
     # -- jobs (never raise: one failed step must not stop the daemon)
 
@@ -618,6 +649,8 @@ class Daemon:
         polled = self.poller.poll(self.stop)
         for host in polled.hosts:
             self.state.update(host)
+            if self.history is not None:
+                self.history.record(host)
         snapshot = self.snapshot()
         try:
             self.alerts(snapshot)

@@ -11,6 +11,8 @@ Routes (under ``web.base_path``), GET and HEAD only:
   ``/api/v1/alerts``: :func:`~gpuwatch.render.alerts_dict`, the ``alerts --json`` document;
   ``/api/v1/reservations``: :func:`~gpuwatch.reservation.reservations_dict`, the ``reserve list --json``
   document (the bookings in force and to come; ``?all=1``: past ones too);
+  ``/api/v1/usage?since=7d&by=user``: :meth:`~gpuwatch.store.historyread.HistoryReader.usage`, the
+  ``usage --json`` document;
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
 * ``/metrics``: Prometheus text (``metrics.py``).
 
@@ -55,8 +57,11 @@ from .render import alert_rows, alerts_dict, snapshot_dict
 from .reservation import reservations_dict, with_reservations
 from .siteview import SiteView, site_view
 from .store import StoreReader
+from .store.history import HistoryError, HistorySettings
+from .store.historyread import HistoryReader
 from .summary import totals
-from .text import format_duration, plural
+from .text import format_duration, parse_duration, plural
+from .usage import GROUPINGS, period
 from .webauth import LoginGuard, basic_credentials_match, peer_of
 from .webserver import guarded_server
 
@@ -172,6 +177,7 @@ class WebApp:
             lstrip_blocks=True,
         )
         self.logins = LoginGuard(clock)
+        self.history = HistoryReader(config().state_dir)  # opened at the first /api/v1/usage
         self._auth_user = web.auth.user if web.auth else None
         self._auth_password = web.auth.resolve_password() if web.auth else None
         if web.auth and not self._auth_password:
@@ -251,6 +257,7 @@ class WebApp:
             "/api/v1/snapshot": self.api_snapshot,
             "/api/v1/alerts": self.api_alerts,
             "/api/v1/reservations": self.api_reservations,
+            "/api/v1/usage": self.api_usage,
             "/metrics": self.metrics,
         }
 
@@ -375,6 +382,24 @@ class WebApp:
                 acks=self.store.acks(),
             )
         )
+
+    def api_usage(self, environ: Mapping[str, Any], query_string: str) -> Response:
+        """``?since=7d`` (default) and ``?by=user|host|model|gpu``: the ``usage --json`` document."""
+        query = parse_qs(query_string)
+        by = query.get("by", ["user"])[-1]
+        try:
+            if by not in GROUPINGS:
+                raise ValueError(f"by: expected one of {', '.join(GROUPINGS)}")
+            since = parse_duration(query.get("since", ["7d"])[-1])
+            start, end = period(time.time(), since=since)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, "400 Bad Request")
+        settings = HistorySettings.of(self.config())
+        try:
+            doc = self.history.usage(start, end, by, idle_below=settings.idle_below, half_life=settings.half_life)
+        except HistoryError as exc:
+            return _json({"error": str(exc)}, "503 Service Unavailable")
+        return _json(doc)
 
     def metrics(self, environ: Mapping[str, Any], query_string: str) -> Response:
         encoder, content_type = choose_encoder(str(environ.get("HTTP_ACCEPT", "")))

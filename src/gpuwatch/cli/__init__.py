@@ -27,7 +27,7 @@ from ..config import ConfigError, find_config_path
 from ..config.load import load_config
 from ..logsetup import setup_logging
 from ..statedir import StateError
-from . import alerts, completion, demo, notify, reserve, run, status, wishes
+from . import alerts, completion, demo, notify, reserve, run, status, usage, wishes
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
 from .manpage import render_manpage
 from .wiring import attach_web, build_channels, build_poller, make_runner_factory, secrets
@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The command groups, in the order --help lists them.
-COMMAND_GROUPS = (run, status, alerts, reserve, notify, wishes, demo, completion)
+COMMAND_GROUPS = (run, status, alerts, usage, reserve, notify, wishes, demo, completion)
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
@@ -96,7 +96,7 @@ def _cmd_man(args: argparse.Namespace, out: TextIO) -> int:
 
 # Commands that record nothing in the state directory: a user who may not write it (a read-only
 # mount, the service's directory seen by an admin) can still run them; the log file is optional.
-READ_ONLY_COMMANDS = frozenset({"status", "check", "alerts", "test-notify"})
+READ_ONLY_COMMANDS = frozenset({"status", "check", "alerts", "test-notify", "usage"})
 
 
 def _only_reads(command: str, args: argparse.Namespace) -> bool:

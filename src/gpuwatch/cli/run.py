@@ -27,6 +27,8 @@ from ..notify.registry import channel_spec, names_in_words
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
+from ..store.history import HistorySettings
+from ..store.historywriter import HistoryWriter
 from ..text import local_time, plural
 from ..timetable import is_due, period_start
 from .common import UsageError, add_shard_option, program_words
@@ -42,7 +44,7 @@ from .wiring import (
 
 log = logging.getLogger(__name__)
 
-REPORT_HELP = "send this report now, due or not (implies --once): overview, free or user:NAME; may be repeated"
+REPORT_HELP = "send this report now, due or not (implies --once): overview, free, usage or user:NAME; may be repeated"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -89,7 +91,8 @@ def forced_reports(config: Config, names: Sequence[str]) -> list[ReportSchedule]
         if kind not in REPORT_KINDS or (kind == "user") != bool(user):
             listed = ", ".join(dict.fromkeys(spec.scope for spec in config.schedule.reports)) or "none"
             raise UsageError(
-                f"--report: {name!r} is not a report; expected overview, free or user:NAME (configured: {listed})"
+                f"--report: {name!r} is not a report; expected overview, free, usage or user:NAME "
+                f"(configured: {listed})"
             )
         found.append(configured.get(name) or ReportSchedule(report=kind, user=user or None))
     return found
@@ -214,6 +217,9 @@ def cmd_run(
     config = with_discovered(config, discovery)
     poller = build_poller(config, handshakes)
     path = config.path
+    history = None  # --dry-run records nothing
+    if config.history.enabled and not dry_run:
+        history = HistoryWriter(config.state_dir, HistorySettings.of(config), config.schedule.poll_every, clock=clock)
 
     def reload_config() -> Config:
         if path is None:
@@ -239,15 +245,20 @@ def cmd_run(
         clock=clock,
         program=program_words(),
         discovery=discovery,  # followed by run_forever; --once judges discovery_failed with it
+        history=history,
     )
     try:
         if once or dry_run:
             return daemon.run_once(reports)
         attach_web(config, daemon)
+        if history is not None:
+            daemon.services.append(history)
         return daemon.run_forever()
     finally:
         if discovery is not None:
             discovery.close()
+        if history is not None:
+            history.stop()
         poller.close()
         outbox.db.close()
         for channel in daemon.channels.values():

@@ -40,6 +40,7 @@ from .records import (
     AttributionConfig,
     Config,
     FreeGpuConfig,
+    HistoryConfig,
     HostConfig,
     HostContextConfig,
     HostPattern,
@@ -110,6 +111,7 @@ TOP_KEYS = (
     "attribution",
     "shard",
     "hosts_from",
+    "history",
 )
 LEGACY_KEYS = ("ip_list", "port", "user", "password", "feishu_url", "feishu_keyword")
 HOST_KEYS = ("name", "address", *SSH_KEYS)
@@ -316,6 +318,27 @@ def _parse_attribution(raw: object) -> AttributionConfig:
     return AttributionConfig(**values)
 
 
+#: The shortest ``history.raw_for``: raw polls must outlive the hour they are rolled up after.
+MIN_RAW_FOR = 2 * 3600.0
+
+
+def _parse_history(raw: object) -> HistoryConfig:
+    """``history: {enabled, raw_for, five_minutes_for, keep, half_life, idle_below}``."""
+    section = mapping(raw, "history")
+    check_keys(section, ("enabled", "raw_for", "five_minutes_for", "keep", "half_life", "idle_below"), "history")
+    values: dict[str, Any] = {}
+    if "enabled" in section:
+        values["enabled"] = boolean(section["enabled"], "history.enabled")
+    for key in ("raw_for", "five_minutes_for", "keep", "half_life"):
+        if key in section:
+            values[key] = positive_duration(section[key], f"history.{key}")
+    if values.get("raw_for", MIN_RAW_FOR) < MIN_RAW_FOR:
+        raise ConfigError("history.raw_for: at least 2h (raw polls are rolled up after their hour ends)")
+    if section.get("idle_below") is not None:
+        values["idle_below"] = integer(section["idle_below"], "history.idle_below", 0, 101)
+    return HistoryConfig(**values)
+
+
 WEB_VIEWS = ("list", "wall")  # the page's views (web.py); ?view= picks one per visit
 _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)")
 
@@ -475,6 +498,7 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
     max_parallel = integer(doc.get("max_parallel", 256), "max_parallel", 1, 1024)
     host_context = _parse_host_context(doc.get("host_context"))
     attribution = _parse_attribution(doc.get("attribution"))
+    history = _parse_history(doc.get("history"))
     log_level = choice(string(doc.get("log_level", "INFO"), "log_level").upper(), "log_level", LOG_LEVELS)
     shard = parse_shard(doc["shard"], "shard") if doc.get("shard") is not None else None
     warnings = _permission_warnings(path, _secret_keys(doc, channels))
@@ -496,6 +520,7 @@ def parse_config(doc: object, path: Path | None = None, channels: tuple[ChannelS
         shard=shard,
         hosts_from=hosts_from,
         host_patterns=patterns,
+        history=history,
     )
 
 

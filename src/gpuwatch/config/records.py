@@ -21,7 +21,7 @@ from .values import from_env
 DEFAULT_CONFIG_NAME = "config.yaml"
 CONFIG_ENV = "GPUWATCH_CONFIG"
 HOST_KEY_POLICIES = ("accept-new", "strict", "off")
-REPORT_KINDS = ("overview", "user", "free")
+REPORT_KINDS = ("overview", "user", "free", "usage")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The one host entry polled on this machine without SSH: the name ``localhost``, bare or as a mapping
 # with no key but these. An address, or any key about the connection (port, user, proxy_jump, ...),
@@ -108,7 +108,7 @@ class HostPattern:
 
 @dataclass(frozen=True)
 class ReportSchedule:
-    report: str  # overview | user | free
+    report: str  # overview | user | free | usage
     every: float | None = None  # seconds
     at: str | None = None  # "HH:MM", daily
     user: str | None = None  # for report: user
@@ -177,6 +177,20 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """``history:``: the usage history kept in ``<state_dir>/history.sqlite3`` (durations in seconds).
+
+    ``idle_below`` None: the ``idle_gpu`` rule's ``util_below`` when that rule is on, else 5 %."""
+
+    enabled: bool = True
+    raw_for: float = 48 * 3600.0  # every poll, as it was
+    five_minutes_for: float = 7 * 86400.0  # 5-minute means and maxima per GPU (charts)
+    keep: float = 400 * 86400.0  # hourly sums per GPU and per person (usage, reports)
+    half_life: float = 7 * 86400.0  # of the per-person weighted average (ewma_gpus)
+    idle_below: int | None = None  # percent: a GPU held under this utilization is "held idle"
+
+
+@dataclass(frozen=True)
 class WebAuth:
     """HTTP Basic for the page, the API and /metrics; the password comes from the environment."""
 
@@ -235,6 +249,7 @@ class Config:
     all_hosts: tuple[HostConfig, ...] = ()  # with a shard: every configured host (``hosts`` holds the shard's)
     hosts_from: tuple[DiscoverySource, ...] = ()  # discovery (gpuwatch.discovery); hosts holds the merged list
     host_patterns: tuple[HostPattern, ...] = ()  # hosts: entries with match:, for discovered hosts
+    history: HistoryConfig = HistoryConfig()
 
     def host_index(self, host: HostConfig) -> int:
         """Where ``host`` stands in the config's ``hosts:`` list (``hosts[7]``), a shard's or not."""
