@@ -98,7 +98,8 @@ class Sparklines:
                 self._said = str(exc)
             return SparkSet(note=f"history not readable: {exc}")
         self._said = ""
-        final_until = max(start, rolled // self.step * self.step)
+        # Final: slots that ended before the roll-ups did, and before now (the one holding now is never).
+        final_until = max(start, min(rolled // self.step * self.step, end - self.step))
         lines: dict[tuple[str, int], Sparkline] = {}
         for key in set(self._final) | set(fresh):
             kept = {t: s for t, s in self._final.get(key, {}).items() if t >= start}

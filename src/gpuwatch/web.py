@@ -403,7 +403,7 @@ class WebApp:
             _, days, note = self._usage_days(query_string)
         except ValueError as exc:
             return _json({"error": str(exc)}, "400 Bad Request")
-        if note and self.config().history.enabled:
+        if note:  # history off or unreadable
             return _json({"error": note}, "503 Service Unavailable")
         return _json(daily_document(days))
 
