@@ -195,3 +195,19 @@ def test_a_locked_history_file_is_logged_and_the_polls_of_that_batch_dropped(
     assert "writing again" in caplog.text
     assert writer.written == 2
     writer.stop()
+
+
+def test_a_corrupt_history_file_is_moved_aside_and_a_fresh_one_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    history_path(tmp_path).write_bytes(b"this is no database " * 100)
+    writer = HistoryWriter(tmp_path, SETTINGS, poll_every=60, clock=Clock(T0))
+    writer.record(answered(T0, [50], [proc(1, 0, "alice", 100)]))
+    writer.flush()
+    writer.stop()
+    assert writer.written == 1
+    (aside,) = tmp_path.glob("history.sqlite3.corrupt-*")
+    assert aside.read_bytes().startswith(b"this is no database")
+    assert "was corrupt" in caplog.text
+    with connect(history_path(tmp_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

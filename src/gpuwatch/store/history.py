@@ -36,7 +36,17 @@ from pathlib import Path
 from ..config import Config
 from ..model import HostErrorKind, HostSnapshot
 from ..statedir import ensure_state_dir, make_private, open_private
-from ..usage import GpuReading, GpuTally, HostSample, PersonOnGpu, PersonTally, account, readings_of, stands_for
+from ..usage import (
+    MAX_GAP_POLLS,
+    GpuReading,
+    GpuTally,
+    HostSample,
+    PersonOnGpu,
+    PersonTally,
+    account,
+    readings_of,
+    stands_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +133,10 @@ class HistoryError(Exception):
     """The history file could not be opened, read or written (said in one line, never fatal)."""
 
 
+class CorruptHistory(HistoryError):
+    """The history file is not an SQLite database, or has damaged pages."""
+
+
 @dataclass(frozen=True)
 class HistorySettings:
     """What the writer needs of ``history:`` (seconds and percent)."""
@@ -159,11 +173,18 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
             conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            if conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                conn.close()
+                raise CorruptHistory("damaged pages")
             _migrate(conn, path)
             for suffix in ("-wal", "-shm"):
                 make_private(Path(f"{path}{suffix}"))
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except (sqlite3.Error, OSError) as exc:
+    except sqlite3.DatabaseError as exc:
+        if any(words in str(exc).lower() for words in ("not a database", "malformed")):
+            raise CorruptHistory(str(exc)) from None
+        raise HistoryError(f"cannot open {path}: {exc}") from None
+    except OSError as exc:
         raise HistoryError(f"cannot open {path}: {exc}") from None
     if version > len(_MIGRATIONS):
         conn.close()
@@ -316,9 +337,13 @@ class HistoryStore:
                 count += 1
         return count
 
-    def last_polls(self) -> dict[str, float]:
-        """Each host's latest sample time (for the first ``dt`` after a restart)."""
-        rows = self.conn.execute("SELECT h.name, MAX(r.t) FROM raw r JOIN hosts h ON h.id = r.host_id GROUP BY h.name")
+    def last_polls(self, since: float) -> dict[str, float]:
+        """Each host's latest sample time from ``since`` on (for the first ``dt`` after a restart;
+        an older one would not count, and only the newest rows are read)."""
+        rows = self.conn.execute(
+            "SELECT h.name, MAX(r.t) FROM raw r JOIN hosts h ON h.id = r.host_id WHERE r.t >= ? GROUP BY h.name",
+            (int(since),),
+        )
         return {str(n): float(t) for n, t in rows}
 
     def known_gpus(self) -> dict[str, tuple[int, ...]]:
@@ -535,12 +560,13 @@ class HistoryWriter:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        else:
+        elif not self._queue.empty():
             self.flush()
-        if self._store is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._store.conn.close()
-            self._store = None
+        with self._flushing:
+            if self._store is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._store.conn.close()
+                self._store = None
 
     close = stop
 
@@ -551,8 +577,19 @@ class HistoryWriter:
 
     def _open(self) -> HistoryStore:
         if self._store is None:
-            self._store = HistoryStore(connect(self.path), self.settings)
-            last = self._store.last_polls()
+            try:
+                conn = connect(self.path)
+            except CorruptHistory as exc:
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+                log.error(
+                    "history: %s was corrupt (%s): moved it aside to %s, starting afresh", self.path, exc, aside.name
+                )
+                conn = connect(self.path)
+            self._store = HistoryStore(conn, self.settings)
+            last = self._store.last_polls(self.clock() - MAX_GAP_POLLS * self.poll_every)
             known = self._store.known_gpus()
             with self._lock:
                 for name, t in last.items():
