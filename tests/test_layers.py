@@ -24,7 +24,7 @@ from imports import under as _under
 TESTS = Path(__file__).resolve().parent
 PURE = (
     "model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable",
-    "usage", "usagereport",
+    "usage", "usagereport", "historyview",
 )
 IO_MODULES = (
     "gpuwatch.ssh",
@@ -92,7 +92,9 @@ def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse.table", "gpuwatch.probe.gpu", "gpuwatch.ssh.hostkeys"} <= set(MODULES)
 
 
-@pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.pageview", "gpuwatch.metrics"])
+@pytest.mark.parametrize(
+    "module", ["gpuwatch.web", "gpuwatch.pageview", "gpuwatch.metrics", "gpuwatch.pagehistory", "gpuwatch.historyview"]
+)
 def test_the_page_and_metrics_read_never_act(module: str) -> None:
     """They read the fleet state and the store; they never poll, connect or send."""
     forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")
