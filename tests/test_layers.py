@@ -23,8 +23,20 @@ from imports import under as _under
 
 TESTS = Path(__file__).resolve().parent
 PURE = (
-    "model", "text", "message", "parse", "probe", "summary", "render", "report", "fleet", "rules", "timetable",
-    "usage", "usagereport", "historyview",
+    "model",
+    "text",
+    "message",
+    "parse",
+    "probe",
+    "summary",
+    "render",
+    "report",
+    "fleet",
+    "rules",
+    "timetable",
+    "usage",
+    "usagereport",
+    "historyview",
 )
 IO_MODULES = (
     "gpuwatch.ssh",
