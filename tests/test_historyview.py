@@ -79,15 +79,17 @@ def test_the_sparkline_places_each_slot_by_its_time_and_says_unknown_time_apart(
         start + 1800: tally(75, 80_000),
         start + 3600: tally(None, None, known=0, down=900),  # the host did not answer
         start + 4500: tally(None, 20_000),  # MIG: no utilization, memory known
+        start + 5400: tally(10, 20_000, known=300, down=600),  # mostly silent: a band over its values
         start - 900: tally(100, 0),  # before the window: left out
         start + 8 * 900: tally(100, 0),  # after it
     }
     s = sparkline(slots, start, 80_000, count=8)
-    assert points(s.util_line) == [(0, 18), (2, 18), (2, 6), (3, 6)]  # slot 3: no sample, a gap
-    assert points(s.mem_line) == [(0, 12), (2, 12), (2, 0), (3, 0), (5, 18), (6, 18)]
-    assert s.unknown == ((4, 1),)
+    assert points(s.util_line)[:4] == [(0, 18), (2, 18), (2, 6), (3, 6)]  # slot 3: no sample, a gap
+    assert points(s.mem_line) == [(0, 12), (2, 12), (2, 0), (3, 0), (5, 18), (7, 18)]
+    assert s.unknown == ((4, 1), (6, 1))
+    assert points(s.util_line)[-2:] == [(6, 22), (7, 22)]
     assert s.label == (
-        "last 24 h: utilization mean 42 %, peak 75 %; memory mean 56 %, peak 100 %; 15m unknown (host did not answer)"
+        "last 24 h: utilization mean 34 %, peak 75 %; memory mean 50 %, peak 100 %; 25m unknown (host did not answer)"
     )
     assert not s.empty and (s.width, s.height) == (8, SPARK_HEIGHT)
     # memory without the GPU's size: no memory line, utilization still drawn

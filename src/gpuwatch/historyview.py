@@ -8,9 +8,10 @@ Pure: nothing here reads a clock, a file or the network; times and the time zone
 Sparkline conventions: the last 24 hours in :data:`SPARK_SLOTS` slots of :data:`SPARK_STEP`
 seconds, the last one holding now; per slot the GPU's mean utilization and its mean memory use as
 a percent of its memory, over the seconds its host answered. A slot without any sample is a gap
-in the lines (no history then); a slot where the host never answered is *unknown* (a band, never
-zero use). Coordinates are a ``viewBox`` of one unit per slot across and :data:`SPARK_HEIGHT`
-units for 0..100 % up, drawn as steps (a slot's mean is flat over its slot), integers only.
+in the lines (no history then); a slot where the host did not answer for most of its time is
+*unknown* (a band; where it never answered, a gap in the lines too: never zero use).
+Coordinates are a ``viewBox`` of one unit per slot across and :data:`SPARK_HEIGHT` units for
+0..100 % up, drawn as steps (a slot's mean is flat over its slot), integers only.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, tzinfo
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qs, urlencode
 
 from .text import format_duration, iso_time, plural
-from .usage import GpuTally
 
 SPARK_STEP = 900  # seconds per slot: 96 slots over 24 hours
 SPARK_SLOTS = 96
@@ -39,6 +40,32 @@ PALETTE = 8
 
 
 # ---------------------------------------------------------------- sparklines
+
+
+class SlotReading(Protocol):
+    """What a sparkline needs of one GPU over one slot (a :class:`~gpuwatch.usage.GpuTally` has it)."""
+
+    @property
+    def utilization_percent(self) -> float | None: ...
+    @property
+    def memory_mean_mib(self) -> float | None: ...
+    @property
+    def known_s(self) -> float: ...
+    @property
+    def down_s(self) -> float: ...
+
+
+class SlotMean(NamedTuple):
+    """A slot's reading, kept small (the page keeps the final slots of every GPU between reads)."""
+
+    utilization_percent: float | None
+    memory_mean_mib: float | None
+    known_s: float
+    down_s: float
+
+    @classmethod
+    def of(cls, slot: SlotReading) -> SlotMean:
+        return cls(slot.utilization_percent, slot.memory_mean_mib, slot.known_s, slot.down_s)
 
 
 @dataclass(frozen=True)
@@ -105,7 +132,7 @@ def _unknown_runs(flags: Sequence[bool]) -> tuple[tuple[int, int], ...]:
 
 
 def sparkline(
-    slots: Mapping[float, GpuTally],
+    slots: Mapping[float, SlotReading],
     start: float,
     memory_total_mib: int | None,
     *,
@@ -125,7 +152,7 @@ def sparkline(
         util[i] = tally.utilization_percent
         mean = tally.memory_mean_mib
         mem[i] = 100 * mean / memory_total_mib if mean is not None and memory_total_mib else None
-        unknown[i] = tally.known_s <= 0 and tally.down_s > 0
+        unknown[i] = tally.down_s > tally.known_s
     util_line, util_area = step_paths(util, height)
     mem_line, _ = step_paths(mem, height)
     down = sum(tally.down_s for t, tally in slots.items() if 0 <= (t - start) // step < count)

@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
-from .historyview import SPARK_SLOTS, SPARK_STEP, DayUsage, Sparkline, spark_window, sparkline
+from .historyview import SPARK_SLOTS, SPARK_STEP, DayUsage, SlotMean, Sparkline, spark_window, sparkline
 from .store.history import HistoryError
 from .store.historyread import HistoryReader
-from .store.historyseries import SeriesReader, SlotSums
+from .store.historyseries import SeriesReader
 from .usage import GpuTally
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Sparklines:
         self._lock = threading.Lock()
         self._current = SparkSet(note="no history yet")
         self._read_at: float | None = None
-        self._final: SlotSums = {}  # slots that will not change
+        self._final: dict[tuple[str, int], dict[float, SlotMean]] = {}  # slots that will not change
         self._final_until = 0.0
         self._said = ""
 
@@ -103,7 +103,7 @@ class Sparklines:
         lines: dict[tuple[str, int], Sparkline] = {}
         for key in set(self._final) | set(fresh):
             kept = {t: s for t, s in self._final.get(key, {}).items() if t >= start}
-            slots = {**kept, **fresh.get(key, {})}
+            slots = {**kept, **{t: SlotMean.of(s) for t, s in fresh.get(key, {}).items()}}
             self._final[key] = {t: s for t, s in slots.items() if t < final_until}
             info = infos.get(key)
             lines[key] = sparkline(
