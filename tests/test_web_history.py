@@ -96,7 +96,7 @@ def test_each_gpu_with_history_has_a_24_hour_sparkline_and_the_others_say_no_his
     rows = gpu_rows(html)
     spark = re.search(r'<svg class="spark" viewBox="0 0 96 24".*?</svg>', rows["gpu-a/0"], re.S)
     assert spark is not None, rows["gpu-a/0"]
-    label = re.search(r'aria-label="([^"]*)"', spark.group(0))
+    label = re.search(r"<title>([^<]*)</title>", spark.group(0))
     assert label is not None
     assert label.group(1).startswith("last 24 h: utilization mean 60 %, peak 60 %; memory mean 25 %")
     assert "20m unknown (host did not answer)" in label.group(1)

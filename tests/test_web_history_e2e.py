@@ -117,14 +117,14 @@ def daemon(fleet: Fleet, known_hosts: Path, tmp_path: Path) -> Iterator[Daemon]:
 
 
 def spark_labels(driver: Any, selector: str) -> dict[str, str]:
-    """host/GPU -> the aria-label of its sparkline (list view rows or wall cells)."""
+    """host/GPU -> the title of its sparkline (its accessible name; list view rows or wall cells)."""
     return dict(
         driver.execute_script(
             "return Array.from(document.querySelectorAll(arguments[0])).map(s => {"
             " const host = s.closest('section').querySelector('.name').textContent;"
             " const row = s.closest('.gpu, .cell');"
             " const gpu = row.dataset.gpu || row.querySelector('.gid b').textContent.replace('GPU ', '');"
-            " return [host + '/' + gpu, s.getAttribute('aria-label')]; })",
+            " return [host + '/' + gpu, s.querySelector('title').textContent]; })",
             selector,
         )
     )
@@ -149,8 +149,13 @@ def test_the_sparklines_in_the_list_and_wall_views_of_a_real_daemon(daemon: Daem
         assert band[2] >= 150 and band[3] >= 20  # readable, not a speck
         assert driver.find_elements("css selector", "img") == []
         driver.get(daemon.url + "?view=wall")
-        cells = spark_labels(driver, ".cell svg.wallspark")
-        assert set(cells) == set(labels)
+        cells = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.cell svg.wallspark')).map(s =>"
+            " s.closest('section').dataset.host + '/' + s.closest('.cell').dataset.gpu)"
+        )
+        assert sorted(cells) == sorted(labels)
+        title = driver.find_element("css selector", "section[data-host=h3] .cell[data-gpu='0']").get_attribute("title")
+        assert "2h unknown (host did not answer)" in title  # the cell's own title says the sparkline's words
         scroll = driver.execute_script("return [document.documentElement.scrollHeight, window.innerHeight]")
         assert scroll[0] <= scroll[1], f"the wall scrolls: {scroll}"
         assert driver.save_screenshot(str(tmp_path / "sparklines-wall-1920x1080.png"))
