@@ -460,3 +460,5 @@ class WebServer:
         server.task_dispatcher.shutdown(timeout=timeout)
         if self.app.store is not None:
             self.app.store.close()
+        self.app.history.close()
+        self.app.sparklines.reader.close()
