@@ -9,7 +9,8 @@ What it builds (``--hosts 200 --gpus 8 --days 365``, a 60 s poll), in a fresh st
   ``person_hour`` rows (and ``gpu_5m`` rows for the 5-minute window) are made by the same kind of
   simulation, one row per GPU and per person and host each hour, and inserted in bulk;
 - the 48 h of raw polls are then rolled up by the real code (``HistoryStore.rollup``), bucket by
-  bucket, which is where the hourly roll-up time is measured.
+  bucket, which is where the hourly roll-up time is measured; so are the daily sums of every day
+  (from the hourly rows, generated or rolled up).
 
 The simulation: each GPU is free or runs one person's job (jobs last ~8 h, gaps ~4 h, people drawn
 with a skew among ``--people``, one job in ten shared by two people), a job is held idle (0-4 %)
@@ -47,11 +48,11 @@ from gpuwatch.store.history import (  # noqa: E402
     HOUR,
     HistorySettings,
     HistoryStore,
-    HistoryWriter,
     connect,
     history_path,
 )
 from gpuwatch.store.historyread import HistoryReader  # noqa: E402
+from gpuwatch.store.historywriter import HistoryWriter  # noqa: E402
 from gpuwatch.usage import GpuReading, HostSample, PersonOnGpu  # noqa: E402
 
 DAY = 86400
@@ -293,7 +294,8 @@ def report(args: argparse.Namespace, directory: Path, settings: HistorySettings)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(os.path.getsize(p) for p in directory.glob("history.sqlite3*"))
     counts = {
-        t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("raw", "gpu_5m", "gpu_hour", "person_hour")
+        t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+        for t in ("raw", "gpu_5m", "gpu_hour", "person_hour", "gpu_day", "person_day")
     }
     print(
         f"database: {size / 2**20:,.0f} MiB ({size / 1e9:.2f} GB); rows: "
@@ -333,7 +335,7 @@ def _generate(
 
 def _rollups(store: HistoryStore, now: int) -> None:
     """Roll up the raw part with the real code, one bucket per call, timing each kind."""
-    times: dict[str, list[float]] = {"rolled_5m": [], "rolled_hour": []}
+    times: dict[str, list[float]] = {"rolled_5m": [], "rolled_hour": [], "rolled_day": []}
     while True:
         before = {k: store._meta(k) for k in times}
         took, done = timed(store.rollup, now + 3 * HOUR, limit=1)
@@ -343,8 +345,11 @@ def _rollups(store: HistoryStore, now: int) -> None:
         times[next(k for k in times if after[k] != before[k])].append(took)
     for key, values in times.items():
         if values:
+            what = {"rolled_5m": "5-minute bucket (from raw)", "rolled_hour": "hour (from raw)"}.get(
+                key, "day (from hours)"
+            )
             print(
-                f"roll-up of one {'hour' if key == 'rolled_hour' else '5-minute bucket'} (real code, from raw): "
+                f"roll-up of one {what}, real code: "
                 f"mean {statistics.mean(values):.2f}s, max {max(values):.2f}s over {len(values)} buckets"
             )
 

@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpuwatch.store.history import HistorySettings, HistoryWriter
+from gpuwatch.store.history import HistorySettings
+from gpuwatch.store.historywriter import HistoryWriter
 from timeline import Clock, answered, failed, proc
 
 HOSTILE = "<img src=x onerror=alert(2)>"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuwatch.store.history import HOUR, HistoryStore, HistoryWriter, connect, history_path
+from gpuwatch.store.history import HOUR, HistoryStore, connect, history_path
 from gpuwatch.store.historyread import HistoryReader
+from gpuwatch.store.historywriter import HistoryWriter
 from gpuwatch.usage import (
     GpuReading,
     HostSample,
@@ -21,6 +22,7 @@ from gpuwatch.usage import (
     ewma_gpus,
     readings_of,
     shares,
+    spans,
     stands_for,
 )
 from timeline import ALICE, ALICE_IDLE, BOB, BOB_IDLE, DAY, SETTINGS, T0, WEEK, Clock, answered, proc, two_hours
@@ -68,8 +70,13 @@ def test_readings_name_the_owner_and_a_process_ps_did_not_see() -> None:
 
 def test_ewma_weighs_recent_hours_more() -> None:
     hourly = {float(T0): 3600 * 2.0, float(T0 + HOUR): 3600 * 1.0}
-    assert ewma_gpus(hourly, T0, T0 + 2 * HOUR, half_life_seconds=HOUR) == pytest.approx((0.5 * 2 + 1) / 1.5)
-    assert ewma_gpus({}, T0, T0 + HOUR, HOUR) == 0
+    two = spans(T0, T0 + 2 * HOUR)
+    assert two == [(T0, HOUR), (T0 + HOUR, HOUR)]
+    assert ewma_gpus(hourly, two, T0 + 2 * HOUR, half_life_seconds=HOUR) == pytest.approx((0.5 * 2 + 1) / 1.5)
+    assert ewma_gpus({}, spans(T0, T0 + HOUR), T0 + HOUR, HOUR) == 0
+    # a whole day read as one span: its hours weigh as one, aged at the day's end
+    mixed = spans(T0 - HOUR, T0 + DAY + HOUR, (T0, T0 + DAY))
+    assert mixed == [(T0 - HOUR, HOUR), (T0, DAY), (T0 + DAY, HOUR)]
 
 
 # ---------------------------------------------------------------- a recorded timeline in the store
@@ -211,3 +218,40 @@ def test_a_corrupt_history_file_is_moved_aside_and_a_fresh_one_started(
     assert "was corrupt" in caplog.text
     with connect(history_path(tmp_path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_whole_days_are_read_from_daily_sums_with_the_same_figures(tmp_path: Path) -> None:
+    """gpu-a polled every 10 min for three days from noon before T0: alice on GPU 0 at 50 %."""
+    clock = Clock(T0)
+    writer = HistoryWriter(tmp_path, SETTINGS, poll_every=600, clock=clock)
+    start = T0 - 12 * HOUR
+    for k in range(3 * 144):
+        t = start + 600 * k
+        clock.now = t + 1
+        writer.record(answered(t, [50, 0], [proc(1, 0, "alice", 1000)]))
+        if k % 6 == 0:
+            writer.flush()
+    clock.now = start + 3 * DAY + 121
+    writer.flush()
+    writer.stop()
+    with connect(history_path(tmp_path)) as conn:
+        days = conn.execute("SELECT t, SUM(known_s), SUM(used_s) FROM gpu_day GROUP BY t").fetchall()
+    # each UTC day once all its hours are rolled up (the first has only the 12 hours polled)
+    assert days == [(T0 - DAY, DAY, DAY / 2), (T0, 2 * DAY, DAY), (T0 + DAY, 2 * DAY, DAY)]
+    reader = HistoryReader(tmp_path)
+    end = start + 3 * DAY
+    both = reader.tallies(start, end, 5)
+    hours = reader.tallies(start, end, 5, days=False)
+    assert (T0, DAY) in both.spans and len(both.spans) == 24 + 2
+    assert both.people["alice"].gpu_s == hours.people["alice"].gpu_s == 3 * DAY
+    doc = reader.usage(start, end, "user", idle_below=5, half_life=WEEK)
+    (alice,) = doc["groups"]
+    assert alice["gpu_hours"] == 72 and alice["ewma_gpus"] == pytest.approx(1.0)
+    assert by_key(reader.usage(start, end, "gpu", idle_below=5, half_life=WEEK), "gpu")["gpu-a:0"]["gpu_hours"] == 72
+    assert reader.person_daily(start, end, tz=timezone.utc)["alice"] == {
+        "2026-12-06": 12.0,
+        "2026-12-07": 24.0,
+        "2026-12-08": 24.0,
+        "2026-12-09": 12.0,
+    }
+    reader.close()

@@ -128,7 +128,7 @@ def test_usage_shows_the_fleets_people_with_hours_that_match_their_gpus_and_the_
 # The killed daemon writes the history continuously (no pause between its transactions) and
 # retries Feishu quickly, so that a kill lands in the middle of history writes with messages queued.
 BUSY_WRITER = (
-    "import gpuwatch.store.history as history\nhistory.FLUSH_SECONDS = 0.005\n"
+    "import gpuwatch.store.historywriter as writer\nwriter.FLUSH_SECONDS = 0.005\n"
     "import gpuwatch.notify.http as http\nhttp._BACKOFF_BASE_SECONDS = 0.02"
 )
 

@@ -19,8 +19,8 @@ import pytest
 
 from builders import Clock, config, fleet
 from gpuwatch.config.load import parse_config
-from gpuwatch.store.history import HistoryWriter
 from gpuwatch.store.historyread import HistoryReader
+from gpuwatch.store.historywriter import HistoryWriter
 from gpuwatch.web import WebApp
 from timeline import SETTINGS, answered, failed, proc
 from timeline import Clock as WallClock

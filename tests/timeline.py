@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpuwatch.model import Gpu, GpuProcess, HostErrorKind, HostSnapshot
-from gpuwatch.store.history import HOUR, HistorySettings, HistoryWriter
+from gpuwatch.store.history import HOUR, HistorySettings
+from gpuwatch.store.historywriter import HistoryWriter
 
 T0 = 1_796_601_600  # 2026-12-07 00:00:00 UTC, a whole hour
 DAY = 86400.0

@@ -47,8 +47,9 @@ from .rules import Notice, Transition, acknowledged_ids, advance, evaluate, sile
 from .ssh import Runner
 from .statedir import StateError
 from .store import AlertStore, Outbox, ReportRuns, StoreError
-from .store.history import HistoryError, HistorySettings, HistoryWriter
+from .store.history import HistoryError, HistorySettings
 from .store.historyread import HistoryReader
+from .store.historywriter import HistoryWriter
 from .text import format_duration, plural
 from .timetable import is_due
 from .usage import period

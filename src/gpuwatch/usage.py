@@ -235,37 +235,48 @@ def decay_weight(age_seconds: float, half_life_seconds: float) -> float:
     return math.pow(0.5, max(0.0, age_seconds) / half_life_seconds)
 
 
-def ewma_gpus(hourly_gpu_seconds: Mapping[float, float], start: float, end: float, half_life_seconds: float) -> float:
-    """The exponentially weighted mean of the GPUs in use per hour over ``[start, end)``
-    (``hourly_gpu_seconds``: hour start -> GPU-seconds in that hour; hours absent count as 0),
-    each hour weighing ``0.5 ** (age / half_life)`` with its age at ``end``."""
-    hours = _hour_starts(start, end)
-    if not hours:
-        return 0.0
-    weights = [decay_weight(end - (h + 3600), half_life_seconds) for h in hours]
-    total = sum(w * hourly_gpu_seconds.get(h, 0.0) / 3600.0 for h, w in zip(hours, weights))
-    return total / sum(weights)
+def ewma_gpus(
+    buckets: Mapping[float, float], spans: Sequence[tuple[float, float]], end: float, half_life_seconds: float
+) -> float:
+    """The exponentially weighted mean of the GPUs in use over the ``spans`` (``(start, seconds)``:
+    the hours, or whole days, that make up a period ending at ``end``), from ``buckets`` (span
+    start -> GPU-seconds in it; spans absent count as 0). Each span weighs ``0.5 ** (age /
+    half_life)`` per second it lasts, its age taken at its end."""
+    weights = [(s, n, decay_weight(end - (s + n), half_life_seconds)) for s, n in spans]
+    total = sum(w * n for _, n, w in weights)
+    return sum(w * buckets.get(s, 0.0) for s, _, w in weights) / total if total else 0.0
 
 
-def _hour_starts(start: float, end: float) -> list[float]:
-    first = math.floor(start / 3600) * 3600
-    return [float(h) for h in range(int(first), int(end), 3600) if h + 3600 > start]
+def spans(start: float, end: float, days: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+    """The hours of ``[start, end)`` (the first and last may be partial), with ``days``
+    (``[first, last)``, whole days) as one span per day: how a period is read from the roll-ups."""
+    out: list[tuple[float, float]] = []
+    cuts = [(start, end)] if days is None else [(start, days[0]), (days[1], end)]
+    for a, b in cuts:
+        hour = math.floor(a / 3600) * 3600.0
+        while hour < b:
+            out.append((hour, 3600.0))
+            hour += 3600.0
+    if days is not None:
+        out += [(float(d), 86400.0) for d in range(int(days[0]), int(days[1]), 86400)]
+    return sorted(out)
 
 
 def person_records(
     tallies: Mapping[str, PersonTally],
-    hourly: Mapping[str, Mapping[float, float]],
-    start: float,
+    buckets: Mapping[str, Mapping[float, float]],
+    period_spans: Sequence[tuple[float, float]],
     end: float,
     half_life_seconds: float,
 ) -> list[UsageRecord]:
-    """People's usage, most GPU-hours first (``hourly``: person -> hour -> GPU-seconds, for the EWMA)."""
+    """People's usage, most GPU-hours first (``buckets``: person -> span start -> GPU-seconds, over
+    ``period_spans``, for the EWMA)."""
     records = [
         UsageRecord(
             key=name,
             gpu_hours=t.gpu_s / 3600.0,
             held_idle_gpu_hours=t.idle_s / 3600.0,
-            ewma_gpus=ewma_gpus(hourly.get(name, {}), start, end, half_life_seconds),
+            ewma_gpus=ewma_gpus(buckets.get(name, {}), period_spans, end, half_life_seconds),
         )
         for name, t in tallies.items()
     ]

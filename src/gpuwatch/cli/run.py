@@ -26,7 +26,8 @@ from ..notify.registry import names_in_words
 from ..ssh import DEFAULT_MAX_HANDSHAKES
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
-from ..store.history import HistorySettings, HistoryWriter
+from ..store.history import HistorySettings
+from ..store.historywriter import HistoryWriter
 from ..text import local_time, plural
 from ..timetable import is_due, period_start
 from .common import UsageError, program_words

@@ -9,9 +9,10 @@
   and memory, kept for ``history.five_minutes_for`` (for charts);
 * ``gpu_hour`` and ``person_hour``: per GPU and hour, and per person, host and hour, the seconds
   :mod:`gpuwatch.usage` accounts (known, down, used, held idle; a person's share), with means and
-  maxima, kept for ``history.keep``.
+  maxima, kept for ``history.keep``; ``gpu_day`` and ``person_day``, their sums per UTC day (so a
+  month or a year is read from few rows), kept as long.
 
-Its own file, connection and writer thread (:class:`HistoryWriter`): a big batch, a roll-up or a
+Its own file, connection and writer thread (:mod:`.historywriter`): a big batch, a roll-up or a
 retention delete never holds the lock the outbox is delivered under, and a full disk or a
 locked, corrupt or unwritable history file is logged and dropped, while polling and delivery go
 on. Schema versions work as in :mod:`.db` (``PRAGMA user_version``; a newer one is refused).
@@ -24,28 +25,21 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import sqlite3
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..model import HostErrorKind, HostSnapshot
 from ..statedir import ensure_state_dir, make_private, open_private
 from ..usage import (
-    MAX_GAP_POLLS,
     GpuReading,
     GpuTally,
     HostSample,
     PersonOnGpu,
     PersonTally,
     account,
-    readings_of,
-    stands_for,
 )
 
 log = logging.getLogger(__name__)
@@ -53,12 +47,9 @@ log = logging.getLogger(__name__)
 HISTORY_NAME = "history.sqlite3"
 FIVE_MINUTES = 300
 HOUR = 3600
+DAY = 86400
 #: A bucket is rolled up this long after it ended: results of slow hosts still come in.
 ROLLUP_GRACE_SECONDS = 120
-#: The writer commits what it gathered once per this many seconds.
-FLUSH_SECONDS = 2.0
-#: At most this many polls wait for the writer; beyond, the oldest are dropped (said in the log).
-MAX_QUEUED = 20000
 #: Percent: a GPU held under this utilization is held idle, unless the config says otherwise.
 DEFAULT_IDLE_BELOW = 5
 
@@ -110,6 +101,33 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (t, gpu_id)
     ) WITHOUT ROWID;
     CREATE TABLE person_hour (
+        t INTEGER NOT NULL,
+        person_id INTEGER NOT NULL,
+        host_id INTEGER NOT NULL,
+        gpu_ms INTEGER NOT NULL,
+        idle_ms INTEGER NOT NULL,
+        mem_max INTEGER NOT NULL,
+        gpus_max INTEGER NOT NULL,
+        PRIMARY KEY (t, person_id, host_id)
+    ) WITHOUT ROWID
+    """,
+    # daily sums of the hourly rows (UTC days): a month's usage reads 30 rows per GPU, not 720
+    """
+    CREATE TABLE gpu_day (
+        t INTEGER NOT NULL,
+        gpu_id INTEGER NOT NULL,
+        known_s INTEGER NOT NULL,
+        down_s INTEGER NOT NULL,
+        used_s INTEGER NOT NULL,
+        idle_s INTEGER NOT NULL,
+        util_s INTEGER NOT NULL,
+        util_sum INTEGER NOT NULL,
+        util_max INTEGER,
+        mem_mean INTEGER,
+        mem_max INTEGER,
+        PRIMARY KEY (t, gpu_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE person_day (
         t INTEGER NOT NULL,
         person_id INTEGER NOT NULL,
         host_id INTEGER NOT NULL,
@@ -362,29 +380,51 @@ class HistoryStore:
 
     def rollup(self, now: float, *, limit: int = 10_000) -> int:
         """Roll up every 5-minute and hourly bucket that ended at least :data:`ROLLUP_GRACE_SECONDS`
-        before ``now`` and is not rolled up yet (each bucket one transaction); returns how many."""
+        before ``now``, and every UTC day whose hours are all rolled up, not rolled up yet (each
+        bucket one transaction); returns how many."""
         done = 0
-        for key, step in (("rolled_5m", FIVE_MINUTES), ("rolled_hour", HOUR)):
-            horizon = math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step
+        for key, step in (("rolled_5m", FIVE_MINUTES), ("rolled_hour", HOUR), ("rolled_day", DAY)):
+            horizon = float(math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step)
+            if step == DAY:
+                horizon = min(horizon, self._meta("rolled_hour") or 0)
             while done < limit:
-                start = self._next_bucket(key, step, horizon)
+                start = self._next_bucket(key, step, horizon, "gpu_hour" if step == DAY else "raw")
                 if start is None:
                     break
                 with self.transaction():
-                    self._roll(start, step)
+                    if step == DAY:
+                        self._roll_day(start)
+                    else:
+                        self._roll(start, step)
                     self.conn.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(start + step))
                     )
                 done += 1
         return done
 
-    def _next_bucket(self, key: str, step: int, horizon: float) -> int | None:
+    def _next_bucket(self, key: str, step: int, horizon: float, source: str) -> int | None:
         rolled = self._meta(key)
-        row = self.conn.execute("SELECT MIN(t) FROM raw WHERE t >= ?", (rolled or 0,)).fetchone()
+        row = self.conn.execute(f"SELECT MIN(t) FROM {source} WHERE t >= ?", (rolled or 0,)).fetchone()  # noqa: S608
         if row[0] is None:
             return None
         start = int(row[0]) // step * step
         return start if start + step <= horizon else None
+
+    def _roll_day(self, start: int) -> None:
+        """A UTC day's sums, from its hourly rows."""
+        span = (start, start, start + DAY)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO gpu_day SELECT ?, gpu_id, SUM(known_s), SUM(down_s), SUM(used_s), SUM(idle_s), "
+            "SUM(util_s), SUM(util_sum), MAX(util_max), CAST(ROUND(SUM(mem_mean * known_s) * 1.0 / "
+            "NULLIF(SUM(CASE WHEN mem_mean IS NULL THEN 0 ELSE known_s END), 0)) AS INTEGER), MAX(mem_max) "
+            "FROM gpu_hour WHERE t >= ? AND t < ? GROUP BY gpu_id",
+            span,
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO person_day SELECT ?, person_id, host_id, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), "
+            "MAX(gpus_max) FROM person_hour WHERE t >= ? AND t < ? GROUP BY person_id, host_id",
+            span,
+        )
 
     def _roll(self, start: int, step: int) -> None:
         gpus = self.gpu_infos()
@@ -469,6 +509,8 @@ class HistoryStore:
             "gpu_5m": now - s.five_minutes_for,
             "gpu_hour": now - s.keep,
             "person_hour": now - s.keep,
+            "gpu_day": now - s.keep,
+            "person_day": now - s.keep,
         }
         deleted = {}
         with self.transaction() as conn:
@@ -479,159 +521,3 @@ class HistoryStore:
 
 def _round(value: float | None, digits: int | None) -> float | int | None:
     return None if value is None else round(value, digits) if digits is not None else round(value)
-
-
-# ---------------------------------------------------------------- the writer thread
-
-
-class HistoryWriter:
-    """Takes each host's result (:meth:`record`, from any thread, cheap) and writes them from a
-    thread of its own, one transaction per :data:`FLUSH_SECONDS`, then rolls up and deletes what
-    has aged out. A failure (full disk, locked or corrupt file) is logged once per kind and the
-    samples of that batch are dropped; nothing it does raises into the caller."""
-
-    def __init__(
-        self,
-        state_dir: Path,
-        settings: HistorySettings,
-        poll_every: float,
-        *,
-        clock: Callable[[], float] = time.time,
-        flush_every: float | None = None,
-    ) -> None:
-        self.path = history_path(state_dir)
-        self.settings = settings
-        self.poll_every = poll_every
-        self.clock = clock
-        self.flush_every = FLUSH_SECONDS if flush_every is None else flush_every
-        self._queue: queue.Queue[HostSample] = queue.Queue(MAX_QUEUED)
-        self._store: HistoryStore | None = None
-        self._last: dict[str, float] = {}
-        self._gpus: dict[str, tuple[int, ...]] = {}
-        self._lock = threading.Lock()
-        self._flushing = threading.Lock()  # the writer thread, and a report that wants all written
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._said: str | None = None
-        self._retained_at = 0.0
-        self.dropped = 0
-        self.written = 0
-
-    def sample_of(self, host: HostSnapshot) -> HostSample | None:
-        """The sample a host's result makes (``None``: never polled)."""
-        if host.taken_at is None:
-            return None
-        t = round(host.taken_at.timestamp())
-        ok = host.ok and host.error_kind is not HostErrorKind.BUSY
-        with self._lock:
-            dt = stands_for(t, self._last.get(host.name), self.poll_every)
-            self._last[host.name] = max(t, self._last.get(host.name, t))
-            if ok:
-                self._gpus[host.name] = tuple(g.index for g in host.gpus)
-            known = self._gpus.get(host.name, ())
-        gpus = readings_of(host) if ok else tuple(GpuReading(i) for i in known)
-        return HostSample(host.name, t, dt, ok, gpus)
-
-    def record(self, host: HostSnapshot) -> None:
-        """Queue a host's new result for writing (from its poll thread); never blocks, never raises."""
-        try:
-            sample = self.sample_of(host)
-            if sample is None:
-                return
-            try:
-                self._queue.put_nowait(sample)
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._queue.get_nowait()
-                self._queue.put_nowait(sample)
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.warning("history: the writer is behind; dropped %d polls so far", self.dropped)
-        except Exception:
-            log.exception("history: cannot record %s's result", host.name)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Write what is queued and end the thread (the daemon's services are stopped so)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        elif not self._queue.empty():
-            self.flush()
-        with self._flushing:
-            if self._store is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._store.conn.close()
-                self._store = None
-
-    close = stop
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_every):
-            self.flush()
-        self.flush()
-
-    def _open(self) -> HistoryStore:
-        if self._store is None:
-            try:
-                conn = connect(self.path)
-            except CorruptHistory as exc:
-                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
-                log.error(
-                    "history: %s was corrupt (%s): moved it aside to %s, starting afresh", self.path, exc, aside.name
-                )
-                conn = connect(self.path)
-            self._store = HistoryStore(conn, self.settings)
-            last = self._store.last_polls(self.clock() - MAX_GAP_POLLS * self.poll_every)
-            known = self._store.known_gpus()
-            with self._lock:
-                for name, t in last.items():
-                    self._last.setdefault(name, t)
-                for name, gpus in known.items():
-                    self._gpus.setdefault(name, gpus)
-        return self._store
-
-    def flush(self) -> None:
-        """Write what is queued (one transaction), then roll up and, once an hour, delete what has
-        aged out. Logs and drops on failure."""
-        with self._flushing:
-            self._flush()
-
-    def _flush(self) -> None:
-        batch: list[HostSample] = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                batch.append(self._queue.get_nowait())
-        try:
-            store = self._open()
-            if batch:
-                self.written += store.write(batch)
-            now = self.clock()
-            store.rollup(now)
-            if now - self._retained_at >= HOUR:
-                store.retain(now)
-                self._retained_at = now
-            if self._said is not None:
-                log.info("history: writing again to %s", self.path)
-                self._said = None
-        except (sqlite3.Error, HistoryError, OSError) as exc:
-            self._failed(exc, len(batch))
-        except Exception:
-            log.exception("history: writing %d polls failed; dropped them", len(batch))
-
-    def _failed(self, exc: BaseException, lost: int) -> None:
-        why = str(exc)
-        if why != self._said:
-            log.error("history: cannot write %s: %s; dropped %d polls (polling and alerts go on)", self.path, why, lost)
-            self._said = why
-        if isinstance(exc, sqlite3.DatabaseError) and "malformed" in why.lower() and self._store is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._store.conn.close()
-            self._store = None

@@ -5,15 +5,17 @@ host, model or GPU over a period (:meth:`HistoryReader.usage`), each GPU's utili
 as 5-minute points (:meth:`HistoryReader.gpu_series`), each person's GPU-hours per day
 (:meth:`HistoryReader.person_daily`).
 
-A period ``[start, end)`` is read from the hourly roll-ups for the hours rolled up, and from the
-raw samples after them, accounted the same way (:mod:`gpuwatch.usage`): the figures of a
-sample's hour are those of its raw samples. Hours count whole in a period where they start in
-it, so give hour-aligned bounds (the CLI and the API align them) except for an ``end`` of now.
+A period ``[start, end)`` is read from the daily sums for its whole UTC days, the hourly
+roll-ups for its other hours rolled up, and the raw samples after them, accounted the same way
+(:mod:`gpuwatch.usage`): the figures of a sample's hour are those of its raw samples. Hours count
+whole in a period where they start in it, so give hour-aligned bounds (the CLI and the API align
+them) except for an ``end`` of now.
 A history file that does not exist yet reads as empty.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -32,9 +34,21 @@ from ..usage import (
     gpu_records,
     group_key,
     person_records,
+    spans,
     usage_document,
 )
-from .history import FIVE_MINUTES, HOUR, GpuInfo, HistoryError, connect, history_path, unpack
+from .history import DAY, FIVE_MINUTES, HOUR, GpuInfo, HistoryError, connect, history_path, unpack
+
+# The sums of a period's hourly roll-ups (for its whole days: gpu_day and person_day instead).
+_GPU_SUMS = (
+    "SELECT gpu_id, SUM(known_s), SUM(down_s), SUM(used_s), SUM(idle_s), SUM(util_s), SUM(util_sum), "
+    "MAX(util_max), SUM(mem_mean * known_s), SUM(CASE WHEN mem_mean IS NULL THEN 0 ELSE known_s END), "
+    "MAX(mem_max) FROM gpu_hour WHERE t >= ? AND t < ? GROUP BY gpu_id"
+)
+_PERSON_SUMS = (
+    "SELECT person_id, t, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), MAX(gpus_max) "
+    "FROM person_hour WHERE t >= ? AND t < ? GROUP BY person_id, t"
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +63,13 @@ class SeriesPoint:
 
 @dataclass
 class Tallies:
-    """What a period added up: per GPU id, per person (their sum, and GPU-seconds per hour)."""
+    """What a period added up: per GPU id, per person (their sum, and their GPU-seconds per span
+    of ``spans``: the hours, and whole days, the period was read in)."""
 
     gpus: dict[int, GpuTally] = field(default_factory=dict)
     people: dict[str, PersonTally] = field(default_factory=dict)
-    hourly: dict[str, dict[float, float]] = field(default_factory=dict)
+    buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 class HistoryReader:
@@ -115,13 +131,23 @@ class HistoryReader:
 
     # -- usage
 
-    def tallies(self, start: float, end: float, idle_below: float) -> Tallies:
-        """Usage over ``[start, end)``: hourly roll-ups where there are, raw samples after them
-        (accounted with ``idle_below``)."""
+    def tallies(self, start: float, end: float, idle_below: float, *, days: bool = True) -> Tallies:
+        """Usage over ``[start, end)``: the daily sums for the whole UTC days in it (``days``), the
+        hourly roll-ups for the other hours rolled up, the raw samples after them (accounted with
+        ``idle_below``)."""
         with self._lock:
             out = Tallies()
             rolled = self._meta("rolled_hour") or start
-            self._hourly(out, start, min(end, rolled))
+            hours_end = min(end, rolled)
+            first, last = math.ceil(start / DAY) * DAY, min(hours_end // DAY * DAY, self._meta("rolled_day") or 0)
+            if days and first < last:
+                self._rolled(out, "day", first, last)
+                self._rolled(out, "hour", start, first)
+                self._rolled(out, "hour", last, hours_end)
+                out.spans = spans(start, end, (first, last))
+            else:
+                self._rolled(out, "hour", start, hours_end)
+                out.spans = spans(start, end)
             for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end):
                 sample = HostSample("", t, dt, ok, tuple(g for _, g in pairs))
                 ids = {g.index: gid for gid, g in pairs}
@@ -131,19 +157,15 @@ class HistoryReader:
                 hour = float(t // HOUR * HOUR)
                 for name, p in result.people.items():
                     out.people.setdefault(name, PersonTally()).add(p)
-                    per_hour = out.hourly.setdefault(name, {})
-                    per_hour[hour] = per_hour.get(hour, 0.0) + p.gpu_s
+                    per_span = out.buckets.setdefault(name, {})
+                    per_span[hour] = per_span.get(hour, 0.0) + p.gpu_s
             return out
 
-    def _hourly(self, out: Tallies, start: float, end: float) -> None:
+    def _rolled(self, out: Tallies, grain: str, start: float, end: float) -> None:
+        """Add the ``hour`` or ``day`` roll-ups of ``[start, end)``."""
         if end <= start:
             return
-        rows = self._rows(
-            "SELECT gpu_id, SUM(known_s), SUM(down_s), SUM(used_s), SUM(idle_s), SUM(util_s), SUM(util_sum), "
-            "MAX(util_max), SUM(mem_mean * known_s), SUM(CASE WHEN mem_mean IS NULL THEN 0 ELSE known_s END), "
-            "MAX(mem_max) FROM gpu_hour WHERE t >= ? AND t < ? GROUP BY gpu_id",
-            (int(start), int(end)),
-        )
+        rows = self._rows(_GPU_SUMS.replace("gpu_hour", f"gpu_{grain}"), (int(start), int(end)))
         for gid, known, down, used, idle, util_s, util_sum, util_max, mem_sum, mem_s, mem_max in rows:
             out.gpus.setdefault(int(gid), GpuTally()).add(
                 GpuTally(
@@ -160,18 +182,15 @@ class HistoryReader:
                 )
             )
         people = self._people()
-        rows = self._rows(
-            "SELECT person_id, t, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), MAX(gpus_max) FROM person_hour "
-            "WHERE t >= ? AND t < ? GROUP BY person_id, t",
-            (int(start), int(end)),
-        )
+        rows = self._rows(_PERSON_SUMS.replace("person_hour", f"person_{grain}"), (int(start), int(end)))
         for pid, t, gpu_ms, idle_ms, mem_max, gpus_max in rows:
             name = people.get(int(pid), "?")
             gpu_s = float(gpu_ms) / 1000.0
             out.people.setdefault(name, PersonTally()).add(
                 PersonTally(gpu_s, float(idle_ms) / 1000.0, int(mem_max), int(gpus_max))
             )
-            out.hourly.setdefault(name, {})[float(t)] = gpu_s
+            per_span = out.buckets.setdefault(name, {})
+            per_span[float(t)] = per_span.get(float(t), 0.0) + gpu_s
 
     def usage(self, start: float, end: float, by: str, *, idle_below: float, half_life: float) -> dict[str, object]:
         """The ``usage --json`` document for ``[start, end)`` grouped ``by`` user, host, model or gpu."""
@@ -193,7 +212,7 @@ class HistoryReader:
             if gid in infos and tally.known_s > 0 and tally.used_s == 0
         ]
         if by == "user":
-            records = person_records(found.people, found.hourly, start, end, half_life)
+            records = person_records(found.people, found.buckets, found.spans, end, half_life)
         else:
             records = gpu_records(groups)
         return usage_document(records, by, start, end, fleet, never)
@@ -239,9 +258,9 @@ class HistoryReader:
     def person_daily(self, start: float, end: float, tz: tzinfo | None = None) -> dict[str, dict[str, float]]:
         """Each person's GPU-hours per day (``YYYY-MM-DD`` in ``tz``, default this machine's
         zone) over ``[start, end)``."""
-        found = self.tallies(start, end, idle_below=0)
+        found = self.tallies(start, end, idle_below=0, days=False)
         out: dict[str, dict[str, float]] = {}
-        for name, hours in found.hourly.items():
+        for name, hours in found.buckets.items():
             days = out.setdefault(name, {})
             for hour, gpu_s in hours.items():
                 day = _day(hour, tz)
