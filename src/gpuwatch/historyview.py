@@ -411,14 +411,6 @@ def usage_view(
     legend = tuple((p.name, p.colour) for p in people if p.colour != "po")
     if any(p.colour == "po" for p in people):
         legend = (*legend, (f"{plural(sum(p.colour == 'po' for p in people), 'other person')}", "po"))
-    used = sum(d.used_s for d in days)
-    known = sum(d.known_s for d in days)
-    fleet = (
-        f"The fleet's GPUs: {_hours(used)} GPU-hours in use of {_hours(known)} known"
-        + (f" ({100 * used / known:.0f} %)" if known > 0 else "")
-        + f", {_hours(sum(d.idle_s for d in days))} held idle"
-        + f", {_hours(sum(d.down_s for d in days))} unknown (hosts down)."
-    )
     first, last = (days[0].day, days[-1].day) if days else (today, today)
     if query.first is not None:
         title = f"{_long(first)} to {_long(last)}"
@@ -433,7 +425,7 @@ def usage_view(
     return UsageView(
         title=title,
         period=period,
-        fleet=fleet if days and known + sum(d.down_s for d in days) > 0 else "",
+        fleet=_fleet_words(days),
         people=people,
         days=day_views,
         legend=legend,
@@ -470,6 +462,19 @@ def daily_document(days: Sequence[DayUsage]) -> dict[str, object]:
             for d in days
         ],
     }
+
+
+def _fleet_words(days: Sequence[DayUsage]) -> str:
+    """The fleet's totals over the days in words ("" when its hosts were never polled then)."""
+    used, known, down = (sum(getattr(d, name) for d in days) for name in ("used_s", "known_s", "down_s"))
+    if known + down <= 0:
+        return ""
+    share = f" ({100 * used / known:.0f} %)" if known > 0 else ""
+    idle = _hours(sum(d.idle_s for d in days))
+    return (
+        f"The fleet's GPUs: {_hours(used)} GPU-hours in use of {_hours(known)} known{share}, {idle} held idle, "
+        f"{_hours(down)} unknown (hosts down)."
+    )
 
 
 def _empty_note(has_history: bool, used: bool) -> str:
