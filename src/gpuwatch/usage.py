@@ -117,7 +117,7 @@ def shares(gpu: GpuReading) -> dict[str, float]:
     return {p.person: (p.memory_mib or 0) / total for p in gpu.people}
 
 
-@dataclass
+@dataclass(slots=True)
 class GpuTally:
     """What one GPU added up over some samples (seconds; ``*_sum`` are value x seconds, for means)."""
 
@@ -133,10 +133,19 @@ class GpuTally:
     mem_max: int | None = None
 
     def add(self, other: GpuTally) -> None:
-        for name in ("known_s", "down_s", "used_s", "idle_s", "util_s", "util_sum", "mem_s", "mem_sum"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.util_max = _max(self.util_max, other.util_max)
-        self.mem_max = _max(self.mem_max, other.mem_max)
+        # spelled out: a roll-up adds about 100,000 of these per hour of a 200-host fleet
+        self.known_s += other.known_s
+        self.down_s += other.down_s
+        self.used_s += other.used_s
+        self.idle_s += other.idle_s
+        self.util_s += other.util_s
+        self.util_sum += other.util_sum
+        self.mem_s += other.mem_s
+        self.mem_sum += other.mem_sum
+        if other.util_max is not None and (self.util_max is None or other.util_max > self.util_max):
+            self.util_max = other.util_max
+        if other.mem_max is not None and (self.mem_max is None or other.mem_max > self.mem_max):
+            self.mem_max = other.mem_max
 
     @property
     def utilization_percent(self) -> float | None:
@@ -147,7 +156,7 @@ class GpuTally:
         return self.mem_sum / self.mem_s if self.mem_s else None
 
 
-@dataclass
+@dataclass(slots=True)
 class PersonTally:
     """What one person added up on one host over some samples."""
 
@@ -161,10 +170,6 @@ class PersonTally:
         self.idle_s += other.idle_s
         self.mem_max = max(self.mem_max, other.mem_max)
         self.gpus_max = max(self.gpus_max, other.gpus_max)
-
-
-def _max(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)
 
 
 @dataclass

@@ -9,8 +9,8 @@
   and memory, kept for ``history.five_minutes_for`` (for charts);
 * ``gpu_hour`` and ``person_hour``: per GPU and hour, and per person, host and hour, the seconds
   :mod:`gpuwatch.usage` accounts (known, down, used, held idle; a person's share), with means and
-  maxima, kept for ``history.keep``; ``gpu_day`` and ``person_day``, their sums per UTC day (so a
-  month or a year is read from few rows), kept as long.
+  maxima, kept for ``history.keep``; ``gpu_day`` and ``person_day`` (per person, all hosts), their
+  sums per UTC day (so a month or a year is read from few rows), kept as long.
 
 Its own file, connection and writer thread (:mod:`.historywriter`): a big batch, a roll-up or a
 retention delete never holds the lock the outbox is delivered under, and a full disk or a
@@ -111,7 +111,8 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (t, person_id, host_id)
     ) WITHOUT ROWID
     """,
-    # daily sums of the hourly rows (UTC days): a month's usage reads 30 rows per GPU, not 720
+    # daily sums of the hourly rows (UTC days): a month's usage reads 30 rows per GPU, not 720;
+    # a person's over all hosts (mem_max, gpus_max: the most on one host in one hour)
     """
     CREATE TABLE gpu_day (
         t INTEGER NOT NULL,
@@ -130,12 +131,11 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE person_day (
         t INTEGER NOT NULL,
         person_id INTEGER NOT NULL,
-        host_id INTEGER NOT NULL,
         gpu_ms INTEGER NOT NULL,
         idle_ms INTEGER NOT NULL,
         mem_max INTEGER NOT NULL,
         gpus_max INTEGER NOT NULL,
-        PRIMARY KEY (t, person_id, host_id)
+        PRIMARY KEY (t, person_id)
     ) WITHOUT ROWID
     """,
 )
@@ -421,8 +421,8 @@ class HistoryStore:
             span,
         )
         self.conn.execute(
-            "INSERT OR REPLACE INTO person_day SELECT ?, person_id, host_id, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), "
-            "MAX(gpus_max) FROM person_hour WHERE t >= ? AND t < ? GROUP BY person_id, host_id",
+            "INSERT OR REPLACE INTO person_day SELECT ?, person_id, SUM(gpu_ms), SUM(idle_ms), MAX(mem_max), "
+            "MAX(gpus_max) FROM person_hour WHERE t >= ? AND t < ? GROUP BY person_id",
             span,
         )
 
