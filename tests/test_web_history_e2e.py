@@ -172,6 +172,11 @@ def test_the_usage_view_of_a_real_daemon_by_person_and_day(daemon: Daemon, tmp_p
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
+    def unseen_counted() -> bool:  # the daemon's own polls written (its writer commits every 2 s)
+        today = get_json(daemon.url + "api/v1/usage/daily?days=1")["days"][-1]
+        return any(p["user"] == "?" for p in today["people"])
+
+    wait_for(unseen_counted, 30, "the daemon's polls of the fleet in the history")
     with chromium(1920, 1080) as driver:
         driver.get(daemon.url)
         driver.find_element(By.ID, "usagelink").click()
