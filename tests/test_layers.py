@@ -39,6 +39,7 @@ PURE = (
     "reservation",  # GPU bookings: read, overlaps, in force (store/reservations.py keeps the rows)
     "usage",
     "usagereport",
+    "historyview",
 )
 IO_MODULES = (
     "gpuwatch.ssh",
@@ -106,7 +107,9 @@ def test_the_walk_sees_the_package() -> None:
     assert {"gpuwatch.parse.table", "gpuwatch.probe.gpu", "gpuwatch.ssh.hostkeys"} <= set(MODULES)
 
 
-@pytest.mark.parametrize("module", ["gpuwatch.web", "gpuwatch.pageview", "gpuwatch.metrics"])
+@pytest.mark.parametrize(
+    "module", ["gpuwatch.web", "gpuwatch.pageview", "gpuwatch.metrics", "gpuwatch.pagehistory", "gpuwatch.historyview"]
+)
 def test_the_page_and_metrics_read_never_act(module: str) -> None:
     """They read the fleet state and the store; they never poll, connect or send."""
     forbidden = ("gpuwatch.ssh", "gpuwatch.poll", "gpuwatch.notify", "gpuwatch.daemon", "paramiko", "requests")

@@ -12,7 +12,11 @@ Routes (under ``web.base_path``), GET and HEAD only:
   ``/api/v1/reservations``: :func:`~gpuwatch.reservation.reservations_dict`, the ``reserve list --json``
   document (the bookings in force and to come; ``?all=1``: past ones too);
   ``/api/v1/usage?since=7d&by=user``: :meth:`~gpuwatch.store.historyread.HistoryReader.usage`, the
-  ``usage --json`` document;
+  ``usage --json`` document; ``/api/v1/usage/daily?days=7``: per day each person's GPU-hours
+  (``historyview.daily_document``);
+* ``/usage``: GPU-hours per person over a period (``?days=30``, ``?from=2026-12-01&to=2026-12-07``)
+  and by day, from the usage history (``historyview.py``, ``pagehistory.py``); the page's GPUs carry
+  a 24-hour sparkline of utilization and memory from the same history;
 * ``/healthz``: 200 while hosts are being polled, 503 with the reason when none was for 3 intervals;
 * ``/metrics``: Prometheus text (``metrics.py``).
 
@@ -49,8 +53,10 @@ from prometheus_client.exposition import choose_encoder
 from .config import Config, WebConfig
 from .config.shard import with_shard
 from .fleet import STALE_AFTER_POLLS, FleetState
+from .historyview import DayUsage, UsageQuery, daily_document, usage_days, usage_view
 from .metrics import build_registry
 from .model import FleetSnapshot
+from .pagehistory import OFF, Sparklines, SparkSet, usage_by_day
 from .pageview import AlertView, PageView, Query, alert_views, page_view
 from .peers import PeerWatcher
 from .render import alert_rows, alerts_dict, snapshot_dict
@@ -59,6 +65,7 @@ from .siteview import SiteView, site_view
 from .store import StoreReader
 from .store.history import HistoryError, HistorySettings
 from .store.historyread import HistoryReader
+from .store.historyseries import SeriesReader
 from .summary import totals
 from .text import format_duration, parse_duration, plural
 from .usage import GROUPINGS, period
@@ -178,6 +185,7 @@ class WebApp:
         )
         self.logins = LoginGuard(clock)
         self.history = HistoryReader(config().state_dir)  # opened at the first /api/v1/usage
+        self.sparklines = Sparklines(SeriesReader(config().state_dir))  # read at the first page, then a minute apart
         self._auth_user = web.auth.user if web.auth else None
         self._auth_password = web.auth.resolve_password() if web.auth else None
         if web.auth and not self._auth_password:
@@ -258,6 +266,8 @@ class WebApp:
             "/api/v1/alerts": self.api_alerts,
             "/api/v1/reservations": self.api_reservations,
             "/api/v1/usage": self.api_usage,
+            "/usage": self.usage_page,
+            "/api/v1/usage/daily": self.api_usage_daily,
             "/metrics": self.metrics,
         }
 
@@ -283,14 +293,18 @@ class WebApp:
         rows = alert_rows(records, [s for s in silences if s.ends_at > now], now)
         return alert_views(rows, now, self.store.acks()), True
 
+    def _sparks(self) -> SparkSet:
+        """The 24-hour sparklines (none when ``history.enabled`` is false)."""
+        return self.sparklines.get() if self.config().history.enabled else OFF
+
     def _snapshot(self) -> FleetSnapshot:
         """The fleet state with the bookings in force on its hosts."""
         snapshot = self.state.snapshot()
         return snapshot if self.store is None else with_reservations(snapshot, self.store.reservations())
 
-    def _view(self, query: Query) -> tuple[PageView, str]:
+    def _view(self, query: Query, sparks: SparkSet) -> tuple[PageView, str]:
         """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the
-        bookings in force, the query)."""
+        bookings in force, the query, the peers and the sparklines)."""
         version = self.state.version
         snapshot = self._snapshot()
         alerts, alerts_known = self._alerts()
@@ -309,6 +323,7 @@ class WebApp:
         booked = ",".join(f"{h.name}/{r.id}/{r.ends_at}" for h in snapshot.hosts for r in h.reservations)
         peers = self.peers.version if self.peers is not None else 0
         raw = f"{version}|{stale}|{firing}|{booked}|{query}|{self.config().free_gpu}|{peers}"
+        raw += f"|{sparks.version}|{sparks.note}"
         return view, '"' + hashlib.sha256(raw.encode()).hexdigest()[:20] + '"'
 
     def _site(self) -> SiteView | None:
@@ -330,10 +345,12 @@ class WebApp:
 
     def page(self, environ: Mapping[str, Any], query_string: str) -> Response:
         query = Query.parse(query_string)
-        view, _ = self._view(query)
+        sparks = self._sparks()
+        view, _ = self._view(query, sparks)
         html = self.templates.get_template("page.html").render(
             site=self._site(),
             view=view,
+            sparks=sparks,
             base=self.base,
             static_version=self.static_version,
             refresh_ms=self._refresh_ms(),
@@ -345,11 +362,12 @@ class WebApp:
     def fragment(self, environ: Mapping[str, Any], query_string: str) -> Response:
         """The live part of the page, for its script: 304 when nothing changed."""
         query = Query.parse(query_string)
-        view, etag = self._view(query)
+        sparks = self._sparks()
+        view, etag = self._view(query, sparks)
         if environ.get("HTTP_IF_NONE_MATCH") == etag:
             return Response("304 Not Modified", b"", headers=(("ETag", etag),), compress=False)
         template = "wall.html" if view.view == "wall" else "fleet.html"
-        html = self.templates.get_template(template).render(view=view, base=self.base, site=self._site())
+        html = self.templates.get_template(template).render(view=view, base=self.base, site=self._site(), sparks=sparks)
         return Response("200 OK", html.encode(), "text/html; charset=utf-8", (("ETag", etag),))
 
     def api_snapshot(self, environ: Mapping[str, Any], query_string: str) -> Response:
@@ -400,6 +418,43 @@ class WebApp:
         except HistoryError as exc:
             return _json({"error": str(exc)}, "503 Service Unavailable")
         return _json(doc)
+
+    def _usage_days(self, query_string: str) -> tuple[UsageQuery, list[DayUsage], str]:
+        """The usage by day the query asks for, and why it is empty ("" when it is not). Raises
+        ValueError for a period it cannot read."""
+        query = UsageQuery.parse(query_string)
+        days = usage_days(query, time.time())
+        if not self.config().history.enabled:
+            return query, [], "The usage history is off (history.enabled: false)."
+        try:
+            return query, usage_by_day(self.history, days, HistorySettings.of(self.config()).idle_below), ""
+        except HistoryError as exc:
+            log.warning("web: the usage view cannot read the history: %s", exc)
+            return query, [], f"The usage history cannot be read: {exc}"
+
+    def usage_page(self, environ: Mapping[str, Any], query_string: str) -> Response:
+        """GPU-hours per person over a period and by day (``?days=30``, ``?from=..&to=..``)."""
+        status = "200 OK"
+        try:
+            query, days, note = self._usage_days(query_string)
+        except ValueError as exc:
+            status, query, days, note = "400 Bad Request", UsageQuery(), [], f"Cannot show that period: {exc}."
+        view = usage_view(query, days, time.time(), has_history=self.history.path.exists(), note=note)
+        html = self.templates.get_template("usage.html").render(
+            view=view, base=self.base, static_version=self.static_version, demo=self.web.demo
+        )
+        return Response(status, html.encode(), "text/html; charset=utf-8")
+
+    def api_usage_daily(self, environ: Mapping[str, Any], query_string: str) -> Response:
+        """``?days=7`` (default), ``?from=2026-12-01&to=2026-12-07``: per day each person's
+        GPU-hours and held-idle GPU-hours (:func:`~gpuwatch.historyview.daily_document`)."""
+        try:
+            _, days, note = self._usage_days(query_string)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, "400 Bad Request")
+        if note:  # history off or unreadable
+            return _json({"error": note}, "503 Service Unavailable")
+        return _json(daily_document(days))
 
     def metrics(self, environ: Mapping[str, Any], query_string: str) -> Response:
         encoder, content_type = choose_encoder(str(environ.get("HTTP_ACCEPT", "")))
@@ -458,3 +513,5 @@ class WebServer:
         server.task_dispatcher.shutdown(timeout=timeout)
         if self.app.store is not None:
             self.app.store.close()
+        self.app.history.close()
+        self.app.sparklines.reader.close()
