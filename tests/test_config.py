@@ -115,6 +115,11 @@ def test_plaintext_password_in_world_readable_file_warns(tmp_path: Path) -> None
         ),
         ("hosts: [a]\nschedule: {reports: [{report: user, every: 1h}]}\n", "needs 'user: <name>'"),
         ("hosts: [a]\nschedule: {reports: [{report: free, at: '25:00'}]}\n", "is not a time of day"),
+        (
+            "hosts: [a]\nschedule: {reports: [{report: usage, at: '09:00', day: mondy}]}\n",
+            "schedule.reports[0].day: 'mondy' is not a day of the week (monday, tuesday,",
+        ),
+        ("hosts: [a]\nschedule: {reports: [{report: usage, every: 7d, day: monday}]}\n", "goes with 'at'"),
         ("ip_list: [a]\nhosts: [b]\n", "ip_list and hosts"),
         ("- a\n- b\n", "top level: expected a mapping"),
     ],
@@ -175,6 +180,13 @@ def test_schedule_defaults_and_empty_list() -> None:
     config = parse_config({"hosts": ["a"]})
     assert [(r.report, r.every) for r in config.schedule.reports] == [("overview", 3600.0)]
     assert parse_config({"hosts": ["a"], "schedule": {"reports": []}}).schedule.reports == ()
+
+
+def test_a_weekly_report_names_its_day_in_full_short_or_any_case() -> None:
+    for day in ("monday", "Mon", "MONDAY"):
+        doc = {"hosts": ["a"], "schedule": {"reports": [{"report": "usage", "at": "09:00", "day": day}]}}
+        (spec,) = parse_config(doc).schedule.reports
+        assert (spec.on, spec.at, spec.describe()) == (0, "09:00", "usage weekly on Monday at 09:00")
 
 
 def test_password_env_is_read_when_used() -> None:

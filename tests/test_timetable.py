@@ -53,3 +53,27 @@ def test_every_half_hour_and_every_day_follow_the_local_clock() -> None:
 )
 def test_daily_at_is_due_in_the_first_run_at_or_after_that_time(last: str, now: str, due: bool) -> None:
     assert is_due(DAILY_9, t(last), t(now), CST) is due
+
+
+WEEKLY_MON_9 = ReportSchedule(report="usage", at="09:00", on=0)
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "due"),
+    [
+        ("2026-11-23 09:00:02", "2026-11-29 23:00:00", False),  # Monday's, seen on Sunday night
+        ("2026-11-23 09:00:02", "2026-11-30 08:59:00", False),  # next Monday, before 09:00
+        ("2026-11-23 09:00:02", "2026-11-30 09:00:01", True),  # next Monday at 09:00
+        ("2026-11-30 09:00:01", "2026-12-01 09:00:00", False),  # Tuesday: sent this week already
+        ("2026-11-16 09:00:00", "2026-11-25 14:00:00", True),  # off on Monday: caught up on Wednesday
+    ],
+)
+def test_weekly_on_a_day_at_a_time_is_due_once_a_week_from_that_day(last: str, now: str, due: bool) -> None:
+    assert is_due(WEEKLY_MON_9, t(last), t(now), CST) is due
+
+
+def test_a_weekly_period_starts_on_its_day_at_its_time() -> None:
+    # 2026-11-25 is a Wednesday: the week began on Monday the 23rd at 09:00
+    assert period_start(WEEKLY_MON_9, t("2026-11-25 14:00:00"), CST) == t("2026-11-23 09:00:00")
+    assert period_start(WEEKLY_MON_9, t("2026-11-23 08:00:00"), CST) == t("2026-11-16 09:00:00")
+    assert WEEKLY_MON_9.describe() == "usage weekly on Monday at 09:00"

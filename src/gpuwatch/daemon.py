@@ -390,12 +390,12 @@ class Daemon:
             log.error("%s not queued: %s; kept in memory until it can be", message.title, exc)
 
     def usage_report(self, spec: ReportSchedule, now: float) -> Message:
-        """The ``usage`` report over the schedule's period (``every``, else a day) up to ``now``,
+        """The ``usage`` report over the schedule's period (``every``, a week with ``day:``, else a day) up to ``now``,
         compared with the period before, from the history file (:mod:`.store.historyread`)."""
         if self.history is not None:
             self.history.flush()  # what the writer still holds counts too
         settings = HistorySettings.of(self.config)
-        span = spec.every or 86400.0
+        span = spec.every or (7 * 86400.0 if spec.on is not None else 86400.0)
         start, end = period(now, since=span)
         reader = HistoryReader(self.config.state_dir)
         try:

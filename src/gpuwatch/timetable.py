@@ -10,7 +10,8 @@ times as cron would:
   each day after midnight). A length that does not divide a day is counted from 1970-01-01 00:00
   local time.
 * ``at: "09:00"``: due in the first run at or after 09:00 each day; a run that missed 09:00 (the
-  machine was off) sends it at the next run, as anacron would.
+  machine was off) sends it at the next run, as anacron would. With ``day: monday``: the same, each
+  Monday.
 
 A report never made before is due. Pure: the time and the time zone are parameters.
 """
@@ -36,8 +37,10 @@ def period_start(spec: ReportSchedule, now: float, tz: tzinfo | None = None) -> 
         return now - wall % spec.every
     hour, minute = (int(part) for part in (spec.at or "09:00").split(":"))
     start = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if spec.on is not None:  # weekly: back to the last such weekday at that time
+        start -= timedelta(days=(local.weekday() - spec.on) % 7)
     if start > local:
-        start -= timedelta(days=1)
+        start -= timedelta(days=1 if spec.on is None else 7)
     return start.timestamp()
 
 

@@ -36,6 +36,7 @@ from .records import (
     LOG_LEVELS,
     REPORT_KINDS,
     SSH_KEYS,
+    WEEKDAYS,
     AlertsConfig,
     AttributionConfig,
     Config,
@@ -211,7 +212,7 @@ def _parse_schedule(raw: object) -> ScheduleConfig:
     for i, item in enumerate(raw_reports):
         path = f"schedule.reports[{i}]"
         entry = mapping(item, path)
-        check_keys(entry, ("report", "every", "at", "user"), path)
+        check_keys(entry, ("report", "every", "at", "day", "user"), path)
         if "report" not in entry:
             raise ConfigError(f"{path}: needs 'report' ({', '.join(REPORT_KINDS)})")
         kind = choice(entry["report"], f"{path}.report", REPORT_KINDS)
@@ -221,13 +222,25 @@ def _parse_schedule(raw: object) -> ScheduleConfig:
             raise ConfigError(f'{path}.at: {quote(at)} is not a time of day like "09:00"')
         if (every is None) == (at is None):
             raise ConfigError(f"{path}: give exactly one of 'every' (e.g. 1h) or 'at' (e.g. \"09:00\")")
+        on = _weekday(entry["day"], f"{path}.day") if "day" in entry else None
+        if on is not None and at is None:
+            raise ConfigError(f"{path}.on: a day of the week goes with 'at' (e.g. day: monday, at: \"09:00\")")
         user = string(entry["user"], f"{path}.user") if "user" in entry else None
         if kind == "user" and not user:
             raise ConfigError(f"{path}: report 'user' needs 'user: <name>'")
         if kind != "user" and user:
             raise ConfigError(f"{path}.user: only report 'user' takes a user")
-        reports.append(ReportSchedule(report=kind, every=every, at=at, user=user))
+        reports.append(ReportSchedule(report=kind, every=every, at=at, user=user, on=on))
     return ScheduleConfig(poll_every=poll_every, reports=tuple(reports))
+
+
+def _weekday(raw: object, path: str) -> int:
+    """``monday`` (or ``mon``, any case) -> 0 ... ``sunday`` -> 6."""
+    text = string(raw, path).strip().lower()
+    for number, day in enumerate(WEEKDAYS):
+        if text in (day, day[:3]):
+            return number
+    raise ConfigError(f"{path}: {quote(text)} is not a day of the week ({', '.join(WEEKDAYS)})")
 
 
 def _parse_free(raw: object) -> FreeGpuConfig:

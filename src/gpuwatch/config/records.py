@@ -110,11 +110,17 @@ class HostPattern:
 class ReportSchedule:
     report: str  # overview | user | free | usage
     every: float | None = None  # seconds
-    at: str | None = None  # "HH:MM", daily
+    at: str | None = None  # "HH:MM", daily (or weekly with ``on``)
     user: str | None = None  # for report: user
+    on: int | None = None  # ``day:`` with ``at``: the day of the week (0 Monday ... 6 Sunday), weekly
 
     def describe(self) -> str:
-        when = f"every {format_duration(self.every)}" if self.every else f"daily at {self.at}"
+        if self.every:
+            when = f"every {format_duration(self.every)}"
+        elif self.on is not None:
+            when = f"weekly on {WEEKDAYS[self.on].capitalize()} at {self.at}"
+        else:
+            when = f"daily at {self.at}"
         who = f" for {self.user}" if self.user else ""
         return f"{self.report}{who} {when}"
 
@@ -125,6 +131,7 @@ class ReportSchedule:
         return f"{self.report}:{self.user}" if self.user else self.report
 
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DEFAULT_REPORTS = (ReportSchedule(report="overview", every=3600.0),)
 
 
