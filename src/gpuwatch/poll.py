@@ -218,10 +218,11 @@ class _Clock:
         self._wake.set()
 
     def _next(self, last_start: float, first: bool) -> float:
-        # The first probe runs at once; from the second on, each host keeps its own place in the
-        # interval, so the probes of a fleet spread evenly over it.
+        # The first probe runs at once; the second at the host's own place in the interval (within
+        # one interval of the first: never a longer gap than ``every``), and from then on every
+        # ``every``, so the probes of a fleet spread evenly over the interval.
         if first:
-            return last_start + self.every * (1 + phase(self.prober.host.name))
+            return last_start + self.every * phase(self.prober.host.name)
         return last_start + self.every
 
     def _loop(self) -> None:

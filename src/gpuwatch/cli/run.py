@@ -23,7 +23,7 @@ from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
 from ..notify.registry import names_in_words
-from ..ssh import DEFAULT_MAX_HANDSHAKES
+from ..ssh import DEFAULT_MAX_HANDSHAKES, fit_open_files
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
 from ..text import local_time, plural
@@ -163,6 +163,7 @@ def cmd_run(
     clock: Callable[[], float] = time.time,
 ) -> int:
     refuse_unusable_key_files(config)
+    fit_open_files(config.hosts)  # raises the soft limit first; a fleet that cannot fit is refused
     stop = threading.Event()
 
     def sleep(seconds: float) -> None:
