@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -153,7 +154,7 @@ def ideal_main(spec_path: str) -> int:
             probes += 1
             with lock:
                 results.append([name, time.time(), time.monotonic() - started, status == 0 and b"index" in out])
-            next_at = started + (every * (1 + phase(name)) if probes == 1 else every)
+            next_at = started + (every * phase(name) if probes == 1 else every)
         client.close()
 
     threads = [
@@ -179,7 +180,7 @@ def daemon_results(state_dir: Path) -> tuple[list[list[object]], dict[str, float
         for line in log.read_text(errors="replace").splitlines():
             if m := _POLL_LINE.match(line):
                 when = datetime.fromisoformat(m[1]).timestamp()
-                results.append([m[2], when, float(m[4]), m[3] == "ok"])
+                results.append([m[2], when, float(m[4]), m[3] == "ok", m[3]])
             elif m := _CONNECTED_LINE.match(line):
                 connected.setdefault(m[2], datetime.fromisoformat(m[1]).timestamp())
     return results, connected
@@ -206,7 +207,7 @@ def figures(
     results: list[list[object]], connected: dict[str, float], samples: Samples, t0: float, hosts: int, every: float
 ) -> dict[str, float]:
     by_host: dict[str, list[tuple[float, float, bool]]] = {}
-    for name, when, seconds, ok in results:
+    for name, when, seconds, ok, *_ in results:
         by_host.setdefault(str(name), []).append((float(when), float(seconds), bool(ok)))  # type: ignore[arg-type]
     later = [s for rows in by_host.values() for _, s, _ in sorted(rows)[1:]]
     gaps = [b[0] - a[0] for rows in by_host.values() for a, b in zip(sorted(rows), sorted(rows)[1:])]
@@ -215,6 +216,9 @@ def figures(
     end = samples.rows[-1][0] if samples.rows else t0
     cpu = samples.cpu_at(end) - samples.cpu_at(steady_from) if samples.rows else 0.0
     ok = sum(1 for r in results if r[3])
+    failed = Counter(str(r[4]) for r in results if not r[3] and len(r) > 4)
+    if failed:
+        print(f"   failures: {dict(failed.most_common())}")
     first = [min(w for w, _, _ in rows) for rows in by_host.values()]
     return {
         "results": len(results),
@@ -259,7 +263,8 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
             "ideal": [sys.executable, str(Path(__file__).resolve()), "--ideal", str(ideal_spec)],
             "gpuwatch": [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
         }
-        order = [["ideal"], ["gpuwatch"]] if args.apart else [["ideal", "gpuwatch"]]
+        chosen = [name for name in ("ideal", "gpuwatch") if name in args.clients.split(",")]
+        order = [[name] for name in chosen] if args.apart else [chosen]
         for group in order:
             starts, procs, samples = {}, {}, {name: Samples() for name in group}
             for name in group:
@@ -271,7 +276,20 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
             sampler = threading.Thread(target=sample, args=({n: p.pid for n, p in procs.items()}, samples, stop))
             sampler.start()
             if "gpuwatch" in procs:
-                time.sleep(args.seconds)
+                spy = None
+                if args.py_spy:  # the steady state only: from 2 * every on
+                    warm = min(2 * args.every, args.seconds / 2)
+                    time.sleep(warm)
+                    pid, length = str(procs["gpuwatch"].pid), str(int(args.seconds - warm))
+                    spy_args = ["record", "-r", "50", "-f", "raw", "-o", f"{args.py_spy}-{count}.txt"]
+                    spy = subprocess.Popen(
+                        ["py-spy", *spy_args, "--pid", pid, "-d", length],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                time.sleep(max(0.0, args.seconds - (time.time() - starts["gpuwatch"])))
+                if spy is not None:
+                    spy.wait(timeout=60)
                 procs["gpuwatch"].terminate()
             for name, proc in procs.items():
                 _, err = proc.communicate(timeout=60 + args.seconds)
@@ -344,6 +362,8 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds the stand-in nvidia-smi sleeps per call")
     parser.add_argument("--apart", action="store_true", help="run the ideal client first, then gpuwatch")
     parser.add_argument("--src", help="run the daemon from this source tree (default: this checkout's src)")
+    parser.add_argument("--clients", default="ideal,gpuwatch", help="which clients to run (default: both)")
+    parser.add_argument("--py-spy", metavar="PREFIX", help="profile the daemon's steady state into PREFIX-N.txt")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     reason = fleet_unavailable_reason()

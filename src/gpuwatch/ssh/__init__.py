@@ -27,7 +27,15 @@ from .connection import (
     SshConnection,
 )
 from .hostkeys import HostKeyPolicy, HostKeyStore, KnownHostsFile, fingerprint, read_known_hosts
-from .limits import OpenFilesLimitError, fds_needed, fit_open_files, raise_open_files_limit
+from .limits import (
+    FDS_BASE,
+    FDS_PER_HOST,
+    FDS_PER_JUMP,
+    OpenFilesLimitError,
+    fds_needed,
+    fit_open_files,
+    raise_open_files_limit,
+)
 from .local import LocalRunner
 from .output import MAX_STDERR_BYTES, MAX_STDOUT_BYTES, PROBE_WINDOW_BYTES
 from .runner import CommandResult, HostFailure, Runner
@@ -36,6 +44,9 @@ from .target import Target, load_ssh_config, parse_jump, resolve_target
 
 __all__ = [
     "DEFAULT_MAX_HANDSHAKES",
+    "FDS_BASE",
+    "FDS_PER_HOST",
+    "FDS_PER_JUMP",
     "HANDSHAKE_WAIT_FACTOR",
     "IDLE_WAKE_SECONDS",
     "MAX_STDERR_BYTES",
