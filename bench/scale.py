@@ -273,7 +273,9 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
                     clients[name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
                 )
             stop = threading.Event()
-            sampler = threading.Thread(target=sample, args=({n: p.pid for n, p in procs.items()}, samples, stop))
+            sampler = threading.Thread(
+                target=sample, args=({n: p.pid for n, p in procs.items()}, samples, stop), daemon=True
+            )
             sampler.start()
             if "gpuwatch" in procs:
                 spy = None
@@ -281,7 +283,7 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
                     warm = min(2 * args.every, args.seconds / 2)
                     time.sleep(warm)
                     pid, length = str(procs["gpuwatch"].pid), str(int(args.seconds - warm))
-                    spy_args = ["record", "-r", "50", "-f", "raw", "-o", f"{args.py_spy}-{count}.txt"]
+                    spy_args = ["record", "--nonblocking", "-r", "20", "-f", "raw", "-o", f"{args.py_spy}-{count}.txt"]
                     spy = subprocess.Popen(
                         ["py-spy", *spy_args, "--pid", pid, "-d", length],
                         stdout=subprocess.DEVNULL,
@@ -289,7 +291,10 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
                     )
                 time.sleep(max(0.0, args.seconds - (time.time() - starts["gpuwatch"])))
                 if spy is not None:
-                    spy.wait(timeout=60)
+                    try:
+                        spy.wait(timeout=args.seconds + 120)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
                 procs["gpuwatch"].terminate()
             for name, proc in procs.items():
                 _, err = proc.communicate(timeout=60 + args.seconds)
