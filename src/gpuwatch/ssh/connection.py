@@ -45,9 +45,9 @@ HANDSHAKE_WAIT_FACTOR = 3
 # keepalive when one is due: 0.5 ms of CPU per host per second, half a core at 1,000 hosts. Data
 # from the host, its end of the connection and a cut (EOF, reset) wake it at once whatever this
 # is; what waits for the next wake: a keepalive (so at most this much late), a rekey gpuwatch
-# asks for, and the thread's own end after close() (it exits at that wake; close() does not wait).
+# asks for. Closing shuts the socket down first (_close_client), which ends the thread at once.
 # The handshake keeps paramiko's timeout: its own deadlines are checked at each wake.
-IDLE_WAKE_SECONDS = 10.0
+IDLE_WAKE_SECONDS = 30.0
 
 
 def _classify_socket_error(exc: BaseException, target: Target, timeout: float) -> HostFailure:
@@ -331,11 +331,20 @@ class SshConnection:
 
     def _drop(self) -> None:
         if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:  # closing a dead connection must not raise
-                log.debug("error closing the connection to %s", self.host.name, exc_info=True)
+            self._close_client(self._client)
         self._client = None
+
+    def _close_client(self, client: paramiko.SSHClient) -> None:
+        """Close ``client``; its transport thread, asleep in a read for up to IDLE_WAKE_SECONDS,
+        is woken by shutting the socket down first (paramiko only closes it), so it ends now."""
+        try:
+            transport = client.get_transport()
+            if transport is not None and isinstance(transport.sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    transport.sock.shutdown(socket.SHUT_RDWR)
+            client.close()
+        except Exception:  # closing a dead connection must not raise
+            log.debug("error closing the connection to %s", self.host.name, exc_info=True)
 
     def close(self) -> None:
         """Close the connection for good, without waiting for one being made (that one is closed
@@ -344,10 +353,7 @@ class SshConnection:
         self._closed = True  # set before the client is read: one being made now is dropped by its maker
         client = self._client
         if client is not None:
-            try:
-                client.close()
-            except Exception:  # closing a dead connection must not raise
-                log.debug("error closing the connection to %s", self.host.name, exc_info=True)
+            self._close_client(client)
         if self._jump is not None:
             self._jump.close()
 
