@@ -62,6 +62,7 @@ from gpuwatch.probe import build_script, new_token  # noqa: E402
 from gpuwatch.ssh import DEFAULT_MAX_HANDSHAKES, IDLE_WAKE_SECONDS, REMOTE_KILL_GRACE, session_script  # noqa: E402
 
 COMMAND_TIMEOUT = 8.0
+FIRST_FAILURES: dict[str, str] = {}  # error kind -> the first message the daemon logged for it
 # The loopback hosts share one kernel: the session wrapper's ``pkill -s`` would read the /proc of
 # every session of every host (2,000 sshd processes at 1,000 hosts) three times per probe, which a
 # real host never does. The bench puts this no-op first on the sessions' PATH (the wrapper then
@@ -71,6 +72,7 @@ NO_PKILL = """#!/bin/sh
 exit 1
 """
 _POLL_LINE = re.compile(r"^(\S+) INFO gpuwatch\.poll: poll: (\S+) (\S+) \((?:.*, )?([\d.]+)s\)$")
+_FAILURE_LINE = re.compile(r"^\S+ INFO gpuwatch\.poll: poll: \S+: (\S+): (.*)$")
 _CONNECTED_LINE = re.compile(r"^(\S+) INFO gpuwatch\.ssh\.connection: connected to (\S+) ")
 
 
@@ -181,6 +183,8 @@ def daemon_results(state_dir: Path) -> tuple[list[list[object]], dict[str, float
             if m := _POLL_LINE.match(line):
                 when = datetime.fromisoformat(m[1]).timestamp()
                 results.append([m[2], when, float(m[4]), m[3] == "ok", m[3]])
+            elif m := _FAILURE_LINE.match(line):
+                FIRST_FAILURES.setdefault(m[1], m[2][:300])
             elif m := _CONNECTED_LINE.match(line):
                 connected.setdefault(m[2], datetime.fromisoformat(m[1]).timestamp())
     return results, connected
@@ -219,6 +223,9 @@ def figures(
     failed = Counter(str(r[4]) for r in results if not r[3] and len(r) > 4)
     if failed:
         print(f"   failures: {dict(failed.most_common())}")
+        for kind in failed:
+            print(f"     first {kind}: {FIRST_FAILURES.get(kind, '?')}")
+    FIRST_FAILURES.clear()
     first = [min(w for w, _, _ in rows) for rows in by_host.values()]
     return {
         "results": len(results),

@@ -218,7 +218,11 @@ class HostProber:
             if stop is not None and stop.is_set():
                 break
         while True:
-            remaining = self._started_at + self.budget - time.monotonic() if self._started.is_set() else 0.0
+            # time spent in line for an SSH handshake slot (1,000 hosts logging in at start) is
+            # no fault of this host: it does not count against its budget
+            queued = getattr(self.runner, "queued_seconds", None)
+            extra = queued() if callable(queued) else 0.0
+            remaining = self._started_at + self.budget + extra - time.monotonic() if self._started.is_set() else 0.0
             if self._done.wait(timeout=max(0.0, min(remaining, 0.5))):
                 if self._result is not None:
                     return self._result

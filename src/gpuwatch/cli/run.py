@@ -23,7 +23,7 @@ from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
 from ..notify.registry import names_in_words
-from ..ssh import DEFAULT_MAX_HANDSHAKES, fit_open_files
+from ..ssh import DEFAULT_MAX_HANDSHAKES, HandshakeSlots, fit_open_files
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
 from ..text import local_time, plural
@@ -190,7 +190,7 @@ def cmd_run(
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
         reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
-    handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    handshakes = HandshakeSlots(DEFAULT_MAX_HANDSHAKES)
     poller = build_poller(config, handshakes)
     path = config.path
 

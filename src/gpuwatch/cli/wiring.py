@@ -22,7 +22,15 @@ from ..notify.registry import CHANNELS
 from ..notify.spec import ChannelSpec
 from ..poll import Poller
 from ..probe import ProbeSettings
-from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+from ..ssh import (
+    DEFAULT_MAX_HANDSHAKES,
+    HandshakeSlots,
+    HostKeyStore,
+    LocalRunner,
+    Runner,
+    SshConnection,
+    load_ssh_config,
+)
 from ..store import StoreReader
 from ..web import WebApp, WebServer
 
@@ -43,12 +51,12 @@ def secrets(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> lis
 
 
 def make_runner_factory(
-    config: Config, handshakes: threading.Semaphore | None = None
+    config: Config, handshakes: threading.Semaphore | HandshakeSlots | None = None
 ) -> Callable[[HostConfig], Runner]:
     """Runners for each host: one persistent SSH connection, or the local shell. ``handshakes``
     limits SSH handshakes in flight across the fleet (one per process, kept across reloads)."""
     if handshakes is None:
-        handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+        handshakes = HandshakeSlots(DEFAULT_MAX_HANDSHAKES)
     user_files = tuple(
         dict.fromkeys(Path(os.path.expanduser(h.ssh.known_hosts)) for h in config.hosts if h.ssh.known_hosts)
     )
@@ -63,7 +71,7 @@ def make_runner_factory(
     return factory
 
 
-def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
+def build_poller(config: Config, handshakes: threading.Semaphore | HandshakeSlots | None = None) -> Poller:
     return Poller(
         config.hosts,
         make_runner_factory(config, handshakes),

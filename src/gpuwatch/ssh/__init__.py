@@ -24,6 +24,7 @@ from .connection import (
     HANDSHAKE_WAIT_FACTOR,
     IDLE_WAKE_SECONDS,
     REMOTE_KILL_GRACE,
+    HandshakeSlots,
     SshConnection,
 )
 from .hostkeys import HostKeyPolicy, HostKeyStore, KnownHostsFile, fingerprint, read_known_hosts
@@ -54,6 +55,7 @@ __all__ = [
     "PROBE_WINDOW_BYTES",
     "REMOTE_KILL_GRACE",
     "CommandResult",
+    "HandshakeSlots",
     "HostFailure",
     "HostKeyPolicy",
     "HostKeyStore",

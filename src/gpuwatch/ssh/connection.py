@@ -65,6 +65,45 @@ def _classify_socket_error(exc: BaseException, target: Target, timeout: float) -
     return HostFailure(HostErrorKind.UNREACHABLE, f"cannot connect to {where}: {exc}")
 
 
+class HandshakeSlots:
+    """At most ``limit`` SSH handshakes in flight at once over all hosts (see
+    :data:`DEFAULT_MAX_HANDSHAKES`). A host waits for a slot while the line moves: it gives up
+    only when no handshake ended for ``timeout`` seconds (every slot held by logins that do not
+    finish), so 1,000 hosts logging in at start all get their turn instead of failing after a
+    fixed wait. Same ``acquire``/``release`` as a semaphore."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_HANDSHAKES) -> None:
+        self._cond = threading.Condition()
+        self._free = max(1, limit)
+        self._ended = 0  # handshakes ended so far: the line moved when this grows
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        with self._cond:
+            seen = self._ended
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._free == 0:
+                if not blocking:
+                    return False
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if self._ended == seen:
+                        return False
+                    seen, deadline = self._ended, time.monotonic() + (timeout or 0.0)
+                    continue
+                self._cond.wait(remaining)
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._ended += 1
+            self._cond.notify()
+
+
 class _NoHandshakeSlot(HostFailure):
     """Every handshake slot stayed taken: says nothing about this host, so no backoff for it."""
 
@@ -82,7 +121,7 @@ class SshConnection:
         store: HostKeyStore,
         ssh_config: paramiko.SSHConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
-        handshakes: threading.Semaphore | None = None,
+        handshakes: threading.Semaphore | HandshakeSlots | None = None,
     ) -> None:
         self.host = host
         self.store = store
@@ -93,6 +132,8 @@ class SshConnection:
         self._jump: SshConnection | None = None
         self._lock = threading.Lock()
         self._closed = False  # closed for good (gpuwatch stops, the host was removed): no new connection
+        self._queued_since: float | None = None  # waiting for a handshake slot since (monotonic)
+        self._queued = 0.0  # seconds the current run waited for a handshake slot before
         self.failures = 0
         self._retry_at = 0.0
         self._last_failure: HostFailure | None = None
@@ -109,10 +150,17 @@ class SshConnection:
             yield
             return
         wait = self.host.ssh.connect_timeout * HANDSHAKE_WAIT_FACTOR
-        if not self.handshakes.acquire(timeout=wait):
+        self._queued_since = time.monotonic()
+        try:
+            got = self.handshakes.acquire(timeout=wait)
+        finally:
+            self._queued += time.monotonic() - self._queued_since
+            self._queued_since = None
+        if not got:
+            moving = " while none ended" if isinstance(self.handshakes, HandshakeSlots) else ""
             raise _NoHandshakeSlot(
                 HostErrorKind.UNREACHABLE,
-                f"waited {wait:g}s for a free SSH handshake slot: other hosts are slow to log in "
+                f"waited {wait:g}s{moving} for a free SSH handshake slot: other hosts are slow to log in "
                 "(gpuwatch runs at most a few SSH handshakes at a time); trying again next poll",
             )
         try:
@@ -294,6 +342,12 @@ class SshConnection:
             f"ssh-keyscan {port}-t {exc.key.get_name()} {target.hostname} >> {self.store.own_file}"
         )
 
+    def queued_seconds(self) -> float:
+        """How long the run in progress (or the last one) has waited in line for a handshake slot:
+        time that counts against no timeout of the host's own (the poller adds it to the budget)."""
+        since = self._queued_since
+        return self._queued + (time.monotonic() - since if since is not None else 0.0)
+
     def transport(self) -> paramiko.Transport:
         """The live transport, connecting (or reconnecting after backoff) when needed."""
         with self._lock:
@@ -369,6 +423,7 @@ class SshConnection:
         the run as ``unparseable``.
         """
         entered = time.monotonic()
+        self._queued = 0.0
         transport = self.transport()
         deadline = time.monotonic() + max(timeout, 0.1)
         try:
