@@ -219,7 +219,7 @@ class SshConnection:
         self._check_key_files(target)
         sock = self._open_socket(target)
         client = paramiko.SSHClient()
-        self.store.install(client)
+        self.store.install(client, target.known_hosts_name)
         client.set_missing_host_key_policy(HostKeyPolicy(settings.host_key_policy, self.store))
         timeout = settings.connect_timeout
         try:
