@@ -208,9 +208,9 @@ class HostProber:
             result = probe_host(self.host, self.runner, self.probe_state)
             self._result = replace(result, taken_at=self._now())
         finally:
-            with self._lock:
+            with self._lock:  # both at once: a start() in between would clear the new done flag
                 self._running = False
-            self._done.set()
+                self._done.set()
 
     def wait(self, stop: threading.Event | None = None) -> HostSnapshot:
         """The running probe's result, waiting at most its budget from when it started."""
