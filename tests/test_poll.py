@@ -85,12 +85,13 @@ def test_probes_run_on_worker_threads_kept_between_polls(tmp_path: Path) -> None
     output = real_probe_output(tmp_path)
     settings = SshSettings(command_timeout=5.0)
     hosts = [HostConfig(name=f"h{i}", address=None, ssh=settings, local=True) for i in range(3)]
+    before = {t.ident for t in threading.enumerate()}  # other pollers' workers are not this one's
     poller = Poller(hosts, lambda host: SlowReplay(output, 0.05), max_parallel=8)
     started: set[int] = set()
     try:
         for _ in range(5):
             assert all(h.ok for h in poller.poll().hosts)
-            started |= {t.ident or 0 for t in threading.enumerate() if t.name.startswith("probe-")}
+            started |= {t.ident or 0 for t in threading.enumerate() if t.name.startswith("probe-")} - before
     finally:
         poller.close()
     assert 1 <= len(started) <= 3
