@@ -16,15 +16,20 @@ In each run, for each fleet size, two clients poll the same hosts on the same pe
   rules, no store.
 
 Both run at the same time by default (``--apart``: one after the other): noise from the rest of the
-machine then hits both alike, so compare the ratios of one run. For each client it prints: CPU per
-host-poll in the steady state (from ``2 * every`` on), peak RSS, threads and file descriptors, the
-time from start to every host connected and to every host polled once, the median and p95 probe
-time (first probes, which include the login, left out), and the longest gap between two results of
-one host.
+machine then hits both alike, so compare the ratios of one run. Together they double the fleet's
+own work: on 2 cores, 33 probes a second (50 hosts every 3 s, or 1,000 every 60 s, times two)
+saturate the loopback hosts and every probe slows down; use ``--apart`` there. The loopback
+hosts share one kernel, so the session wrapper's ``pkill`` is a no-op here (see NO_PKILL).
+
+For each client it prints: CPU per host-poll in the steady state (from ``2 * every`` on), peak
+RSS, threads and file descriptors, the time from start to every host connected and to every host
+polled once, the median and p95 probe time (first probes, which include the login, left out), and
+the longest gap between two results of one host.
 
 Run as root (it starts sshd and creates test users)::
 
-    python bench/scale.py 50 250 500 1000 --every 30 --seconds 120
+    python bench/scale.py 50 250 500 1000 --every 60 --seconds 180 --apart
+    python bench/scale.py 50 --every 3 --seconds 45 --apart     # the probe time against the ideal
 
 All traffic stays on 127.0.0.0/8.
 """
