@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,25 @@ def test_a_host_over_its_budget_is_reported_without_waiting_longer(tmp_path: Pat
     assert by_name["fast"].ok
     assert by_name["slow"].error_kind is not None and by_name["slow"].error_kind.value == "probe_timeout"
     assert elapsed < 4.5  # the 3 s budget, not the 8 s the host would take
+
+
+def test_probes_run_on_worker_threads_kept_between_polls(tmp_path: Path) -> None:
+    """No new thread per probe: five polls of three hosts use at most three workers, kept."""
+    output = real_probe_output(tmp_path)
+    settings = SshSettings(command_timeout=5.0)
+    hosts = [HostConfig(name=f"h{i}", address=None, ssh=settings, local=True) for i in range(3)]
+    before = {t.ident for t in threading.enumerate()}  # other pollers' workers are not this one's
+    poller = Poller(hosts, lambda host: SlowReplay(output, 0.05), max_parallel=8)
+    started: set[int] = set()
+    try:
+        for _ in range(5):
+            assert all(h.ok for h in poller.poll().hosts)
+            started |= {t.ident or 0 for t in threading.enumerate() if t.name.startswith("probe-")} - before
+    finally:
+        poller.close()
+    assert 1 <= len(started) <= 3
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.ident in started]  # closed: the workers ended
 
 
 # ---------------------------------------------------------------- each host on its own clock

@@ -25,6 +25,7 @@ from gpuwatch.probe import build_script, split_sections
 from gpuwatch.ssh import (
     MAX_STDERR_BYTES,
     MAX_STDOUT_BYTES,
+    HandshakeSlots,
     HostFailure,
     HostKeyStore,
     LocalRunner,
@@ -328,6 +329,38 @@ def test_waiting_for_a_handshake_slot_is_bounded(tmp_path: Path) -> None:
         conn.transport()
     assert "connection refused" in info.value.message  # with a slot, it really tries
     assert slots.acquire(blocking=False)  # and gave the slot back
+
+
+def test_a_host_waits_for_a_handshake_slot_while_the_line_moves() -> None:
+    """1,000 hosts logging in at start: a host in line keeps waiting as long as handshakes end
+    (past its own bound), and gives up only when none ends for that long."""
+    slots = HandshakeSlots(1)
+    assert slots.acquire(timeout=0.1)  # a login that takes 0.3 s
+    got: list[tuple[str, bool, float]] = []
+    started = time.monotonic()
+
+    def login(name: str) -> None:
+        ok = slots.acquire(timeout=0.4)
+        got.append((name, ok, time.monotonic() - started))
+        if ok:
+            time.sleep(0.3)
+            slots.release()
+
+    waiting = [threading.Thread(target=login, args=(n,)) for n in ("first", "second")]
+    for t in waiting:
+        t.start()
+    time.sleep(0.3)
+    slots.release()
+    for t in waiting:
+        t.join(5)
+    assert [ok for _, ok, _ in got] == [True, True]
+    assert got[-1][2] >= 0.55  # waited past its 0.4 s: the line moved at 0.3 s
+
+    stalled = HandshakeSlots(1)
+    assert stalled.acquire()
+    before = time.monotonic()
+    assert not stalled.acquire(timeout=0.2)  # nothing ends: gives up after its bound
+    assert 0.15 <= time.monotonic() - before < 1.0
 
 
 # ---------------------------------------------------------------- this machine or an SSH host

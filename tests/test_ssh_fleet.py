@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import resource
 import threading
 import uuid
 from collections.abc import Iterator
@@ -278,3 +280,24 @@ def test_a_tunnel_to_127_0_0_1_is_polled_over_ssh(
     (ssh_localhost,) = status["hosts"]
     assert ssh_localhost["ok"] and ssh_localhost["address"] == "localhost"
     assert [g["name"] for g in ssh_localhost["gpus"]] == ["NVIDIA L40S"]
+
+
+def test_a_probe_reads_its_output_when_descriptors_run_past_1023(
+    fleet: Fleet, known_hosts: Path, tmp_path: Path
+) -> None:
+    """1,000 hosts hold more than 1,024 descriptors: reading a probe's channel must not use
+    select(), which refuses those ("filedescriptor out of range in select()")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip("needs a hard open files limit of 2048 or more")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    conn = connection(fleet, fleet.addresses[0], known_hosts, tmp_path)
+    try:
+        result = conn.run_script("echo fine\n", 10)
+    finally:
+        conn.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.stdout == "fine\n"

@@ -255,7 +255,8 @@ class Daemon:
         with self.outbox.db.transaction():
             store.save(records, evaluation.memory.forget(removed) if removed else evaluation.memory, now)
             store.prune_acks(records, now)  # an ack ends when its alerts resolve
-            store.saw_users((p.owner for h in snapshot.answered for p in h.processes if p.owner), now)
+            seen = (h for h in snapshot.answered if fresh is None or h.name in fresh)  # the others: seen already
+            store.saw_users((p.owner for h in seen for p in h.processes if p.owner), now)
             for name, (items, notices) in by_channel.items():
                 command = self.command if self.command_lines(name) else None
                 message = alert_message(items, notices, self.mentions(name), config_path=config_path, command=command)

@@ -96,7 +96,6 @@ class FleetState:
         with self._lock:
             if host.name not in self._latest:
                 return
-            self._latest[host.name] = host
             assert host.taken_at is not None
             if host.ok:
                 self._last_ok[host.name] = host.taken_at
@@ -105,6 +104,13 @@ class FleetState:
             else:
                 self._failing_since.setdefault(host.name, host.taken_at)
                 self._errors.setdefault(host.name, Counter())[host.error_name] += 1
+            # kept as readers see it (when it last answered, since when it fails), so that a
+            # snapshot copies a host only when its staleness changes: building one stays cheap
+            # however many hosts there are (it is built for every batch of results)
+            last_ok, failing = self._last_ok.get(host.name), self._failing_since.get(host.name)
+            if (host.last_ok_at, host.failing_since) != (last_ok, failing):
+                host = replace(host, last_ok_at=last_ok, failing_since=failing)
+            self._latest[host.name] = host
             self._version += 1
 
     @property

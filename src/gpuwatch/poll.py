@@ -2,9 +2,10 @@
 
 Each host has one runner (a persistent SSH connection, or the local shell) and at most one probe
 in flight: a host whose previous probe is still running is reported ``busy`` instead of probed
-again. Every probe runs in its own thread, so waiting on one host's network or hung driver costs
-no other host anything; a probe is waited for at most its host's budget (connect + command
-timeouts) from when it started, then reported as ``probe_timeout``.
+again. Probes run on a pool of worker threads (:class:`Workers`, at most ``max_parallel``, kept
+between probes rather than one new thread per probe), so waiting on one host's network or hung
+driver costs no other host anything; a probe is waited for at most its host's budget (connect +
+command timeouts) from when a worker took it, then reported as ``probe_timeout``.
 
 In the daemon (:meth:`Poller.start`) every host is probed every ``poll_every`` on its own timer:
 the first probe at once, later ones at a per-host phase spread over the interval (so 200 hosts do
@@ -16,6 +17,7 @@ unchanged hosts keep their open connection.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import zlib
@@ -103,6 +105,52 @@ def phase(name: str) -> float:
     return (zlib.crc32(name.encode()) % 10_000) / 10_000
 
 
+class Workers:
+    """At most ``limit`` daemon threads that run jobs in turn; a thread is started only when every
+    one is busy, and kept for the next jobs. A job waits in line while all ``limit`` are busy
+    (``max_parallel``: a hung probe holds its worker until it ends)."""
+
+    def __init__(self, limit: int, name: str = "probe") -> None:
+        self._limit = max(1, limit)
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # workers waiting for a job
+        self._waiting = 0  # jobs no worker has taken yet
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiting += 1
+            self._jobs.put(job)
+            if self._waiting > self._idle and self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"{self._name}-{self._threads}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                if job is not None:
+                    self._waiting -= 1
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a job's own error costs that job only
+                log.exception("a probe failed outside its own error handling")
+
+    def close(self) -> None:
+        """End the idle workers (busy ones end after their job); nothing submitted afterwards runs."""
+        with self._lock:
+            count, self._threads, self._limit = self._threads, 0, 0
+        for _ in range(count):
+            self._jobs.put(None)
+
+
 class HostProber:
     """One host: its runner, and its one probe in flight (never two)."""
 
@@ -110,17 +158,17 @@ class HostProber:
         self,
         host: HostConfig,
         runner: Runner,
-        slots: threading.Semaphore,
+        workers: Workers,
         now: Callable[[], datetime] = utcnow,
         settings: ProbeSettings | None = None,
     ) -> None:
         self.host = host
         self.runner = runner
         self.probe_state = HostProbe(settings)  # what this host's probes learned (health fields, containers)
-        self._slots = slots
+        self._workers = workers
         self._now = now
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._running = False  # a probe submitted and not yet finished
         self._started = threading.Event()
         self._done = threading.Event()
         self._started_at = 0.0
@@ -141,24 +189,28 @@ class HostProber:
         )
 
     def start(self) -> bool:
-        """Start a probe in its own thread; False when the previous one is still running."""
+        """Hand a probe to the workers; False when the previous one is still running."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._running:
                 return False
+            self._running = True
             self._started.clear()
             self._done.clear()
             self._result = None
-            self._thread = threading.Thread(target=self._run, name=f"probe-{self.host.name}", daemon=True)
-            self._thread.start()
-            return True
+        self._workers.submit(self._run)
+        return True
 
     def _run(self) -> None:
-        with self._slots:  # max_parallel: a probe waiting here has not started, its budget neither
-            self._started_at = time.monotonic()
-            self._started.set()
+        # max_parallel: a probe waiting for a worker has not started, its budget neither
+        self._started_at = time.monotonic()
+        self._started.set()
+        try:
             result = probe_host(self.host, self.runner, self.probe_state)
-        self._result = replace(result, taken_at=self._now())
-        self._done.set()
+            self._result = replace(result, taken_at=self._now())
+        finally:
+            with self._lock:  # both at once: a start() in between would clear the new done flag
+                self._running = False
+                self._done.set()
 
     def wait(self, stop: threading.Event | None = None) -> HostSnapshot:
         """The running probe's result, waiting at most its budget from when it started."""
@@ -166,10 +218,15 @@ class HostProber:
             if stop is not None and stop.is_set():
                 break
         while True:
-            remaining = self._started_at + self.budget - time.monotonic() if self._started.is_set() else 0.0
+            # time spent in line for an SSH handshake slot (1,000 hosts logging in at start) is
+            # no fault of this host: it does not count against its budget
+            queued = getattr(self.runner, "queued_seconds", None)
+            extra = queued() if callable(queued) else 0.0
+            remaining = self._started_at + self.budget + extra - time.monotonic() if self._started.is_set() else 0.0
             if self._done.wait(timeout=max(0.0, min(remaining, 0.5))):
-                assert self._result is not None
-                return self._result
+                if self._result is not None:
+                    return self._result
+                break  # the probe ended without a result (an error outside probe_host's own handling)
             if remaining <= 0 or (stop is not None and stop.is_set()):
                 break
         return HostSnapshot.failed(
@@ -218,10 +275,11 @@ class _Clock:
         self._wake.set()
 
     def _next(self, last_start: float, first: bool) -> float:
-        # The first probe runs at once; from the second on, each host keeps its own place in the
-        # interval, so the probes of a fleet spread evenly over it.
+        # The first probe runs at once; the second at the host's own place in the interval (within
+        # one interval of the first: never a longer gap than ``every``), and from then on every
+        # ``every``, so the probes of a fleet spread evenly over the interval.
         if first:
-            return last_start + self.every * (1 + phase(self.prober.host.name))
+            return last_start + self.every * phase(self.prober.host.name)
         return last_start + self.every
 
     def _loop(self) -> None:
@@ -266,9 +324,9 @@ class Poller:
         self._factory = runner_factory
         self._now = now
         self._settings = settings
-        self._slots = threading.BoundedSemaphore(max(1, max_parallel))
+        self._workers = Workers(max_parallel)
         self._lock = threading.Lock()
-        self._probers = {h.name: HostProber(h, runner_factory(h), self._slots, now, settings) for h in hosts}
+        self._probers = {h.name: HostProber(h, runner_factory(h), self._workers, now, settings) for h in hosts}
         self._order = [h.name for h in hosts]
         self._clocks: dict[str, _Clock] = {}
         self._every = 0.0
@@ -352,7 +410,7 @@ class Poller:
             self._factory = runner_factory
             for name in changed + added:
                 self._probers[name] = HostProber(
-                    new[name], runner_factory(new[name]), self._slots, self._now, self._settings
+                    new[name], runner_factory(new[name]), self._workers, self._now, self._settings
                 )
                 if self._on_result is not None:
                     self._start_clock(name, first_delay=0.0)
@@ -365,6 +423,7 @@ class Poller:
                 clock.stop()
             self._clocks.clear()
             probers = list(self._probers.values())
+        self._workers.close()
         for prober in probers:
             prober.close()
 

@@ -24,7 +24,7 @@ from ..logsetup import ANNOUNCE
 from ..notify.base import Channel
 from ..notify.console import ConsoleChannel, DryRunChannel
 from ..notify.registry import channel_spec, names_in_words
-from ..ssh import DEFAULT_MAX_HANDSHAKES
+from ..ssh import DEFAULT_MAX_HANDSHAKES, HandshakeSlots, fit_open_files
 from ..statedir import StateLock, lock_state_dir
 from ..store import DB_NAME, AlertStore, Outbox, ReportRuns, open_db, replaces_older
 from ..store.history import HistorySettings
@@ -186,6 +186,7 @@ def cmd_run(
     config = in_shard(config, shard)
     _announce_shard(config)
     refuse_unusable_key_files(config)
+    fit_open_files(config.hosts)  # raises the soft limit first; a fleet that cannot fit is refused
     stop = threading.Event()
 
     def sleep(seconds: float) -> None:
@@ -212,9 +213,11 @@ def cmd_run(
         outbox = Outbox(open_db(config.state_dir, lock=lock))
         alert_store = AlertStore(outbox.db)
         reports = reports_to_make(config, once=once, forced=forced, last=ReportRuns(outbox.db).last(), now=now)
-    handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+    handshakes = HandshakeSlots(DEFAULT_MAX_HANDSHAKES)
     discovery = build_discovery(config, handshakes)
     config = with_discovered(config, discovery)
+    if discovery is not None:
+        fit_open_files(config.hosts)  # the discovered hosts count too
     poller = build_poller(config, handshakes)
     path = config.path
     history = None  # --dry-run records nothing

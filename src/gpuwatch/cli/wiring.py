@@ -24,7 +24,15 @@ from ..notify.spec import ChannelSpec
 from ..peers import PeerWatcher, http_fetch
 from ..poll import Poller
 from ..probe import ProbeSettings
-from ..ssh import DEFAULT_MAX_HANDSHAKES, HostKeyStore, LocalRunner, Runner, SshConnection, load_ssh_config
+from ..ssh import (
+    DEFAULT_MAX_HANDSHAKES,
+    HandshakeSlots,
+    HostKeyStore,
+    LocalRunner,
+    Runner,
+    SshConnection,
+    load_ssh_config,
+)
 from ..store import StoreReader
 from ..web import WebApp, WebServer
 
@@ -49,12 +57,12 @@ def secrets(config: Config, channels: tuple[ChannelSpec, ...] = CHANNELS) -> lis
 
 
 def make_runner_factory(
-    config: Config, handshakes: threading.Semaphore | None = None
+    config: Config, handshakes: threading.Semaphore | HandshakeSlots | None = None
 ) -> Callable[[HostConfig], Runner]:
     """Runners for each host: one persistent SSH connection, or the local shell. ``handshakes``
     limits SSH handshakes in flight across the fleet (one per process, kept across reloads)."""
     if handshakes is None:
-        handshakes = threading.BoundedSemaphore(DEFAULT_MAX_HANDSHAKES)
+        handshakes = HandshakeSlots(DEFAULT_MAX_HANDSHAKES)
     user_files = tuple(
         dict.fromkeys(Path(os.path.expanduser(h.ssh.known_hosts)) for h in config.hosts if h.ssh.known_hosts)
     )
@@ -90,7 +98,7 @@ def build_source(spec: DiscoverySource, config: Config, runner_factory: Callable
     return ConsulSource(spec)
 
 
-def build_discovery(config: Config, handshakes: threading.Semaphore | None = None) -> Discovery | None:
+def build_discovery(config: Config, handshakes: threading.Semaphore | HandshakeSlots | None = None) -> Discovery | None:
     """The ``hosts_from:`` sources (None: there are none), each asked once already."""
     if not config.hosts_from:
         return None
@@ -108,7 +116,7 @@ def with_discovered(config: Config, discovery: Discovery | None) -> Config:
     return merged(config, discovery.lists())
 
 
-def build_poller(config: Config, handshakes: threading.Semaphore | None = None) -> Poller:
+def build_poller(config: Config, handshakes: threading.Semaphore | HandshakeSlots | None = None) -> Poller:
     return Poller(
         config.hosts,
         make_runner_factory(config, handshakes),

@@ -13,13 +13,30 @@ classified kind and a short human message; the poller turns it into data. Secret
 Where each part lives: :mod:`.runner` (the ``Runner`` seam, ``CommandResult``, ``HostFailure``),
 :mod:`.target` (who and where, ~/.ssh/config, ProxyJump), :mod:`.hostkeys` (known_hosts files,
 gpuwatch's own, the policy), :mod:`.connection` (``SshConnection``), :mod:`.session` (the wrapper
-script on the host), :mod:`.output` (the output caps), :mod:`.local` (``LocalRunner``).
+script on the host), :mod:`.output` (the output caps), :mod:`.local` (``LocalRunner``),
+:mod:`.limits` (the open files a fleet needs, and the process limit on them).
 """
 
 from __future__ import annotations
 
-from .connection import DEFAULT_MAX_HANDSHAKES, HANDSHAKE_WAIT_FACTOR, REMOTE_KILL_GRACE, SshConnection
+from .connection import (
+    DEFAULT_MAX_HANDSHAKES,
+    HANDSHAKE_WAIT_FACTOR,
+    IDLE_WAKE_SECONDS,
+    REMOTE_KILL_GRACE,
+    HandshakeSlots,
+    SshConnection,
+)
 from .hostkeys import HostKeyPolicy, HostKeyStore, KnownHostsFile, fingerprint, read_known_hosts
+from .limits import (
+    FDS_BASE,
+    FDS_PER_HOST,
+    FDS_PER_JUMP,
+    OpenFilesLimitError,
+    fds_needed,
+    fit_open_files,
+    raise_open_files_limit,
+)
 from .local import LocalRunner
 from .output import MAX_STDERR_BYTES, MAX_STDOUT_BYTES, PROBE_WINDOW_BYTES
 from .runner import CommandResult, HostFailure, Runner
@@ -28,23 +45,32 @@ from .target import Target, load_ssh_config, parse_jump, resolve_target
 
 __all__ = [
     "DEFAULT_MAX_HANDSHAKES",
+    "FDS_BASE",
+    "FDS_PER_HOST",
+    "FDS_PER_JUMP",
     "HANDSHAKE_WAIT_FACTOR",
+    "IDLE_WAKE_SECONDS",
     "MAX_STDERR_BYTES",
     "MAX_STDOUT_BYTES",
     "PROBE_WINDOW_BYTES",
     "REMOTE_KILL_GRACE",
     "CommandResult",
+    "HandshakeSlots",
     "HostFailure",
     "HostKeyPolicy",
     "HostKeyStore",
     "KnownHostsFile",
     "LocalRunner",
+    "OpenFilesLimitError",
     "Runner",
     "SshConnection",
     "Target",
+    "fds_needed",
     "fingerprint",
+    "fit_open_files",
     "load_ssh_config",
     "parse_jump",
+    "raise_open_files_limit",
     "read_known_hosts",
     "resolve_target",
     "session_script",

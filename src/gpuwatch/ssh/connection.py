@@ -40,6 +40,15 @@ REMOTE_KILL_GRACE = 1
 DEFAULT_MAX_HANDSHAKES = 8
 HANDSHAKE_WAIT_FACTOR = 3
 
+# How often the transport thread of a live connection wakes when nothing arrives. paramiko wakes
+# it every 0.1 s (its socket timeout) to look at whether the connection was closed and to send a
+# keepalive when one is due: 0.5 ms of CPU per host per second, half a core at 1,000 hosts. Data
+# from the host, its end of the connection and a cut (EOF, reset) wake it at once whatever this
+# is; what waits for the next wake: a keepalive (so at most this much late), a rekey gpuwatch
+# asks for. Closing shuts the socket down first (_close_client), which ends the thread at once.
+# The handshake keeps paramiko's timeout: its own deadlines are checked at each wake.
+IDLE_WAKE_SECONDS = 30.0
+
 
 def _classify_socket_error(exc: BaseException, target: Target, timeout: float) -> HostFailure:
     where = f"{target.hostname}:{target.port}"
@@ -54,6 +63,45 @@ def _classify_socket_error(exc: BaseException, target: Target, timeout: float) -
     if getattr(exc, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return HostFailure(HostErrorKind.UNREACHABLE, f"no route to {where}")
     return HostFailure(HostErrorKind.UNREACHABLE, f"cannot connect to {where}: {exc}")
+
+
+class HandshakeSlots:
+    """At most ``limit`` SSH handshakes in flight at once over all hosts (see
+    :data:`DEFAULT_MAX_HANDSHAKES`). A host waits for a slot while the line moves: it gives up
+    only when no handshake ended for ``timeout`` seconds (every slot held by logins that do not
+    finish), so 1,000 hosts logging in at start all get their turn instead of failing after a
+    fixed wait. Same ``acquire``/``release`` as a semaphore."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_HANDSHAKES) -> None:
+        self._cond = threading.Condition()
+        self._free = max(1, limit)
+        self._ended = 0  # handshakes ended so far: the line moved when this grows
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        with self._cond:
+            seen = self._ended
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._free == 0:
+                if not blocking:
+                    return False
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if self._ended == seen:
+                        return False
+                    seen, deadline = self._ended, time.monotonic() + (timeout or 0.0)
+                    continue
+                self._cond.wait(remaining)
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._ended += 1
+            self._cond.notify()
 
 
 class _NoHandshakeSlot(HostFailure):
@@ -73,7 +121,7 @@ class SshConnection:
         store: HostKeyStore,
         ssh_config: paramiko.SSHConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
-        handshakes: threading.Semaphore | None = None,
+        handshakes: threading.Semaphore | HandshakeSlots | None = None,
     ) -> None:
         self.host = host
         self.store = store
@@ -83,6 +131,9 @@ class SshConnection:
         self._client: paramiko.SSHClient | None = None
         self._jump: SshConnection | None = None
         self._lock = threading.Lock()
+        self._closed = False  # closed for good (gpuwatch stops, the host was removed): no new connection
+        self._queued_since: float | None = None  # waiting for a handshake slot since (monotonic)
+        self._queued = 0.0  # seconds the current run waited for a handshake slot before
         self.failures = 0
         self._retry_at = 0.0
         self._last_failure: HostFailure | None = None
@@ -99,10 +150,17 @@ class SshConnection:
             yield
             return
         wait = self.host.ssh.connect_timeout * HANDSHAKE_WAIT_FACTOR
-        if not self.handshakes.acquire(timeout=wait):
+        self._queued_since = time.monotonic()
+        try:
+            got = self.handshakes.acquire(timeout=wait)
+        finally:
+            self._queued += time.monotonic() - self._queued_since
+            self._queued_since = None
+        if not got:
+            moving = " while none ended" if isinstance(self.handshakes, HandshakeSlots) else ""
             raise _NoHandshakeSlot(
                 HostErrorKind.UNREACHABLE,
-                f"waited {wait:g}s for a free SSH handshake slot: other hosts are slow to log in "
+                f"waited {wait:g}s{moving} for a free SSH handshake slot: other hosts are slow to log in "
                 "(gpuwatch runs at most a few SSH handshakes at a time); trying again next poll",
             )
         try:
@@ -161,7 +219,7 @@ class SshConnection:
         self._check_key_files(target)
         sock = self._open_socket(target)
         client = paramiko.SSHClient()
-        self.store.install(client)
+        self.store.install(client, target.known_hosts_name)
         client.set_missing_host_key_policy(HostKeyPolicy(settings.host_key_policy, self.store))
         timeout = settings.connect_timeout
         try:
@@ -187,8 +245,11 @@ class SshConnection:
             client.close()
             raise self._login_failure(target, exc, banner_seen=banner) from None
         transport = client.get_transport()
-        if transport is not None and settings.keepalive > 0:
-            transport.set_keepalive(int(settings.keepalive))
+        if transport is not None:
+            if settings.keepalive > 0:
+                transport.set_keepalive(int(settings.keepalive))
+            wake = min(IDLE_WAKE_SECONDS, settings.keepalive) if settings.keepalive > 0 else IDLE_WAKE_SECONDS
+            transport.sock.settimeout(max(wake, 0.1))
         log.info("connected to %s (%s)", self.host.name, target.label())
         return client
 
@@ -281,9 +342,18 @@ class SshConnection:
             f"ssh-keyscan {port}-t {exc.key.get_name()} {target.hostname} >> {self.store.own_file}"
         )
 
+    def queued_seconds(self) -> float:
+        """How long the run in progress (or the last one) has waited in line for a handshake slot:
+        time that counts against no timeout of the host's own (the poller adds it to the budget)."""
+        since = self._queued_since
+        return self._queued + (time.monotonic() - since if since is not None else 0.0)
+
     def transport(self) -> paramiko.Transport:
         """The live transport, connecting (or reconnecting after backoff) when needed."""
         with self._lock:
+            if self._closed:
+                self._drop()
+                raise HostFailure(HostErrorKind.SSH_ERROR, "the connection was closed (gpuwatch is stopping)")
             client = self._client
             if client is not None:
                 transport = client.get_transport()
@@ -306,21 +376,38 @@ class SshConnection:
                 raise
             self.failures = 0
             self._last_failure = None
+            if self._closed:  # closed while this connection was being made
+                self._drop()
+                raise HostFailure(HostErrorKind.SSH_ERROR, "the connection was closed (gpuwatch is stopping)")
             transport = self._client.get_transport()
             assert transport is not None
             return transport
 
     def _drop(self) -> None:
         if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:  # closing a dead connection must not raise
-                log.debug("error closing the connection to %s", self.host.name, exc_info=True)
+            self._close_client(self._client)
         self._client = None
 
+    def _close_client(self, client: paramiko.SSHClient) -> None:
+        """Close ``client``; its transport thread, asleep in a read for up to IDLE_WAKE_SECONDS,
+        is woken by shutting the socket down first (paramiko only closes it), so it ends now."""
+        try:
+            transport = client.get_transport()
+            if transport is not None and isinstance(transport.sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    transport.sock.shutdown(socket.SHUT_RDWR)
+            client.close()
+        except Exception:  # closing a dead connection must not raise
+            log.debug("error closing the connection to %s", self.host.name, exc_info=True)
+
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        """Close the connection for good, without waiting for one being made (that one is closed
+        by the thread making it as soon as it is made): stopping 1,000 hosts must not wait out
+        the logins still under way one after the other."""
+        self._closed = True  # set before the client is read: one being made now is dropped by its maker
+        client = self._client
+        if client is not None:
+            self._close_client(client)
         if self._jump is not None:
             self._jump.close()
 
@@ -336,6 +423,7 @@ class SshConnection:
         the run as ``unparseable``.
         """
         entered = time.monotonic()
+        self._queued = 0.0
         transport = self.transport()
         deadline = time.monotonic() + max(timeout, 0.1)
         try:

@@ -178,18 +178,20 @@ class HostKeyStore:
         with self._lock:
             return next((known.path for known in self._files() if wanted in known.revoked), None)
 
-    def install(self, client: paramiko.SSHClient) -> None:
-        """Give a fresh client every key known now, except revoked ones (a revoked key then
-        reaches the policy, which refuses it)."""
+    def install(self, client: paramiko.SSHClient, name: str) -> None:
+        """Give a fresh client the keys known now for ``name`` (as known_hosts spells it:
+        ``host`` or ``[host]:port``; the only name paramiko looks up), except revoked ones (a
+        revoked key then reaches the policy, which refuses it). Only that name's: copying every
+        known key into every client costs O(hosts²) per login (minutes of CPU for 1,000 hosts)."""
         with self._lock:
             files = self._files()
             revoked = set().union(*(known.revoked for known in files))
             system = client.get_host_keys()  # we feed both sets; only the policy ever writes
             for known in reversed(files):  # the user's first, ours last
-                for name in known.keys.keys():
-                    for ktype, key in known.keys[name].items():
-                        if (ktype, key.get_base64()) not in revoked:
-                            system.add(name, ktype, key)
+                found = known.keys.lookup(name)
+                for ktype, key in (found or {}).items():
+                    if (ktype, key.get_base64()) not in revoked:
+                        system.add(name, ktype, key)
 
     def where_known(self, name: str) -> Path | None:
         with self._lock:

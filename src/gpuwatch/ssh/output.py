@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import select
 import time
 
@@ -58,7 +59,10 @@ class BoundedOutput:
 def read_channel(chan: paramiko.Channel, output: BoundedOutput, deadline: float) -> None:
     """Read stdout and stderr together (a full stderr must not stall stdout) until the end of
     both, within ``deadline`` and the output caps."""
-    ready = chan.fileno()  # readable while either stream has data, and for ever after EOF or close
+    # chan.fileno(): a pipe readable while either stream has data, and for ever after EOF or close.
+    # poll(), not select(): select() refuses descriptors above 1023, which 1,000 hosts reach.
+    ready = select.poll()
+    ready.register(chan.fileno(), select.POLLIN)
     while True:
         finished = chan.eof_received or chan.closed  # looked at first: nothing arrives after it
         while chan.recv_ready():
@@ -70,4 +74,4 @@ def read_channel(chan: paramiko.Channel, output: BoundedOutput, deadline: float)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError()
-        select.select([ready], [], [], remaining)
+        ready.poll(math.ceil(remaining * 1000))

@@ -13,6 +13,12 @@ from __future__ import annotations
 # some (one may have been forking during the previous pass); without pkill, kill -<pgid> ends
 # the script's own process group. The watchdog is killed by pid, then by process group, so it
 # cannot outlive the wrapper. Without setsid (not Linux), the script runs as it is.
+# The session's stdout goes through dd, which gathers it (up to 1 MiB) and writes it once the
+# session's writers are gone: the probe prints its sections in many small writes, and each would
+# be an SSH packet of its own (20 or so per probe), each costing the client a wake of its
+# transport thread and of the reader; gathered, a probe's output is one or two packets. The pipe
+# to dd is a FIFO next to the script's file (created only if that name is free, removed as soon
+# as both ends are open); without dd or mkfifo, stdout goes straight to the channel as before.
 _PROBE_END = "__GPUWATCH_PROBE_END__"
 _SESSION_SCRIPT = """\
 # gpuwatch: the probe runs in a session of its own, ended when it exits or after __LIMIT__ s.
@@ -37,6 +43,13 @@ __SCRIPT__
 __PROBE_END__
 exec 4>&-
 if command -v setsid >/dev/null 2>&1; then
+  o=
+  if command -v dd >/dev/null 2>&1 && mkfifo "$f.o" 2>/dev/null; then
+    dd obs=1048576 <"$f.o" 2>/dev/null 5<&- &
+    o=$!
+    exec 1>"$f.o"
+    rm -f "$f.o"
+  fi
   exec 3>&2 2>/dev/null  # the probe's stderr on 3; the shell's own notes ("Killed") to /dev/null
   K='n=0; while [ "$n" -lt 3 ] && pkill -KILL -s "$1"; do n=$((n + 1)); done; kill -KILL -"$1"'
   setsid sh "$p" </dev/null 2>&3 3>&- &
@@ -50,6 +63,7 @@ if command -v setsid >/dev/null 2>&1; then
   kill -KILL "$w"; kill -KILL -"$w"
   sh -c "$K" end "$s" 3>&-
   rm -f "$f"
+  if [ -n "$o" ]; then exec 1>&-; wait "$o"; fi
   exit "$rc"
 fi
 sh "$p" </dev/null
