@@ -354,6 +354,9 @@ def test_the_cli_refuses_a_wish_nobody_could_be_told_of_and_notes_a_user_no_chan
 ) -> None:
     assert cli(write_config(tmp_path), "notify-when-free", "--gpus", "1")[0] == 2
     assert "no channel is configured (feishu:, " in capsys.readouterr().err
+    alerts_only = write_config(tmp_path, alertmanager={"url": "http://127.0.0.1:9"})
+    assert cli(alerts_only, "notify-when-free", "--gpus", "1")[0] == 2  # Alertmanager takes alerts, not wishes
+    assert "(alertmanager: alerts only), so there is nobody to tell" in capsys.readouterr().err
     config = write_config(tmp_path, feishu=FEISHU)
     assert cli(config, "notify-when-free", "--gpus", "1", "--user", "bob")[0] == 0
     assert "note: no channel has a mention for 'bob'" in capsys.readouterr().err

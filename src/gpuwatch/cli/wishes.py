@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ..config import Config, ConfigError, HostConfig, parse_duration
 from ..model import HostSnapshot
-from ..notify.registry import channel_spec, names_in_words
+from ..notify.registry import CHANNELS, channel_spec, names_in_words
 from ..rules import processes_known
 from ..store import open_db
 from ..store.wishes import WishStore
@@ -114,9 +114,12 @@ def cmd_wish(
         return _cancel(config, kind, args.cancel, out, clock())
     if args.all or args.json:
         raise UsageError(f"{command}: --all and --json go with --list")
-    if not config.channels:
+    tellers = [name for name in config.channels if not ((spec := channel_spec(name)) and spec.alerts_only)]
+    if not tellers:  # Alertmanager takes alerts only: a wish's message would reach no one
+        carriers = names_in_words(tuple(spec for spec in CHANNELS if not spec.alerts_only))
+        only = f" ({', '.join(config.channels)}: alerts only)" if config.channels else ""
         raise UsageError(
-            f"{command}: no channel is configured ({names_in_words()}), so there is nobody to tell; nothing registered"
+            f"{command}: no channel is configured ({carriers}){only}, so there is nobody to tell; nothing registered"
         )
     seconds = _seconds(args.duration or DEFAULT_FOR[kind], command)
     if kind == FREE:
