@@ -172,7 +172,7 @@ class Daemon:
         in force on it (so the rules and the reports agree on which GPUs are reserved)."""
         snapshot = self.state.snapshot()
         try:
-            return with_reservations(snapshot, ReservationStore(self.outbox.db).all())
+            return with_reservations(snapshot, ReservationStore(self.outbox.db).current(snapshot.taken_at.timestamp()))
         except StoreError as exc:
             log.error("cannot read the bookings (%s): going on as if there were none", exc)
             return snapshot

@@ -169,7 +169,7 @@ class FleetCollector:
         snapshot = self.state.snapshot()
         if self.store is not None:
             try:
-                snapshot = with_reservations(snapshot, self.store.reservations())
+                snapshot = with_reservations(snapshot, self.store.reservations(snapshot.taken_at.timestamp()))
             except Exception:  # the fleet is still worth a scrape: GPUs then count as if not booked
                 log.warning("metrics: the bookings could not be read; gpuwatch_gpu_free leaves them out")
         yield from fleet_metrics(snapshot, self.state.probe_errors(), self.config().free_gpu)

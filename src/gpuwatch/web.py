@@ -300,7 +300,9 @@ class WebApp:
     def _snapshot(self) -> FleetSnapshot:
         """The fleet state with the bookings in force on its hosts."""
         snapshot = self.state.snapshot()
-        return snapshot if self.store is None else with_reservations(snapshot, self.store.reservations())
+        if self.store is None:
+            return snapshot
+        return with_reservations(snapshot, self.store.reservations(snapshot.taken_at.timestamp()))
 
     def _view(self, query: Query, sparks: SparkSet) -> tuple[PageView, str]:
         """The page's view for ``query`` and its ETag (changes with the fleet, the alerts, the

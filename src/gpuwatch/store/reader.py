@@ -112,9 +112,12 @@ class StoreReader:
         """When a poll last updated the alert state; None if never (or no database yet)."""
         return self._read(lambda db: AlertStore(db).evaluated_at(), None)
 
-    def reservations(self) -> list[Reservation]:
-        """Every GPU booking kept (``Reservation.in_force`` says which count now)."""
-        return self._read(lambda db: ReservationStore(db).all(), [])
+    def reservations(self, now: float | None = None) -> list[Reservation]:
+        """Every GPU booking kept (``Reservation.in_force`` says which count now); with ``now``,
+        only those not ended by then."""
+        if now is None:
+            return self._read(lambda db: ReservationStore(db).all(), [])
+        return self._read(lambda db: ReservationStore(db).current(now), [])
 
     def outbox_counts(self) -> dict[str, int]:
         return self._read(lambda db: Outbox(db).count_by_channel(), {})

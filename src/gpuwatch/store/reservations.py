@@ -56,8 +56,16 @@ class ReservationStore:
         return [_row(r) for r in rows]
 
     def current(self, now: float) -> list[Reservation]:
-        """The bookings in force at ``now`` or later (not yet ended)."""
-        return [b for b in self.all() if b.ends_at > now]
+        """The bookings in force at ``now`` or later (not yet ended): what every view of the fleet
+        reads on each cycle or request, so ended bookings (kept for ``list --all``) cost nothing."""
+        if not self._has_table():
+            return []
+        rows = self.db.query(
+            "SELECT id, user, host, gpus, starts_at, ends_at, comment, author, created_at"
+            " FROM reservations WHERE ends_at > ? ORDER BY starts_at, id",
+            (now,),
+        )
+        return [_row(r) for r in rows]
 
     def add(
         self,
