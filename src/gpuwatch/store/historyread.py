@@ -118,9 +118,11 @@ class HistoryReader:
         return {int(i): str(n) for i, n in self._rows("SELECT id, name FROM people")}
 
     def _raw(
-        self, start: float, end: float, host: str | None = None
+        self, start: float, end: float, gpus: dict[int, GpuInfo], people: dict[int, str], host: str | None = None
     ) -> Iterator[tuple[int, int, bool, int, list[tuple[int, GpuReading]]]]:
-        gpus, people = self.gpus(), self._people()
+        """The raw samples of ``[start, end)`` unpacked (none read when the span is empty)."""
+        if start >= end:
+            return
         sql = "SELECT r.t, r.host_id, r.ok, r.dt, r.data FROM raw r"
         args: tuple[object, ...] = (int(start), int(end))
         if host is not None:
@@ -140,15 +142,18 @@ class HistoryReader:
             rolled = self._meta("rolled_hour") or start
             hours_end = min(end, rolled)
             first, last = math.ceil(start / DAY) * DAY, min(hours_end // DAY * DAY, self._meta("rolled_day") or 0)
+            people = self._people()  # read once for the roll-ups and the raw samples
             if days and first < last:
-                self._rolled(out, "day", first, last)
-                self._rolled(out, "hour", start, first)
-                self._rolled(out, "hour", last, hours_end)
+                self._rolled(out, "day", first, last, people)
+                self._rolled(out, "hour", start, first, people)
+                self._rolled(out, "hour", last, hours_end, people)
                 out.spans = spans(start, end, (first, last))
             else:
-                self._rolled(out, "hour", start, hours_end)
+                self._rolled(out, "hour", start, hours_end, people)
                 out.spans = spans(start, end)
-            for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end):
+            raw_from = max(start, rolled)
+            gpus = self.gpus() if raw_from < end else {}
+            for t, _host, ok, dt, pairs in self._raw(raw_from, end, gpus, people):
                 sample = HostSample("", t, dt, ok, tuple(g for _, g in pairs))
                 ids = {g.index: gid for gid, g in pairs}
                 result = account(sample, idle_below)
@@ -161,7 +166,7 @@ class HistoryReader:
                     per_span[hour] = per_span.get(hour, 0.0) + p.gpu_s
             return out
 
-    def _rolled(self, out: Tallies, grain: str, start: float, end: float) -> None:
+    def _rolled(self, out: Tallies, grain: str, start: float, end: float, people: dict[int, str]) -> None:
         """Add the ``hour`` or ``day`` roll-ups of ``[start, end)``."""
         if end <= start:
             return
@@ -181,7 +186,6 @@ class HistoryReader:
                     mem_max=mem_max,
                 )
             )
-        people = self._people()
         rows = self._rows(_PERSON_SUMS.replace("person_hour", f"person_{grain}"), (int(start), int(end)))
         for pid, t, gpu_ms, idle_ms, mem_max, gpus_max in rows:
             name = people.get(int(pid), "?")
@@ -240,7 +244,7 @@ class HistoryReader:
                 point = SeriesPoint(float(t), util, mem, bool(down) and not known)
                 out.setdefault((info.host, info.index), []).append(point)
             buckets: dict[tuple[int, int], GpuTally] = {}
-            for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end, host):
+            for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end, infos, self._people(), host):
                 sample = HostSample("", t, dt, ok, tuple(g for _, g in pairs))
                 ids = {g.index: gid for gid, g in pairs}
                 for index, tally in account(sample, 0).gpus.items():
