@@ -38,6 +38,7 @@ from ..usage import (
     usage_document,
 )
 from .history import DAY, FIVE_MINUTES, HOUR, GpuInfo, HistoryError, connect, history_path, unpack
+from .historyseries import slot_sums
 
 # The sums of a period's hourly roll-ups (for its whole days: gpu_day and person_day instead).
 _GPU_SUMS = (
@@ -118,15 +119,13 @@ class HistoryReader:
         return {int(i): str(n) for i, n in self._rows("SELECT id, name FROM people")}
 
     def _raw(
-        self, start: float, end: float, host: str | None = None
+        self, start: float, end: float, gpus: dict[int, GpuInfo], people: dict[int, str]
     ) -> Iterator[tuple[int, int, bool, int, list[tuple[int, GpuReading]]]]:
-        gpus, people = self.gpus(), self._people()
-        sql = "SELECT r.t, r.host_id, r.ok, r.dt, r.data FROM raw r"
-        args: tuple[object, ...] = (int(start), int(end))
-        if host is not None:
-            sql += " JOIN hosts h ON h.id = r.host_id AND h.name = ?"
-            args = (host, *args)
-        for t, host_id, ok, dt, data in self._rows(sql + " WHERE r.t >= ? AND r.t < ?", args):
+        """The raw samples of ``[start, end)`` unpacked (none read when the span is empty)."""
+        if start >= end:
+            return
+        sql = "SELECT t, host_id, ok, dt, data FROM raw WHERE t >= ? AND t < ?"
+        for t, host_id, ok, dt, data in self._rows(sql, (int(start), int(end))):
             yield int(t), int(host_id), bool(ok), int(dt), unpack(bytes(data), gpus, people)
 
     # -- usage
@@ -140,15 +139,18 @@ class HistoryReader:
             rolled = self._meta("rolled_hour") or start
             hours_end = min(end, rolled)
             first, last = math.ceil(start / DAY) * DAY, min(hours_end // DAY * DAY, self._meta("rolled_day") or 0)
+            people = self._people()  # read once for the roll-ups and the raw samples
             if days and first < last:
-                self._rolled(out, "day", first, last)
-                self._rolled(out, "hour", start, first)
-                self._rolled(out, "hour", last, hours_end)
+                self._rolled(out, "day", first, last, people)
+                self._rolled(out, "hour", start, first, people)
+                self._rolled(out, "hour", last, hours_end, people)
                 out.spans = spans(start, end, (first, last))
             else:
-                self._rolled(out, "hour", start, hours_end)
+                self._rolled(out, "hour", start, hours_end, people)
                 out.spans = spans(start, end)
-            for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end):
+            raw_from = max(start, rolled)
+            gpus = self.gpus() if raw_from < end else {}
+            for t, _host, ok, dt, pairs in self._raw(raw_from, end, gpus, people):
                 sample = HostSample("", t, dt, ok, tuple(g for _, g in pairs))
                 ids = {g.index: gid for gid, g in pairs}
                 result = account(sample, idle_below)
@@ -161,7 +163,7 @@ class HistoryReader:
                     per_span[hour] = per_span.get(hour, 0.0) + p.gpu_s
             return out
 
-    def _rolled(self, out: Tallies, grain: str, start: float, end: float) -> None:
+    def _rolled(self, out: Tallies, grain: str, start: float, end: float, people: dict[int, str]) -> None:
         """Add the ``hour`` or ``day`` roll-ups of ``[start, end)``."""
         if end <= start:
             return
@@ -181,7 +183,6 @@ class HistoryReader:
                     mem_max=mem_max,
                 )
             )
-        people = self._people()
         rows = self._rows(_PERSON_SUMS.replace("person_hour", f"person_{grain}"), (int(start), int(end)))
         for pid, t, gpu_ms, idle_ms, mem_max, gpus_max in rows:
             name = people.get(int(pid), "?")
@@ -223,37 +224,18 @@ class HistoryReader:
         self, start: float, end: float, *, host: str | None = None
     ) -> dict[tuple[str, int], list[SeriesPoint]]:
         """Each GPU's utilization and memory (means) per 5 minutes over ``[start, end)``, by
-        (host, index), oldest first: from the 5-minute roll-ups, then the raw samples after them.
+        (host, index), oldest first: from the 5-minute roll-ups, then the raw samples after them
+        (:func:`.historyseries.slot_sums`, the sparklines' reading, in 5-minute slots).
         ``host``: that host's GPUs only."""
         with self._lock:
-            infos = self.gpus()
-            rolled = self._meta("rolled_5m") or start
-            out: dict[tuple[str, int], list[SeriesPoint]] = {}
-            rows = self._rows(
-                "SELECT t, gpu_id, known_s, down_s, util_mean, mem_mean FROM gpu_5m WHERE t >= ? AND t < ? ORDER BY t",
-                (int(start), int(min(end, rolled))),
-            )
-            for t, gid, known, down, util, mem in rows:
-                info = infos.get(int(gid))
-                if info is None or (host is not None and info.host != host):
-                    continue
-                point = SeriesPoint(float(t), util, mem, bool(down) and not known)
-                out.setdefault((info.host, info.index), []).append(point)
-            buckets: dict[tuple[int, int], GpuTally] = {}
-            for t, _host, ok, dt, pairs in self._raw(max(start, rolled), end, host):
-                sample = HostSample("", t, dt, ok, tuple(g for _, g in pairs))
-                ids = {g.index: gid for gid, g in pairs}
-                for index, tally in account(sample, 0).gpus.items():
-                    buckets.setdefault((t // FIVE_MINUTES * FIVE_MINUTES, ids[index]), GpuTally()).add(tally)
-            for (t, gid), tally in sorted(buckets.items()):
-                info = infos.get(gid)
-                if info is None:
-                    continue
-                point = SeriesPoint(
-                    float(t), tally.utilization_percent, tally.memory_mean_mib, tally.down_s > 0 and not tally.known_s
-                )
-                out.setdefault((info.host, info.index), []).append(point)
-            return out
+            sums = slot_sums(self._rows, self.gpus(), start, end, FIVE_MINUTES, origin=0, host=host)
+        return {
+            key: [
+                SeriesPoint(t, s.utilization_percent, s.memory_mean_mib, s.down_s > 0 and not s.known_s)
+                for t, s in sorted(slots.items())
+            ]
+            for key, slots in sums.items()
+        }
 
     def person_daily(self, start: float, end: float, tz: tzinfo | None = None) -> dict[str, dict[str, float]]:
         """Each person's GPU-hours per day (``YYYY-MM-DD`` in ``tz``, default this machine's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from .history import GpuInfo, HistoryError, connect, history_path, unpack
 
 #: (host, GPU index) -> slot start -> what the slot added up.
 SlotSums = dict[tuple[str, int], dict[float, GpuTally]]
+#: A reader's query: (sql, args) -> rows.
+Rows = Callable[[str, tuple[object, ...]], list[tuple[Any, ...]]]
 
 _SLOTS_SQL = (
     "SELECT gpu_id, (t - ?) / ? AS k, SUM(known_s), SUM(down_s), "
@@ -82,41 +85,57 @@ class SeriesReader:
         """Each GPU's sums per ``step`` seconds over ``[start, end)`` (``start`` a multiple of
         ``step``, ``step`` of 5 minutes): roll-ups, then raw samples after them."""
         with self._lock:
-            infos = self._gpus()
-            meta = self._rows("SELECT value FROM meta WHERE key = 'rolled_5m'")
-            rolled = float(meta[0][0]) if meta else start
-            out: SlotSums = {}
-            for gid, k, known, down, util_s, util_sum, mem_s, mem_sum in self._rows(
-                _SLOTS_SQL, (int(start), int(step), int(start), int(min(end, rolled)))
-            ):
-                info = infos.get(int(gid))
-                if info is None:
-                    continue
-                tally = GpuTally(
-                    known_s=float(known or 0),
-                    down_s=float(down or 0),
-                    util_s=float(util_s or 0),
-                    util_sum=float(util_sum or 0),
-                    mem_s=float(mem_s or 0),
-                    mem_sum=float(mem_sum or 0),
-                )
-                out.setdefault((info.host, info.index), {})[start + int(k) * step] = tally
-            self._add_raw(out, infos, max(start, rolled), end, start, step)
-            return out
+            return slot_sums(self._rows, self._gpus(), start, end, step)
 
-    def _add_raw(
-        self, out: SlotSums, infos: dict[int, GpuInfo], since: float, end: float, start: float, step: int
-    ) -> None:
-        if since >= end:
-            return
-        people = {int(i): str(n) for i, n in self._rows("SELECT id, name FROM people")}
-        rows = self._rows("SELECT t, ok, dt, data FROM raw WHERE t >= ? AND t < ?", (int(since), int(end)))
-        for t, ok, dt, data in rows:
-            pairs = unpack(bytes(data), infos, people)
-            ids = {g.index: gid for gid, g in pairs}
-            sample = HostSample("", float(t), float(dt), bool(ok), tuple(g for _, g in pairs))
-            slot = start + (int(t) - int(start)) // step * step
-            for index, tally in account(sample, 0).gpus.items():
-                info = infos.get(ids[index])
-                if info is not None:
-                    out.setdefault((info.host, info.index), {}).setdefault(slot, GpuTally()).add(tally)
+
+def slot_sums(
+    rows: Rows,
+    infos: dict[int, GpuInfo],
+    start: float,
+    end: float,
+    step: int,
+    *,
+    origin: float | None = None,
+    host: str | None = None,
+) -> SlotSums:
+    """Each GPU's sums per ``step`` seconds (slots ``origin + k * step``, default from ``start``)
+    over ``[start, end)``, read with ``rows`` (a reader's query, its lock held): the 5-minute
+    roll-ups, then the raw samples after them. ``host``: that host's GPUs only."""
+    base = start if origin is None else origin
+    meta = rows("SELECT value FROM meta WHERE key = 'rolled_5m'", ())
+    rolled = float(meta[0][0]) if meta else start
+    out: SlotSums = {}
+    for gid, k, known, down, util_s, util_sum, mem_s, mem_sum in rows(
+        _SLOTS_SQL, (int(base), int(step), int(start), int(min(end, rolled)))
+    ):
+        info = infos.get(int(gid))
+        if info is None or (host is not None and info.host != host):
+            continue
+        tally = GpuTally(
+            known_s=float(known or 0),
+            down_s=float(down or 0),
+            util_s=float(util_s or 0),
+            util_sum=float(util_sum or 0),
+            mem_s=float(mem_s or 0),
+            mem_sum=float(mem_sum or 0),
+        )
+        out.setdefault((info.host, info.index), {})[base + int(k) * step] = tally
+    since = max(start, rolled)
+    if since >= end:
+        return out
+    people = {int(i): str(n) for i, n in rows("SELECT id, name FROM people", ())}
+    sql = "SELECT r.t, r.ok, r.dt, r.data FROM raw r"
+    args: tuple[object, ...] = (int(since), int(end))
+    if host is not None:
+        sql += " JOIN hosts h ON h.id = r.host_id AND h.name = ?"
+        args = (host, *args)
+    for t, ok, dt, data in rows(sql + " WHERE r.t >= ? AND r.t < ?", args):
+        pairs = unpack(bytes(data), infos, people)
+        ids = {g.index: gid for gid, g in pairs}
+        sample = HostSample("", float(t), float(dt), bool(ok), tuple(g for _, g in pairs))
+        slot = base + (int(t) - int(base)) // step * step
+        for index, tally in account(sample, 0).gpus.items():
+            info = infos.get(ids[index])
+            if info is not None:
+                out.setdefault((info.host, info.index), {}).setdefault(slot, GpuTally()).add(tally)
+    return out
