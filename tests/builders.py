@@ -331,6 +331,13 @@ ME = getpass.getuser()
 GONE = {"name": "gpu-gone", "address": "127.0.0.1", "port": 9, "connect_timeout": "2s"}  # nothing listens
 
 
+def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
+    """``doc`` as YAML at ``path``, readable by its owner only (as gpuwatch wants a config)."""
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
 def write_config(tmp_path: Path, hosts: list[Any] | None = None, mode: int = 0o600, **extra: Any) -> Path:
     doc: dict[str, Any] = {
         "hosts": hosts or ["localhost"],
