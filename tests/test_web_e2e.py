@@ -28,6 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
+from builders import write_web_config
 from fleet import Fleet, scenario_healthy_multi_gpu
 from processes import start_web_run
 from waiting import wait_for
@@ -58,16 +59,7 @@ def get_json(url: str) -> Any:
 
 
 def start_daemon(tmp_path: Path, fleet: Fleet, known_hosts: Path, hosts: list[dict[str, str]]) -> Daemon:
-    doc = {
-        "hosts": hosts,
-        "ssh": fleet.gpuwatch_ssh(known_hosts, connect_timeout="2s", command_timeout="5s"),
-        "state_dir": str(tmp_path / "state"),
-        "schedule": {"poll_every": f"{POLL:g}s", "reports": []},
-        "web": {"listen": "127.0.0.1:0"},
-    }
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    config.chmod(0o600)
+    config = write_web_config(tmp_path, fleet, known_hosts, hosts, POLL)
     proc, url, log = start_web_run(config)
     daemon = Daemon(proc, url, config, log)
     names = [h["name"] for h in hosts]

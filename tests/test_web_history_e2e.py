@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
+from builders import write_web_config
 from fleet import Fleet
 from history_fill import HOSTILE, fill_week
 from processes import start_web_run
@@ -78,16 +78,7 @@ def daemon(fleet: Fleet, known_hosts: Path, tmp_path: Path) -> Iterator[Daemon]:
         pytest.skip(reason)
     hosts = [{"name": f"h{i}", "address": a} for i, a in enumerate(fleet.addresses[:3], start=2)]
     fill_week(tmp_path / "state", [h["name"] for h in hosts], time.time())
-    doc = {
-        "hosts": hosts,
-        "ssh": fleet.gpuwatch_ssh(known_hosts, connect_timeout="2s", command_timeout="5s"),
-        "state_dir": str(tmp_path / "state"),
-        "schedule": {"poll_every": f"{POLL:g}s", "reports": []},
-        "web": {"listen": "127.0.0.1:0"},
-    }
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    config.chmod(0o600)
+    config = write_web_config(tmp_path, fleet, known_hosts, hosts, POLL)
     proc, url, log = start_web_run(config)
     try:
         wait_for(
