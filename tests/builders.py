@@ -34,6 +34,7 @@ from fleet import (
     L40S_QUERY,
     MIG_APPS,
     MIG_QUERY,
+    Fleet,
     _stack_gpus,
     capture_bytes,
     capture_pids,
@@ -329,6 +330,26 @@ def config(tmp_path: Path, **web: Any) -> Any:
 
 ME = getpass.getuser()
 GONE = {"name": "gpu-gone", "address": "127.0.0.1", "port": 9, "connect_timeout": "2s"}  # nothing listens
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
+    """``doc`` as YAML at ``path``, readable by its owner only (as gpuwatch wants a config)."""
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def write_web_config(tmp_path: Path, fleet: Fleet, known_hosts: Path, hosts: list[Any], poll: float) -> Path:
+    """``tmp_path/config.yaml`` for a daemon polling ``hosts`` on the fleet every ``poll`` seconds,
+    its web page on a free port of 127.0.0.1, no reports, its state in ``tmp_path/state``."""
+    doc = {
+        "hosts": hosts,
+        "ssh": fleet.gpuwatch_ssh(known_hosts, connect_timeout="2s", command_timeout="5s"),
+        "state_dir": str(tmp_path / "state"),
+        "schedule": {"poll_every": f"{poll:g}s", "reports": []},
+        "web": {"listen": "127.0.0.1:0"},
+    }
+    return write_yaml(tmp_path / "config.yaml", doc)
 
 
 def write_config(tmp_path: Path, hosts: list[Any] | None = None, mode: int = 0o600, **extra: Any) -> Path:

@@ -6,12 +6,14 @@ skipped, with the reason, where a fleet cannot run (not root, no sshd).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fakefeishu import FakeFeishu
 from fleet import (
     H100_LOAD_APPS,
     Fleet,
@@ -129,3 +131,36 @@ def mine(local_standin: Path) -> Iterator[int]:
     yield proc.pid
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A real process of this user that the stand-in reports as a GPU process (via its pids file)."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``gpuwatch.cli.main`` installs its own log handlers on the root logger (stderr as captured for
+    the test, the state_dir's file); take them away afterwards, so that a server thread still logging
+    after the test never writes to a closed stream.  Modules ask for it with
+    ``pytestmark = pytest.mark.usefixtures("restore_logging")``."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.fixture
+def feishu() -> Iterator[FakeFeishu]:
+    """The Feishu-like server (tests/fakefeishu.py) requiring the keyword "GPU", the ``KEYWORD`` the
+    end-to-end modules put in their configs; a module needing another one defines its own."""
+    with FakeFeishu(keywords=["GPU"]) as server:
+        yield server

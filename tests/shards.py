@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from processes import start_web_run
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,23 +66,8 @@ def write_shard_config(directory: Path, doc: dict[str, Any], port: int = 0) -> P
 
 def start_shard(config: Path, shard: str) -> ShardDaemon:
     """``gpuwatch run --shard K/N``, once its page answers."""
-    log = config.parent / "daemon.stderr"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuwatch", "run", "--shard", shard, "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    found: list[str] = []
-
-    def announced() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {proc.returncode}: {log.read_text()}")
-        found[:] = re.findall(r"web page at (http://\S+)", log.read_text())
-        return bool(found)
-
-    wait_for(announced, 30, f"shard {shard} to say where its page is")
-    return ShardDaemon(proc, found[0], config, log)
+    proc, url, log = start_web_run(config, "--shard", shard, who=f"shard {shard}")
+    return ShardDaemon(proc, url, config, log)
 
 
 def stop_shard(daemon: ShardDaemon) -> None:

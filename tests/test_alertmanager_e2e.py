@@ -10,10 +10,6 @@ skipped, saying why, without the binary.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ import yaml
 
 from alertmanager import Alertmanager, Receiver, alertmanager_path, missing_reason, settle
 from fleet import Fleet
+from processes import start_run, stop_run
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -63,22 +60,6 @@ def write_config(tmp_path: Path, name: str, fleet: Fleet, am: Alertmanager) -> P
     return path
 
 
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()
-
-
 def log_of(tmp_path: Path, name: str) -> str:
     path = tmp_path / name / "gpuwatch.log"
     return path.read_text(encoding="utf-8") if path.exists() else ""
@@ -94,7 +75,7 @@ def test_two_daemons_make_one_notification_one_resolution_and_a_silence_mutes(
     keys = {address: fleet.add_host(address) for address in (HOST_A, HOST_B)}
     alertmanager.silence({"alertname": "host_down", "host": "gpu-b"})
     names = ("one", "two")
-    daemons = [start(write_config(tmp_path, name, fleet, alertmanager)) for name in names]
+    daemons = [start_run(write_config(tmp_path, name, fleet, alertmanager)) for name in names]
     try:
         for name in names:
             wait_for(lambda: all(f"poll: gpu-{c} ok" in log_of(tmp_path, name) for c in "ab"), 30, f"{name} polls")
@@ -137,7 +118,7 @@ def test_two_daemons_make_one_notification_one_resolution_and_a_silence_mutes(
         assert "gpu-b" not in hosts_of(receiver.alerts("firing") + receiver.alerts("resolved"))
     finally:
         for daemon in daemons:
-            stop(daemon)
+            stop_run(daemon, timeout=30)
     for name in names:
         log = log_of(tmp_path, name)
         assert "Traceback" not in log and "refused for good" not in log.replace("0 refused for good", "")

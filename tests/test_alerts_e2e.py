@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import pwd
 import re
@@ -20,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
 # The SMTP fixtures live in tests/smtpserver.py, loaded as a plugin (see tests/test_email.py).
 pytest_plugins = ("smtpserver",)
 
-KEYWORD = "GPU"
+KEYWORD = "GPU"  # what conftest.feishu requires
 PASSWORD_ENV = "GPUWATCH_TEST_SMTP_PASSWORD"
 CAPTURED = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]
 
@@ -59,34 +58,8 @@ CAPTURED = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """gpuwatch.cli.main installs its own log handlers on the root logger (stderr as captured for
-    this test, the state_dir's file); take them away afterwards, so that the SMTP server's thread,
-    still logging after the test, never writes to a closed stream."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A real process of this user that the stand-in reports as a GPU process (via its pids file)."""
-    proc = subprocess.Popen(["sleep", "300"])
-    yield proc
-    proc.kill()
-    proc.wait()
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def write_config(path: Path, doc: dict[str, Any]) -> Path:

@@ -36,18 +36,8 @@ from gpuwatch.daemon import Daemon
 from gpuwatch.logsetup import setup_logging
 from gpuwatch.store import AlertStore, Outbox, open_db
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() installs log handlers on the root logger; take them away afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def gpuwatch(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -6,36 +6,19 @@ Feishu-like server (tests/fakefeishu.py). What is checked is what the group and 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-
+from builders import write_yaml
 from fakefeishu import FakeFeishu, text_values
 from fleet import ERR_VERSION_MISMATCH, Fleet, scenario_error, scenario_hang
+from processes import start_run, stop_run
 from waiting import wait_for
 
-KEYWORD = "GPU"
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
-
-
-def write(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    path.chmod(0o600)
-    return path
+KEYWORD = "GPU"  # what conftest.feishu requires
 
 
 def config_doc(tmp_path: Path, fleet: Fleet, known_hosts: Path, feishu: FakeFeishu, hosts: list[Any]) -> dict[str, Any]:
@@ -47,22 +30,6 @@ def config_doc(tmp_path: Path, fleet: Fleet, known_hosts: Path, feishu: FakeFeis
         "schedule": {"poll_every": "2s", "reports": [{"report": "overview", "every": "2s"}]},
         "alerts": {"gpu_error": True, "host_down": {"after": 3}},
     }
-
-
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err.decode()
 
 
 def log_of(tmp_path: Path) -> str:
@@ -84,8 +51,8 @@ def test_a_hung_host_holds_up_nobody_and_a_driver_mismatch_is_announced_within_o
     a = fleet.addresses
     scenario_hang(fleet.scenario_dir(a[4]))  # nvidia-smi never answers on gpu-e
     hosts = [{"name": f"gpu-{c}", "address": a[i]} for i, c in enumerate("abcde")]
-    config = write(tmp_path / "config.yaml", config_doc(tmp_path, fleet, known_hosts, feishu, hosts))
-    daemon = start(config)
+    config = write_yaml(tmp_path / "config.yaml", config_doc(tmp_path, fleet, known_hosts, feishu, hosts))
+    daemon = start_run(config)
     try:
         # Every healthy host reports within its first seconds, although gpu-e's probe hangs
         # for 2 s (40% of the 5 s command timeout) each time.
@@ -103,7 +70,7 @@ def test_a_hung_host_holds_up_nobody_and_a_driver_mismatch_is_announced_within_o
         wait_for(mismatch_alert, 30, "the gpu_error alert for gpu-b")
         took = time.monotonic() - changed_at
     finally:
-        stop(daemon)
+        stop_run(daemon)
     # poll_every (2 s) + 5 s, whatever gpu-e is doing.
     assert took <= 2 + 5, f"the alert took {took:.1f}s"
     alert = next(texts(b) for b in feishu.accepted if "FIRING gpu_error (gpu-b" in texts(b))
@@ -122,14 +89,14 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
     a = fleet.addresses
     doc = config_doc(tmp_path, fleet, known_hosts, feishu, [{"name": "gpu-a", "address": a[0]}])
     doc["hosts"].append({"name": "gpu-b", "address": a[1]})
-    config = write(tmp_path / "config.yaml", doc)
-    daemon = start(config)
+    config = write_yaml(tmp_path / "config.yaml", doc)
+    daemon = start_run(config)
     try:
         wait_for(lambda: any("GPU for gpu-b" in o for o in overviews(feishu)), 20, "a first overview")
         assert log_of(tmp_path).count("connected to gpu-a ") == 1
 
         doc["hosts"].append({"name": "gpu-c", "address": a[2]})
-        write(config, doc)
+        write_yaml(config, doc)
         daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded" in log_of(tmp_path), 10, "the reload")
         before = len(feishu.accepted)
@@ -155,7 +122,7 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
         scenario_error(fleet.scenario_dir(a[0]), ERR_VERSION_MISMATCH)
         wait_for(lambda: any("FIRING gpu_error (gpu-a" in texts(b) for b in feishu.accepted), 20, "gpu-a's alert")
         del doc["hosts"][0]
-        write(config, doc)
+        write_yaml(config, doc)
         daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: "1 removed (gpu-a)" in log_of(tmp_path), 10, "the second reload")
         before = len(feishu.accepted)
@@ -164,4 +131,4 @@ def test_sighup_adds_a_host_keeps_the_others_connected_and_refuses_a_broken_conf
         resolved = [texts(b) for b in feishu.accepted if "RESOLVED gpu_error (gpu-a" in texts(b)]
         assert len(resolved) == 1 and "removed from the config" in resolved[0], resolved
     finally:
-        stop(daemon)
+        stop_run(daemon)

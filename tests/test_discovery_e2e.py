@@ -13,32 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-
+from builders import write_yaml
 from fakeconsul import FakeConsul, Node
 from fakefeishu import FakeFeishu, text_values
 from fleet import ERR_VERSION_MISMATCH, Fleet, scenario_error
 from waiting import wait_for
 
-KEYWORD = "GPU"
+KEYWORD = "GPU"  # what conftest.feishu requires
 TOKEN = "consul-acl-4f1c9e"  # a test ACL token: it must never show in the log
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
-
-
-def write(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    path.chmod(0o600)
-    return path
 
 
 def replace_text(path: Path, text: str) -> None:
@@ -132,7 +117,7 @@ def test_a_hosts_file_edited_while_the_daemon_runs_adds_and_drops_hosts(
     doc = base_doc(tmp_path, fleet, known_hosts, feishu)
     doc["hosts_from"] = [{"file": str(hosts_file), "refresh": "10m", "grace": "3s"}]
     doc["alerts"] = {"gpu_error": True}
-    daemon = start(write(tmp_path / "config.yaml", doc))
+    daemon = start(write_yaml(tmp_path / "config.yaml", doc))
     try:
         wait_for(lambda: f"poll: {a[0]} ok" in log_of(tmp_path), 20, "the first host")
         scenario_error(fleet.scenario_dir(a[1]), ERR_VERSION_MISMATCH)
@@ -172,7 +157,7 @@ def test_ssh_config_and_a_command_on_a_via_host_say_where_each_host_came_from(
         # run on the login node over SSH, as `sinfo` is on a Slurm cluster; gives node01 again, and node02
         {"command": "echo 'node[01-02]'", "via": "login", "timeout": "5s"},
     ]
-    config = write(tmp_path / "config.yaml", doc)
+    config = write_yaml(tmp_path / "config.yaml", doc)
     run = subprocess.run(
         [sys.executable, "-m", "gpuwatch", "check", "--json", "-c", str(config)],
         capture_output=True,
@@ -226,7 +211,7 @@ def test_a_failing_command_keeps_its_last_good_list_and_discovery_failed_fires_a
     doc = base_doc(tmp_path, fleet, known_hosts, feishu, use_ssh_config=True)
     doc["hosts_from"] = [{"command": f"{sinfo} -h -o %N", "refresh": "1s", "timeout": "5s"}]
     doc["alerts"] = {"discovery_failed": {"for": "3s"}}
-    daemon = start(write(tmp_path / "config.yaml", doc), environment(home))
+    daemon = start(write_yaml(tmp_path / "config.yaml", doc), environment(home))
     try:
         wait_for(lambda: all(f"poll: node0{i} ok" in log_of(tmp_path) for i in (1, 2)), 20, "both nodes polled")
         failed_at = time.monotonic()
@@ -267,7 +252,7 @@ def test_consul_blocking_queries_bring_a_new_node_within_seconds_and_garbage_los
             }
         ]
         doc["alerts"] = {"discovery_failed": {"for": "0s"}}
-        daemon = start(write(tmp_path / "config.yaml", doc), environment(CONSUL_HTTP_TOKEN=TOKEN))
+        daemon = start(write_yaml(tmp_path / "config.yaml", doc), environment(CONSUL_HTTP_TOKEN=TOKEN))
         try:
             wait_for(lambda: "poll: gpu-c1 ok" in log_of(tmp_path), 20, "the first node polled")
             wait_for(consul.held, 10, "a blocking query held")

@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,8 @@ from fleet import Fleet, capture_bytes
 from gpuwatch.cli import main
 from waiting import wait_for
 
-KEYWORD = "GPU"
+KEYWORD = "GPU"  # what conftest.feishu requires
 H100_APPS = "csv-compute-apps/nvgpuexp-h100-80gb-hbm3-linux-590.48.01-load-compute-apps.csv"
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
 
 
 def write_config(tmp_path: Path, fleet: Fleet, known_hosts: Path, feishu: FakeFeishu, **extra: Any) -> Path:

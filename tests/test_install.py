@@ -5,7 +5,6 @@ where ``gpuwatch`` is not on the PATH, and ``check`` says when the page's port i
 from __future__ import annotations
 
 import io
-import logging
 import os
 import pwd
 import shutil
@@ -31,16 +30,8 @@ from gpuwatch.statedir import Holder
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def write(tmp_path: Path, text: str, mode: int) -> Path:

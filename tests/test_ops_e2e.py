@@ -10,7 +10,6 @@ with a stepped clock where the time of day matters (reports follow the clock's h
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -29,17 +28,8 @@ SECRET = "s3cret-for-the-ops-tests"
 SECRET_ENV = "GPUWATCH_OPS_TEST_SECRET"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() installs log handlers on the root logger; take them away after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,11 @@ from fakefeishu import FakeFeishu, seen
 from fleet import Fleet, scenario_healthy_multi_gpu
 from gpuwatch.cli import main
 
-KEYWORD = "GPU"
+KEYWORD = "GPU"  # what conftest.feishu requires
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """gpuwatch.cli.main installs its own log handlers on the root logger: take them away afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def cli(config: Path, *args: str) -> tuple[int, str]:

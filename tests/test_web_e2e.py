@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,7 +28,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
+from builders import write_web_config
 from fleet import Fleet, scenario_healthy_multi_gpu
+from processes import start_web_run
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -58,31 +59,9 @@ def get_json(url: str) -> Any:
 
 
 def start_daemon(tmp_path: Path, fleet: Fleet, known_hosts: Path, hosts: list[dict[str, str]]) -> Daemon:
-    doc = {
-        "hosts": hosts,
-        "ssh": fleet.gpuwatch_ssh(known_hosts, connect_timeout="2s", command_timeout="5s"),
-        "state_dir": str(tmp_path / "state"),
-        "schedule": {"poll_every": f"{POLL:g}s", "reports": []},
-        "web": {"listen": "127.0.0.1:0"},
-    }
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    config.chmod(0o600)
-    log = tmp_path / "daemon.stderr"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=err
-        )
-    found: list[str] = []
-
-    def announced() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {proc.returncode}: {log.read_text()}")
-        found[:] = re.findall(r"web page at (http://\S+)", log.read_text())
-        return bool(found)
-
-    wait_for(announced, 30, "the daemon to say where its page is")
-    daemon = Daemon(proc, found[0], config, log)
+    config = write_web_config(tmp_path, fleet, known_hosts, hosts, POLL)
+    proc, url, log = start_web_run(config)
+    daemon = Daemon(proc, url, config, log)
     names = [h["name"] for h in hosts]
     wait_for(
         lambda: all(h["taken_at"] for h in get_json(daemon.url + "api/v1/snapshot")["hosts"] if h["name"] in names),

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from browser import browser_unavailable_reason, chromium, full_page_screenshot
+from builders import write_web_config
 from fleet import Fleet
 from history_fill import HOSTILE, fill_week
+from processes import start_web_run
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,32 +78,9 @@ def daemon(fleet: Fleet, known_hosts: Path, tmp_path: Path) -> Iterator[Daemon]:
         pytest.skip(reason)
     hosts = [{"name": f"h{i}", "address": a} for i, a in enumerate(fleet.addresses[:3], start=2)]
     fill_week(tmp_path / "state", [h["name"] for h in hosts], time.time())
-    doc = {
-        "hosts": hosts,
-        "ssh": fleet.gpuwatch_ssh(known_hosts, connect_timeout="2s", command_timeout="5s"),
-        "state_dir": str(tmp_path / "state"),
-        "schedule": {"poll_every": f"{POLL:g}s", "reports": []},
-        "web": {"listen": "127.0.0.1:0"},
-    }
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    config.chmod(0o600)
-    log = tmp_path / "daemon.stderr"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=err
-        )
+    config = write_web_config(tmp_path, fleet, known_hosts, hosts, POLL)
+    proc, url, log = start_web_run(config)
     try:
-        found: list[str] = []
-
-        def announced() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the daemon exited with {proc.returncode}: {log.read_text()}")
-            found[:] = re.findall(r"web page at (http://\S+)", log.read_text())
-            return bool(found)
-
-        wait_for(announced, 30, "the daemon to say where its page is")
-        url = found[0]
         wait_for(
             lambda: all(h["taken_at"] for h in get_json(url + "api/v1/snapshot")["hosts"]), 30, "every host polled"
         )

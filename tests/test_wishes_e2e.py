@@ -10,13 +10,8 @@ process "ends" as it does on a real host: it is killed, and nvidia-smi no longer
 from __future__ import annotations
 
 import io
-import logging
-import os
 import re
-import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +21,15 @@ import yaml
 from fakefeishu import FakeFeishu, seen
 from fleet import ERR_GPU_LOST, H100_LOAD_APPS, Fleet, capture_pids, scenario_error, scenario_healthy_multi_gpu
 from gpuwatch.cli import main
+from processes import start_run, stop_run
 from waiting import wait_for
 
-KEYWORD = "GPU"
+KEYWORD = "GPU"  # what conftest.feishu requires
 CAPTURED = capture_pids(H100_LOAD_APPS)  # [11327, 11328, 11345]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """gpuwatch.cli.main installs its own log handlers on the root logger; take them away afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    with FakeFeishu(keywords=[KEYWORD]) as server:
-        yield server
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A real process of this user that the stand-in reports as a GPU process (via its pids file)."""
-    proc = subprocess.Popen(["sleep", "300"])
-    yield proc
-    proc.kill()
-    proc.wait()
+# main() installs log handlers on the root logger: conftest.restore_logging takes them away afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def write_config(tmp_path: Path, fleet: Fleet, known_hosts: Path, feishu: FakeFeishu, hosts: list[Any]) -> Path:
@@ -138,23 +110,6 @@ def test_a_done_wish_sends_one_message_when_its_process_is_stopped_and_none_whil
     assert " ended " in out
 
 
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpuwatch", "run", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err.decode()
-    return err.decode()
-
-
 def polls(tmp_path: Path) -> int:
     path = tmp_path / "state" / "gpuwatch.log"
     return path.read_text(encoding="utf-8").count("poll: gpu-a ok") if path.exists() else 0
@@ -170,7 +125,7 @@ def test_the_running_daemon_picks_up_wishes_and_says_each_once(
     owners = {CAPTURED[0]: sleeper.pid}
     scenario_healthy_multi_gpu(fleet.scenario_dir(address), 4, busy_gpus=every_gpu, owners_pids=owners)
     config = write_config(tmp_path, fleet, known_hosts, feishu, [{"name": "gpu-a", "address": address}])
-    daemon = start(config)
+    daemon = start_run(config)
     try:
         wait_for(lambda: polls(tmp_path) >= 1, 20, "the first poll")
         code, out = cli(config, "notify-when-free", "--user", "alice", "--gpus", "2", "--same-host", "--model", "h100")
@@ -193,7 +148,7 @@ def test_the_running_daemon_picks_up_wishes_and_says_each_once(
         seen_polls = polls(tmp_path)
         wait_for(lambda: polls(tmp_path) >= seen_polls + 3, 20, "three more polls")
     finally:
-        err = stop(daemon)
+        err = stop_run(daemon)
     assert len(wish_texts(feishu, "are free now")) == 1
     (ended,) = wish_texts(feishu, "has ended")
     assert f"process {sleeper.pid} (sleep 300) on gpu-a GPU 0 has ended (wish #2)" in ended
