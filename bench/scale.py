@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ from poll_fleet import light_standin  # noqa: E402
 from fakefeishu import FakeFeishu  # noqa: E402
 from fleet import Fleet, fleet_unavailable_reason  # noqa: E402
 from gpuwatch.poll import phase  # noqa: E402
-from gpuwatch.probe import build_script, new_token  # noqa: E402
+from gpuwatch.probe import HostProbe, build_script, new_token, snapshot_from_output  # noqa: E402
 from gpuwatch.ssh import DEFAULT_MAX_HANDSHAKES, IDLE_WAKE_SECONDS, REMOTE_KILL_GRACE, session_script  # noqa: E402
 
 COMMAND_TIMEOUT = 8.0
@@ -130,6 +131,7 @@ def ideal_main(spec_path: str) -> int:
     connected: dict[str, float] = {}
     lock = threading.Lock()
     every = float(spec["every"])
+    learned: list[HostProbe | None] = [None]
 
     def host_loop(name: str, address: str) -> None:
         client = paramiko.SSHClient()
@@ -147,7 +149,12 @@ def ideal_main(spec_path: str) -> int:
         next_at, probes = time.monotonic(), 0
         while not stop.wait(max(0.0, next_at - time.monotonic())):
             started = time.monotonic()
-            script = build_script(COMMAND_TIMEOUT, spec["smi"], token=new_token())
+            token = new_token()
+            # gpuwatch's own script: each host's first probe learns the driver's health fields
+            # (more nvidia-smi calls), the later ones ask what one parsed output taught (shared)
+            script = build_script(
+                COMMAND_TIMEOUT, spec["smi"], token=token, probe=learned[0] if probes and learned[0] else HostProbe()
+            )
             chan = transport.open_session(window_size=1024 * 1024)
             chan.settimeout(COMMAND_TIMEOUT + 5)
             chan.exec_command("sh -s")
@@ -158,6 +165,12 @@ def ideal_main(spec_path: str) -> int:
                 out += chunk
             status = chan.recv_exit_status()
             chan.close()
+            if learned[0] is None and status == 0:
+                with lock:
+                    if learned[0] is None:
+                        teacher = HostProbe()
+                        snapshot_from_output(name, address, out.decode(), "", token=token, probe=teacher)
+                        learned[0] = teacher if teacher.health_fields is not None else None
             probes += 1
             with lock:
                 results.append([name, time.time(), time.monotonic() - started, status == 0 and b"index" in out])
@@ -236,6 +249,7 @@ def figures(
         "results": len(results),
         "ok_share": ok / max(len(results), 1),
         "cpu_ms_per_poll": 1000 * cpu / max(len(steady), 1),
+        "start_cpu_s": samples.cpu_at(steady_from) if samples.rows else float("nan"),
         "rss_mib": max((r[2] for r in samples.rows), default=0) / 1024,
         "threads": max((r[3] for r in samples.rows), default=0),
         "fds": max((r[4] for r in samples.rows), default=0),
@@ -292,10 +306,20 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
             if "gpuwatch" in procs:
                 spy = None
                 if args.py_spy:  # the steady state only: from 2 * every on
-                    warm = min(2 * args.every, args.seconds / 2)
+                    warm = 0.0 if args.spy_start else min(2 * args.every, args.seconds / 2)
                     time.sleep(warm)
                     pid, length = str(procs["gpuwatch"].pid), str(int(args.seconds - warm))
-                    spy_args = ["record", "--nonblocking", "-r", "20", "-f", "raw", "-o", f"{args.py_spy}-{count}.txt"]
+                    spy_args = [
+                        "record",
+                        "--nonblocking",
+                        "--gil",  # what holds the GIL: the CPU of the Python code
+                        "-r",
+                        str(args.spy_rate),
+                        "-f",
+                        "raw",
+                        "-o",
+                        f"{args.py_spy}-{count}.txt",
+                    ]
                     spy = subprocess.Popen(
                         ["py-spy", *spy_args, "--pid", pid, "-d", length],
                         stdout=subprocess.DEVNULL,
@@ -318,8 +342,16 @@ def run_size(fleet: Fleet, count: int, args: argparse.Namespace, smi: Path, tmp:
                 if name == "ideal":
                     data = json.loads(ideal_out.read_text()) if ideal_out.exists() else {"results": [], "connected": {}}
                     results, connected = data["results"], data["connected"]
+                    if args.keep and ideal_out.exists():
+                        (Path(args.keep) / str(count)).mkdir(parents=True, exist_ok=True)
+                        shutil.copy(ideal_out, Path(args.keep) / str(count) / "ideal-results.json")
                 else:
                     results, connected = daemon_results(work / "state")
+                    if args.keep:
+                        kept = Path(args.keep) / str(count)
+                        kept.mkdir(parents=True, exist_ok=True)
+                        for log in (work / "state").glob("gpuwatch.log*"):
+                            shutil.copy(log, kept / log.name)
                 out[name] = figures(results, connected, samples[name], starts[name], count, args.every)
     return out
 
@@ -329,6 +361,7 @@ COLUMNS = (
     ("results", 7, "{:.0f}"),
     ("ok", 5, "{:.0%}"),
     ("CPU/poll", 9, "{:.2f}ms"),
+    ("start CPU", 9, "{:.1f}s"),
     ("RSS", 8, "{:.0f}MiB"),
     ("threads", 7, "{:.0f}"),
     ("fds", 5, "{:.0f}"),
@@ -342,6 +375,7 @@ KEYS = (
     "results",
     "ok_share",
     "cpu_ms_per_poll",
+    "start_cpu_s",
     "rss_mib",
     "threads",
     "fds",
@@ -381,7 +415,10 @@ def main() -> int:
     parser.add_argument("--src", help="run the daemon from this source tree (default: this checkout's src)")
     parser.add_argument("--clients", default="ideal,gpuwatch", help="which clients to run (default: both)")
     parser.add_argument("--py-spy", metavar="PREFIX", help="profile the daemon's steady state into PREFIX-N.txt")
+    parser.add_argument("--spy-rate", type=int, default=20, help="--py-spy samples per second")
+    parser.add_argument("--spy-start", action="store_true", help="--py-spy from the start, not the steady state")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--keep", metavar="DIR", help="copy the daemon's logs of each fleet size to DIR/N/")
     args = parser.parse_args()
     reason = fleet_unavailable_reason()
     if reason:
