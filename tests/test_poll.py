@@ -217,3 +217,31 @@ def test_a_shorter_interval_from_a_reload_takes_effect_at_once(tmp_path: Path) -
     finally:
         poller.close()
     assert runner.runs >= 4  # not waiting out the old minute
+
+
+def test_a_fleet_on_its_clocks_uses_one_clock_thread_and_idle_workers_end(tmp_path: Path) -> None:
+    """Twenty hosts on their clocks: one thread for every clock (not one per host); the workers a
+    burst of probes started end once idle, and the polling goes on with new ones."""
+    output = real_probe_output(tmp_path)
+    settings = SshSettings(command_timeout=2.0)
+    hosts = [HostConfig(name=f"h{i:02d}", address=None, ssh=settings, local=True) for i in range(20)]
+    before = {t.ident for t in threading.enumerate()}
+    poller = Poller(hosts, lambda h: SlowReplay(output, 0.2))
+    poller._workers._idle_seconds = 0.5  # the daemon's is a minute
+    results: list[str] = []
+    try:
+        poller.start(1.5, lambda h: results.append(h.name) if h.ok else None)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(set(results)) < 20:
+            time.sleep(0.05)
+        new = [t.name for t in threading.enumerate() if t.ident not in before]
+        assert new.count("clocks") == 1 and not [n for n in new if n.startswith("clock-")]
+        burst = poller._workers.threads
+        assert burst >= 10  # the first probes all at once
+        count = len(results)
+        time.sleep(3.0)  # two intervals: every host again, spread over its phase
+        assert len(results) >= count + 20
+        assert poller._workers.threads < burst  # idle workers ended; the spread probes need fewer
+    finally:
+        poller.close()
+    assert set(results) == {h.name for h in hosts}

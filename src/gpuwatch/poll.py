@@ -3,19 +3,25 @@
 Each host has one runner (a persistent SSH connection, or the local shell) and at most one probe
 in flight: a host whose previous probe is still running is reported ``busy`` instead of probed
 again. Probes run on a pool of worker threads (:class:`Workers`, at most ``max_parallel``, kept
-between probes rather than one new thread per probe), so waiting on one host's network or hung
-driver costs no other host anything; a probe is waited for at most its host's budget (connect +
-command timeouts) from when a worker took it, then reported as ``probe_timeout``.
+between probes rather than one new thread per probe, and ended after a minute without work), so
+waiting on one host's network or hung driver costs no other host anything; a probe is waited for
+at most its host's budget (connect + command timeouts) from when a worker took it, then reported
+as ``probe_timeout``.
 
-In the daemon (:meth:`Poller.start`) every host is probed every ``poll_every`` on its own timer:
+In the daemon (:meth:`Poller.start`) every host is probed every ``poll_every`` on its own clock:
 the first probe at once, later ones at a per-host phase spread over the interval (so 200 hosts do
 not all run ``nvidia-smi`` in the same second), each result handed to a callback as it arrives.
-:meth:`Poller.reload` follows a new config: added hosts start, removed ones stop and close, and
-unchanged hosts keep their open connection.
+The clocks are entries in one heap served by one thread (:class:`_Clocks`), not a thread per
+host: it starts each probe when due and reports a probe over its budget; the worker that ran a
+probe hands its result over and books the host's next one. :meth:`Poller.reload` follows a new
+config: added hosts start, removed ones stop and close, and unchanged hosts keep their open
+connection.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -24,6 +30,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import Protocol
 
 from .config import HostConfig
 from .model import FleetSnapshot, HostErrorKind, HostSnapshot
@@ -35,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Beyond the timeouts, the margin a host's result may take to come back to the poller.
 GRACE_SECONDS = 2.0
+# A worker thread with no job for this long ends (a new one starts when all are busy): the burst
+# of first probes at start does not keep hundreds of idle threads for the daemon's whole life.
+WORKER_IDLE_SECONDS = 60.0
 
 ResultCallback = Callable[[HostSnapshot], None]
 
@@ -107,17 +117,26 @@ def phase(name: str) -> float:
 
 class Workers:
     """At most ``limit`` daemon threads that run jobs in turn; a thread is started only when every
-    one is busy, and kept for the next jobs. A job waits in line while all ``limit`` are busy
-    (``max_parallel``: a hung probe holds its worker until it ends)."""
+    one is busy, kept for the next jobs, and ended after ``idle_seconds`` without one. A job waits
+    in line while all ``limit`` are busy (``max_parallel``: a hung probe holds its worker until it
+    ends)."""
 
-    def __init__(self, limit: int, name: str = "probe") -> None:
+    def __init__(self, limit: int, name: str = "probe", idle_seconds: float = WORKER_IDLE_SECONDS) -> None:
         self._limit = max(1, limit)
         self._name = name
+        self._idle_seconds = idle_seconds
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0  # workers waiting for a job
         self._waiting = 0  # jobs no worker has taken yet
+        self._names = itertools.count(1)
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive now."""
+        with self._lock:
+            return self._threads
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
@@ -125,13 +144,25 @@ class Workers:
             self._jobs.put(job)
             if self._waiting > self._idle and self._threads < self._limit:
                 self._threads += 1
-                threading.Thread(target=self._work, name=f"{self._name}-{self._threads}", daemon=True).start()
+                name = f"{self._name}-{next(self._names)}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
         while True:
             with self._lock:
                 self._idle += 1
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    # a job put in line since the wait ended is left to the other idle workers
+                    # only when there are enough of them; else this one stays for it
+                    if self._waiting <= self._idle - 1:
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                    self._idle -= 1
+                continue
             with self._lock:
                 self._idle -= 1
                 if job is not None:
@@ -149,6 +180,14 @@ class Workers:
             count, self._threads, self._limit = self._threads, 0, 0
         for _ in range(count):
             self._jobs.put(None)
+
+
+class ProbeHooks(Protocol):
+    """Told by a worker when one of a host's probes starts and when it ends (the daemon's clocks)."""
+
+    def started(self, prober: HostProber, run: int) -> None: ...
+
+    def finished(self, prober: HostProber, run: int, result: HostSnapshot | None) -> None: ...
 
 
 class HostProber:
@@ -169,6 +208,7 @@ class HostProber:
         self._now = now
         self._lock = threading.Lock()
         self._running = False  # a probe submitted and not yet finished
+        self._runs = 0  # probes submitted so far: the number of the latest
         self._started = threading.Event()
         self._done = threading.Event()
         self._started_at = 0.0
@@ -177,6 +217,17 @@ class HostProber:
     @property
     def budget(self) -> float:
         return budget_seconds(self.host)
+
+    @property
+    def started_at(self) -> float:
+        """When a worker took the latest probe (monotonic)."""
+        return self._started_at
+
+    def queued_seconds(self) -> float:
+        """How long the probe in flight waited in line for an SSH handshake slot (1,000 hosts
+        logging in at start): no fault of this host, so it does not count against its budget."""
+        queued = getattr(self.runner, "queued_seconds", None)
+        return float(queued()) if callable(queued) else 0.0
 
     def busy_result(self) -> HostSnapshot:
         running = time.monotonic() - self._started_at if self._started.is_set() else 0.0
@@ -188,47 +239,7 @@ class HostProber:
             taken_at=self._now(),
         )
 
-    def start(self) -> bool:
-        """Hand a probe to the workers; False when the previous one is still running."""
-        with self._lock:
-            if self._running:
-                return False
-            self._running = True
-            self._started.clear()
-            self._done.clear()
-            self._result = None
-        self._workers.submit(self._run)
-        return True
-
-    def _run(self) -> None:
-        # max_parallel: a probe waiting for a worker has not started, its budget neither
-        self._started_at = time.monotonic()
-        self._started.set()
-        try:
-            result = probe_host(self.host, self.runner, self.probe_state)
-            self._result = replace(result, taken_at=self._now())
-        finally:
-            with self._lock:  # both at once: a start() in between would clear the new done flag
-                self._running = False
-                self._done.set()
-
-    def wait(self, stop: threading.Event | None = None) -> HostSnapshot:
-        """The running probe's result, waiting at most its budget from when it started."""
-        while not self._started.wait(0.2):
-            if stop is not None and stop.is_set():
-                break
-        while True:
-            # time spent in line for an SSH handshake slot (1,000 hosts logging in at start) is
-            # no fault of this host: it does not count against its budget
-            queued = getattr(self.runner, "queued_seconds", None)
-            extra = queued() if callable(queued) else 0.0
-            remaining = self._started_at + self.budget + extra - time.monotonic() if self._started.is_set() else 0.0
-            if self._done.wait(timeout=max(0.0, min(remaining, 0.5))):
-                if self._result is not None:
-                    return self._result
-                break  # the probe ended without a result (an error outside probe_host's own handling)
-            if remaining <= 0 or (stop is not None and stop.is_set()):
-                break
+    def timeout_result(self) -> HostSnapshot:
         return HostSnapshot.failed(
             self.host.name,
             self.host.display_address,
@@ -239,9 +250,57 @@ class HostProber:
             taken_at=self._now(),
         )
 
+    def start(self, hooks: ProbeHooks | None = None) -> int | None:
+        """Hand a probe to the workers: its number, or None when the previous one is still running.
+        ``hooks`` are told (from the worker) when it starts and when it ends."""
+        with self._lock:
+            if self._running:
+                return None
+            self._running = True
+            self._runs += 1
+            run = self._runs
+            self._started.clear()
+            self._done.clear()
+            self._result = None
+        self._workers.submit(lambda: self._run(run, hooks))
+        return run
+
+    def _run(self, run: int, hooks: ProbeHooks | None) -> None:
+        # max_parallel: a probe waiting for a worker has not started, its budget neither
+        self._started_at = time.monotonic()
+        self._started.set()
+        if hooks is not None:
+            hooks.started(self, run)
+        try:
+            result = probe_host(self.host, self.runner, self.probe_state)
+            self._result = replace(result, taken_at=self._now())
+        finally:
+            with self._lock:  # both at once: a start() in between would clear the new done flag
+                self._running = False
+                self._done.set()
+            if hooks is not None:
+                hooks.finished(self, run, self._result)
+
+    def wait(self, stop: threading.Event | None = None) -> HostSnapshot:
+        """The running probe's result, waiting at most its budget from when it started."""
+        while not self._started.wait(0.2):
+            if stop is not None and stop.is_set():
+                break
+        while True:
+            # time spent in line for an SSH handshake slot is no fault of this host
+            extra = self.queued_seconds()
+            remaining = self._started_at + self.budget + extra - time.monotonic() if self._started.is_set() else 0.0
+            if self._done.wait(timeout=max(0.0, min(remaining, 0.5))):
+                if self._result is not None:
+                    return self._result
+                break  # the probe ended without a result (an error outside probe_host's own handling)
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                break
+        return self.timeout_result()
+
     def probe(self, stop: threading.Event | None = None) -> HostSnapshot:
         """Start a probe and wait for it; ``busy`` when the previous one still runs."""
-        if not self.start():
+        if self.start() is None:
             return self.busy_result()
         return self.wait(stop)
 
@@ -252,62 +311,191 @@ class HostProber:
             log.debug("error closing %s", self.host.name, exc_info=True)
 
 
+@dataclass(eq=False)
 class _Clock:
-    """The timer thread of one host in the daemon: probe, hand over the result, sleep, repeat."""
+    """One host's place on the daemon's clocks."""
 
-    def __init__(self, prober: HostProber, every: float, on_result: ResultCallback, first_delay: float) -> None:
-        self.prober = prober
+    prober: HostProber
+    next_at: float | None  # when its next probe is due (None: one is in flight, booked when it ends)
+    probes: int = 0  # probes started (or found busy) so far
+    last_start: float = 0.0
+    run: int | None = None  # the probe in flight whose result is still awaited
+    deadline: float | None = None  # when that probe's budget ends (None: no worker took it yet)
+    stopped: bool = False
+
+
+_PROBE, _DEADLINE = 0, 1
+
+
+class _Clocks:
+    """Every host's clock in one heap, served by one thread: it starts each host's probe when due
+    and reports a probe still running at the end of its budget (``probe_timeout``; its late result
+    is dropped, and the host is ``busy`` until it ends). The worker that ran a probe hands the
+    result to ``on_result`` and books the host's next probe: the first probe at once, the second
+    at the host's own place in the interval (within one interval of the first: never a longer gap
+    than ``every``), and from then on every ``every``, so the probes of a fleet spread evenly.
+    A probe longer than the interval is followed by the next at once, never a pile-up."""
+
+    def __init__(self, every: float, on_result: ResultCallback) -> None:
         self.every = every
         self.on_result = on_result
-        self.first_delay = first_delay
-        self.stopped = threading.Event()
-        self._wake = threading.Event()  # a stop or a new interval: look at the time again
-        self.thread = threading.Thread(target=self._loop, name=f"clock-{prober.host.name}", daemon=True)
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, int, _Clock]] = []  # (when, order, what, clock)
+        self._order = itertools.count()
+        self._clocks: dict[str, _Clock] = {}
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
-    def stop(self) -> None:
-        self.stopped.set()
-        self._wake.set()
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="clocks", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            for clock in self._clocks.values():
+                clock.stopped = True
+            self._clocks.clear()
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def add(self, prober: HostProber, first_delay: float = 0.0) -> None:
+        """Start ``prober``'s host on the clocks (replacing its old clock, if any)."""
+        with self._cond:
+            old = self._clocks.get(prober.host.name)
+            if old is not None:
+                old.stopped = True
+            clock = _Clock(prober, next_at=time.monotonic() + first_delay)
+            self._clocks[prober.host.name] = clock
+            self._push(clock.next_at, _PROBE, clock)  # type: ignore[arg-type]
+
+    def remove(self, name: str) -> None:
+        with self._cond:
+            clock = self._clocks.pop(name, None)
+            if clock is not None:
+                clock.stopped = True
 
     def set_every(self, every: float) -> None:
-        """A new interval (a reload): it counts from this host's last probe, so a shorter one
+        """A new interval (a reload): it counts from each host's last probe, so a shorter one
         takes effect at once, not after the old wait."""
-        self.every = every
-        self._wake.set()
+        with self._cond:
+            self.every = every
+            now = time.monotonic()
+            for clock in self._clocks.values():
+                if clock.next_at is not None and clock.probes > 0:
+                    clock.next_at = max(now, self._next(clock))
+                    self._push(clock.next_at, _PROBE, clock)
 
-    def _next(self, last_start: float, first: bool) -> float:
-        # The first probe runs at once; the second at the host's own place in the interval (within
-        # one interval of the first: never a longer gap than ``every``), and from then on every
-        # ``every``, so the probes of a fleet spread evenly over the interval.
-        if first:
-            return last_start + self.every * phase(self.prober.host.name)
-        return last_start + self.every
+    # -- the thread
 
-    def _loop(self) -> None:
-        name = self.prober.host.name
-        next_at = time.monotonic() + self.first_delay
-        last_start: float | None = None
-        probes = 0
-        while not self.stopped.is_set():
-            if self._wake.wait(max(0.0, next_at - time.monotonic())):
-                self._wake.clear()
-                if last_start is not None:
-                    next_at = self._next(last_start, probes == 1)
-                continue
-            last_start = time.monotonic()
-            result = self.prober.probe(self.stopped)
-            probes += 1
-            if self.stopped.is_set():
-                break
-            log.info("poll: %s", outcome(result))
-            if not result.ok:
-                log.info("poll: %s: %s: %s", name, result.error_name, result.error)
-            try:
-                self.on_result(result)
-            except Exception:
-                log.exception("handling the result of %s failed", name)
-            next_at = self._next(last_start, probes == 1)
-            if next_at < time.monotonic():  # a probe longer than the interval: go on, don't pile up
-                next_at = time.monotonic()
+    def _push(self, when: float, kind: int, clock: _Clock) -> None:
+        """Book ``kind`` for ``clock`` at ``when``; wake the thread when it is the earliest now.
+        Entries are not removed: one that no longer matches its clock is skipped when it comes."""
+        order = next(self._order)
+        heapq.heappush(self._heap, (when, order, kind, clock))
+        if self._heap[0][1] == order:
+            self._cond.notify()
+
+    def _due(self) -> list[tuple[int, _Clock]] | None:
+        """What is due now (taken off the heap), after waiting for it; None: closing."""
+        with self._cond:
+            while not self._closing:
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    when, _, kind, clock = heapq.heappop(self._heap)
+                    if clock.stopped:
+                        continue
+                    if kind == _PROBE and clock.next_at == when:
+                        clock.next_at = None
+                        due.append((kind, clock))
+                    elif kind == _DEADLINE and clock.deadline == when:
+                        clock.deadline = None
+                        due.append((kind, clock))
+                if due:
+                    return due
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            return None
+
+    def _serve(self) -> None:
+        while (due := self._due()) is not None:
+            for kind, clock in due:
+                try:
+                    if kind == _PROBE:
+                        self._launch(clock)
+                    else:
+                        self._overdue(clock)
+                except Exception:  # one host's trouble must not stop every clock
+                    log.exception("the clock of %s failed", clock.prober.host.name)
+
+    def _launch(self, clock: _Clock) -> None:
+        with self._cond:  # held while submitting, so the worker's hooks see the run booked
+            if clock.stopped:
+                return
+            clock.probes += 1
+            clock.last_start = time.monotonic()
+            clock.run = clock.prober.start(self)
+            launched = clock.run is not None
+        if not launched:
+            self._deliver(clock, clock.prober.busy_result())
+
+    def _overdue(self, clock: _Clock) -> None:
+        """The budget of ``clock``'s probe ended: report it timed out, unless the time it queued
+        for an SSH handshake slot (no fault of the host) gives it longer."""
+        prober = clock.prober
+        with self._cond:
+            if clock.stopped or clock.run is None:
+                return
+            deadline = prober.started_at + prober.budget + prober.queued_seconds()
+            if deadline > time.monotonic():
+                clock.deadline = deadline
+                self._push(deadline, _DEADLINE, clock)
+                return
+            clock.run = None  # its result, if it ever comes, is dropped
+        self._deliver(clock, prober.timeout_result())
+
+    # -- the hooks (from the worker threads)
+
+    def started(self, prober: HostProber, run: int) -> None:
+        with self._cond:
+            clock = self._clocks.get(prober.host.name)
+            if clock is None or clock.prober is not prober or clock.run != run:
+                return
+            clock.deadline = prober.started_at + prober.budget
+            self._push(clock.deadline, _DEADLINE, clock)
+
+    def finished(self, prober: HostProber, run: int, result: HostSnapshot | None) -> None:
+        with self._cond:
+            clock = self._clocks.get(prober.host.name)
+            if clock is None or clock.prober is not prober or clock.run != run:
+                return  # timed out already, or the host was removed or changed meanwhile
+            clock.run = clock.deadline = None
+        # the probe ended without a result: an error outside probe_host's own handling
+        self._deliver(clock, result if result is not None else prober.timeout_result())
+
+    def _deliver(self, clock: _Clock, result: HostSnapshot) -> None:
+        """Hand ``result`` over (said in the log), then book the host's next probe."""
+        name = clock.prober.host.name
+        if clock.stopped:
+            return
+        log.info("poll: %s", outcome(result))
+        if not result.ok:
+            log.info("poll: %s: %s: %s", name, result.error_name, result.error)
+        try:
+            self.on_result(result)
+        except Exception:
+            log.exception("handling the result of %s failed", name)
+        with self._cond:
+            if clock.stopped:
+                return
+            clock.next_at = max(time.monotonic(), self._next(clock))
+            self._push(clock.next_at, _PROBE, clock)
+
+    def _next(self, clock: _Clock) -> float:
+        if clock.probes == 1:
+            return clock.last_start + self.every * phase(clock.prober.host.name)
+        return clock.last_start + self.every
 
 
 class Poller:
@@ -328,9 +516,7 @@ class Poller:
         self._lock = threading.Lock()
         self._probers = {h.name: HostProber(h, runner_factory(h), self._workers, now, settings) for h in hosts}
         self._order = [h.name for h in hosts]
-        self._clocks: dict[str, _Clock] = {}
-        self._every = 0.0
-        self._on_result: ResultCallback | None = None
+        self._clocks: _Clocks | None = None  # the daemon's, from start()
 
     @property
     def hosts(self) -> list[HostConfig]:
@@ -346,7 +532,7 @@ class Poller:
         started = time.monotonic()
         with self._lock:
             probers = [self._probers[name] for name in self._order]
-        launched = [(p, p.start()) for p in probers]
+        launched = [(p, p.start() is not None) for p in probers]
         results = [p.wait(stop) if ok else p.busy_result() for p, ok in launched]
         snapshot = FleetSnapshot(taken_at=taken_at, hosts=tuple(results))
         log.info(
@@ -363,18 +549,14 @@ class Poller:
     # -- the daemon: each host on its own clock
 
     def start(self, every: float, on_result: ResultCallback) -> None:
-        """Probe every host every ``every`` seconds on its own timer; results go to ``on_result``
-        (from the host's timer thread) as they arrive."""
+        """Probe every host every ``every`` seconds on its own clock; results go to ``on_result``
+        as they arrive (from the worker that ran the probe, or the clocks' thread for ``busy`` and
+        ``probe_timeout``; one host's results one at a time, in order)."""
         with self._lock:
-            self._every, self._on_result = every, on_result
+            self._clocks = _Clocks(every, on_result)
             for name in self._order:
-                self._start_clock(name, first_delay=0.0)
-
-    def _start_clock(self, name: str, first_delay: float) -> None:
-        assert self._on_result is not None
-        clock = _Clock(self._probers[name], self._every, self._on_result, first_delay)
-        self._clocks[name] = clock
-        clock.thread.start()
+                self._clocks.add(self._probers[name])
+            self._clocks.start()
 
     def reload(
         self,
@@ -390,10 +572,8 @@ class Poller:
         host's next probe."""
         new = {h.name: h for h in hosts}
         with self._lock:
-            if every is not None and every != self._every:
-                self._every = every
-                for clock in self._clocks.values():
-                    clock.set_every(every)
+            if every is not None and self._clocks is not None and every != self._clocks.every:
+                self._clocks.set_every(every)
             if settings is not None:
                 self._settings = settings
                 for prober in self._probers.values():
@@ -403,26 +583,25 @@ class Poller:
             added = [h.name for h in hosts if h.name not in self._probers]
             kept = [n for n in self._order if n in new and n not in changed]
             for name in removed + changed:
-                stopping = self._clocks.pop(name, None)
-                if stopping is not None:
-                    stopping.stop()
+                if self._clocks is not None:
+                    self._clocks.remove(name)
                 self._probers.pop(name).close()
             self._factory = runner_factory
             for name in changed + added:
                 self._probers[name] = HostProber(
                     new[name], runner_factory(new[name]), self._workers, self._now, self._settings
                 )
-                if self._on_result is not None:
-                    self._start_clock(name, first_delay=0.0)
+                if self._clocks is not None:
+                    self._clocks.add(self._probers[name])
             self._order = [h.name for h in hosts]
         return ReloadResult(added=tuple(added), removed=tuple(removed), changed=tuple(changed), kept=tuple(kept))
 
     def close(self) -> None:
         with self._lock:
-            for clock in self._clocks.values():
-                clock.stop()
-            self._clocks.clear()
+            clocks, self._clocks = self._clocks, None
             probers = list(self._probers.values())
+        if clocks is not None:
+            clocks.close()
         self._workers.close()
         for prober in probers:
             prober.close()

@@ -20,6 +20,7 @@ import paramiko
 from gpuwatch.config import HostConfig
 from gpuwatch.model import HostErrorKind
 
+from .alarms import shared_alarms
 from .hostkeys import HostKeyPolicy, HostKeyStore, RevokedHostKey, UnknownHostKey, fingerprint
 from .output import PROBE_WINDOW_BYTES, BoundedOutput, read_channel
 from .runner import CommandResult, HostFailure
@@ -453,11 +454,11 @@ class SshConnection:
 
         def expire() -> None:  # exec_command waits for the server's reply without a timeout of its own
             expired.set()
-            chan.close()
+            # closing sends a message, which can block on a host that stopped reading: not on the
+            # alarms' thread that every probe's deadline shares (a thread only in this rare case)
+            threading.Thread(target=chan.close, name=f"expire-{self.host.name}", daemon=True).start()
 
-        guard = threading.Timer(max(deadline - time.monotonic(), 0.0), expire)
-        guard.daemon = True
-        guard.start()
+        guard = shared_alarms().at(deadline, expire)  # one thread for every probe's deadline
         try:
             chan.settimeout(max(deadline - time.monotonic(), 0.1))
             limit = math.ceil(max(deadline - time.monotonic(), 0.0)) + REMOTE_KILL_GRACE
