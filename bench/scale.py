@@ -19,7 +19,8 @@ Both run at the same time by default (``--apart``: one after the other): noise f
 machine then hits both alike, so compare the ratios of one run. Together they double the fleet's
 own work: on 2 cores, 33 probes a second (50 hosts every 3 s, or 1,000 every 60 s, times two)
 saturate the loopback hosts and every probe slows down; use ``--apart`` there. The loopback
-hosts share one kernel, so the session wrapper's ``pkill`` is a no-op here (see NO_PKILL).
+hosts share one kernel, so the session wrapper's ``pkill`` and the probe's ``ps`` are no-ops here
+(see NO_PKILL and NO_PS).
 
 For each client it prints: CPU per host-poll in the steady state (from ``2 * every`` on), peak
 RSS, threads and file descriptors, the time from start to every host connected and to every host
@@ -75,6 +76,15 @@ FIRST_FAILURES: dict[str, str] = {}  # error kind -> the first message the daemo
 # ends the probe's process group with kill, as where pkill is missing).
 NO_PKILL = """#!/bin/sh
 # bench/scale.py: found nothing to signal (see NO_PKILL there)
+exit 1
+"""
+# Likewise procps ``ps -p PIDS`` reads every /proc entry of the machine: with the 3,000 processes of
+# a 1,000-host loopback fleet one probe's host-side CPU grows from 65 to 420 ms (measured; 16.7
+# probes a second would need 7 cores). The stand-in's GPU pids come from captures of other
+# machines, so a real ps finds none of them here anyway: this one says so at once (exit 1, nothing
+# printed: the pids are gone, and the owners unknown), for both clients alike.
+NO_PS = """#!/bin/sh
+# bench/scale.py: none of the pids asked for is running (see NO_PS there)
 exit 1
 """
 _POLL_LINE = re.compile(r"^(\S+) INFO gpuwatch\.poll: poll: (\S+) (\S+) \((?:.*, )?([\d.]+)s\)$")
@@ -433,8 +443,9 @@ def main() -> int:
     every_size: dict[int, dict[str, dict[str, float]]] = {}
     with Fleet(max(args.counts), startup_timeout=60) as fleet, tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         os.chmod(tmp, 0o755)  # the monitor user runs the stand-in from here
-        (fleet.bin_dir / "pkill").write_text(NO_PKILL)
-        (fleet.bin_dir / "pkill").chmod(0o755)
+        for name, stub in (("pkill", NO_PKILL), ("ps", NO_PS)):
+            (fleet.bin_dir / name).write_text(stub)
+            (fleet.bin_dir / name).chmod(0o755)
         (Path(tmp) / "smi").mkdir()
         smi = light_standin(Path(tmp) / "smi", args.sleep)
         for count in args.counts:
