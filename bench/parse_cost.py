@@ -23,7 +23,6 @@ child process of its own, alternating.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from probe_json import probe_json, snapshot_json  # noqa: E402
 
 SCENARIOS = ("h100x8", "idle1", "mig")
 COMMAND_TIMEOUT = 30.0
@@ -58,7 +60,6 @@ def _sleepers(count: int) -> Iterator[list[int]]:
 
 
 def _scenario(name: str, directory: Path, pids: list[int]) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
     import fleet  # the test harness: scenarios built from the corpus captures
 
     if name == "h100x8":
@@ -74,7 +75,6 @@ def _scenario(name: str, directory: Path, pids: list[int]) -> None:
 
 def capture(name: str) -> list[dict[str, str]]:
     """Two polls of scenario ``name`` run here: [{token, stdout, stderr}, ...] (learning, steady)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import fleet
     from gpuwatch.probe import HostProbe, build_script, new_token, snapshot_from_output
 
@@ -103,23 +103,6 @@ def read_polls(name: str, polls: list[dict[str, str]]) -> tuple[list[Any], Any]:
     probe = HostProbe()
     snaps = [snapshot_from_output(name, name, p["stdout"], p["stderr"], token=p["token"], probe=probe) for p in polls]
     return snaps, probe
-
-
-def snapshot_json(snap: Any) -> Any:
-    """A snapshot as plain JSON data (what the equality test compares)."""
-    return json.loads(json.dumps(dataclasses.asdict(snap), default=str))
-
-
-def probe_json(probe: Any) -> Any:
-    """What a HostProbe learned, as plain JSON data."""
-    learned = {
-        "health_fields": probe.health_fields,
-        "cuda_version": probe.cuda_version,
-        "driver_version": probe.driver_version,
-        "containers": {k: None if v is None else dataclasses.asdict(v) for k, v in probe.containers.items()},
-        "users": {str(k): v for k, v in probe.users.items()},
-    }
-    return json.loads(json.dumps(learned, default=str))
 
 
 def _per_call(fn: Callable[[int], object], number: int, repeats: int) -> dict[str, float]:
