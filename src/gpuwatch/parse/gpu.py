@@ -9,7 +9,16 @@ from collections.abc import Mapping, Sequence
 from gpuwatch.model import Gpu, GpuHealth, HostErrorKind, HostIssue
 
 from .errors import classify_nvidia_smi_error
-from .table import Query, duplicate, error_issues, misfit, missing_columns, no_columns_issues, read_table
+from .table import (
+    Query,
+    Table,
+    duplicate,
+    error_issues,
+    misfit,
+    missing_columns,
+    no_columns_issues,
+    read_table,
+)
 from .values import (
     LIMITS,
     SEPARATOR,
@@ -228,8 +237,22 @@ def parse_query_gpu(
     as issues beside the GPUs; if the whole output is an error, no GPUs and that one
     classified issue.
     """
+    return _gpus_of(read_table(text, fields, GPU_QUERY), required)
+
+
+def read_query_gpu(
+    text: str, exit_code: int | None, required: Sequence[str] = ()
+) -> tuple[list[Gpu], list[HostIssue], HostIssue | None]:
+    """:func:`parse_query_gpu` (with a header) and :func:`query_gpu_failure` of one output, from a
+    single read of its table: (GPUs, issues, failure)."""
+    table = read_table(text, None, GPU_QUERY)
+    gpus, issues = _gpus_of(table, required)
+    return gpus, issues, classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+
+
+def _gpus_of(table: Table, required: Sequence[str]) -> tuple[list[Gpu], list[HostIssue]]:
+    """:func:`parse_query_gpu` of an output whose table is read."""
     query = GPU_QUERY
-    table = read_table(text, fields, query)
     if table.columns is None:
         issues = no_columns_issues(table, query)
         if not issues:

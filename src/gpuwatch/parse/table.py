@@ -7,6 +7,7 @@ the other lines are classified as errors (:mod:`.errors`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,24 @@ _UNIT_SUFFIX_RE = re.compile(r"\s*\[[^\]]*\]\s*$")
 _HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[A-Za-z%/]{1,16}\])?$")
 
 
+def _bare_name(cell: str) -> str:
+    return _UNIT_SUFFIX_RE.sub("", cell).strip().lower()
+
+
+_known_name = functools.lru_cache(maxsize=512)(_bare_name)
+""":func:`_bare_name` kept for short cells: every header prints the same few."""
+
+
 def field_name(cell: str, aliases: Mapping[str, str]) -> str:
     """``memory.used [MiB]`` -> ``memory.used``; an alias becomes the canonical name."""
-    name = _UNIT_SUFFIX_RE.sub("", cell).strip().lower()
+    name = _known_name(cell) if len(cell) <= 80 else _bare_name(cell)
     return aliases.get(name, name)
 
 
 def _looks_like_header(line: str, vocabulary: Sequence[str], aliases: Mapping[str, str]) -> bool:
+    first = line.lstrip()[:1]
+    if not (first.isascii() and (first.isalpha() or first == "_")):
+        return False  # a header's first cell starts with a letter or "_" (the rows with a digit)
     cells = line.strip().split(SEPARATOR)
     if not all(_HEADER_CELL_RE.match(cell.strip()) for cell in cells):
         return False
