@@ -44,7 +44,6 @@ from .gpu import (
     parse_cuda_version,
     parse_query_gpu,
     query_gpu_failure,
-    read_query_gpu,
     supported_health_fields,
 )
 from .join import attribute
@@ -90,6 +89,5 @@ __all__ = [
     "parse_query_gpu",
     "parse_text",
     "query_gpu_failure",
-    "read_query_gpu",
     "supported_health_fields",
 ]

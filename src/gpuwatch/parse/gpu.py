@@ -3,6 +3,7 @@ host's nvidia-smi says it supports (``--help-query-gpu``, ``--version``)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,7 @@ from .values import (
     quoted_value,
     reading_in,
     split_lines,
+    unknown_text,
 )
 
 GPU_QUERY_FIELDS: tuple[str, ...] = (
@@ -79,8 +81,14 @@ GPU_QUERY = Query("--query-gpu", GPU_QUERY_FIELDS, _GPU_ALIASES, "index", "name"
 def query_gpu_failure(text: str, exit_code: int | None) -> HostIssue | None:
     """:func:`classify_nvidia_smi_error` for a ``--query-gpu`` output: only the lines that
     are not GPU rows are read as messages."""
-    table = read_table(text, None, GPU_QUERY)
-    return classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+    return classify_nvidia_smi_error("\n".join(_gpu_table(text).not_rows), exit_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _gpu_table(text: str) -> Table:
+    """A ``--query-gpu`` output's table (with its header), kept for the few latest outputs: the
+    probe reads each one twice (:func:`parse_query_gpu`, then :func:`query_gpu_failure`)."""
+    return read_table(text, None, GPU_QUERY)
 
 
 _GPU_READINGS = ("utilization.gpu", "memory.used", "memory.total", "temperature.gpu", "power.draw")
@@ -165,9 +173,11 @@ def _gpu_health(values: Mapping[str, str], index: int, warnings: list[HostIssue]
         found[attr] = as_int(value)
     for field, (attr, yes, no) in _HEALTH_FLAGS.items():
         cell = values.get(field)
-        if cell is None or is_unknown(cell):
+        if cell is None:
             continue
         text = cell.strip()
+        if unknown_text(text):
+            continue
         if text in (yes, no):
             found[attr] = text == yes
         else:
@@ -237,17 +247,8 @@ def parse_query_gpu(
     as issues beside the GPUs; if the whole output is an error, no GPUs and that one
     classified issue.
     """
-    return _gpus_of(read_table(text, fields, GPU_QUERY), required)
-
-
-def read_query_gpu(
-    text: str, exit_code: int | None, required: Sequence[str] = ()
-) -> tuple[list[Gpu], list[HostIssue], HostIssue | None]:
-    """:func:`parse_query_gpu` (with a header) and :func:`query_gpu_failure` of one output, from a
-    single read of its table: (GPUs, issues, failure)."""
-    table = read_table(text, None, GPU_QUERY)
-    gpus, issues = _gpus_of(table, required)
-    return gpus, issues, classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+    table = _gpu_table(text) if fields is None else read_table(text, fields, GPU_QUERY)
+    return _gpus_of(table, required)
 
 
 def _gpus_of(table: Table, required: Sequence[str]) -> tuple[list[Gpu], list[HostIssue]]:

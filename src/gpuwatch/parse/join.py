@@ -8,14 +8,21 @@ from gpuwatch.model import ComputeApp, Gpu, GpuProcess, PsEntry
 
 from .values import MAX_TEXT_CHARS, capped, normalize_bus_id
 
+_GpuKeys = list[tuple[Gpu, "str | None", "str | None"]]
+"""Each GPU with its UUID (stripped, lower case) and its bus id (:func:`normalize_bus_id`)."""
 
-def _gpu_index_for(app: ComputeApp, gpus: Sequence[Gpu]) -> int | None:
+
+def _gpu_keys(gpus: Sequence[Gpu]) -> _GpuKeys:
+    return [(g, g.uuid.strip().lower() if g.uuid else None, normalize_bus_id(g.pci_bus_id)) for g in gpus]
+
+
+def _gpu_index_for(app: ComputeApp, keys: _GpuKeys) -> int | None:
     uuid = app.gpu_uuid.strip().lower() if app.gpu_uuid else None
-    by_uuid = [g for g in gpus if uuid and g.uuid and g.uuid.strip().lower() == uuid]
+    by_uuid = [g for g, g_uuid, _ in keys if g_uuid == uuid] if uuid else []
     if len(by_uuid) == 1:
         return by_uuid[0].index
     bus = normalize_bus_id(app.gpu_bus_id)
-    by_bus = [g for g in gpus if bus and normalize_bus_id(g.pci_bus_id) == bus]
+    by_bus = [g for g, _, g_bus in keys if g_bus == bus] if bus else []
     if by_uuid and len(by_bus) > 1:
         by_bus = [g for g in by_bus if g in by_uuid]
     if len(by_bus) == 1:
@@ -47,7 +54,12 @@ def attribute(
     ``process_name`` where it printed one, else the command's first word.
     """
     processes: list[GpuProcess] = []
+    keys = _gpu_keys(gpus)
+    gpu_of: dict[tuple[str | None, str | None], int | None] = {}  # the apps of one GPU share its ids
     for app in apps:
+        where = (app.gpu_uuid, app.gpu_bus_id)
+        if where not in gpu_of:
+            gpu_of[where] = _gpu_index_for(app, keys)
         entry = ps.get(app.pid)
         command: str | None = None
         if entry is not None:
@@ -55,7 +67,7 @@ def attribute(
         processes.append(
             GpuProcess(
                 pid=app.pid,
-                gpu_index=_gpu_index_for(app, gpus),
+                gpu_index=gpu_of[where],
                 gpu_uuid=app.gpu_uuid,
                 user=entry.user if entry is not None else None,
                 name=app.process_name or _program(command),

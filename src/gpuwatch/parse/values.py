@@ -81,11 +81,11 @@ def is_unknown(value: str | None) -> bool:
     ``[Insufficient Permissions]``, ``[Requested functionality has been deprecated]``,
     ...), the bare ``N/A`` some fields print, an empty cell, and ``None``.
     """
-    return value is None or _unknown_text(value.strip())
+    return value is None or unknown_text(value.strip())
 
 
-def _unknown_text(stripped: str) -> bool:
-    """:func:`is_unknown` of a stripped value."""
+def unknown_text(stripped: str) -> bool:
+    """:func:`is_unknown` of a value already stripped of surrounding blanks."""
     if not stripped or (stripped[0] == "[" and stripped[-1] == "]"):
         return True
     return stripped.upper() == "N/A"
@@ -101,7 +101,7 @@ def parse_text(value: str | None, limit: int = MAX_TEXT_CHARS) -> str | None:
     if value is None:
         return None
     text = value.strip()
-    return None if _unknown_text(text) else capped(text, limit)
+    return None if unknown_text(text) else capped(text, limit)
 
 
 def _number_text(value: str | None) -> str | None:
@@ -134,17 +134,17 @@ def reading_in(cell: str | None, limit: Limit) -> tuple[int | float | None, str 
     if cell is None:
         return None, None
     text = cell.strip()
-    if _unknown_text(text):
+    if unknown_text(text):
         return None, None
     match = _NUMBER_RE.match(text)
     if not match:
         return None, "is not a number"
-    number, unit = match.group(1), match.group(2)
+    number, unit = match.groups()
     if unit is not None and unit != limit.unit:
         expected = f"in {limit.unit}" if limit.unit else "without a unit"
         return None, f"is not {expected}"
     value = float(number) if len(number) <= _MAX_NUMBER_CHARS else None
-    if value is None or value not in limit:
+    if value is None or not limit.low <= value <= limit.high:  # ``value in limit``, for a float
         return None, f"is out of range ({limit.range_text})"
     if limit.integer:
         return round(value), None

@@ -104,7 +104,8 @@ def _read(draft: Draft) -> None:
             "(the connection dropped or the output was cut)",
         )
         return
-    gpus, issues, failure = parse.read_query_gpu(gpu_sec.text, gpu_sec.exit_status, parse.GPU_QUERY_FIELDS)
+    gpus, issues = parse.parse_query_gpu(gpu_sec.text, required=parse.GPU_QUERY_FIELDS)
+    failure = parse.query_gpu_failure(gpu_sec.text, gpu_sec.exit_status)
     if not gpus:
         issue = failure or (issues[0] if issues else None)
         if issue is None:

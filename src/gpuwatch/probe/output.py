@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .step import StepOutput
@@ -44,13 +44,14 @@ class ProbeOutput:
 
 
 @functools.lru_cache(maxsize=16)
-def _markers(names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+def _markers(names: tuple[str, ...]) -> tuple[Mapping[str, str], Mapping[str, str]]:
     """{"@@begin NAME": NAME} and {"@@end NAME": NAME} for these section names: the markers without
-    their token, the same for every poll (the token is checked apart, as a suffix)."""
+    their token, the same for every poll (the token is checked apart, as a suffix). Shared by every
+    call: only read."""
     return {f"@@begin {name}": name for name in names}, {f"@@end {name}": name for name in names}
 
 
-def _marker(line: str, suffix: str, markers: dict[str, str]) -> str | None:
+def _marker(line: str, suffix: str, markers: Mapping[str, str]) -> str | None:
     """The section ``line`` is the marker of, when it is one of ``markers`` followed by exactly
     this poll's ``suffix`` (``" <token>"``, or ``""``)."""
     if not line.endswith(suffix):
