@@ -121,8 +121,15 @@ def time_all(captures: dict[str, list[dict[str, str]]], number: int, repeats: in
     """µs per call of build_script and snapshot_from_output for each scenario's steady-state poll.
 
     Every call has a token of its own, as every poll does (the output is the steady poll's with its
-    token replaced), so nothing keyed by the token is reused from one call to the next."""
+    token replaced), so nothing keyed by the token is reused from one call to the next; nor is
+    anything keyed by the GPU rows' text."""
+    import gpuwatch.parse.gpu
     from gpuwatch.probe import build_script, snapshot_from_output
+
+    # A cache keyed by a section's text would hit here (the same GPU rows every call) where a
+    # host's next poll differs: emptied before each call.
+    table_cache = getattr(gpuwatch.parse.gpu, "_gpu_table", None)
+    forget: Callable[[], None] = getattr(table_cache, "cache_clear", lambda: None)
 
     results: dict[str, Any] = {}
     for name, polls in captures.items():
@@ -136,6 +143,7 @@ def time_all(captures: dict[str, list[dict[str, str]]], number: int, repeats: in
             return build_script(COMMAND_TIMEOUT, token=tokens[i], probe=probe)  # noqa: B023
 
         def read(i: int) -> object:
+            forget()
             return snapshot_from_output(name, name, outs[i], err, token=tokens[i], probe=probe)  # noqa: B023
 
         results[name] = {
