@@ -264,17 +264,18 @@ def _gpus_of(table: Table, required: Sequence[str]) -> tuple[list[Gpu], list[Hos
     gpus: list[Gpu] = []
     warnings: list[HostIssue] = missing_columns(query, columns, required)
     seen_uuids: set[str] = set()
-    for position, line in table.rows:
-        cells = line.split(SEPARATOR)
-        if len(cells) != len(columns):
-            placed = query.place(line, columns)
-            if placed is None:
-                warnings.append(misfit(query, line, len(columns), "skipped", HostErrorKind.UNPARSEABLE))
-                continue
+    for (position, line), placed in zip(table.rows, table.cells, strict=True):
+        # As many cells as columns: read as split (``placed`` is that split, when it fits).
+        if line.count(SEPARATOR) + 1 == len(columns):
+            cells: Sequence[str] = placed if placed is not None else line.split(SEPARATOR)
+        elif placed is not None:
             warnings.append(
                 misfit(query, line, len(columns), "read the GPU name with ', ' from", HostErrorKind.UNPARSEABLE)
             )
             cells = placed
+        else:
+            warnings.append(misfit(query, line, len(columns), "skipped", HostErrorKind.UNPARSEABLE))
+            continue
         values = dict(zip(columns, cells))
         index, index_issue = _gpu_index(values, position)
         if index_issue is not None:

@@ -8,21 +8,15 @@ from gpuwatch.model import ComputeApp, Gpu, GpuProcess, PsEntry
 
 from .values import MAX_TEXT_CHARS, capped, normalize_bus_id
 
-_GpuKeys = list[tuple[Gpu, "str | None", "str | None"]]
-"""Each GPU with its UUID (stripped, lower case) and its bus id (:func:`normalize_bus_id`)."""
 
-
-def _gpu_keys(gpus: Sequence[Gpu]) -> _GpuKeys:
-    return [(g, g.uuid.strip().lower() if g.uuid else None, normalize_bus_id(g.pci_bus_id)) for g in gpus]
-
-
-def _gpu_index_for(app: ComputeApp, keys: _GpuKeys) -> int | None:
+def _gpu_index_for(app: ComputeApp, gpus: Sequence[Gpu], uuids: Sequence[str | None]) -> int | None:
+    """``uuids``: each GPU's UUID stripped and in lower case (None: it has none)."""
     uuid = app.gpu_uuid.strip().lower() if app.gpu_uuid else None
-    by_uuid = [g for g, g_uuid, _ in keys if g_uuid == uuid] if uuid else []
+    by_uuid = [g for g, g_uuid in zip(gpus, uuids) if g_uuid == uuid] if uuid else []
     if len(by_uuid) == 1:
         return by_uuid[0].index
     bus = normalize_bus_id(app.gpu_bus_id)
-    by_bus = [g for g, _, g_bus in keys if g_bus == bus] if bus else []
+    by_bus = [g for g in gpus if bus and normalize_bus_id(g.pci_bus_id) == bus]
     if by_uuid and len(by_bus) > 1:
         by_bus = [g for g in by_bus if g in by_uuid]
     if len(by_bus) == 1:
@@ -54,12 +48,12 @@ def attribute(
     ``process_name`` where it printed one, else the command's first word.
     """
     processes: list[GpuProcess] = []
-    keys = _gpu_keys(gpus)
+    uuids = [g.uuid.strip().lower() if g.uuid else None for g in gpus]
     gpu_of: dict[tuple[str | None, str | None], int | None] = {}  # the apps of one GPU share its ids
     for app in apps:
         where = (app.gpu_uuid, app.gpu_bus_id)
         if where not in gpu_of:
-            gpu_of[where] = _gpu_index_for(app, keys)
+            gpu_of[where] = _gpu_index_for(app, gpus, uuids)
         entry = ps.get(app.pid)
         command: str | None = None
         if entry is not None:

@@ -94,6 +94,7 @@ class Table:
     errors: tuple[LineError, ...]
     first_data_line: str | None
     not_rows: tuple[str, ...]  # every line that is no data row: where nvidia-smi writes errors
+    cells: tuple[tuple[str, ...] | None, ...]  # each row's cells as placed (None: it does not fit)
 
 
 def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
@@ -107,6 +108,7 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
         columns = tuple(field_name(field, query.aliases) for field in fields)
     header_seen = False
     rows: list[tuple[int, str]] = []
+    row_cells: list[tuple[str, ...] | None] = []
     errors: list[LineError] = []
     not_rows: list[str] = []
     first_data_line: str | None = None
@@ -119,7 +121,8 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
                 columns = tuple(field_name(cell, query.aliases) for cell in cells)
                 header_seen = True
             continue  # a repeated header (two outputs concatenated) is no row either
-        if columns is None or query.place(line, columns) is None:
+        placed = query.place(line, columns) if columns is not None else None
+        if placed is None:
             not_rows.append(line)
             error = classify_line(line, generic=True)
             if error is not None:
@@ -128,7 +131,8 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
         if first_data_line is None:
             first_data_line = line
         rows.append((len(rows), line))
-    return Table(columns, tuple(rows), tuple(errors), first_data_line, tuple(not_rows))
+        row_cells.append(tuple(placed) if placed is not None else None)
+    return Table(columns, tuple(rows), tuple(errors), first_data_line, tuple(not_rows), tuple(row_cells))
 
 
 def error_issues(errors: Sequence[LineError], rows_found: int) -> list[HostIssue]:
