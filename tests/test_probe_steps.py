@@ -126,3 +126,34 @@ def test_owners_are_named_by_getent_and_a_silent_directory_is_said() -> None:
         "getent passwd did not answer within 3s (is the user directory reachable?); "
         "some owners are shown as ps printed them"
     ]
+
+
+def test_a_process_on_several_gpus_has_its_cgroup_read_once(tmp_path: Path) -> None:
+    """nvidia-smi lists a process once per GPU it uses; its /proc/PID/cgroup is read once all the
+    same (read once per GPU, 8 GPUs' worth of lines looked like no real cgroup file)."""
+    sleepers = [subprocess.Popen(["sleep", "120"]) for _ in range(3)]
+    try:
+        owners = dict(zip((11327, 11328, 11345), (p.pid for p in sleepers), strict=True))
+        scenario_healthy_multi_gpu(tmp_path / "standin" / "local", 8, busy_gpus=range(8), owners_pids=owners)
+        token = new_token()
+        done = subprocess.run(
+            ["sh", "-s"],
+            input=build_script(30, token=token, probe=HostProbe()),
+            env=standin_env(tmp_path / "standin"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    snap = snapshot_from_output("h", "h", done.stdout, done.stderr, token=token, probe=HostProbe())
+    assert snap.ok and len(snap.processes) == 24, snap.error
+    assert {p.cgroup_note for p in snap.processes} == {None}
+    cgroup = re.search(rf"@@begin cgroup {token}\n(.*?)\n@@end cgroup", done.stdout, re.S)
+    assert cgroup is not None
+    read = [line.split()[1] for line in cgroup[1].split("\n") if line.startswith("cg ")]
+    for p in sleepers:
+        lines = read.count(str(p.pid))
+        assert 0 < lines <= 64, (p.pid, lines)

@@ -81,8 +81,11 @@ class HostReadings:
         )
 
 
+_DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 def _number(text: str, high: float) -> float | None:
-    if len(text) > 24 or not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+    if len(text) > 24 or not _DECIMAL_RE.fullmatch(text):
         return None
     value = float(text)
     return value if math.isfinite(value) and 0 <= value <= high else None

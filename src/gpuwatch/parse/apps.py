@@ -81,8 +81,8 @@ def parse_compute_apps(
     apps: list[ComputeApp] = []
     warnings: list[HostIssue] = missing_columns(query, columns, required) if table.rows else []
     seen: set[tuple[int, str | None]] = set()
-    for _position, line in table.rows:
-        cells = split_row(line, len(columns), free_column)
+    for (_position, line), placed in zip(table.rows, table.cells, strict=True):
+        cells = placed if placed is not None else split_row(line, len(columns), free_column)
         if cells is None:
             warnings.append(
                 misfit(query, line, len(columns), "skipped (process list incomplete)", HostErrorKind.PROBE_FAILED)

@@ -3,13 +3,23 @@ host's nvidia-smi says it supports (``--help-query-gpu``, ``--version``)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
 from gpuwatch.model import Gpu, GpuHealth, HostErrorKind, HostIssue
 
 from .errors import classify_nvidia_smi_error
-from .table import Query, duplicate, error_issues, misfit, missing_columns, no_columns_issues, read_table
+from .table import (
+    Query,
+    Table,
+    duplicate,
+    error_issues,
+    misfit,
+    missing_columns,
+    no_columns_issues,
+    read_table,
+)
 from .values import (
     LIMITS,
     SEPARATOR,
@@ -21,6 +31,7 @@ from .values import (
     quoted_value,
     reading_in,
     split_lines,
+    unknown_text,
 )
 
 GPU_QUERY_FIELDS: tuple[str, ...] = (
@@ -70,8 +81,14 @@ GPU_QUERY = Query("--query-gpu", GPU_QUERY_FIELDS, _GPU_ALIASES, "index", "name"
 def query_gpu_failure(text: str, exit_code: int | None) -> HostIssue | None:
     """:func:`classify_nvidia_smi_error` for a ``--query-gpu`` output: only the lines that
     are not GPU rows are read as messages."""
-    table = read_table(text, None, GPU_QUERY)
-    return classify_nvidia_smi_error("\n".join(table.not_rows), exit_code)
+    return classify_nvidia_smi_error("\n".join(_gpu_table(text).not_rows), exit_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _gpu_table(text: str) -> Table:
+    """A ``--query-gpu`` output's table (with its header), kept for the few latest outputs: the
+    probe reads each one twice (:func:`parse_query_gpu`, then :func:`query_gpu_failure`)."""
+    return read_table(text, None, GPU_QUERY)
 
 
 _GPU_READINGS = ("utilization.gpu", "memory.used", "memory.total", "temperature.gpu", "power.draw")
@@ -156,9 +173,11 @@ def _gpu_health(values: Mapping[str, str], index: int, warnings: list[HostIssue]
         found[attr] = as_int(value)
     for field, (attr, yes, no) in _HEALTH_FLAGS.items():
         cell = values.get(field)
-        if cell is None or is_unknown(cell):
+        if cell is None:
             continue
         text = cell.strip()
+        if unknown_text(text):
+            continue
         if text in (yes, no):
             found[attr] = text == yes
         else:
@@ -228,8 +247,13 @@ def parse_query_gpu(
     as issues beside the GPUs; if the whole output is an error, no GPUs and that one
     classified issue.
     """
+    table = _gpu_table(text) if fields is None else read_table(text, fields, GPU_QUERY)
+    return _gpus_of(table, required)
+
+
+def _gpus_of(table: Table, required: Sequence[str]) -> tuple[list[Gpu], list[HostIssue]]:
+    """:func:`parse_query_gpu` of an output whose table is read."""
     query = GPU_QUERY
-    table = read_table(text, fields, query)
     if table.columns is None:
         issues = no_columns_issues(table, query)
         if not issues:
@@ -240,17 +264,18 @@ def parse_query_gpu(
     gpus: list[Gpu] = []
     warnings: list[HostIssue] = missing_columns(query, columns, required)
     seen_uuids: set[str] = set()
-    for position, line in table.rows:
-        cells = line.split(SEPARATOR)
-        if len(cells) != len(columns):
-            placed = query.place(line, columns)
-            if placed is None:
-                warnings.append(misfit(query, line, len(columns), "skipped", HostErrorKind.UNPARSEABLE))
-                continue
+    for (position, line), placed in zip(table.rows, table.cells, strict=True):
+        # As many cells as columns: read as split (``placed`` is that split, when it fits).
+        if line.count(SEPARATOR) + 1 == len(columns):
+            cells: Sequence[str] = placed if placed is not None else line.split(SEPARATOR)
+        elif placed is not None:
             warnings.append(
                 misfit(query, line, len(columns), "read the GPU name with ', ' from", HostErrorKind.UNPARSEABLE)
             )
             cells = placed
+        else:
+            warnings.append(misfit(query, line, len(columns), "skipped", HostErrorKind.UNPARSEABLE))
+            continue
         values = dict(zip(columns, cells))
         index, index_issue = _gpu_index(values, position)
         if index_issue is not None:

@@ -9,9 +9,10 @@ from gpuwatch.model import ComputeApp, Gpu, GpuProcess, PsEntry
 from .values import MAX_TEXT_CHARS, capped, normalize_bus_id
 
 
-def _gpu_index_for(app: ComputeApp, gpus: Sequence[Gpu]) -> int | None:
+def _gpu_index_for(app: ComputeApp, gpus: Sequence[Gpu], uuids: Sequence[str | None]) -> int | None:
+    """``uuids``: each GPU's UUID stripped and in lower case (None: it has none)."""
     uuid = app.gpu_uuid.strip().lower() if app.gpu_uuid else None
-    by_uuid = [g for g in gpus if uuid and g.uuid and g.uuid.strip().lower() == uuid]
+    by_uuid = [g for g, g_uuid in zip(gpus, uuids) if g_uuid == uuid] if uuid else []
     if len(by_uuid) == 1:
         return by_uuid[0].index
     bus = normalize_bus_id(app.gpu_bus_id)
@@ -47,7 +48,12 @@ def attribute(
     ``process_name`` where it printed one, else the command's first word.
     """
     processes: list[GpuProcess] = []
+    uuids = [g.uuid.strip().lower() if g.uuid else None for g in gpus]
+    gpu_of: dict[tuple[str | None, str | None], int | None] = {}  # the apps of one GPU share its ids
     for app in apps:
+        where = (app.gpu_uuid, app.gpu_bus_id)
+        if where not in gpu_of:
+            gpu_of[where] = _gpu_index_for(app, gpus, uuids)
         entry = ps.get(app.pid)
         command: str | None = None
         if entry is not None:
@@ -55,7 +61,7 @@ def attribute(
         processes.append(
             GpuProcess(
                 pid=app.pid,
-                gpu_index=_gpu_index_for(app, gpus),
+                gpu_index=gpu_of[where],
                 gpu_uuid=app.gpu_uuid,
                 user=entry.user if entry is not None else None,
                 name=app.process_name or _program(command),

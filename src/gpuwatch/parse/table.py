@@ -7,6 +7,7 @@ the other lines are classified as errors (:mod:`.errors`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,24 @@ _UNIT_SUFFIX_RE = re.compile(r"\s*\[[^\]]*\]\s*$")
 _HEADER_CELL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?: \[[A-Za-z%/]{1,16}\])?$")
 
 
+def _bare_name(cell: str) -> str:
+    return _UNIT_SUFFIX_RE.sub("", cell).strip().lower()
+
+
+_known_name = functools.lru_cache(maxsize=512)(_bare_name)
+""":func:`_bare_name` kept for short cells: every header prints the same few."""
+
+
 def field_name(cell: str, aliases: Mapping[str, str]) -> str:
     """``memory.used [MiB]`` -> ``memory.used``; an alias becomes the canonical name."""
-    name = _UNIT_SUFFIX_RE.sub("", cell).strip().lower()
+    name = _known_name(cell) if len(cell) <= 80 else _bare_name(cell)
     return aliases.get(name, name)
 
 
 def _looks_like_header(line: str, vocabulary: Sequence[str], aliases: Mapping[str, str]) -> bool:
+    first = line.lstrip()[:1]
+    if not (first.isascii() and (first.isalpha() or first == "_")):
+        return False  # a header's first cell starts with a letter or "_" (the rows with a digit)
     cells = line.strip().split(SEPARATOR)
     if not all(_HEADER_CELL_RE.match(cell.strip()) for cell in cells):
         return False
@@ -82,6 +94,7 @@ class Table:
     errors: tuple[LineError, ...]
     first_data_line: str | None
     not_rows: tuple[str, ...]  # every line that is no data row: where nvidia-smi writes errors
+    cells: tuple[tuple[str, ...] | None, ...]  # each row's cells as placed (None: it does not fit)
 
 
 def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
@@ -95,6 +108,7 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
         columns = tuple(field_name(field, query.aliases) for field in fields)
     header_seen = False
     rows: list[tuple[int, str]] = []
+    row_cells: list[tuple[str, ...] | None] = []
     errors: list[LineError] = []
     not_rows: list[str] = []
     first_data_line: str | None = None
@@ -107,7 +121,8 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
                 columns = tuple(field_name(cell, query.aliases) for cell in cells)
                 header_seen = True
             continue  # a repeated header (two outputs concatenated) is no row either
-        if columns is None or query.place(line, columns) is None:
+        placed = query.place(line, columns) if columns is not None else None
+        if placed is None:
             not_rows.append(line)
             error = classify_line(line, generic=True)
             if error is not None:
@@ -116,7 +131,8 @@ def read_table(text: str, fields: Sequence[str] | None, query: Query) -> Table:
         if first_data_line is None:
             first_data_line = line
         rows.append((len(rows), line))
-    return Table(columns, tuple(rows), tuple(errors), first_data_line, tuple(not_rows))
+        row_cells.append(tuple(placed) if placed is not None else None)
+    return Table(columns, tuple(rows), tuple(errors), first_data_line, tuple(not_rows), tuple(row_cells))
 
 
 def error_issues(errors: Sequence[LineError], rows_found: int) -> list[HostIssue]:

@@ -81,12 +81,14 @@ def is_unknown(value: str | None) -> bool:
     ``[Insufficient Permissions]``, ``[Requested functionality has been deprecated]``,
     ...), the bare ``N/A`` some fields print, an empty cell, and ``None``.
     """
-    if value is None:
+    return value is None or unknown_text(value.strip())
+
+
+def unknown_text(stripped: str) -> bool:
+    """:func:`is_unknown` of a value already stripped of surrounding blanks."""
+    if not stripped or (stripped[0] == "[" and stripped[-1] == "]"):
         return True
-    stripped = value.strip()
-    if not stripped or stripped.upper() == "N/A":
-        return True
-    return stripped.startswith("[") and stripped.endswith("]")
+    return stripped.upper() == "N/A"
 
 
 def capped(text: str, limit: int) -> str:
@@ -96,9 +98,10 @@ def capped(text: str, limit: int) -> str:
 def parse_text(value: str | None, limit: int = MAX_TEXT_CHARS) -> str | None:
     """The value stripped of surrounding blanks (at most ``limit`` characters), or ``None``
     when it is unknown."""
-    if value is None or is_unknown(value):
+    if value is None:
         return None
-    return capped(value.strip(), limit)
+    text = value.strip()
+    return None if unknown_text(text) else capped(text, limit)
 
 
 def _number_text(value: str | None) -> str | None:
@@ -128,17 +131,20 @@ def parse_int(value: str | None) -> int | None:
 def reading_in(cell: str | None, limit: Limit) -> tuple[int | float | None, str | None]:
     """(value, why it is unusable): ``(None, None)`` for nvidia-smi's own "unknown" tokens;
     ``(None, reason)`` for text that is no number in ``limit``'s unit and range."""
-    if cell is None or is_unknown(cell):
+    if cell is None:
         return None, None
-    match = _NUMBER_RE.match(cell.strip())
+    text = cell.strip()
+    if unknown_text(text):
+        return None, None
+    match = _NUMBER_RE.match(text)
     if not match:
         return None, "is not a number"
-    number, unit = match.group(1), match.group(2)
+    number, unit = match.groups()
     if unit is not None and unit != limit.unit:
         expected = f"in {limit.unit}" if limit.unit else "without a unit"
         return None, f"is not {expected}"
     value = float(number) if len(number) <= _MAX_NUMBER_CHARS else None
-    if value is None or value not in limit:
+    if value is None or not limit.low <= value <= limit.high:  # ``value in limit``, for a float
         return None, f"is out of range ({limit.range_text})"
     if limit.integer:
         return round(value), None

@@ -16,7 +16,9 @@ took "nvidia-smi --query-compute-apps"
 echo "@@begin apps__K__"
 printf '%s\n' "$out"
 printf '\n@@end apps__K__ %s\n' "$rc"
-pids=$(printf '%s\n' "$out" | awk -F', ' 'NR > 1 && $1 ~ /^[0-9]+$/ { printf "%s%s", s, $1; s = "," }')
+# Each pid once: a process on several GPUs has a row per GPU, and its cgroup file read once per
+# row would look longer than any real one.
+pids=$(printf '%s\n' "$out" | awk -F', ' 'NR > 1 && $1 ~ /^[0-9]+$/ && !seen[$1]++ { printf "%s%s", s, $1; s = "," }')
 out=
 """
 

@@ -7,6 +7,7 @@ pass (a value is never read again for placeholders, whatever a configured path h
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from collections.abc import Sequence
@@ -32,7 +33,14 @@ quick() { if command -v timeout >/dev/null 2>&1; then timeout -k 1 "$Q" "$@"; el
 echo "@@gpuwatch-probe 1__K__"
 """
 
-_PLACEHOLDER_RE = re.compile(r"__[A-Z_]+__")
+_PLACEHOLDER_RE = re.compile(r"(__[A-Z_]+__)")
+
+
+@functools.lru_cache(maxsize=8)
+def _template(steps: tuple[Step, ...]) -> tuple[str, ...]:
+    """The script of these steps split at its placeholders: text, placeholder, text, ... (the
+    placeholders at the odd positions); the same for every host, so split once."""
+    return tuple(_PLACEHOLDER_RE.split(_PRELUDE + "".join(step.shell for step in steps)))
 
 
 def build_script(
@@ -55,5 +63,6 @@ def build_script(
     }
     for step in steps:
         values.update(step.fill(probe))
-    script = _PRELUDE + "".join(step.shell for step in steps)
-    return _PLACEHOLDER_RE.sub(lambda m: values[m[0]], script)
+    parts = list(_template(tuple(steps)))
+    parts[1::2] = [values[name] for name in parts[1::2]]
+    return "".join(parts)
