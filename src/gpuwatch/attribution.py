@@ -480,6 +480,7 @@ def attribute_owners(
         return tuple(processes), []
     issues: list[HostIssue] = []
     odd = _odd_ones(cgroups)
+    classified: dict[int, CgroupFacts] = {}  # a process on 8 GPUs is listed 8 times: read once
     out = []
     for proc in processes:
         read = cgroups.get(proc.pid)
@@ -491,7 +492,9 @@ def attribute_owners(
             note = read.note if read is not None else "its cgroup was not listed"
             out.append(replace(proc, cgroup_note=note) if proc.user is not None else proc)
             continue
-        facts = classify(read.lines)
+        facts = classified.get(proc.pid)
+        if facts is None:
+            facts = classified[proc.pid] = classify(read.lines)
         container = facts.container
         if container is not None and container.rootless_uid is None:
             # Only a system container is the system runtime's to describe: a user names their own
