@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fleet import scenario_healthy_multi_gpu, standin_env
 from gpuwatch.config import HostConfig, SshSettings
-from gpuwatch.poll import Poller, phase
+from gpuwatch.poll import Poller, Workers, phase
 from gpuwatch.probe import build_script
 from gpuwatch.ssh import CommandResult
 
@@ -245,3 +245,23 @@ def test_a_fleet_on_its_clocks_uses_one_clock_thread_and_idle_workers_end(tmp_pa
     finally:
         poller.close()
     assert set(results) == {h.name for h in hosts}
+
+
+def test_probes_of_connected_hosts_go_before_those_still_to_log_in() -> None:
+    """At the start of a big fleet every worker may be waiting for an SSH handshake slot: a host
+    already connected must not wait behind all the logins still to come."""
+    workers = Workers(1)
+    release = threading.Event()
+    ran: list[str] = []
+    done = threading.Event()
+    try:
+        workers.submit(release.wait)  # the one worker is busy
+        workers.submit(lambda: ran.append("login 1"))
+        workers.submit(lambda: ran.append("login 2"))
+        workers.submit(lambda: ran.append("connected"), first=True)
+        workers.submit(done.set)
+        release.set()
+        assert done.wait(5)
+    finally:
+        workers.close()
+    assert ran == ["connected", "login 1", "login 2"]

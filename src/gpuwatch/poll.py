@@ -20,10 +20,10 @@ connection.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 import zlib
@@ -119,56 +119,56 @@ class Workers:
     """At most ``limit`` daemon threads that run jobs in turn; a thread is started only when every
     one is busy, kept for the next jobs, and ended after ``idle_seconds`` without one. A job waits
     in line while all ``limit`` are busy (``max_parallel``: a hung probe holds its worker until it
-    ends)."""
+    ends). Jobs submitted ``first`` (a host already connected: its probe is quick) go before the
+    others (hosts still to log in, which wait for an SSH handshake slot on their worker): at the
+    start of 1,000 hosts, the hosts already connected keep their clocks while the rest log in."""
 
     def __init__(self, limit: int, name: str = "probe", idle_seconds: float = WORKER_IDLE_SECONDS) -> None:
         self._limit = max(1, limit)
         self._name = name
         self._idle_seconds = idle_seconds
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._first: collections.deque[Callable[[], None]] = collections.deque()
+        self._later: collections.deque[Callable[[], None]] = collections.deque()
         self._threads = 0
         self._idle = 0  # workers waiting for a job
-        self._waiting = 0  # jobs no worker has taken yet
+        self._closed = False
         self._names = itertools.count(1)
 
     @property
     def threads(self) -> int:
         """Worker threads alive now."""
-        with self._lock:
+        with self._cond:
             return self._threads
 
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            self._waiting += 1
-            self._jobs.put(job)
-            if self._waiting > self._idle and self._threads < self._limit:
+    def submit(self, job: Callable[[], None], first: bool = False) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            (self._first if first else self._later).append(job)
+            if self._idle > len(self._first) + len(self._later) - 1:
+                self._cond.notify()
+            elif self._threads < self._limit:
                 self._threads += 1
                 name = f"{self._name}-{next(self._names)}"
                 threading.Thread(target=self._work, name=name, daemon=True).start()
 
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
+    def _take(self) -> Callable[[], None] | None:
+        """The next job, waiting for one at most ``idle_seconds``; None: end this worker."""
+        with self._cond:
+            self._idle += 1
             try:
-                job = self._jobs.get(timeout=self._idle_seconds)
-            except queue.Empty:
-                with self._lock:
-                    # a job put in line since the wait ended is left to the other idle workers
-                    # only when there are enough of them; else this one stays for it
-                    if self._waiting <= self._idle - 1:
-                        self._idle -= 1
-                        self._threads -= 1
-                        return
-                    self._idle -= 1
-                continue
-            with self._lock:
+                while not self._first and not self._later:
+                    if self._closed or not self._cond.wait(self._idle_seconds):
+                        if self._closed or not (self._first or self._later):
+                            self._threads -= 1
+                            return None
+                return self._first.popleft() if self._first else self._later.popleft()
+            finally:
                 self._idle -= 1
-                if job is not None:
-                    self._waiting -= 1
-            if job is None:
-                return
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
             try:
                 job()
             except Exception:  # a job's own error costs that job only
@@ -176,10 +176,11 @@ class Workers:
 
     def close(self) -> None:
         """End the idle workers (busy ones end after their job); nothing submitted afterwards runs."""
-        with self._lock:
-            count, self._threads, self._limit = self._threads, 0, 0
-        for _ in range(count):
-            self._jobs.put(None)
+        with self._cond:
+            self._closed = True
+            self._first.clear()
+            self._later.clear()
+            self._cond.notify_all()
 
 
 class ProbeHooks(Protocol):
@@ -262,7 +263,8 @@ class HostProber:
             self._started.clear()
             self._done.clear()
             self._result = None
-        self._workers.submit(lambda: self._run(run, hooks))
+        connected = getattr(self.runner, "connected", None)
+        self._workers.submit(lambda: self._run(run, hooks), first=bool(connected()) if callable(connected) else True)
         return run
 
     def _run(self, run: int, hooks: ProbeHooks | None) -> None:

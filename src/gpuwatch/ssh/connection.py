@@ -349,6 +349,12 @@ class SshConnection:
         since = self._queued_since
         return self._queued + (time.monotonic() - since if since is not None else 0.0)
 
+    def connected(self) -> bool:
+        """Whether the connection is open now (a probe then needs no login first)."""
+        client = self._client
+        transport = client.get_transport() if client is not None else None
+        return transport is not None and transport.is_active()
+
     def transport(self) -> paramiko.Transport:
         """The live transport, connecting (or reconnecting after backoff) when needed."""
         with self._lock:
