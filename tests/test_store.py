@@ -33,6 +33,7 @@ import yaml
 from fakefeishu import FakeFeishu
 from gpuwatch.notify.base import DeliveryError
 from gpuwatch.notify.delivery import flush
+from gpuwatch.rules import AlertKey, AlertRecord, Memory
 from gpuwatch.store import DB_NAME, AlertStore, Outbox, StoreError, open_db
 from gpuwatch.store.db import _MIGRATIONS
 from waiting import wait_for
@@ -811,3 +812,29 @@ def test_reports_held_in_memory_on_a_full_disk_are_replaced_too(tmp_path: Path) 
     assert outbox.held == 2
     outbox.add("feishu", "overview 3", [{"overview": 3}], kind="report", scope="overview")
     assert [i.payload for i in outbox.pending()] == [{"alert": 1}, {"overview": 3}]
+
+
+def test_the_alert_state_kept_in_memory_is_what_the_database_holds_and_a_rollback_forgets_it(tmp_path: Path) -> None:
+    """The daemon reads the alert records and memory from its store each cycle without parsing them
+    again, and writes only what changed: a new store (a restart) must read exactly the same, and a
+    transaction that fails must leave the store reading the database again."""
+    db = open_db(tmp_path)
+    store = AlertStore(db)
+    alice = AlertRecord(AlertKey("max_gpus_per_user", "gpu-a", user="alice"), "firing", 1000.0, fired_at=1000.0)
+    bob = AlertRecord(AlertKey("idle_gpu", "gpu-b", gpu=3), "pending", 1010.0)
+    store.save({alice.key.id: alice, bob.key.id: bob}, Memory({"failures": {"gpu-a": 1}}), 1020.0)
+    assert AlertStore(db).records() == store.records() == {alice.key.id: alice, bob.key.id: bob}
+
+    resent = AlertRecord(alice.key, "firing", 1000.0, fired_at=1000.0, last_sent_at=1100.0)
+    store.save({alice.key.id: resent}, Memory({"failures": {"gpu-a": 1}}), 1100.0)  # bob resolved; memory same
+    fresh = AlertStore(db)
+    assert fresh.records() == store.records() == {alice.key.id: resent}
+    assert fresh.memory().slots == {"failures": {"gpu-a": 1}}
+    assert fresh.evaluated_at() == 1100.0  # the time moves on even when the memory did not change
+
+    with pytest.raises(RuntimeError), db.transaction():
+        store.save({}, Memory({"failures": {}}), 1200.0)
+        raise RuntimeError("the messages could not be queued")
+    assert store.records() == {alice.key.id: resent}  # read from the database again, not what was rolled back
+    assert store.memory().slots == {"failures": {"gpu-a": 1}}
+    db.close()

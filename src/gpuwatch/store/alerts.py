@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping
 
 from ..rules import Ack, AlertRecord, Memory, Silence
@@ -10,34 +11,64 @@ from .db import Database
 
 
 class AlertStore:
-    """Alert records, rule memory and silences: what makes a restart announce nothing twice."""
+    """Alert records, rule memory and silences: what makes a restart announce nothing twice.
+
+    The records and the memory are kept in memory as last committed (this store is the only writer
+    of theirs in a process, and one process evaluates a state directory at a time): each cycle of
+    the daemon reads them without parsing the whole set again, and :meth:`save` writes only the
+    records that changed, and the memory only when it changed. A rolled back transaction drops
+    what is kept, so the next read is from the database again."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._records: dict[str, AlertRecord] | None = None  # as committed; None: read the database
+        self._memory: Memory | None = None
 
     def records(self) -> dict[str, AlertRecord]:
-        return {
-            row[0]: AlertRecord.from_dict(json.loads(row[1])) for row in self.db.query("SELECT id, record FROM alerts")
-        }
+        if self._records is None:
+            self._records = {
+                row[0]: AlertRecord.from_dict(json.loads(row[1]))
+                for row in self.db.query("SELECT id, record FROM alerts")
+            }
+        return dict(self._records)
 
     def memory(self) -> Memory:
-        rows = self.db.query("SELECT memory FROM rule_memory WHERE id = 1")
-        return Memory.from_dict(json.loads(rows[0][0])) if rows else Memory()
+        if self._memory is None:
+            rows = self.db.query("SELECT memory FROM rule_memory WHERE id = 1")
+            self._memory = Memory.from_dict(json.loads(rows[0][0])) if rows else Memory()
+        return self._memory
 
     def save(self, records: Mapping[str, AlertRecord], memory: Memory, evaluated_at: float | None = None) -> None:
-        """Replace the alert state (call inside the transaction that also queues the messages).
-        ``evaluated_at``: when the poll it comes from was evaluated (None: keep the time saved)."""
+        """Replace the alert state (call inside the transaction that also queues the messages):
+        the records that changed, and the memory if it changed. ``evaluated_at``: when the poll
+        it comes from was evaluated (None: keep the time saved)."""
+        before = self._records if self._records is not None else self.records()
+        old_memory = self._memory if self._memory is not None else self.memory()
+        records = dict(records)
+        gone = [(kid,) for kid in before if kid not in records]
+        changed = [
+            (kid, json.dumps(r.as_dict(), ensure_ascii=False)) for kid, r in records.items() if before.get(kid) != r
+        ]
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM alerts")
-            conn.executemany(
-                "INSERT INTO alerts (id, record) VALUES (?, ?)",
-                [(kid, json.dumps(r.as_dict(), ensure_ascii=False)) for kid, r in records.items()],
-            )
-            conn.execute(
-                "INSERT INTO rule_memory (id, memory, evaluated_at) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
-                " SET memory = excluded.memory, evaluated_at = coalesce(excluded.evaluated_at, evaluated_at)",
-                (json.dumps(memory.as_dict(), ensure_ascii=False), evaluated_at),
-            )
+            conn.executemany("DELETE FROM alerts WHERE id = ?", gone)
+            conn.executemany("INSERT OR REPLACE INTO alerts (id, record) VALUES (?, ?)", changed)
+            if memory.slots != old_memory.slots or not self._memory_saved(conn):
+                conn.execute(
+                    "INSERT INTO rule_memory (id, memory, evaluated_at) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+                    " SET memory = excluded.memory, evaluated_at = coalesce(excluded.evaluated_at, evaluated_at)",
+                    (json.dumps(memory.as_dict(), ensure_ascii=False), evaluated_at),
+                )
+            elif evaluated_at is not None:
+                conn.execute("UPDATE rule_memory SET evaluated_at = ? WHERE id = 1", (evaluated_at,))
+            self._records, self._memory = records, memory
+            self.db.after_transaction(lambda: None, self._forget)
+
+    def _memory_saved(self, conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM rule_memory WHERE id = 1").fetchone() is not None
+
+    def _forget(self) -> None:
+        """The transaction rolled back: what is kept may be ahead of the database."""
+        self._records = self._memory = None
 
     def evaluated_at(self) -> float | None:
         """When a poll last updated the alert state (epoch seconds); None if never."""
