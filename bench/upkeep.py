@@ -2,7 +2,8 @@
 
 Starts ``python -m gpuwatch run`` (``PYTHONPATH`` = the ``src`` of ``--src``, default this checkout)
 with a config of ``--hosts`` hosts that are all down (127.0.0.1 on a closed port, ``connect_timeout:
-1s``, ``poll_every: 1h``: each is probed once at start and not again), a fake Feishu
+1s``, ``poll_every: 1d`` (``--poll-every``): each is probed at start, and again only at its own phase
+of the interval, most likely not while measured), a fake Feishu
 (tests/fakefeishu.py), history on (the default), optionally one report ``every: 1h`` (``--report``)
 and an ``alertmanager:`` channel (``--alertmanager``, a local receiver that answers 200 to
 anything). After ``--warmup`` seconds it reads the process's CPU (utime + stime of every thread,
@@ -95,13 +96,15 @@ def alertmanager() -> Iterator[str]:
         server.server_close()
 
 
-def config_doc(hosts: int, state_dir: Path, feishu: str, report: bool, am_url: str | None) -> dict[str, object]:
+def config_doc(
+    hosts: int, state_dir: Path, feishu: str, report: bool, am_url: str | None, poll_every: str = "1d"
+) -> dict[str, object]:
     doc: dict[str, object] = {
         "hosts": [{"name": f"down{i:04d}", "address": "127.0.0.1", "port": CLOSED_PORT} for i in range(hosts)],
         "ssh": {"user": "bench", "connect_timeout": "1s", "use_ssh_config": False, "host_key_policy": "off"},
         "state_dir": str(state_dir),
         "feishu": {"url": feishu, "keyword": "GPU"},
-        "schedule": {"poll_every": "1h", "reports": [{"report": "overview", "every": "1h"}] if report else []},
+        "schedule": {"poll_every": poll_every, "reports": [{"report": "overview", "every": "1h"}] if report else []},
     }
     if am_url is not None:
         doc["alertmanager"] = {"url": am_url}
@@ -116,7 +119,9 @@ def daemon(src: Path, tmp: Path, args: argparse.Namespace) -> Iterator[subproces
         feishu = stack.enter_context(FakeFeishu(keywords=["GPU"]))
         am_url = stack.enter_context(alertmanager()) if args.alertmanager else None
         path = tmp / "upkeep.yaml"
-        path.write_text(yaml.safe_dump(config_doc(args.hosts, tmp / "state", feishu.url, args.report, am_url)))
+        path.write_text(
+            yaml.safe_dump(config_doc(args.hosts, tmp / "state", feishu.url, args.report, am_url, args.poll_every))
+        )
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpuwatch", "run", "-c", str(path)],
             stdout=subprocess.DEVNULL,
@@ -171,6 +176,12 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=50, help="hosts in the config, all down (default 50)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to measure (default 60)")
     parser.add_argument("--warmup", type=float, default=15.0, help="wait this long after start (default 15)")
+    parser.add_argument(
+        "--poll-every",
+        default="1d",
+        help="each host's poll interval (default 1d: after the first, each host is probed at its own "
+        "phase of the interval: with 1h, 50 hosts make a probe about every 72 s)",
+    )
     parser.add_argument("--report", action="store_true", help="one report every 1h")
     parser.add_argument("--alertmanager", action="store_true", help="an alertmanager: channel (a local receiver)")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the src/ to run (default: this checkout's)")
@@ -183,7 +194,8 @@ def main() -> int:
     extras = ", ".join(
         what for what, on in (("a report every 1h", args.report), ("alertmanager", args.alertmanager)) if on
     )
-    print(f"{args.hosts} hosts down, poll_every 1h{', ' + extras if extras else ''}; {args.seconds:.0f} s measured")
+    extras = f", {extras}" if extras else ""
+    print(f"{args.hosts} hosts down, poll_every {args.poll_every}{extras}; {args.seconds:.0f} s measured")
     try:
         for run in range(1, args.repeat + 1):
             for label, u in measure(trees, args).items():
