@@ -691,7 +691,10 @@ class Daemon:
                     self._guarded("alerts", self.results_cycle)()
                 scheduler.run_pending()
                 self.report_tick()
-                self._wake.wait(timeout=self.sleep_seconds(scheduler))
+                # A stop or reload asked while this ran (its wake cleared by take_fresh) must not wait.
+                # Linux hands a signal sent to the process to its main thread, blocked here: the wait ends.
+                if not (self.stop.is_set() or self._reload_requested.is_set()):
+                    self._wake.wait(timeout=self.sleep_seconds(scheduler))
         finally:
             for service in (*self.services, self.resender):
                 try:
