@@ -180,8 +180,8 @@ class Daemon:
 
     def take_fresh(self) -> frozenset[str]:
         with self._fresh_lock:
+            self._wake.clear()  # before the take: a result that comes after it wakes the loop again
             fresh, self._fresh = frozenset(self._fresh), set()
-        self._wake.clear()
         return fresh
 
     def snapshot(self) -> FleetSnapshot:
