@@ -181,6 +181,7 @@ class Running:
             self.outbox,
             {"feishu": self.channel},
             clock=lambda: self.now,
+            recheck_seconds=1.0,  # the test's clock jumps without time passing: a real one is seen within 60 s
         )
         self.thread = threading.Thread(target=self.daemon.run_forever, kwargs={"install_signals": False})
         self.thread.start()

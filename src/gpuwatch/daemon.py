@@ -6,11 +6,16 @@ Three run modes share one :class:`Daemon`:
   and hands each result to the fleet state. The main thread wakes when results arrive, gathers
   them for a moment (``BATCH_SECONDS``), evaluates the alert rules for exactly those hosts,
   queues what must be said and wakes the delivery workers (one thread per channel,
-  :class:`~.notify.delivery.Deliveries`). A ``schedule`` job asks the timetable every second
-  which reports are due (:mod:`.timetable`, the same periods as ``--once``, from the
-  ``report_runs`` table); reports read the fleet state, they never poll. A thread re-posts the
-  firing alerts to Alertmanager channels (:class:`~.notify.alertmanager.Resender`). SIGHUP re-reads
-  the config; SIGINT/SIGTERM finish the current step, cut the sends in flight short and return 0.
+  :class:`~.notify.delivery.Deliveries`). Reports follow the timetable (:mod:`.timetable`, the
+  same periods as ``--once``): the times each was last made are read from the ``report_runs``
+  table at start and after each report, and the loop sleeps until the next one is due
+  (:func:`~.timetable.next_due`); reports read the fleet state, they never poll. ``schedule``
+  jobs wake the delivery workers every ``poll_every`` (to retry what the outbox holds) and, with
+  ``hosts_from:``, follow discovery every second. With nothing to do the loop sleeps until the
+  earliest of these, at most :data:`CLOCK_RECHECK_SECONDS` (a wall clock set forward or back is
+  noticed then). A thread re-posts the firing alerts to Alertmanager channels
+  (:class:`~.notify.alertmanager.Resender`). SIGHUP re-reads the config; SIGINT/SIGTERM finish the
+  current step, cut the sends in flight short and return 0.
 * ``run_once`` (cron, ``--dry-run``): poll every host once, evaluate, queue the reports it is
   given (the CLI picks those due by their schedule, :mod:`.timetable`), flush the outbox in
   this thread (the same per-channel passes the workers run), then re-post the firing alerts to
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shlex
 import signal
 import threading
@@ -64,7 +70,7 @@ from .store.historyread import HistoryReader
 from .store.historywriter import HistoryWriter
 from .store.wishes import WishStore
 from .text import format_duration, plural
-from .timetable import is_due
+from .timetable import is_due, next_due
 from .usage import period
 from .usagereport import usage_report
 from .wishes import Ending, judge
@@ -74,8 +80,14 @@ log = logging.getLogger(__name__)
 # Results that arrive within this long of each other are evaluated together: one alert message,
 # not one per host, when many hosts change at once (a switch failed, a reboot wave).
 BATCH_SECONDS = 0.5
-#: How often the daemon asks the timetable which reports are due.
-REPORT_TICK_SECONDS = 1
+#: The longest the daemon's loop sleeps without looking at the clock: a report due after the wall
+#: clock was set forward or back is made within this long.
+CLOCK_RECHECK_SECONDS = 60.0
+#: The timetable is first asked this long after the loop starts (or a reload changes the reports):
+#: the first results' alerts go out before the first reports.
+REPORT_FIRST_LOOK_SECONDS = 1
+#: After the times reports were last made could not be read (a locked or full disk): read again this soon.
+REPORT_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ class Daemon:
         program: Sequence[str] = ("gpuwatch",),
         discovery: Discovery | None = None,
         history: HistoryWriter | None = None,
+        recheck_seconds: float = CLOCK_RECHECK_SECONDS,
     ) -> None:
         self.config = config
         self.program = tuple(program)  # how printed command lines start (cli.common.program_words)
@@ -145,6 +158,10 @@ class Daemon:
         self._started_at: float | None = None  # when run_forever began (the clock's time)
         self._answered: set[str] = set()  # hosts with a result since then
         self._made: dict[str, float] = {}  # report name -> when this process last made (or tried) it
+        self._last_made: dict[str, float] | None = None  # report_runs and _made; None: read it again
+        self._reports_due_at = math.inf  # the clock's time the next report is due (inf: not asked yet)
+        self._reports_looked_at: float | None = None  # when the timetable was last asked (a clock set back?)
+        self.recheck_seconds = recheck_seconds  # the longest sleep of run_forever's loop
         self.unprepared = 0  # messages a channel could not prepare (kept as refused for good)
         self.command = shlex.join(self.program)  # how the printed ack lines run gpuwatch from a shell
         self.history = history  # where each result is also recorded (None: no usage history)
@@ -163,8 +180,8 @@ class Daemon:
 
     def take_fresh(self) -> frozenset[str]:
         with self._fresh_lock:
+            self._wake.clear()  # before the take: a result that comes after it wakes the loop again
             fresh, self._fresh = frozenset(self._fresh), set()
-        self._wake.clear()
         return fresh
 
     def snapshot(self) -> FleetSnapshot:
@@ -486,6 +503,7 @@ class Daemon:
                     if channels.get(name) is not channel:
                         _close(channel)
             self.channels = dict(channels)
+            self.resender.wake()  # an Alertmanager channel added, changed or gone
         self.config = new
         log.info("reloaded %s: hosts: %s", new.path, result.describe(), extra=ANNOUNCE)
         if new.web != old.web:
@@ -539,25 +557,49 @@ class Daemon:
     # -- run modes
 
     def build_scheduler(self) -> schedule.Scheduler:
-        """The daemon's jobs: every second, the reports due by the timetable (:meth:`report_tick`);
-        every ``poll_every``, a wake of the delivery workers, to retry what the outbox still holds
-        even when no result brings news."""
+        """The daemon's periodic jobs: every ``poll_every``, a wake of the delivery workers, to retry
+        what the outbox still holds even when no result brings news; with ``hosts_from:``, every
+        second, the discovery's hosts whose grace ended; once, a second after start, the first look
+        at the timetable (after it, :meth:`report_tick` knows when the next report is due)."""
         scheduler = schedule.Scheduler()
         every = self.config.schedule.poll_every
         scheduler.every(max(1, round(every))).seconds.do(self.deliver)
-        scheduler.every(REPORT_TICK_SECONDS).seconds.do(self.report_tick)
         if self.discovery is not None:  # a host whose grace ended is dropped within a second
             scheduler.every(1).seconds.do(self._discovery_tick)
+        if self.config.schedule.reports:  # once; then report_tick knows when to look again
+            scheduler.every(REPORT_FIRST_LOOK_SECONDS).seconds.do(self._first_report_look)
         return scheduler
+
+    def _first_report_look(self) -> type[schedule.CancelJob]:
+        self._reports_due_at = -math.inf
+        self.report_tick()
+        return schedule.CancelJob
 
     def due_reports(self, now: float) -> list[ReportSchedule]:
         """The reports due at ``now`` by the timetable that ``--once`` follows (:mod:`.timetable`):
         a report's period follows the clock (``every: 1h``: each clock hour), and one made in its
-        period already, by this process or an earlier one (the ``report_runs`` table), is not due."""
-        last = self.report_runs.last()
-        for name, at in self._made.items():  # also what a full disk kept out of the table
-            last[name] = max(at, last.get(name, at))
+        period already, by this process or an earlier one (the ``report_runs`` table, read when
+        not read since the last report was made), is not due."""
+        last = self.last_made()
         return [spec for spec in self.config.schedule.reports if is_due(spec, last.get(spec.describe()), now)]
+
+    def last_made(self) -> dict[str, float]:
+        """When each report was last made: the ``report_runs`` table (read once, and again after a
+        report), and what this process made or tried (also what a full disk kept out of the table)."""
+        if self._last_made is None:
+            last = self.report_runs.last()
+            for name, at in self._made.items():
+                last[name] = max(at, last.get(name, at))
+            self._last_made = last
+        return self._last_made
+
+    def next_report_at(self, now: float) -> float:
+        """The clock's time the earliest configured report is due (``now`` or before: due now)."""
+        last = self.last_made()
+        return min(
+            (next_due(spec, last.get(spec.describe()), now) for spec in self.config.schedule.reports),
+            default=math.inf,
+        )
 
     def warmed_up(self, now: float) -> bool:
         """Whether reports may be made: every host has a first result since the start, or one
@@ -570,24 +612,55 @@ class Daemon:
         return waited or all(h.name in answered for h in self.config.hosts)
 
     def report_tick(self) -> None:
-        """Make and deliver each report due now (a ``schedule`` job every second). A report that
-        failed is tried again in its next period, as the schedule's timers did."""
-        if self.stop.is_set():
+        """Make and deliver each report due now, then note when the next one is due: before then
+        (and unless the clock was set back since the last look) this does nothing, reads nothing.
+        A report that failed is tried again in its next period, as the schedule's timers did."""
+        if self.stop.is_set() or not self.config.schedule.reports:
             return
         now = self.clock()
+        looked, self._reports_looked_at = self._reports_looked_at, now
+        set_back = looked is not None and now < looked
+        if self._reports_due_at == math.inf or (now < self._reports_due_at and not set_back):
+            return  # not asked yet (the first look is a job), or nothing due before the next
         if not self.warmed_up(now):
             return
         try:
             due = self.due_reports(now)
         except StateError as exc:
             log.error("reports: cannot read when each was last made: %s; trying again", exc)
+            self._reports_due_at = now + REPORT_RETRY_SECONDS
             return
         except Exception:  # a job that raises would end the daemon's loop
             log.exception("reports: cannot tell which are due; trying again")
+            self._reports_due_at = now + REPORT_RETRY_SECONDS
             return
         for spec in due:
             self._made[spec.describe()] = now
             self._guarded(f"report {spec.describe()}", self.report_cycle, spec)()
+        if due:
+            self._last_made = None  # what the reports wrote: read back now
+        try:
+            self._reports_due_at = self.next_report_at(now)
+        except Exception as exc:  # StateError, or worse: look again soon
+            log.error("reports: cannot tell when the next is due: %s; trying again", exc)
+            self._reports_due_at = now + REPORT_RETRY_SECONDS
+
+    def report_wait(self, now: float) -> float | None:
+        """Seconds until :meth:`report_tick` has something to do (None: no report configured);
+        while the hosts' first results are awaited, until one ``poll_every`` has passed (a result
+        wakes the loop anyway)."""
+        if not self.config.schedule.reports:
+            return None
+        due_at = self._reports_due_at
+        if due_at <= now and self._started_at is not None and not self.warmed_up(now):
+            due_at = self._started_at + self.config.schedule.poll_every
+        return max(due_at - now, 0.0)
+
+    def sleep_seconds(self, scheduler: schedule.Scheduler) -> float:
+        """How long the loop may sleep: until the next ``schedule`` job or report, at most
+        ``recheck_seconds`` (at least 0.05 s)."""
+        waits = [self.recheck_seconds, scheduler.idle_seconds, self.report_wait(self.clock())]
+        return max(min(w for w in waits if w is not None), 0.05)
 
     def run_forever(self, install_signals: bool = True) -> int:
         """The daemon loop; returns 0 after SIGINT/SIGTERM."""
@@ -610,14 +683,18 @@ class Daemon:
                     old_reports = self.config.schedule
                     if self.reload() and self.config.schedule != old_reports:
                         scheduler = self.build_scheduler()
+                        self._reports_due_at = math.inf  # the timetable changed: its first look is a job
                         self._announce()
                 if self._discovery_news.is_set():
                     self._discovery_tick()
                 if self._wake.is_set() and not self.stop.wait(BATCH_SECONDS):
                     self._guarded("alerts", self.results_cycle)()
                 scheduler.run_pending()
-                idle = scheduler.idle_seconds
-                self._wake.wait(timeout=min(max(idle if idle is not None else 1.0, 0.05), 1.0))
+                self.report_tick()
+                # A stop or reload asked while this ran (its wake cleared by take_fresh) must not wait.
+                # Linux hands a signal sent to the process to its main thread, blocked here: the wait ends.
+                if not (self.stop.is_set() or self._reload_requested.is_set()):
+                    self._wake.wait(timeout=self.sleep_seconds(scheduler))
         finally:
             for service in (*self.services, self.resender):
                 try:

@@ -42,6 +42,7 @@ import base64
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -394,6 +395,13 @@ class AlertmanagerChannel:
         """Whether the firing alerts are due to be posted again (``now``: a monotonic clock)."""
         return self._last_resend is None or now - self._last_resend >= self.settings.resend_every_seconds
 
+    def resend_at(self) -> float:
+        """When (the monotonic clock's time) the firing alerts are next due to be posted again
+        (-inf: never posted yet, so at once)."""
+        if self._last_resend is None:
+            return -math.inf
+        return self._last_resend + self.settings.resend_every_seconds
+
     def resend(self, firing: Callable[[], Message | None], now: float) -> int:
         """Post the alerts firing now again (``firing`` reads them, called once the channel's lock
         is held, so no post of a resolution can be overtaken); the number posted. Raises
@@ -408,10 +416,12 @@ class AlertmanagerChannel:
 
 
 class Resender:
-    """Beside the daemon loop (a :class:`~gpuwatch.daemon.Service`): every second, each
-    Alertmanager channel whose ``resend_every`` has passed posts the alerts firing now again
-    (``firing(channel name)``: the alerts routed to it, read from the alert store). Not through
-    the outbox: a failed re-post is said in the log, and the next one replaces it."""
+    """Beside the daemon loop (a :class:`~gpuwatch.daemon.Service`): each Alertmanager channel
+    whose ``resend_every`` has passed posts the alerts firing now again (``firing(channel name)``:
+    the alerts routed to it, read from the alert store). Not through the outbox: a failed re-post
+    is said in the log, and the next one replaces it. Its thread sleeps until the earliest
+    channel's re-post is due (at most ``tick_seconds``), and with no Alertmanager channel until
+    :meth:`wake` (the daemon calls it when the channels change) or :meth:`stop`."""
 
     def __init__(
         self,
@@ -419,28 +429,43 @@ class Resender:
         firing: Callable[[str], Message | None],
         *,
         monotonic: Callable[[], float] = time.monotonic,
-        tick_seconds: float = 1.0,
+        tick_seconds: float = 60.0,
     ) -> None:
         self.channels = channels
         self.firing = firing
         self.monotonic = monotonic
         self.tick_seconds = tick_seconds
         self._done = threading.Event()
+        self._woken = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="alertmanager-resend", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Look at the channels again now (they changed: one may be new, or gone)."""
+        self._woken.set()
+
     def stop(self) -> None:
         self._done.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout=15)
 
     def _run(self) -> None:
         while not self._done.is_set():
+            self._woken.clear()  # before the look: a wake from now on ends the wait below
             self.tick()
-            self._done.wait(self.tick_seconds)
+            self._woken.wait(self.wait_seconds())
+
+    def wait_seconds(self) -> float | None:
+        """Seconds until the earliest Alertmanager channel's re-post is due, at most
+        ``tick_seconds``, at least 0.05 (None: there is no Alertmanager channel, nothing to wait for)."""
+        due = [ch.resend_at() for ch in list(self.channels().values()) if isinstance(ch, AlertmanagerChannel)]
+        if not due:
+            return None
+        return min(max(min(due) - self.monotonic(), 0.05), self.tick_seconds)
 
     def tick(self) -> None:
         """One round: each Alertmanager channel due posts its firing alerts again."""

@@ -175,6 +175,12 @@ class HistorySettings:
         return cls(h.raw_for, h.five_minutes_for, h.keep, float(idle), h.half_life)
 
 
+def rollup_horizon(now: float, step: int = FIVE_MINUTES) -> float:
+    """The end of the last ``step`` bucket that :meth:`HistoryStore.rollup` may roll up at ``now``
+    (it ended at least :data:`ROLLUP_GRACE_SECONDS` before). It moves only on a 5-minute boundary."""
+    return float(math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step)
+
+
 def history_path(state_dir: Path) -> Path:
     return state_dir / HISTORY_NAME
 
@@ -384,7 +390,7 @@ class HistoryStore:
         bucket one transaction); returns how many."""
         done = 0
         for key, step in (("rolled_5m", FIVE_MINUTES), ("rolled_hour", HOUR), ("rolled_day", DAY)):
-            horizon = float(math.floor((now - ROLLUP_GRACE_SECONDS) / step) * step)
+            horizon = rollup_horizon(now, step)
             if step == DAY:
                 horizon = min(horizon, self._meta("rolled_hour") or 0)
             while done < limit:

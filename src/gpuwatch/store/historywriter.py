@@ -2,9 +2,12 @@
 
 :class:`HistoryWriter` takes a host's result from the thread that polled it (cheap: a sample is
 made and queued), and a thread of its own writes the queue to the history file
-(:class:`~.history.HistoryStore`) every :data:`FLUSH_SECONDS`, then rolls up and, once an hour,
-deletes what has aged out. Nothing it does raises into the poller or the daemon: a failure is
-logged once per kind and that batch is dropped; a corrupt history file is moved aside.
+(:class:`~.history.HistoryStore`) :data:`FLUSH_SECONDS` after the first poll of a batch came in,
+then rolls up (when a 5-minute boundary has passed since the last rollup, or a poll landed in a
+bucket that could be rolled up already) and, once an hour, deletes what has aged out. With
+nothing queued and nothing due, the thread sleeps (at most :data:`IDLE_SECONDS`). Nothing it does
+raises into the poller or the daemon: a failure is logged once per kind and that batch is
+dropped; a corrupt history file is moved aside.
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ from pathlib import Path
 
 from ..model import HostErrorKind, HostSnapshot
 from ..usage import MAX_GAP_POLLS, GpuReading, HostSample, readings_of, stands_for
-from .history import HOUR, CorruptHistory, HistoryError, HistorySettings, HistoryStore, connect, history_path
+from .history import (
+    FIVE_MINUTES,
+    HOUR,
+    ROLLUP_GRACE_SECONDS,
+    CorruptHistory,
+    HistoryError,
+    HistorySettings,
+    HistoryStore,
+    connect,
+    history_path,
+    rollup_horizon,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +43,18 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 2.0
 #: At most this many polls wait for the writer; beyond, the oldest are dropped (said in the log).
 MAX_QUEUED = 20000
+#: With nothing queued, the writer looks at the (wall) clock at least this often, for a rollup due.
+IDLE_SECONDS = 60.0
+#: The most buckets one rollup pass rolls up (:meth:`~.history.HistoryStore.rollup`'s ``limit``).
+ROLLUP_LIMIT = 10_000
 
 
 class HistoryWriter:
     """Takes each host's result (:meth:`record`, from any thread, cheap) and writes them from a
-    thread of its own, one transaction per :data:`FLUSH_SECONDS`, then rolls up and deletes what
-    has aged out. A failure (full disk, locked or corrupt file) is logged once per kind and the
-    samples of that batch are dropped; nothing it does raises into the caller."""
+    thread of its own, one transaction per :data:`FLUSH_SECONDS` at most, then rolls up and deletes
+    what has aged out (each only when due). A failure (full disk, locked or corrupt file) is
+    logged once per kind and the samples of that batch are dropped; nothing it does raises into
+    the caller."""
 
     def __init__(
         self,
@@ -58,6 +77,8 @@ class HistoryWriter:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # the writer thread, and a report that wants all written
         self._stop = threading.Event()
+        self._queued = threading.Event()  # a poll was queued (or stop): the thread's wake
+        self._rolled: float | None = None  # rollup_horizon of the last complete rollup (None: roll up)
         self._thread: threading.Thread | None = None
         self._said: str | None = None
         self._retained_at = 0.0
@@ -94,6 +115,7 @@ class HistoryWriter:
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.warning("history: the writer is behind; dropped %d polls so far", self.dropped)
+            self._queued.set()
         except Exception:
             log.exception("history: cannot record %s's result", host.name)
 
@@ -104,6 +126,7 @@ class HistoryWriter:
     def stop(self) -> None:
         """Write what is queued and end the thread (the daemon's services are stopped so)."""
         self._stop.set()
+        self._queued.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -118,9 +141,21 @@ class HistoryWriter:
     close = stop
 
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_every):
+        while not self._stop.is_set():
+            if self._queued.wait(self.idle_seconds()):  # polls came: gather those of the next seconds too
+                self._stop.wait(self.flush_every)
+            self._queued.clear()
             self.flush()
         self.flush()
+
+    def idle_seconds(self) -> float:
+        """How long the thread may sleep with nothing queued: until the next rollup or deletion is
+        due, at least ``flush_every`` (also what a failed write waits), at most :data:`IDLE_SECONDS`."""
+        if self._store is None or self._said is not None or self._rolled is None:
+            return self.flush_every
+        now = self.clock()
+        due = min(self._rolled + FIVE_MINUTES + ROLLUP_GRACE_SECONDS, self._retained_at + HOUR)
+        return min(max(due - now, self.flush_every), IDLE_SECONDS)
 
     def _open(self) -> HistoryStore:
         if self._store is None:
@@ -146,8 +181,9 @@ class HistoryWriter:
         return self._store
 
     def flush(self) -> None:
-        """Write what is queued (one transaction), then roll up and, once an hour, delete what has
-        aged out. Logs and drops on failure."""
+        """Write what is queued (one transaction), then roll up (when a bucket may be ready: see the
+        module docstring) and, once an hour, delete what has aged out; with none of these to do,
+        nothing. Logs and drops on failure."""
         with self._flushing:
             self._flush()
 
@@ -156,12 +192,20 @@ class HistoryWriter:
         with contextlib.suppress(queue.Empty):
             while True:
                 batch.append(self._queue.get_nowait())
+        now = self.clock()
+        horizon, rolled = rollup_horizon(now), self._rolled
+        if not batch and self._store is not None and self._said is None and horizon == rolled:
+            if now - self._retained_at < HOUR:
+                return  # nothing to write, nothing to roll up, nothing to delete
         try:
             store = self._open()
             if batch:
                 self.written += store.write(batch)
-            now = self.clock()
-            store.rollup(now)
+            # a poll before the horizon of the last rollup lands in a bucket that may be rolled up already
+            if rolled is None or horizon != rolled or any(sample.t < rolled for sample in batch):
+                self._rolled = None  # until this pass is done
+                if store.rollup(now, limit=ROLLUP_LIMIT) < ROLLUP_LIMIT:
+                    self._rolled = horizon
             if now - self._retained_at >= HOUR:
                 store.retain(now)
                 self._retained_at = now
