@@ -25,7 +25,8 @@ hosts share one kernel, so the session wrapper's ``pkill`` and the probe's ``ps`
 For each client it prints: CPU per host-poll in the steady state (from ``2 * every`` on), peak
 RSS, threads and file descriptors, the time from start to every host connected and to every host
 polled once, the median and p95 probe time (first probes, which include the login, left out), and
-the longest gap between two results of one host.
+the longest gap between two results of one host, and how many gaps were longer than
+``every`` + the later probe's time + 1 s (``late``: the issue's bound).
 
 Run as root (it starts sshd and creates test users)::
 
@@ -251,6 +252,10 @@ def figures(
         by_host.setdefault(str(name), []).append((float(when), float(seconds), bool(ok)))  # type: ignore[arg-type]
     later = [s for rows in by_host.values() for _, s, _ in sorted(rows)[1:]]
     gaps = [b[0] - a[0] for rows in by_host.values() for a, b in zip(sorted(rows), sorted(rows)[1:])]
+    # the bound: no host more than poll_every + its probe time + 1 s between two results
+    late = sum(
+        1 for rows in by_host.values() for a, b in zip(sorted(rows), sorted(rows)[1:]) if b[0] - a[0] > every + b[1] + 1
+    )
     steady_from = t0 + 2 * every
     steady = [r for r in results if steady_from <= float(r[1]) <= stop_at]  # type: ignore[arg-type]
     cpu = samples.cpu_at(stop_at) - samples.cpu_at(steady_from) if samples.rows else 0.0
@@ -275,6 +280,7 @@ def figures(
         "probe_median_s": statistics.median(later) if later else float("nan"),
         "probe_p95_s": statistics.quantiles(later, n=20)[-1] if len(later) >= 20 else float("nan"),
         "max_gap_s": max(gaps, default=float("nan")),
+        "late_gaps": late,
     }
 
 
@@ -390,6 +396,7 @@ COLUMNS = (
     ("median", 7, "{:.2f}s"),
     ("p95", 7, "{:.2f}s"),
     ("max gap", 7, "{:.1f}s"),
+    ("late", 4, "{:.0f}"),
 )
 KEYS = (
     "results",
@@ -404,6 +411,7 @@ KEYS = (
     "probe_median_s",
     "probe_p95_s",
     "max_gap_s",
+    "late_gaps",
 )
 
 
