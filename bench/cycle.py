@@ -29,6 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from poll_fleet import before_tree  # noqa: E402  (one copy for every bench)
 
 
 def measure(counts: list[int], cycles: int, fresh: int) -> dict[int, dict[str, float]]:
@@ -91,13 +94,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"now": ROOT / "src"}
         if args.before:
-            tree = Path(tmp) / "before"
-            tree.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.before, "src"], capture_output=True, check=True
-            )
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-            trees = {args.before: tree / "src", "now": ROOT / "src"}
+            trees = {args.before: before_tree(args.before), "now": ROOT / "src"}
         for label, src in trees.items():
             out = Path(tmp) / f"{len(runs)}.json"
             env = {**os.environ, "PYTHONPATH": str(src)}

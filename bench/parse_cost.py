@@ -38,6 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from poll_fleet import before_tree  # noqa: E402  (one copy for every bench)
+
 from probe_json import probe_json, snapshot_json  # noqa: E402
 
 SCENARIOS = ("h100x8", "idle1", "mig")
@@ -155,14 +157,6 @@ def time_all(captures: dict[str, list[dict[str, str]]], number: int, repeats: in
 
 
 # --- driver ----------------------------------------------------------------------------------------
-
-
-def before_tree(ref: str) -> Path:
-    """``git archive <ref>``'s src/ in a temp dir (as bench/poll_fleet.py does)."""
-    target = Path(tempfile.mkdtemp(prefix="gpuwatch-before-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    return target / "src"
 
 
 def child(src: Path, captures_file: Path, number: int, repeats: int) -> dict[str, Any]:

@@ -38,6 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from poll_fleet import before_tree  # noqa: E402  (one copy for every bench)
+
 from fakefeishu import FakeFeishu  # noqa: E402
 
 #: A port nothing listens on: each probe is refused at once.
@@ -61,14 +63,6 @@ def thread_counters(pid: int) -> dict[str, tuple[int, int]]:
             switches = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_ctxt"))
             counters[task.name] = (ns, switches)
     return counters
-
-
-def before_tree(ref: str) -> Path:
-    """``git archive <ref>``'s src/ in a temp dir: the version ``--before`` compares with."""
-    target = Path(tempfile.mkdtemp(prefix="gpuwatch-upkeep-before-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    return target / "src"
 
 
 class _Accept(BaseHTTPRequestHandler):

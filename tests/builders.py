@@ -44,6 +44,7 @@ from gpuwatch.cli import main
 from gpuwatch.config import AlertsConfig, FreeGpuConfig
 from gpuwatch.config.load import parse_config
 from gpuwatch.fleet import FleetState
+from gpuwatch.message import Message
 from gpuwatch.model import Disk, FleetSnapshot, HostContext, HostErrorKind, HostSnapshot, PsEntry
 from gpuwatch.parse import attribute, classify_nvidia_smi_error, parse_compute_apps, parse_query_gpu
 from gpuwatch.probe import PROBE_MARKER
@@ -388,3 +389,22 @@ def switched_on(text: str) -> str:
             line = re.sub(r"^(\s*)# ?(?=\s*(?:# ?\s*)?(?:[a-z_]+:|- ))", r"\1", line)
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+class Recorder:
+    """A channel that keeps the titles of what it delivered (from its worker thread)."""
+
+    dry_run = False
+
+    def __init__(self, name: str = "feishu") -> None:
+        self.name = name
+        self.titles: list[str] = []
+
+    def prepare(self, message: Message) -> list[dict[str, Any]]:
+        return [{"title": message.title}]
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        self.titles.append(str(payload["title"]))
+
+    def describe(self, payload: dict[str, Any]) -> str:
+        return str(payload["title"])

@@ -26,13 +26,13 @@ from typing import Any
 import pytest
 import yaml
 
+from builders import Recorder
 from fakechat import FakeWeCom
 from fakefeishu import FakeFeishu
 from fleet import ERR_NO_DRIVER, Fleet, scenario_error
 from gpuwatch.config import HostConfig
 from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import Daemon
-from gpuwatch.message import Message
 from gpuwatch.model import HostErrorKind, HostSnapshot
 from gpuwatch.notify.delivery import Deliveries
 from gpuwatch.store import Outbox, ReportRuns, open_db
@@ -122,25 +122,6 @@ def test_a_slow_channel_holds_up_neither_the_other_channel_nor_the_next_alerts_a
 
 
 # ---------------------------------------------------------------------- the timetable
-
-
-class Recorder:
-    """A channel that keeps what it delivered (titles), from its worker thread."""
-
-    dry_run = False
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.titles: list[str] = []
-
-    def prepare(self, message: Message) -> list[dict[str, Any]]:
-        return [{"title": message.title}]
-
-    def deliver(self, payload: dict[str, Any]) -> None:
-        self.titles.append(str(payload["title"]))
-
-    def describe(self, payload: dict[str, Any]) -> str:
-        return str(payload["title"])
 
 
 class AnsweringPoller:

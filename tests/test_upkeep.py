@@ -10,10 +10,10 @@ from typing import Any
 
 import schedule
 
+from builders import Recorder
 from gpuwatch.config import Config
 from gpuwatch.config.load import parse_config
 from gpuwatch.daemon import CLOCK_RECHECK_SECONDS, Daemon
-from gpuwatch.message import Message
 from gpuwatch.notify.alertmanager import AlertmanagerChannel, AlertmanagerSettings, Resender
 from gpuwatch.notify.spec import Transport
 from gpuwatch.store import Outbox, ReportRuns, open_db
@@ -23,25 +23,6 @@ from timeline import SETTINGS, T0, Clock, answered, proc
 from waiting import wait_for
 
 # ---------------------------------------------------------------------- reports
-
-
-class Recorder:
-    """A channel that keeps the titles it was given."""
-
-    name = "feishu"
-    dry_run = False
-
-    def __init__(self) -> None:
-        self.titles: list[str] = []
-
-    def prepare(self, message: Message) -> list[dict[str, Any]]:
-        return [{"title": message.title}]
-
-    def deliver(self, payload: dict[str, Any]) -> None:
-        self.titles.append(str(payload["title"]))
-
-    def describe(self, payload: dict[str, Any]) -> str:
-        return str(payload["title"])
 
 
 class CountedRuns(ReportRuns):

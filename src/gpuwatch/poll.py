@@ -300,12 +300,6 @@ class HostProber:
                 break
         return self.timeout_result()
 
-    def probe(self, stop: threading.Event | None = None) -> HostSnapshot:
-        """Start a probe and wait for it; ``busy`` when the previous one still runs."""
-        if self.start() is None:
-            return self.busy_result()
-        return self.wait(stop)
-
     def close(self) -> None:
         try:
             self.runner.close()
