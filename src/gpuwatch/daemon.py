@@ -169,7 +169,8 @@ class Daemon:
     # -- the fleet state
 
     def on_result(self, host: HostSnapshot) -> None:
-        """A host's new result (from its timer thread): record it, wake the main loop."""
+        """A host's new result (from the worker that ran its probe, or the clocks thread): record it,
+        wake the main loop."""
         self.state.update(host)
         if self.history is not None:
             self.history.record(host)
